@@ -1,0 +1,275 @@
+//! The `aiq` command line: one binary, one subcommand per job.
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{self, Env, LogFormat, QueueSettings, Settings};
+use crate::domain::{JobKind, OrganizationId, Tier};
+use crate::queue::{NewJob, Queue};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "aiq",
+    version,
+    about = "Runs paid AI jobs (Google Vision, LLMs) from Redis by subscription tier and records them in PostgreSQL",
+    long_about = "aiq takes AI jobs that apps put into Redis, in order of the customer's subscription tier, \
+calls Google Cloud Vision or an LLM, and writes results, costs and errors to PostgreSQL.\n\n\
+Settings come from AIQ_* environment variables; .env.example lists them all."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the daemon: take jobs from Redis by tier and process them until SIGTERM or SIGINT.
+    ///
+    /// Needs AIQ_REDIS_URL and AIQ_DATABASE_URL (and provider keys for the jobs you run).
+    /// On SIGTERM it stops fetching, lets running jobs finish within AIQ_SHUTDOWN_GRACE_MS and
+    /// returns the rest to the queue.
+    Run,
+    /// Apply the database migrations to AIQ_DATABASE_URL (safe to run again).
+    Migrate,
+    /// Put one job into the queue and print its id.
+    ///
+    /// The payload is a JSON document of the kind's schema (jobs/schema/); its `tier` and
+    /// `organization_id` decide where it queues. Needs AIQ_REDIS_URL.
+    Enqueue {
+        /// The job kind: vision.annotate or llm.complete.
+        #[arg(long)]
+        kind: String,
+        /// The payload JSON inline; without it and --file, the payload is read from stdin.
+        #[arg(long, conflicts_with = "file")]
+        payload: Option<String>,
+        /// A file holding the payload JSON.
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Your own job id; enqueueing the same id again does nothing.
+        #[arg(long)]
+        job_id: Option<String>,
+        /// Run no earlier than this many milliseconds from now.
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
+        /// A key that makes a repeated enqueue return the first job's id (kept AIQ_IDEMPOTENCY_TTL_S).
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        /// Executions before the dead set (0: AIQ_MAX_ATTEMPTS).
+        #[arg(long, default_value_t = 0)]
+        max_attempts: u32,
+    },
+    /// Print queue depth per tier, in-flight, delayed and dead jobs.
+    Stats {
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the whole flow end to end with nothing set up.
+    ///
+    /// Starts its own redis-server and PostgreSQL in temporary folders on free ports, the fake
+    /// providers and a worker; enqueues a mixed batch over all six tiers and both job kinds;
+    /// prints a summary and, as the last line, one JSON object; stops everything it started.
+    Demo {
+        /// Jobs per tier (half Vision, half LLM).
+        #[arg(long, default_value_t = 10)]
+        jobs_per_tier: usize,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 120)]
+        timeout_s: u64,
+    },
+    /// Serve fake Google Vision and OpenAI endpoints (real wire formats) for tests and demos.
+    FakeProviders {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8089")]
+        addr: SocketAddr,
+    },
+}
+
+fn process_env() -> Env<impl Fn(&str) -> Option<String>> {
+    Env(|k: &str| std::env::var(k).ok())
+}
+
+/// Parses the command line and runs it. Errors print as one line naming what went wrong.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("aiq: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let code = if e.downcast_ref::<config::ConfigError>().is_some() {
+                2
+            } else {
+                1
+            };
+            eprintln!("aiq: {e:#}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Run => run_daemon().await,
+        Command::Migrate => {
+            crate::telemetry::init(LogFormat::Text, "warn");
+            let url = config::database_url(&process_env())?;
+            let store = crate::store::Store::connect(&url, 2, Duration::from_secs(10)).await?;
+            store.migrate().await?;
+            println!("migrations applied");
+            Ok(())
+        }
+        Command::Enqueue {
+            kind,
+            payload,
+            file,
+            job_id,
+            delay_ms,
+            idempotency_key,
+            max_attempts,
+        } => {
+            let settings = QueueSettings::load(&process_env())?;
+            let kind: JobKind = kind.parse()?;
+            let payload = match (payload, file) {
+                (Some(p), _) => p,
+                (None, Some(f)) => std::fs::read_to_string(&f)
+                    .with_context(|| format!("reading {}", f.display()))?,
+                (None, None) => {
+                    let mut s = String::new();
+                    std::io::stdin()
+                        .read_to_string(&mut s)
+                        .context("reading the payload from stdin")?;
+                    s
+                }
+            };
+            let doc: serde_json::Value =
+                serde_json::from_str(&payload).context("the payload is not JSON")?;
+            let tier: Tier = doc
+                .get("tier")
+                .and_then(|v| v.as_str())
+                .context("the payload has no \"tier\"")?
+                .parse()?;
+            let org = OrganizationId::parse(
+                doc.get("organization_id")
+                    .and_then(|v| v.as_str())
+                    .context("the payload has no \"organization_id\"")?,
+            )?;
+            let queue = Queue::connect(&settings)
+                .await
+                .context("connecting to Redis (AIQ_REDIS_URL)")?;
+            let r = queue
+                .enqueue(&NewJob {
+                    kind,
+                    tier,
+                    organization_id: org,
+                    payload,
+                    job_id,
+                    delay: Duration::from_millis(delay_ms),
+                    idempotency_key,
+                    max_attempts,
+                })
+                .await?;
+            if r.duplicate {
+                println!("{} (duplicate: already queued)", r.job_id);
+            } else {
+                println!("{}", r.job_id);
+            }
+            Ok(())
+        }
+        Command::Stats { json } => {
+            let settings = QueueSettings::load(&process_env())?;
+            let queue = Queue::connect(&settings)
+                .await
+                .context("connecting to Redis (AIQ_REDIS_URL)")?;
+            let stats = queue.stats().await?;
+            if json {
+                println!("{}", serde_json::to_string(&stats)?);
+            } else {
+                println!("{:<20} {:>10}", "tier", "waiting");
+                for (tier, n) in &stats.waiting {
+                    println!("{tier:<20} {n:>10}");
+                }
+                println!(
+                    "in flight {}, delayed {}, dead {}",
+                    stats.inflight, stats.delayed, stats.dead
+                );
+            }
+            Ok(())
+        }
+        Command::Demo {
+            jobs_per_tier,
+            timeout_s,
+        } => {
+            crate::telemetry::init(LogFormat::Text, "warn");
+            if jobs_per_tier == 0 {
+                bail!("--jobs-per-tier must be at least 1");
+            }
+            crate::demo::run(crate::demo::DemoOptions {
+                jobs_per_tier,
+                timeout: Duration::from_secs(timeout_s),
+            })
+            .await
+        }
+        Command::FakeProviders { addr } => {
+            crate::telemetry::init(LogFormat::Text, "info");
+            let fake = crate::fake::FakeProviders::start(addr).await?;
+            println!("fake providers listening on {}", fake.base_url());
+            shutdown_signal().await;
+            Ok(())
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = term => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+async fn run_daemon() -> anyhow::Result<()> {
+    let settings = Settings::from_process_env()?;
+    crate::telemetry::init(settings.log_format, "info");
+    let (queue, store) = crate::worker::connect(&settings).await?;
+    let shutdown = CancellationToken::new();
+    crate::http::serve(
+        settings.admin_addr,
+        queue.clone(),
+        store.clone(),
+        shutdown.clone(),
+    )
+    .await?;
+    {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            tracing::info!("shutdown requested: no new jobs; finishing the running ones");
+            shutdown.cancel();
+        });
+    }
+    crate::worker::run(&settings, queue, store, shutdown).await
+}

@@ -1,0 +1,459 @@
+//! Settings: one typed struct, loaded once from `AIQ_*` environment variables (systemd feeds them
+//! through `EnvironmentFile=`), checked at start. A missing or malformed value stops start-up
+//! with an error that names the variable. Nothing else in aiq reads the environment.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::domain::Tier;
+
+/// A secret (API key, password-bearing URL). It never prints.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// A setting that is missing or malformed. The message names the variable.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("setting {name}: {problem}")]
+pub struct ConfigError {
+    pub name: &'static str,
+    pub problem: String,
+}
+
+fn bad(name: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError {
+        name,
+        problem: problem.into(),
+    }
+}
+
+/// How the fetch script chooses between tiers that have work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheduling {
+    /// Each backlogged tier gets capacity in proportion to its weight.
+    Fair,
+    /// The highest tier with work always goes first (BullMQ-like; lower tiers can starve).
+    Strict,
+}
+
+/// When and how often a failed job is tried again. Printed by `aiq config`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Executions a job gets before it goes to the dead set (the first run counts).
+    pub max_attempts: u32,
+    /// The delay before the first retry; it doubles with each failure.
+    pub base: Duration,
+    /// No retry waits longer than this.
+    pub cap: Duration,
+}
+
+impl RetryPolicy {
+    /// The delay before retry number `failures` (1 for the first), with full jitter:
+    /// uniform in [0, min(cap, base * 2^(failures-1))]. `jitter` is in [0, 1).
+    pub fn delay(&self, failures: u32, jitter: f64) -> Duration {
+        let exp = failures.saturating_sub(1).min(30);
+        let ceiling = self
+            .base
+            .saturating_mul(1u32 << exp)
+            .min(self.cap)
+            .max(Duration::from_millis(1));
+        ceiling
+            .mul_f64(jitter.clamp(0.0, 1.0))
+            .max(Duration::from_millis(1))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProviderSettings {
+    pub base_url: String,
+    pub api_key: Option<Secret>,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+/// The queue's settings: everything the Redis backend needs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueueSettings {
+    pub redis_url: String,
+    /// Key prefix; every key of the queue lives under the hash tag `{prefix}`.
+    pub prefix: String,
+    pub concurrency: usize,
+    pub fetch_batch: usize,
+    pub poll_interval: Duration,
+    pub lease: Duration,
+    /// A job whose lease expired this many times (its worker died each time) goes to the dead set.
+    pub max_interrupts: u32,
+    pub scheduling: Scheduling,
+    /// Weights of the six tiers, highest tier first.
+    pub tier_weights: [u32; 6],
+    pub dead_max_jobs: u64,
+    pub dead_max_age: Duration,
+    pub idempotency_ttl: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub database_url: Secret,
+    pub queue: QueueSettings,
+    pub retry: RetryPolicy,
+    pub shutdown_grace: Duration,
+    pub admin_addr: SocketAddr,
+    pub log_format: LogFormat,
+    pub vision: ProviderSettings,
+    pub openai: ProviderSettings,
+}
+
+/// Reads variables through `lookup`, so tests can load settings without touching the process
+/// environment.
+pub struct Env<F: Fn(&str) -> Option<String>>(pub F);
+
+impl<F: Fn(&str) -> Option<String>> Env<F> {
+    fn get(&self, name: &'static str) -> Option<String> {
+        (self.0)(name).filter(|v| !v.trim().is_empty())
+    }
+
+    fn required(&self, name: &'static str, what: &str) -> Result<String, ConfigError> {
+        self.get(name)
+            .ok_or_else(|| bad(name, format!("is missing; set it to {what}")))
+    }
+
+    fn parse<T: std::str::FromStr>(
+        &self,
+        name: &'static str,
+        default: T,
+        what: &str,
+    ) -> Result<T, ConfigError> {
+        match self.get(name) {
+            None => Ok(default),
+            Some(v) => v
+                .trim()
+                .parse()
+                .map_err(|_| bad(name, format!("{v:?} is not {what}"))),
+        }
+    }
+
+    fn int_in(
+        &self,
+        name: &'static str,
+        default: u64,
+        range: std::ops::RangeInclusive<u64>,
+    ) -> Result<u64, ConfigError> {
+        let v: u64 = self.parse(name, default, "a whole number")?;
+        if !range.contains(&v) {
+            return Err(bad(
+                name,
+                format!("{v} is out of range {}..={}", range.start(), range.end()),
+            ));
+        }
+        Ok(v)
+    }
+
+    fn millis(
+        &self,
+        name: &'static str,
+        default: u64,
+        range: std::ops::RangeInclusive<u64>,
+    ) -> Result<Duration, ConfigError> {
+        self.int_in(name, default, range).map(Duration::from_millis)
+    }
+
+    fn url(
+        &self,
+        name: &'static str,
+        default: &str,
+        schemes: &[&str],
+    ) -> Result<String, ConfigError> {
+        let v = self.get(name).unwrap_or_else(|| default.to_owned());
+        check_url(name, &v, schemes)?;
+        Ok(v.trim_end_matches('/').to_owned())
+    }
+}
+
+fn check_url(name: &'static str, v: &str, schemes: &[&str]) -> Result<(), ConfigError> {
+    let ok = schemes
+        .iter()
+        .any(|s| v.starts_with(&format!("{s}://")) && v.len() > s.len() + 3);
+    if ok {
+        Ok(())
+    } else {
+        Err(bad(
+            name,
+            format!("must be a URL starting with {}://", schemes.join(":// or ")),
+        ))
+    }
+}
+
+pub const DEFAULT_TIER_WEIGHTS: [u32; 6] = [32, 16, 8, 4, 2, 1];
+
+fn parse_weights(name: &'static str, v: &str) -> Result<[u32; 6], ConfigError> {
+    let parts: Vec<&str> = v.split(',').map(str::trim).collect();
+    if parts.len() != 6 {
+        return Err(bad(
+            name,
+            format!(
+                "{v:?} must list six weights, highest tier first ({})",
+                Tier::ALL.map(|t| t.as_str()).join(",")
+            ),
+        ));
+    }
+    let mut out = [0u32; 6];
+    for (i, p) in parts.iter().enumerate() {
+        out[i] = match p.parse::<u32>() {
+            Ok(w) if (1..=1_000_000).contains(&w) => w,
+            _ => {
+                return Err(bad(
+                    name,
+                    format!("weight {p:?} must be a whole number from 1 to 1000000"),
+                ));
+            }
+        };
+    }
+    Ok(out)
+}
+
+impl QueueSettings {
+    /// Loads only what the queue needs (used by `aiq enqueue`, `aiq stats` and `run`).
+    pub fn load<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> Result<Self, ConfigError> {
+        let redis_url = env.required(
+            "AIQ_REDIS_URL",
+            "the Redis URL, e.g. redis://127.0.0.1:6379/",
+        )?;
+        check_url(
+            "AIQ_REDIS_URL",
+            &redis_url,
+            &["redis", "rediss", "unix", "redis+unix"],
+        )?;
+        let prefix = env.get("AIQ_QUEUE_PREFIX").unwrap_or_else(|| "aiq".into());
+        if prefix.is_empty()
+            || prefix.len() > 64
+            || !prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_-.:".contains(c))
+        {
+            return Err(bad(
+                "AIQ_QUEUE_PREFIX",
+                format!("{prefix:?} must be 1-64 characters of letters, digits, _ - . :"),
+            ));
+        }
+        let scheduling = match env.get("AIQ_SCHEDULING").as_deref().map(str::trim) {
+            None | Some("fair") => Scheduling::Fair,
+            Some("strict") => Scheduling::Strict,
+            Some(other) => {
+                return Err(bad(
+                    "AIQ_SCHEDULING",
+                    format!("{other:?} must be fair or strict"),
+                ));
+            }
+        };
+        let tier_weights = match env.get("AIQ_TIER_WEIGHTS") {
+            None => DEFAULT_TIER_WEIGHTS,
+            Some(v) => parse_weights("AIQ_TIER_WEIGHTS", &v)?,
+        };
+        Ok(QueueSettings {
+            redis_url,
+            prefix,
+            concurrency: env.int_in("AIQ_CONCURRENCY", 16, 1..=4096)? as usize,
+            fetch_batch: env.int_in("AIQ_FETCH_BATCH", 32, 1..=1000)? as usize,
+            poll_interval: env.millis("AIQ_POLL_INTERVAL_MS", 100, 1..=60_000)?,
+            lease: env.millis("AIQ_LEASE_MS", 10_000, 1_000..=3_600_000)?,
+            max_interrupts: env.int_in("AIQ_MAX_INTERRUPTS", 5, 1..=1000)? as u32,
+            scheduling,
+            tier_weights,
+            dead_max_jobs: env.int_in("AIQ_DEAD_MAX_JOBS", 100_000, 1..=100_000_000)?,
+            dead_max_age: Duration::from_secs(
+                env.int_in("AIQ_DEAD_MAX_AGE_DAYS", 30, 1..=3650)? * 86_400,
+            ),
+            idempotency_ttl: Duration::from_secs(env.int_in(
+                "AIQ_IDEMPOTENCY_TTL_S",
+                86_400,
+                1..=31_536_000,
+            )?),
+        })
+    }
+}
+
+/// The database URL alone (used by `aiq migrate`).
+pub fn database_url<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> Result<Secret, ConfigError> {
+    let v = env.required(
+        "AIQ_DATABASE_URL",
+        "the PostgreSQL URL, e.g. postgres://aiq:secret@127.0.0.1:5432/aiq",
+    )?;
+    check_url("AIQ_DATABASE_URL", &v, &["postgres", "postgresql"])?;
+    Ok(Secret::new(v))
+}
+
+impl Settings {
+    /// Loads every setting from the process environment.
+    pub fn from_process_env() -> Result<Self, ConfigError> {
+        Self::load(&Env(|k| std::env::var(k).ok()))
+    }
+
+    pub fn load<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> Result<Self, ConfigError> {
+        let database_url = database_url(env)?;
+        let queue = QueueSettings::load(env)?;
+        let retry = RetryPolicy {
+            max_attempts: env.int_in("AIQ_MAX_ATTEMPTS", 5, 1..=100)? as u32,
+            base: env.millis("AIQ_RETRY_BASE_MS", 2_000, 1..=3_600_000)?,
+            cap: env.millis("AIQ_RETRY_CAP_MS", 600_000, 1..=86_400_000)?,
+        };
+        if retry.cap < retry.base {
+            return Err(bad(
+                "AIQ_RETRY_CAP_MS",
+                "must not be smaller than AIQ_RETRY_BASE_MS",
+            ));
+        }
+        let shutdown_grace = env.millis("AIQ_SHUTDOWN_GRACE_MS", 20_000, 0..=3_600_000)?;
+        let admin_addr = env.parse(
+            "AIQ_ADMIN_ADDR",
+            SocketAddr::from(([127, 0, 0, 1], 9464)),
+            "a socket address like 127.0.0.1:9464",
+        )?;
+        let log_format = match env.get("AIQ_LOG_FORMAT").as_deref().map(str::trim) {
+            None | Some("auto") => {
+                if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+                    LogFormat::Text
+                } else {
+                    LogFormat::Json
+                }
+            }
+            Some("json") => LogFormat::Json,
+            Some("text") => LogFormat::Text,
+            Some(other) => {
+                return Err(bad(
+                    "AIQ_LOG_FORMAT",
+                    format!("{other:?} must be json, text or auto"),
+                ));
+            }
+        };
+        let provider = |url_name, default_url, key_name, timeout_name| {
+            Ok::<_, ConfigError>(ProviderSettings {
+                base_url: env.url(url_name, default_url, &["http", "https"])?,
+                api_key: env.get(key_name).map(Secret::new),
+                timeout: env.millis(timeout_name, 60_000, 100..=600_000)?,
+            })
+        };
+        Ok(Settings {
+            database_url,
+            queue,
+            retry,
+            shutdown_grace,
+            admin_addr,
+            log_format,
+            vision: provider(
+                "AIQ_VISION_BASE_URL",
+                "https://vision.googleapis.com",
+                "AIQ_VISION_API_KEY",
+                "AIQ_VISION_TIMEOUT_MS",
+            )?,
+            openai: provider(
+                "AIQ_OPENAI_BASE_URL",
+                "https://api.openai.com",
+                "AIQ_OPENAI_API_KEY",
+                "AIQ_OPENAI_TIMEOUT_MS",
+            )?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> Env<impl Fn(&str) -> Option<String>> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Env(move |k: &str| map.get(k).cloned())
+    }
+
+    const BASE: [(&str, &str); 2] = [
+        ("AIQ_DATABASE_URL", "postgres://u@localhost/aiq"),
+        ("AIQ_REDIS_URL", "redis://127.0.0.1:6379/"),
+    ];
+
+    #[test]
+    fn a_missing_database_url_names_the_setting() {
+        let err = Settings::load(&env(&[("AIQ_REDIS_URL", "redis://x/")])).unwrap_err();
+        assert_eq!(err.name, "AIQ_DATABASE_URL");
+        assert!(err.to_string().contains("AIQ_DATABASE_URL"));
+    }
+
+    #[test]
+    fn defaults_apply_when_only_the_two_urls_are_set() {
+        let s = Settings::load(&env(&BASE)).unwrap();
+        assert_eq!(s.queue.concurrency, 16);
+        assert_eq!(s.queue.tier_weights, DEFAULT_TIER_WEIGHTS);
+        assert_eq!(s.queue.scheduling, Scheduling::Fair);
+        assert_eq!(s.retry.max_attempts, 5);
+        assert_eq!(s.vision.base_url, "https://vision.googleapis.com");
+        assert!(s.openai.api_key.is_none());
+    }
+
+    #[test]
+    fn malformed_values_are_refused_with_their_name() {
+        let cases = [
+            ("AIQ_CONCURRENCY", "many"),
+            ("AIQ_CONCURRENCY", "0"),
+            ("AIQ_TIER_WEIGHTS", "1,2,3"),
+            ("AIQ_TIER_WEIGHTS", "32,16,8,4,2,0"),
+            ("AIQ_SCHEDULING", "random"),
+            ("AIQ_REDIS_URL", "localhost:6379"),
+            ("AIQ_OPENAI_BASE_URL", "ftp://example"),
+            ("AIQ_ADMIN_ADDR", "nine"),
+            ("AIQ_QUEUE_PREFIX", "a{b}"),
+            ("AIQ_LOG_FORMAT", "xml"),
+        ];
+        for (name, value) in cases {
+            let mut pairs = BASE.to_vec();
+            pairs.retain(|(k, _)| *k != name);
+            pairs.push((name, value));
+            let err = Settings::load(&env(&pairs)).unwrap_err();
+            assert_eq!(err.name, name, "{name}={value} gave {err}");
+        }
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let mut pairs = BASE.to_vec();
+        pairs.push(("AIQ_OPENAI_API_KEY", "sk-very-secret"));
+        let s = Settings::load(&env(&pairs)).unwrap();
+        let printed = format!("{s:?}");
+        assert!(!printed.contains("sk-very-secret"));
+        assert!(!printed.contains("postgres://u@localhost"));
+    }
+
+    #[test]
+    fn retry_delays_grow_and_stop_at_the_cap() {
+        let p = RetryPolicy {
+            max_attempts: 5,
+            base: Duration::from_secs(2),
+            cap: Duration::from_secs(10),
+        };
+        assert_eq!(p.delay(1, 0.999_999).as_millis(), 1999);
+        assert_eq!(p.delay(2, 0.999_999).as_millis(), 3999);
+        assert_eq!(p.delay(9, 0.999_999).as_millis(), 9999);
+        assert_eq!(p.delay(3, 0.0), Duration::from_millis(1));
+    }
+}

@@ -1,0 +1,358 @@
+//! `aiq fake-providers`: an HTTP server that answers like Google Vision and OpenAI, in their real
+//! wire formats, so the demo, the tests and the benchmarks run with no network and no bill.
+//! Answers are deterministic: the same request always gets the same answer.
+//!
+//! Faults on demand, for tests: an OpenAI message containing `[fake:status=503]` gets that status
+//! with OpenAI's error body (429 also carries `retry-after: 1`), and `[fake:garbage]` gets a 200
+//! whose body is not JSON. A Vision image with `uri` `fake://status/503` makes the whole request
+//! answer 503; an image whose `content` is not base64 gets the per-image "Bad image data." error.
+//! `GET /_fake/calls` returns how many calls each provider answered.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::Json;
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+
+#[derive(Default)]
+struct Counters {
+    vision: AtomicU64,
+    openai: AtomicU64,
+}
+
+/// A running fake server.
+pub struct FakeProviders {
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FakeProviders {
+    /// Starts the server on `addr` (port 0 picks a free port) in the current runtime.
+    pub async fn start(addr: SocketAddr) -> std::io::Result<Self> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let app = router();
+        let task = tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(error = %e, "fake providers stopped");
+            }
+        });
+        Ok(Self { addr, task })
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for FakeProviders {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub fn router() -> Router {
+    let counters = Arc::new(Counters::default());
+    Router::new()
+        .route("/v1/images:annotate", post(vision))
+        .route("/v1/chat/completions", post(openai))
+        .route("/_fake/calls", get(calls))
+        .with_state(counters)
+}
+
+async fn calls(State(c): State<Arc<Counters>>) -> Json<Value> {
+    Json(json!({
+        "google_vision": c.vision.load(Ordering::Relaxed),
+        "openai": c.openai.load(Ordering::Relaxed),
+    }))
+}
+
+/// A small stable hash (FNV-1a), so answers depend only on the request.
+fn fnv(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ *b as u64).wrapping_mul(0x100000001b3)
+    })
+}
+
+fn google_error(status: StatusCode, google_status: &str, message: &str) -> Response {
+    (
+        status,
+        Json(json!({ "error": { "code": status.as_u16(), "message": message, "status": google_status } })),
+    )
+        .into_response()
+}
+
+fn is_base64(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() % 4 == 0
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/' || b == b'=')
+}
+
+const LABELS: [&str; 8] = [
+    "Cat", "Dog", "Tree", "Car", "Building", "Person", "Food", "Sky",
+];
+
+fn annotate_one(seed: u64, features: &[Value]) -> Value {
+    let mut out = serde_json::Map::new();
+    for f in features {
+        let kind = f.get("type").and_then(Value::as_str).unwrap_or("");
+        let max = f
+            .get("maxResults")
+            .and_then(Value::as_u64)
+            .unwrap_or(3)
+            .clamp(1, 8) as usize;
+        match kind {
+            "LABEL_DETECTION" => {
+                let labels: Vec<Value> = (0..max.min(3))
+                    .map(|i| {
+                        let score = 0.99 - 0.07 * i as f64 - (seed % 7) as f64 / 100.0;
+                        let name = LABELS[((seed as usize) + i) % LABELS.len()];
+                        json!({ "mid": format!("/m/0{:x}", (seed >> 8) % 4096 + i as u64), "description": name,
+                                "score": score, "topicality": score })
+                    })
+                    .collect();
+                out.insert("labelAnnotations".into(), Value::Array(labels));
+            }
+            "SAFE_SEARCH_DETECTION" => {
+                out.insert(
+                    "safeSearchAnnotation".into(),
+                    json!({ "adult": "VERY_UNLIKELY", "spoof": "UNLIKELY", "medical": "VERY_UNLIKELY",
+                            "violence": "VERY_UNLIKELY", "racy": "UNLIKELY" }),
+                );
+            }
+            "TEXT_DETECTION" | "DOCUMENT_TEXT_DETECTION" => {
+                let text = format!("fake text {:x}", seed % 65536);
+                out.insert(
+                    "textAnnotations".into(),
+                    json!([{ "locale": "en", "description": text,
+                             "boundingPoly": { "vertices": [{"x": 1, "y": 2}, {"x": 40, "y": 2}] } }]),
+                );
+                out.insert(
+                    "fullTextAnnotation".into(),
+                    json!({ "text": text, "pages": [] }),
+                );
+            }
+            "OBJECT_LOCALIZATION" => {
+                out.insert(
+                    "localizedObjectAnnotations".into(),
+                    json!([{ "mid": "/m/01yrx", "name": LABELS[(seed as usize) % LABELS.len()], "score": 0.9,
+                             "boundingPoly": { "normalizedVertices": [{"x": 0.1, "y": 0.2}, {"x": 0.8, "y": 0.9}] } }]),
+                );
+            }
+            "FACE_DETECTION" => {
+                out.insert("faceAnnotations".into(), json!([]));
+            }
+            "LANDMARK_DETECTION" => {
+                out.insert("landmarkAnnotations".into(), json!([]));
+            }
+            "LOGO_DETECTION" => {
+                out.insert("logoAnnotations".into(), json!([]));
+            }
+            "IMAGE_PROPERTIES" => {
+                out.insert(
+                    "imagePropertiesAnnotation".into(),
+                    json!({ "dominantColors": { "colors": [{ "color": {"red": seed % 256, "green": 34, "blue": 56},
+                            "score": 0.4, "pixelFraction": 0.2 }] } }),
+                );
+            }
+            "CROP_HINTS" => {
+                out.insert("cropHintsAnnotation".into(), json!({ "cropHints": [] }));
+            }
+            "WEB_DETECTION" => {
+                out.insert(
+                    "webDetection".into(),
+                    json!({ "webEntities": [], "fullMatchingImages": [], "visuallySimilarImages": [] }),
+                );
+            }
+            _ => {}
+        }
+    }
+    Value::Object(out)
+}
+
+async fn vision(State(c): State<Arc<Counters>>, headers: HeaderMap, body: String) -> Response {
+    c.vision.fetch_add(1, Ordering::Relaxed);
+    if headers.get("x-goog-api-key").is_none() {
+        return google_error(
+            StatusCode::UNAUTHORIZED,
+            "UNAUTHENTICATED",
+            "API key not valid. Please pass a valid API key.",
+        );
+    }
+    let Ok(req) = serde_json::from_str::<Value>(&body) else {
+        return google_error(
+            StatusCode::BAD_REQUEST,
+            "INVALID_ARGUMENT",
+            "Invalid JSON payload received.",
+        );
+    };
+    let Some(requests) = req.get("requests").and_then(Value::as_array) else {
+        return google_error(
+            StatusCode::BAD_REQUEST,
+            "INVALID_ARGUMENT",
+            "requests is required",
+        );
+    };
+    if requests.is_empty() || requests.len() > 16 {
+        return google_error(
+            StatusCode::BAD_REQUEST,
+            "INVALID_ARGUMENT",
+            "1 to 16 requests are allowed per call",
+        );
+    }
+    let mut responses = Vec::with_capacity(requests.len());
+    for r in requests {
+        let content = r.pointer("/image/content").and_then(Value::as_str);
+        let uri = r.pointer("/image/source/imageUri").and_then(Value::as_str);
+        if let Some(status) = uri.and_then(|u| u.strip_prefix("fake://status/")) {
+            let code = status
+                .parse()
+                .ok()
+                .and_then(|s| StatusCode::from_u16(s).ok());
+            let code = code.unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            let name = match code.as_u16() {
+                429 => "RESOURCE_EXHAUSTED",
+                503 => "UNAVAILABLE",
+                400 => "INVALID_ARGUMENT",
+                403 => "PERMISSION_DENIED",
+                _ => "INTERNAL",
+            };
+            return google_error(code, name, "injected by the fake provider");
+        }
+        let features = r
+            .get("features")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        match (content, uri) {
+            (Some(c), _) if is_base64(c) => {
+                responses.push(annotate_one(fnv(c.as_bytes()), &features))
+            }
+            (Some(_), _) => {
+                responses.push(json!({ "error": { "code": 3, "message": "Bad image data." } }))
+            }
+            (None, Some(u)) => responses.push(annotate_one(fnv(u.as_bytes()), &features)),
+            (None, None) => responses
+                .push(json!({ "error": { "code": 3, "message": "No image was provided." } })),
+        }
+    }
+    Json(json!({ "responses": responses })).into_response()
+}
+
+fn openai_error(status: StatusCode, kind: &str, code: &str, message: &str) -> Response {
+    let mut resp = (
+        status,
+        Json(json!({ "error": { "message": message, "type": kind, "param": null, "code": code } })),
+    )
+        .into_response();
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        resp.headers_mut()
+            .insert("retry-after", "1".parse().expect("static header"));
+    }
+    resp
+}
+
+async fn openai(State(c): State<Arc<Counters>>, headers: HeaderMap, body: String) -> Response {
+    c.openai.fetch_add(1, Ordering::Relaxed);
+    let authorized = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("Bearer ") && v.len() > 7);
+    if !authorized {
+        return openai_error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            "invalid_api_key",
+            "Incorrect API key provided.",
+        );
+    }
+    let Ok(req) = serde_json::from_str::<Value>(&body) else {
+        return openai_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "invalid_json",
+            "We could not parse the JSON body of your request.",
+        );
+    };
+    let model = req
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_owned();
+    let messages = req
+        .get("messages")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    if model.is_empty() || messages.is_empty() {
+        return openai_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "missing_required_parameter",
+            "model and messages are required",
+        );
+    }
+    let text: String = messages
+        .iter()
+        .filter_map(|m| m.get("content").and_then(Value::as_str))
+        .collect::<Vec<_>>()
+        .join("\n");
+    if let Some(rest) = text.split("[fake:status=").nth(1) {
+        let code = rest
+            .get(..3)
+            .and_then(|s| s.parse().ok())
+            .and_then(|s| StatusCode::from_u16(s).ok());
+        let code = code.unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let (kind, err_code) = match code.as_u16() {
+            429 => ("requests", "rate_limit_exceeded"),
+            503 => ("service_unavailable_error", "server_is_overloaded"),
+            401 => ("invalid_request_error", "invalid_api_key"),
+            400 => ("invalid_request_error", "invalid_value"),
+            _ => ("server_error", "server_error"),
+        };
+        return openai_error(code, kind, err_code, "injected by the fake provider");
+    }
+    if text.contains("[fake:garbage]") {
+        return (StatusCode::OK, "<html>upstream hiccup</html>").into_response();
+    }
+    let max = req
+        .get("max_completion_tokens")
+        .or_else(|| req.get("max_tokens"))
+        .and_then(Value::as_u64)
+        .unwrap_or(256);
+    // Roughly four characters a token, plus a few tokens of framing per message.
+    let prompt_tokens = (text.len() as u64).div_ceil(4) + 4 * messages.len() as u64;
+    let seed = fnv(text.as_bytes());
+    let completion_tokens = (12 + seed % 20).min(max);
+    let finish_reason = if completion_tokens == max {
+        "length"
+    } else {
+        "stop"
+    };
+    let words: Vec<&str> = (0..completion_tokens)
+        .map(|i| LABELS[((seed + i) % LABELS.len() as u64) as usize])
+        .collect();
+    Json(json!({
+        "id": format!("chatcmpl-fake{:x}", seed),
+        "object": "chat.completion",
+        "created": 1_730_000_000u64,
+        "model": model,
+        "choices": [{ "index": 0, "message": { "role": "assistant", "content": words.join(" "), "refusal": null },
+                      "finish_reason": finish_reason, "logprobs": null }],
+        "usage": { "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                   "total_tokens": prompt_tokens + completion_tokens,
+                   "prompt_tokens_details": { "cached_tokens": 0, "audio_tokens": 0 },
+                   "completion_tokens_details": { "reasoning_tokens": 0, "audio_tokens": 0,
+                       "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0 } },
+        "service_tier": "default",
+        "system_fingerprint": "fp_fake"
+    }))
+    .into_response()
+}

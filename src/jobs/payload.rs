@@ -1,0 +1,231 @@
+//! The job payloads: the Rust side of the contract in `jobs/schema/`. A payload is decoded once,
+//! at the top of the handler, into these types; nothing below sees raw JSON. New fields are
+//! additive and carry `#[serde(default)]`.
+
+use serde::Deserialize;
+
+use crate::domain::{JobKind, OrganizationId, Tier};
+use crate::providers::openai::Message;
+use crate::providers::vision::{Feature, ImageSource, MAX_IMAGES};
+use crate::queue::backend::RawJob;
+
+/// The newest payload version this daemon understands.
+pub const PAYLOAD_VERSION: u32 = 1;
+
+/// Fields every job kind carries.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Common {
+    #[serde(default = "default_version")]
+    pub version: u32,
+    pub organization_id: OrganizationId,
+    pub tier: Tier,
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+    #[serde(default)]
+    pub correlation_id: Option<String>,
+    /// What the job is about (a photo, a document...), recorded with the results.
+    #[serde(default)]
+    pub subject_id: Option<uuid::Uuid>,
+    #[serde(default)]
+    pub subject_type: Option<String>,
+}
+
+fn default_version() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct VisionPayload {
+    #[serde(flatten)]
+    pub common: Common,
+    pub images: Vec<ImageSource>,
+    pub features: Vec<Feature>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct LlmPayload {
+    #[serde(flatten)]
+    pub common: Common,
+    pub provider: String,
+    pub model: String,
+    pub messages: Vec<Message>,
+    pub max_tokens: u32,
+}
+
+#[derive(Debug, Clone)]
+pub enum JobInput {
+    Vision(VisionPayload),
+    Llm(LlmPayload),
+}
+
+impl JobInput {
+    pub fn common(&self) -> &Common {
+        match self {
+            JobInput::Vision(v) => &v.common,
+            JobInput::Llm(l) => &l.common,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid payload: {0}")]
+pub struct DecodeError(pub String);
+
+fn invalid(msg: impl Into<String>) -> DecodeError {
+    DecodeError(msg.into())
+}
+
+const LLM_ROLES: [&str; 4] = ["system", "developer", "user", "assistant"];
+
+/// Decodes and checks a job's payload against its kind and the queue's record of it.
+pub fn decode(raw: &RawJob) -> Result<JobInput, DecodeError> {
+    let kind: JobKind = raw
+        .kind
+        .parse()
+        .map_err(|e: crate::domain::UnknownJobKind| invalid(e.to_string()))?;
+    let input = match kind {
+        JobKind::VisionAnnotate => {
+            let v: VisionPayload =
+                serde_json::from_str(&raw.payload).map_err(|e| invalid(e.to_string()))?;
+            if v.images.is_empty() || v.images.len() > MAX_IMAGES {
+                return Err(invalid(format!(
+                    "images must hold 1 to {MAX_IMAGES} images, not {}",
+                    v.images.len()
+                )));
+            }
+            if v.features.is_empty() {
+                return Err(invalid("features must not be empty"));
+            }
+            for img in &v.images {
+                match img {
+                    ImageSource::Content { content } if content.is_empty() => {
+                        return Err(invalid("an image's content is empty"));
+                    }
+                    ImageSource::Uri { uri } if uri.is_empty() => {
+                        return Err(invalid("an image's uri is empty"));
+                    }
+                    _ => {}
+                }
+            }
+            JobInput::Vision(v)
+        }
+        JobKind::LlmComplete => {
+            let l: LlmPayload =
+                serde_json::from_str(&raw.payload).map_err(|e| invalid(e.to_string()))?;
+            if l.messages.is_empty() {
+                return Err(invalid("messages must not be empty"));
+            }
+            if let Some(m) = l
+                .messages
+                .iter()
+                .find(|m| !LLM_ROLES.contains(&m.role.as_str()))
+            {
+                return Err(invalid(format!("unknown message role {:?}", m.role)));
+            }
+            if l.max_tokens == 0 || l.max_tokens > 200_000 {
+                return Err(invalid("max_tokens must be 1 to 200000"));
+            }
+            if l.model.is_empty() {
+                return Err(invalid("model must not be empty"));
+            }
+            JobInput::Llm(l)
+        }
+    };
+    let c = input.common();
+    if c.version == 0 || c.version > PAYLOAD_VERSION {
+        return Err(invalid(format!(
+            "payload version {} is not supported (this daemon reads up to {PAYLOAD_VERSION})",
+            c.version
+        )));
+    }
+    if c.tier.as_str() != raw.tier {
+        return Err(invalid(format!(
+            "payload tier {} differs from the queue's tier {}",
+            c.tier, raw.tier
+        )));
+    }
+    if c.organization_id.to_string() != raw.organization_id {
+        return Err(invalid(
+            "payload organization_id differs from the one it was enqueued with",
+        ));
+    }
+    Ok(input)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ORG: &str = "0b6f1b3e-2a55-4a6e-9a43-2f6f6f1b2c3d";
+
+    fn raw(kind: &str, payload: &str) -> RawJob {
+        RawJob {
+            id: "j1".into(),
+            kind: kind.into(),
+            tier: "trial".into(),
+            organization_id: ORG.into(),
+            payload: payload.into(),
+            attempt: 1,
+            max_attempts: 3,
+            enqueued_at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn the_example_payloads_decode() {
+        let vision = include_str!("../../jobs/examples/vision.annotate.json");
+        let llm = include_str!("../../jobs/examples/llm.complete.json");
+        let mut r = raw("vision.annotate", vision);
+        r.tier = "enterprise".into();
+        assert!(matches!(decode(&r).unwrap(), JobInput::Vision(_)));
+        let mut r = raw("llm.complete", llm);
+        r.tier = "growth_team".into();
+        assert!(matches!(decode(&r).unwrap(), JobInput::Llm(_)));
+    }
+
+    #[test]
+    fn bad_payloads_are_refused_with_a_reason() {
+        let ok_llm = format!(
+            r#"{{"organization_id":"{ORG}","tier":"trial","provider":"openai","model":"gpt-4o-mini","messages":[{{"role":"user","content":"hi"}}],"max_tokens":10}}"#
+        );
+        assert!(decode(&raw("llm.complete", &ok_llm)).is_ok());
+        let cases = [
+            ("llm.complete", "not json".to_string(), "expected"),
+            ("llm.complete", "{}".to_string(), "missing field"),
+            (
+                "llm.complete",
+                ok_llm.replace("\"max_tokens\":10", "\"max_tokens\":0"),
+                "max_tokens",
+            ),
+            (
+                "llm.complete",
+                ok_llm.replace("\"user\"", "\"wizard\""),
+                "role",
+            ),
+            (
+                "llm.complete",
+                ok_llm.replace("\"trial\"", "\"enterprise\""),
+                "differs",
+            ),
+            (
+                "llm.complete",
+                ok_llm.replace("\"trial\"", "\"gold\""),
+                "unknown variant",
+            ),
+            (
+                "llm.complete",
+                ok_llm.replace("{\"organization_id\"", "{\"version\":9,\"organization_id\""),
+                "version",
+            ),
+            ("vision.annotate", ok_llm.clone(), "missing field"),
+            ("sound.transcribe", ok_llm.clone(), "unknown job kind"),
+        ];
+        for (kind, payload, want) in cases {
+            let err = decode(&raw(kind, &payload)).unwrap_err();
+            assert!(
+                err.0.contains(want),
+                "{kind} {payload}: {err} should mention {want}"
+            );
+        }
+    }
+}

@@ -1,0 +1,315 @@
+//! Throw-away local servers for the demo and the test harness: a real `redis-server` and a real
+//! PostgreSQL, each on a free loopback port with its own data folder.
+//!
+//! Every child is started with a parent-death signal, so a crashed or killed parent never leaves a
+//! server behind. PostgreSQL refuses to run as root, so when we are root it runs as the `postgres`
+//! user (or `nobody`) and its folders are handed to that user.
+
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+/// A free TCP port on 127.0.0.1, as the kernel hands it out. Another process may take it before
+/// we bind it, so callers retry a start that fails.
+pub fn free_port() -> anyhow::Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("binding a probe socket")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// Asks the kernel to send `signal` to the child when the thread that spawned it exits.
+fn die_with_parent(cmd: &mut Command, signal: libc::c_int) {
+    // SAFETY: prctl is async-signal-safe and touches only the calling (child) process.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, signal as libc::c_ulong, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+fn find_binary(name: &str) -> Option<PathBuf> {
+    if let Some(paths) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&paths) {
+            let candidate = dir.join(name);
+            if candidate.is_file() {
+                return Some(candidate);
+            }
+        }
+    }
+    // Debian keeps PostgreSQL's server binaries out of PATH, one folder per major version.
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let v = e.file_name().to_string_lossy().parse::<u32>().ok()?;
+            Some((v, e.path().join("bin").join(name)))
+        })
+        .filter(|(_, p)| p.is_file())
+        .collect();
+    versions.sort();
+    versions.pop().map(|(_, p)| p)
+}
+
+fn wait_for_port(
+    port: u16,
+    child: &mut Child,
+    what: &str,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!("{what} exited during start-up with {status}");
+        }
+        if Instant::now() > deadline {
+            bail!("{what} did not listen on port {port} within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn stop_child(child: &mut Child, signal: libc::c_int) {
+    if let Ok(None) = child.try_wait() {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(child.id() as libc::pid_t, signal);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// A folder for one run's servers. Its name carries our pid, so a later run can remove the
+/// folders of runs that died without cleaning up.
+fn run_folder(label: &str) -> anyhow::Result<PathBuf> {
+    let base = std::env::temp_dir();
+    let prefix = format!("aiq-{label}-");
+    if let Ok(entries) = std::fs::read_dir(&base) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(rest) = name.strip_prefix(&prefix) {
+                let pid = rest.split('-').next().unwrap_or("");
+                if !pid.is_empty() && !Path::new("/proc").join(pid).exists() {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
+    }
+    let dir = base.join(format!(
+        "{prefix}{}-{}",
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// A running `redis-server`, stopped when dropped.
+pub struct LocalRedis {
+    child: Child,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl LocalRedis {
+    pub fn start(label: &str) -> anyhow::Result<Self> {
+        let bin = find_binary("redis-server").context(
+            "redis-server was not found; install it with `apt-get install -y redis-server` \
+             (scripts/demo and scripts/test do this for you)",
+        )?;
+        let dir = run_folder(label)?;
+        let mut last_err = None;
+        for _ in 0..5 {
+            let port = free_port()?;
+            let mut cmd = Command::new(&bin);
+            cmd.args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+            ])
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+            die_with_parent(&mut cmd, libc::SIGKILL);
+            let mut child = cmd.spawn().context("starting redis-server")?;
+            match wait_for_port(port, &mut child, "redis-server", Duration::from_secs(10)) {
+                Ok(()) => return Ok(Self { child, port, dir }),
+                Err(e) => {
+                    stop_child(&mut child, libc::SIGKILL);
+                    last_err = Some(e);
+                }
+            }
+        }
+        Err(last_err.unwrap_or_else(|| anyhow::anyhow!("redis-server did not start")))
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+impl Drop for LocalRedis {
+    fn drop(&mut self) {
+        stop_child(&mut self.child, libc::SIGTERM);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A running PostgreSQL cluster with trust authentication on loopback, stopped when dropped.
+pub struct LocalPostgres {
+    child: Child,
+    port: u16,
+    dir: PathBuf,
+}
+
+/// The uid and gid to run PostgreSQL as when we are root.
+fn unprivileged_user() -> Option<(u32, u32)> {
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    let find = |user: &str| {
+        passwd.lines().find_map(|line| {
+            let f: Vec<&str> = line.split(':').collect();
+            (f.len() > 3 && f[0] == user).then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?)))?
+        })
+    };
+    find("postgres").or_else(|| find("nobody"))
+}
+
+impl LocalPostgres {
+    pub fn start(label: &str) -> anyhow::Result<Self> {
+        let initdb = find_binary("initdb").context(
+            "PostgreSQL's initdb was not found; install the server with `apt-get install -y postgresql` \
+             (scripts/demo and scripts/test do this for you)",
+        )?;
+        let postgres = initdb.with_file_name("postgres");
+        let postgres = if postgres.is_file() {
+            postgres
+        } else {
+            find_binary("postgres").context("PostgreSQL's postgres binary was not found")?
+        };
+        let dir = run_folder(label)?;
+        let data = dir.join("data");
+        let sockets = dir.join("run");
+        std::fs::create_dir_all(&data)?;
+        std::fs::create_dir_all(&sockets)?;
+        // SAFETY: geteuid has no preconditions.
+        let as_user = if unsafe { libc::geteuid() } == 0 {
+            let (uid, gid) = unprivileged_user()
+                .context("running as root and found neither a `postgres` nor a `nobody` user")?;
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+            for d in [&data, &sockets] {
+                std::os::unix::fs::chown(d, Some(uid), Some(gid))?;
+            }
+            Some((uid, gid))
+        } else {
+            None
+        };
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700))?;
+
+        let mut cmd = Command::new(&initdb);
+        cmd.arg("-D")
+            .arg(&data)
+            .args([
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+                "--locale=C",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some((uid, gid)) = as_user {
+            cmd.uid(uid).gid(gid);
+        }
+        let out = cmd.output().context("running initdb")?;
+        if !out.status.success() {
+            bail!("initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+
+        let mut last_err = None;
+        for _ in 0..5 {
+            let port = free_port()?;
+            let mut cmd = Command::new(&postgres);
+            cmd.arg("-D")
+                .arg(&data)
+                .args(["-p", &port.to_string(), "-k"])
+                .arg(&sockets)
+                .args([
+                    "-c",
+                    "listen_addresses=127.0.0.1",
+                    "-c",
+                    "fsync=off",
+                    "-c",
+                    "synchronous_commit=off",
+                    "-c",
+                    "full_page_writes=off",
+                    "-c",
+                    "max_connections=400",
+                    "-c",
+                    "shared_buffers=64MB",
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            if let Some((uid, gid)) = as_user {
+                cmd.uid(uid).gid(gid);
+            }
+            // SIGQUIT is PostgreSQL's immediate shutdown: the postmaster takes its backends down too.
+            die_with_parent(&mut cmd, libc::SIGQUIT);
+            let mut child = cmd.spawn().context("starting postgres")?;
+            match wait_for_port(port, &mut child, "postgres", Duration::from_secs(30)) {
+                Ok(()) => return Ok(Self { child, port, dir }),
+                Err(e) => {
+                    stop_child(&mut child, libc::SIGQUIT);
+                    last_err = Some(e);
+                }
+            }
+        }
+        Err(last_err.unwrap_or_else(|| anyhow::anyhow!("postgres did not start")))
+    }
+
+    /// The URL of database `db` on this server.
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+impl Drop for LocalPostgres {
+    fn drop(&mut self) {
+        // SIGINT is PostgreSQL's fast shutdown: clients are disconnected, then it exits cleanly.
+        stop_child(&mut self.child, libc::SIGINT);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

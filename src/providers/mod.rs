@@ -1,0 +1,149 @@
+//! Provider clients: one module per wire format, each behind a small client type with its own
+//! `reqwest::Client`, base URL, key and timeout. Each module maps HTTP statuses and error bodies
+//! to an [`ErrorKind`] in exactly one function (`classify`), tested as a table.
+//! Only this module speaks HTTP to a provider.
+
+pub mod openai;
+pub mod vision;
+
+use std::time::Duration;
+
+/// What went wrong with a provider call, as far as retrying is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// 429 rate limit: retry after the provider's delay.
+    RateLimited,
+    /// 5xx, 529 and the like: retry with backoff.
+    Unavailable,
+    /// 408 or our own timeout: retry.
+    Timeout,
+    /// Could not connect or the connection broke: retry.
+    Connection,
+    /// A 2xx whose body is not the documented shape: retry (it is the provider's fault).
+    Malformed,
+    /// 400, 404, 413, 422: the request itself is wrong; never retry.
+    Invalid,
+    /// 401, 403: our key or project is wrong; never retry.
+    Unauthorized,
+    /// Quota or billing exhausted (OpenAI insufficient_quota...): never retry.
+    QuotaExhausted,
+}
+
+impl ErrorKind {
+    pub fn is_retryable(self) -> bool {
+        matches!(
+            self,
+            ErrorKind::RateLimited
+                | ErrorKind::Unavailable
+                | ErrorKind::Timeout
+                | ErrorKind::Connection
+                | ErrorKind::Malformed
+        )
+    }
+
+    /// The name recorded as `error_type` in ai_processing_errors.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::RateLimited => "rate_limited",
+            ErrorKind::Unavailable => "provider_unavailable",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Connection => "connection",
+            ErrorKind::Malformed => "malformed_response",
+            ErrorKind::Invalid => "invalid_request",
+            ErrorKind::Unauthorized => "unauthorized",
+            ErrorKind::QuotaExhausted => "quota_exhausted",
+        }
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{provider} {}: {message}", kind.as_str())]
+pub struct ProviderError {
+    pub provider: &'static str,
+    pub kind: ErrorKind,
+    pub status: Option<u16>,
+    pub message: String,
+    /// The provider's own word on when to come back (Retry-After, retry-after-ms, RetryInfo).
+    pub retry_after: Option<Duration>,
+}
+
+impl ProviderError {
+    pub fn is_retryable(&self) -> bool {
+        self.kind.is_retryable()
+    }
+
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.retry_after
+    }
+
+    /// An error from reqwest before any response: a timeout or a connection problem.
+    pub(crate) fn transport(provider: &'static str, e: &reqwest::Error) -> Self {
+        let kind = if e.is_timeout() {
+            ErrorKind::Timeout
+        } else {
+            ErrorKind::Connection
+        };
+        ProviderError {
+            provider,
+            kind,
+            status: None,
+            message: e.to_string(),
+            retry_after: None,
+        }
+    }
+
+    pub(crate) fn malformed(
+        provider: &'static str,
+        status: u16,
+        what: impl std::fmt::Display,
+    ) -> Self {
+        ProviderError {
+            provider,
+            kind: ErrorKind::Malformed,
+            status: Some(status),
+            message: format!("response is not the documented shape: {what}"),
+            retry_after: None,
+        }
+    }
+}
+
+/// Longest provider-requested delay we honour.
+pub const RETRY_AFTER_CAP: Duration = Duration::from_secs(600);
+
+/// Reads `retry-after-ms` (OpenAI) or `retry-after` in seconds.
+pub(crate) fn retry_after_header(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let get = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    };
+    let d = if let Some(ms) = get("retry-after-ms").and_then(|v| v.parse::<f64>().ok()) {
+        Duration::from_secs_f64(ms.max(0.0) / 1000.0)
+    } else {
+        Duration::from_secs_f64(get("retry-after")?.parse::<f64>().ok()?.max(0.0))
+    };
+    Some(d.min(RETRY_AFTER_CAP))
+}
+
+/// Cuts a provider's body to a length fit for a log line or an error row.
+pub(crate) fn snippet(body: &str) -> String {
+    const MAX: usize = 500;
+    if body.len() <= MAX {
+        return body.to_owned();
+    }
+    let mut end = MAX;
+    while !body.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &body[..end])
+}
+
+pub(crate) fn http_client(timeout: Duration) -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(Duration::from_secs(10).min(timeout))
+        .pool_max_idle_per_host(64)
+        .build()
+        .expect("building an HTTP client with static settings")
+}

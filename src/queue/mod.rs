@@ -1,0 +1,347 @@
+//! The queue: aiq's own Redis layout and every Lua script that touches it, plus the apalis
+//! backend over it (`backend`). Nothing else in aiq knows a Redis key.
+//!
+//! Layout, every key under the hash tag `{prefix}` so one queue lives in one Cluster slot:
+//!
+//! | key | type | what |
+//! |---|---|---|
+//! | `{p}:job:<id>` | hash | kind, tier, org, payload, attempts, interrupts, max_attempts, token, state, ... |
+//! | `{p}:orgs:<tier>` | list | organisations of the tier with waiting jobs, in round-robin order |
+//! | `{p}:wait:<tier>:<org>` | list | waiting job ids of one organisation, FIFO |
+//! | `{p}:depth` | hash | waiting jobs per tier |
+//! | `{p}:inflight` | zset | leased job ids, scored by lease deadline (ms) |
+//! | `{p}:delayed` | zset | job ids waiting for a retry or a deferral, scored by due time (ms) |
+//! | `{p}:dead` | zset | dead job ids, scored by time of death (ms) |
+//! | `{p}:idem:<key>` | string | first job id for an idempotency key, with a TTL |
+//! | `{p}:sched` | hash | stride-scheduling pass values per tier |
+//! | `{p}:seq` | string | counter for queue-assigned job ids |
+
+pub mod backend;
+
+use std::collections::BTreeMap;
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{AsyncCommands, Script};
+
+use crate::config::{QueueSettings, Scheduling};
+use crate::domain::{JobKind, OrganizationId, Tier};
+
+/// The enqueue script that apps in every language run; Rust uses it too.
+pub const ENQUEUE_LUA: &str = include_str!("../../jobs/enqueue.lua");
+
+static ENQUEUE: LazyLock<Script> = LazyLock::new(|| Script::new(ENQUEUE_LUA));
+static FETCH: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("fetch.lua")));
+static SETTLE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("settle.lua")));
+static RENEW: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("renew.lua")));
+
+/// Items per settle or renew script call; bigger batches are split.
+const SCRIPT_CHUNK: usize = 200;
+/// Expired leases returned and delayed jobs promoted per fetch call.
+const REAP_LIMIT: usize = 100;
+const PROMOTE_LIMIT: usize = 200;
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("the queue refused the job: {0}")]
+    Refused(String),
+    #[error("unexpected reply from a queue script: {0}")]
+    Protocol(String),
+}
+
+/// A job to enqueue.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub kind: JobKind,
+    pub tier: Tier,
+    pub organization_id: OrganizationId,
+    /// The JSON document of the job kind's schema.
+    pub payload: String,
+    pub job_id: Option<String>,
+    pub delay: Duration,
+    pub idempotency_key: Option<String>,
+    /// 0 means the daemon's default.
+    pub max_attempts: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Enqueued {
+    pub job_id: String,
+    /// True when the job id or idempotency key was already known: nothing new was queued.
+    pub duplicate: bool,
+}
+
+/// A job as the fetch script hands it out, under a lease.
+#[derive(Debug, Clone)]
+pub struct LeasedJob {
+    pub id: String,
+    /// The fencing token of this lease; settle and renew with another token are refused.
+    pub token: String,
+    pub kind: String,
+    pub tier: String,
+    pub organization_id: String,
+    pub payload: String,
+    /// Failed attempts before this one.
+    pub attempts: u32,
+    /// 0 means the daemon's default.
+    pub max_attempts: u32,
+    pub enqueued_at_ms: i64,
+}
+
+/// What to do with a leased job.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Done,
+    Retry { after: Duration, error: String },
+    Dead { reason: String },
+    Release,
+    Defer { after: Duration, reason: String },
+}
+
+#[derive(Debug, Clone)]
+pub struct Settlement {
+    pub id: String,
+    pub token: String,
+    pub outcome: Outcome,
+}
+
+/// Counts for `aiq stats` and the demo.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct QueueStats {
+    pub waiting: BTreeMap<String, u64>,
+    pub inflight: u64,
+    pub delayed: u64,
+    pub dead: u64,
+}
+
+/// A job in the dead set.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeadJob {
+    pub id: String,
+    pub kind: String,
+    pub tier: String,
+    pub organization_id: String,
+    pub reason: String,
+    pub attempts: u32,
+    pub dead_at_ms: i64,
+}
+
+/// A handle on one queue. Cheap to clone: the connection is multiplexed.
+#[derive(Clone)]
+pub struct Queue {
+    conn: ConnectionManager,
+    base: String,
+    settings: QueueSettings,
+}
+
+impl Queue {
+    pub async fn connect(settings: &QueueSettings) -> Result<Self, QueueError> {
+        let client = redis::Client::open(settings.redis_url.as_str())?;
+        // redis-rs' default 500 ms response timeout fails healthy calls under load
+        // (apalis-redis#76), so set our own.
+        let config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(Duration::from_secs(10)))
+            .set_connection_timeout(Some(Duration::from_secs(5)));
+        let conn = client.get_connection_manager_with_config(config).await?;
+        Ok(Self {
+            conn,
+            base: format!("{{{}}}", settings.prefix),
+            settings: settings.clone(),
+        })
+    }
+
+    pub fn settings(&self) -> &QueueSettings {
+        &self.settings
+    }
+
+    fn key(&self, suffix: &str) -> String {
+        format!("{}:{suffix}", self.base)
+    }
+
+    pub async fn enqueue(&self, job: &NewJob) -> Result<Enqueued, QueueError> {
+        let mut conn = self.conn.clone();
+        let reply: Result<Vec<String>, redis::RedisError> = ENQUEUE
+            .key(&self.base)
+            .arg(job.kind.as_str())
+            .arg(job.tier.as_str())
+            .arg(job.organization_id.to_string())
+            .arg(&job.payload)
+            .arg(job.job_id.as_deref().unwrap_or(""))
+            .arg(job.delay.as_millis() as u64)
+            .arg(job.idempotency_key.as_deref().unwrap_or(""))
+            .arg(self.settings.idempotency_ttl.as_secs())
+            .arg(job.max_attempts)
+            .invoke_async(&mut conn)
+            .await;
+        let reply = match reply {
+            Ok(r) => r,
+            Err(e) if e.to_string().contains("aiq:") => {
+                return Err(QueueError::Refused(e.to_string()));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        match reply.as_slice() {
+            [id, status] => Ok(Enqueued {
+                job_id: id.clone(),
+                duplicate: status == "duplicate",
+            }),
+            other => Err(QueueError::Protocol(format!("enqueue returned {other:?}"))),
+        }
+    }
+
+    /// Leases up to `want` jobs, after returning expired leases and promoting due delayed jobs.
+    pub async fn fetch(&self, want: usize) -> Result<Vec<LeasedJob>, QueueError> {
+        let mut conn = self.conn.clone();
+        let s = &self.settings;
+        let mut inv = FETCH.key(&self.base);
+        inv.arg(want)
+            .arg(s.lease.as_millis() as u64)
+            .arg(if s.scheduling == Scheduling::Strict {
+                1
+            } else {
+                0
+            })
+            .arg(s.max_interrupts)
+            .arg(REAP_LIMIT)
+            .arg(PROMOTE_LIMIT);
+        for w in s.tier_weights {
+            inv.arg(w);
+        }
+        let rows: Vec<Vec<String>> = inv.invoke_async(&mut conn).await?;
+        rows.into_iter()
+            .map(|r| match <[String; 9]>::try_from(r) {
+                Ok(
+                    [
+                        id,
+                        token,
+                        kind,
+                        tier,
+                        org,
+                        payload,
+                        attempts,
+                        max_attempts,
+                        enqueued_at,
+                    ],
+                ) => Ok(LeasedJob {
+                    id,
+                    token,
+                    kind,
+                    tier,
+                    organization_id: org,
+                    payload,
+                    attempts: attempts.parse().unwrap_or(0),
+                    max_attempts: max_attempts.parse().unwrap_or(0),
+                    enqueued_at_ms: enqueued_at.parse().unwrap_or(0),
+                }),
+                Err(r) => Err(QueueError::Protocol(format!("fetch row {r:?}"))),
+            })
+            .collect()
+    }
+
+    /// Applies outcomes; returns for each whether it was applied (false: stale token).
+    pub async fn settle(&self, items: &[Settlement]) -> Result<Vec<bool>, QueueError> {
+        let mut applied = Vec::with_capacity(items.len());
+        for chunk in items.chunks(SCRIPT_CHUNK) {
+            let mut conn = self.conn.clone();
+            let mut inv = SETTLE.key(&self.base);
+            inv.arg(self.settings.dead_max_jobs)
+                .arg(self.settings.dead_max_age.as_millis() as u64);
+            for it in chunk {
+                let (op, delay, msg) = match &it.outcome {
+                    Outcome::Done => ("done", 0, ""),
+                    Outcome::Retry { after, error } => {
+                        ("retry", after.as_millis() as u64, error.as_str())
+                    }
+                    Outcome::Dead { reason } => ("dead", 0, reason.as_str()),
+                    Outcome::Release => ("release", 0, ""),
+                    Outcome::Defer { after, reason } => {
+                        ("defer", after.as_millis() as u64, reason.as_str())
+                    }
+                };
+                inv.arg(&it.id).arg(&it.token).arg(op).arg(delay).arg(msg);
+            }
+            let statuses: Vec<i64> = inv.invoke_async(&mut conn).await?;
+            if statuses.len() != chunk.len() {
+                return Err(QueueError::Protocol(format!(
+                    "settle answered {} statuses for {} items",
+                    statuses.len(),
+                    chunk.len()
+                )));
+            }
+            applied.extend(statuses.into_iter().map(|s| s == 1));
+        }
+        Ok(applied)
+    }
+
+    /// Extends leases; returns for each whether it is still held.
+    pub async fn renew(&self, leases: &[(String, String)]) -> Result<Vec<bool>, QueueError> {
+        let mut held = Vec::with_capacity(leases.len());
+        for chunk in leases.chunks(SCRIPT_CHUNK) {
+            let mut conn = self.conn.clone();
+            let mut inv = RENEW.key(&self.base);
+            inv.arg(self.settings.lease.as_millis() as u64);
+            for (id, token) in chunk {
+                inv.arg(id).arg(token);
+            }
+            let statuses: Vec<i64> = inv.invoke_async(&mut conn).await?;
+            held.extend(statuses.into_iter().map(|s| s == 1));
+        }
+        Ok(held)
+    }
+
+    pub async fn stats(&self) -> Result<QueueStats, QueueError> {
+        let mut conn = self.conn.clone();
+        let depth: BTreeMap<String, i64> = conn.hgetall(self.key("depth")).await?;
+        let mut waiting = BTreeMap::new();
+        for t in Tier::ALL {
+            let n = depth.get(t.as_str()).copied().unwrap_or(0).max(0) as u64;
+            waiting.insert(t.as_str().to_owned(), n);
+        }
+        let (inflight, delayed, dead): (u64, u64, u64) = redis::pipe()
+            .zcard(self.key("inflight"))
+            .zcard(self.key("delayed"))
+            .zcard(self.key("dead"))
+            .query_async(&mut conn)
+            .await?;
+        Ok(QueueStats {
+            waiting,
+            inflight,
+            delayed,
+            dead,
+        })
+    }
+
+    /// The most recent dead jobs, newest first.
+    pub async fn dead_jobs(&self, limit: usize) -> Result<Vec<DeadJob>, QueueError> {
+        let mut conn = self.conn.clone();
+        let ids: Vec<String> = conn
+            .zrevrange(self.key("dead"), 0, limit.saturating_sub(1) as isize)
+            .await?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            let fields: BTreeMap<String, String> =
+                conn.hgetall(self.key(&format!("job:{id}"))).await?;
+            let get = |k: &str| fields.get(k).cloned().unwrap_or_default();
+            out.push(DeadJob {
+                kind: get("kind"),
+                tier: get("tier"),
+                organization_id: get("org"),
+                reason: get("dead_reason"),
+                attempts: get("attempts").parse().unwrap_or(0),
+                dead_at_ms: get("dead_at").parse().unwrap_or(0),
+                id,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Checks that Redis answers.
+    pub async fn ping(&self) -> Result<(), QueueError> {
+        let mut conn = self.conn.clone();
+        let _: String = redis::cmd("PING").query_async(&mut conn).await?;
+        Ok(())
+    }
+}
