@@ -36,7 +36,7 @@ fn demo_org(tier: Tier, n: usize) -> OrganizationId {
 
 fn demo_job(tier: Tier, i: usize) -> NewJob {
     let org = demo_org(tier, i % 2);
-    let (kind, payload) = if i % 2 == 0 {
+    let (kind, payload) = if i.is_multiple_of(2) {
         (
             JobKind::VisionAnnotate,
             json!({

@@ -188,6 +188,42 @@ pub struct LocalPostgres {
     dir: PathBuf,
 }
 
+/// An open port is not enough: PostgreSQL refuses connections while it starts up. `pg_isready`
+/// (beside `initdb`) answers 0 once it accepts them.
+fn wait_until_accepting(initdb: &Path, port: u16, child: &mut Child) -> anyhow::Result<()> {
+    let pg_isready = initdb.with_file_name("pg_isready");
+    let pg_isready = if pg_isready.is_file() {
+        pg_isready
+    } else {
+        find_binary("pg_isready").context("PostgreSQL's pg_isready was not found")?
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = Command::new(&pg_isready)
+            .args([
+                "-q",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-U",
+                "postgres",
+            ])
+            .status()
+            .context("running pg_isready")?;
+        if status.success() {
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!("postgres exited during start-up with {status}");
+        }
+        if Instant::now() > deadline {
+            bail!("postgres did not accept connections on port {port} within 30s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The uid and gid to run PostgreSQL as when we are root.
 fn unprivileged_user() -> Option<(u32, u32)> {
     let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
@@ -285,7 +321,9 @@ impl LocalPostgres {
             // SIGQUIT is PostgreSQL's immediate shutdown: the postmaster takes its backends down too.
             die_with_parent(&mut cmd, libc::SIGQUIT);
             let mut child = cmd.spawn().context("starting postgres")?;
-            match wait_for_port(port, &mut child, "postgres", Duration::from_secs(30)) {
+            let ready = wait_for_port(port, &mut child, "postgres", Duration::from_secs(30))
+                .and_then(|()| wait_until_accepting(&initdb, port, &mut child));
+            match ready {
                 Ok(()) => return Ok(Self { child, port, dir }),
                 Err(e) => {
                     stop_child(&mut child, libc::SIGQUIT);

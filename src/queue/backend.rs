@@ -376,15 +376,15 @@ impl Backend for RedisBackend {
                 async move {
                     let mut leases = leases;
                     // A fetch in flight may already hold leases: wait for it and give them back.
-                    if let Some(fetch) = pending {
-                        if let Ok(jobs) = fetch.await {
-                            leases.extend(jobs.into_iter().map(|j| Lease {
-                                id: j.id,
-                                token: j.token,
-                                attempt: j.attempts + 1,
-                                max_attempts: default_max,
-                            }));
-                        }
+                    if let Some(fetch) = pending
+                        && let Ok(jobs) = fetch.await
+                    {
+                        leases.extend(jobs.into_iter().map(|j| Lease {
+                            id: j.id,
+                            token: j.token,
+                            attempt: j.attempts + 1,
+                            max_attempts: default_max,
+                        }));
                     }
                     let released = futures::future::join_all(
                         leases.iter().map(|l| shared.settle(l, Outcome::Release)),

@@ -1,0 +1,152 @@
+//! The `aiq` binary as an operator runs it.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use aiq::domain::{JobKind, Tier};
+
+use crate::harness::{ORG_A, TestCtx, llm_payload};
+
+fn aiq() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_aiq"));
+    c.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
+    c
+}
+
+#[test]
+fn run_without_a_database_url_exits_non_zero_naming_the_setting() {
+    let out = aiq()
+        .arg("run")
+        .env("AIQ_REDIS_URL", "redis://127.0.0.1:1/")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("AIQ_DATABASE_URL") && err.contains("missing"),
+        "{err}"
+    );
+}
+
+#[test]
+fn run_with_a_malformed_setting_exits_naming_it() {
+    let out = aiq()
+        .arg("run")
+        .env("AIQ_REDIS_URL", "redis://127.0.0.1:1/")
+        .env("AIQ_DATABASE_URL", "postgres://x@127.0.0.1:1/x")
+        .env("AIQ_TIER_WEIGHTS", "32,16,8")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("AIQ_TIER_WEIGHTS"), "{err}");
+}
+
+#[test]
+fn every_subcommand_prints_help() {
+    for sub in [
+        "run",
+        "migrate",
+        "enqueue",
+        "stats",
+        "demo",
+        "fake-providers",
+    ] {
+        let out = aiq().args([sub, "--help"]).output().unwrap();
+        assert!(out.status.success(), "{sub} --help failed");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("Usage: aiq"), "{sub}: {text}");
+        assert!(text.lines().count() > 3, "{sub} help is too thin: {text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_dead_letters_a_malformed_job_goes_on_and_stops_cleanly_on_sigterm() {
+    let ctx = TestCtx::new().await;
+    // Enqueue through the CLI, as an operator would.
+    let enqueue = |payload: &str, kind: &str| {
+        let mut c = aiq();
+        c.envs(&ctx.vars)
+            .args(["enqueue", "--kind", kind, "--payload", payload]);
+        let out = c.output().unwrap();
+        assert!(
+            out.status.success(),
+            "enqueue: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let bad = enqueue(
+        &format!(r#"{{"organization_id":"{ORG_A}","tier":"trial","provider":"openai"}}"#),
+        "llm.complete",
+    );
+    let good = enqueue(
+        &llm_payload(Tier::Trial, ORG_A, "after the bad one"),
+        "llm.complete",
+    );
+
+    let mut daemon = aiq()
+        .envs(&ctx.vars)
+        .arg("run")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    ctx.wait_settled(Duration::from_secs(30)).await;
+    // SAFETY: kill(2) on our own child.
+    unsafe {
+        libc::kill(daemon.id() as libc::pid_t, libc::SIGTERM);
+    }
+    let status = tokio::task::spawn_blocking(move || daemon.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "aiq run exited with {status}");
+
+    let dead = ctx.queue.dead_jobs(10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].id, bad);
+    assert!(
+        dead[0].reason.contains("missing field"),
+        "{}",
+        dead[0].reason
+    );
+    let done = ctx
+        .scalar_i64(&format!("SELECT count(*) FROM ai_processing_results WHERE job_id = '{good}' AND status = 'completed'"))
+        .await;
+    assert_eq!(done, 1);
+    let err_rows = ctx
+        .scalar_i64(&format!("SELECT count(*) FROM ai_processing_errors WHERE job_id = '{bad}' AND error_type = 'invalid_payload'"))
+        .await;
+    assert_eq!(err_rows, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_reports_the_waiting_jobs_per_tier() {
+    let ctx = TestCtx::new().await;
+    for _ in 0..3 {
+        ctx.enqueue(
+            JobKind::LlmComplete,
+            Tier::GrowthTeam,
+            ORG_A,
+            &llm_payload(Tier::GrowthTeam, ORG_A, "x"),
+            0,
+        )
+        .await;
+    }
+    let vars = ctx.vars.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        aiq()
+            .envs(&vars)
+            .args(["stats", "--json"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["waiting"]["growth_team"], 3);
+    assert_eq!(v["waiting"]["trial"], 0);
+}

@@ -1,0 +1,237 @@
+//! Test harness: shared servers, a fresh database and queue per test, and waiting on conditions.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use aiq::config::{Env, Settings};
+use aiq::domain::{JobKind, OrganizationId, Tier};
+use aiq::fake::FakeProviders;
+use aiq::localsvc::{LocalPostgres, LocalRedis};
+use aiq::queue::{NewJob, Queue};
+use aiq::store::Store;
+use sqlx::Connection;
+use tokio_util::sync::CancellationToken;
+
+pub struct Servers {
+    pub redis_url: String,
+    pub pg_url: Box<dyn Fn(&str) -> String + Send + Sync>,
+}
+
+/// Starts redis-server and PostgreSQL once per test run. They are started from a thread that
+/// lives as long as the process, and die with the process (parent-death signal).
+pub fn servers() -> &'static Servers {
+    static SERVERS: OnceLock<Servers> = OnceLock::new();
+    SERVERS.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("it-servers".into())
+            .spawn(move || {
+                let started =
+                    LocalRedis::start("it").and_then(|r| Ok((r, LocalPostgres::start("it")?)));
+                match started {
+                    Ok((redis, pg)) => {
+                        let port = pg.port();
+                        tx.send(Ok((redis.url(), port))).expect("harness channel");
+                        // Keep both alive for the whole run.
+                        loop {
+                            std::thread::park();
+                            let _ = (&redis, &pg);
+                        }
+                    }
+                    Err(e) => tx.send(Err(format!("{e:#}"))).expect("harness channel"),
+                }
+            })
+            .expect("spawning the server thread");
+        let (redis_url, pg_port) = rx
+            .recv()
+            .expect("server thread")
+            .unwrap_or_else(|e| panic!("test servers: {e}"));
+        Servers {
+            redis_url,
+            pg_url: Box::new(move |db| format!("postgres://postgres@127.0.0.1:{pg_port}/{db}")),
+        }
+    })
+}
+
+/// One test's world: its own database, queue prefix and fake providers.
+pub struct TestCtx {
+    pub settings: Settings,
+    pub queue: Queue,
+    pub store: Store,
+    /// Kept for the test's lifetime: the fake provider server stops when it is dropped.
+    pub _fake: FakeProviders,
+    pub vars: HashMap<String, String>,
+}
+
+pub const ORG_A: &str = "0b6f1b3e-2a55-4a6e-9a43-2f6f6f1b2c3d";
+pub const ORG_B: &str = "7c9e6679-7425-40de-944b-e07fc1f90ae7";
+
+impl TestCtx {
+    pub async fn new() -> Self {
+        Self::with(&[]).await
+    }
+
+    /// A context with some settings overridden.
+    pub async fn with(overrides: &[(&str, &str)]) -> Self {
+        let s = servers();
+        let db = format!("t_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = sqlx::PgConnection::connect(&(s.pg_url)("postgres"))
+            .await
+            .expect("admin connection");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db}")))
+            .execute(&mut admin)
+            .await
+            .expect("create database");
+        let fake = FakeProviders::start(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await
+            .expect("fake providers");
+        let mut vars: HashMap<String, String> = [
+            ("AIQ_REDIS_URL", s.redis_url.clone()),
+            ("AIQ_DATABASE_URL", (s.pg_url)(&db)),
+            (
+                "AIQ_QUEUE_PREFIX",
+                format!("t{}", uuid::Uuid::new_v4().simple()),
+            ),
+            ("AIQ_CONCURRENCY", "4".into()),
+            ("AIQ_POLL_INTERVAL_MS", "10".into()),
+            ("AIQ_RETRY_BASE_MS", "10".into()),
+            ("AIQ_RETRY_CAP_MS", "50".into()),
+            ("AIQ_SHUTDOWN_GRACE_MS", "5000".into()),
+            ("AIQ_ADMIN_ADDR", "127.0.0.1:0".into()),
+            ("AIQ_LOG_FORMAT", "text".into()),
+            ("AIQ_VISION_BASE_URL", fake.base_url()),
+            ("AIQ_VISION_API_KEY", "test-vision-key".into()),
+            ("AIQ_OPENAI_BASE_URL", fake.base_url()),
+            ("AIQ_OPENAI_API_KEY", "test-openai-key".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        for (k, v) in overrides {
+            vars.insert((*k).to_owned(), (*v).to_owned());
+        }
+        let lookup = vars.clone();
+        let settings =
+            Settings::load(&Env(move |k| lookup.get(k).cloned())).expect("test settings");
+        let (queue, store) = aiq::worker::connect(&settings).await.expect("connect");
+        store.migrate().await.expect("migrate");
+        Self {
+            settings,
+            queue,
+            store,
+            _fake: fake,
+            vars,
+        }
+    }
+
+    /// Starts a worker in this process; stop it with [`Worker::stop`].
+    pub fn start_worker(&self) -> Worker {
+        let token = CancellationToken::new();
+        let (settings, queue, store, t) = (
+            self.settings.clone(),
+            self.queue.clone(),
+            self.store.clone(),
+            token.clone(),
+        );
+        let join = tokio::spawn(async move { aiq::worker::run(&settings, queue, store, t).await });
+        Worker { token, join }
+    }
+
+    pub async fn enqueue(
+        &self,
+        kind: JobKind,
+        tier: Tier,
+        org: &str,
+        payload: &str,
+        max_attempts: u32,
+    ) -> String {
+        self.queue
+            .enqueue(&NewJob {
+                kind,
+                tier,
+                organization_id: OrganizationId::parse(org).expect("org"),
+                payload: payload.to_owned(),
+                job_id: None,
+                delay: Duration::ZERO,
+                idempotency_key: None,
+                max_attempts,
+            })
+            .await
+            .expect("enqueue")
+            .job_id
+    }
+
+    /// Waits until nothing is waiting, in flight or delayed.
+    pub async fn wait_settled(&self, timeout: Duration) {
+        let q = self.queue.clone();
+        wait_until(timeout, "the queue to settle", || {
+            let q = q.clone();
+            async move {
+                let s = q.stats().await.expect("stats");
+                s.waiting.values().sum::<u64>() == 0 && s.inflight == 0 && s.delayed == 0
+            }
+        })
+        .await;
+    }
+
+    pub async fn scalar_i64(&self, sql: &str) -> i64 {
+        sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(sql.to_owned()))
+            .fetch_one(self.store.pool())
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+}
+
+pub struct Worker {
+    token: CancellationToken,
+    join: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Worker {
+    pub async fn stop(self) {
+        self.token.cancel();
+        tokio::time::timeout(Duration::from_secs(20), self.join)
+            .await
+            .expect("worker stops in time")
+            .expect("worker task")
+            .expect("worker result");
+    }
+}
+
+/// Polls `cond` until it holds; panics naming `what` after `timeout`.
+pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !cond().await {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub fn vision_payload(tier: Tier, org: &str, images: usize) -> String {
+    let imgs: Vec<serde_json::Value> = (0..images)
+        .map(|i| serde_json::json!({ "content": format!("aW1hZ2Ug{:04}", i) }))
+        .collect();
+    serde_json::json!({
+        "version": 1, "organization_id": org, "tier": tier.as_str(), "images": imgs,
+        "features": [{ "type": "LABEL_DETECTION", "maxResults": 3 }, { "type": "SAFE_SEARCH_DETECTION" }]
+    })
+    .to_string()
+}
+
+pub fn llm_payload(tier: Tier, org: &str, text: &str) -> String {
+    serde_json::json!({
+        "version": 1, "organization_id": org, "tier": tier.as_str(), "provider": "openai",
+        "model": "gpt-4o-mini", "messages": [{ "role": "user", "content": text }], "max_tokens": 50
+    })
+    .to_string()
+}

@@ -1,0 +1,9 @@
+//! Integration tests, one binary. The harness starts one real redis-server and one real
+//! PostgreSQL for the whole run (own ports, own data folders, stopped when the run ends); each
+//! test gets its own database, queue prefix and fake provider server, so tests run in parallel.
+
+mod harness;
+
+mod binary;
+mod pipeline;
+mod queue;
