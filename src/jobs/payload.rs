@@ -229,3 +229,55 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod schema_tests {
+    use super::*;
+
+    /// The JSON Schemas in jobs/schema are the contract other languages code against; the
+    /// decoder must refuse exactly what they call required.
+    #[test]
+    fn every_field_the_schemas_require_is_required_by_the_decoder() {
+        let cases = [
+            (
+                "vision.annotate",
+                include_str!("../../jobs/schema/vision.annotate.json"),
+                include_str!("../../jobs/examples/vision.annotate.json"),
+            ),
+            (
+                "llm.complete",
+                include_str!("../../jobs/schema/llm.complete.json"),
+                include_str!("../../jobs/examples/llm.complete.json"),
+            ),
+        ];
+        for (kind, schema, example) in cases {
+            let schema: serde_json::Value = serde_json::from_str(schema).unwrap();
+            let example: serde_json::Value = serde_json::from_str(example).unwrap();
+            let raw = |payload: &serde_json::Value| RawJob {
+                id: "j".into(),
+                kind: kind.into(),
+                tier: example["tier"].as_str().unwrap().into(),
+                organization_id: example["organization_id"].as_str().unwrap().into(),
+                payload: payload.to_string(),
+                attempt: 1,
+                max_attempts: 1,
+                enqueued_at_ms: 0,
+            };
+            assert!(decode(&raw(&example)).is_ok(), "{kind} example decodes");
+            let required = schema["required"].as_array().unwrap();
+            assert!(!required.is_empty());
+            for field in required {
+                let field = field.as_str().unwrap();
+                let mut without = example.clone();
+                without.as_object_mut().unwrap().remove(field);
+                assert!(
+                    decode(&raw(&without)).is_err(),
+                    "{kind} without {field} must be refused"
+                );
+            }
+            for field in schema["properties"].as_object().unwrap().keys() {
+                assert!(example.get(field).is_some(), "{kind} example shows {field}");
+            }
+        }
+    }
+}
