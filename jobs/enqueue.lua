@@ -65,15 +65,19 @@ local job = base .. ":job:" .. job_id
 redis.call("HSET", job, "kind", kind, "tier", tier, "org", org, "payload", payload,
   "attempts", 0, "interrupts", 0, "max_attempts", max_attempts, "token", 0,
   "enqueued_at", now, "idem", idem_key)
+redis.call("HINCRBY", base .. ":counters", "enqueued", 1)
 
 if delay_ms > 0 then
   redis.call("HSET", job, "state", "delayed")
   redis.call("ZADD", base .. ":delayed", now + delay_ms, job_id)
 else
-  redis.call("HSET", job, "state", "waiting")
+  -- Waiting: append to the organisation's list; a list that was empty puts the organisation
+  -- into its tier's round-robin ring and its head time into the tier's heads set.
+  redis.call("HSET", job, "state", "waiting", "ready_at", now)
   local list = base .. ":wait:" .. tier .. ":" .. org
   if redis.call("RPUSH", list, job_id) == 1 then
     redis.call("RPUSH", base .. ":orgs:" .. tier, org)
+    redis.call("ZADD", base .. ":heads:" .. tier, now, org)
   end
   redis.call("HINCRBY", base .. ":depth", tier, 1)
 end

@@ -71,6 +71,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Inspect and act on the dead set: jobs that failed for good, with their reasons.
+    Dlq {
+        #[command(subcommand)]
+        action: DlqAction,
+    },
     /// Run the whole flow end to end with nothing set up.
     ///
     /// Starts its own redis-server and PostgreSQL in temporary folders on free ports, the fake
@@ -89,7 +94,106 @@ enum Command {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:8089")]
         addr: SocketAddr,
+        /// Every call waits this long before it answers.
+        #[arg(long, default_value_t = 0)]
+        latency_ms: u64,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum DlqAction {
+    /// List dead jobs, newest first: id, kind, tier, organisation, attempts, reason.
+    List {
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[arg(long, default_value_t = 0)]
+        offset: usize,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print everything the queue holds for one job, payload included.
+    Show { id: String },
+    /// Put dead jobs back into their tiers with their attempts reset.
+    Retry {
+        /// Job ids; or --all.
+        ids: Vec<String>,
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+    },
+    /// Delete dead jobs for good.
+    Purge {
+        /// Job ids; or --all.
+        ids: Vec<String>,
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+    },
+}
+
+async fn dlq(action: DlqAction) -> anyhow::Result<()> {
+    let settings = QueueSettings::load(&process_env())?;
+    let queue = Queue::connect(&settings)
+        .await
+        .context("connecting to Redis (AIQ_REDIS_URL)")?;
+    match action {
+        DlqAction::List {
+            limit,
+            offset,
+            json,
+        } => {
+            let page = queue.dead_page(offset, limit).await?;
+            if json {
+                for d in &page {
+                    println!("{}", serde_json::to_string(d)?);
+                }
+            } else {
+                println!(
+                    "{:<38} {:<16} {:<20} {:<36} {:>3}  reason",
+                    "id", "kind", "tier", "organization", "att"
+                );
+                for d in &page {
+                    println!(
+                        "{:<38} {:<16} {:<20} {:<36} {:>3}  {}",
+                        d.id, d.kind, d.tier, d.organization_id, d.attempts, d.reason
+                    );
+                }
+                println!(
+                    "{} shown; {} dead in all",
+                    page.len(),
+                    queue.stats().await?.dead
+                );
+            }
+        }
+        DlqAction::Show { id } => {
+            let fields = queue.job_fields(&id).await?;
+            if fields.is_empty() {
+                bail!(
+                    "no job {id} in the queue (finished jobs leave Redis; see ai_processing_results)"
+                );
+            }
+            println!("{}", serde_json::to_string_pretty(&fields)?);
+        }
+        DlqAction::Retry { ids, all } | DlqAction::Purge { ids, all } if ids.is_empty() && !all => {
+            bail!("name the job ids, or pass --all");
+        }
+        DlqAction::Retry { ids, all } => {
+            let n = if all {
+                queue.dead_all(true).await?
+            } else {
+                queue.dead_retry(&ids).await?
+            };
+            println!("{n} dead jobs queued again");
+        }
+        DlqAction::Purge { ids, all } => {
+            let n = if all {
+                queue.dead_all(false).await?
+            } else {
+                queue.dead_purge(&ids).await?
+            };
+            println!("{n} dead jobs purged");
+        }
+    }
+    Ok(())
 }
 
 fn process_env() -> Env<impl Fn(&str) -> Option<String>> {
@@ -200,9 +304,10 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             if json {
                 println!("{}", serde_json::to_string(&stats)?);
             } else {
-                println!("{:<20} {:>10}", "tier", "waiting");
+                println!("{:<20} {:>10} {:>14}", "tier", "waiting", "oldest (s)");
                 for (tier, n) in &stats.waiting {
-                    println!("{tier:<20} {n:>10}");
+                    let age = stats.oldest_age_ms.get(tier).copied().unwrap_or(0) as f64 / 1000.0;
+                    println!("{tier:<20} {n:>10} {age:>14.1}");
                 }
                 println!(
                     "in flight {}, delayed {}, dead {}",
@@ -211,6 +316,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Dlq { action } => dlq(action).await,
         Command::Demo {
             jobs_per_tier,
             timeout_s,
@@ -225,9 +331,12 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             })
             .await
         }
-        Command::FakeProviders { addr } => {
+        Command::FakeProviders { addr, latency_ms } => {
             crate::telemetry::init(LogFormat::Text, "info");
-            let fake = crate::fake::FakeProviders::start(addr).await?;
+            let options = crate::fake::FakeOptions {
+                latency: Duration::from_millis(latency_ms),
+            };
+            let fake = crate::fake::FakeProviders::start_with(addr, options).await?;
             println!("fake providers listening on {}", fake.base_url());
             shutdown_signal().await;
             Ok(())

@@ -6,11 +6,16 @@
 //! with OpenAI's error body (429 also carries `retry-after: 1`), and `[fake:garbage]` gets a 200
 //! whose body is not JSON. A Vision image with `uri` `fake://status/503` makes the whole request
 //! answer 503; an image whose `content` is not base64 gets the per-image "Bad image data." error.
-//! `GET /_fake/calls` returns how many calls each provider answered.
+//! `GET /_fake/calls` returns how many calls each provider answered and, from OpenAI's
+//! `x-client-request-id` header (aiq sends the job id), how many distinct jobs called, the most
+//! calls one job made, and how often a job called while its previous call was still running.
+//! A fixed latency (`--latency-ms`) makes calls take time, for load and crash tests.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
@@ -24,6 +29,53 @@ use serde_json::{Value, json};
 struct Counters {
     vision: AtomicU64,
     openai: AtomicU64,
+    latency: Duration,
+    /// Per job id: (calls in flight now, calls in all).
+    jobs: Mutex<HashMap<String, (u32, u32)>>,
+    overlaps: AtomicU64,
+}
+
+/// How the fake behaves.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FakeOptions {
+    /// Every call waits this long before it answers.
+    pub latency: Duration,
+}
+
+/// Counts one job's call while it runs.
+struct InFlight {
+    counters: Arc<Counters>,
+    job: String,
+}
+
+impl InFlight {
+    fn start(counters: &Arc<Counters>, job: &str) -> Self {
+        let mut jobs = counters.jobs.lock().expect("fake job table");
+        let entry = jobs.entry(job.to_owned()).or_default();
+        entry.0 += 1;
+        entry.1 += 1;
+        if entry.0 > 1 {
+            counters.overlaps.fetch_add(1, Ordering::Relaxed);
+        }
+        Self {
+            counters: counters.clone(),
+            job: job.to_owned(),
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some(entry) = self
+            .counters
+            .jobs
+            .lock()
+            .expect("fake job table")
+            .get_mut(&self.job)
+        {
+            entry.0 -= 1;
+        }
+    }
 }
 
 /// A running fake server.
@@ -35,9 +87,13 @@ pub struct FakeProviders {
 impl FakeProviders {
     /// Starts the server on `addr` (port 0 picks a free port) in the current runtime.
     pub async fn start(addr: SocketAddr) -> std::io::Result<Self> {
+        Self::start_with(addr, FakeOptions::default()).await
+    }
+
+    pub async fn start_with(addr: SocketAddr, options: FakeOptions) -> std::io::Result<Self> {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
-        let app = router();
+        let app = router(options);
         let task = tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, app).await {
                 tracing::error!(error = %e, "fake providers stopped");
@@ -57,8 +113,11 @@ impl Drop for FakeProviders {
     }
 }
 
-pub fn router() -> Router {
-    let counters = Arc::new(Counters::default());
+pub fn router(options: FakeOptions) -> Router {
+    let counters = Arc::new(Counters {
+        latency: options.latency,
+        ..Counters::default()
+    });
     Router::new()
         .route("/v1/images:annotate", post(vision))
         .route("/v1/chat/completions", post(openai))
@@ -67,9 +126,13 @@ pub fn router() -> Router {
 }
 
 async fn calls(State(c): State<Arc<Counters>>) -> Json<Value> {
+    let jobs = c.jobs.lock().expect("fake job table");
     Json(json!({
         "google_vision": c.vision.load(Ordering::Relaxed),
         "openai": c.openai.load(Ordering::Relaxed),
+        "jobs": jobs.len(),
+        "max_calls_per_job": jobs.values().map(|(_, n)| *n).max().unwrap_or(0),
+        "overlaps": c.overlaps.load(Ordering::Relaxed),
     }))
 }
 
@@ -179,6 +242,9 @@ fn annotate_one(seed: u64, features: &[Value]) -> Value {
 
 async fn vision(State(c): State<Arc<Counters>>, headers: HeaderMap, body: String) -> Response {
     c.vision.fetch_add(1, Ordering::Relaxed);
+    if !c.latency.is_zero() {
+        tokio::time::sleep(c.latency).await;
+    }
     if headers.get("x-goog-api-key").is_none() {
         return google_error(
             StatusCode::UNAUTHORIZED,
@@ -261,6 +327,13 @@ fn openai_error(status: StatusCode, kind: &str, code: &str, message: &str) -> Re
 
 async fn openai(State(c): State<Arc<Counters>>, headers: HeaderMap, body: String) -> Response {
     c.openai.fetch_add(1, Ordering::Relaxed);
+    let _in_flight = headers
+        .get("x-client-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map(|job| InFlight::start(&c, job));
+    if !c.latency.is_zero() {
+        tokio::time::sleep(c.latency).await;
+    }
     let authorized = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())

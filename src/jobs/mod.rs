@@ -333,7 +333,7 @@ async fn run_llm(app: &App, raw: &RawJob, job: &JobRef, l: &LlmPayload) -> Resul
     let user = l.common.organization_id.to_string();
     let c = match app
         .openai
-        .complete(&l.model, &l.messages, l.max_tokens, &user)
+        .complete(&l.model, &l.messages, l.max_tokens, &user, &raw.id)
         .await
     {
         Ok(c) => c,

@@ -54,6 +54,7 @@ impl OpenAiClient {
         messages: &[Message],
         max_tokens: u32,
         user: &str,
+        request_id: &str,
     ) -> Result<Completion, ProviderError> {
         let Some(key) = &self.settings.api_key else {
             return Err(ProviderError {
@@ -76,6 +77,8 @@ impl OpenAiClient {
             .http
             .post(url)
             .bearer_auth(key.expose())
+            // OpenAI logs this id with the request, so a job can be traced on their side.
+            .header("x-client-request-id", request_id)
             .json(&body)
             .send()
             .await

@@ -181,11 +181,16 @@ async fn flusher(queue: Queue, mut rx: mpsc::UnboundedReceiver<AckRequest>) {
     }
 }
 
+/// Every `every`: extends this worker's leases, then runs the reaper, which returns other
+/// workers' expired leases even while this worker is too busy to fetch.
 async fn renewer(shared: Arc<Shared>, every: Duration, stop: CancellationToken) {
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
+        }
+        if let Err(e) = shared.queue.reap().await {
+            tracing::warn!(error = %e, "returning expired leases failed");
         }
         let leases: Vec<(String, String)> = shared
             .leases

@@ -1,5 +1,6 @@
 -- Lease up to `want` jobs, fairly across tiers; first return expired leases and promote due
--- delayed jobs, each in a bounded batch. All keys derive from KEYS[1], the queue's hash tag.
+-- delayed jobs, each in a bounded batch. With want = 0 it only does the upkeep (the reaper).
+-- All keys derive from KEYS[1], the queue's hash tag.
 --
 -- ARGV: want, lease_ms, strict (0|1), max_interrupts, reap_limit, promote_limit,
 --       then the six tier weights, highest tier first.
@@ -17,21 +18,29 @@ for i = 1, 6 do weights[i] = tonumber(ARGV[6 + i]) end
 local t = redis.call("TIME")
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local inflight, delayed, dead = base .. ":inflight", base .. ":delayed", base .. ":dead"
+local counters = base .. ":counters"
 
--- Put a job back into its tier, at the head (returned) or the tail (new or retried).
+-- Make a job waiting again: at the head of its organisation's list (a returned job keeps its
+-- place and its ready_at) or at the tail (a retried job, ready from now).
 local function push(id, at_head)
   local job = base .. ":job:" .. id
-  local tier, org = unpack(redis.call("HMGET", job, "tier", "org"))
+  local tier, org, ready = unpack(redis.call("HMGET", job, "tier", "org", "ready_at"))
   if not tier then return end
   local list = base .. ":wait:" .. tier .. ":" .. org
-  local ring = base .. ":orgs:" .. tier
+  local ring, heads = base .. ":orgs:" .. tier, base .. ":heads:" .. tier
   if at_head then
+    ready = tonumber(ready) or now
     if redis.call("LPUSH", list, id) == 1 then redis.call("LPUSH", ring, org) end
+    redis.call("ZADD", heads, ready, org)
   else
-    if redis.call("RPUSH", list, id) == 1 then redis.call("RPUSH", ring, org) end
+    ready = now
+    if redis.call("RPUSH", list, id) == 1 then
+      redis.call("RPUSH", ring, org)
+      redis.call("ZADD", heads, ready, org)
+    end
   end
   redis.call("HINCRBY", base .. ":depth", tier, 1)
-  redis.call("HSET", job, "state", "waiting")
+  redis.call("HSET", job, "state", "waiting", "ready_at", ready)
 end
 
 -- 1. Leases whose deadline passed: the worker died or stalled. The job goes back to the head of
@@ -41,11 +50,13 @@ for _, id in ipairs(redis.call("ZRANGEBYSCORE", inflight, "-inf", now, "LIMIT", 
   local job = base .. ":job:" .. id
   if redis.call("EXISTS", job) == 1 then
     redis.call("HINCRBY", job, "token", 1)
+    redis.call("HINCRBY", counters, "interrupted", 1)
     local n = redis.call("HINCRBY", job, "interrupts", 1)
     if n >= max_interrupts then
       redis.call("HSET", job, "state", "dead", "dead_at", now,
         "dead_reason", "interrupted " .. n .. " times: its worker stopped before finishing it")
       redis.call("ZADD", dead, now, id)
+      redis.call("HINCRBY", counters, "dead", 1)
     else
       push(id, true)
     end
@@ -58,12 +69,14 @@ for _, id in ipairs(redis.call("ZRANGEBYSCORE", delayed, "-inf", now, "LIMIT", 0
   push(id, false)
 end
 
+if want <= 0 then return {} end
+
 -- 3. Pick. Fair mode is stride scheduling: each tier has a pass value; the non-empty tier with
 --    the smallest pass goes next and its pass grows by STRIDE / weight. A tier that was idle
 --    starts from the current virtual time, so it cannot bank credit while it had no work.
 local sched = base .. ":sched"
 local STRIDE = 1000000
-local pass, nonempty = {}, {}
+local pass = {}
 local vt = tonumber(redis.call("HGET", sched, "vt") or "0")
 for i = 1, 6 do
   pass[i] = tonumber(redis.call("HGET", sched, "pass:" .. TIERS[i]) or "0")
@@ -87,16 +100,20 @@ while #out < want and guard > 0 do
     vt = best_pass
   end
   local tier = TIERS[best]
-  local ring = base .. ":orgs:" .. tier
+  local ring, heads = base .. ":orgs:" .. tier, base .. ":heads:" .. tier
   -- Round-robin across organisations: take from the organisation at the head of the ring,
   -- then move it to the back (or drop it when it has no more work).
   local org = redis.call("LINDEX", ring, 0)
   local list = base .. ":wait:" .. tier .. ":" .. org
   local id = redis.call("LPOP", list)
-  if redis.call("LLEN", list) == 0 then
-    redis.call("LPOP", ring)
-  else
+  local next_id = redis.call("LINDEX", list, 0)
+  if next_id then
     redis.call("LMOVE", ring, ring, "LEFT", "RIGHT")
+    local ready = redis.call("HGET", base .. ":job:" .. next_id, "ready_at")
+    redis.call("ZADD", heads, tonumber(ready) or now, org)
+  else
+    redis.call("LPOP", ring)
+    redis.call("ZREM", heads, org)
   end
   if id then
     redis.call("HINCRBY", base .. ":depth", tier, -1)
@@ -117,4 +134,5 @@ if not strict then
   for i = 1, 6 do redis.call("HSET", sched, "pass:" .. TIERS[i], pass[i]) end
   redis.call("HSET", sched, "vt", vt)
 end
+if #out > 0 then redis.call("HINCRBY", counters, "leased", #out) end
 return out

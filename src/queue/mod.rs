@@ -8,7 +8,9 @@
 //! | `{p}:job:<id>` | hash | kind, tier, org, payload, attempts, interrupts, max_attempts, token, state, ... |
 //! | `{p}:orgs:<tier>` | list | organisations of the tier with waiting jobs, in round-robin order |
 //! | `{p}:wait:<tier>:<org>` | list | waiting job ids of one organisation, FIFO |
+//! | `{p}:heads:<tier>` | zset | organisations of the tier, scored by when their oldest waiting job became ready |
 //! | `{p}:depth` | hash | waiting jobs per tier |
+//! | `{p}:counters` | hash | running totals: enqueued, leased, done, retried, dead, released, deferred, interrupted, revived, purged |
 //! | `{p}:inflight` | zset | leased job ids, scored by lease deadline (ms) |
 //! | `{p}:delayed` | zset | job ids waiting for a retry or a deferral, scored by due time (ms) |
 //! | `{p}:dead` | zset | dead job ids, scored by time of death (ms) |
@@ -35,6 +37,7 @@ static ENQUEUE: LazyLock<Script> = LazyLock::new(|| Script::new(ENQUEUE_LUA));
 static FETCH: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("fetch.lua")));
 static SETTLE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("settle.lua")));
 static RENEW: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("renew.lua")));
+static DEAD: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("dead.lua")));
 
 /// Items per settle or renew script call; bigger batches are split.
 const SCRIPT_CHUNK: usize = 200;
@@ -111,10 +114,15 @@ pub struct Settlement {
 /// Counts for `aiq stats` and the demo.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct QueueStats {
+    /// Waiting jobs per tier.
     pub waiting: BTreeMap<String, u64>,
+    /// Per tier, how long the oldest waiting job has been ready to run (ms); 0 when none waits.
+    pub oldest_age_ms: BTreeMap<String, u64>,
     pub inflight: u64,
     pub delayed: u64,
     pub dead: u64,
+    /// Running totals since the queue was created.
+    pub counters: BTreeMap<String, u64>,
 }
 
 /// A job in the dead set.
@@ -241,6 +249,13 @@ impl Queue {
             .collect()
     }
 
+    /// Returns expired leases and promotes due delayed jobs, without leasing anything. Every
+    /// instance runs it on its lease-renewal tick, so a crashed worker's jobs come back even when
+    /// every live worker is busy.
+    pub async fn reap(&self) -> Result<(), QueueError> {
+        self.fetch(0).await.map(|_| ())
+    }
+
     /// Applies outcomes; returns for each whether it was applied (false: stale token).
     pub async fn settle(&self, items: &[Settlement]) -> Result<Vec<bool>, QueueError> {
         let mut applied = Vec::with_capacity(items.len());
@@ -294,37 +309,78 @@ impl Queue {
 
     pub async fn stats(&self) -> Result<QueueStats, QueueError> {
         let mut conn = self.conn.clone();
-        let depth: BTreeMap<String, i64> = conn.hgetall(self.key("depth")).await?;
-        let mut waiting = BTreeMap::new();
-        for t in Tier::ALL {
-            let n = depth.get(t.as_str()).copied().unwrap_or(0).max(0) as u64;
-            waiting.insert(t.as_str().to_owned(), n);
-        }
-        let (inflight, delayed, dead): (u64, u64, u64) = redis::pipe()
+        let mut pipe = redis::pipe();
+        pipe.cmd("TIME")
+            .hgetall(self.key("depth"))
+            .hgetall(self.key("counters"))
             .zcard(self.key("inflight"))
             .zcard(self.key("delayed"))
-            .zcard(self.key("dead"))
-            .query_async(&mut conn)
-            .await?;
+            .zcard(self.key("dead"));
+        for t in Tier::ALL {
+            pipe.zrange_withscores(self.key(&format!("heads:{}", t.as_str())), 0, 0);
+        }
+        #[allow(clippy::type_complexity)]
+        let (head, heads): (
+            (
+                (u64, u64),
+                BTreeMap<String, i64>,
+                BTreeMap<String, i64>,
+                u64,
+                u64,
+                u64,
+            ),
+            Vec<Vec<(String, f64)>>,
+        ) = {
+            let mut values: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
+            let rest = values.split_off(6);
+            let protocol = |e: redis::ParsingError| QueueError::Protocol(format!("stats: {e}"));
+            let first = redis::from_redis_value(redis::Value::Array(values)).map_err(protocol)?;
+            let heads = rest
+                .into_iter()
+                .map(redis::from_redis_value)
+                .collect::<Result<Vec<Vec<(String, f64)>>, _>>()
+                .map_err(protocol)?;
+            (first, heads)
+        };
+        let ((secs, micros), depth, counters, inflight, delayed, dead) = head;
+        let now_ms = secs * 1000 + micros / 1000;
+        let mut waiting = BTreeMap::new();
+        let mut oldest_age_ms = BTreeMap::new();
+        for (t, head) in Tier::ALL.iter().zip(heads) {
+            let n = depth.get(t.as_str()).copied().unwrap_or(0).max(0) as u64;
+            waiting.insert(t.as_str().to_owned(), n);
+            let age = head
+                .first()
+                .map_or(0, |(_, ready)| now_ms.saturating_sub(*ready as u64));
+            oldest_age_ms.insert(t.as_str().to_owned(), if n == 0 { 0 } else { age });
+        }
         Ok(QueueStats {
             waiting,
+            oldest_age_ms,
             inflight,
             delayed,
             dead,
+            counters: counters
+                .into_iter()
+                .map(|(k, v)| (k, v.max(0) as u64))
+                .collect(),
         })
     }
 
-    /// The most recent dead jobs, newest first.
-    pub async fn dead_jobs(&self, limit: usize) -> Result<Vec<DeadJob>, QueueError> {
+    /// Dead jobs, newest first, `offset` from the newest.
+    pub async fn dead_page(&self, offset: usize, limit: usize) -> Result<Vec<DeadJob>, QueueError> {
         let mut conn = self.conn.clone();
         let ids: Vec<String> = conn
-            .zrevrange(self.key("dead"), 0, limit.saturating_sub(1) as isize)
+            .zrevrange(
+                self.key("dead"),
+                offset as isize,
+                (offset + limit) as isize - 1,
+            )
             .await?;
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
-            let fields: BTreeMap<String, String> =
-                conn.hgetall(self.key(&format!("job:{id}"))).await?;
-            let get = |k: &str| fields.get(k).cloned().unwrap_or_default();
+            let f = self.job_fields(&id).await?;
+            let get = |k: &str| f.get(k).cloned().unwrap_or_default();
             out.push(DeadJob {
                 kind: get("kind"),
                 tier: get("tier"),
@@ -336,6 +392,65 @@ impl Queue {
             });
         }
         Ok(out)
+    }
+
+    /// Every field the queue holds for a job (payload included), empty if it is unknown.
+    pub async fn job_fields(&self, id: &str) -> Result<BTreeMap<String, String>, QueueError> {
+        let mut conn = self.conn.clone();
+        Ok(conn.hgetall(self.key(&format!("job:{id}"))).await?)
+    }
+
+    /// Puts dead jobs back into their tiers with fresh attempts; returns how many were dead.
+    pub async fn dead_retry(&self, ids: &[String]) -> Result<usize, QueueError> {
+        self.dead_op("retry", ids).await
+    }
+
+    /// Deletes dead jobs; returns how many were dead.
+    pub async fn dead_purge(&self, ids: &[String]) -> Result<usize, QueueError> {
+        self.dead_op("purge", ids).await
+    }
+
+    async fn dead_op(&self, op: &str, ids: &[String]) -> Result<usize, QueueError> {
+        let mut n = 0;
+        for chunk in ids.chunks(SCRIPT_CHUNK) {
+            let mut conn = self.conn.clone();
+            let mut inv = DEAD.key(&self.base);
+            inv.arg(op);
+            for id in chunk {
+                inv.arg(id);
+            }
+            let done: Vec<i64> = inv.invoke_async(&mut conn).await?;
+            n += done.into_iter().filter(|d| *d == 1).count();
+        }
+        Ok(n)
+    }
+
+    /// Applies `op` to every dead job, a bounded page at a time; returns how many.
+    pub async fn dead_all(&self, retry: bool) -> Result<usize, QueueError> {
+        let mut total = 0;
+        loop {
+            let mut conn = self.conn.clone();
+            let ids: Vec<String> = conn
+                .zrange(self.key("dead"), 0, SCRIPT_CHUNK as isize - 1)
+                .await?;
+            if ids.is_empty() {
+                return Ok(total);
+            }
+            let n = if retry {
+                self.dead_retry(&ids).await?
+            } else {
+                self.dead_purge(&ids).await?
+            };
+            if n == 0 {
+                return Ok(total);
+            }
+            total += n;
+        }
+    }
+
+    /// The most recent dead jobs, newest first.
+    pub async fn dead_jobs(&self, limit: usize) -> Result<Vec<DeadJob>, QueueError> {
+        self.dead_page(0, limit).await
     }
 
     /// Checks that Redis answers.

@@ -14,6 +14,8 @@ local dead_max, dead_age = tonumber(ARGV[1]), tonumber(ARGV[2])
 local t = redis.call("TIME")
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local inflight, delayed, dead = base .. ":inflight", base .. ":delayed", base .. ":dead"
+local counters = base .. ":counters"
+local COUNTER = { done = "done", retry = "retried", dead = "dead", release = "released", defer = "deferred" }
 
 local out = {}
 for i = 3, #ARGV, 5 do
@@ -40,14 +42,17 @@ for i = 3, #ARGV, 5 do
       redis.call("HINCRBY", job, "token", 1)
       redis.call("HSET", job, "state", "dead", "dead_reason", msg, "last_error", msg, "dead_at", now)
       redis.call("ZADD", dead, now, id)
-    else -- release
+    else -- release: back to the head of its organisation's list, keeping its place
+      op = "release"
       redis.call("HINCRBY", job, "token", 1)
-      local tier, org = unpack(redis.call("HMGET", job, "tier", "org"))
+      local tier, org, ready = unpack(redis.call("HMGET", job, "tier", "org", "ready_at"))
       local list = base .. ":wait:" .. tier .. ":" .. org
       if redis.call("LPUSH", list, id) == 1 then redis.call("LPUSH", base .. ":orgs:" .. tier, org) end
+      redis.call("ZADD", base .. ":heads:" .. tier, tonumber(ready) or now, org)
       redis.call("HINCRBY", base .. ":depth", tier, 1)
       redis.call("HSET", job, "state", "waiting")
     end
+    redis.call("HINCRBY", counters, COUNTER[op], 1)
     out[#out + 1] = 1
   end
 end

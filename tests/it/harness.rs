@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use aiq::config::{Env, Settings};
 use aiq::domain::{JobKind, OrganizationId, Tier};
-use aiq::fake::FakeProviders;
+use aiq::fake::{FakeOptions, FakeProviders};
 use aiq::localsvc::{LocalPostgres, LocalRedis};
 use aiq::queue::{NewJob, Queue};
 use aiq::store::Store;
@@ -76,6 +76,11 @@ impl TestCtx {
 
     /// A context with some settings overridden.
     pub async fn with(overrides: &[(&str, &str)]) -> Self {
+        Self::build(overrides, FakeOptions::default()).await
+    }
+
+    /// A context with some settings overridden and the fake providers configured.
+    pub async fn build(overrides: &[(&str, &str)], fake: FakeOptions) -> Self {
         let s = servers();
         let db = format!("t_{}", uuid::Uuid::new_v4().simple());
         let mut admin = sqlx::PgConnection::connect(&(s.pg_url)("postgres"))
@@ -85,7 +90,7 @@ impl TestCtx {
             .execute(&mut admin)
             .await
             .expect("create database");
-        let fake = FakeProviders::start(SocketAddr::from(([127, 0, 0, 1], 0)))
+        let fake = FakeProviders::start_with(SocketAddr::from(([127, 0, 0, 1], 0)), fake)
             .await
             .expect("fake providers");
         let mut vars: HashMap<String, String> = [
@@ -177,6 +182,43 @@ impl TestCtx {
         .await;
     }
 
+    /// What the fake providers counted (see `aiq::fake`).
+    pub async fn fake_calls(&self) -> serde_json::Value {
+        let url = format!("{}/_fake/calls", self.vars["AIQ_OPENAI_BASE_URL"]);
+        reqwest::get(url)
+            .await
+            .expect("fake calls")
+            .json()
+            .await
+            .expect("fake calls json")
+    }
+
+    /// Starts `aiq run` as a child process on this test's queue and database.
+    pub fn spawn_daemon(&self, extra: &[(&str, &str)]) -> std::process::Child {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_aiq"));
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(&self.vars)
+            .envs(extra.iter().copied())
+            .arg("run")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        cmd.spawn().expect("spawning aiq run")
+    }
+
+    /// Direct access to Redis, for assertions on the queue's keys.
+    pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.vars["AIQ_REDIS_URL"].as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+
+    pub fn key(&self, suffix: &str) -> String {
+        format!("{{{}}}:{suffix}", self.vars["AIQ_QUEUE_PREFIX"])
+    }
+
     pub async fn scalar_i64(&self, sql: &str) -> i64 {
         sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(sql.to_owned()))
             .fetch_one(self.store.pool())
@@ -215,6 +257,21 @@ where
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Sends `signal` to a child and waits for it to exit.
+pub async fn signal_and_wait(
+    mut child: std::process::Child,
+    signal: libc::c_int,
+) -> std::process::ExitStatus {
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, signal);
+    }
+    tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .expect("waiting for the child")
+        .expect("child status")
 }
 
 pub fn vision_payload(tier: Tier, org: &str, images: usize) -> String {

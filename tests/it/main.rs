@@ -5,5 +5,6 @@
 mod harness;
 
 mod binary;
+mod crash;
 mod pipeline;
 mod queue;

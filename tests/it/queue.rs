@@ -261,3 +261,145 @@ async fn organisations_of_one_tier_take_turns_and_each_keeps_its_order() {
     );
     assert_eq!(got[2].id, a_ids[1]);
 }
+
+#[tokio::test]
+async fn stats_show_each_tiers_oldest_waiting_job_and_the_running_totals() {
+    let ctx = TestCtx::new().await;
+    ctx.queue.enqueue(&job(Tier::Trial, ORG_A)).await.unwrap();
+    ctx.queue.enqueue(&job(Tier::Trial, ORG_B)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ctx.queue
+        .enqueue(&job(Tier::Enterprise, ORG_A))
+        .await
+        .unwrap();
+    let s = ctx.queue.stats().await.unwrap();
+    assert!(s.oldest_age_ms["trial"] >= 300, "{s:?}");
+    assert!(s.oldest_age_ms["enterprise"] < 300, "{s:?}");
+    assert_eq!(s.oldest_age_ms["growth_team"], 0);
+    assert_eq!(s.counters["enqueued"], 3);
+    // Taking the enterprise job leaves the trial ones as the oldest; taking both trial jobs
+    // empties the tier.
+    let got = ctx.queue.fetch(3).await.unwrap();
+    assert_eq!(got.len(), 3);
+    let s = ctx.queue.stats().await.unwrap();
+    assert_eq!(s.waiting.values().sum::<u64>(), 0);
+    assert_eq!(s.oldest_age_ms["trial"], 0);
+    assert_eq!(s.counters["leased"], 3);
+}
+
+#[tokio::test]
+async fn dead_jobs_can_be_listed_shown_retried_and_purged() {
+    let ctx = TestCtx::new().await;
+    let mut ids = Vec::new();
+    for tier in [Tier::Trial, Tier::Enterprise, Tier::GrowthTeam] {
+        ids.push(ctx.queue.enqueue(&job(tier, ORG_A)).await.unwrap().job_id);
+    }
+    let leased = ctx.queue.fetch(3).await.unwrap();
+    let kill: Vec<Settlement> = leased
+        .iter()
+        .map(|l| Settlement {
+            id: l.id.clone(),
+            token: l.token.clone(),
+            outcome: Outcome::Dead {
+                reason: format!("bad input for {}", l.id),
+            },
+        })
+        .collect();
+    assert_eq!(ctx.queue.settle(&kill).await.unwrap(), vec![true; 3]);
+    let dead = ctx.queue.dead_jobs(10).await.unwrap();
+    assert_eq!(dead.len(), 3);
+    assert!(
+        dead.iter()
+            .all(|d| d.reason == format!("bad input for {}", d.id) && d.attempts == 1)
+    );
+    let shown = ctx.queue.job_fields(&ids[0]).await.unwrap();
+    assert_eq!(shown["state"], "dead");
+    assert!(shown["payload"].contains("organization_id"));
+
+    assert_eq!(
+        ctx.queue
+            .dead_retry(std::slice::from_ref(&ids[0]))
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        ctx.queue
+            .dead_retry(std::slice::from_ref(&ids[0]))
+            .await
+            .unwrap(),
+        0,
+        "no longer dead"
+    );
+    let again = ctx.queue.fetch(1).await.unwrap();
+    assert_eq!(again[0].id, ids[0]);
+    assert_eq!(
+        again[0].attempts, 0,
+        "a retried dead job gets its attempts back"
+    );
+
+    assert_eq!(
+        ctx.queue
+            .dead_purge(std::slice::from_ref(&ids[1]))
+            .await
+            .unwrap(),
+        1
+    );
+    assert!(ctx.queue.job_fields(&ids[1]).await.unwrap().is_empty());
+    assert_eq!(ctx.queue.dead_all(false).await.unwrap(), 1);
+    assert_eq!(ctx.queue.stats().await.unwrap().dead, 0);
+}
+
+#[tokio::test]
+async fn the_dead_set_is_capped_by_count() {
+    let ctx = TestCtx::with(&[("AIQ_DEAD_MAX_JOBS", "5")]).await;
+    for _ in 0..8 {
+        ctx.queue.enqueue(&job(Tier::Trial, ORG_A)).await.unwrap();
+    }
+    let leased = ctx.queue.fetch(8).await.unwrap();
+    for l in &leased {
+        let s = Settlement {
+            id: l.id.clone(),
+            token: l.token.clone(),
+            outcome: Outcome::Dead { reason: "x".into() },
+        };
+        ctx.queue.settle(&[s]).await.unwrap();
+    }
+    let dead = ctx.queue.dead_jobs(100).await.unwrap();
+    assert_eq!(dead.len(), 5);
+    // The newest five stay; the three oldest are gone, hash and all.
+    let kept: Vec<&str> = dead.iter().map(|d| d.id.as_str()).collect();
+    for l in &leased[..3] {
+        assert!(!kept.contains(&l.id.as_str()));
+        assert!(ctx.queue.job_fields(&l.id).await.unwrap().is_empty());
+    }
+}
+
+#[tokio::test]
+async fn two_consumers_fetching_at_once_never_get_the_same_job() {
+    let ctx = TestCtx::new().await;
+    for i in 0..600 {
+        ctx.queue
+            .enqueue(&job(Tier::ALL[i % 6], ORG_A))
+            .await
+            .unwrap();
+    }
+    let (a, b) = (ctx.queue.clone(), ctx.queue.clone());
+    let take = |q: aiq::queue::Queue| async move {
+        let mut ids = Vec::new();
+        loop {
+            let got = q.fetch(7).await.unwrap();
+            if got.is_empty() {
+                return ids;
+            }
+            ids.extend(got.into_iter().map(|j| j.id));
+        }
+    };
+    let (ia, ib) = tokio::join!(tokio::spawn(take(a)), tokio::spawn(take(b)));
+    let (ia, ib) = (ia.unwrap(), ib.unwrap());
+    let mut all: Vec<String> = ia.iter().chain(ib.iter()).cloned().collect();
+    assert_eq!(all.len(), 600);
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), 600, "no job was handed to both");
+}

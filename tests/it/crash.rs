@@ -1,0 +1,153 @@
+//! Several `aiq run` processes on one queue: no job runs twice at once, a `kill -9` loses
+//! nothing, and long jobs keep their leases.
+
+use std::time::{Duration, Instant};
+
+use aiq::domain::{JobKind, Tier};
+use aiq::fake::FakeOptions;
+use redis::AsyncCommands;
+
+use crate::harness::{ORG_A, ORG_B, TestCtx, llm_payload, signal_and_wait, wait_until};
+
+async fn completed(ctx: &TestCtx) -> i64 {
+    ctx.scalar_i64("SELECT count(*) FROM ai_processing_results WHERE status = 'completed'")
+        .await
+}
+
+async fn enqueue_llm_jobs(ctx: &TestCtx, n: usize) {
+    for i in 0..n {
+        let tier = Tier::ALL[i % 6];
+        let org = if i % 2 == 0 { ORG_A } else { ORG_B };
+        ctx.enqueue(
+            JobKind::LlmComplete,
+            tier,
+            org,
+            &llm_payload(tier, org, &format!("job {i}")),
+            0,
+        )
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_on_one_queue_never_run_the_same_job_and_each_job_runs_once() {
+    let ctx = TestCtx::build(
+        &[("AIQ_CONCURRENCY", "8")],
+        FakeOptions {
+            latency: Duration::from_millis(20),
+        },
+    )
+    .await;
+    enqueue_llm_jobs(&ctx, 300).await;
+    let a = ctx.spawn_daemon(&[]);
+    let b = ctx.spawn_daemon(&[]);
+    ctx.wait_settled(Duration::from_secs(60)).await;
+    assert!(signal_and_wait(a, libc::SIGTERM).await.success());
+    assert!(signal_and_wait(b, libc::SIGTERM).await.success());
+
+    let calls = ctx.fake_calls().await;
+    assert_eq!(calls["jobs"], 300, "{calls}");
+    assert_eq!(calls["max_calls_per_job"], 1, "{calls}");
+    assert_eq!(calls["overlaps"], 0, "{calls}");
+    assert_eq!(completed(&ctx).await, 300);
+    let stats = ctx.queue.stats().await.unwrap();
+    assert_eq!(stats.counters["done"], 300);
+    assert_eq!(stats.counters["leased"], 300);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_a_worker_mid_load_loses_nothing_and_its_leases_come_back_in_time() {
+    const LEASE_MS: u64 = 1500;
+    const JOBS: usize = 120;
+    let ctx = TestCtx::build(
+        &[("AIQ_CONCURRENCY", "8"), ("AIQ_LEASE_MS", "1500")],
+        FakeOptions {
+            latency: Duration::from_millis(300),
+        },
+    )
+    .await;
+    enqueue_llm_jobs(&ctx, JOBS).await;
+    let a = ctx.spawn_daemon(&[]);
+    wait_until(
+        Duration::from_secs(30),
+        "the first worker to be busy",
+        || async { completed(&ctx).await >= 16 && ctx.queue.stats().await.unwrap().inflight >= 4 },
+    )
+    .await;
+
+    let mut redis = ctx.redis().await;
+    let held: Vec<(String, f64)> = redis
+        .zrange_withscores(ctx.key("inflight"), 0, -1)
+        .await
+        .unwrap();
+    let killed_at = Instant::now();
+    assert!(!signal_and_wait(a, libc::SIGKILL).await.success());
+    let b = ctx.spawn_daemon(&[]);
+
+    // Every lease the dead worker held is returned (and handed out again) once it expires.
+    let inflight_key = ctx.key("inflight");
+    wait_until(
+        Duration::from_secs(15),
+        "the dead worker's leases to come back",
+        || {
+            let (mut redis, held, key) = (redis.clone(), held.clone(), inflight_key.clone());
+            async move {
+                let now: Vec<(String, f64)> = redis.zrange_withscores(key, 0, -1).await.unwrap();
+                held.iter()
+                    .all(|(id, deadline)| !now.iter().any(|(i, d)| i == id && d == deadline))
+            }
+        },
+    )
+    .await;
+    let back_after = killed_at.elapsed();
+    println!(
+        "kill -9: {} leases came back {} ms after the kill (lease {LEASE_MS} ms)",
+        held.len(),
+        back_after.as_millis()
+    );
+    // Lease expiry, plus at most one reaper tick (a third of the lease), plus slack for the run.
+    assert!(
+        back_after <= Duration::from_millis(LEASE_MS + LEASE_MS / 3 + 1500),
+        "{back_after:?}"
+    );
+
+    ctx.wait_settled(Duration::from_secs(60)).await;
+    assert!(signal_and_wait(b, libc::SIGTERM).await.success());
+    assert_eq!(completed(&ctx).await, JOBS as i64, "every job completed");
+    let stats = ctx.queue.stats().await.unwrap();
+    assert_eq!(stats.dead, 0);
+    assert_eq!(
+        stats.counters["done"], JOBS as u64,
+        "each job acknowledged exactly once"
+    );
+    assert!(stats.counters["interrupted"] >= held.len() as u64);
+    let calls = ctx.fake_calls().await;
+    assert_eq!(
+        calls["overlaps"], 0,
+        "no job ran in two places at once: {calls}"
+    );
+    assert_eq!(calls["jobs"], JOBS as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_longer_than_its_lease_keeps_it_by_heartbeat_and_runs_once() {
+    let ctx = TestCtx::build(
+        &[("AIQ_LEASE_MS", "1000")],
+        FakeOptions {
+            latency: Duration::from_millis(2500),
+        },
+    )
+    .await;
+    enqueue_llm_jobs(&ctx, 2).await;
+    let worker = ctx.start_worker();
+    // A second worker polls the same queue: it must not take the job over.
+    let other = ctx.start_worker();
+    ctx.wait_settled(Duration::from_secs(30)).await;
+    worker.stop().await;
+    other.stop().await;
+    let calls = ctx.fake_calls().await;
+    assert_eq!(calls["max_calls_per_job"], 1, "{calls}");
+    assert_eq!(completed(&ctx).await, 2);
+    let stats = ctx.queue.stats().await.unwrap();
+    assert_eq!(stats.counters.get("interrupted").copied().unwrap_or(0), 0);
+}
