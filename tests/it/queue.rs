@@ -160,29 +160,29 @@ async fn enqueue_refuses_bad_arguments_with_a_clear_error_and_writes_nothing() {
 }
 
 #[tokio::test]
-async fn with_every_tier_backlogged_fetches_follow_the_weights() {
+async fn with_every_tier_backlogged_10000_fetches_follow_the_weights_within_5_percent() {
     let ctx = TestCtx::new().await;
-    for tier in Tier::ALL {
-        for _ in 0..320 {
-            ctx.queue.enqueue(&job(tier, ORG_A)).await.unwrap();
+    // Weights 32:16:8:4:2:1 sum to 63. Each tier gets a few more jobs than its share of 10,000,
+    // so every tier stays backlogged for the whole measurement.
+    let weights = [32u64, 16, 8, 4, 2, 1];
+    let share = |w: u64| 10_000 * w / 63;
+    for (tier, w) in Tier::ALL.iter().zip(weights) {
+        for _ in 0..share(w) + 20 {
+            ctx.queue.enqueue(&job(*tier, ORG_A)).await.unwrap();
         }
     }
-    // Weights 32:16:8:4:2:1 sum to 63: the first 630 fetched split 320:160:80:40:20:10.
-    let mut counts: HashMap<String, usize> = HashMap::new();
+    let mut counts: HashMap<String, u64> = HashMap::new();
     let mut fetched = 0;
-    while fetched < 630 {
-        for j in ctx.queue.fetch(10).await.unwrap() {
+    while fetched < 10_000 {
+        for j in ctx.queue.fetch(50.min(10_000 - fetched)).await.unwrap() {
             *counts.entry(j.tier).or_default() += 1;
             fetched += 1;
         }
     }
-    let expected = [320, 160, 80, 40, 20, 10];
-    for (tier, want) in Tier::ALL.iter().zip(expected) {
-        let got = counts.get(tier.as_str()).copied().unwrap_or(0) as i64;
-        assert!(
-            (got - want as i64).abs() <= 1,
-            "{tier}: got {got}, want {want} ({counts:?})"
-        );
+    for (tier, w) in Tier::ALL.iter().zip(weights) {
+        let got = counts.get(tier.as_str()).copied().unwrap_or(0) as f64;
+        let want = share(w) as f64;
+        assert!((got - want).abs() <= want * 0.05 + 1.0, "{tier}: got {got}, want {want} ({counts:?})");
     }
 }
 
