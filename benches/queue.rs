@@ -41,7 +41,10 @@ fn job(tier: Tier, i: usize) -> NewJob {
 }
 
 async fn queue(url: &str, prefix: &str) -> Queue {
-    let vars = [("AIQ_REDIS_URL", url.to_owned()), ("AIQ_QUEUE_PREFIX", prefix.to_owned())];
+    let vars = [
+        ("AIQ_REDIS_URL", url.to_owned()),
+        ("AIQ_QUEUE_PREFIX", prefix.to_owned()),
+    ];
     let settings = QueueSettings::load(&Env(|k: &str| {
         vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone())
     }))
@@ -69,7 +72,11 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 async fn redis_memory_mb(url: &str) -> f64 {
     let client = redis::Client::open(url).unwrap();
     let mut c = client.get_multiplexed_async_connection().await.unwrap();
-    let info: String = redis::cmd("INFO").arg("memory").query_async(&mut c).await.unwrap();
+    let info: String = redis::cmd("INFO")
+        .arg("memory")
+        .query_async(&mut c)
+        .await
+        .unwrap();
     info.lines()
         .find_map(|l| l.strip_prefix("used_memory:"))
         .and_then(|v| v.trim().parse::<f64>().ok())
@@ -80,10 +87,18 @@ async fn redis_memory_mb(url: &str) -> f64 {
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
-    let (backlog, samples, drain_jobs) = if quick { (5_000, 200, 20_000) } else { (100_000, 2_000, 1_000_000) };
+    let (backlog, samples, drain_jobs) = if quick {
+        (5_000, 200, 20_000)
+    } else {
+        (100_000, 2_000, 1_000_000)
+    };
     let redis = LocalRedis::start("bench").expect("redis-server");
     let url = redis.url();
-    println!("queue benchmark (redis-server 127.0.0.1:{}; {} mode)", redis.port(), if quick { "quick" } else { "full" });
+    println!(
+        "queue benchmark (redis-server 127.0.0.1:{}; {} mode)",
+        redis.port(),
+        if quick { "quick" } else { "full" }
+    );
 
     // 1 and 2: a trial backlog, then enterprise_plus jobs arriving one at a time.
     let q = queue(&url, "bench-latency").await;
@@ -99,7 +114,11 @@ async fn main() {
     let mut waits = Vec::with_capacity(samples);
     let mut extra_slots = Vec::with_capacity(samples);
     for i in 0..samples {
-        let id = q.enqueue(&job(Tier::EnterprisePlus, i)).await.unwrap().job_id;
+        let id = q
+            .enqueue(&job(Tier::EnterprisePlus, i))
+            .await
+            .unwrap()
+            .job_id;
         let t = Instant::now();
         let mut slots = 0usize;
         loop {
@@ -107,7 +126,11 @@ async fn main() {
             let hit = got.iter().any(|j| j.id == id);
             let settle: Vec<Settlement> = got
                 .into_iter()
-                .map(|j| Settlement { id: j.id, token: j.token, outcome: Outcome::Done })
+                .map(|j| Settlement {
+                    id: j.id,
+                    token: j.token,
+                    outcome: Outcome::Done,
+                })
                 .collect();
             q.settle(&settle).await.unwrap();
             if hit {
@@ -129,16 +152,19 @@ async fn main() {
         samples - trial_first,
         extra_slots.last().unwrap()
     );
-    assert!(*extra_slots.last().unwrap() <= 1, "an enterprise_plus job waited behind several trial jobs");
+    assert!(
+        *extra_slots.last().unwrap() <= 1,
+        "an enterprise_plus job waited behind several trial jobs"
+    );
 
     // 3: a big backlog over all tiers, drained by concurrent consumers.
     let q = queue(&url, "bench-drain").await;
-    let per_tier = drain_jobs / 6;
     let start = Instant::now();
-    for tier in Tier::ALL {
-        enqueue_many(&q, tier, per_tier, 64).await;
+    for (i, tier) in Tier::ALL.into_iter().enumerate() {
+        let n = drain_jobs / 6 + usize::from(i < drain_jobs % 6);
+        enqueue_many(&q, tier, n, 64).await;
     }
-    let total = per_tier * 6;
+    let total = drain_jobs;
     let took = start.elapsed();
     let peak_mb = redis_memory_mb(&url).await;
     println!(
@@ -160,7 +186,11 @@ async fn main() {
                     n += got.len();
                     let settle: Vec<Settlement> = got
                         .into_iter()
-                        .map(|j| Settlement { id: j.id, token: j.token, outcome: Outcome::Done })
+                        .map(|j| Settlement {
+                            id: j.id,
+                            token: j.token,
+                            outcome: Outcome::Done,
+                        })
                         .collect();
                     let applied = q.settle(&settle).await.expect("settle");
                     assert!(applied.iter().all(|a| *a));
@@ -184,5 +214,8 @@ async fn main() {
         redis_memory_mb(&url).await
     );
     assert_eq!(drained, total);
-    assert_eq!(stats.waiting.values().sum::<u64>() + stats.inflight + stats.dead, 0);
+    assert_eq!(
+        stats.waiting.values().sum::<u64>() + stats.inflight + stats.dead,
+        0
+    );
 }

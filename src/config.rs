@@ -94,7 +94,10 @@ pub enum LogFormat {
 /// The queue's settings: everything the Redis backend needs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct QueueSettings {
+    /// One URL, or with `cluster` several seed nodes separated by commas.
     pub redis_url: String,
+    /// Talk to a Redis Cluster (the queue's keys share one hash tag, so one slot).
+    pub cluster: bool,
     /// Key prefix; every key of the queue lives under the hash tag `{prefix}`.
     pub prefix: String,
     pub concurrency: usize,
@@ -238,11 +241,30 @@ impl QueueSettings {
             "AIQ_REDIS_URL",
             "the Redis URL, e.g. redis://127.0.0.1:6379/",
         )?;
-        check_url(
-            "AIQ_REDIS_URL",
-            &redis_url,
-            &["redis", "rediss", "unix", "redis+unix"],
-        )?;
+        let cluster = match env.get("AIQ_REDIS_CLUSTER").as_deref().map(str::trim) {
+            None | Some("false") | Some("0") => false,
+            Some("true") | Some("1") => true,
+            Some(other) => {
+                return Err(bad(
+                    "AIQ_REDIS_CLUSTER",
+                    format!("{other:?} must be true or false"),
+                ));
+            }
+        };
+        let urls: Vec<&str> = redis_url.split(',').map(str::trim).collect();
+        if urls.len() > 1 && !cluster {
+            return Err(bad(
+                "AIQ_REDIS_URL",
+                "lists several nodes; set AIQ_REDIS_CLUSTER=true for a Redis Cluster, or give one URL",
+            ));
+        }
+        for url in urls {
+            check_url(
+                "AIQ_REDIS_URL",
+                url,
+                &["redis", "rediss", "unix", "redis+unix"],
+            )?;
+        }
         let prefix = env.get("AIQ_QUEUE_PREFIX").unwrap_or_else(|| "aiq".into());
         if prefix.is_empty()
             || prefix.len() > 64
@@ -271,6 +293,7 @@ impl QueueSettings {
         };
         Ok(QueueSettings {
             redis_url,
+            cluster,
             prefix,
             concurrency: env.int_in("AIQ_CONCURRENCY", 16, 1..=4096)? as usize,
             fetch_batch: env.int_in("AIQ_FETCH_BATCH", 32, 1..=1000)? as usize,

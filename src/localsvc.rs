@@ -129,6 +129,11 @@ pub struct LocalRedis {
 
 impl LocalRedis {
     pub fn start(label: &str) -> anyhow::Result<Self> {
+        Self::start_with(label, &[])
+    }
+
+    /// Starts with extra `redis-server` arguments.
+    pub fn start_with(label: &str, extra: &[&str]) -> anyhow::Result<Self> {
         let bin = find_binary("redis-server").context(
             "redis-server was not found; install it with `apt-get install -y redis-server` \
              (scripts/demo and scripts/test do this for you)",
@@ -150,6 +155,7 @@ impl LocalRedis {
                 "--dir",
             ])
             .arg(&dir)
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null());
             die_with_parent(&mut cmd, libc::SIGKILL);
@@ -178,6 +184,80 @@ impl Drop for LocalRedis {
     fn drop(&mut self) {
         stop_child(&mut self.child, libc::SIGTERM);
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A Redis Cluster of three masters (no replicas), each a [`LocalRedis`].
+pub struct LocalRedisCluster {
+    nodes: Vec<LocalRedis>,
+}
+
+impl LocalRedisCluster {
+    pub fn start(label: &str) -> anyhow::Result<Self> {
+        let nodes = (0..3)
+            .map(|_| {
+                LocalRedis::start_with(
+                    label,
+                    &[
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        "nodes.conf",
+                        "--cluster-node-timeout",
+                        "5000",
+                    ],
+                )
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let cli = find_binary("redis-cli")
+            .context("redis-cli was not found (Debian package redis-tools)")?;
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port()))
+            .collect();
+        let out = Command::new(&cli)
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .context("running redis-cli --cluster create")?;
+        if !out.status.success() {
+            bail!(
+                "redis-cli --cluster create failed: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for n in &nodes {
+            loop {
+                let info = Command::new(&cli)
+                    .args(["-p", &n.port().to_string(), "cluster", "info"])
+                    .output()
+                    .context("running redis-cli cluster info")?;
+                if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("the Redis Cluster did not reach cluster_state:ok within 30s");
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(Self { nodes })
+    }
+
+    /// The seed node URLs, comma-separated, as `AIQ_REDIS_URL` takes them.
+    pub fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(LocalRedis::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub fn ports(&self) -> Vec<u16> {
+        self.nodes.iter().map(LocalRedis::port).collect()
     }
 }
 

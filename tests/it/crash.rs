@@ -151,3 +151,71 @@ async fn a_job_longer_than_its_lease_keeps_it_by_heartbeat_and_runs_once() {
     let stats = ctx.queue.stats().await.unwrap();
     assert_eq!(stats.counters.get("interrupted").copied().unwrap_or(0), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_finishes_running_jobs_returns_the_rest_and_exits_0() {
+    let ctx = TestCtx::build(
+        &[("AIQ_CONCURRENCY", "6"), ("AIQ_SHUTDOWN_GRACE_MS", "5000")],
+        FakeOptions {
+            latency: Duration::from_millis(400),
+        },
+    )
+    .await;
+    enqueue_llm_jobs(&ctx, 60).await;
+    let daemon = ctx.spawn_daemon(&[]);
+    wait_until(Duration::from_secs(30), "jobs to be running", || async {
+        ctx.queue.stats().await.unwrap().inflight >= 3 && completed(&ctx).await >= 6
+    })
+    .await;
+    let stopped_at = Instant::now();
+    let status = signal_and_wait(daemon, libc::SIGTERM).await;
+    let took = stopped_at.elapsed();
+    assert!(status.success(), "exit status {status}");
+    assert!(
+        took < Duration::from_secs(5),
+        "stopped in {took:?}, beyond the grace period"
+    );
+
+    // Nothing is in flight or lost, and no attempt was spent on the stop.
+    let stats = ctx.queue.stats().await.unwrap();
+    assert_eq!(stats.inflight, 0);
+    assert_eq!(stats.delayed + stats.dead, 0);
+    let done = completed(&ctx).await as u64;
+    assert_eq!(done + stats.waiting.values().sum::<u64>(), 60, "{stats:?}");
+    assert!(done < 60, "the stop came while jobs were waiting");
+
+    // A new worker finishes the rest; no job ran twice.
+    let worker = ctx.start_worker();
+    ctx.wait_settled(Duration::from_secs(60)).await;
+    worker.stop().await;
+    assert_eq!(completed(&ctx).await, 60);
+    let calls = ctx.fake_calls().await;
+    assert_eq!(calls["max_calls_per_job"], 1, "{calls}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_still_running_when_the_grace_period_ends_comes_back_by_lease_expiry() {
+    let ctx = TestCtx::build(
+        &[("AIQ_SHUTDOWN_GRACE_MS", "300"), ("AIQ_LEASE_MS", "1000")],
+        FakeOptions {
+            latency: Duration::from_millis(3000),
+        },
+    )
+    .await;
+    enqueue_llm_jobs(&ctx, 1).await;
+    let daemon = ctx.spawn_daemon(&[]);
+    wait_until(Duration::from_secs(10), "the job to be running", || async {
+        ctx.queue.stats().await.unwrap().inflight == 1
+    })
+    .await;
+    let stopped_at = Instant::now();
+    assert!(signal_and_wait(daemon, libc::SIGTERM).await.success());
+    assert!(stopped_at.elapsed() < Duration::from_secs(2));
+    let worker = ctx.start_worker();
+    ctx.wait_settled(Duration::from_secs(30)).await;
+    worker.stop().await;
+    assert_eq!(completed(&ctx).await, 1);
+    let stats = ctx.queue.stats().await.unwrap();
+    assert_eq!(stats.counters["interrupted"], 1);
+    assert_eq!(stats.counters["done"], 1);
+}

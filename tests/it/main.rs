@@ -5,6 +5,7 @@
 mod harness;
 
 mod binary;
+mod cluster;
 mod crash;
 mod pipeline;
 mod queue;

@@ -182,7 +182,10 @@ async fn with_every_tier_backlogged_10000_fetches_follow_the_weights_within_5_pe
     for (tier, w) in Tier::ALL.iter().zip(weights) {
         let got = counts.get(tier.as_str()).copied().unwrap_or(0) as f64;
         let want = share(w) as f64;
-        assert!((got - want).abs() <= want * 0.05 + 1.0, "{tier}: got {got}, want {want} ({counts:?})");
+        assert!(
+            (got - want).abs() <= want * 0.05 + 1.0,
+            "{tier}: got {got}, want {want} ({counts:?})"
+        );
     }
 }
 

@@ -1,0 +1,47 @@
+"""Payloads and helpers shared by the tests."""
+
+import itertools
+import os
+
+ORG = "0b6f1b3e-2a55-4a6e-9a43-2f6f6f1b2c3d"
+OTHER_ORG = "7c2d0a4e-1b3f-4c5d-8e6f-a7b8c9d0e1f2"
+
+_counter = itertools.count(1)
+
+
+def fresh_prefix(tag="t"):
+    """A prefix no other test uses, so each test starts from an empty queue."""
+    return f"py-{tag}{next(_counter)}-{os.getpid()}"
+
+
+def llm(tier="growth_team", org=ORG):
+    return {
+        "version": 1,
+        "organization_id": org,
+        "tier": tier,
+        "provider": "openai",
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "Caption a photo of a cat on a red sofa."}],
+        "max_tokens": 64,
+    }
+
+
+def vision(tier="enterprise"):
+    return {
+        "version": 1,
+        "organization_id": ORG,
+        "tier": tier,
+        "images": [{"uri": "gs://example-bucket/photos/5f0c8a2e.jpg"}],
+        "features": [{"type": "LABEL_DETECTION", "maxResults": 10}],
+    }
+
+
+def command_calls(r, *names):
+    """How many times the server ran the named commands (INFO commandstats)."""
+    stats = r.info("commandstats")
+    return sum(stats.get(f"cmdstat_{n}", {}).get("calls", 0) for n in names)
+
+
+def redis_now_ms(r):
+    s, us = r.time()
+    return s * 1000 + us // 1000
