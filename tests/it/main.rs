@@ -5,6 +5,7 @@
 mod harness;
 
 mod binary;
+mod clients;
 mod cluster;
 mod crash;
 mod pipeline;

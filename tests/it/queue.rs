@@ -39,6 +39,22 @@ async fn a_stale_fencing_token_cannot_settle_a_job() {
         outcome: Outcome::Done,
     };
     assert_eq!(ctx.queue.settle(&[wrong]).await.unwrap(), vec![false]);
+    // Retry and dead-letter with a stale token are refused too.
+    for outcome in [
+        Outcome::Retry {
+            after: Duration::ZERO,
+            error: "x".into(),
+        },
+        Outcome::Dead { reason: "x".into() },
+        Outcome::Release,
+    ] {
+        let stale = Settlement {
+            id: id.clone(),
+            token: "0".into(),
+            outcome,
+        };
+        assert_eq!(ctx.queue.settle(&[stale]).await.unwrap(), vec![false]);
+    }
     assert_eq!(ctx.queue.stats().await.unwrap().inflight, 1);
     let right = Settlement {
         id,
@@ -90,6 +106,39 @@ async fn an_expired_lease_returns_the_job_without_spending_an_attempt() {
         outcome: Outcome::Done,
     };
     assert_eq!(ctx.queue.settle(&[ok]).await.unwrap(), vec![true]);
+    // A finished job leaves Redis.
+    assert!(ctx.queue.job_fields(&again[0].id).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_job_interrupted_too_often_goes_to_the_dead_set() {
+    let ctx = TestCtx::with(&[("AIQ_LEASE_MS", "1000"), ("AIQ_MAX_INTERRUPTS", "2")]).await;
+    let id = ctx
+        .queue
+        .enqueue(&job(Tier::Trial, ORG_A))
+        .await
+        .unwrap()
+        .job_id;
+    assert_eq!(ctx.queue.fetch(1).await.unwrap().len(), 1);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(
+        ctx.queue.fetch(1).await.unwrap().len(),
+        1,
+        "back after the first interruption"
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert!(
+        ctx.queue.fetch(1).await.unwrap().is_empty(),
+        "dead after the second"
+    );
+    let dead = ctx.queue.dead_jobs(1).await.unwrap();
+    assert_eq!(dead[0].id, id);
+    assert!(
+        dead[0].reason.contains("interrupted 2 times"),
+        "{}",
+        dead[0].reason
+    );
+    assert_eq!(dead[0].attempts, 0, "interruptions are not failed attempts");
 }
 
 #[tokio::test]
@@ -129,6 +178,15 @@ async fn an_idempotency_key_returns_the_first_job_id() {
     assert!(!first.duplicate);
     assert!(second.duplicate);
     assert_eq!(first.job_id, second.job_id);
+    let ttl: i64 = redis::cmd("TTL")
+        .arg(ctx.key("idem:photo-42"))
+        .query_async(&mut ctx.redis().await)
+        .await
+        .unwrap();
+    assert!(
+        (86_000..=86_400).contains(&ttl),
+        "the key expires (ttl {ttl})"
+    );
     let mut named = job(Tier::Enterprise, ORG_A);
     named.job_id = Some("my-id-1".into());
     assert!(!ctx.queue.enqueue(&named).await.unwrap().duplicate);
