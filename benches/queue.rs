@@ -7,9 +7,21 @@
 //! 2. with 100,000 trial jobs waiting, how long a free slot waits for a newly enqueued
 //!    enterprise_plus job: one fetch round trip (p50/p99), and whether it got that job;
 //! 3. 1,000,000 queued jobs drained by concurrent consumers (fetch 100 + settle 100 per round
-//!    trip), with Redis memory at the peak.
+//!    trip), with Redis memory at the peak;
+//! 4. with all six tiers backlogged, the shares of the first 10,000 jobs an apalis worker over
+//!    aiq's backend actually ran (16 slots), against the weights.
 
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use aiq::config::RetryPolicy;
+use aiq::queue::backend::{RawJob, RedisBackend};
+use apalis::layers::WorkerBuilderExt;
+use apalis_core::error::{BoxDynError, WorkerError};
+use apalis_core::task::Task;
+use apalis_core::worker::builder::WorkerBuilder;
+use tokio_util::sync::CancellationToken;
 
 use aiq::config::{Env, QueueSettings};
 use aiq::domain::{JobKind, OrganizationId, Tier};
@@ -217,5 +229,77 @@ async fn main() {
     assert_eq!(
         stats.waiting.values().sum::<u64>() + stats.inflight + stats.dead,
         0
+    );
+
+    worker_shares(&url, if quick { 2_000 } else { 10_000 }).await;
+}
+
+/// Runs an apalis worker over aiq's backend on a backlog of all six tiers and reports which tiers
+/// the first `n` jobs it ran came from.
+async fn worker_shares(url: &str, n: usize) {
+    const WEIGHTS: [usize; 6] = [32, 16, 8, 4, 2, 1];
+    let q = queue(url, "bench-shares").await;
+    for (tier, w) in Tier::ALL.into_iter().zip(WEIGHTS) {
+        enqueue_many(&q, tier, n * w / 63 + n / 20, 64).await;
+    }
+    let ran: Arc<Mutex<Vec<String>>> = Arc::default();
+    let stop = CancellationToken::new();
+    let service = {
+        let (ran, stop) = (ran.clone(), stop.clone());
+        tower::service_fn(move |task: Task<RawJob>| {
+            let (ran, stop) = (ran.clone(), stop.clone());
+            async move {
+                let mut ran = ran.lock().unwrap();
+                ran.push(task.args.tier.clone());
+                if ran.len() >= n {
+                    stop.cancel();
+                }
+                Ok::<(), BoxDynError>(())
+            }
+        })
+    };
+    let retry = RetryPolicy {
+        max_attempts: 3,
+        base: Duration::from_millis(10),
+        cap: Duration::from_millis(100),
+    };
+    let worker = WorkerBuilder::new("bench-shares")
+        .backend(RedisBackend::new(q.clone(), retry))
+        .concurrency(16)
+        .build(service);
+    let start = Instant::now();
+    let signal = {
+        let stop = stop.clone();
+        async move {
+            stop.cancelled().await;
+            Ok::<(), WorkerError>(())
+        }
+    };
+    worker.run_until(signal).await.expect("worker");
+    let took = start.elapsed();
+    let ran = ran.lock().unwrap();
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for t in ran.iter().take(n) {
+        *counts.entry(t.as_str()).or_default() += 1;
+    }
+    println!(
+        "worker shares: the first {n} jobs an apalis worker (16 slots) ran over aiq's backend, {:.0} jobs/s:",
+        n as f64 / took.as_secs_f64()
+    );
+    let mut worst: f64 = 0.0;
+    for (tier, w) in Tier::ALL.into_iter().zip(WEIGHTS) {
+        let got = counts.get(tier.as_str()).copied().unwrap_or(0);
+        let want = n * w / 63;
+        let off = (got as f64 - want as f64) / want as f64 * 100.0;
+        worst = worst.max(off.abs());
+        println!(
+            "  {:<20} weight {w:>2}: ran {got:>5}, weight share {want:>5} ({off:+.1}%)",
+            tier.as_str()
+        );
+    }
+    println!("  largest deviation from the weights: {worst:.1}%");
+    assert!(
+        worst <= 5.0,
+        "tier shares deviate {worst:.1}% from the weights"
     );
 }

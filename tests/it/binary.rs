@@ -150,3 +150,76 @@ async fn stats_reports_the_waiting_jobs_per_tier() {
     assert_eq!(v["waiting"]["growth_team"], 3);
     assert_eq!(v["waiting"]["trial"], 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dlq_commands_list_show_retry_and_purge_dead_jobs() {
+    let ctx = TestCtx::new().await;
+    let a = ctx
+        .enqueue(
+            JobKind::LlmComplete,
+            Tier::Trial,
+            ORG_A,
+            "broken payload one",
+            0,
+        )
+        .await;
+    let b = ctx
+        .enqueue(
+            JobKind::LlmComplete,
+            Tier::Trial,
+            ORG_A,
+            "broken payload two",
+            0,
+        )
+        .await;
+    let worker = ctx.start_worker();
+    ctx.wait_settled(Duration::from_secs(30)).await;
+    worker.stop().await;
+
+    let vars = ctx.vars.clone();
+    let run = move |args: &[&str]| {
+        let (vars, args) = (
+            vars.clone(),
+            args.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+        );
+        async move {
+            let out = tokio::task::spawn_blocking(move || {
+                aiq().envs(&vars).args(&args).output().unwrap()
+            })
+            .await
+            .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        }
+    };
+    let listed = run(&["dlq", "list", "--json"]).await;
+    let rows: Vec<serde_json::Value> = listed
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2);
+    assert!(
+        rows.iter()
+            .all(|r| r["reason"].as_str().unwrap().contains("invalid payload"))
+    );
+    let shown = run(&["dlq", "show", &a]).await;
+    assert!(shown.contains("broken payload one"), "{shown}");
+
+    assert!(
+        run(&["dlq", "retry", &a])
+            .await
+            .contains("1 dead jobs queued again")
+    );
+    assert_eq!(ctx.queue.stats().await.unwrap().waiting["trial"], 1);
+    assert!(
+        run(&["dlq", "purge", "--all"])
+            .await
+            .contains("1 dead jobs purged")
+    );
+    assert!(ctx.queue.job_fields(&b).await.unwrap().is_empty());
+    assert_eq!(ctx.queue.stats().await.unwrap().dead, 0);
+}
