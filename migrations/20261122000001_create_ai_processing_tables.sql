@@ -31,7 +31,9 @@ CREATE TABLE ai_processing_results (
 );
 CREATE INDEX ai_processing_results_org_created ON ai_processing_results (organization_id, created_at);
 
--- One row per provider call, success or failure.
+-- One row per provider call, success or failure. `execution` is the queue's lease token: a job
+-- re-run after its worker died is a new execution whose calls are new rows, a replay of the same
+-- execution writes nothing new.
 CREATE TABLE ai_cost_tracking (
   id UUID PRIMARY KEY DEFAULT gen_random_uuid(),
   organization_id UUID,
@@ -45,6 +47,7 @@ CREATE TABLE ai_cost_tracking (
   -- aiq's own columns
   job_id TEXT NOT NULL,
   attempt INTEGER NOT NULL,
+  execution BIGINT NOT NULL DEFAULT 0,
   call_seq INTEGER NOT NULL DEFAULT 0,
   tier TEXT,
   model TEXT,
@@ -52,9 +55,12 @@ CREATE TABLE ai_cost_tracking (
   input_tokens INTEGER,
   cached_tokens INTEGER,
   output_tokens INTEGER,
-  call_status TEXT NOT NULL DEFAULT 'succeeded' CHECK (call_status IN ('succeeded', 'failed')),
+  -- succeeded / failed: the provider answered; expired: the worker died during the call and the
+  -- reservation was swept in at its estimate, because the provider may have billed it.
+  call_status TEXT NOT NULL DEFAULT 'succeeded' CHECK (call_status IN ('succeeded', 'failed', 'expired')),
   price_version TEXT,
-  CONSTRAINT ai_cost_tracking_one_per_call UNIQUE (job_id, attempt, call_seq)
+  estimate_usd NUMERIC(12, 6),
+  CONSTRAINT ai_cost_tracking_one_per_call UNIQUE (job_id, execution, call_seq)
 );
 CREATE INDEX ai_cost_tracking_org_date ON ai_cost_tracking (organization_id, billing_date);
 CREATE INDEX ai_cost_tracking_date ON ai_cost_tracking (billing_date);
@@ -95,8 +101,9 @@ CREATE TABLE ai_usage (
   created_at TIMESTAMPTZ DEFAULT NOW(),
   job_id TEXT NOT NULL,
   attempt INTEGER NOT NULL,
+  execution BIGINT NOT NULL DEFAULT 0,
   call_seq INTEGER NOT NULL DEFAULT 0,
-  CONSTRAINT ai_usage_one_per_call UNIQUE (job_id, attempt, call_seq)
+  CONSTRAINT ai_usage_one_per_call UNIQUE (job_id, execution, call_seq)
 );
 CREATE INDEX idx_ai_usage_user_date ON ai_usage (user_id, created_at);
 CREATE INDEX idx_ai_usage_company_date ON ai_usage (company_id, created_at);

@@ -6,7 +6,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::domain::Tier;
+use crate::domain::{MicroUsd, Tier};
 
 /// A secret (API key, password-bearing URL). It never prints.
 #[derive(Clone, PartialEq, Eq)]
@@ -114,6 +114,40 @@ pub struct QueueSettings {
     pub idempotency_ttl: Duration,
 }
 
+/// What happens to a job whose call the budget refuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnBudgetExceeded {
+    /// Wait in the delayed set until the window that refused it resets.
+    Defer,
+    /// Fail for good (dead set) with the reason.
+    Fail,
+}
+
+/// Money settings: limits, windows, alerts. Per-tier values are indexed like [`Tier::ALL`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct BudgetSettings {
+    /// Key prefix of the budget's Redis keys, all under the hash tag `{prefix}`.
+    pub prefix: String,
+    /// Day and month windows follow this time zone's calendar.
+    pub timezone: chrono_tz::Tz,
+    pub global_daily: MicroUsd,
+    pub global_monthly: MicroUsd,
+    /// Default per-organisation limits by tier; ai_cost_limits overrides them per organisation.
+    pub org_daily: [MicroUsd; 6],
+    pub org_monthly: [MicroUsd; 6],
+    /// Jobs per minute per organisation by tier, across all processes; 0 means no limit.
+    pub org_jobs_per_minute: [u32; 6],
+    pub on_exceeded: OnBudgetExceeded,
+    /// Slack-compatible webhook for alerts.
+    pub alert_webhook: Option<Secret>,
+    /// An hour's spend above this multiple of the trailing hourly average is a spike.
+    pub spike_multiple: f64,
+    /// Spikes below this hourly spend are not worth an alert.
+    pub spike_min: MicroUsd,
+    /// A price catalog file to use instead of the built-in one.
+    pub price_catalog: Option<std::path::PathBuf>,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
     pub database_url: Secret,
@@ -124,6 +158,7 @@ pub struct Settings {
     pub log_format: LogFormat,
     pub vision: ProviderSettings,
     pub openai: ProviderSettings,
+    pub budget: BudgetSettings,
 }
 
 /// Reads variables through `lookup`, so tests can load settings without touching the process
@@ -207,6 +242,126 @@ fn check_url(name: &'static str, v: &str, schemes: &[&str]) -> Result<(), Config
 }
 
 pub const DEFAULT_TIER_WEIGHTS: [u32; 6] = [32, 16, 8, 4, 2, 1];
+pub const DEFAULT_ORG_DAILY_USD: &str = "enterprise_plus=1000,enterprise=300,professional_agency=100,growth_team=30,solo_professional=10,trial=1";
+pub const DEFAULT_ORG_MONTHLY_USD: &str = "enterprise_plus=20000,enterprise=6000,professional_agency=2000,growth_team=600,solo_professional=200,trial=5";
+pub const DEFAULT_ORG_JOBS_PER_MINUTE: &str = "enterprise_plus=6000,enterprise=3000,professional_agency=1200,growth_team=600,solo_professional=120,trial=30";
+
+/// Parses `tier=value,...` naming all six tiers.
+fn per_tier<T>(
+    name: &'static str,
+    v: &str,
+    parse: impl Fn(&str) -> Option<T>,
+    what: &str,
+) -> Result<[T; 6], ConfigError>
+where
+    T: Copy + Default,
+{
+    let mut out = [T::default(); 6];
+    let mut seen = [false; 6];
+    for part in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (tier, value) = part
+            .split_once('=')
+            .ok_or_else(|| bad(name, format!("{part:?} must look like tier=value")))?;
+        let tier: Tier = tier
+            .trim()
+            .parse()
+            .map_err(|e: crate::domain::UnknownTier| bad(name, e.to_string()))?;
+        out[tier.index()] = parse(value.trim())
+            .ok_or_else(|| bad(name, format!("{value:?} for {tier} is not {what}")))?;
+        seen[tier.index()] = true;
+    }
+    if let Some(i) = seen.iter().position(|s| !s) {
+        return Err(bad(
+            name,
+            format!(
+                "must give a value for every tier; {} is missing",
+                Tier::ALL[i]
+            ),
+        ));
+    }
+    Ok(out)
+}
+
+impl BudgetSettings {
+    pub fn load<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> Result<Self, ConfigError> {
+        let usd = |name: &'static str, default: &str| {
+            let v = env.get(name).unwrap_or_else(|| default.to_owned());
+            MicroUsd::parse_usd(&v).map_err(|e| bad(name, e.to_string()))
+        };
+        let tiers_usd = |name: &'static str, default: &str| {
+            let v = env.get(name).unwrap_or_else(|| default.to_owned());
+            per_tier(name, &v, |s| MicroUsd::parse_usd(s).ok(), "a dollar amount")
+        };
+        let prefix = env
+            .get("AIQ_BUDGET_PREFIX")
+            .unwrap_or_else(|| "aiq-budget".into());
+        if prefix.is_empty()
+            || prefix.len() > 64
+            || !prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_-.:".contains(c))
+        {
+            return Err(bad(
+                "AIQ_BUDGET_PREFIX",
+                format!("{prefix:?} must be 1-64 characters of letters, digits, _ - . :"),
+            ));
+        }
+        let tz_name = env
+            .get("AIQ_BUDGET_TIMEZONE")
+            .unwrap_or_else(|| "UTC".into());
+        let timezone: chrono_tz::Tz = tz_name.trim().parse().map_err(|_| {
+            bad(
+                "AIQ_BUDGET_TIMEZONE",
+                format!("{tz_name:?} is not an IANA time zone like UTC or Europe/Berlin"),
+            )
+        })?;
+        let on_exceeded = match env.get("AIQ_BUDGET_EXCEEDED").as_deref().map(str::trim) {
+            None | Some("defer") => OnBudgetExceeded::Defer,
+            Some("fail") => OnBudgetExceeded::Fail,
+            Some(other) => {
+                return Err(bad(
+                    "AIQ_BUDGET_EXCEEDED",
+                    format!("{other:?} must be defer or fail"),
+                ));
+            }
+        };
+        let webhook = match env.get("AIQ_ALERT_WEBHOOK_URL") {
+            Some(url) => {
+                check_url("AIQ_ALERT_WEBHOOK_URL", &url, &["http", "https"])?;
+                Some(Secret::new(url))
+            }
+            None => None,
+        };
+        let spike_multiple: f64 = env.parse("AIQ_SPIKE_MULTIPLE", 3.0, "a number like 3 or 2.5")?;
+        if !(spike_multiple.is_finite() && spike_multiple > 1.0) {
+            return Err(bad("AIQ_SPIKE_MULTIPLE", "must be a number above 1"));
+        }
+        Ok(BudgetSettings {
+            prefix,
+            timezone,
+            global_daily: usd("AIQ_GLOBAL_DAILY_LIMIT_USD", "1000")?,
+            global_monthly: usd("AIQ_GLOBAL_MONTHLY_LIMIT_USD", "25000")?,
+            org_daily: tiers_usd("AIQ_ORG_DAILY_LIMIT_USD", DEFAULT_ORG_DAILY_USD)?,
+            org_monthly: tiers_usd("AIQ_ORG_MONTHLY_LIMIT_USD", DEFAULT_ORG_MONTHLY_USD)?,
+            org_jobs_per_minute: {
+                let v = env
+                    .get("AIQ_ORG_JOBS_PER_MINUTE")
+                    .unwrap_or_else(|| DEFAULT_ORG_JOBS_PER_MINUTE.to_owned());
+                per_tier(
+                    "AIQ_ORG_JOBS_PER_MINUTE",
+                    &v,
+                    |s| s.parse::<u32>().ok(),
+                    "a whole number",
+                )?
+            },
+            on_exceeded,
+            alert_webhook: webhook,
+            spike_multiple,
+            spike_min: usd("AIQ_SPIKE_MIN_USD", "1")?,
+            price_catalog: env.get("AIQ_PRICE_CATALOG").map(std::path::PathBuf::from),
+        })
+    }
+}
 
 fn parse_weights(name: &'static str, v: &str) -> Result<[u32; 6], ConfigError> {
     let parts: Vec<&str> = v.split(',').map(str::trim).collect();
@@ -394,6 +549,7 @@ impl Settings {
                 "AIQ_OPENAI_API_KEY",
                 "AIQ_OPENAI_TIMEOUT_MS",
             )?,
+            budget: BudgetSettings::load(env)?,
         })
     }
 }
@@ -432,6 +588,11 @@ mod tests {
         assert_eq!(s.retry.max_attempts, 5);
         assert_eq!(s.vision.base_url, "https://vision.googleapis.com");
         assert!(s.openai.api_key.is_none());
+        assert_eq!(s.budget.global_daily.micros(), 1_000_000_000);
+        assert_eq!(s.budget.global_monthly.micros(), 25_000_000_000);
+        assert_eq!(s.budget.org_daily[Tier::Trial.index()].micros(), 1_000_000);
+        assert_eq!(s.budget.timezone, chrono_tz::UTC);
+        assert_eq!(s.budget.on_exceeded, OnBudgetExceeded::Defer);
     }
 
     #[test]
@@ -447,6 +608,17 @@ mod tests {
             ("AIQ_ADMIN_ADDR", "nine"),
             ("AIQ_QUEUE_PREFIX", "a{b}"),
             ("AIQ_LOG_FORMAT", "xml"),
+            ("AIQ_BUDGET_TIMEZONE", "Mars/Olympus"),
+            ("AIQ_GLOBAL_DAILY_LIMIT_USD", "-5"),
+            ("AIQ_ORG_DAILY_LIMIT_USD", "trial=1"),
+            (
+                "AIQ_ORG_MONTHLY_LIMIT_USD",
+                "enterprise_plus=1,enterprise=1,professional_agency=1,growth_team=1,solo_professional=1,gold=1",
+            ),
+            ("AIQ_ORG_JOBS_PER_MINUTE", "enterprise_plus=x"),
+            ("AIQ_BUDGET_EXCEEDED", "panic"),
+            ("AIQ_ALERT_WEBHOOK_URL", "slack"),
+            ("AIQ_SPIKE_MULTIPLE", "0.5"),
         ];
         for (name, value) in cases {
             let mut pairs = BASE.to_vec();

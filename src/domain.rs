@@ -140,7 +140,41 @@ impl MicroUsd {
     pub fn as_usd_f64(self) -> f64 {
         self.0 as f64 / 1_000_000.0
     }
+
+    /// Parses a non-negative dollar amount with at most six decimals, e.g. "1000" or "0.25",
+    /// exactly (no floating point).
+    pub fn parse_usd(s: &str) -> Result<Self, InvalidUsd> {
+        let bad = || InvalidUsd(s.to_owned());
+        let t = s.trim().trim_start_matches('$');
+        let (whole, frac) = t.split_once('.').unwrap_or((t, ""));
+        if whole.is_empty() && frac.is_empty()
+            || frac.len() > 6
+            || !whole.chars().all(|c| c.is_ascii_digit())
+            || !frac.chars().all(|c| c.is_ascii_digit())
+        {
+            return Err(bad());
+        }
+        let whole: i64 = if whole.is_empty() {
+            0
+        } else {
+            whole.parse().map_err(|_| bad())?
+        };
+        let frac: i64 = format!("{frac:0<6}").parse().map_err(|_| bad())?;
+        whole
+            .checked_mul(1_000_000)
+            .and_then(|w| w.checked_add(frac))
+            .map(MicroUsd)
+            .ok_or_else(bad)
+    }
+
+    pub fn saturating_sub(self, other: MicroUsd) -> MicroUsd {
+        MicroUsd(self.0.saturating_sub(other.0))
+    }
 }
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{0:?} is not a dollar amount like 1000 or 0.25 (at most six decimals)")]
+pub struct InvalidUsd(pub String);
 
 impl std::iter::Sum for MicroUsd {
     fn sum<I: Iterator<Item = MicroUsd>>(iter: I) -> Self {
@@ -214,6 +248,20 @@ mod tests {
         assert_eq!(MicroUsd::from_micros(1_500).to_string(), "$0.001500");
         assert_eq!(MicroUsd::from_micros(12_345_678).to_string(), "$12.345678");
         assert_eq!(MicroUsd::from_micros(-5).to_string(), "-$0.000005");
+    }
+
+    #[test]
+    fn dollar_amounts_parse_exactly() {
+        assert_eq!(MicroUsd::parse_usd("1000").unwrap().micros(), 1_000_000_000);
+        assert_eq!(MicroUsd::parse_usd("0.25").unwrap().micros(), 250_000);
+        assert_eq!(
+            MicroUsd::parse_usd("$1.000001").unwrap().micros(),
+            1_000_001
+        );
+        assert_eq!(MicroUsd::parse_usd(".5").unwrap().micros(), 500_000);
+        for bad in ["", "-1", "1.0000001", "abc", "1e3", "1.2.3", "."] {
+            assert!(MicroUsd::parse_usd(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod jobs;
 pub mod localsvc;
 pub mod providers;
 pub mod queue;
+pub mod redis_conn;
 pub mod store;
 pub mod telemetry;
 pub mod worker;

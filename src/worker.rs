@@ -10,7 +10,7 @@ use apalis_core::error::WorkerError;
 use apalis_core::worker::builder::WorkerBuilder;
 use tokio_util::sync::CancellationToken;
 
-use crate::budget::PriceCatalog;
+use crate::budget::{Budget, PriceCatalog};
 use crate::config::Settings;
 use crate::jobs::{App, JobService};
 use crate::providers::openai::OpenAiClient;
@@ -35,13 +35,64 @@ pub async fn connect(settings: &Settings) -> anyhow::Result<(Queue, Store)> {
     Ok((queue, store))
 }
 
-pub fn app(settings: &Settings, store: Store) -> Arc<App> {
-    Arc::new(App {
+/// Builds what the handlers need: the budget's Redis connection, the price catalog (a bad
+/// catalog file stops start-up), the provider clients.
+pub async fn app(settings: &Settings, store: Store) -> anyhow::Result<Arc<App>> {
+    let prices = PriceCatalog::load(settings.budget.price_catalog.as_deref())
+        .map_err(|e| anyhow::anyhow!("setting AIQ_PRICE_CATALOG: {e}"))?;
+    let budget = Budget::connect(
+        &settings.queue.redis_url,
+        settings.queue.cluster,
+        &settings.budget,
+    )
+    .await
+    .context("connecting to Redis for the budget (AIQ_REDIS_URL)")?;
+    // A hold must outlive the longest call it covers; after that the sweeper may take it.
+    let reservation_ttl =
+        settings.vision.timeout.max(settings.openai.timeout) + Duration::from_secs(60);
+    Ok(Arc::new(App::new(
         store,
-        vision: VisionClient::new(&settings.vision),
-        openai: OpenAiClient::new(&settings.openai),
-        prices: PriceCatalog::builtin(),
-    })
+        budget,
+        VisionClient::new(&settings.vision),
+        OpenAiClient::new(&settings.openai),
+        prices,
+        reservation_ttl,
+    )))
+}
+
+/// The budget's background work, until `stop`: the sweeper of dead workers' reservations, the
+/// alert delivery loop and the spike check.
+fn spawn_budget_tasks(settings: &Settings, app: Arc<App>, stop: CancellationToken) {
+    {
+        let (app, stop) = (app.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                crate::jobs::sweep_expired(&app).await;
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                }
+            }
+        });
+    }
+    {
+        let (alerts, webhook, stop) = (
+            app.alerts.clone(),
+            settings.budget.alert_webhook.clone(),
+            stop.clone(),
+        );
+        tokio::spawn(async move { crate::budget::alerts::deliver(&alerts, webhook, stop).await });
+    }
+    let (multiple, min) = (settings.budget.spike_multiple, settings.budget.spike_min);
+    tokio::spawn(async move {
+        loop {
+            app.alerts.check_spikes(multiple, min).await;
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+            }
+        }
+    });
 }
 
 /// Runs jobs until `shutdown` fires. Then no new job is fetched, jobs fetched but not started go
@@ -53,7 +104,10 @@ pub async fn run(
     store: Store,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let app = app(settings, store);
+    let app = app(settings, store).await?;
+    let background = CancellationToken::new();
+    spawn_budget_tasks(settings, app.clone(), background.clone());
+    let _stop_background = background.drop_guard();
     let name = format!(
         "aiq-{}-{}",
         std::fs::read_to_string("/proc/sys/kernel/hostname")

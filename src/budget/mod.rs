@@ -1,136 +1,545 @@
-//! Money: the price catalog and the cost of a call. Prices are integer micro-USD; an unknown
-//! model or feature is refused (fail closed), never priced at zero.
+//! Money: no paid call without budget, no dollar untracked.
 //!
-//! The walking skeleton prices every Vision unit at the 1,001-5,000,000 rate, which never
-//! under-counts; the monthly free units, the >5M rate, reservations and limits are the money
-//! issue's work.
+//! Before every provider call the handler asks [`Budget::reserve`] to hold the call's estimated
+//! maximum cost in four scopes at once (organisation per day and per month, the platform per day
+//! and per month), in one Redis script; if any scope has no room, nothing is held and no call is
+//! made. After the call, [`Budget::settle`] replaces the hold with the actual cost, the same value
+//! the cost row in PostgreSQL carries. A worker that dies mid-call leaves its hold behind; the
+//! sweeper finds it when it expires, writes a cost row at the estimate and settles it, so killed
+//! work is still counted. Redis unreachable means no reservation, so no call (fail closed).
+//!
+//! This module owns its own Redis keys, all under the hash tag `{budget prefix}`:
+//!
+//! | key | type | what |
+//! |---|---|---|
+//! | `{b}:spend:global:d:<day>` / `:m:<month>` | hash | spent, reserved (micro-USD) for the platform |
+//! | `{b}:spend:org:<uuid>:d:<day>` / `:m:<month>` | hash | the same for one organisation |
+//! | `{b}:res:<res_id>` | hash | one hold: amount, meta (JSON), and each scope's limit |
+//! | `{b}:res_expiry` | zset | hold ids by expiry (ms), for the sweeper |
+//! | `{b}:vision_units:<month>` | hash | Vision units used this month per feature (the free tier) |
+//! | `{b}:rate:<org>:<minute>` | string | jobs admitted this minute (rate limit) |
+
+pub mod alerts;
+pub mod catalog;
 
 use std::collections::BTreeMap;
+use std::sync::LazyLock;
+use std::time::Duration;
 
-use serde::Deserialize;
+use chrono::{DateTime, Datelike, NaiveDate, TimeZone, Utc};
+use redis::{AsyncCommands, Script};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
 
-use crate::domain::MicroUsd;
+pub use catalog::{PriceCatalog, PriceError};
 
-const BUILTIN_CATALOG: &str = include_str!("catalog.json");
+use crate::config::BudgetSettings;
+use crate::domain::{MicroUsd, Tier};
+use crate::redis_conn::Conn;
 
-#[derive(Debug, Clone, Deserialize)]
-pub struct VisionFeaturePrice {
-    pub per_1k: i64,
-    pub per_1k_above_5m: i64,
-    /// This feature is free when the named feature is in the same request.
-    #[serde(default)]
-    pub free_with: Option<String>,
+static RESERVE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("reserve.lua")));
+static SETTLE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("settle.lua")));
+static RATE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("rate.lua")));
+
+/// Day keys live 40 days, month keys 400: long enough for `aiq budget show` and rebuilds.
+const DAY_KEY_TTL_S: u64 = 40 * 86_400;
+const MONTH_KEY_TTL_S: u64 = 400 * 86_400;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BudgetError {
+    #[error("redis (budget): {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("unexpected reply from a budget script: {0}")]
+    Protocol(String),
 }
 
-#[derive(Debug, Clone, Deserialize)]
-pub struct VisionPrices {
-    pub free_units_per_month: u64,
-    pub tier2_from_units: u64,
-    pub features: BTreeMap<String, VisionFeaturePrice>,
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WindowKind {
+    Day,
+    Month,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize)]
-pub struct ModelPrice {
-    pub input_per_1m: i64,
-    pub cached_input_per_1m: i64,
-    pub output_per_1m: i64,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct PriceCatalog {
-    pub version: String,
-    pub vision: VisionPrices,
-    /// provider -> model -> price.
-    pub llm: BTreeMap<String, BTreeMap<String, ModelPrice>>,
-}
-
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum PriceError {
-    #[error("no price for Vision feature {0:?}: refusing to run an unpriced call")]
-    UnknownFeature(String),
-    #[error("no price for model {provider}:{model}: refusing to run an unpriced call")]
-    UnknownModel { provider: String, model: String },
-    #[error("price catalog: {0}")]
-    Catalog(String),
-}
-
-/// `units * price_per_batch / batch`, rounded up to the next micro-dollar so a cost is never
-/// under-counted.
-fn ceil_div_price(units: u64, price_per_batch: i64, batch: i64) -> MicroUsd {
-    let n = units as i128 * price_per_batch as i128;
-    let b = batch as i128;
-    MicroUsd::from_micros(((n + b - 1) / b) as i64)
-}
-
-impl PriceCatalog {
-    pub fn builtin() -> Self {
-        Self::parse(BUILTIN_CATALOG).expect("the built-in price catalog parses")
-    }
-
-    pub fn parse(json: &str) -> Result<Self, PriceError> {
-        let c: PriceCatalog =
-            serde_json::from_str(json).map_err(|e| PriceError::Catalog(e.to_string()))?;
-        for (name, p) in &c.vision.features {
-            if p.per_1k < 0 || p.per_1k_above_5m < 0 {
-                return Err(PriceError::Catalog(format!("negative price for {name}")));
-            }
+impl WindowKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WindowKind::Day => "day",
+            WindowKind::Month => "month",
         }
-        Ok(c)
     }
+}
 
-    /// The cost of one Vision request: `images` billable images, each with every feature.
-    pub fn vision_cost(&self, features: &[String], images: u32) -> Result<MicroUsd, PriceError> {
-        let mut per_image_per_1k = 0i64;
-        for f in features {
-            let price = self
-                .vision
-                .features
-                .get(f)
-                .ok_or_else(|| PriceError::UnknownFeature(f.clone()))?;
-            let free = price
-                .free_with
-                .as_ref()
-                .is_some_and(|other| features.iter().any(|g| g == other));
-            if !free {
-                per_image_per_1k += price.per_1k;
-            }
+/// A calendar window in the budget's time zone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Window {
+    pub kind: WindowKind,
+    /// "2026-11-22" or "2026-11".
+    pub label: String,
+    pub resets_at: DateTime<Utc>,
+}
+
+/// The day and month windows `now` falls in, in time zone `tz`, and the billing date of a cost
+/// recorded now.
+pub fn windows_at(now: DateTime<Utc>, tz: chrono_tz::Tz) -> (Window, Window, NaiveDate) {
+    let local = now.with_timezone(&tz).date_naive();
+    let start_of = |d: NaiveDate| {
+        let midnight = d.and_hms_opt(0, 0, 0).expect("midnight exists");
+        // A midnight skipped by a DST change starts the day at the first instant after it.
+        tz.from_local_datetime(&midnight)
+            .earliest()
+            .unwrap_or_else(|| tz.from_utc_datetime(&midnight))
+            .with_timezone(&Utc)
+    };
+    let tomorrow = local.succ_opt().expect("a next day");
+    let next_month = if local.month() == 12 {
+        NaiveDate::from_ymd_opt(local.year() + 1, 1, 1)
+    } else {
+        NaiveDate::from_ymd_opt(local.year(), local.month() + 1, 1)
+    }
+    .expect("a next month");
+    (
+        Window {
+            kind: WindowKind::Day,
+            label: local.format("%Y-%m-%d").to_string(),
+            resets_at: start_of(tomorrow),
+        },
+        Window {
+            kind: WindowKind::Month,
+            label: local.format("%Y-%m").to_string(),
+            resets_at: start_of(next_month),
+        },
+        local,
+    )
+}
+
+/// Who a budget scope belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Owner {
+    Global,
+    Org(Uuid),
+}
+
+impl Owner {
+    /// "global" or "org:<uuid>", as alerts and keys name it.
+    pub fn name(&self) -> String {
+        match self {
+            Owner::Global => "global".into(),
+            Owner::Org(o) => format!("org:{o}"),
         }
-        Ok(ceil_div_price(images as u64, per_image_per_1k, 1000))
     }
 
-    /// Checks that every feature has a price, before any call is made.
-    pub fn check_features(&self, features: &[String]) -> Result<(), PriceError> {
-        self.vision_cost(features, 0).map(|_| ())
+    fn describe(&self) -> String {
+        match self {
+            Owner::Global => "the platform".into(),
+            Owner::Org(o) => format!("organization {o}"),
+        }
+    }
+}
+
+/// One limit in one window: the unit a reservation must fit into.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scope {
+    pub owner: Owner,
+    pub window: Window,
+    pub limit: MicroUsd,
+}
+
+impl Scope {
+    /// The key suffix under `{b}:spend:`.
+    pub fn suffix(&self) -> String {
+        let k = match self.window.kind {
+            WindowKind::Day => "d",
+            WindowKind::Month => "m",
+        };
+        format!("{}:{k}:{}", self.owner.name(), self.window.label)
     }
 
-    pub fn model_price(&self, provider: &str, model: &str) -> Result<ModelPrice, PriceError> {
-        self.llm
-            .get(provider)
-            .and_then(|m| m.get(model))
-            .copied()
-            .ok_or_else(|| PriceError::UnknownModel {
-                provider: provider.to_owned(),
-                model: model.to_owned(),
-            })
+    fn key_ttl(&self) -> u64 {
+        match self.window.kind {
+            WindowKind::Day => DAY_KEY_TTL_S,
+            WindowKind::Month => MONTH_KEY_TTL_S,
+        }
     }
 
-    /// The cost of one LLM call from its usage. `prompt_tokens` includes `cached_tokens`.
-    pub fn llm_cost(
+    fn describe(&self) -> String {
+        let period = match self.window.kind {
+            WindowKind::Day => "daily",
+            WindowKind::Month => "monthly",
+        };
+        format!("{} {period} limit of {}", self.owner.describe(), self.limit)
+    }
+}
+
+/// A scope's totals after a settlement (for alerts) or on inspection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ScopeState {
+    pub scope: String,
+    pub owner: String,
+    pub window_kind: WindowKind,
+    pub window: String,
+    pub spent: MicroUsd,
+    pub reserved: MicroUsd,
+    pub limit: MicroUsd,
+}
+
+impl ScopeState {
+    fn from_suffix(suffix: &str, spent: i64, reserved: i64, limit: i64) -> Option<Self> {
+        // "global:d:2026-11-22" or "org:<uuid>:m:2026-11"
+        let mut parts: Vec<&str> = suffix.rsplitn(3, ':').collect();
+        parts.reverse();
+        let [owner, kind, window] = <[&str; 3]>::try_from(parts).ok()?;
+        Some(ScopeState {
+            scope: suffix.to_owned(),
+            owner: owner.to_owned(),
+            window_kind: if kind == "d" {
+                WindowKind::Day
+            } else {
+                WindowKind::Month
+            },
+            window: window.to_owned(),
+            spent: MicroUsd::from_micros(spent),
+            reserved: MicroUsd::from_micros(reserved),
+            limit: MicroUsd::from_micros(limit),
+        })
+    }
+}
+
+/// Which call a reservation is for; written into the cost row if the sweeper has to settle it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallMeta {
+    pub job_id: String,
+    pub execution: i64,
+    pub attempt: u32,
+    pub call_seq: i32,
+    pub organization_id: Uuid,
+    pub tier: String,
+    pub provider: String,
+    pub operation: String,
+    pub model: Option<String>,
+    pub billing_date: NaiveDate,
+}
+
+impl CallMeta {
+    /// The reservation id: one per call of one execution of a job.
+    pub fn reservation_id(&self) -> String {
+        format!("{}:{}:{}", self.job_id, self.execution, self.call_seq)
+    }
+}
+
+/// A hold on the budget for one call.
+#[derive(Debug, Clone)]
+pub struct Reservation {
+    pub id: String,
+    pub estimate: MicroUsd,
+    pub meta: CallMeta,
+}
+
+/// Why a call may not run.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub scope: Scope,
+    pub spent: MicroUsd,
+    pub reserved: MicroUsd,
+    pub estimate: MicroUsd,
+}
+
+impl Refusal {
+    pub fn message(&self) -> String {
+        format!(
+            "budget exceeded: {} reached (spent {}, held by running calls {}, this call needs up to {}); resets at {}",
+            self.scope.describe(),
+            self.spent,
+            self.reserved,
+            self.estimate,
+            self.scope.window.resets_at.to_rfc3339()
+        )
+    }
+}
+
+/// An organisation's limits after overrides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OrgLimits {
+    pub daily: MicroUsd,
+    pub monthly: MicroUsd,
+}
+
+/// A reservation that expired without being settled (its worker died).
+#[derive(Debug, Clone)]
+pub struct Expired {
+    pub id: String,
+    pub estimate: MicroUsd,
+    pub meta: Option<CallMeta>,
+}
+
+#[derive(Clone)]
+pub struct Budget {
+    conn: Conn,
+    base: String,
+    settings: BudgetSettings,
+}
+
+impl Budget {
+    pub async fn connect(
+        redis_url: &str,
+        cluster: bool,
+        settings: &BudgetSettings,
+    ) -> Result<Self, BudgetError> {
+        let conn = Conn::connect(redis_url, cluster).await?;
+        Ok(Self {
+            conn,
+            base: format!("{{{}}}", settings.prefix),
+            settings: settings.clone(),
+        })
+    }
+
+    pub fn settings(&self) -> &BudgetSettings {
+        &self.settings
+    }
+
+    fn key(&self, suffix: &str) -> String {
+        format!("{}:{suffix}", self.base)
+    }
+
+    /// The tier defaults for an organisation.
+    pub fn tier_limits(&self, tier: Tier) -> OrgLimits {
+        OrgLimits {
+            daily: self.settings.org_daily[tier.index()],
+            monthly: self.settings.org_monthly[tier.index()],
+        }
+    }
+
+    /// The four scopes a call of `org` at `now` must fit into, platform first.
+    pub fn scopes(
         &self,
-        provider: &str,
-        model: &str,
-        prompt_tokens: u64,
-        cached_tokens: u64,
-        output_tokens: u64,
-    ) -> Result<MicroUsd, PriceError> {
-        let p = self.model_price(provider, model)?;
-        let uncached = prompt_tokens.saturating_sub(cached_tokens) as i128;
-        let total = uncached * p.input_per_1m as i128
-            + cached_tokens as i128 * p.cached_input_per_1m as i128
-            + output_tokens as i128 * p.output_per_1m as i128;
-        Ok(MicroUsd::from_micros(
-            ((total + 999_999) / 1_000_000) as i64,
-        ))
+        org: Uuid,
+        limits: OrgLimits,
+        now: DateTime<Utc>,
+    ) -> (Vec<Scope>, NaiveDate) {
+        let (day, month, billing_date) = windows_at(now, self.settings.timezone);
+        let scopes = vec![
+            Scope {
+                owner: Owner::Global,
+                window: day.clone(),
+                limit: self.settings.global_daily,
+            },
+            Scope {
+                owner: Owner::Global,
+                window: month.clone(),
+                limit: self.settings.global_monthly,
+            },
+            Scope {
+                owner: Owner::Org(org),
+                window: day,
+                limit: limits.daily,
+            },
+            Scope {
+                owner: Owner::Org(org),
+                window: month,
+                limit: limits.monthly,
+            },
+        ];
+        (scopes, billing_date)
+    }
+
+    /// Holds `estimate` in every scope of `meta`'s organisation, or refuses naming the scope
+    /// without room. `ttl` is how long the hold lives if nobody settles it.
+    pub async fn reserve(
+        &self,
+        meta: CallMeta,
+        limits: OrgLimits,
+        estimate: MicroUsd,
+        ttl: Duration,
+        now: DateTime<Utc>,
+    ) -> Result<Result<Reservation, Refusal>, BudgetError> {
+        let (scopes, _) = self.scopes(meta.organization_id, limits, now);
+        let id = meta.reservation_id();
+        let meta_json = serde_json::to_string(&meta).expect("call meta serialises");
+        let mut conn = self.conn.clone();
+        let mut inv = RESERVE.key(&self.base);
+        inv.arg(&id)
+            .arg(estimate.micros())
+            .arg(ttl.as_millis() as u64)
+            .arg(&meta_json)
+            .arg(scopes.len());
+        for s in &scopes {
+            inv.arg(s.suffix()).arg(s.limit.micros()).arg(s.key_ttl());
+        }
+        let reply: Vec<i64> = inv.invoke_async(&mut conn).await?;
+        match reply.as_slice() {
+            [1] | [2] => Ok(Ok(Reservation { id, estimate, meta })),
+            [0, i, spent, reserved] => {
+                let scope = scopes
+                    .get((*i as usize).wrapping_sub(1))
+                    .cloned()
+                    .ok_or_else(|| BudgetError::Protocol(format!("reserve refused scope {i}")))?;
+                Ok(Err(Refusal {
+                    scope,
+                    spent: MicroUsd::from_micros(*spent),
+                    reserved: MicroUsd::from_micros(*reserved),
+                    estimate,
+                }))
+            }
+            other => Err(BudgetError::Protocol(format!("reserve returned {other:?}"))),
+        }
+    }
+
+    /// Replaces a hold with the actual cost. Returns the scopes' new totals (empty when the hold
+    /// was already settled or swept).
+    pub async fn settle(
+        &self,
+        reservation_id: &str,
+        actual: MicroUsd,
+    ) -> Result<Vec<ScopeState>, BudgetError> {
+        let mut conn = self.conn.clone();
+        let rows: Vec<(String, i64, i64, i64)> = SETTLE
+            .key(&self.base)
+            .arg(reservation_id)
+            .arg(actual.micros())
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(suffix, spent, reserved, limit)| {
+                ScopeState::from_suffix(&suffix, spent, reserved, limit)
+            })
+            .collect())
+    }
+
+    /// Holds whose time ran out: their workers died (or stalled past the provider timeout).
+    pub async fn expired(&self, limit: usize) -> Result<Vec<Expired>, BudgetError> {
+        let mut conn = self.conn.clone();
+        let now_ms = Utc::now().timestamp_millis();
+        let ids: Vec<String> = conn
+            .zrangebyscore_limit(self.key("res_expiry"), "-inf", now_ms, 0, limit as isize)
+            .await?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            let (amount, meta): (Option<i64>, Option<String>) = conn
+                .hmget(self.key(&format!("res:{id}")), &["_amount", "_meta"])
+                .await?;
+            match amount {
+                Some(a) => out.push(Expired {
+                    id,
+                    estimate: MicroUsd::from_micros(a),
+                    meta: meta.and_then(|m| serde_json::from_str(&m).ok()),
+                }),
+                None => {
+                    // Settled meanwhile: drop the stale index entry.
+                    let _: i64 = conn.zrem(self.key("res_expiry"), &id).await?;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Counts `units` more Vision units per feature this month; returns the units used before
+    /// each, which price the call (the first 1,000 a month are free).
+    pub async fn claim_vision_units(
+        &self,
+        month: &str,
+        units: &[(&str, u64)],
+    ) -> Result<Vec<u64>, BudgetError> {
+        if units.is_empty() {
+            return Ok(Vec::new());
+        }
+        let key = self.key(&format!("vision_units:{month}"));
+        let mut pipe = redis::pipe();
+        for (feature, n) in units {
+            pipe.hincr(&key, *feature, *n);
+        }
+        pipe.expire(&key, MONTH_KEY_TTL_S as i64).ignore();
+        let mut conn = self.conn.clone();
+        let after: Vec<u64> = pipe.query_async(&mut conn).await?;
+        Ok(after
+            .iter()
+            .zip(units)
+            .map(|(a, (_, n))| a.saturating_sub(*n))
+            .collect())
+    }
+
+    /// Admits one job of `org` under its tier's jobs-per-minute limit; `Err` holds how long to
+    /// wait for the next minute.
+    pub async fn admit(&self, org: Uuid, tier: Tier) -> Result<Result<(), Duration>, BudgetError> {
+        let limit = self.settings.org_jobs_per_minute[tier.index()];
+        if limit == 0 {
+            return Ok(Ok(()));
+        }
+        let mut conn = self.conn.clone();
+        let wait_ms: u64 = RATE
+            .key(&self.base)
+            .arg(org.to_string())
+            .arg(limit)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(if wait_ms == 0 {
+            Ok(())
+        } else {
+            Err(Duration::from_millis(wait_ms))
+        })
+    }
+
+    /// The current totals of `scopes`.
+    pub async fn state(&self, scopes: &[Scope]) -> Result<Vec<ScopeState>, BudgetError> {
+        let mut conn = self.conn.clone();
+        let mut out = Vec::with_capacity(scopes.len());
+        for s in scopes {
+            let (spent, reserved): (Option<i64>, Option<i64>) = conn
+                .hmget(
+                    self.key(&format!("spend:{}", s.suffix())),
+                    &["spent", "reserved"],
+                )
+                .await?;
+            out.push(ScopeState {
+                scope: s.suffix(),
+                owner: s.owner.name(),
+                window_kind: s.window.kind,
+                window: s.window.label.clone(),
+                spent: MicroUsd::from_micros(spent.unwrap_or(0)),
+                reserved: MicroUsd::from_micros(reserved.unwrap_or(0)),
+                limit: s.limit,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Sets a scope's settled spend (after Redis lost its data; see `aiq budget rebuild`). Holds
+    /// of calls still running are kept.
+    pub async fn set_spent(&self, scope: &Scope, spent: MicroUsd) -> Result<(), BudgetError> {
+        let mut conn = self.conn.clone();
+        let key = self.key(&format!("spend:{}", scope.suffix()));
+        let _: () = redis::pipe()
+            .hset(&key, "spent", spent.micros())
+            .hset_nx(&key, "reserved", 0)
+            .expire(&key, scope.key_ttl() as i64)
+            .query_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Sets this month's Vision units per feature (rebuild).
+    pub async fn set_vision_units(
+        &self,
+        month: &str,
+        units: &BTreeMap<String, u64>,
+    ) -> Result<(), BudgetError> {
+        let mut conn = self.conn.clone();
+        let key = self.key(&format!("vision_units:{month}"));
+        let mut pipe = redis::pipe();
+        pipe.del(&key).ignore();
+        for (f, n) in units {
+            pipe.hset(&key, f, *n).ignore();
+        }
+        pipe.expire(&key, MONTH_KEY_TTL_S as i64).ignore();
+        let _: () = pipe.query_async(&mut conn).await?;
+        Ok(())
+    }
+
+    /// Every organisation scope with a spend key in the windows of `now` (for rebuild and costs).
+    pub async fn vision_units(&self, month: &str) -> Result<BTreeMap<String, u64>, BudgetError> {
+        let mut conn = self.conn.clone();
+        Ok(conn
+            .hgetall(self.key(&format!("vision_units:{month}")))
+            .await?)
     }
 }
 
@@ -138,62 +547,43 @@ impl PriceCatalog {
 mod tests {
     use super::*;
 
-    #[test]
-    fn vision_costs_follow_the_per_feature_price_and_free_pairs() {
-        let c = PriceCatalog::builtin();
-        let f = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        // 1,000 images x label ($1.50) = $1.50.
-        assert_eq!(
-            c.vision_cost(&f(&["LABEL_DETECTION"]), 1000)
-                .unwrap()
-                .micros(),
-            1_500_000
-        );
-        // Safe search is free with label detection; object localization is $2.25.
-        assert_eq!(
-            c.vision_cost(
-                &f(&[
-                    "LABEL_DETECTION",
-                    "SAFE_SEARCH_DETECTION",
-                    "OBJECT_LOCALIZATION"
-                ]),
-                800_000
-            )
-            .unwrap()
-            .micros(),
-            (1_500_000 + 2_250_000) * 800
-        );
-        // One image of label detection costs $0.0015.
-        assert_eq!(
-            c.vision_cost(&f(&["LABEL_DETECTION"]), 1).unwrap().micros(),
-            1_500
-        );
-        assert!(matches!(
-            c.vision_cost(&f(&["MIND_READING"]), 1),
-            Err(PriceError::UnknownFeature(_))
-        ));
+    fn utc(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
     }
 
     #[test]
-    fn llm_costs_follow_the_documented_formula_and_round_up() {
-        let c = PriceCatalog::builtin();
-        // gpt-4o-mini: 1,200 prompt of which 1,024 cached, 300 out:
-        // 176 * 0.15 + 1024 * 0.075 + 300 * 0.60 = 26.4 + 76.8 + 180 = 283.2 micro-USD -> 284.
-        assert_eq!(
-            c.llm_cost("openai", "gpt-4o-mini", 1200, 1024, 300)
-                .unwrap()
-                .micros(),
-            284
-        );
-        assert_eq!(
-            c.llm_cost("openai", "gpt-4o", 1_000_000, 0, 0)
-                .unwrap()
-                .micros(),
-            2_500_000
-        );
-        assert!(matches!(
-            c.llm_cost("openai", "gpt-99", 1, 0, 1),
-            Err(PriceError::UnknownModel { .. })
-        ));
+    fn windows_follow_the_calendar_of_the_configured_time_zone() {
+        let (day, month, billing) = windows_at(utc("2026-11-30T23:30:00Z"), chrono_tz::UTC);
+        assert_eq!(day.label, "2026-11-30");
+        assert_eq!(day.resets_at, utc("2026-12-01T00:00:00Z"));
+        assert_eq!(month.label, "2026-11");
+        assert_eq!(month.resets_at, utc("2026-12-01T00:00:00Z"));
+        assert_eq!(billing.to_string(), "2026-11-30");
+        // In Berlin (UTC+1 in winter) it is already December 1st.
+        let (day, month, _) = windows_at(utc("2026-11-30T23:30:00Z"), chrono_tz::Europe::Berlin);
+        assert_eq!(day.label, "2026-12-01");
+        assert_eq!(day.resets_at, utc("2026-12-01T23:00:00Z"));
+        assert_eq!(month.label, "2026-12");
+        assert_eq!(month.resets_at, utc("2026-12-31T23:00:00Z"));
+        // December rolls over into the next year.
+        let (_, month, _) = windows_at(utc("2026-12-15T12:00:00Z"), chrono_tz::UTC);
+        assert_eq!(month.resets_at, utc("2027-01-01T00:00:00Z"));
+    }
+
+    #[test]
+    fn scope_suffixes_parse_back() {
+        let s = ScopeState::from_suffix(
+            "org:0b6f1b3e-2a55-4a6e-9a43-2f6f6f1b2c3d:d:2026-11-22",
+            5,
+            6,
+            7,
+        )
+        .unwrap();
+        assert_eq!(s.owner, "org:0b6f1b3e-2a55-4a6e-9a43-2f6f6f1b2c3d");
+        assert_eq!(s.window_kind, WindowKind::Day);
+        assert_eq!(s.window, "2026-11-22");
+        let g = ScopeState::from_suffix("global:m:2026-11", 1, 0, 2).unwrap();
+        assert_eq!(g.owner, "global");
+        assert_eq!(g.window_kind, WindowKind::Month);
     }
 }

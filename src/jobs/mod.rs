@@ -1,37 +1,100 @@
-//! The handlers. Each job is decoded once, then: price check -> provider call -> cost -> one
-//! transaction of rows in PostgreSQL. The outcome goes back to the queue as a [`Failure`] kind
-//! (retry, permanent) that the backend's ack layer turns into a retry, a dead job or an ack.
-//! Handlers read no environment variables: everything comes in through [`App`].
+//! The handlers. Each job is decoded once, then: rate limit -> estimate -> reserve the budget ->
+//! provider call -> actual cost -> one transaction of rows in PostgreSQL -> settle the budget with
+//! the cost the row holds -> alerts. The outcome goes back to the queue as a [`Failure`] kind
+//! (retry, permanent, defer) that the backend's ack layer turns into a retry, a dead job, a
+//! deferral or an ack. Handlers read no environment variables: everything comes in through [`App`].
 
 pub mod payload;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use apalis_core::error::BoxDynError;
 use apalis_core::task::Task;
+use chrono::Utc;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use serde_json::{Value, json};
 use tower::Service;
 use tracing::Instrument;
+use uuid::Uuid;
 
-use crate::budget::PriceCatalog;
-use crate::domain::MicroUsd;
+use crate::budget::alerts::Alerts;
+use crate::budget::{Budget, CallMeta, OrgLimits, PriceCatalog, Refusal, Reservation};
+use crate::config::OnBudgetExceeded;
+use crate::domain::{MicroUsd, Tier};
 use crate::providers::openai::{self, OpenAiClient};
 use crate::providers::vision::{self, ImageResult, VisionClient};
 use crate::providers::{ErrorKind, ProviderError};
 use crate::queue::backend::{Failure, RawJob};
-use crate::store::{CallRecord, ErrorRecord, JobRef, ResultRecord, Store};
+use crate::store::{CallRecord, CallStatus, ErrorRecord, JobRef, ResultRecord, Store};
 use payload::{JobInput, LlmPayload, VisionPayload, decode};
+
+/// How long an organisation's limit overrides are cached.
+const LIMITS_CACHE: Duration = Duration::from_secs(30);
 
 /// What the handlers need, built once at start.
 pub struct App {
     pub store: Store,
+    pub budget: Budget,
+    pub alerts: Arc<Alerts>,
     pub vision: VisionClient,
     pub openai: OpenAiClient,
     pub prices: PriceCatalog,
+    /// How long a reservation lives unsettled: longer than any provider call can take.
+    pub reservation_ttl: Duration,
+    limits: Mutex<HashMap<Uuid, (Instant, OrgLimits)>>,
+}
+
+impl App {
+    pub fn new(
+        store: Store,
+        budget: Budget,
+        vision: VisionClient,
+        openai: OpenAiClient,
+        prices: PriceCatalog,
+        reservation_ttl: Duration,
+    ) -> Self {
+        Self {
+            alerts: Arc::new(Alerts::new(store.clone())),
+            store,
+            budget,
+            vision,
+            openai,
+            prices,
+            reservation_ttl,
+            limits: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// An organisation's limits: its ai_cost_limits overrides over its tier's defaults.
+    async fn org_limits(&self, org: Uuid, tier: Tier) -> Result<OrgLimits, Failure> {
+        if let Some((at, limits)) = self.limits.lock().expect("limits cache").get(&org)
+            && at.elapsed() < LIMITS_CACHE
+        {
+            return Ok(*limits);
+        }
+        let (daily, monthly) =
+            self.store
+                .org_limit_overrides(org)
+                .await
+                .map_err(|e| Failure::Retry {
+                    message: format!("reading the organisation's limits failed: {e}"),
+                    after: None,
+                })?;
+        let defaults = self.budget.tier_limits(tier);
+        let limits = OrgLimits {
+            daily: daily.unwrap_or(defaults.daily),
+            monthly: monthly.unwrap_or(defaults.monthly),
+        };
+        self.limits
+            .lock()
+            .expect("limits cache")
+            .insert(org, (Instant::now(), limits));
+        Ok(limits)
+    }
 }
 
 /// The apalis service that runs one job.
@@ -76,11 +139,12 @@ fn job_ref(raw: &RawJob, input: Option<&JobInput>) -> JobRef {
         job_id: raw.id.clone(),
         kind: raw.kind.clone(),
         tier: Some(raw.tier.clone()),
-        organization_id: uuid::Uuid::parse_str(&raw.organization_id).ok(),
+        organization_id: Uuid::parse_str(&raw.organization_id).ok(),
         subject_id: common.and_then(|c| c.subject_id),
         subject_type: common.and_then(|c| c.subject_type.clone()),
         correlation_id: common.and_then(|c| c.correlation_id.clone()),
         attempt: raw.attempt,
+        execution: raw.token as i64,
     }
 }
 
@@ -89,6 +153,14 @@ pub async fn run(app: &App, raw: &RawJob) -> Result<(), Failure> {
     let span = tracing::info_span!("job", job.id = %raw.id, job.kind = %raw.kind, tier = %raw.tier,
         organization_id = %raw.organization_id, attempt = raw.attempt);
     run_in_span(app, raw).instrument(span).await
+}
+
+/// What a job's one provider call is about to be.
+struct Planned {
+    provider: &'static str,
+    operation: &'static str,
+    model: Option<String>,
+    estimate: MicroUsd,
 }
 
 async fn run_in_span(app: &App, raw: &RawJob) -> Result<(), Failure> {
@@ -117,9 +189,58 @@ async fn run_in_span(app: &App, raw: &RawJob) -> Result<(), Failure> {
         }
     };
     let job = job_ref(raw, Some(&input));
+    let org = input.common().organization_id.as_uuid();
+    let tier = input.common().tier;
+
+    // The organisation's rate: a job over it waits for the next minute, it does not fail.
+    match app.budget.admit(org, tier).await {
+        Ok(Ok(())) => {}
+        Ok(Err(wait)) => {
+            return Err(Failure::Defer {
+                message: format!("organization {org} is over its {tier} rate of jobs per minute"),
+                after: wait,
+            });
+        }
+        Err(e) => return Err(redis_down(e)),
+    }
+
+    let planned = match plan(app, &input) {
+        Ok(p) => p,
+        Err(e) => return unpriced(app, &job, &input, e).await,
+    };
+    let limits = app.org_limits(org, tier).await?;
+    let (_, billing_date) = app.budget.scopes(org, limits, Utc::now());
+    let meta = CallMeta {
+        job_id: raw.id.clone(),
+        execution: job.execution,
+        attempt: raw.attempt,
+        call_seq: 0,
+        organization_id: org,
+        tier: tier.as_str().into(),
+        provider: planned.provider.into(),
+        operation: planned.operation.into(),
+        model: planned.model.clone(),
+        billing_date,
+    };
+    let reservation = match app
+        .budget
+        .reserve(
+            meta,
+            limits,
+            planned.estimate,
+            app.reservation_ttl,
+            Utc::now(),
+        )
+        .await
+    {
+        Ok(Ok(r)) => r,
+        Ok(Err(refusal)) => return over_budget(app, raw, &job, &planned, refusal).await,
+        Err(e) => return Err(redis_down(e)),
+    };
+
     let outcome = match &input {
-        JobInput::Vision(v) => run_vision(app, raw, &job, v).await,
-        JobInput::Llm(l) => run_llm(app, raw, &job, l).await,
+        JobInput::Vision(v) => run_vision(app, raw, &job, v, &reservation).await,
+        JobInput::Llm(l) => run_llm(app, raw, &job, l, &reservation).await,
     };
     match &outcome {
         Ok(()) => tracing::info!("job succeeded"),
@@ -128,12 +249,74 @@ async fn run_in_span(app: &App, raw: &RawJob) -> Result<(), Failure> {
     outcome
 }
 
-/// A store error is retryable: the provider's answer is lost, and the next attempt calls again.
-fn record(r: Result<(), crate::store::StoreError>) -> Result<(), Failure> {
+/// Redis is the budget's ledger of holds: without it no call may start (fail closed).
+fn redis_down(e: crate::budget::BudgetError) -> Failure {
+    Failure::Retry {
+        message: format!("no provider call without a budget check, and the check failed: {e}"),
+        after: None,
+    }
+}
+
+/// The call a job will make, priced at the most it can cost.
+fn plan(app: &App, input: &JobInput) -> Result<Planned, crate::budget::PriceError> {
+    match input {
+        JobInput::Vision(v) => {
+            let features: Vec<String> = v.features.iter().map(|f| f.kind.clone()).collect();
+            Ok(Planned {
+                provider: vision::PROVIDER,
+                operation: "images:annotate",
+                model: None,
+                estimate: app
+                    .prices
+                    .vision_estimate(&features, v.images.len() as u32)?,
+            })
+        }
+        JobInput::Llm(l) => {
+            // An upper bound on input tokens without a tokenizer: a token is at least one byte
+            // of UTF-8, plus a few tokens of framing per message.
+            let input_bound: u64 = l
+                .messages
+                .iter()
+                .map(|m| m.content.len() as u64 + m.role.len() as u64 + 8)
+                .sum();
+            Ok(Planned {
+                provider: match l.provider.as_str() {
+                    "openai" => openai::PROVIDER,
+                    "anthropic" => "anthropic",
+                    "gemini" => "gemini",
+                    _ => "unknown",
+                },
+                operation: "chat.completions",
+                model: Some(l.model.clone()),
+                estimate: app.prices.llm_estimate(
+                    &l.provider,
+                    &l.model,
+                    input_bound,
+                    l.max_tokens as u64,
+                )?,
+            })
+        }
+    }
+}
+
+/// A store error is retryable. The reservation is left to expire: the sweeper then records the
+/// call at its estimate, so a paid call whose row was lost is still counted.
+fn record<T>(r: Result<T, crate::store::StoreError>) -> Result<T, Failure> {
     r.map_err(|e| Failure::Retry {
         message: format!("recording the outcome failed: {e}"),
         after: None,
     })
+}
+
+/// Settles the budget with the cost PostgreSQL holds for the call, then raises any alerts.
+async fn settle(app: &App, reservation: &Reservation, recorded: MicroUsd) {
+    match app.budget.settle(&reservation.id, recorded).await {
+        Ok(states) => app.alerts.check(&states).await,
+        // The hold stays and expires; the sweeper settles it from the cost row.
+        Err(e) => {
+            tracing::warn!(error = %e, reservation = %reservation.id, "settling the budget failed; the sweeper will")
+        }
+    }
 }
 
 fn failed_result(provider: &str, model: Option<String>, message: &str) -> ResultRecord {
@@ -149,14 +332,34 @@ fn failed_result(provider: &str, model: Option<String>, message: &str) -> Result
     }
 }
 
-/// Records a failed provider call and turns it into the queue's failure kind.
+fn call_record(app: &App, r: &Reservation, cost: MicroUsd, status: CallStatus) -> CallRecord {
+    CallRecord {
+        provider: r.meta.provider.clone(),
+        operation: r.meta.operation.clone(),
+        model: r.meta.model.clone(),
+        call_seq: r.meta.call_seq,
+        billing_date: r.meta.billing_date,
+        estimate: Some(r.estimate),
+        units: None,
+        input_tokens: None,
+        cached_tokens: None,
+        output_tokens: None,
+        cost,
+        status,
+        price_version: app.prices.version.clone(),
+        metadata: json!({}),
+    }
+}
+
+/// Records a failed provider call and turns it into the queue's failure kind. A call that timed
+/// out after it was sent may have been billed, so it costs its estimate; one the provider
+/// answered with an error, or that never connected, costs nothing.
 async fn provider_failed(
     app: &App,
     raw: &RawJob,
     job: &JobRef,
     e: ProviderError,
-    operation: &str,
-    model: Option<String>,
+    reservation: &Reservation,
 ) -> Result<(), Failure> {
     let last = !e.is_retryable() || raw.attempt >= raw.max_attempts;
     let err = ErrorRecord {
@@ -166,27 +369,21 @@ async fn provider_failed(
         provider: Some(e.provider.into()),
         http_status: e.status.map(i32::from),
     };
-    // A call that got an answer is a call: it costs a row even when the answer is an error.
-    let call = e.status.map(|status| CallRecord {
-        provider: e.provider.into(),
-        operation: operation.into(),
-        model: model.clone(),
-        call_seq: 0,
-        units: None,
-        input_tokens: None,
-        cached_tokens: None,
-        output_tokens: None,
-        cost: MicroUsd::ZERO,
-        succeeded: false,
-        price_version: app.prices.version.clone(),
-        metadata: json!({ "http_status": status }),
-    });
-    let result = last.then(|| failed_result(e.provider, model, &e.to_string()));
-    record(
+    let cost = if e.kind == ErrorKind::Timeout {
+        reservation.estimate
+    } else {
+        MicroUsd::ZERO
+    };
+    let mut call = call_record(app, reservation, cost, CallStatus::Failed);
+    call.metadata = json!({ "http_status": e.status, "error": e.kind.as_str() });
+    let result =
+        last.then(|| failed_result(e.provider, reservation.meta.model.clone(), &e.to_string()));
+    let recorded = record(
         app.store
-            .record_failure(job, &err, call.as_ref(), result.as_ref())
+            .record_failure(job, &err, Some(&call), result.as_ref())
             .await,
     )?;
+    settle(app, reservation, recorded.unwrap_or(cost)).await;
     if e.is_retryable() {
         Err(Failure::Retry {
             message: e.to_string(),
@@ -203,17 +400,21 @@ async fn provider_failed(
 async fn unpriced(
     app: &App,
     job: &JobRef,
-    provider: &str,
+    input: &JobInput,
     e: crate::budget::PriceError,
 ) -> Result<(), Failure> {
+    let provider = match input {
+        JobInput::Vision(_) => vision::PROVIDER.to_owned(),
+        JobInput::Llm(l) => l.provider.clone(),
+    };
     let err = ErrorRecord {
         error_type: "unpriced".into(),
         message: e.to_string(),
         details: json!({}),
-        provider: Some(provider.into()),
+        provider: Some(provider.clone()),
         http_status: None,
     };
-    let result = failed_result(provider, None, &e.to_string());
+    let result = failed_result(&provider, None, &e.to_string());
     record(
         app.store
             .record_failure(job, &err, None, Some(&result))
@@ -224,29 +425,95 @@ async fn unpriced(
     })
 }
 
+/// No room in a budget: no call. The job waits for the window to reset (or fails, by setting).
+async fn over_budget(
+    app: &App,
+    raw: &RawJob,
+    job: &JobRef,
+    planned: &Planned,
+    refusal: Refusal,
+) -> Result<(), Failure> {
+    let message = refusal.message();
+    app.alerts.limit_reached(&refusal).await;
+    let fail = app.budget.settings().on_exceeded == OnBudgetExceeded::Fail;
+    let err = ErrorRecord {
+        error_type: "budget_exceeded".into(),
+        message: message.clone(),
+        details: json!({
+            "scope": refusal.scope.suffix(),
+            "limit_usd": refusal.scope.limit.as_usd_f64(),
+            "spent_usd": refusal.spent.as_usd_f64(),
+            "reserved_usd": refusal.reserved.as_usd_f64(),
+            "estimate_usd": refusal.estimate.as_usd_f64(),
+            "resets_at": refusal.scope.window.resets_at.to_rfc3339(),
+        }),
+        provider: Some(planned.provider.into()),
+        http_status: None,
+    };
+    let result = fail.then(|| failed_result(planned.provider, planned.model.clone(), &message));
+    record(
+        app.store
+            .record_failure(job, &err, None, result.as_ref())
+            .await,
+    )?;
+    tracing::info!(job.id = %raw.id, "{message}");
+    if fail {
+        return Err(Failure::Permanent { message });
+    }
+    let until = (refusal.scope.window.resets_at - Utc::now())
+        .to_std()
+        .unwrap_or_default();
+    // A little spread, so a window's waiting jobs do not all wake in the same millisecond.
+    let spread = Duration::from_millis(fastrand::u64(0..=2_000));
+    Err(Failure::Defer {
+        message,
+        after: until + spread,
+    })
+}
+
 async fn run_vision(
     app: &App,
     raw: &RawJob,
     job: &JobRef,
     v: &VisionPayload,
+    reservation: &Reservation,
 ) -> Result<(), Failure> {
     let features: Vec<String> = v.features.iter().map(|f| f.kind.clone()).collect();
-    if let Err(e) = app.prices.check_features(&features) {
-        return unpriced(app, job, vision::PROVIDER, e).await;
-    }
     let started = Instant::now();
     let resp = match app.vision.annotate(&v.images, &v.features).await {
         Ok(r) => r,
-        Err(e) => return provider_failed(app, raw, job, e, "images:annotate", None).await,
+        Err(e) => return provider_failed(app, raw, job, e, reservation).await,
     };
     let elapsed = started.elapsed().as_millis() as i64;
-    let billable = resp.billable_images();
-    let cost = app
+    let billable = resp.billable_images() as u64;
+    let billed = app
         .prices
-        .vision_cost(&features, billable)
+        .billed_features(&features)
         .map_err(|e| Failure::Permanent {
             message: e.to_string(),
         })?;
+    // The month's units so far decide the price (the first 1,000 of each feature are free).
+    let month = reservation.meta.billing_date.format("%Y-%m").to_string();
+    let units: Vec<(&str, u64)> = billed.iter().map(|f| (*f, billable)).collect();
+    let cost = match app.budget.claim_vision_units(&month, &units).await {
+        Ok(before) => {
+            let mut total = MicroUsd::ZERO;
+            for ((feature, n), b) in units.iter().zip(before) {
+                let c = app
+                    .prices
+                    .vision_feature_cost(feature, b, *n)
+                    .map_err(|e| Failure::Permanent {
+                        message: e.to_string(),
+                    })?;
+                total = total.checked_add(c).unwrap_or(total);
+            }
+            total
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "counting Vision units failed; pricing the call at its estimate");
+            reservation.estimate
+        }
+    };
     let failed_images: Vec<Value> = resp
         .images
         .iter()
@@ -258,20 +525,14 @@ async fn run_vision(
             ImageResult::Annotated(_) => None,
         })
         .collect();
-    let call = CallRecord {
-        provider: vision::PROVIDER.into(),
-        operation: "images:annotate".into(),
-        model: None,
-        call_seq: 0,
-        units: Some(billable as i64 * features.len() as i64),
-        input_tokens: None,
-        cached_tokens: None,
-        output_tokens: None,
-        cost,
-        succeeded: true,
-        price_version: app.prices.version.clone(),
-        metadata: json!({ "features": features, "images": v.images.len(), "billable_images": billable, "failed_images": failed_images }),
-    };
+    let units_by_feature: serde_json::Map<String, Value> = units
+        .iter()
+        .map(|(f, n)| ((*f).to_owned(), json!(n)))
+        .collect();
+    let mut call = call_record(app, reservation, cost, CallStatus::Succeeded);
+    call.units = Some(billable as i64 * features.len() as i64);
+    call.metadata = json!({ "features": features, "images": v.images.len(), "billable_images": billable,
+        "units_by_feature": units_by_feature, "failed_images": failed_images });
     let confidence = confidence_scores(&resp.raw);
     let all_failed = billable == 0 || failed_images.len() == v.images.len();
     let result = ResultRecord {
@@ -290,7 +551,9 @@ async fn run_vision(
             )
         }),
     };
-    record(app.store.record_success(job, &call, &result).await)
+    let recorded = record(app.store.record_success(job, &call, &result).await)?;
+    settle(app, reservation, recorded).await;
+    Ok(())
 }
 
 /// Label scores by description, the shape the plan's confidence_scores column holds.
@@ -315,10 +578,13 @@ fn confidence_scores(raw: &Value) -> Value {
     Value::Object(scores)
 }
 
-async fn run_llm(app: &App, raw: &RawJob, job: &JobRef, l: &LlmPayload) -> Result<(), Failure> {
-    if let Err(e) = app.prices.model_price(&l.provider, &l.model) {
-        return unpriced(app, job, &l.provider, e).await;
-    }
+async fn run_llm(
+    app: &App,
+    raw: &RawJob,
+    job: &JobRef,
+    l: &LlmPayload,
+    reservation: &Reservation,
+) -> Result<(), Failure> {
     if l.provider != openai::PROVIDER {
         let e = ProviderError {
             provider: "aiq",
@@ -327,7 +593,7 @@ async fn run_llm(app: &App, raw: &RawJob, job: &JobRef, l: &LlmPayload) -> Resul
             message: format!("provider {} is not wired in this build yet", l.provider),
             retry_after: None,
         };
-        return provider_failed(app, raw, job, e, "chat.completions", Some(l.model.clone())).await;
+        return provider_failed(app, raw, job, e, reservation).await;
     }
     let started = Instant::now();
     let user = l.common.organization_id.to_string();
@@ -337,12 +603,11 @@ async fn run_llm(app: &App, raw: &RawJob, job: &JobRef, l: &LlmPayload) -> Resul
         .await
     {
         Ok(c) => c,
-        Err(e) => {
-            return provider_failed(app, raw, job, e, "chat.completions", Some(l.model.clone()))
-                .await;
-        }
+        Err(e) => return provider_failed(app, raw, job, e, reservation).await,
     };
     let elapsed = started.elapsed().as_millis() as i64;
+    // A response is priced from its usage; should that exceed what max_tokens allowed, the
+    // provider's count wins (it is what they bill).
     let cost = app
         .prices
         .llm_cost(
@@ -355,20 +620,11 @@ async fn run_llm(app: &App, raw: &RawJob, job: &JobRef, l: &LlmPayload) -> Resul
         .map_err(|e| Failure::Permanent {
             message: e.to_string(),
         })?;
-    let call = CallRecord {
-        provider: l.provider.clone(),
-        operation: "chat.completions".into(),
-        model: Some(l.model.clone()),
-        call_seq: 0,
-        units: None,
-        input_tokens: Some(c.usage.prompt_tokens as i64),
-        cached_tokens: Some(c.usage.cached_tokens as i64),
-        output_tokens: Some(c.usage.completion_tokens as i64),
-        cost,
-        succeeded: true,
-        price_version: app.prices.version.clone(),
-        metadata: json!({ "finish_reason": c.finish_reason, "response_model": c.model }),
-    };
+    let mut call = call_record(app, reservation, cost, CallStatus::Succeeded);
+    call.input_tokens = Some(c.usage.prompt_tokens as i64);
+    call.cached_tokens = Some(c.usage.cached_tokens as i64);
+    call.output_tokens = Some(c.usage.completion_tokens as i64);
+    call.metadata = json!({ "finish_reason": c.finish_reason, "response_model": c.model });
     let result = ResultRecord {
         provider: l.provider.clone(),
         model: Some(l.model.clone()),
@@ -379,5 +635,80 @@ async fn run_llm(app: &App, raw: &RawJob, job: &JobRef, l: &LlmPayload) -> Resul
         completed: true,
         error_message: None,
     };
-    record(app.store.record_success(job, &call, &result).await)
+    let recorded = record(app.store.record_success(job, &call, &result).await)?;
+    settle(app, reservation, recorded).await;
+    Ok(())
+}
+
+/// Settles reservations whose workers died: writes each call's cost row at its estimate (unless
+/// the call already has one) and settles the hold with whatever the row holds. Returns how many.
+pub async fn sweep_expired(app: &App) -> usize {
+    let expired = match app.budget.expired(100).await {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::warn!(error = %e, "listing expired budget reservations failed");
+            return 0;
+        }
+    };
+    let mut swept = 0;
+    for x in expired {
+        let recorded = match &x.meta {
+            Some(m) => {
+                let job = JobRef {
+                    job_id: m.job_id.clone(),
+                    kind: String::new(),
+                    tier: Some(m.tier.clone()),
+                    organization_id: Some(m.organization_id),
+                    subject_id: None,
+                    subject_type: None,
+                    correlation_id: None,
+                    attempt: m.attempt,
+                    execution: m.execution,
+                };
+                let call = CallRecord {
+                    provider: m.provider.clone(),
+                    operation: m.operation.clone(),
+                    model: m.model.clone(),
+                    call_seq: m.call_seq,
+                    billing_date: m.billing_date,
+                    estimate: Some(x.estimate),
+                    units: None,
+                    input_tokens: None,
+                    cached_tokens: None,
+                    output_tokens: None,
+                    cost: x.estimate,
+                    status: CallStatus::Expired,
+                    price_version: app.prices.version.clone(),
+                    metadata: json!({ "swept": "the worker stopped during the call; counted at the estimate" }),
+                };
+                match app.store.record_expired_call(&job, &call).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(error = %e, reservation = %x.id, "recording a swept call failed; will retry");
+                        continue;
+                    }
+                }
+            }
+            None => {
+                tracing::error!(reservation = %x.id, "a reservation without its call details: settled at the estimate with no cost row");
+                x.estimate
+            }
+        };
+        match app.budget.settle(&x.id, recorded).await {
+            Ok(states) => {
+                app.alerts.check(&states).await;
+                swept += 1;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, reservation = %x.id, "settling a swept reservation failed; will retry")
+            }
+        }
+    }
+    if swept > 0 {
+        tracing::warn!(
+            reservations = swept,
+            "swept expired budget reservations of stopped workers into cost rows"
+        );
+    }
+    swept
 }

@@ -43,6 +43,8 @@ pub struct RawJob {
     pub tier: String,
     pub organization_id: String,
     pub payload: String,
+    /// The lease's fencing token: it names this execution of the job.
+    pub token: u64,
     /// 1 for the first execution.
     pub attempt: u32,
     pub max_attempts: u32,
@@ -275,6 +277,7 @@ impl RedisBackend {
             tier: job.tier,
             organization_id: job.organization_id,
             payload: job.payload,
+            token: lease.token.parse().unwrap_or(0),
             attempt: lease.attempt,
             max_attempts,
             enqueued_at_ms: job.enqueued_at_ms,

@@ -24,9 +24,9 @@ use std::collections::BTreeMap;
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
-use redis::cluster_async::ClusterConnection;
-use redis::{AsyncCommands, Cmd, Pipeline, RedisFuture, Script, Value};
+use redis::{AsyncCommands, Script};
+
+use crate::redis_conn::Conn;
 
 use crate::config::{QueueSettings, Scheduling};
 use crate::domain::{JobKind, OrganizationId, Tier};
@@ -138,41 +138,6 @@ pub struct DeadJob {
     pub dead_at_ms: i64,
 }
 
-/// A connection to one Redis server or to a Redis Cluster. Both multiplex and reconnect.
-#[derive(Clone)]
-enum Conn {
-    Single(ConnectionManager),
-    Cluster(ClusterConnection),
-}
-
-impl ConnectionLike for Conn {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        match self {
-            Conn::Single(c) => c.req_packed_command(cmd),
-            Conn::Cluster(c) => c.req_packed_command(cmd),
-        }
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        pipeline: &'a Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> RedisFuture<'a, Vec<Value>> {
-        match self {
-            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
-            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
-        }
-    }
-
-    fn get_db(&self) -> i64 {
-        match self {
-            Conn::Single(c) => c.get_db(),
-            Conn::Cluster(c) => c.get_db(),
-        }
-    }
-}
-
 /// A handle on one queue. Cheap to clone: the connection is multiplexed.
 #[derive(Clone)]
 pub struct Queue {
@@ -183,23 +148,7 @@ pub struct Queue {
 
 impl Queue {
     pub async fn connect(settings: &QueueSettings) -> Result<Self, QueueError> {
-        // redis-rs' default 500 ms response timeout fails healthy calls under load
-        // (apalis-redis#76), so set our own.
-        let (response, connect) = (Duration::from_secs(10), Duration::from_secs(5));
-        let conn = if settings.cluster {
-            let nodes: Vec<&str> = settings.redis_url.split(',').map(str::trim).collect();
-            let client = redis::cluster::ClusterClient::builder(nodes)
-                .response_timeout(response)
-                .connection_timeout(connect)
-                .build()?;
-            Conn::Cluster(client.get_async_connection().await?)
-        } else {
-            let client = redis::Client::open(settings.redis_url.as_str())?;
-            let config = ConnectionManagerConfig::new()
-                .set_response_timeout(Some(response))
-                .set_connection_timeout(Some(connect));
-            Conn::Single(client.get_connection_manager_with_config(config).await?)
-        };
+        let conn = Conn::connect(&settings.redis_url, settings.cluster).await?;
         Ok(Self {
             conn,
             base: format!("{{{}}}", settings.prefix),

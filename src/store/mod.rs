@@ -3,6 +3,7 @@
 //! or per attempt (errors), and inserts use `ON CONFLICT DO NOTHING`, so a replayed job changes
 //! nothing. Money is bound as integer micro-USD and stored as NUMERIC dollars.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -35,6 +36,27 @@ pub struct JobRef {
     pub correlation_id: Option<String>,
     /// 1 for the first execution.
     pub attempt: u32,
+    /// The queue's lease token for this execution: a re-run after a crash is a new execution.
+    pub execution: i64,
+}
+
+/// How a provider call ended, as ai_cost_tracking.call_status records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallStatus {
+    Succeeded,
+    Failed,
+    /// The worker died during the call; its reservation was swept in at the estimate.
+    Expired,
+}
+
+impl CallStatus {
+    fn as_str(self) -> &'static str {
+        match self {
+            CallStatus::Succeeded => "succeeded",
+            CallStatus::Failed => "failed",
+            CallStatus::Expired => "expired",
+        }
+    }
 }
 
 /// One provider call, for ai_cost_tracking (and ai_usage when it has tokens).
@@ -44,12 +66,15 @@ pub struct CallRecord {
     pub operation: String,
     pub model: Option<String>,
     pub call_seq: i32,
+    /// The budget window's date (in the budget's time zone) the call's cost belongs to.
+    pub billing_date: chrono::NaiveDate,
+    pub estimate: Option<MicroUsd>,
     pub units: Option<i64>,
     pub input_tokens: Option<i64>,
     pub cached_tokens: Option<i64>,
     pub output_tokens: Option<i64>,
     pub cost: MicroUsd,
-    pub succeeded: bool,
+    pub status: CallStatus,
     pub price_version: String,
     pub metadata: Value,
 }
@@ -75,6 +100,46 @@ pub struct ErrorRecord {
     pub details: Value,
     pub provider: Option<String>,
     pub http_status: Option<i32>,
+}
+
+/// A budget alert to record.
+#[derive(Debug, Clone)]
+pub struct NewAlert {
+    pub scope: String,
+    pub organization_id: Option<Uuid>,
+    pub window_kind: String,
+    pub window_start: String,
+    pub threshold: String,
+    pub spent: MicroUsd,
+    pub limit: Option<MicroUsd>,
+    pub message: String,
+}
+
+/// An alert claimed for delivery.
+#[derive(Debug, Clone)]
+pub struct AlertRow {
+    pub id: Uuid,
+    pub message: String,
+    pub threshold: String,
+    pub delivery_attempts: i32,
+}
+
+/// An hour whose spend jumped.
+#[derive(Debug, Clone)]
+pub struct Spike {
+    /// None: the whole platform.
+    pub organization_id: Option<Uuid>,
+    pub last_hour: MicroUsd,
+    pub average_hour: MicroUsd,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DailySpend {
+    pub organization_id: Option<Uuid>,
+    pub provider: String,
+    pub day: chrono::NaiveDate,
+    pub cost: MicroUsd,
+    pub requests: i64,
 }
 
 /// A row of the plan's `get_cost_analysis()`.
@@ -143,26 +208,30 @@ impl Store {
         Ok(())
     }
 
+    /// Inserts a call's cost row (and usage row) unless that call already has one, and returns
+    /// the cost the row holds: the budget settles exactly that, so Redis and PostgreSQL agree.
     async fn insert_call(
         tx: &mut sqlx::PgConnection,
         job: &JobRef,
         call: &CallRecord,
-    ) -> Result<(), sqlx::Error> {
+    ) -> Result<MicroUsd, sqlx::Error> {
         sqlx::query(
             "INSERT INTO ai_cost_tracking (organization_id, service_name, operation_type, request_count,
-                cost_usd, billing_date, metadata, job_id, attempt, call_seq, tier, model, units,
-                input_tokens, cached_tokens, output_tokens, call_status, price_version)
-             VALUES ($1, $2, $3, 1, $4::numeric / 1000000, (now() AT TIME ZONE 'UTC')::date, $5, $6, $7,
-                $8, $9, $10, $11, $12, $13, $14, $15, $16)
+                cost_usd, billing_date, metadata, job_id, attempt, execution, call_seq, tier, model, units,
+                input_tokens, cached_tokens, output_tokens, call_status, price_version, estimate_usd)
+             VALUES ($1, $2, $3, 1, $4::numeric / 1000000, $5, $6, $7, $8, $9, $10, $11, $12, $13,
+                $14, $15, $16, $17, $18, $19::numeric / 1000000)
              ON CONFLICT ON CONSTRAINT ai_cost_tracking_one_per_call DO NOTHING",
         )
         .bind(job.organization_id)
         .bind(&call.provider)
         .bind(&call.operation)
         .bind(call.cost.micros())
+        .bind(call.billing_date)
         .bind(&call.metadata)
         .bind(&job.job_id)
         .bind(job.attempt as i32)
+        .bind(job.execution)
         .bind(call.call_seq)
         .bind(&job.tier)
         .bind(&call.model)
@@ -170,8 +239,9 @@ impl Store {
         .bind(call.input_tokens.map(|u| u as i32))
         .bind(call.cached_tokens.map(|u| u as i32))
         .bind(call.output_tokens.map(|u| u as i32))
-        .bind(if call.succeeded { "succeeded" } else { "failed" })
+        .bind(call.status.as_str())
         .bind(&call.price_version)
+        .bind(call.estimate.map(MicroUsd::micros))
         .execute(&mut *tx)
         .await?;
         if let (Some(org), Some(input), Some(output), Some(model)) = (
@@ -182,8 +252,8 @@ impl Store {
         ) {
             sqlx::query(
                 "INSERT INTO ai_usage (organization_id, model, endpoint, input_tokens, output_tokens,
-                    cached_tokens, cost_usd, subscription_tier, job_id, attempt, call_seq)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7::numeric / 1000000, $8, $9, $10, $11)
+                    cached_tokens, cost_usd, subscription_tier, job_id, attempt, execution, call_seq)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7::numeric / 1000000, $8, $9, $10, $11, $12)
                  ON CONFLICT ON CONSTRAINT ai_usage_one_per_call DO NOTHING",
             )
             .bind(org)
@@ -196,11 +266,21 @@ impl Store {
             .bind(job.tier.as_deref().unwrap_or("unknown"))
             .bind(&job.job_id)
             .bind(job.attempt as i32)
+            .bind(job.execution)
             .bind(call.call_seq)
             .execute(&mut *tx)
             .await?;
         }
-        Ok(())
+        let stored: i64 = sqlx::query_scalar(
+            "SELECT (cost_usd * 1000000)::bigint FROM ai_cost_tracking
+             WHERE job_id = $1 AND execution = $2 AND call_seq = $3",
+        )
+        .bind(&job.job_id)
+        .bind(job.execution)
+        .bind(call.call_seq)
+        .fetch_one(&mut *tx)
+        .await?;
+        Ok(MicroUsd::from_micros(stored))
     }
 
     async fn insert_result(
@@ -264,39 +344,290 @@ impl Store {
         Ok(())
     }
 
-    /// A successful job: its result and the call that produced it, in one transaction.
+    /// A successful job: its result and the call that produced it, in one transaction. Returns
+    /// the call's recorded cost.
     pub async fn record_success(
         &self,
         job: &JobRef,
         call: &CallRecord,
         result: &ResultRecord,
-    ) -> Result<(), StoreError> {
+    ) -> Result<MicroUsd, StoreError> {
         let mut tx = self.pool.begin().await?;
-        Self::insert_call(&mut tx, job, call).await?;
+        let cost = Self::insert_call(&mut tx, job, call).await?;
         Self::insert_result(&mut tx, job, result).await?;
         tx.commit().await?;
-        Ok(())
+        Ok(cost)
+    }
+
+    /// The cost row of a call whose worker died: at the reservation's estimate, unless the call
+    /// already has a row. Returns the recorded cost.
+    pub async fn record_expired_call(
+        &self,
+        job: &JobRef,
+        call: &CallRecord,
+    ) -> Result<MicroUsd, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        Ok(Self::insert_call(&mut conn, job, call).await?)
     }
 
     /// A failed attempt: the error, the call if one was made, and the failed result when this
     /// was the job's last attempt, in one transaction.
+    /// Returns the call's recorded cost when there was a call.
     pub async fn record_failure(
         &self,
         job: &JobRef,
         err: &ErrorRecord,
         call: Option<&CallRecord>,
         final_result: Option<&ResultRecord>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Option<MicroUsd>, StoreError> {
         let mut tx = self.pool.begin().await?;
-        if let Some(call) = call {
-            Self::insert_call(&mut tx, job, call).await?;
-        }
+        let cost = match call {
+            Some(call) => Some(Self::insert_call(&mut tx, job, call).await?),
+            None => None,
+        };
         Self::insert_error(&mut tx, job, err).await?;
         if let Some(result) = final_result {
             Self::insert_result(&mut tx, job, result).await?;
         }
         tx.commit().await?;
+        Ok(cost)
+    }
+
+    /// An organisation's limit overrides from ai_cost_limits: (daily, monthly), each None when
+    /// the tier default applies.
+    pub async fn org_limit_overrides(
+        &self,
+        org: Uuid,
+    ) -> Result<(Option<MicroUsd>, Option<MicroUsd>), StoreError> {
+        let row: Option<(Option<i64>, Option<i64>)> = sqlx::query_as(
+            "SELECT (daily_limit_usd * 1000000)::bigint, (monthly_limit_usd * 1000000)::bigint
+             FROM ai_cost_limits WHERE organization_id = $1",
+        )
+        .bind(org)
+        .fetch_optional(&self.pool)
+        .await?;
+        let (d, m) = row.unwrap_or((None, None));
+        Ok((d.map(MicroUsd::from_micros), m.map(MicroUsd::from_micros)))
+    }
+
+    /// Sets an organisation's overrides (None keeps the tier default).
+    pub async fn set_org_limits(
+        &self,
+        org: Uuid,
+        daily: Option<MicroUsd>,
+        monthly: Option<MicroUsd>,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO ai_cost_limits (organization_id, daily_limit_usd, monthly_limit_usd)
+             VALUES ($1, $2::numeric / 1000000, $3::numeric / 1000000)
+             ON CONFLICT (organization_id) DO UPDATE
+             SET daily_limit_usd = EXCLUDED.daily_limit_usd, monthly_limit_usd = EXCLUDED.monthly_limit_usd,
+                 updated_at = now()",
+        )
+        .bind(org)
+        .bind(daily.map(MicroUsd::micros))
+        .bind(monthly.map(MicroUsd::micros))
+        .execute(&self.pool)
+        .await?;
         Ok(())
+    }
+
+    /// Spend per organisation (None: rows without one) with billing dates in [from, to].
+    pub async fn spend_by_org(
+        &self,
+        from: chrono::NaiveDate,
+        to: chrono::NaiveDate,
+    ) -> Result<Vec<(Option<Uuid>, MicroUsd)>, StoreError> {
+        let rows: Vec<(Option<Uuid>, i64)> = sqlx::query_as(
+            "SELECT organization_id, (sum(cost_usd) * 1000000)::bigint FROM ai_cost_tracking
+             WHERE billing_date BETWEEN $1 AND $2 GROUP BY 1",
+        )
+        .bind(from)
+        .bind(to)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(o, m)| (o, MicroUsd::from_micros(m)))
+            .collect())
+    }
+
+    /// Vision units per feature with billing dates in [from, to] (the month's free-tier count).
+    pub async fn vision_units_by_feature(
+        &self,
+        from: chrono::NaiveDate,
+        to: chrono::NaiveDate,
+    ) -> Result<BTreeMap<String, u64>, StoreError> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT f.key, sum(f.value::bigint)::bigint FROM ai_cost_tracking act,
+                    jsonb_each_text(coalesce(act.metadata->'units_by_feature', '{}'::jsonb)) f
+             WHERE act.billing_date BETWEEN $1 AND $2 GROUP BY 1",
+        )
+        .bind(from)
+        .bind(to)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(k, v)| (k, v.max(0) as u64))
+            .collect())
+    }
+
+    /// Records an alert unless the same (scope, window, threshold) already has one. Returns
+    /// whether this call created it: across every process, exactly one does.
+    pub async fn insert_alert(&self, a: &NewAlert) -> Result<bool, StoreError> {
+        let inserted = sqlx::query(
+            "INSERT INTO ai_cost_alerts (scope, organization_id, window_kind, window_start, threshold,
+                spent_usd, limit_usd, message)
+             VALUES ($1, $2, $3, $4, $5, $6::numeric / 1000000, $7::numeric / 1000000, $8)
+             ON CONFLICT ON CONSTRAINT ai_cost_alerts_once DO NOTHING",
+        )
+        .bind(&a.scope)
+        .bind(a.organization_id)
+        .bind(&a.window_kind)
+        .bind(&a.window_start)
+        .bind(&a.threshold)
+        .bind(a.spent.micros())
+        .bind(a.limit.map(MicroUsd::micros))
+        .bind(&a.message)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(inserted == 1)
+    }
+
+    /// Claims up to `n` undelivered alerts that are due, for `lease`: no other process claims
+    /// them meanwhile, and a claim that is never finished comes due again after it.
+    pub async fn claim_alerts(&self, n: i64, lease: Duration) -> Result<Vec<AlertRow>, StoreError> {
+        let rows: Vec<(Uuid, String, String, i32)> = sqlx::query_as(
+            "UPDATE ai_cost_alerts SET next_attempt_at = now() + make_interval(secs => $2)
+             WHERE id IN (SELECT id FROM ai_cost_alerts
+                          WHERE delivered_at IS NULL AND next_attempt_at <= now()
+                          ORDER BY created_at LIMIT $1 FOR UPDATE SKIP LOCKED)
+             RETURNING id, message, threshold, delivery_attempts",
+        )
+        .bind(n)
+        .bind(lease.as_secs_f64())
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, message, threshold, attempts)| AlertRow {
+                id,
+                message,
+                threshold,
+                delivery_attempts: attempts,
+            })
+            .collect())
+    }
+
+    pub async fn alert_delivered(&self, id: Uuid) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE ai_cost_alerts SET delivered_at = now(), delivery_attempts = delivery_attempts + 1,
+                last_delivery_error = NULL WHERE id = $1",
+        )
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn alert_failed(
+        &self,
+        id: Uuid,
+        error: &str,
+        retry_in: Duration,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE ai_cost_alerts SET delivery_attempts = delivery_attempts + 1, last_delivery_error = $2,
+                next_attempt_at = now() + make_interval(secs => $3) WHERE id = $1",
+        )
+        .bind(id)
+        .bind(error)
+        .bind(retry_in.as_secs_f64())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Organisations (and the platform, with None) whose spend in the last hour is above
+    /// `multiple` times their average hourly spend over the 24 hours before it, and at least `min`.
+    pub async fn spend_spikes(
+        &self,
+        multiple: f64,
+        min: MicroUsd,
+    ) -> Result<Vec<Spike>, StoreError> {
+        let rows: Vec<(Option<Uuid>, i64, i64)> = sqlx::query_as(
+            "WITH per AS (
+               SELECT organization_id, GROUPING(organization_id) AS total,
+                      sum(cost_usd) FILTER (WHERE created_at >= now() - interval '1 hour') AS last_hour,
+                      sum(cost_usd) FILTER (WHERE created_at < now() - interval '1 hour'
+                                              AND created_at >= now() - interval '25 hours') / 24 AS avg_hour
+               FROM ai_cost_tracking WHERE created_at >= now() - interval '25 hours'
+               GROUP BY ROLLUP (organization_id))
+             SELECT organization_id, (coalesce(last_hour, 0) * 1000000)::bigint,
+                    (coalesce(avg_hour, 0) * 1000000)::bigint
+             FROM per
+             WHERE (organization_id IS NOT NULL OR total = 1)
+               AND coalesce(last_hour, 0) * 1000000 >= $2
+               AND coalesce(last_hour, 0) > $1 * coalesce(avg_hour, 0)
+               AND coalesce(avg_hour, 0) > 0",
+        )
+        .bind(multiple)
+        .bind(min.micros())
+        .fetch_all(&self.pool)
+        .await?;
+        // ROLLUP's grand total row (GROUPING = 1) is the platform; it has a NULL organization.
+        Ok(rows
+            .into_iter()
+            .map(|(org, last, avg)| Spike {
+                organization_id: org,
+                last_hour: MicroUsd::from_micros(last),
+                average_hour: MicroUsd::from_micros(avg),
+            })
+            .collect())
+    }
+
+    /// Spend per organisation, provider and day over the last `days` days (for `aiq costs`).
+    pub async fn spend_by_day(
+        &self,
+        org: Option<Uuid>,
+        days: i32,
+    ) -> Result<Vec<DailySpend>, StoreError> {
+        let rows: Vec<(Option<Uuid>, String, chrono::NaiveDate, i64, i64)> = sqlx::query_as(
+            "SELECT organization_id, service_name, billing_date, (sum(cost_usd) * 1000000)::bigint,
+                    sum(request_count)::bigint
+             FROM ai_cost_tracking
+             WHERE billing_date >= CURRENT_DATE - $1 AND ($2::uuid IS NULL OR organization_id = $2)
+             GROUP BY 1, 2, 3 ORDER BY 3, 1, 2",
+        )
+        .bind(days)
+        .bind(org)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(organization_id, provider, day, micros, requests)| DailySpend {
+                    organization_id,
+                    provider,
+                    day,
+                    cost: MicroUsd::from_micros(micros),
+                    requests,
+                },
+            )
+            .collect())
+    }
+
+    /// The latest tier each organisation's jobs ran under.
+    pub async fn org_tiers(&self) -> Result<BTreeMap<Uuid, String>, StoreError> {
+        let rows: Vec<(Uuid, String)> = sqlx::query_as(
+            "SELECT DISTINCT ON (organization_id) organization_id, tier FROM ai_cost_tracking
+             WHERE organization_id IS NOT NULL AND tier IS NOT NULL ORDER BY organization_id, created_at DESC",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().collect())
     }
 
     /// Runs the plan's `get_cost_analysis()`.

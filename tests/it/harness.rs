@@ -100,6 +100,16 @@ impl TestCtx {
                 "AIQ_QUEUE_PREFIX",
                 format!("t{}", uuid::Uuid::new_v4().simple()),
             ),
+            (
+                "AIQ_BUDGET_PREFIX",
+                format!("b{}", uuid::Uuid::new_v4().simple()),
+            ),
+            // No rate limit unless a test sets one: tests enqueue many jobs per organisation.
+            (
+                "AIQ_ORG_JOBS_PER_MINUTE",
+                "enterprise_plus=0,enterprise=0,professional_agency=0,growth_team=0,solo_professional=0,trial=0"
+                    .into(),
+            ),
             ("AIQ_CONCURRENCY", "4".into()),
             ("AIQ_POLL_INTERVAL_MS", "10".into()),
             ("AIQ_RETRY_BASE_MS", "10".into()),
@@ -180,6 +190,28 @@ impl TestCtx {
             }
         })
         .await;
+    }
+
+    /// The budget of this test's settings.
+    pub async fn budget(&self) -> aiq::budget::Budget {
+        aiq::budget::Budget::connect(
+            &self.settings.queue.redis_url,
+            self.settings.queue.cluster,
+            &self.settings.budget,
+        )
+        .await
+        .expect("budget connection")
+    }
+
+    /// Uses up this month's free Vision units of `feature`, so its calls cost list price.
+    pub async fn use_up_free_vision_units(&self, feature: &str) {
+        let month = chrono::Utc::now().format("%Y-%m").to_string();
+        let units = std::collections::BTreeMap::from([(feature.to_owned(), 1000u64)]);
+        self.budget()
+            .await
+            .set_vision_units(&month, &units)
+            .await
+            .unwrap();
     }
 
     /// What the fake providers counted (see `aiq::fake`).

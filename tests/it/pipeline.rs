@@ -12,6 +12,14 @@ const WAIT: Duration = Duration::from_secs(30);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vision_job_and_an_llm_job_end_with_result_cost_and_usage_rows() {
     let ctx = TestCtx::new().await;
+    // 999 of the month's 1,000 free label units are used: of this job's two, one is free.
+    let month = chrono::Utc::now().format("%Y-%m").to_string();
+    let used = std::collections::BTreeMap::from([("LABEL_DETECTION".to_owned(), 999u64)]);
+    ctx.budget()
+        .await
+        .set_vision_units(&month, &used)
+        .await
+        .unwrap();
     let v = ctx
         .enqueue(
             JobKind::VisionAnnotate,
@@ -40,13 +48,14 @@ async fn a_vision_job_and_an_llm_job_end_with_result_cost_and_usage_rows() {
         ))
         .await;
     assert_eq!(completed, 2);
-    // Two images x label detection at $1.50 per 1,000; safe search is free with labels.
+    // Two images x label detection: the first free, the second $1.50 per 1,000; safe search is
+    // free with labels.
     let vision_micros = ctx
         .scalar_i64(&format!(
             "SELECT (cost_usd * 1000000)::bigint FROM ai_cost_tracking WHERE job_id = '{v}'"
         ))
         .await;
-    assert_eq!(vision_micros, 3_000);
+    assert_eq!(vision_micros, 1_500);
     let units = ctx
         .scalar_i64(&format!(
             "SELECT units::bigint FROM ai_cost_tracking WHERE job_id = '{v}'"
@@ -140,7 +149,9 @@ async fn malformed_jobs_go_to_the_dead_set_with_the_reason_and_the_worker_goes_o
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replayed_job_writes_nothing_new() {
     let ctx = TestCtx::new().await;
-    let app = aiq::worker::app(&ctx.settings, ctx.store.clone());
+    let app = aiq::worker::app(&ctx.settings, ctx.store.clone())
+        .await
+        .unwrap();
     for (kind, payload) in [
         (
             "vision.annotate",
@@ -157,6 +168,7 @@ async fn a_replayed_job_writes_nothing_new() {
             tier: "growth_team".into(),
             organization_id: ORG_A.into(),
             payload,
+            token: 1,
             attempt: 1,
             max_attempts: 3,
             enqueued_at_ms: 0,
@@ -270,6 +282,7 @@ async fn a_provider_400_goes_to_the_dead_set_without_a_retry() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn get_cost_analysis_returns_the_totals_of_the_rows_aiq_wrote() {
     let ctx = TestCtx::new().await;
+    ctx.use_up_free_vision_units("LABEL_DETECTION").await;
     for _ in 0..3 {
         ctx.enqueue(
             JobKind::VisionAnnotate,
