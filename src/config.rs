@@ -146,6 +146,9 @@ pub struct BudgetSettings {
     pub spike_min: MicroUsd,
     /// A price catalog file to use instead of the built-in one.
     pub price_catalog: Option<std::path::PathBuf>,
+    /// A budget hold lives this much longer than the provider timeout before the sweeper takes
+    /// it as abandoned by a dead worker.
+    pub hold_margin: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -359,6 +362,7 @@ impl BudgetSettings {
             spike_multiple,
             spike_min: usd("AIQ_SPIKE_MIN_USD", "1")?,
             price_catalog: env.get("AIQ_PRICE_CATALOG").map(std::path::PathBuf::from),
+            hold_margin: env.millis("AIQ_BUDGET_HOLD_MARGIN_MS", 60_000, 500..=3_600_000)?,
         })
     }
 }

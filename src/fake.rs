@@ -3,8 +3,8 @@
 //! Answers are deterministic: the same request always gets the same answer.
 //!
 //! Faults on demand, for tests: an OpenAI message containing `[fake:status=503]` gets that status
-//! with OpenAI's error body (429 also carries `retry-after: 1`), and `[fake:garbage]` gets a 200
-//! whose body is not JSON. A Vision image with `uri` `fake://status/503` makes the whole request
+//! with OpenAI's error body (429 also carries `retry-after: 1`), `[fake:garbage]` gets a 200
+//! whose body is not JSON, and `[fake:delay=800]` answers after 800 ms (to make timeouts). A Vision image with `uri` `fake://status/503` makes the whole request
 //! answer 503; an image whose `content` is not base64 gets the per-image "Bad image data." error.
 //! `GET /_fake/calls` returns how many calls each provider answered and, from OpenAI's
 //! `x-client-request-id` header (aiq sends the job id), how many distinct jobs called, the most
@@ -391,6 +391,14 @@ async fn openai(State(c): State<Arc<Counters>>, headers: HeaderMap, body: String
             _ => ("server_error", "server_error"),
         };
         return openai_error(code, kind, err_code, "injected by the fake provider");
+    }
+    if let Some(ms) = text
+        .split("[fake:delay=")
+        .nth(1)
+        .and_then(|rest| rest.split(']').next())
+        .and_then(|ms| ms.parse::<u64>().ok())
+    {
+        tokio::time::sleep(Duration::from_millis(ms.min(60_000))).await;
     }
     if text.contains("[fake:garbage]") {
         return (StatusCode::OK, "<html>upstream hiccup</html>").into_response();

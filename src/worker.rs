@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::budget::{Budget, PriceCatalog};
 use crate::config::Settings;
-use crate::jobs::{App, JobService};
+use crate::jobs::{App, HoldTtl, JobService};
 use crate::providers::openai::OpenAiClient;
 use crate::providers::vision::VisionClient;
 use crate::queue::Queue;
@@ -47,16 +47,19 @@ pub async fn app(settings: &Settings, store: Store) -> anyhow::Result<Arc<App>> 
     )
     .await
     .context("connecting to Redis for the budget (AIQ_REDIS_URL)")?;
-    // A hold must outlive the longest call it covers; after that the sweeper may take it.
-    let reservation_ttl =
-        settings.vision.timeout.max(settings.openai.timeout) + Duration::from_secs(60);
+    // A hold must outlive the call it covers; after that the sweeper may take it.
+    let margin = settings.budget.hold_margin;
+    let hold_ttl = HoldTtl {
+        vision: settings.vision.timeout + margin,
+        llm: settings.openai.timeout + margin,
+    };
     Ok(Arc::new(App::new(
         store,
         budget,
         VisionClient::new(&settings.vision),
         OpenAiClient::new(&settings.openai),
         prices,
-        reservation_ttl,
+        hold_ttl,
     )))
 }
 

@@ -43,8 +43,9 @@ pub struct App {
     pub vision: VisionClient,
     pub openai: OpenAiClient,
     pub prices: PriceCatalog,
-    /// How long a reservation lives unsettled: longer than any provider call can take.
-    pub reservation_ttl: Duration,
+    /// How long a Vision call's and an LLM call's budget holds live unsettled: longer than the
+    /// call can take (its timeout plus a margin), after which the sweeper takes them.
+    pub hold_ttl: HoldTtl,
     limits: Mutex<HashMap<Uuid, (Instant, OrgLimits)>>,
 }
 
@@ -55,7 +56,7 @@ impl App {
         vision: VisionClient,
         openai: OpenAiClient,
         prices: PriceCatalog,
-        reservation_ttl: Duration,
+        hold_ttl: HoldTtl,
     ) -> Self {
         Self {
             alerts: Arc::new(Alerts::new(store.clone())),
@@ -64,7 +65,7 @@ impl App {
             vision,
             openai,
             prices,
-            reservation_ttl,
+            hold_ttl,
             limits: Mutex::new(HashMap::new()),
         }
     }
@@ -95,6 +96,13 @@ impl App {
             .insert(org, (Instant::now(), limits));
         Ok(limits)
     }
+}
+
+/// How long budget holds live, per kind of call.
+#[derive(Debug, Clone, Copy)]
+pub struct HoldTtl {
+    pub vision: Duration,
+    pub llm: Duration,
 }
 
 /// The apalis service that runs one job.
@@ -161,6 +169,7 @@ struct Planned {
     operation: &'static str,
     model: Option<String>,
     estimate: MicroUsd,
+    hold_ttl: Duration,
 }
 
 async fn run_in_span(app: &App, raw: &RawJob) -> Result<(), Failure> {
@@ -224,13 +233,7 @@ async fn run_in_span(app: &App, raw: &RawJob) -> Result<(), Failure> {
     };
     let reservation = match app
         .budget
-        .reserve(
-            meta,
-            limits,
-            planned.estimate,
-            app.reservation_ttl,
-            Utc::now(),
-        )
+        .reserve(meta, limits, planned.estimate, planned.hold_ttl, Utc::now())
         .await
     {
         Ok(Ok(r)) => r,
@@ -269,6 +272,7 @@ fn plan(app: &App, input: &JobInput) -> Result<Planned, crate::budget::PriceErro
                 estimate: app
                     .prices
                     .vision_estimate(&features, v.images.len() as u32)?,
+                hold_ttl: app.hold_ttl.vision,
             })
         }
         JobInput::Llm(l) => {
@@ -294,6 +298,7 @@ fn plan(app: &App, input: &JobInput) -> Result<Planned, crate::budget::PriceErro
                     input_bound,
                     l.max_tokens as u64,
                 )?,
+                hold_ttl: app.hold_ttl.llm,
             })
         }
     }

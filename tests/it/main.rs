@@ -3,6 +3,7 @@
 //! test gets its own database, queue prefix and fake provider server, so tests run in parallel.
 
 mod harness;
+mod money;
 
 mod binary;
 mod clients;
