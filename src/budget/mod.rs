@@ -21,6 +21,7 @@
 
 pub mod alerts;
 pub mod catalog;
+pub mod report;
 
 use std::collections::BTreeMap;
 use std::sync::LazyLock;
@@ -586,4 +587,52 @@ mod tests {
         assert_eq!(g.owner, "global");
         assert_eq!(g.window_kind, WindowKind::Month);
     }
+}
+
+/// Recomputes the Redis counters of the current day and month windows from ai_cost_tracking,
+/// the ledger (after Redis lost its data). Returns a summary for the operator.
+pub async fn rebuild(budget: &Budget, store: &crate::store::Store) -> anyhow::Result<String> {
+    let (day, month, today) = windows_at(Utc::now(), budget.settings.timezone);
+    let month_start = today.with_day(1).expect("day 1 exists");
+    let day_spend: BTreeMap<Option<Uuid>, MicroUsd> = store
+        .spend_by_org(today, today)
+        .await?
+        .into_iter()
+        .collect();
+    let month_spend = store.spend_by_org(month_start, today).await?;
+    let scope = |owner: Owner, window: &Window| Scope {
+        owner,
+        window: window.clone(),
+        limit: MicroUsd::ZERO,
+    };
+    let total = |m: &mut dyn Iterator<Item = MicroUsd>| m.sum::<MicroUsd>();
+    let global_day = total(&mut day_spend.values().copied());
+    let global_month = total(&mut month_spend.iter().map(|(_, c)| *c));
+    budget
+        .set_spent(&scope(Owner::Global, &day), global_day)
+        .await?;
+    budget
+        .set_spent(&scope(Owner::Global, &month), global_month)
+        .await?;
+    let mut orgs = 0;
+    for (org, spent_month) in &month_spend {
+        let Some(org) = org else { continue };
+        let spent_day = day_spend
+            .get(&Some(*org))
+            .copied()
+            .unwrap_or(MicroUsd::ZERO);
+        budget
+            .set_spent(&scope(Owner::Org(*org), &day), spent_day)
+            .await?;
+        budget
+            .set_spent(&scope(Owner::Org(*org), &month), *spent_month)
+            .await?;
+        orgs += 1;
+    }
+    let units = store.vision_units_by_feature(month_start, today).await?;
+    budget.set_vision_units(&month.label, &units).await?;
+    Ok(format!(
+        "rebuilt from ai_cost_tracking: platform {} today ({}), {} this month ({}); {orgs} organisations; Vision units this month {:?}",
+        global_day, day.label, global_month, month.label, units
+    ))
 }
