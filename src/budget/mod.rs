@@ -544,51 +544,6 @@ impl Budget {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn utc(s: &str) -> DateTime<Utc> {
-        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
-    }
-
-    #[test]
-    fn windows_follow_the_calendar_of_the_configured_time_zone() {
-        let (day, month, billing) = windows_at(utc("2026-11-30T23:30:00Z"), chrono_tz::UTC);
-        assert_eq!(day.label, "2026-11-30");
-        assert_eq!(day.resets_at, utc("2026-12-01T00:00:00Z"));
-        assert_eq!(month.label, "2026-11");
-        assert_eq!(month.resets_at, utc("2026-12-01T00:00:00Z"));
-        assert_eq!(billing.to_string(), "2026-11-30");
-        // In Berlin (UTC+1 in winter) it is already December 1st.
-        let (day, month, _) = windows_at(utc("2026-11-30T23:30:00Z"), chrono_tz::Europe::Berlin);
-        assert_eq!(day.label, "2026-12-01");
-        assert_eq!(day.resets_at, utc("2026-12-01T23:00:00Z"));
-        assert_eq!(month.label, "2026-12");
-        assert_eq!(month.resets_at, utc("2026-12-31T23:00:00Z"));
-        // December rolls over into the next year.
-        let (_, month, _) = windows_at(utc("2026-12-15T12:00:00Z"), chrono_tz::UTC);
-        assert_eq!(month.resets_at, utc("2027-01-01T00:00:00Z"));
-    }
-
-    #[test]
-    fn scope_suffixes_parse_back() {
-        let s = ScopeState::from_suffix(
-            "org:0b6f1b3e-2a55-4a6e-9a43-2f6f6f1b2c3d:d:2026-11-22",
-            5,
-            6,
-            7,
-        )
-        .unwrap();
-        assert_eq!(s.owner, "org:0b6f1b3e-2a55-4a6e-9a43-2f6f6f1b2c3d");
-        assert_eq!(s.window_kind, WindowKind::Day);
-        assert_eq!(s.window, "2026-11-22");
-        let g = ScopeState::from_suffix("global:m:2026-11", 1, 0, 2).unwrap();
-        assert_eq!(g.owner, "global");
-        assert_eq!(g.window_kind, WindowKind::Month);
-    }
-}
-
 /// Recomputes the Redis counters of the current day and month windows from ai_cost_tracking,
 /// the ledger (after Redis lost its data). Returns a summary for the operator.
 pub async fn rebuild(budget: &Budget, store: &crate::store::Store) -> anyhow::Result<String> {
@@ -635,4 +590,49 @@ pub async fn rebuild(budget: &Budget, store: &crate::store::Store) -> anyhow::Re
         "rebuilt from ai_cost_tracking: platform {} today ({}), {} this month ({}); {orgs} organisations; Vision units this month {:?}",
         global_day, day.label, global_month, month.label, units
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn utc(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    #[test]
+    fn windows_follow_the_calendar_of_the_configured_time_zone() {
+        let (day, month, billing) = windows_at(utc("2026-11-30T23:30:00Z"), chrono_tz::UTC);
+        assert_eq!(day.label, "2026-11-30");
+        assert_eq!(day.resets_at, utc("2026-12-01T00:00:00Z"));
+        assert_eq!(month.label, "2026-11");
+        assert_eq!(month.resets_at, utc("2026-12-01T00:00:00Z"));
+        assert_eq!(billing.to_string(), "2026-11-30");
+        // In Berlin (UTC+1 in winter) it is already December 1st.
+        let (day, month, _) = windows_at(utc("2026-11-30T23:30:00Z"), chrono_tz::Europe::Berlin);
+        assert_eq!(day.label, "2026-12-01");
+        assert_eq!(day.resets_at, utc("2026-12-01T23:00:00Z"));
+        assert_eq!(month.label, "2026-12");
+        assert_eq!(month.resets_at, utc("2026-12-31T23:00:00Z"));
+        // December rolls over into the next year.
+        let (_, month, _) = windows_at(utc("2026-12-15T12:00:00Z"), chrono_tz::UTC);
+        assert_eq!(month.resets_at, utc("2027-01-01T00:00:00Z"));
+    }
+
+    #[test]
+    fn scope_suffixes_parse_back() {
+        let s = ScopeState::from_suffix(
+            "org:0b6f1b3e-2a55-4a6e-9a43-2f6f6f1b2c3d:d:2026-11-22",
+            5,
+            6,
+            7,
+        )
+        .unwrap();
+        assert_eq!(s.owner, "org:0b6f1b3e-2a55-4a6e-9a43-2f6f6f1b2c3d");
+        assert_eq!(s.window_kind, WindowKind::Day);
+        assert_eq!(s.window, "2026-11-22");
+        let g = ScopeState::from_suffix("global:m:2026-11", 1, 0, 2).unwrap();
+        assert_eq!(g.owner, "global");
+        assert_eq!(g.window_kind, WindowKind::Month);
+    }
 }

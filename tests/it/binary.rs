@@ -50,6 +50,9 @@ fn every_subcommand_prints_help() {
         "migrate",
         "enqueue",
         "stats",
+        "dlq",
+        "costs",
+        "budget",
         "demo",
         "fake-providers",
     ] {
