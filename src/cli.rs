@@ -70,6 +70,9 @@ enum Command {
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
+        /// Refresh every N seconds until interrupted.
+        #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "2")]
+        watch: Option<u64>,
     },
     /// Spend per organisation, provider and day, and when each monthly budget runs out.
     ///
@@ -89,6 +92,12 @@ enum Command {
     Budget {
         #[command(subcommand)]
         action: BudgetAction,
+    },
+    /// Print the effective settings (defaults filled in, secrets masked) and check them.
+    Config {
+        /// One JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Inspect and act on the dead set: jobs that failed for good, with their reasons.
     Dlq {
@@ -339,28 +348,75 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Stats { json } => {
+        Command::Stats { json, watch } => {
             let settings = QueueSettings::load(&process_env())?;
             let queue = Queue::connect(&settings)
                 .await
                 .context("connecting to Redis (AIQ_REDIS_URL)")?;
-            let stats = queue.stats().await?;
+            loop {
+                let stats = queue.stats().await?;
+                if watch.is_some() && !json {
+                    // Clear the terminal and go home, so the table refreshes in place.
+                    print!("\x1b[2J\x1b[H");
+                }
+                if json {
+                    println!("{}", serde_json::to_string(&stats)?);
+                } else {
+                    println!("{:<20} {:>10} {:>14}", "tier", "waiting", "oldest (s)");
+                    for (tier, n) in &stats.waiting {
+                        let age =
+                            stats.oldest_age_ms.get(tier).copied().unwrap_or(0) as f64 / 1000.0;
+                        println!("{tier:<20} {n:>10} {age:>14.1}");
+                    }
+                    println!(
+                        "in flight {}, delayed {}, dead {}",
+                        stats.inflight, stats.delayed, stats.dead
+                    );
+                    let c = |k: &str| stats.counters.get(k).copied().unwrap_or(0);
+                    println!(
+                        "totals: enqueued {}, done {}, retried {}, dead {}, deferred {}, interrupted {}",
+                        c("enqueued"),
+                        c("done"),
+                        c("retried"),
+                        c("dead"),
+                        c("deferred"),
+                        c("interrupted")
+                    );
+                }
+                match watch {
+                    None => return Ok(()),
+                    Some(secs) => {
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_secs(secs.max(1))) => {}
+                            _ = shutdown_signal() => return Ok(()),
+                        }
+                    }
+                }
+            }
+        }
+        Command::Dlq { action } => dlq(action).await,
+        Command::Config { json } => {
+            let settings = Settings::from_process_env()?;
+            let eff = settings.effective();
             if json {
-                println!("{}", serde_json::to_string(&stats)?);
+                let map: serde_json::Map<String, serde_json::Value> = eff
+                    .into_iter()
+                    .map(|(k, v)| (k.to_owned(), v.into()))
+                    .collect();
+                println!("{}", serde_json::Value::Object(map));
             } else {
-                println!("{:<20} {:>10} {:>14}", "tier", "waiting", "oldest (s)");
-                for (tier, n) in &stats.waiting {
-                    let age = stats.oldest_age_ms.get(tier).copied().unwrap_or(0) as f64 / 1000.0;
-                    println!("{tier:<20} {n:>10} {age:>14.1}");
+                for (k, v) in eff {
+                    println!("{k}={v}");
                 }
                 println!(
-                    "in flight {}, delayed {}, dead {}",
-                    stats.inflight, stats.delayed, stats.dead
+                    "# retry policy: {} attempts, delays full-jitter up to {} ms doubling from {} ms",
+                    settings.retry.max_attempts,
+                    settings.retry.cap.as_millis(),
+                    settings.retry.base.as_millis()
                 );
             }
             Ok(())
         }
-        Command::Dlq { action } => dlq(action).await,
         Command::Costs { org, days, json } => costs(org, days, json).await,
         Command::Budget { action } => budget(action).await,
         Command::Demo {
@@ -601,22 +657,40 @@ async fn budget(action: BudgetAction) -> anyhow::Result<()> {
 async fn run_daemon() -> anyhow::Result<()> {
     let settings = Settings::from_process_env()?;
     crate::telemetry::init(settings.log_format, "info");
+    let _sentry = match &settings.sentry_dsn {
+        Some(dsn) => Some(crate::observe::init_sentry(
+            dsn.expose(),
+            &settings.sentry_environment,
+            settings.secrets(),
+        )?),
+        None => None,
+    };
     let (queue, store) = crate::worker::connect(&settings).await?;
+    let app = crate::worker::app(&settings, store).await?;
     let shutdown = CancellationToken::new();
-    crate::http::serve(
+    let admin = crate::http::serve(
         settings.admin_addr,
         queue.clone(),
-        store.clone(),
+        app.clone(),
         shutdown.clone(),
     )
     .await?;
+    tracing::info!(%admin, "admin port: /metrics /healthz /readyz");
     {
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             shutdown_signal().await;
             tracing::info!("shutdown requested: no new jobs; finishing the running ones");
+            crate::systemd::notify("STOPPING=1");
             shutdown.cancel();
         });
     }
-    crate::worker::run(&settings, queue, store, shutdown).await
+    // Redis and PostgreSQL answered: ready.
+    crate::systemd::notify("READY=1");
+    crate::systemd::spawn_watchdog(shutdown.clone());
+    let result = crate::worker::run(&settings, queue, app, shutdown).await;
+    if let Err(e) = &result {
+        tracing::error!(error = %format!("{e:#}"), "the daemon stopped on an error");
+    }
+    result
 }

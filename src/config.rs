@@ -162,6 +162,9 @@ pub struct Settings {
     pub vision: ProviderSettings,
     pub openai: ProviderSettings,
     pub budget: BudgetSettings,
+    /// Sentry: job failures that end a job, and daemon errors. None: Sentry is off.
+    pub sentry_dsn: Option<Secret>,
+    pub sentry_environment: String,
 }
 
 /// Reads variables through `lookup`, so tests can load settings without touching the process
@@ -485,6 +488,148 @@ pub fn database_url<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> Result<Secre
 }
 
 impl Settings {
+    /// Every setting's effective value by variable name, secrets masked (`aiq config`).
+    pub fn effective(&self) -> Vec<(&'static str, String)> {
+        let ms = |d: Duration| d.as_millis().to_string();
+        let secret = |s: &Option<Secret>| {
+            if s.is_some() {
+                "***".to_owned()
+            } else {
+                String::new()
+            }
+        };
+        let tiers = |v: &[MicroUsd; 6]| {
+            Tier::ALL
+                .iter()
+                .zip(v)
+                .map(|(t, m)| format!("{t}={}", m.as_usd_f64()))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let q = &self.queue;
+        let b = &self.budget;
+        vec![
+            ("AIQ_REDIS_URL", q.redis_url.clone()),
+            ("AIQ_REDIS_CLUSTER", q.cluster.to_string()),
+            ("AIQ_DATABASE_URL", "***".into()),
+            ("AIQ_QUEUE_PREFIX", q.prefix.clone()),
+            ("AIQ_CONCURRENCY", q.concurrency.to_string()),
+            ("AIQ_FETCH_BATCH", q.fetch_batch.to_string()),
+            ("AIQ_POLL_INTERVAL_MS", ms(q.poll_interval)),
+            ("AIQ_LEASE_MS", ms(q.lease)),
+            ("AIQ_MAX_INTERRUPTS", q.max_interrupts.to_string()),
+            (
+                "AIQ_SCHEDULING",
+                if q.scheduling == Scheduling::Fair {
+                    "fair"
+                } else {
+                    "strict"
+                }
+                .into(),
+            ),
+            (
+                "AIQ_TIER_WEIGHTS",
+                q.tier_weights.map(|w| w.to_string()).join(","),
+            ),
+            ("AIQ_DEAD_MAX_JOBS", q.dead_max_jobs.to_string()),
+            (
+                "AIQ_DEAD_MAX_AGE_DAYS",
+                (q.dead_max_age.as_secs() / 86_400).to_string(),
+            ),
+            (
+                "AIQ_IDEMPOTENCY_TTL_S",
+                q.idempotency_ttl.as_secs().to_string(),
+            ),
+            ("AIQ_MAX_ATTEMPTS", self.retry.max_attempts.to_string()),
+            ("AIQ_RETRY_BASE_MS", ms(self.retry.base)),
+            ("AIQ_RETRY_CAP_MS", ms(self.retry.cap)),
+            ("AIQ_SHUTDOWN_GRACE_MS", ms(self.shutdown_grace)),
+            ("AIQ_ADMIN_ADDR", self.admin_addr.to_string()),
+            (
+                "AIQ_LOG_FORMAT",
+                if self.log_format == LogFormat::Json {
+                    "json"
+                } else {
+                    "text"
+                }
+                .into(),
+            ),
+            ("AIQ_VISION_BASE_URL", self.vision.base_url.clone()),
+            ("AIQ_VISION_API_KEY", secret(&self.vision.api_key)),
+            ("AIQ_VISION_TIMEOUT_MS", ms(self.vision.timeout)),
+            ("AIQ_OPENAI_BASE_URL", self.openai.base_url.clone()),
+            ("AIQ_OPENAI_API_KEY", secret(&self.openai.api_key)),
+            ("AIQ_OPENAI_TIMEOUT_MS", ms(self.openai.timeout)),
+            ("AIQ_BUDGET_PREFIX", b.prefix.clone()),
+            ("AIQ_BUDGET_TIMEZONE", b.timezone.name().into()),
+            (
+                "AIQ_GLOBAL_DAILY_LIMIT_USD",
+                b.global_daily.as_usd_f64().to_string(),
+            ),
+            (
+                "AIQ_GLOBAL_MONTHLY_LIMIT_USD",
+                b.global_monthly.as_usd_f64().to_string(),
+            ),
+            ("AIQ_ORG_DAILY_LIMIT_USD", tiers(&b.org_daily)),
+            ("AIQ_ORG_MONTHLY_LIMIT_USD", tiers(&b.org_monthly)),
+            (
+                "AIQ_ORG_JOBS_PER_MINUTE",
+                Tier::ALL
+                    .iter()
+                    .zip(b.org_jobs_per_minute)
+                    .map(|(t, n)| format!("{t}={n}"))
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
+            (
+                "AIQ_BUDGET_EXCEEDED",
+                if b.on_exceeded == OnBudgetExceeded::Defer {
+                    "defer"
+                } else {
+                    "fail"
+                }
+                .into(),
+            ),
+            ("AIQ_BUDGET_HOLD_MARGIN_MS", ms(b.hold_margin)),
+            ("AIQ_ALERT_WEBHOOK_URL", secret(&b.alert_webhook)),
+            ("AIQ_SPIKE_MULTIPLE", b.spike_multiple.to_string()),
+            ("AIQ_SPIKE_MIN_USD", b.spike_min.as_usd_f64().to_string()),
+            (
+                "AIQ_PRICE_CATALOG",
+                b.price_catalog
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+            ),
+            ("AIQ_SENTRY_DSN", secret(&self.sentry_dsn)),
+            ("AIQ_SENTRY_ENVIRONMENT", self.sentry_environment.clone()),
+        ]
+    }
+
+    /// Every secret value, for the Sentry scrubber: no event may carry one.
+    pub fn secrets(&self) -> Vec<String> {
+        let mut out: Vec<String> = [
+            &self.vision.api_key,
+            &self.openai.api_key,
+            &self.budget.alert_webhook,
+            &self.sentry_dsn,
+        ]
+        .into_iter()
+        .flatten()
+        .map(|s| s.expose().to_owned())
+        .collect();
+        // The password inside the database URL.
+        let url = self.database_url.expose();
+        if let Some((creds, _)) = url
+            .split_once("://")
+            .and_then(|(_, rest)| rest.split_once('@'))
+            && let Some((_, password)) = creds.split_once(':')
+        {
+            out.push(password.to_owned());
+        }
+        out
+    }
+
     /// Loads every setting from the process environment.
     pub fn from_process_env() -> Result<Self, ConfigError> {
         Self::load(&Env(|k| std::env::var(k).ok()))
@@ -554,6 +699,16 @@ impl Settings {
                 "AIQ_OPENAI_TIMEOUT_MS",
             )?,
             budget: BudgetSettings::load(env)?,
+            sentry_dsn: match env.get("AIQ_SENTRY_DSN") {
+                Some(dsn) => {
+                    check_url("AIQ_SENTRY_DSN", &dsn, &["http", "https"])?;
+                    Some(Secret::new(dsn))
+                }
+                None => None,
+            },
+            sentry_environment: env
+                .get("AIQ_SENTRY_ENVIRONMENT")
+                .unwrap_or_else(|| "production".into()),
         })
     }
 }
@@ -630,6 +785,34 @@ mod tests {
             pairs.push((name, value));
             let err = Settings::load(&env(&pairs)).unwrap_err();
             assert_eq!(err.name, name, "{name}={value} gave {err}");
+        }
+    }
+
+    #[test]
+    fn the_effective_settings_list_every_variable_of_env_example_and_mask_secrets() {
+        let mut pairs = BASE.to_vec();
+        pairs.push(("AIQ_OPENAI_API_KEY", "sk-very-secret"));
+        let s = Settings::load(&env(&pairs)).unwrap();
+        let eff = s.effective();
+        let printed = format!("{eff:?}");
+        assert!(!printed.contains("sk-very-secret") && !printed.contains("postgres://u@"));
+        let example = include_str!("../.env.example");
+        let documented: Vec<&str> = example
+            .lines()
+            .filter_map(|l| l.split_once('=').map(|(k, _)| k.trim()))
+            .filter(|k| k.starts_with("AIQ_"))
+            .collect();
+        for (name, _) in &eff {
+            assert!(
+                documented.contains(name),
+                "{name} is missing from .env.example"
+            );
+        }
+        for name in documented {
+            assert!(
+                eff.iter().any(|(n, _)| *n == name),
+                "{name} in .env.example is not a setting"
+            );
         }
     }
 

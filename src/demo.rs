@@ -112,21 +112,17 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     );
 
     let shutdown = CancellationToken::new();
+    let app = crate::worker::app(&settings, store.clone()).await?;
     crate::http::serve(
         settings.admin_addr,
         queue.clone(),
-        store.clone(),
+        app.clone(),
         shutdown.clone(),
     )
     .await?;
     let worker = {
-        let (settings, queue, store, shutdown) = (
-            settings.clone(),
-            queue.clone(),
-            store.clone(),
-            shutdown.clone(),
-        );
-        tokio::spawn(async move { crate::worker::run(&settings, queue, store, shutdown).await })
+        let (settings, queue, shutdown) = (settings.clone(), queue.clone(), shutdown.clone());
+        tokio::spawn(async move { crate::worker::run(&settings, queue, app, shutdown).await })
     };
 
     let mut enqueued = 0usize;

@@ -1,61 +1,141 @@
-//! The admin port: `/healthz` (the process is alive) and `/readyz` (Redis and PostgreSQL answer).
-//! Metrics join here in the operations issue.
+//! The admin port: `/metrics` (Prometheus text), `/healthz` (the process is alive) and `/readyz`
+//! (JSON: Redis, PostgreSQL and the platform budget, each healthy / degraded / unhealthy, and
+//! overall; 503 when unhealthy).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
+use axum::Json;
 use axum::Router;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
 use axum::routing::get;
+use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+use crate::jobs::App;
 use crate::queue::Queue;
-use crate::store::Store;
 
 #[derive(Clone)]
 struct Deps {
     queue: Queue,
-    store: Store,
+    app: Arc<App>,
 }
 
 async fn healthz() -> &'static str {
     "ok\n"
 }
 
-async fn readyz(State(d): State<Deps>) -> (StatusCode, String) {
-    let redis = d.queue.ping().await;
-    let pg = d.store.ping().await;
-    match (redis, pg) {
-        (Ok(()), Ok(())) => (StatusCode::OK, "ready\n".into()),
-        (r, p) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "redis: {}\npostgres: {}\n",
-                r.map_or_else(|e| e.to_string(), |_| "ok".into()),
-                p.map_or_else(|e| e.to_string(), |_| "ok".into())
-            ),
-        ),
-    }
+/// The platform's budget state in today's and this month's windows.
+async fn global_budget(
+    app: &App,
+) -> Result<Vec<crate::budget::ScopeState>, crate::budget::BudgetError> {
+    let any = crate::budget::OrgLimits {
+        daily: crate::domain::MicroUsd::ZERO,
+        monthly: crate::domain::MicroUsd::ZERO,
+    };
+    let (scopes, _) = app
+        .budget
+        .scopes(uuid::Uuid::nil(), any, chrono::Utc::now());
+    let global: Vec<_> = scopes
+        .into_iter()
+        .filter(|s| s.owner == crate::budget::Owner::Global)
+        .collect();
+    app.budget.state(&global).await
 }
 
-/// Binds the admin port now (so a taken port fails start-up) and serves until `stop`.
+async fn metrics(State(d): State<Deps>) -> impl IntoResponse {
+    let stats = match d.queue.stats().await {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "reading queue stats for /metrics failed");
+            None
+        }
+    };
+    let budget = global_budget(&d.app).await.unwrap_or_default();
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        crate::observe::render(stats.as_ref(), &budget),
+    )
+}
+
+async fn readyz(State(d): State<Deps>) -> (StatusCode, Json<serde_json::Value>) {
+    let part = |r: Result<(), String>| match r {
+        Ok(()) => json!({ "status": "healthy" }),
+        Err(e) => json!({ "status": "unhealthy", "error": e }),
+    };
+    let redis = part(d.queue.ping().await.map_err(|e| e.to_string()));
+    let postgres = part(d.app.store.ping().await.map_err(|e| e.to_string()));
+    let budget = match global_budget(&d.app).await {
+        Err(e) => json!({ "status": "unhealthy", "error": e.to_string() }),
+        Ok(states) => {
+            let tight: Vec<String> = states
+                .iter()
+                .filter(|s| {
+                    s.limit.micros() > 0
+                        && s.spent.micros() as i128 * 100 >= s.limit.micros() as i128 * 95
+                })
+                .map(|s| {
+                    format!(
+                        "platform {} budget {} of {}",
+                        s.window_kind.as_str(),
+                        s.spent,
+                        s.limit
+                    )
+                })
+                .collect();
+            if tight.is_empty() {
+                json!({ "status": "healthy" })
+            } else {
+                json!({ "status": "degraded", "detail": tight })
+            }
+        }
+    };
+    let statuses = [&redis, &postgres, &budget]
+        .map(|p| p["status"].as_str().unwrap_or("unhealthy").to_owned());
+    let overall = if statuses.iter().any(|s| s == "unhealthy") {
+        "unhealthy"
+    } else if statuses.iter().any(|s| s == "degraded") {
+        "degraded"
+    } else {
+        "healthy"
+    };
+    let code = if overall == "unhealthy" {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
+    (
+        code,
+        Json(
+            json!({ "status": overall, "parts": { "redis": redis, "postgres": postgres, "budget": budget } }),
+        ),
+    )
+}
+
+/// Binds the admin port now (so a taken port fails start-up) and serves until `stop`. Returns
+/// the bound address (port 0 picks a free one).
 pub async fn serve(
     addr: SocketAddr,
     queue: Queue,
-    store: Store,
+    app: Arc<App>,
     stop: CancellationToken,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("setting AIQ_ADMIN_ADDR: cannot listen on {addr}: {e}"))?;
-    let app = Router::new()
+    let bound = listener.local_addr()?;
+    crate::observe::prometheus();
+    let router = Router::new()
+        .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .with_state(Deps { queue, store });
+        .with_state(Deps { queue, app });
     tokio::spawn(async move {
-        let _ = axum::serve(listener, app)
+        let _ = axum::serve(listener, router)
             .with_graceful_shutdown(async move { stop.cancelled().await })
             .await;
     });
-    Ok(())
+    Ok(bound)
 }

@@ -1,7 +1,11 @@
 //! Logging: JSON lines in production (under systemd), compact text in a terminal. `RUST_LOG`
-//! overrides the level. Sentry and metrics join here in the operations issue.
+//! overrides the level. Error events also go to Sentry (when it is on) and warnings become its
+//! breadcrumbs, through sentry-tracing; see `observe` for metrics and the scrubbing hook.
 
+use sentry::integrations::tracing::{BreadcrumbLayer, ErrorLayer};
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::LevelFilter;
+use tracing_subscriber::prelude::*;
 
 use crate::config::LogFormat;
 
@@ -9,15 +13,19 @@ use crate::config::LogFormat;
 pub fn init(format: LogFormat, default_level: &str) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Json => builder
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = match format {
+        LogFormat::Json => fmt
             .json()
             .flatten_event(true)
             .with_current_span(true)
-            .try_init(),
-        LogFormat::Text => builder.compact().try_init(),
+            .boxed(),
+        LogFormat::Text => fmt.compact().boxed(),
     };
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .with(ErrorLayer::new().with_filter(LevelFilter::ERROR))
+        .with(BreadcrumbLayer::new().with_filter(LevelFilter::WARN))
+        .try_init();
 }

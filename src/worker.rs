@@ -19,6 +19,20 @@ use crate::queue::Queue;
 use crate::queue::backend::RedisBackend;
 use crate::store::Store;
 
+/// This host's name, for the worker's name in logs. (Through gethostname(2), not /proc, which
+/// the systemd unit hides.)
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates within it on success.
+    let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    if ok && end > 0 {
+        String::from_utf8_lossy(&buf[..end]).into_owned()
+    } else {
+        "host".into()
+    }
+}
+
 /// Connects to Redis and PostgreSQL; fails naming what did not answer.
 pub async fn connect(settings: &Settings) -> anyhow::Result<(Queue, Store)> {
     let queue = Queue::connect(&settings.queue)
@@ -104,20 +118,13 @@ fn spawn_budget_tasks(settings: &Settings, app: Arc<App>, stop: CancellationToke
 pub async fn run(
     settings: &Settings,
     queue: Queue,
-    store: Store,
+    app: Arc<App>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let app = app(settings, store).await?;
     let background = CancellationToken::new();
     spawn_budget_tasks(settings, app.clone(), background.clone());
     let _stop_background = background.drop_guard();
-    let name = format!(
-        "aiq-{}-{}",
-        std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_owned())
-            .unwrap_or_else(|_| "host".into()),
-        std::process::id()
-    );
+    let name = format!("aiq-{}-{}", hostname(), std::process::id());
     let backend = RedisBackend::new(queue, settings.retry);
     let worker = WorkerBuilder::new(name.as_str())
         .backend(backend)

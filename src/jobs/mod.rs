@@ -158,9 +158,80 @@ fn job_ref(raw: &RawJob, input: Option<&JobInput>) -> JobRef {
 
 /// Runs one job. Public so tests can replay a job exactly as the worker runs it.
 pub async fn run(app: &App, raw: &RawJob) -> Result<(), Failure> {
+    let correlation_id = peek(raw, "correlation_id");
     let span = tracing::info_span!("job", job.id = %raw.id, job.kind = %raw.kind, tier = %raw.tier,
-        organization_id = %raw.organization_id, attempt = raw.attempt);
-    run_in_span(app, raw).instrument(span).await
+        organization_id = %raw.organization_id, attempt = raw.attempt, correlation_id = %correlation_id);
+    let started = Instant::now();
+    let outcome = run_in_span(app, raw).instrument(span).await;
+    let provider = provider_label(raw);
+    let label = match &outcome {
+        Ok(()) => "succeeded",
+        Err(Failure::Defer { .. }) => "deferred",
+        Err(Failure::Permanent { .. }) => "dead",
+        Err(Failure::Retry { .. }) if raw.attempt >= raw.max_attempts => "dead",
+        Err(Failure::Retry { .. }) => "retried",
+    };
+    let now_ms = Utc::now().timestamp_millis();
+    let wait = Duration::from_millis(now_ms.saturating_sub(raw.enqueued_at_ms).max(0) as u64)
+        .saturating_sub(started.elapsed());
+    crate::observe::job_finished(
+        label,
+        &raw.kind,
+        &raw.tier,
+        &provider,
+        started.elapsed(),
+        wait,
+    );
+    if let (Err(f), "dead") = (&outcome, label) {
+        report_dead(raw, &provider, &correlation_id, f);
+    }
+    outcome
+}
+
+/// A top-level string field of the payload, without decoding it (for labels and logs; the
+/// payload may be invalid).
+fn peek(raw: &RawJob, field: &str) -> String {
+    serde_json::from_str::<Value>(&raw.payload)
+        .ok()
+        .and_then(|v| v.get(field).and_then(Value::as_str).map(str::to_owned))
+        .unwrap_or_default()
+}
+
+/// The provider a job calls, for metric labels and Sentry tags.
+fn provider_label(raw: &RawJob) -> String {
+    match raw.kind.as_str() {
+        "vision.annotate" => vision::PROVIDER.to_owned(),
+        "llm.complete" => match peek(raw, "provider").as_str() {
+            p @ ("openai" | "anthropic" | "gemini") => p.to_owned(),
+            _ => "none".to_owned(),
+        },
+        _ => "none".to_owned(),
+    }
+}
+
+/// A job that failed for good is a Sentry event, tagged; the scrubbing hook in `observe`
+/// removes keys, e-mail addresses and image bytes from everything it carries.
+fn report_dead(raw: &RawJob, provider: &str, correlation_id: &str, failure: &Failure) {
+    let payload: Value =
+        serde_json::from_str(&raw.payload).unwrap_or_else(|_| Value::String(raw.payload.clone()));
+    sentry::with_scope(
+        |scope| {
+            scope.set_tag("job.kind", &raw.kind);
+            scope.set_tag("tier", &raw.tier);
+            scope.set_tag("provider", provider);
+            scope.set_tag("organization_id", &raw.organization_id);
+            scope.set_tag("attempt", raw.attempt);
+            scope.set_extra("job_id", raw.id.clone().into());
+            scope.set_extra("correlation_id", correlation_id.to_owned().into());
+            scope.set_extra("payload", payload);
+        },
+        || {
+            sentry::capture_message(
+                &format!("job {} failed for good: {failure}", raw.kind),
+                sentry::Level::Error,
+            )
+        },
+    );
 }
 
 /// What a job's one provider call is about to be.
@@ -315,6 +386,11 @@ fn record<T>(r: Result<T, crate::store::StoreError>) -> Result<T, Failure> {
 
 /// Settles the budget with the cost PostgreSQL holds for the call, then raises any alerts.
 async fn settle(app: &App, reservation: &Reservation, recorded: MicroUsd) {
+    crate::observe::cost(
+        &reservation.meta.provider,
+        &reservation.meta.tier,
+        recorded.as_usd_f64(),
+    );
     match app.budget.settle(&reservation.id, recorded).await {
         Ok(states) => app.alerts.check(&states).await,
         // The hold stays and expires; the sweeper settles it from the cost row.
@@ -485,7 +561,9 @@ async fn run_vision(
 ) -> Result<(), Failure> {
     let features: Vec<String> = v.features.iter().map(|f| f.kind.clone()).collect();
     let started = Instant::now();
-    let resp = match app.vision.annotate(&v.images, &v.features).await {
+    let resp = app.vision.annotate(&v.images, &v.features).await;
+    crate::observe::provider_call(vision::PROVIDER, call_status(&resp), started.elapsed());
+    let resp = match resp {
         Ok(r) => r,
         Err(e) => return provider_failed(app, raw, job, e, reservation).await,
     };
@@ -561,6 +639,13 @@ async fn run_vision(
     Ok(())
 }
 
+fn call_status<T>(r: &Result<T, ProviderError>) -> &'static str {
+    match r {
+        Ok(_) => "ok",
+        Err(e) => e.kind.as_str(),
+    }
+}
+
 /// Label scores by description, the shape the plan's confidence_scores column holds.
 fn confidence_scores(raw: &Value) -> Value {
     let mut scores = serde_json::Map::new();
@@ -602,11 +687,12 @@ async fn run_llm(
     }
     let started = Instant::now();
     let user = l.common.organization_id.to_string();
-    let c = match app
+    let c = app
         .openai
         .complete(&l.model, &l.messages, l.max_tokens, &user, &raw.id)
-        .await
-    {
+        .await;
+    crate::observe::provider_call(openai::PROVIDER, call_status(&c), started.elapsed());
+    let c = match c {
         Ok(c) => c,
         Err(e) => return provider_failed(app, raw, job, e, reservation).await,
     };

@@ -191,6 +191,7 @@ async fn renewer(shared: Arc<Shared>, every: Duration, stop: CancellationToken) 
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
+        crate::systemd::beat();
         if let Err(e) = shared.queue.reap().await {
             tracing::warn!(error = %e, "returning expired leases failed");
         }

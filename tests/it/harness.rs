@@ -151,7 +151,10 @@ impl TestCtx {
             self.store.clone(),
             token.clone(),
         );
-        let join = tokio::spawn(async move { aiq::worker::run(&settings, queue, store, t).await });
+        let join = tokio::spawn(async move {
+            let app = aiq::worker::app(&settings, store).await?;
+            aiq::worker::run(&settings, queue, app, t).await
+        });
         Worker { token, join }
     }
 
@@ -234,7 +237,11 @@ impl TestCtx {
             .envs(extra.iter().copied())
             .arg("run")
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null());
+            .stderr(if std::env::var_os("AIQ_TEST_DAEMON_LOGS").is_some() {
+                std::process::Stdio::inherit()
+            } else {
+                std::process::Stdio::null()
+            });
         cmd.spawn().expect("spawning aiq run")
     }
 

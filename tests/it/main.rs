@@ -4,6 +4,7 @@
 
 mod harness;
 mod money;
+mod operate;
 
 mod binary;
 mod clients;

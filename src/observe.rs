@@ -1,0 +1,490 @@
+//! Metrics and Sentry: what the operator sees of a running aiq.
+//!
+//! Metrics go through the `metrics` facade into one Prometheus recorder per process, rendered at
+//! `/metrics`. Queue and budget gauges are fleet-wide facts read from Redis at scrape time; job,
+//! provider and cost counters are this process's. Labels are bounded: tier, kind, provider,
+//! outcome, status, window; never a job or an organisation.
+//!
+//! Sentry gets job failures that end a job (dead) and daemon errors, tagged with kind, tier,
+//! provider, organisation and attempt. Every event passes a scrubbing hook first: API keys and
+//! the other configured secrets, bearer tokens, `sk-` keys, e-mail addresses and long base64
+//! runs (image bytes) are replaced before anything leaves the process. The transport is our own
+//! small one over the same reqwest as the providers.
+
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::Duration;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use sentry::protocol::{Event, Value as SentryValue};
+use sentry::{ClientOptions, Envelope, Transport, TransportFactory};
+
+use crate::budget::ScopeState;
+use crate::queue::QueueStats;
+
+/// The process's metrics recorder, installed on first use.
+pub fn prometheus() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let buckets = |b: &[f64]| b.to_vec();
+        let handle = PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                Matcher::Full("aiq_job_wait_seconds".into()),
+                &buckets(&[
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                    300.0, 600.0,
+                ]),
+            )
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full("aiq_job_run_seconds".into()),
+                    &buckets(&[
+                        0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+                    ]),
+                )
+            })
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full("aiq_provider_call_seconds".into()),
+                    &buckets(&[
+                        0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0,
+                    ]),
+                )
+            })
+            .expect("static histogram buckets are valid")
+            .install_recorder()
+            .expect("one metrics recorder per process");
+        describe();
+        metrics::gauge!("aiq_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+        handle
+    })
+}
+
+/// Help texts, so `promtool check metrics` and readers know what each series is.
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!("aiq_build_info", "The aiq version running (always 1).");
+    describe_gauge!(
+        "aiq_queue_waiting_jobs",
+        "Jobs waiting per tier (fleet-wide, from Redis)."
+    );
+    describe_gauge!(
+        "aiq_queue_oldest_job_age_seconds",
+        "How long the oldest waiting job of each tier has waited."
+    );
+    describe_gauge!("aiq_queue_inflight_jobs", "Jobs leased to workers now.");
+    describe_gauge!(
+        "aiq_queue_delayed_jobs",
+        "Jobs waiting for a retry or a budget window."
+    );
+    describe_gauge!("aiq_queue_dead_jobs", "Jobs in the dead set.");
+    describe_counter!(
+        "aiq_queue_events_total",
+        "Queue events since the queue began (fleet-wide, from Redis); interrupted counts leases reaped from dead workers."
+    );
+    describe_gauge!(
+        "aiq_budget_spent_usd",
+        "Platform spend in the current window, US dollars."
+    );
+    describe_gauge!(
+        "aiq_budget_limit_usd",
+        "Platform limit of the current window, US dollars."
+    );
+    describe_gauge!(
+        "aiq_budget_used_ratio",
+        "Platform spend over its limit in the current window."
+    );
+    describe_counter!(
+        "aiq_jobs_finished_total",
+        "Job executions finished by this process, by outcome."
+    );
+    describe_histogram!(
+        "aiq_job_wait_seconds",
+        metrics::Unit::Seconds,
+        "Time from enqueue to start."
+    );
+    describe_histogram!(
+        "aiq_job_run_seconds",
+        metrics::Unit::Seconds,
+        "Time a job execution ran."
+    );
+    describe_counter!(
+        "aiq_provider_calls_total",
+        "Provider calls by provider and status (ok or an error kind)."
+    );
+    describe_histogram!(
+        "aiq_provider_call_seconds",
+        metrics::Unit::Seconds,
+        "Provider call latency."
+    );
+    describe_counter!(
+        "aiq_cost_micro_usd_total",
+        "Money settled for provider calls."
+    );
+}
+
+/// A job ended this execution: `outcome` is succeeded, retried, dead or deferred.
+pub fn job_finished(
+    outcome: &'static str,
+    kind: &str,
+    tier: &str,
+    provider: &str,
+    run: Duration,
+    wait: Duration,
+) {
+    let (kind, tier, provider) = (kind.to_owned(), tier.to_owned(), provider.to_owned());
+    metrics::counter!("aiq_jobs_finished_total", "outcome" => outcome, "kind" => kind.clone(),
+        "tier" => tier.clone(), "provider" => provider)
+    .increment(1);
+    metrics::histogram!("aiq_job_run_seconds", "kind" => kind, "outcome" => outcome)
+        .record(run.as_secs_f64());
+    metrics::histogram!("aiq_job_wait_seconds", "tier" => tier).record(wait.as_secs_f64());
+}
+
+/// A provider call ended with `status` ("ok" or an error kind).
+pub fn provider_call(provider: &str, status: &'static str, took: Duration) {
+    let provider = provider.to_owned();
+    metrics::counter!("aiq_provider_calls_total", "provider" => provider.clone(), "status" => status).increment(1);
+    metrics::histogram!("aiq_provider_call_seconds", "provider" => provider, "status" => status)
+        .record(took.as_secs_f64());
+}
+
+/// Money settled for a call.
+pub fn cost(provider: &str, tier: &str, usd: f64) {
+    // Counters are integers in the facade: count micro-dollars, then expose dollars below.
+    metrics::counter!("aiq_cost_micro_usd_total", "provider" => provider.to_owned(), "tier" => tier.to_owned())
+        .increment((usd * 1_000_000.0).round().max(0.0) as u64);
+}
+
+/// Renders the Prometheus text, after refreshing the fleet-wide gauges.
+pub fn render(stats: Option<&QueueStats>, budget: &[ScopeState]) -> String {
+    let handle = prometheus();
+    if let Some(s) = stats {
+        for (tier, n) in &s.waiting {
+            metrics::gauge!("aiq_queue_waiting_jobs", "tier" => tier.clone()).set(*n as f64);
+        }
+        for (tier, ms) in &s.oldest_age_ms {
+            metrics::gauge!("aiq_queue_oldest_job_age_seconds", "tier" => tier.clone())
+                .set(*ms as f64 / 1000.0);
+        }
+        metrics::gauge!("aiq_queue_inflight_jobs").set(s.inflight as f64);
+        metrics::gauge!("aiq_queue_delayed_jobs").set(s.delayed as f64);
+        metrics::gauge!("aiq_queue_dead_jobs").set(s.dead as f64);
+        for (event, n) in &s.counters {
+            metrics::counter!("aiq_queue_events_total", "event" => event.clone()).absolute(*n);
+        }
+    }
+    for b in budget.iter().filter(|b| b.owner == "global") {
+        let window = b.window_kind.as_str();
+        metrics::gauge!("aiq_budget_spent_usd", "window" => window).set(b.spent.as_usd_f64());
+        metrics::gauge!("aiq_budget_limit_usd", "window" => window).set(b.limit.as_usd_f64());
+        let ratio = if b.limit.micros() > 0 {
+            b.spent.micros() as f64 / b.limit.micros() as f64
+        } else {
+            0.0
+        };
+        metrics::gauge!("aiq_budget_used_ratio", "window" => window).set(ratio);
+    }
+    dollars_from_micros(&handle.render())
+}
+
+/// The facade's counters are integers, so cost is counted in micro-dollars; Prometheus readers
+/// want dollars. Rewrites `aiq_cost_micro_usd_total` samples into `aiq_cost_usd_total`.
+fn dollars_from_micros(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        if line.starts_with("# HELP aiq_cost_micro_usd_total") {
+            out.push_str(
+                "# HELP aiq_cost_usd_total Money settled for provider calls, in US dollars.\n",
+            );
+        } else if let Some(rest) = line.strip_prefix("# TYPE aiq_cost_micro_usd_total") {
+            out.push_str(&format!("# TYPE aiq_cost_usd_total{rest}\n"));
+        } else if let Some(rest) = line.strip_prefix("aiq_cost_micro_usd_total") {
+            match rest.rsplit_once(' ') {
+                Some((labels, v)) => {
+                    let micros: f64 = v.parse().unwrap_or(0.0);
+                    out.push_str(&format!(
+                        "aiq_cost_usd_total{labels} {}\n",
+                        micros / 1_000_000.0
+                    ));
+                }
+                None => out.push_str(&format!("{line}\n")),
+            }
+        } else {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// Replaces secrets, bearer tokens, `sk-` keys, e-mail addresses and long base64 runs.
+pub fn scrub(text: &str, secrets: &[String]) -> String {
+    let mut s = text.to_owned();
+    for secret in secrets.iter().filter(|s| s.len() >= 4) {
+        s = s.replace(secret.as_str(), "[secret]");
+    }
+    let mut out = String::with_capacity(s.len());
+    let chars: Vec<char> = s.chars().collect();
+    let mut i = 0;
+    let is_b64 = |c: char| c.is_ascii_alphanumeric() || c == '+' || c == '/' || c == '=';
+    let is_word = |c: char| c.is_ascii_alphanumeric() || "._%+-".contains(c);
+    while i < chars.len() {
+        // A run of base64 characters long enough to be file bytes, not a word.
+        let run = chars[i..].iter().take_while(|c| is_b64(**c)).count();
+        if run >= 64 {
+            out.push_str("[bytes]");
+            i += run;
+            continue;
+        }
+        // Bearer tokens and sk- style keys.
+        let rest: String = chars[i..chars.len().min(i + 7)].iter().collect();
+        if rest.eq_ignore_ascii_case("bearer ") {
+            let tok = chars[i + 7..]
+                .iter()
+                .take_while(|c| !c.is_whitespace() && **c != '"')
+                .count();
+            out.push_str("Bearer [secret]");
+            i += 7 + tok;
+            continue;
+        }
+        if chars[i..].starts_with(&['s', 'k', '-']) && (i == 0 || !is_word(chars[i - 1])) {
+            let tok = chars[i..]
+                .iter()
+                .take_while(|c| c.is_ascii_alphanumeric() || **c == '-' || **c == '_')
+                .count();
+            if tok >= 12 {
+                out.push_str("[secret]");
+                i += tok;
+                continue;
+            }
+        }
+        // An e-mail address: word@word.word
+        if chars[i] == '@' {
+            let mut start = out.len();
+            while start > 0 && is_word(out[..start].chars().last().unwrap_or(' ')) {
+                start -= out[..start].chars().last().map_or(1, char::len_utf8);
+            }
+            let after = chars[i + 1..].iter().take_while(|c| is_word(**c)).count();
+            let domain: String = chars[i + 1..i + 1 + after].iter().collect();
+            if start < out.len() && domain.contains('.') {
+                out.truncate(start);
+                out.push_str("[email]");
+                i += 1 + after;
+                continue;
+            }
+        }
+        out.push(chars[i]);
+        i += 1;
+    }
+    out
+}
+
+fn scrub_value(v: &mut SentryValue, secrets: &[String]) {
+    match v {
+        SentryValue::String(s) => *s = scrub(s, secrets),
+        SentryValue::Array(a) => a.iter_mut().for_each(|x| scrub_value(x, secrets)),
+        SentryValue::Object(o) => {
+            for (k, x) in o.iter_mut() {
+                let key = k.to_ascii_lowercase();
+                if key.contains("authorization")
+                    || key.contains("api_key")
+                    || key.contains("apikey")
+                    || key == "password"
+                {
+                    *x = SentryValue::String("[secret]".into());
+                } else {
+                    scrub_value(x, secrets);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The scrubbing hook: every string an event carries, through [`scrub`].
+pub fn scrub_event(mut event: Event<'static>, secrets: &[String]) -> Event<'static> {
+    let s = |t: &mut String| *t = scrub(t, secrets);
+    if let Some(m) = event.message.as_mut() {
+        s(m);
+    }
+    if let Some(l) = event.logentry.as_mut() {
+        s(&mut l.message);
+    }
+    for e in event.exception.values.iter_mut() {
+        if let Some(v) = e.value.as_mut() {
+            s(v);
+        }
+    }
+    for v in event.extra.values_mut() {
+        scrub_value(v, secrets);
+    }
+    for v in event.tags.values_mut() {
+        s(v);
+    }
+    for b in event.breadcrumbs.values.iter_mut() {
+        if let Some(m) = b.message.as_mut() {
+            s(m);
+        }
+        for v in b.data.values_mut() {
+            scrub_value(v, secrets);
+        }
+    }
+    if let Some(r) = event.request.as_mut() {
+        r.headers.retain(|k, _| {
+            !k.eq_ignore_ascii_case("authorization") && !k.to_ascii_lowercase().contains("api-key")
+        });
+        if let Some(d) = r.data.as_mut() {
+            s(d);
+        }
+    }
+    event
+}
+
+/// Sends envelopes from a thread of its own (sentry calls the transport synchronously).
+struct HttpTransport {
+    tx: Mutex<Option<mpsc::Sender<Vec<u8>>>>,
+    pending: Arc<(Mutex<usize>, Condvar)>,
+}
+
+impl HttpTransport {
+    fn new(dsn: &sentry::types::Dsn) -> Self {
+        let url = dsn.envelope_api_url().to_string();
+        let auth = dsn
+            .to_auth(Some(concat!("aiq/", env!("CARGO_PKG_VERSION"))))
+            .to_string();
+        let (tx, rx) = mpsc::channel::<Vec<u8>>();
+        let pending = Arc::new((Mutex::new(0usize), Condvar::new()));
+        let counter = pending.clone();
+        std::thread::Builder::new()
+            .name("aiq-sentry".into())
+            .spawn(move || {
+                let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                else {
+                    return;
+                };
+                // reqwest's client needs a runtime around it, even to be built.
+                let _entered = rt.enter();
+                let http = reqwest::Client::builder()
+                    .timeout(Duration::from_secs(10))
+                    .build()
+                    .expect("building an HTTP client with static settings");
+                for body in rx {
+                    let sent = rt.block_on(
+                        http.post(&url)
+                            .header("X-Sentry-Auth", &auth)
+                            .header("Content-Type", "application/x-sentry-envelope")
+                            .body(body)
+                            .send(),
+                    );
+                    if let Err(e) = sent {
+                        eprintln!("aiq: sending an event to Sentry failed: {e}");
+                    }
+                    let (lock, cvar) = &*counter;
+                    *lock.lock().expect("sentry counter") -= 1;
+                    cvar.notify_all();
+                }
+            })
+            .expect("spawning the Sentry thread");
+        Self {
+            tx: Mutex::new(Some(tx)),
+            pending,
+        }
+    }
+}
+
+impl Transport for HttpTransport {
+    fn send_envelope(&self, envelope: Envelope) {
+        let mut body = Vec::new();
+        if envelope.to_writer(&mut body).is_err() {
+            return;
+        }
+        if let Some(tx) = self.tx.lock().expect("sentry sender").as_ref() {
+            *self.pending.0.lock().expect("sentry counter") += 1;
+            if tx.send(body).is_err() {
+                *self.pending.0.lock().expect("sentry counter") -= 1;
+            }
+        }
+    }
+
+    fn flush(&self, timeout: Duration) -> bool {
+        let (lock, cvar) = &*self.pending;
+        let guard = lock.lock().expect("sentry counter");
+        let (guard, _) = cvar
+            .wait_timeout_while(guard, timeout, |n| *n > 0)
+            .expect("sentry counter");
+        *guard == 0
+    }
+
+    fn shutdown(&self, timeout: Duration) -> bool {
+        let drained = self.flush(timeout);
+        self.tx.lock().expect("sentry sender").take();
+        drained
+    }
+}
+
+/// Starts Sentry when a DSN is set. Keep the guard alive; dropping it flushes.
+pub fn init_sentry(
+    dsn: &str,
+    environment: &str,
+    secrets: Vec<String>,
+) -> anyhow::Result<sentry::ClientInitGuard> {
+    let parsed: sentry::types::Dsn = dsn
+        .parse()
+        .map_err(|e| anyhow::anyhow!("setting AIQ_SENTRY_DSN: not a Sentry DSN: {e}"))?;
+    let secrets = Arc::new(secrets);
+    let mut options = ClientOptions::default();
+    options.dsn = Some(parsed.clone());
+    options.release = Some(concat!("aiq@", env!("CARGO_PKG_VERSION")).into());
+    options.environment = Some(environment.to_owned().into());
+    options.send_default_pii = false;
+    let factory: Arc<dyn TransportFactory> =
+        Arc::new(move |_: &ClientOptions| -> Arc<dyn Transport> {
+            Arc::new(HttpTransport::new(&parsed))
+        });
+    options.transport = Some(factory);
+    options.before_send = Some(Arc::new(move |e| Some(scrub_event(e, &secrets))));
+    Ok(sentry::init(options))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scrubbing_removes_keys_tokens_emails_and_bytes() {
+        let secrets = vec!["vision-key-123".to_owned()];
+        let text = "key vision-key-123, auth Bearer abc.def, openai sk-proj-ABCDEFGHIJKLMNOP, mail jane.doe+x@example.co.uk \
+                    img iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg== end";
+        let s = scrub(text, &secrets);
+        assert!(!s.contains("vision-key-123"), "{s}");
+        assert!(!s.contains("abc.def"), "{s}");
+        assert!(!s.contains("sk-proj"), "{s}");
+        assert!(!s.contains("jane.doe"), "{s}");
+        assert!(!s.contains("iVBORw0KGgo"), "{s}");
+        assert!(
+            s.contains("[email]") && s.contains("[bytes]") && s.contains("Bearer [secret]"),
+            "{s}"
+        );
+        assert!(s.starts_with("key [secret],") && s.ends_with(" end"), "{s}");
+        // Ordinary text passes unchanged.
+        assert_eq!(
+            scrub("caption a cat @ 3pm, ask-me", &secrets),
+            "caption a cat @ 3pm, ask-me"
+        );
+    }
+
+    #[test]
+    fn cost_counters_read_out_in_dollars() {
+        let text = "# TYPE aiq_cost_micro_usd_total counter\naiq_cost_micro_usd_total{provider=\"openai\",tier=\"trial\"} 1500\n";
+        let out = dollars_from_micros(text);
+        assert!(out.contains("# TYPE aiq_cost_usd_total counter"), "{out}");
+        assert!(
+            out.contains("aiq_cost_usd_total{provider=\"openai\",tier=\"trial\"} 0.0015"),
+            "{out}"
+        );
+        assert!(!out.contains("micro"), "{out}");
+    }
+}

@@ -1,0 +1,233 @@
+//! Operating aiq: /metrics (checked by promtool), /readyz, Sentry events without secrets.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use aiq::domain::{JobKind, Tier};
+use tokio_util::sync::CancellationToken;
+
+use crate::harness::{ORG_A, TestCtx, llm_payload, signal_and_wait, wait_until};
+
+/// One sample's value from the Prometheus text, e.g. `aiq_queue_waiting_jobs{tier="trial"}`.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+fn promtool_check_metrics(text: &str) {
+    use std::io::Write;
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool is missing: scripts/test installs it (Debian package prometheus)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_show_queue_depth_per_tier_pass_promtool_and_readyz_reports_each_part() {
+    let ctx = TestCtx::new().await;
+    for _ in 0..3 {
+        ctx.enqueue(
+            JobKind::LlmComplete,
+            Tier::GrowthTeam,
+            ORG_A,
+            &llm_payload(Tier::GrowthTeam, ORG_A, "x"),
+            0,
+        )
+        .await;
+    }
+    ctx.enqueue(
+        JobKind::LlmComplete,
+        Tier::Trial,
+        ORG_A,
+        &llm_payload(Tier::Trial, ORG_A, "y"),
+        0,
+    )
+    .await;
+    let app = aiq::worker::app(&ctx.settings, ctx.store.clone())
+        .await
+        .unwrap();
+    let stop = CancellationToken::new();
+    let addr = aiq::http::serve(
+        "127.0.0.1:0".parse().unwrap(),
+        ctx.queue.clone(),
+        app.clone(),
+        stop.clone(),
+    )
+    .await
+    .unwrap();
+    let get = |path: &str| reqwest::get(format!("http://{addr}{path}"));
+
+    let text = get("/metrics").await.unwrap().text().await.unwrap();
+    assert_eq!(
+        sample(&text, "aiq_queue_waiting_jobs{tier=\"growth_team\"}"),
+        Some(3.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "aiq_queue_waiting_jobs{tier=\"trial\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&text, "aiq_queue_waiting_jobs{tier=\"enterprise\"}"),
+        Some(0.0)
+    );
+    assert!(
+        sample(
+            &text,
+            "aiq_queue_oldest_job_age_seconds{tier=\"growth_team\"}"
+        )
+        .is_some()
+    );
+    assert_eq!(
+        sample(&text, "aiq_queue_events_total{event=\"enqueued\"}"),
+        Some(4.0)
+    );
+    assert_eq!(
+        sample(&text, "aiq_budget_limit_usd{window=\"day\"}"),
+        Some(1000.0)
+    );
+
+    // Run the jobs; the job, provider and cost series appear.
+    let worker = {
+        let (settings, queue, app, stop) = (
+            ctx.settings.clone(),
+            ctx.queue.clone(),
+            app.clone(),
+            stop.clone(),
+        );
+        tokio::spawn(async move { aiq::worker::run(&settings, queue, app, stop).await })
+    };
+    ctx.wait_settled(Duration::from_secs(30)).await;
+    let text = get("/metrics").await.unwrap().text().await.unwrap();
+    assert_eq!(
+        sample(&text, "aiq_queue_waiting_jobs{tier=\"growth_team\"}"),
+        Some(0.0)
+    );
+    assert!(text.contains("aiq_jobs_finished_total{outcome=\"succeeded\",kind=\"llm.complete\",tier=\"growth_team\",provider=\"openai\"}"), "{text}");
+    assert!(
+        text.contains("aiq_provider_call_seconds_bucket{provider=\"openai\",status=\"ok\""),
+        "{text}"
+    );
+    assert!(
+        text.contains("aiq_cost_usd_total{provider=\"openai\",tier=\"trial\"}"),
+        "{text}"
+    );
+    assert!(
+        text.contains("aiq_job_wait_seconds_bucket{tier=\"trial\""),
+        "{text}"
+    );
+    promtool_check_metrics(&text);
+
+    let resp = get("/readyz").await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let ready: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(ready["status"], "healthy", "{ready}");
+    for part in ["redis", "postgres", "budget"] {
+        assert_eq!(ready["parts"][part]["status"], "healthy", "{ready}");
+    }
+    assert_eq!(get("/healthz").await.unwrap().text().await.unwrap(), "ok\n");
+    stop.cancel();
+    worker.await.unwrap().unwrap();
+}
+
+/// A stand-in for Sentry's ingest endpoint that keeps every envelope.
+async fn fake_sentry() -> (u16, Arc<Mutex<Vec<String>>>) {
+    let got: Arc<Mutex<Vec<String>>> = Arc::default();
+    let app = {
+        let got = got.clone();
+        axum::Router::new().route(
+            "/api/{project}/envelope/",
+            axum::routing::post(move |body: String| {
+                let got = got.clone();
+                async move {
+                    got.lock().unwrap().push(body);
+                    "{}"
+                }
+            }),
+        )
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (port, got)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_job_reaches_sentry_with_its_tags_and_without_the_key_the_email_or_the_image() {
+    let (port, envelopes) = fake_sentry().await;
+    let ctx = TestCtx::new().await;
+    let key = ctx.vars["AIQ_OPENAI_API_KEY"].clone();
+    let image = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==";
+    let text = format!(
+        "[fake:status=400] write to jane.doe@example.com, key {key}, image data:image/png;base64,{image}"
+    );
+    let id = ctx
+        .enqueue(
+            JobKind::LlmComplete,
+            Tier::Enterprise,
+            ORG_A,
+            &llm_payload(Tier::Enterprise, ORG_A, &text),
+            0,
+        )
+        .await;
+    let dsn = format!("http://publickey@127.0.0.1:{port}/42");
+    let daemon = ctx.spawn_daemon(&[("AIQ_SENTRY_DSN", &dsn)]);
+    ctx.wait_settled(Duration::from_secs(30)).await;
+    wait_until(
+        Duration::from_secs(10),
+        "an event at the fake Sentry",
+        || async { envelopes.lock().unwrap().iter().any(|e| e.contains(&id)) },
+    )
+    .await;
+    assert!(signal_and_wait(daemon, libc::SIGTERM).await.success());
+
+    let all = envelopes.lock().unwrap().join("\n");
+    let event = envelopes
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|e| e.contains(&id))
+        .cloned()
+        .unwrap();
+    for tag in [
+        "\"job.kind\":\"llm.complete\"",
+        "\"tier\":\"enterprise\"",
+        "\"provider\":\"openai\"",
+        &format!("\"organization_id\":\"{ORG_A}\""),
+        "\"attempt\":\"1\"",
+    ] {
+        assert!(event.contains(tag), "tag {tag} missing from {event}");
+    }
+    assert!(event.contains("failed for good"), "{event}");
+    assert!(!all.contains(&key), "the API key leaked: {all}");
+    assert!(
+        !all.contains("jane.doe"),
+        "the e-mail address leaked: {all}"
+    );
+    assert!(
+        !all.contains("iVBORw0KGgo"),
+        "the image bytes leaked: {all}"
+    );
+    assert!(
+        event.contains("[email]") && event.contains("[bytes]"),
+        "the scrubber marks what it removed: {event}"
+    );
+}
