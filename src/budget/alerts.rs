@@ -72,6 +72,18 @@ impl Alerts {
             Ok(created) => {
                 if created {
                     tracing::warn!(scope = %alert.scope, threshold = %alert.threshold, "{}", alert.message);
+                    // Sentry too (a no-op when it is off), once, from the process that created it.
+                    sentry::with_scope(
+                        |scope| {
+                            scope.set_tag("alert.scope", &alert.scope);
+                            scope.set_tag(
+                                "alert.window",
+                                format!("{}:{}", alert.window_kind, alert.window_start),
+                            );
+                            scope.set_tag("alert.threshold", &alert.threshold);
+                        },
+                        || sentry::capture_message(&alert.message, sentry::Level::Warning),
+                    );
                     self.wake.notify_one();
                 }
                 self.raised.lock().expect("alert cache").insert(key);

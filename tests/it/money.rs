@@ -324,8 +324,14 @@ async fn webhook(failures: usize) -> (String, Arc<Mutex<Vec<(String, u16)>>>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_alert_threshold_fires_once_across_three_processes_and_the_webhook_is_retried() {
     let (url, log) = webhook(2).await;
+    let (sentry_port, sentry_events) = crate::operate::fake_sentry().await;
+    let dsn = format!("http://publickey@127.0.0.1:{sentry_port}/7");
     let ctx = TestCtx::build(
-        &[("AIQ_CONCURRENCY", "4"), ("AIQ_ALERT_WEBHOOK_URL", &url)],
+        &[
+            ("AIQ_CONCURRENCY", "4"),
+            ("AIQ_ALERT_WEBHOOK_URL", &url),
+            ("AIQ_SENTRY_DSN", &dsn),
+        ],
         FakeOptions {
             latency: Duration::from_millis(30),
         },
@@ -395,6 +401,15 @@ async fn each_alert_threshold_fires_once_across_three_processes_and_the_webhook_
     assert_eq!(unique.len(), 3);
     assert_eq!(log.len(), 5, "the two 500s were retried");
     assert!(alerts.iter().map(|a| a.3).sum::<i32>() == 5);
+    // Each alert also reached Sentry once.
+    let events = sentry_events.lock().unwrap().clone();
+    for t in ["80", "95", "100"] {
+        let n = events
+            .iter()
+            .filter(|e| e.contains(&format!("\"alert.threshold\":\"{t}\"")))
+            .count();
+        assert_eq!(n, 1, "alert {t} in Sentry: {events:?}");
+    }
 }
 
 fn aiq(ctx: &TestCtx, args: &[&str]) -> String {
@@ -498,5 +513,124 @@ async fn costs_agree_with_get_cost_analysis_and_rebuild_restores_lost_redis_coun
     assert!(
         shown.contains("(trial)") && shown.contains("$2.500000") && shown.contains("$5.000000"),
         "{shown}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_over_an_organisations_rate_wait_for_the_next_minute_and_do_not_fail() {
+    let ctx = TestCtx::with(&[(
+        "AIQ_ORG_JOBS_PER_MINUTE",
+        "enterprise_plus=0,enterprise=0,professional_agency=0,growth_team=0,solo_professional=0,trial=3",
+    )])
+    .await;
+    // The limit counts per clock minute: start well inside one.
+    let second = chrono::Timelike::second(&chrono::Utc::now());
+    if second >= 50 {
+        tokio::time::sleep(Duration::from_secs(61 - second as u64)).await;
+    }
+    for i in 0..5 {
+        ctx.enqueue(
+            JobKind::LlmComplete,
+            Tier::Trial,
+            ORG_A,
+            &llm_payload(Tier::Trial, ORG_A, &format!("r{i}")),
+            0,
+        )
+        .await;
+    }
+    // Another organisation has its own allowance.
+    ctx.enqueue(
+        JobKind::LlmComplete,
+        Tier::Trial,
+        ORG_B,
+        &llm_payload(Tier::Trial, ORG_B, "b"),
+        0,
+    )
+    .await;
+    let worker = ctx.start_worker();
+    wait_until(
+        Duration::from_secs(30),
+        "the allowed jobs to run and the rest to wait",
+        || async {
+            let s = ctx.queue.stats().await.unwrap();
+            s.waiting.values().sum::<u64>() == 0 && s.inflight == 0 && s.delayed == 2
+        },
+    )
+    .await;
+    worker.stop().await;
+    assert_eq!(
+        completed(&ctx).await,
+        4,
+        "three of org A's jobs and org B's one ran"
+    );
+    let now = chrono::Utc::now().timestamp_millis() as f64;
+    let mut redis = ctx.redis().await;
+    let delayed: Vec<(String, f64)> = redis
+        .zrange_withscores(ctx.key("delayed"), 0, -1)
+        .await
+        .unwrap();
+    for (id, due) in &delayed {
+        assert!(
+            *due <= now + 61_000.0,
+            "job {id} waits for the next minute, not longer"
+        );
+        let f = ctx.queue.job_fields(id).await.unwrap();
+        assert!(f["deferred_reason"].contains("rate"), "{f:?}");
+        assert_eq!(f["attempts"], "0");
+    }
+    assert_eq!(
+        ctx.scalar_i64("SELECT count(*) FROM ai_processing_errors")
+            .await,
+        0,
+        "waiting is not an error"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_hour_far_above_the_trailing_average_raises_one_spike_alert() {
+    let ctx = TestCtx::new().await;
+    // $1 an hour for the last day, then $20 in the last hour, for org A.
+    for hours_ago in 2..26 {
+        sqlx::query(
+            "INSERT INTO ai_cost_tracking (organization_id, service_name, operation_type, cost_usd, billing_date,
+                created_at, job_id, attempt, execution, call_seq)
+             VALUES ($1::uuid, 'openai', 'chat.completions', 1, CURRENT_DATE, now() - make_interval(hours => $2),
+                $3, 1, 1, 0)",
+        )
+        .bind(ORG_A)
+        .bind(hours_ago)
+        .bind(format!("past-{hours_ago}"))
+        .execute(ctx.store.pool())
+        .await
+        .unwrap();
+    }
+    sqlx::query(
+        "INSERT INTO ai_cost_tracking (organization_id, service_name, operation_type, cost_usd, billing_date,
+            created_at, job_id, attempt, execution, call_seq)
+         VALUES ($1::uuid, 'openai', 'chat.completions', 20, CURRENT_DATE, now() - interval '10 minutes', 'now', 1, 1, 0)",
+    )
+    .bind(ORG_A)
+    .execute(ctx.store.pool())
+    .await
+    .unwrap();
+    let alerts = aiq::budget::alerts::Alerts::new(ctx.store.clone());
+    for _ in 0..2 {
+        alerts
+            .check_spikes(3.0, MicroUsd::from_micros(1_000_000))
+            .await;
+    }
+    let rows: Vec<(String, String, String)> =
+        sqlx::query_as("SELECT scope, threshold, message FROM ai_cost_alerts ORDER BY scope")
+            .fetch_all(ctx.store.pool())
+            .await
+            .unwrap();
+    // The organisation and the platform (which here spent the same) each spiked once.
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!(rows[0].0, "global");
+    assert_eq!(rows[1].0, format!("org:{ORG_A}"));
+    assert!(
+        rows.iter()
+            .all(|r| r.1 == "spike" && r.2.contains("$20.000000")),
+        "{rows:?}"
     );
 }

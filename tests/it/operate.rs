@@ -149,7 +149,7 @@ async fn metrics_show_queue_depth_per_tier_pass_promtool_and_readyz_reports_each
 }
 
 /// A stand-in for Sentry's ingest endpoint that keeps every envelope.
-async fn fake_sentry() -> (u16, Arc<Mutex<Vec<String>>>) {
+pub async fn fake_sentry() -> (u16, Arc<Mutex<Vec<String>>>) {
     let got: Arc<Mutex<Vec<String>>> = Arc::default();
     let app = {
         let got = got.clone();
