@@ -165,6 +165,7 @@ pub struct Settings {
     /// Sentry: job failures that end a job, and daemon errors. None: Sentry is off.
     pub sentry_dsn: Option<Secret>,
     pub sentry_environment: String,
+    pub breaker: crate::providers::breaker::BreakerSettings,
 }
 
 /// Reads variables through `lookup`, so tests can load settings without touching the process
@@ -601,6 +602,8 @@ impl Settings {
                     .map(|p| p.display().to_string())
                     .unwrap_or_default(),
             ),
+            ("AIQ_BREAKER_FAILURES", self.breaker.failures.to_string()),
+            ("AIQ_BREAKER_COOLDOWN_MS", ms(self.breaker.cooldown)),
             ("AIQ_SENTRY_DSN", secret(&self.sentry_dsn)),
             ("AIQ_SENTRY_ENVIRONMENT", self.sentry_environment.clone()),
         ]
@@ -709,6 +712,10 @@ impl Settings {
             sentry_environment: env
                 .get("AIQ_SENTRY_ENVIRONMENT")
                 .unwrap_or_else(|| "production".into()),
+            breaker: crate::providers::breaker::BreakerSettings {
+                failures: env.int_in("AIQ_BREAKER_FAILURES", 5, 1..=1000)? as u32,
+                cooldown: env.millis("AIQ_BREAKER_COOLDOWN_MS", 30_000, 100..=3_600_000)?,
+            },
         })
     }
 }

@@ -9,7 +9,8 @@
 //! `GET /_fake/calls` returns how many calls each provider answered and, from OpenAI's
 //! `x-client-request-id` header (aiq sends the job id), how many distinct jobs called, the most
 //! calls one job made, and how often a job called while its previous call was still running.
-//! A fixed latency (`--latency-ms`) makes calls take time, for load and crash tests.
+//! A fixed latency (`--latency-ms`) makes calls take time, for load and crash tests, and
+//! `POST /_fake/outage?status=503&ms=3000` makes every call fail for a while.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -29,6 +30,9 @@ use serde_json::{Value, json};
 struct Counters {
     vision: AtomicU64,
     openai: AtomicU64,
+    /// Until when (ms since the epoch) every call answers `outage_status`.
+    outage_until_ms: AtomicU64,
+    outage_status: std::sync::atomic::AtomicU16,
     latency: Duration,
     /// Per job id: (calls in flight now, calls in all).
     jobs: Mutex<HashMap<String, (u32, u32)>>,
@@ -122,6 +126,7 @@ pub fn router(options: FakeOptions) -> Router {
         .route("/v1/images:annotate", post(vision))
         .route("/v1/chat/completions", post(openai))
         .route("/_fake/calls", get(calls))
+        .route("/_fake/outage", post(outage))
         .with_state(counters)
 }
 
@@ -134,6 +139,37 @@ async fn calls(State(c): State<Arc<Counters>>) -> Json<Value> {
         "max_calls_per_job": jobs.values().map(|(_, n)| *n).max().unwrap_or(0),
         "overlaps": c.overlaps.load(Ordering::Relaxed),
     }))
+}
+
+#[derive(serde::Deserialize)]
+struct Outage {
+    status: u16,
+    ms: u64,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// `POST /_fake/outage?status=503&ms=3000`: every call answers `status` for that long.
+async fn outage(
+    State(c): State<Arc<Counters>>,
+    axum::extract::Query(o): axum::extract::Query<Outage>,
+) -> &'static str {
+    c.outage_status.store(o.status, Ordering::Relaxed);
+    c.outage_until_ms.store(now_ms() + o.ms, Ordering::Relaxed);
+    "ok\n"
+}
+
+/// The injected outage's status, while one lasts.
+fn in_outage(c: &Counters) -> Option<StatusCode> {
+    (now_ms() < c.outage_until_ms.load(Ordering::Relaxed)).then(|| {
+        StatusCode::from_u16(c.outage_status.load(Ordering::Relaxed))
+            .unwrap_or(StatusCode::SERVICE_UNAVAILABLE)
+    })
 }
 
 /// A small stable hash (FNV-1a), so answers depend only on the request.
@@ -245,6 +281,9 @@ async fn vision(State(c): State<Arc<Counters>>, headers: HeaderMap, body: String
     if !c.latency.is_zero() {
         tokio::time::sleep(c.latency).await;
     }
+    if let Some(status) = in_outage(&c) {
+        return google_error(status, "UNAVAILABLE", "injected outage");
+    }
     if headers.get("x-goog-api-key").is_none() {
         return google_error(
             StatusCode::UNAUTHORIZED,
@@ -338,6 +377,14 @@ async fn openai(State(c): State<Arc<Counters>>, headers: HeaderMap, body: String
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("Bearer ") && v.len() > 7);
+    if let Some(status) = in_outage(&c) {
+        return openai_error(
+            status,
+            "service_unavailable_error",
+            "server_is_overloaded",
+            "injected outage",
+        );
+    }
     if !authorized {
         return openai_error(
             StatusCode::UNAUTHORIZED,

@@ -1,6 +1,7 @@
 //! The admin port: `/metrics` (Prometheus text), `/healthz` (the process is alive) and `/readyz`
-//! (JSON: Redis, PostgreSQL and the platform budget, each healthy / degraded / unhealthy, and
-//! overall; 503 when unhealthy).
+//! (JSON: Redis, PostgreSQL, the providers' circuit breakers and the platform budget, each
+//! healthy / degraded / unhealthy, and overall; 503 when unhealthy). An open breaker or a nearly
+//! spent budget is degraded: jobs wait, but the daemon itself is fine.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -54,6 +55,16 @@ async fn metrics(State(d): State<Deps>) -> impl IntoResponse {
         }
     };
     let budget = global_budget(&d.app).await.unwrap_or_default();
+    if let Ok(states) = d.app.breakers.states().await {
+        for (provider, state) in states {
+            let open = matches!(state, crate::providers::breaker::BreakerState::Open { .. });
+            metrics::gauge!("aiq_provider_breaker_open", "provider" => provider).set(if open {
+                1.0
+            } else {
+                0.0
+            });
+        }
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         crate::observe::render(stats.as_ref(), &budget),
@@ -92,7 +103,28 @@ async fn readyz(State(d): State<Deps>) -> (StatusCode, Json<serde_json::Value>) 
             }
         }
     };
-    let statuses = [&redis, &postgres, &budget]
+    let providers = match d.app.breakers.states().await {
+        Err(e) => json!({ "status": "unhealthy", "error": e.to_string() }),
+        Ok(states) => {
+            use crate::providers::breaker::BreakerState;
+            let detail: serde_json::Map<String, serde_json::Value> = states
+                .iter()
+                .map(|(p, s)| {
+                    let v = match s {
+                        BreakerState::Closed => json!({ "breaker": "closed" }),
+                        BreakerState::HalfOpen => json!({ "breaker": "half_open" }),
+                        BreakerState::Open { remaining } => {
+                            json!({ "breaker": "open", "retry_in_ms": remaining.as_millis() as u64 })
+                        }
+                    };
+                    ((*p).to_owned(), v)
+                })
+                .collect();
+            let all_closed = states.iter().all(|(_, s)| *s == BreakerState::Closed);
+            json!({ "status": if all_closed { "healthy" } else { "degraded" }, "breakers": detail })
+        }
+    };
+    let statuses = [&redis, &postgres, &providers, &budget]
         .map(|p| p["status"].as_str().unwrap_or("unhealthy").to_owned());
     let overall = if statuses.iter().any(|s| s == "unhealthy") {
         "unhealthy"
@@ -108,9 +140,8 @@ async fn readyz(State(d): State<Deps>) -> (StatusCode, Json<serde_json::Value>) 
     };
     (
         code,
-        Json(
-            json!({ "status": overall, "parts": { "redis": redis, "postgres": postgres, "budget": budget } }),
-        ),
+        Json(json!({ "status": overall,
+                "parts": { "redis": redis, "postgres": postgres, "providers": providers, "budget": budget } })),
     )
 }
 

@@ -121,6 +121,10 @@ fn describe() {
         "aiq_cost_micro_usd_total",
         "Money settled for provider calls."
     );
+    describe_gauge!(
+        "aiq_provider_breaker_open",
+        "1 while a provider's circuit breaker holds its calls back."
+    );
 }
 
 /// A job ended this execution: `outcome` is succeeded, retried, dead or deferred.

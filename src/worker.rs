@@ -67,9 +67,18 @@ pub async fn app(settings: &Settings, store: Store) -> anyhow::Result<Arc<App>> 
         vision: settings.vision.timeout + margin,
         llm: settings.openai.timeout + margin,
     };
+    let breakers = crate::providers::breaker::Breakers::connect(
+        &settings.queue.redis_url,
+        settings.queue.cluster,
+        &settings.budget.prefix,
+        settings.breaker,
+    )
+    .await
+    .context("connecting to Redis for the circuit breakers (AIQ_REDIS_URL)")?;
     Ok(Arc::new(App::new(
         store,
         budget,
+        breakers,
         VisionClient::new(&settings.vision),
         OpenAiClient::new(&settings.openai),
         prices,

@@ -39,6 +39,7 @@ const LIMITS_CACHE: Duration = Duration::from_secs(30);
 pub struct App {
     pub store: Store,
     pub budget: Budget,
+    pub breakers: crate::providers::breaker::Breakers,
     pub alerts: Arc<Alerts>,
     pub vision: VisionClient,
     pub openai: OpenAiClient,
@@ -53,6 +54,7 @@ impl App {
     pub fn new(
         store: Store,
         budget: Budget,
+        breakers: crate::providers::breaker::Breakers,
         vision: VisionClient,
         openai: OpenAiClient,
         prices: PriceCatalog,
@@ -62,6 +64,7 @@ impl App {
             alerts: Arc::new(Alerts::new(store.clone())),
             store,
             budget,
+            breakers,
             vision,
             openai,
             prices,
@@ -288,6 +291,28 @@ async fn run_in_span(app: &App, raw: &RawJob) -> Result<(), Failure> {
         Ok(p) => p,
         Err(e) => return unpriced(app, &job, &input, e).await,
     };
+    // An open breaker holds the call back: the job waits, spending no attempt.
+    match app.breakers.admit(planned.provider).await {
+        Ok(Ok(())) => {}
+        Ok(Err(wait)) => {
+            return Err(Failure::Defer {
+                message: format!(
+                    "{}'s circuit breaker is open after repeated faults; trying again later",
+                    planned.provider
+                ),
+                after: wait + Duration::from_millis(fastrand::u64(0..=500)),
+            });
+        }
+        Err(e) => {
+            return Err(Failure::Retry {
+                message: format!(
+                    "checking {}'s circuit breaker failed: {e}",
+                    planned.provider
+                ),
+                after: None,
+            });
+        }
+    }
     let limits = app.org_limits(org, tier).await?;
     let (_, billing_date) = app.budget.scopes(org, limits, Utc::now());
     let meta = CallMeta {
@@ -563,6 +588,7 @@ async fn run_vision(
     let started = Instant::now();
     let resp = app.vision.annotate(&v.images, &v.features).await;
     crate::observe::provider_call(vision::PROVIDER, call_status(&resp), started.elapsed());
+    breaker_record(app, vision::PROVIDER, &resp).await;
     let resp = match resp {
         Ok(r) => r,
         Err(e) => return provider_failed(app, raw, job, e, reservation).await,
@@ -639,6 +665,21 @@ async fn run_vision(
     Ok(())
 }
 
+/// Tells the provider's breaker how a call went.
+async fn breaker_record<T>(app: &App, provider: &str, r: &Result<T, ProviderError>) {
+    let outcome = r.as_ref().map(|_| ()).map_err(|e| e.kind);
+    match app.breakers.record(provider, outcome).await {
+        Ok(true) => tracing::error!(
+            provider,
+            "circuit breaker opened: the provider keeps failing; its jobs wait"
+        ),
+        Ok(false) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, provider, "recording a call in the circuit breaker failed")
+        }
+    }
+}
+
 fn call_status<T>(r: &Result<T, ProviderError>) -> &'static str {
     match r {
         Ok(_) => "ok",
@@ -692,6 +733,7 @@ async fn run_llm(
         .complete(&l.model, &l.messages, l.max_tokens, &user, &raw.id)
         .await;
     crate::observe::provider_call(openai::PROVIDER, call_status(&c), started.elapsed());
+    breaker_record(app, openai::PROVIDER, &c).await;
     let c = match c {
         Ok(c) => c,
         Err(e) => return provider_failed(app, raw, job, e, reservation).await,

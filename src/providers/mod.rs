@@ -3,6 +3,7 @@
 //! to an [`ErrorKind`] in exactly one function (`classify`), tested as a table.
 //! Only this module speaks HTTP to a provider.
 
+pub mod breaker;
 pub mod openai;
 pub mod vision;
 

@@ -231,3 +231,117 @@ async fn a_dead_job_reaches_sentry_with_its_tags_and_without_the_key_the_email_o
         "the scrubber marks what it removed: {event}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_outage_opens_its_breaker_jobs_wait_without_spending_attempts_then_succeed() {
+    let ctx = TestCtx::with(&[
+        ("AIQ_BREAKER_FAILURES", "3"),
+        ("AIQ_BREAKER_COOLDOWN_MS", "1000"),
+        ("AIQ_CONCURRENCY", "2"),
+        ("AIQ_MAX_ATTEMPTS", "5"),
+        ("AIQ_RETRY_BASE_MS", "200"),
+        ("AIQ_RETRY_CAP_MS", "400"),
+    ])
+    .await;
+    let fake = ctx.vars["AIQ_OPENAI_BASE_URL"].clone();
+    let http = reqwest::Client::new();
+    http.post(format!("{fake}/_fake/outage?status=503&ms=3000"))
+        .send()
+        .await
+        .unwrap();
+    for i in 0..20 {
+        ctx.enqueue(
+            JobKind::LlmComplete,
+            Tier::Enterprise,
+            ORG_A,
+            &llm_payload(Tier::Enterprise, ORG_A, &format!("o{i}")),
+            0,
+        )
+        .await;
+    }
+    let app = aiq::worker::app(&ctx.settings, ctx.store.clone())
+        .await
+        .unwrap();
+    let stop = CancellationToken::new();
+    let addr = aiq::http::serve(
+        "127.0.0.1:0".parse().unwrap(),
+        ctx.queue.clone(),
+        app.clone(),
+        stop.clone(),
+    )
+    .await
+    .unwrap();
+    let worker = {
+        let (settings, queue, app, stop) = (
+            ctx.settings.clone(),
+            ctx.queue.clone(),
+            app.clone(),
+            stop.clone(),
+        );
+        tokio::spawn(async move { aiq::worker::run(&settings, queue, app, stop).await })
+    };
+    // During the outage the breaker opens and /readyz says so.
+    wait_until(
+        Duration::from_secs(5),
+        "the openai breaker to open",
+        || async {
+            let r: serde_json::Value = http
+                .get(format!("http://{addr}/readyz"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            r["parts"]["providers"]["breakers"]["openai"]["breaker"] == "open"
+                && r["status"] == "degraded"
+        },
+    )
+    .await;
+    let metrics = http
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        sample(&metrics, "aiq_provider_breaker_open{provider=\"openai\"}"),
+        Some(1.0),
+        "{metrics}"
+    );
+
+    ctx.wait_settled(Duration::from_secs(30)).await;
+    stop.cancel();
+    worker.await.unwrap().unwrap();
+    let done = ctx
+        .scalar_i64("SELECT count(*) FROM ai_processing_results WHERE status = 'completed'")
+        .await;
+    assert_eq!(done, 20, "every job succeeded after the outage");
+    let stats = ctx.queue.stats().await.unwrap();
+    assert_eq!(stats.dead, 0);
+    let failed_calls = ctx
+        .scalar_i64(
+            "SELECT count(*) FROM ai_processing_errors WHERE error_type = 'provider_unavailable'",
+        )
+        .await;
+    let deferred = stats.counters.get("deferred").copied().unwrap_or(0);
+    println!(
+        "outage: {failed_calls} failed calls (attempts spent), {deferred} deferrals while the breaker was open"
+    );
+    // Only the calls that opened the breaker and the failed probes spent attempts; the other
+    // jobs waited without calling.
+    assert!(
+        failed_calls <= 9,
+        "{failed_calls} calls failed during the outage"
+    );
+    assert!(
+        deferred >= 10,
+        "jobs waited for the breaker ({deferred} deferrals)"
+    );
+    assert_eq!(
+        stats.counters.get("retried").copied().unwrap_or(0) as i64,
+        failed_calls
+    );
+}

@@ -1,0 +1,124 @@
+//! Circuit breakers, one per provider, shared by every aiq process through Redis. A run of
+//! provider faults (5xx, 529, timeouts, broken connections, garbage) opens a provider's breaker:
+//! its jobs then wait in the delayed set, spending no attempt, until the cooldown ends; then one
+//! probe call goes through, and its outcome closes the breaker or opens it again. Requests the
+//! provider refused as ours to fix (4xx), rate limits, and our own budget refusals never count.
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use redis::{AsyncCommands, Script};
+
+use super::ErrorKind;
+use crate::redis_conn::Conn;
+
+static BREAKER: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("breaker.lua")));
+
+/// The providers a breaker can guard.
+pub const PROVIDERS: [&str; 4] = ["google_vision", "openai", "anthropic", "gemini"];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BreakerSettings {
+    /// Consecutive faults that open a breaker.
+    pub failures: u32,
+    /// How long an open breaker holds calls back.
+    pub cooldown: Duration,
+}
+
+/// Does this failure say the provider is unwell (rather than our request being wrong)?
+pub fn is_provider_fault(kind: ErrorKind) -> bool {
+    matches!(
+        kind,
+        ErrorKind::Unavailable | ErrorKind::Timeout | ErrorKind::Connection | ErrorKind::Malformed
+    )
+}
+
+/// A breaker's state as `/readyz` and `/metrics` show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BreakerState {
+    Closed,
+    Open { remaining: Duration },
+    HalfOpen,
+}
+
+#[derive(Clone)]
+pub struct Breakers {
+    conn: Conn,
+    base: String,
+    settings: BreakerSettings,
+}
+
+impl Breakers {
+    /// `prefix`: the platform-wide key prefix (the budget's), so every queue shares breakers.
+    pub async fn connect(
+        redis_url: &str,
+        cluster: bool,
+        prefix: &str,
+        settings: BreakerSettings,
+    ) -> redis::RedisResult<Self> {
+        Ok(Self {
+            conn: Conn::connect(redis_url, cluster).await?,
+            base: format!("{{{prefix}}}"),
+            settings,
+        })
+    }
+
+    async fn op(&self, op: &str, provider: &str) -> redis::RedisResult<Vec<i64>> {
+        let mut conn = self.conn.clone();
+        // A probe that never reports back frees the way after a timeout's worth of time.
+        let probe_ms = self.settings.cooldown.as_millis().max(1000) as u64;
+        BREAKER
+            .key(&self.base)
+            .arg(op)
+            .arg(provider)
+            .arg(self.settings.failures)
+            .arg(self.settings.cooldown.as_millis() as u64)
+            .arg(probe_ms)
+            .invoke_async(&mut conn)
+            .await
+    }
+
+    /// Ok when a call to `provider` may go now; Err(wait) while its breaker is open.
+    pub async fn admit(&self, provider: &str) -> redis::RedisResult<Result<(), Duration>> {
+        Ok(match self.op("admit", provider).await?.as_slice() {
+            [0, wait] => Err(Duration::from_millis((*wait).max(1) as u64)),
+            _ => Ok(()),
+        })
+    }
+
+    /// Records a call's outcome: a success closes the breaker, a provider fault counts toward
+    /// opening it, anything else leaves it as it is. Returns true when this call opened it.
+    pub async fn record(
+        &self,
+        provider: &str,
+        outcome: Result<(), ErrorKind>,
+    ) -> redis::RedisResult<bool> {
+        match outcome {
+            Ok(()) => self.op("success", provider).await.map(|_| false),
+            Err(kind) if is_provider_fault(kind) => Ok(self.op("failure", provider).await? == [1]),
+            Err(_) => Ok(false),
+        }
+    }
+
+    /// Every provider's breaker.
+    pub async fn states(&self) -> redis::RedisResult<Vec<(&'static str, BreakerState)>> {
+        let mut conn = self.conn.clone();
+        let t: (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await?;
+        let now = t.0 * 1000 + t.1 / 1000;
+        let mut out = Vec::with_capacity(PROVIDERS.len());
+        for p in PROVIDERS {
+            let (state, until): (Option<String>, Option<u64>) = conn
+                .hmget(format!("{}:breaker:{p}", self.base), &["state", "until"])
+                .await?;
+            let s = match state.as_deref() {
+                Some("open") if until.unwrap_or(0) > now => BreakerState::Open {
+                    remaining: Duration::from_millis(until.unwrap_or(0) - now),
+                },
+                Some("open") | Some("half_open") => BreakerState::HalfOpen,
+                _ => BreakerState::Closed,
+            };
+            out.push((p, s));
+        }
+        Ok(out)
+    }
+}
