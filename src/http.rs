@@ -55,19 +55,31 @@ async fn metrics(State(d): State<Deps>) -> impl IntoResponse {
         }
     };
     let budget = global_budget(&d.app).await.unwrap_or_default();
-    if let Ok(states) = d.app.breakers.states().await {
-        for (provider, state) in states {
-            let open = matches!(state, crate::providers::breaker::BreakerState::Open { .. });
-            metrics::gauge!("aiq_provider_breaker_open", "provider" => provider).set(if open {
-                1.0
-            } else {
-                0.0
-            });
-        }
-    }
+    let breakers = d
+        .app
+        .breakers
+        .states()
+        .await
+        .map(|states| {
+            states
+                .into_iter()
+                .map(|(p, s)| {
+                    (
+                        p,
+                        matches!(s, crate::providers::breaker::BreakerState::Open { .. }),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let fleet = crate::observe::Fleet {
+        stats: stats.as_ref(),
+        budget: &budget,
+        breakers,
+    };
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        crate::observe::render(stats.as_ref(), &budget),
+        crate::observe::render(&fleet),
     )
 }
 

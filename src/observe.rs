@@ -64,36 +64,6 @@ pub fn prometheus() -> &'static PrometheusHandle {
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
     describe_gauge!("aiq_build_info", "The aiq version running (always 1).");
-    describe_gauge!(
-        "aiq_queue_waiting_jobs",
-        "Jobs waiting per tier (fleet-wide, from Redis)."
-    );
-    describe_gauge!(
-        "aiq_queue_oldest_job_age_seconds",
-        "How long the oldest waiting job of each tier has waited."
-    );
-    describe_gauge!("aiq_queue_inflight_jobs", "Jobs leased to workers now.");
-    describe_gauge!(
-        "aiq_queue_delayed_jobs",
-        "Jobs waiting for a retry or a budget window."
-    );
-    describe_gauge!("aiq_queue_dead_jobs", "Jobs in the dead set.");
-    describe_counter!(
-        "aiq_queue_events_total",
-        "Queue events since the queue began (fleet-wide, from Redis); interrupted counts leases reaped from dead workers."
-    );
-    describe_gauge!(
-        "aiq_budget_spent_usd",
-        "Platform spend in the current window, US dollars."
-    );
-    describe_gauge!(
-        "aiq_budget_limit_usd",
-        "Platform limit of the current window, US dollars."
-    );
-    describe_gauge!(
-        "aiq_budget_used_ratio",
-        "Platform spend over its limit in the current window."
-    );
     describe_counter!(
         "aiq_jobs_finished_total",
         "Job executions finished by this process, by outcome."
@@ -120,10 +90,6 @@ fn describe() {
     describe_counter!(
         "aiq_cost_micro_usd_total",
         "Money settled for provider calls."
-    );
-    describe_gauge!(
-        "aiq_provider_breaker_open",
-        "1 while a provider's circuit breaker holds its calls back."
     );
 }
 
@@ -160,36 +126,142 @@ pub fn cost(provider: &str, tier: &str, usd: f64) {
         .increment((usd * 1_000_000.0).round().max(0.0) as u64);
 }
 
-/// Renders the Prometheus text, after refreshing the fleet-wide gauges.
-pub fn render(stats: Option<&QueueStats>, budget: &[ScopeState]) -> String {
+/// The fleet-wide facts of one scrape, read from Redis: written straight into the response
+/// rather than into the process's recorder, so two scrapes never mix their values.
+#[derive(Default)]
+pub struct Fleet<'a> {
+    pub stats: Option<&'a QueueStats>,
+    pub budget: &'a [ScopeState],
+    /// (provider, open) for each circuit breaker.
+    pub breakers: Vec<(&'static str, bool)>,
+}
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, f64)]) {
+    if samples.is_empty() {
+        return;
+    }
+    out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+    for (labels, v) in samples {
+        out.push_str(&format!("{name}{labels} {v}\n"));
+    }
+}
+
+/// Renders the Prometheus text: the fleet-wide families of this scrape, then this process's.
+pub fn render(fleet: &Fleet<'_>) -> String {
     let handle = prometheus();
-    if let Some(s) = stats {
-        for (tier, n) in &s.waiting {
-            metrics::gauge!("aiq_queue_waiting_jobs", "tier" => tier.clone()).set(*n as f64);
-        }
-        for (tier, ms) in &s.oldest_age_ms {
-            metrics::gauge!("aiq_queue_oldest_job_age_seconds", "tier" => tier.clone())
-                .set(*ms as f64 / 1000.0);
-        }
-        metrics::gauge!("aiq_queue_inflight_jobs").set(s.inflight as f64);
-        metrics::gauge!("aiq_queue_delayed_jobs").set(s.delayed as f64);
-        metrics::gauge!("aiq_queue_dead_jobs").set(s.dead as f64);
-        for (event, n) in &s.counters {
-            metrics::counter!("aiq_queue_events_total", "event" => event.clone()).absolute(*n);
-        }
+    let mut out = String::new();
+    let label = |k: &str, v: &str| format!("{{{k}=\"{v}\"}}");
+    if let Some(s) = fleet.stats {
+        let waiting: Vec<_> = s
+            .waiting
+            .iter()
+            .map(|(t, n)| (label("tier", t), *n as f64))
+            .collect();
+        family(
+            &mut out,
+            "aiq_queue_waiting_jobs",
+            "gauge",
+            "Jobs waiting per tier (fleet-wide, from Redis).",
+            &waiting,
+        );
+        let oldest: Vec<_> = s
+            .oldest_age_ms
+            .iter()
+            .map(|(t, ms)| (label("tier", t), *ms as f64 / 1000.0))
+            .collect();
+        family(
+            &mut out,
+            "aiq_queue_oldest_job_age_seconds",
+            "gauge",
+            "How long the oldest waiting job of each tier has waited.",
+            &oldest,
+        );
+        family(
+            &mut out,
+            "aiq_queue_inflight_jobs",
+            "gauge",
+            "Jobs leased to workers now.",
+            &[(String::new(), s.inflight as f64)],
+        );
+        family(
+            &mut out,
+            "aiq_queue_delayed_jobs",
+            "gauge",
+            "Jobs waiting for a retry or a budget window.",
+            &[(String::new(), s.delayed as f64)],
+        );
+        family(
+            &mut out,
+            "aiq_queue_dead_jobs",
+            "gauge",
+            "Jobs in the dead set.",
+            &[(String::new(), s.dead as f64)],
+        );
+        let events: Vec<_> = s
+            .counters
+            .iter()
+            .map(|(e, n)| (label("event", e), *n as f64))
+            .collect();
+        family(
+            &mut out,
+            "aiq_queue_events_total",
+            "counter",
+            "Queue events since the queue began (fleet-wide, from Redis); interrupted counts leases reaped from dead workers.",
+            &events,
+        );
     }
-    for b in budget.iter().filter(|b| b.owner == "global") {
-        let window = b.window_kind.as_str();
-        metrics::gauge!("aiq_budget_spent_usd", "window" => window).set(b.spent.as_usd_f64());
-        metrics::gauge!("aiq_budget_limit_usd", "window" => window).set(b.limit.as_usd_f64());
-        let ratio = if b.limit.micros() > 0 {
-            b.spent.micros() as f64 / b.limit.micros() as f64
-        } else {
-            0.0
-        };
-        metrics::gauge!("aiq_budget_used_ratio", "window" => window).set(ratio);
-    }
-    dollars_from_micros(&handle.render())
+    let global: Vec<&ScopeState> = fleet
+        .budget
+        .iter()
+        .filter(|b| b.owner == "global")
+        .collect();
+    let per = |f: &dyn Fn(&ScopeState) -> f64| -> Vec<(String, f64)> {
+        global
+            .iter()
+            .map(|b| (label("window", b.window_kind.as_str()), f(b)))
+            .collect()
+    };
+    family(
+        &mut out,
+        "aiq_budget_spent_usd",
+        "gauge",
+        "Platform spend in the current window, US dollars.",
+        &per(&|b| b.spent.as_usd_f64()),
+    );
+    family(
+        &mut out,
+        "aiq_budget_limit_usd",
+        "gauge",
+        "Platform limit of the current window, US dollars.",
+        &per(&|b| b.limit.as_usd_f64()),
+    );
+    family(
+        &mut out,
+        "aiq_budget_used_ratio",
+        "gauge",
+        "Platform spend over its limit in the current window.",
+        &per(&|b| {
+            if b.limit.micros() > 0 {
+                b.spent.micros() as f64 / b.limit.micros() as f64
+            } else {
+                0.0
+            }
+        }),
+    );
+    let breakers: Vec<_> = fleet
+        .breakers
+        .iter()
+        .map(|(p, open)| (label("provider", p), if *open { 1.0 } else { 0.0 }))
+        .collect();
+    family(
+        &mut out,
+        "aiq_provider_breaker_open",
+        "gauge",
+        "1 while a provider's circuit breaker holds its calls back.",
+        &breakers,
+    );
+    out.push_str(&dollars_from_micros(&handle.render()));
+    out
 }
 
 /// The facade's counters are integers, so cost is counted in micro-dollars; Prometheus readers

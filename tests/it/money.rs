@@ -181,6 +181,8 @@ async fn redis_counters_equal_ai_cost_tracking_after_failures_retries_and_a_kill
     let ctx = TestCtx::build(
         &[
             ("AIQ_CONCURRENCY", "6"),
+            // The injected 503s and timeouts would open the breaker; this test is about money.
+            ("AIQ_BREAKER_FAILURES", "1000"),
             ("AIQ_OPENAI_TIMEOUT_MS", "400"),
             ("AIQ_VISION_TIMEOUT_MS", "400"),
             ("AIQ_BUDGET_HOLD_MARGIN_MS", "1000"),
