@@ -197,6 +197,43 @@ impl<F: Fn(&str) -> Option<String>> Env<F> {
         }
     }
 
+    /// One of a fixed set of words; `default` when unset.
+    fn choice<T: Copy>(
+        &self,
+        name: &'static str,
+        default: T,
+        options: &[(&str, T)],
+    ) -> Result<T, ConfigError> {
+        let Some(v) = self.get(name) else {
+            return Ok(default);
+        };
+        options
+            .iter()
+            .find(|(word, _)| *word == v.trim())
+            .map(|(_, t)| *t)
+            .ok_or_else(|| {
+                let words: Vec<&str> = options.iter().map(|(w, _)| *w).collect();
+                bad(name, format!("{v:?} must be one of {}", words.join(", ")))
+            })
+    }
+
+    /// A Redis key prefix: the hash tag of a set of keys.
+    fn prefix(&self, name: &'static str, default: &str) -> Result<String, ConfigError> {
+        let prefix = self.get(name).unwrap_or_else(|| default.to_owned());
+        let ok = !prefix.is_empty()
+            && prefix.len() <= 64
+            && prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_-.:".contains(c));
+        if !ok {
+            return Err(bad(
+                name,
+                format!("{prefix:?} must be 1-64 characters of letters, digits, _ - . :"),
+            ));
+        }
+        Ok(prefix)
+    }
+
     fn int_in(
         &self,
         name: &'static str,
@@ -299,20 +336,7 @@ impl BudgetSettings {
             let v = env.get(name).unwrap_or_else(|| default.to_owned());
             per_tier(name, &v, |s| MicroUsd::parse_usd(s).ok(), "a dollar amount")
         };
-        let prefix = env
-            .get("AIQ_BUDGET_PREFIX")
-            .unwrap_or_else(|| "aiq-budget".into());
-        if prefix.is_empty()
-            || prefix.len() > 64
-            || !prefix
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "_-.:".contains(c))
-        {
-            return Err(bad(
-                "AIQ_BUDGET_PREFIX",
-                format!("{prefix:?} must be 1-64 characters of letters, digits, _ - . :"),
-            ));
-        }
+        let prefix = env.prefix("AIQ_BUDGET_PREFIX", "aiq-budget")?;
         let tz_name = env
             .get("AIQ_BUDGET_TIMEZONE")
             .unwrap_or_else(|| "UTC".into());
@@ -322,16 +346,14 @@ impl BudgetSettings {
                 format!("{tz_name:?} is not an IANA time zone like UTC or Europe/Berlin"),
             )
         })?;
-        let on_exceeded = match env.get("AIQ_BUDGET_EXCEEDED").as_deref().map(str::trim) {
-            None | Some("defer") => OnBudgetExceeded::Defer,
-            Some("fail") => OnBudgetExceeded::Fail,
-            Some(other) => {
-                return Err(bad(
-                    "AIQ_BUDGET_EXCEEDED",
-                    format!("{other:?} must be defer or fail"),
-                ));
-            }
-        };
+        let on_exceeded = env.choice(
+            "AIQ_BUDGET_EXCEEDED",
+            OnBudgetExceeded::Defer,
+            &[
+                ("defer", OnBudgetExceeded::Defer),
+                ("fail", OnBudgetExceeded::Fail),
+            ],
+        )?;
         let webhook = match env.get("AIQ_ALERT_WEBHOOK_URL") {
             Some(url) => {
                 check_url("AIQ_ALERT_WEBHOOK_URL", &url, &["http", "https"])?;
@@ -404,16 +426,11 @@ impl QueueSettings {
             "AIQ_REDIS_URL",
             "the Redis URL, e.g. redis://127.0.0.1:6379/",
         )?;
-        let cluster = match env.get("AIQ_REDIS_CLUSTER").as_deref().map(str::trim) {
-            None | Some("false") | Some("0") => false,
-            Some("true") | Some("1") => true,
-            Some(other) => {
-                return Err(bad(
-                    "AIQ_REDIS_CLUSTER",
-                    format!("{other:?} must be true or false"),
-                ));
-            }
-        };
+        let cluster = env.choice(
+            "AIQ_REDIS_CLUSTER",
+            false,
+            &[("false", false), ("0", false), ("true", true), ("1", true)],
+        )?;
         let urls: Vec<&str> = redis_url.split(',').map(str::trim).collect();
         if urls.len() > 1 && !cluster {
             return Err(bad(
@@ -428,28 +445,12 @@ impl QueueSettings {
                 &["redis", "rediss", "unix", "redis+unix"],
             )?;
         }
-        let prefix = env.get("AIQ_QUEUE_PREFIX").unwrap_or_else(|| "aiq".into());
-        if prefix.is_empty()
-            || prefix.len() > 64
-            || !prefix
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "_-.:".contains(c))
-        {
-            return Err(bad(
-                "AIQ_QUEUE_PREFIX",
-                format!("{prefix:?} must be 1-64 characters of letters, digits, _ - . :"),
-            ));
-        }
-        let scheduling = match env.get("AIQ_SCHEDULING").as_deref().map(str::trim) {
-            None | Some("fair") => Scheduling::Fair,
-            Some("strict") => Scheduling::Strict,
-            Some(other) => {
-                return Err(bad(
-                    "AIQ_SCHEDULING",
-                    format!("{other:?} must be fair or strict"),
-                ));
-            }
-        };
+        let prefix = env.prefix("AIQ_QUEUE_PREFIX", "aiq")?;
+        let scheduling = env.choice(
+            "AIQ_SCHEDULING",
+            Scheduling::Fair,
+            &[("fair", Scheduling::Fair), ("strict", Scheduling::Strict)],
+        )?;
         let tier_weights = match env.get("AIQ_TIER_WEIGHTS") {
             None => DEFAULT_TIER_WEIGHTS,
             Some(v) => parse_weights("AIQ_TIER_WEIGHTS", &v)?,
@@ -658,23 +659,20 @@ impl Settings {
             SocketAddr::from(([127, 0, 0, 1], 9464)),
             "a socket address like 127.0.0.1:9464",
         )?;
-        let log_format = match env.get("AIQ_LOG_FORMAT").as_deref().map(str::trim) {
-            None | Some("auto") => {
-                if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-                    LogFormat::Text
-                } else {
-                    LogFormat::Json
-                }
-            }
-            Some("json") => LogFormat::Json,
-            Some("text") => LogFormat::Text,
-            Some(other) => {
-                return Err(bad(
-                    "AIQ_LOG_FORMAT",
-                    format!("{other:?} must be json, text or auto"),
-                ));
-            }
+        let auto = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            LogFormat::Text
+        } else {
+            LogFormat::Json
         };
+        let log_format = env.choice(
+            "AIQ_LOG_FORMAT",
+            auto,
+            &[
+                ("auto", auto),
+                ("json", LogFormat::Json),
+                ("text", LogFormat::Text),
+            ],
+        )?;
         let provider = |url_name, default_url, key_name, timeout_name| {
             Ok::<_, ConfigError>(ProviderSettings {
                 base_url: env.url(url_name, default_url, &["http", "https"])?,

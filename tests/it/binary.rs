@@ -8,10 +8,7 @@ use aiq::domain::{JobKind, Tier};
 use crate::harness::{ORG_A, TestCtx, llm_payload};
 
 fn aiq() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_aiq"));
-    c.env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default());
-    c
+    crate::harness::aiq_command()
 }
 
 #[test]

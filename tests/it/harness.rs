@@ -230,10 +230,8 @@ impl TestCtx {
 
     /// Starts `aiq run` as a child process on this test's queue and database.
     pub fn spawn_daemon(&self, extra: &[(&str, &str)]) -> std::process::Child {
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_aiq"));
-        cmd.env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .envs(&self.vars)
+        let mut cmd = aiq_command();
+        cmd.envs(&self.vars)
             .envs(extra.iter().copied())
             .arg("run")
             .stdout(std::process::Stdio::null())
@@ -296,6 +294,14 @@ where
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The `aiq` binary with a clean environment (PATH only): settings come from the test.
+pub fn aiq_command() -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_aiq"));
+    c.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
+    c
 }
 
 /// Sends `signal` to a child and waits for it to exit.

@@ -415,9 +415,7 @@ async fn each_alert_threshold_fires_once_across_three_processes_and_the_webhook_
 }
 
 fn aiq(ctx: &TestCtx, args: &[&str]) -> String {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_aiq"))
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
+    let out = crate::harness::aiq_command()
         .envs(&ctx.vars)
         .args(args)
         .output()
