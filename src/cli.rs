@@ -173,6 +173,9 @@ enum DlqAction {
         ids: Vec<String>,
         #[arg(long, conflicts_with = "ids")]
         all: bool,
+        /// Print {"count": N} instead of a sentence.
+        #[arg(long)]
+        json: bool,
     },
     /// Delete dead jobs for good.
     Purge {
@@ -180,6 +183,9 @@ enum DlqAction {
         ids: Vec<String>,
         #[arg(long, conflicts_with = "ids")]
         all: bool,
+        /// Print {"count": N} instead of a sentence.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -226,24 +232,34 @@ async fn dlq(action: DlqAction) -> anyhow::Result<()> {
             }
             println!("{}", serde_json::to_string_pretty(&fields)?);
         }
-        DlqAction::Retry { ids, all } | DlqAction::Purge { ids, all } if ids.is_empty() && !all => {
+        DlqAction::Retry { ids, all, .. } | DlqAction::Purge { ids, all, .. }
+            if ids.is_empty() && !all =>
+        {
             bail!("name the job ids, or pass --all");
         }
-        DlqAction::Retry { ids, all } => {
+        DlqAction::Retry { ids, all, json } => {
             let n = if all {
                 queue.dead_all(true).await?
             } else {
                 queue.dead_retry(&ids).await?
             };
-            println!("{n} dead jobs queued again");
+            if json {
+                println!("{}", serde_json::json!({ "count": n }));
+            } else {
+                println!("{n} dead jobs queued again");
+            }
         }
-        DlqAction::Purge { ids, all } => {
+        DlqAction::Purge { ids, all, json } => {
             let n = if all {
                 queue.dead_all(false).await?
             } else {
                 queue.dead_purge(&ids).await?
             };
-            println!("{n} dead jobs purged");
+            if json {
+                println!("{}", serde_json::json!({ "count": n }));
+            } else {
+                println!("{n} dead jobs purged");
+            }
         }
     }
     Ok(())

@@ -304,7 +304,7 @@ pub fn aiq_command() -> std::process::Command {
     c
 }
 
-/// Sends `signal` to a child and waits for it to exit.
+/// Sends `signal` to a child (0: none, it is already stopping) and waits for it to exit.
 pub async fn signal_and_wait(
     mut child: std::process::Child,
     signal: libc::c_int,

@@ -345,3 +345,44 @@ async fn a_provider_outage_opens_its_breaker_jobs_wait_without_spending_attempts
         failed_calls
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_systemd_the_daemon_says_ready_pings_the_watchdog_and_says_stopping() {
+    let ctx = TestCtx::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let daemon = ctx.spawn_daemon(&[
+        ("NOTIFY_SOCKET", path.to_str().unwrap()),
+        ("WATCHDOG_USEC", "1000000"),
+        ("AIQ_LEASE_MS", "1500"),
+    ]);
+    let recv = move |sock: std::os::unix::net::UnixDatagram, want: &'static str| {
+        tokio::task::spawn_blocking(move || {
+            let mut buf = [0u8; 256];
+            let mut seen = Vec::new();
+            loop {
+                let n = sock
+                    .recv(&mut buf)
+                    .unwrap_or_else(|e| panic!("no {want} (got {seen:?}): {e}"));
+                let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+                if msg == want {
+                    return (sock, seen);
+                }
+                seen.push(msg);
+            }
+        })
+    };
+    let (sock, before) = recv(sock, "READY=1").await.unwrap();
+    assert!(before.is_empty(), "READY=1 comes first: {before:?}");
+    let (sock, _) = recv(sock, "WATCHDOG=1").await.unwrap();
+    let (sock, _) = recv(sock, "WATCHDOG=1").await.unwrap();
+    // SAFETY: kill(2) on our own child.
+    unsafe {
+        libc::kill(daemon.id() as libc::pid_t, libc::SIGTERM);
+    }
+    let (_, _) = recv(sock, "STOPPING=1").await.unwrap();
+    assert!(signal_and_wait(daemon, 0).await.success());
+}
