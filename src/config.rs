@@ -161,6 +161,8 @@ pub struct Settings {
     pub log_format: LogFormat,
     pub vision: ProviderSettings,
     pub openai: ProviderSettings,
+    pub anthropic: ProviderSettings,
+    pub gemini: ProviderSettings,
     pub budget: BudgetSettings,
     /// Sentry: job failures that end a job, and daemon errors. None: Sentry is off.
     pub sentry_dsn: Option<Secret>,
@@ -562,6 +564,12 @@ impl Settings {
             ("AIQ_OPENAI_BASE_URL", self.openai.base_url.clone()),
             ("AIQ_OPENAI_API_KEY", secret(&self.openai.api_key)),
             ("AIQ_OPENAI_TIMEOUT_MS", ms(self.openai.timeout)),
+            ("AIQ_ANTHROPIC_BASE_URL", self.anthropic.base_url.clone()),
+            ("AIQ_ANTHROPIC_API_KEY", secret(&self.anthropic.api_key)),
+            ("AIQ_ANTHROPIC_TIMEOUT_MS", ms(self.anthropic.timeout)),
+            ("AIQ_GEMINI_BASE_URL", self.gemini.base_url.clone()),
+            ("AIQ_GEMINI_API_KEY", secret(&self.gemini.api_key)),
+            ("AIQ_GEMINI_TIMEOUT_MS", ms(self.gemini.timeout)),
             ("AIQ_BUDGET_PREFIX", b.prefix.clone()),
             ("AIQ_BUDGET_TIMEZONE", b.timezone.name().into()),
             (
@@ -615,6 +623,8 @@ impl Settings {
         let mut out: Vec<String> = [
             &self.vision.api_key,
             &self.openai.api_key,
+            &self.anthropic.api_key,
+            &self.gemini.api_key,
             &self.budget.alert_webhook,
             &self.sentry_dsn,
         ]
@@ -698,6 +708,18 @@ impl Settings {
                 "https://api.openai.com",
                 "AIQ_OPENAI_API_KEY",
                 "AIQ_OPENAI_TIMEOUT_MS",
+            )?,
+            anthropic: provider(
+                "AIQ_ANTHROPIC_BASE_URL",
+                "https://api.anthropic.com",
+                "AIQ_ANTHROPIC_API_KEY",
+                "AIQ_ANTHROPIC_TIMEOUT_MS",
+            )?,
+            gemini: provider(
+                "AIQ_GEMINI_BASE_URL",
+                "https://generativelanguage.googleapis.com",
+                "AIQ_GEMINI_API_KEY",
+                "AIQ_GEMINI_TIMEOUT_MS",
             )?,
             budget: BudgetSettings::load(env)?,
             sentry_dsn: match env.get("AIQ_SENTRY_DSN") {

@@ -2,9 +2,13 @@
 //! wire formats, so the demo, the tests and the benchmarks run with no network and no bill.
 //! Answers are deterministic: the same request always gets the same answer.
 //!
-//! Faults on demand, for tests: an OpenAI message containing `[fake:status=503]` gets that status
+//! It answers Google Vision, OpenAI, Anthropic (`/v1/messages`) and Gemini
+//! (`/v1beta/models/{model}:generateContent`). Faults on demand, for tests: an OpenAI message containing `[fake:status=503]` gets that status
 //! with OpenAI's error body (429 also carries `retry-after: 1`), `[fake:garbage]` gets a 200
-//! whose body is not JSON, and `[fake:delay=800]` answers after 800 ms (to make timeouts). A Vision image with `uri` `fake://status/503` makes the whole request
+//! whose body is not JSON, and `[fake:delay=800]` answers after 800 ms (to make timeouts); the
+//! same markers work for Anthropic and Gemini in their own error envelopes, plus
+//! `[fake:spend-limit]` (Anthropic's enforced spend limit) and `[fake:quota-day]` (a Gemini
+//! per-day quota). A Vision image with `uri` `fake://status/503` makes the whole request
 //! answer 503; an image whose `content` is not base64 gets the per-image "Bad image data." error.
 //! `GET /_fake/calls` returns how many calls each provider answered and, from OpenAI's
 //! `x-client-request-id` header (aiq sends the job id), how many distinct jobs called, the most
@@ -30,6 +34,8 @@ use serde_json::{Value, json};
 struct Counters {
     vision: AtomicU64,
     openai: AtomicU64,
+    anthropic: AtomicU64,
+    gemini: AtomicU64,
     /// Until when (ms since the epoch) every call answers `outage_status`.
     outage_until_ms: AtomicU64,
     outage_status: std::sync::atomic::AtomicU16,
@@ -125,6 +131,8 @@ pub fn router(options: FakeOptions) -> Router {
     Router::new()
         .route("/v1/images:annotate", post(vision))
         .route("/v1/chat/completions", post(openai))
+        .route("/v1/messages", post(anthropic))
+        .route("/v1beta/models/{model_action}", post(gemini))
         .route("/_fake/calls", get(calls))
         .route("/_fake/outage", post(outage))
         .with_state(counters)
@@ -135,6 +143,8 @@ async fn calls(State(c): State<Arc<Counters>>) -> Json<Value> {
     Json(json!({
         "google_vision": c.vision.load(Ordering::Relaxed),
         "openai": c.openai.load(Ordering::Relaxed),
+        "anthropic": c.anthropic.load(Ordering::Relaxed),
+        "gemini": c.gemini.load(Ordering::Relaxed),
         "jobs": jobs.len(),
         "max_calls_per_job": jobs.values().map(|(_, n)| *n).max().unwrap_or(0),
         "overlaps": c.overlaps.load(Ordering::Relaxed),
@@ -481,6 +491,266 @@ async fn openai(State(c): State<Arc<Counters>>, headers: HeaderMap, body: String
                        "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0 } },
         "service_tier": "default",
         "system_fingerprint": "fp_fake"
+    }))
+    .into_response()
+}
+
+/// The faults a request's text asks for (see the module docs).
+struct Asked {
+    status: Option<StatusCode>,
+    garbage: bool,
+    delay: Option<Duration>,
+}
+
+fn asked(text: &str) -> Asked {
+    let status = text
+        .split("[fake:status=")
+        .nth(1)
+        .and_then(|rest| rest.get(..3))
+        .and_then(|s| s.parse().ok())
+        .and_then(|s| StatusCode::from_u16(s).ok());
+    let delay = text
+        .split("[fake:delay=")
+        .nth(1)
+        .and_then(|rest| rest.split(']').next())
+        .and_then(|ms| ms.parse::<u64>().ok())
+        .map(|ms| Duration::from_millis(ms.min(60_000)));
+    Asked {
+        status,
+        garbage: text.contains("[fake:garbage]"),
+        delay,
+    }
+}
+
+/// Deterministic token counts for a prompt: about four characters a token, and an answer of
+/// 12 to 31 tokens, never more than `max`.
+fn fake_usage(text: &str, messages: usize, max: u64) -> (u64, u64, u64) {
+    let prompt = (text.len() as u64).div_ceil(4) + 4 * messages as u64;
+    let seed = fnv(text.as_bytes());
+    (prompt, (12 + seed % 20).min(max), seed)
+}
+
+fn anthropic_error(status: StatusCode, kind: &str, message: &str) -> Response {
+    let mut resp = (
+        status,
+        Json(json!({ "type": "error", "error": { "type": kind, "message": message }, "request_id": "req_fake" })),
+    )
+        .into_response();
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        resp.headers_mut()
+            .insert("retry-after", "1".parse().expect("static header"));
+    }
+    resp
+}
+
+async fn anthropic(State(c): State<Arc<Counters>>, headers: HeaderMap, body: String) -> Response {
+    c.anthropic.fetch_add(1, Ordering::Relaxed);
+    if !c.latency.is_zero() {
+        tokio::time::sleep(c.latency).await;
+    }
+    if let Some(status) = in_outage(&c) {
+        return anthropic_error(status, "overloaded_error", "Overloaded");
+    }
+    if headers.get("x-api-key").is_none() || headers.get("anthropic-version").is_none() {
+        return anthropic_error(
+            StatusCode::UNAUTHORIZED,
+            "authentication_error",
+            "invalid x-api-key",
+        );
+    }
+    let Ok(req) = serde_json::from_str::<Value>(&body) else {
+        return anthropic_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "invalid JSON",
+        );
+    };
+    let messages = req
+        .get("messages")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let Some(max) = req.get("max_tokens").and_then(Value::as_u64) else {
+        return anthropic_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "max_tokens: Field required",
+        );
+    };
+    if messages.is_empty() {
+        return anthropic_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "messages: at least one message is required",
+        );
+    }
+    let mut text: String = req
+        .get("system")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    for m in &messages {
+        text.push('\n');
+        text.push_str(m.get("content").and_then(Value::as_str).unwrap_or_default());
+    }
+    let a = asked(&text);
+    if let Some(d) = a.delay {
+        tokio::time::sleep(d).await;
+    }
+    if text.contains("[fake:spend-limit]") {
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            Json(json!({ "type": "error", "error": { "type": "rate_limit_error", "message": "monthly spend limit reached",
+                "details": { "error_code": "enforced_spend_limit_reached" } } })),
+        )
+            .into_response();
+    }
+    if let Some(status) = a.status {
+        let kind = match status.as_u16() {
+            400 => "invalid_request_error",
+            401 => "authentication_error",
+            429 => "rate_limit_error",
+            529 => "overloaded_error",
+            _ => "api_error",
+        };
+        return anthropic_error(status, kind, "injected by the fake provider");
+    }
+    if a.garbage {
+        return (StatusCode::OK, "<html>upstream hiccup</html>").into_response();
+    }
+    let (input, output, seed) = fake_usage(&text, messages.len(), max);
+    let words: Vec<&str> = (0..output)
+        .map(|i| LABELS[((seed + i) % LABELS.len() as u64) as usize])
+        .collect();
+    Json(json!({
+        "id": format!("msg_fake{seed:x}"), "type": "message", "role": "assistant",
+        "model": req.get("model").cloned().unwrap_or(Value::Null),
+        "content": [{ "type": "text", "text": words.join(" ") }],
+        "stop_reason": if output == max { "max_tokens" } else { "end_turn" }, "stop_sequence": null,
+        "usage": { "input_tokens": input, "output_tokens": output, "cache_creation_input_tokens": 0,
+                   "cache_read_input_tokens": 0, "service_tier": "standard" }
+    }))
+    .into_response()
+}
+
+async fn gemini(
+    State(c): State<Arc<Counters>>,
+    axum::extract::Path(model_action): axum::extract::Path<String>,
+    headers: HeaderMap,
+    body: String,
+) -> Response {
+    c.gemini.fetch_add(1, Ordering::Relaxed);
+    if !c.latency.is_zero() {
+        tokio::time::sleep(c.latency).await;
+    }
+    if let Some(status) = in_outage(&c) {
+        return google_error(
+            status,
+            "UNAVAILABLE",
+            "The model is overloaded. Please try again later.",
+        );
+    }
+    let Some(model) = model_action.strip_suffix(":generateContent") else {
+        return google_error(StatusCode::NOT_FOUND, "NOT_FOUND", "unknown method");
+    };
+    if headers.get("x-goog-api-key").is_none() {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({ "error": { "code": 400, "message": "API key not valid. Please pass a valid API key.",
+                "status": "INVALID_ARGUMENT", "details": [{ "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                "reason": "API_KEY_INVALID", "domain": "googleapis.com" }] } })),
+        )
+            .into_response();
+    }
+    let Ok(req) = serde_json::from_str::<Value>(&body) else {
+        return google_error(
+            StatusCode::BAD_REQUEST,
+            "INVALID_ARGUMENT",
+            "Invalid JSON payload received.",
+        );
+    };
+    let contents = req
+        .get("contents")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    if contents.is_empty() {
+        return google_error(
+            StatusCode::BAD_REQUEST,
+            "INVALID_ARGUMENT",
+            "contents is not specified",
+        );
+    }
+    let mut text = String::new();
+    for part in req
+        .pointer("/systemInstruction/parts")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        text.push_str(part.get("text").and_then(Value::as_str).unwrap_or_default());
+    }
+    for content in &contents {
+        for part in content
+            .get("parts")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            text.push('\n');
+            text.push_str(part.get("text").and_then(Value::as_str).unwrap_or_default());
+        }
+    }
+    let a = asked(&text);
+    if let Some(d) = a.delay {
+        tokio::time::sleep(d).await;
+    }
+    if text.contains("[fake:quota-day]") {
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            Json(json!({ "error": { "code": 429, "status": "RESOURCE_EXHAUSTED", "message": "You exceeded your current quota.",
+                "details": [{ "@type": "type.googleapis.com/google.rpc.QuotaFailure",
+                  "violations": [{ "quotaId": "GenerateRequestsPerDayPerProjectPerModel-FreeTier" }] }] } })),
+        )
+            .into_response();
+    }
+    if let Some(status) = a.status {
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            return (
+                status,
+                Json(json!({ "error": { "code": 429, "status": "RESOURCE_EXHAUSTED", "message": "Please retry in 1s.",
+                    "details": [{ "@type": "type.googleapis.com/google.rpc.QuotaFailure",
+                      "violations": [{ "quotaId": "GenerateRequestsPerMinutePerProjectPerModel" }] },
+                      { "@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "1s" }] } })),
+            )
+                .into_response();
+        }
+        let name = match status.as_u16() {
+            400 => "INVALID_ARGUMENT",
+            403 => "PERMISSION_DENIED",
+            503 => "UNAVAILABLE",
+            504 => "DEADLINE_EXCEEDED",
+            _ => "INTERNAL",
+        };
+        return google_error(status, name, "injected by the fake provider");
+    }
+    if a.garbage {
+        return (StatusCode::OK, "<html>upstream hiccup</html>").into_response();
+    }
+    let max = req
+        .pointer("/generationConfig/maxOutputTokens")
+        .and_then(Value::as_u64)
+        .unwrap_or(8192);
+    let (prompt, output, seed) = fake_usage(&text, contents.len(), max);
+    let words: Vec<&str> = (0..output)
+        .map(|i| LABELS[((seed + i) % LABELS.len() as u64) as usize])
+        .collect();
+    Json(json!({
+        "candidates": [{ "content": { "role": "model", "parts": [{ "text": words.join(" ") }] },
+                         "finishReason": if output == max { "MAX_TOKENS" } else { "STOP" }, "index": 0 }],
+        "usageMetadata": { "promptTokenCount": prompt, "candidatesTokenCount": output, "thoughtsTokenCount": 0,
+                           "cachedContentTokenCount": 0, "totalTokenCount": prompt + output },
+        "modelVersion": model, "responseId": format!("fake{seed:x}")
     }))
     .into_response()
 }

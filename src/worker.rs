@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::budget::{Budget, PriceCatalog};
 use crate::config::Settings;
-use crate::jobs::{App, HoldTtl, JobService};
+use crate::jobs::{App, Clients, HoldTtl, JobService};
 use crate::providers::openai::OpenAiClient;
 use crate::providers::vision::VisionClient;
 use crate::queue::Queue;
@@ -65,7 +65,9 @@ pub async fn app(settings: &Settings, store: Store) -> anyhow::Result<Arc<App>> 
     let margin = settings.budget.hold_margin;
     let hold_ttl = HoldTtl {
         vision: settings.vision.timeout + margin,
-        llm: settings.openai.timeout + margin,
+        openai: settings.openai.timeout + margin,
+        anthropic: settings.anthropic.timeout + margin,
+        gemini: settings.gemini.timeout + margin,
     };
     let breakers = crate::providers::breaker::Breakers::connect(
         &settings.queue.redis_url,
@@ -75,14 +77,14 @@ pub async fn app(settings: &Settings, store: Store) -> anyhow::Result<Arc<App>> 
     )
     .await
     .context("connecting to Redis for the circuit breakers (AIQ_REDIS_URL)")?;
+    let clients = Clients {
+        vision: VisionClient::new(&settings.vision),
+        openai: OpenAiClient::new(&settings.openai),
+        anthropic: crate::providers::anthropic::AnthropicClient::new(&settings.anthropic),
+        gemini: crate::providers::gemini::GeminiClient::new(&settings.gemini),
+    };
     Ok(Arc::new(App::new(
-        store,
-        budget,
-        breakers,
-        VisionClient::new(&settings.vision),
-        OpenAiClient::new(&settings.openai),
-        prices,
-        hold_ttl,
+        store, budget, breakers, clients, prices, hold_ttl,
     )))
 }
 

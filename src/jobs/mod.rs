@@ -25,6 +25,8 @@ use crate::budget::alerts::Alerts;
 use crate::budget::{Budget, CallMeta, OrgLimits, PriceCatalog, Refusal, Reservation};
 use crate::config::OnBudgetExceeded;
 use crate::domain::{MicroUsd, Tier};
+use crate::providers::anthropic::{self, AnthropicClient};
+use crate::providers::gemini::{self, GeminiClient};
 use crate::providers::openai::{self, OpenAiClient};
 use crate::providers::vision::{self, ImageResult, VisionClient};
 use crate::providers::{ErrorKind, ProviderError};
@@ -41,8 +43,7 @@ pub struct App {
     pub budget: Budget,
     pub breakers: crate::providers::breaker::Breakers,
     pub alerts: Arc<Alerts>,
-    pub vision: VisionClient,
-    pub openai: OpenAiClient,
+    pub clients: Clients,
     pub prices: PriceCatalog,
     /// How long a Vision call's and an LLM call's budget holds live unsettled: longer than the
     /// call can take (its timeout plus a margin), after which the sweeper takes them.
@@ -55,8 +56,7 @@ impl App {
         store: Store,
         budget: Budget,
         breakers: crate::providers::breaker::Breakers,
-        vision: VisionClient,
-        openai: OpenAiClient,
+        clients: Clients,
         prices: PriceCatalog,
         hold_ttl: HoldTtl,
     ) -> Self {
@@ -65,8 +65,7 @@ impl App {
             store,
             budget,
             breakers,
-            vision,
-            openai,
+            clients,
             prices,
             hold_ttl,
             limits: Mutex::new(HashMap::new()),
@@ -101,11 +100,32 @@ impl App {
     }
 }
 
-/// How long budget holds live, per kind of call.
+/// How long budget holds live, per provider: its timeout plus a margin.
 #[derive(Debug, Clone, Copy)]
 pub struct HoldTtl {
     pub vision: Duration,
-    pub llm: Duration,
+    pub openai: Duration,
+    pub anthropic: Duration,
+    pub gemini: Duration,
+}
+
+impl HoldTtl {
+    fn for_provider(&self, provider: &str) -> Duration {
+        match provider {
+            "google_vision" => self.vision,
+            "anthropic" => self.anthropic,
+            "gemini" => self.gemini,
+            _ => self.openai,
+        }
+    }
+}
+
+/// One client per provider wire format.
+pub struct Clients {
+    pub vision: VisionClient,
+    pub openai: OpenAiClient,
+    pub anthropic: AnthropicClient,
+    pub gemini: GeminiClient,
 }
 
 /// The apalis service that runs one job.
@@ -382,8 +402,8 @@ fn plan(app: &App, input: &JobInput) -> Result<Planned, crate::budget::PriceErro
             Ok(Planned {
                 provider: match l.provider.as_str() {
                     "openai" => openai::PROVIDER,
-                    "anthropic" => "anthropic",
-                    "gemini" => "gemini",
+                    "anthropic" => anthropic::PROVIDER,
+                    "gemini" => gemini::PROVIDER,
                     _ => "unknown",
                 },
                 operation: "chat.completions",
@@ -394,7 +414,7 @@ fn plan(app: &App, input: &JobInput) -> Result<Planned, crate::budget::PriceErro
                     input_bound,
                     l.max_tokens as u64,
                 )?,
-                hold_ttl: app.hold_ttl.llm,
+                hold_ttl: app.hold_ttl.for_provider(&l.provider),
             })
         }
     }
@@ -586,7 +606,7 @@ async fn run_vision(
 ) -> Result<(), Failure> {
     let features: Vec<String> = v.features.iter().map(|f| f.kind.clone()).collect();
     let started = Instant::now();
-    let resp = app.vision.annotate(&v.images, &v.features).await;
+    let resp = app.clients.vision.annotate(&v.images, &v.features).await;
     crate::observe::provider_call(vision::PROVIDER, call_status(&resp), started.elapsed());
     breaker_record(app, vision::PROVIDER, &resp).await;
     let resp = match resp {
@@ -716,24 +736,45 @@ async fn run_llm(
     l: &LlmPayload,
     reservation: &Reservation,
 ) -> Result<(), Failure> {
-    if l.provider != openai::PROVIDER {
-        let e = ProviderError {
-            provider: "aiq",
-            kind: ErrorKind::Invalid,
-            status: None,
-            message: format!("provider {} is not wired in this build yet", l.provider),
-            retry_after: None,
-        };
-        return provider_failed(app, raw, job, e, reservation).await;
-    }
+    let provider: &'static str = match l.provider.as_str() {
+        "openai" => openai::PROVIDER,
+        "anthropic" => anthropic::PROVIDER,
+        "gemini" => gemini::PROVIDER,
+        other => {
+            let e = ProviderError {
+                provider: "aiq",
+                kind: ErrorKind::Invalid,
+                status: None,
+                message: format!("unknown provider {other}"),
+                retry_after: None,
+            };
+            return provider_failed(app, raw, job, e, reservation).await;
+        }
+    };
     let started = Instant::now();
     let user = l.common.organization_id.to_string();
-    let c = app
-        .openai
-        .complete(&l.model, &l.messages, l.max_tokens, &user, &raw.id)
-        .await;
-    crate::observe::provider_call(openai::PROVIDER, call_status(&c), started.elapsed());
-    breaker_record(app, openai::PROVIDER, &c).await;
+    let c = match provider {
+        "anthropic" => {
+            app.clients
+                .anthropic
+                .complete(&l.model, &l.messages, l.max_tokens)
+                .await
+        }
+        "gemini" => {
+            app.clients
+                .gemini
+                .complete(&l.model, &l.messages, l.max_tokens)
+                .await
+        }
+        _ => {
+            app.clients
+                .openai
+                .complete(&l.model, &l.messages, l.max_tokens, &user, &raw.id)
+                .await
+        }
+    };
+    crate::observe::provider_call(provider, call_status(&c), started.elapsed());
+    breaker_record(app, provider, &c).await;
     let c = match c {
         Ok(c) => c,
         Err(e) => return provider_failed(app, raw, job, e, reservation).await,

@@ -3,7 +3,9 @@
 //! to an [`ErrorKind`] in exactly one function (`classify`), tested as a table.
 //! Only this module speaks HTTP to a provider.
 
+pub mod anthropic;
 pub mod breaker;
+pub mod gemini;
 pub mod openai;
 pub mod vision;
 

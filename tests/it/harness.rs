@@ -121,6 +121,10 @@ impl TestCtx {
             ("AIQ_VISION_API_KEY", "test-vision-key".into()),
             ("AIQ_OPENAI_BASE_URL", fake.base_url()),
             ("AIQ_OPENAI_API_KEY", "test-openai-key".into()),
+            ("AIQ_ANTHROPIC_BASE_URL", fake.base_url()),
+            ("AIQ_ANTHROPIC_API_KEY", "test-anthropic-key".into()),
+            ("AIQ_GEMINI_BASE_URL", fake.base_url()),
+            ("AIQ_GEMINI_API_KEY", "test-gemini-key".into()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))

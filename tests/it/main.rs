@@ -11,4 +11,5 @@ mod clients;
 mod cluster;
 mod crash;
 mod pipeline;
+mod providers;
 mod queue;

@@ -1,0 +1,200 @@
+//! Anthropic and Gemini jobs through the worker against the fake providers' real wire formats:
+//! costs from usage, and each error kind's decision with its ai_processing_errors rows.
+
+use std::time::Duration;
+
+use aiq::domain::{JobKind, Tier};
+
+use crate::harness::{ORG_A, TestCtx};
+
+fn payload(provider: &str, model: &str, text: &str) -> String {
+    serde_json::json!({
+        "version": 1, "organization_id": ORG_A, "tier": "enterprise", "provider": provider, "model": model,
+        "messages": [{ "role": "system", "content": "Be brief." }, { "role": "user", "content": text }],
+        "max_tokens": 40
+    })
+    .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anthropic_and_gemini_jobs_succeed_and_cost_what_their_usage_says() {
+    let ctx = TestCtx::new().await;
+    let a = ctx
+        .enqueue(
+            JobKind::LlmComplete,
+            Tier::Enterprise,
+            ORG_A,
+            &payload("anthropic", "claude-haiku-4-5", "Caption a dog."),
+            0,
+        )
+        .await;
+    let g = ctx
+        .enqueue(
+            JobKind::LlmComplete,
+            Tier::Enterprise,
+            ORG_A,
+            &payload("gemini", "gemini-2.5-flash", "Caption a cat."),
+            0,
+        )
+        .await;
+    let worker = ctx.start_worker();
+    ctx.wait_settled(Duration::from_secs(30)).await;
+    worker.stop().await;
+    // (job, input $/M, output $/M) from the catalog: claude-haiku-4-5 $1/$5, gemini-2.5-flash $0.30/$2.50.
+    for (id, input_price, output_price, provider) in [
+        (&a, 1_000_000u64, 5_000_000u64, "anthropic"),
+        (&g, 300_000, 2_500_000, "gemini"),
+    ] {
+        let (input, output, micros, service): (i32, i32, i64, String) = sqlx::query_as(
+            "SELECT u.input_tokens, u.output_tokens, (u.cost_usd * 1000000)::bigint, c.service_name
+             FROM ai_usage u JOIN ai_cost_tracking c USING (job_id) WHERE u.job_id = $1",
+        )
+        .bind(id)
+        .fetch_one(ctx.store.pool())
+        .await
+        .unwrap();
+        assert_eq!(service, provider);
+        assert!(input > 0 && output > 0 && output <= 40);
+        let want =
+            (input as u64 * input_price + output as u64 * output_price).div_ceil(1_000_000) as i64;
+        assert_eq!(micros, want, "{provider}");
+    }
+    let calls = ctx.fake_calls().await;
+    assert_eq!(
+        (calls["anthropic"].as_u64(), calls["gemini"].as_u64()),
+        (Some(1), Some(1))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_provider_error_kind_gets_its_decision_and_its_error_rows() {
+    let ctx = TestCtx::with(&[("AIQ_MAX_ATTEMPTS", "2"), ("AIQ_BREAKER_FAILURES", "1000")]).await;
+    // (provider, model, marker, error_type, attempts spent, retried?)
+    let cases = [
+        (
+            "anthropic",
+            "claude-haiku-4-5",
+            "[fake:status=529]",
+            "provider_unavailable",
+            2,
+        ),
+        (
+            "anthropic",
+            "claude-haiku-4-5",
+            "[fake:status=429]",
+            "rate_limited",
+            2,
+        ),
+        (
+            "anthropic",
+            "claude-haiku-4-5",
+            "[fake:spend-limit]",
+            "quota_exhausted",
+            1,
+        ),
+        (
+            "anthropic",
+            "claude-haiku-4-5",
+            "[fake:status=401]",
+            "unauthorized",
+            1,
+        ),
+        (
+            "anthropic",
+            "claude-haiku-4-5",
+            "[fake:status=400]",
+            "invalid_request",
+            1,
+        ),
+        (
+            "gemini",
+            "gemini-2.5-flash",
+            "[fake:status=503]",
+            "provider_unavailable",
+            2,
+        ),
+        (
+            "gemini",
+            "gemini-2.5-flash",
+            "[fake:status=429]",
+            "rate_limited",
+            2,
+        ),
+        (
+            "gemini",
+            "gemini-2.5-flash",
+            "[fake:quota-day]",
+            "quota_exhausted",
+            1,
+        ),
+        (
+            "gemini",
+            "gemini-2.5-flash",
+            "[fake:status=403]",
+            "unauthorized",
+            1,
+        ),
+        (
+            "gemini",
+            "gemini-2.5-flash",
+            "[fake:garbage]",
+            "malformed_response",
+            2,
+        ),
+        (
+            "openai",
+            "gpt-4o-mini",
+            "[fake:status=500]",
+            "provider_unavailable",
+            2,
+        ),
+        (
+            "openai",
+            "gpt-4o-mini",
+            "[fake:status=404]",
+            "invalid_request",
+            1,
+        ),
+    ];
+    let mut ids = Vec::new();
+    for (provider, model, marker, _, _) in cases {
+        ids.push(
+            ctx.enqueue(
+                JobKind::LlmComplete,
+                Tier::Enterprise,
+                ORG_A,
+                &payload(provider, model, marker),
+                0,
+            )
+            .await,
+        );
+    }
+    let worker = ctx.start_worker();
+    ctx.wait_settled(Duration::from_secs(60)).await;
+    worker.stop().await;
+    let dead = ctx.queue.dead_jobs(100).await.unwrap();
+    for ((provider, _, marker, error_type, attempts), id) in cases.iter().zip(&ids) {
+        let d = dead
+            .iter()
+            .find(|d| &d.id == id)
+            .unwrap_or_else(|| panic!("{provider} {marker} is not dead"));
+        assert_eq!(d.attempts, *attempts, "{provider} {marker}: {}", d.reason);
+        let rows: Vec<(String, i32, String)> = sqlx::query_as(
+            "SELECT error_type, retry_count, coalesce(provider, '') FROM ai_processing_errors WHERE job_id = $1 ORDER BY retry_count",
+        )
+        .bind(id)
+        .fetch_all(ctx.store.pool())
+        .await
+        .unwrap();
+        assert_eq!(
+            rows.len() as u32,
+            *attempts,
+            "{provider} {marker}: one error row per attempt: {rows:?}"
+        );
+        for (i, (t, retry, p)) in rows.iter().enumerate() {
+            assert_eq!(t, error_type, "{provider} {marker}");
+            assert_eq!(*retry, i as i32);
+            assert_eq!(p, provider);
+        }
+    }
+}
