@@ -120,6 +120,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         shutdown.clone(),
     )
     .await?;
+    let budget = app.budget.clone();
     let worker = {
         let (settings, queue, shutdown) = (settings.clone(), queue.clone(), shutdown.clone());
         tokio::spawn(async move { crate::worker::run(&settings, queue, app, shutdown).await })
@@ -187,6 +188,15 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         total = total.checked_add(*cost).unwrap_or(total);
     }
     println!("  {:<20} {:>5}        {total}", "total", "");
+    let month = chrono::Utc::now().format("%Y-%m").to_string();
+    let units = budget.vision_units(&month).await.unwrap_or_default();
+    if !units.is_empty() {
+        let list: Vec<String> = units.iter().map(|(f, n)| format!("{f} {n}")).collect();
+        println!(
+            "  Vision units this month: {} (the first 1,000 of each feature a month are free)",
+            list.join(", ")
+        );
+    }
     println!();
     println!(
         "Rows written: ai_processing_results {}, ai_cost_tracking {}, ai_usage {}, ai_processing_errors {}",
