@@ -10,7 +10,8 @@
 //! `[fake:spend-limit]` (Anthropic's enforced spend limit) and `[fake:quota-day]` (a Gemini
 //! per-day quota). A Vision image with `uri` `fake://status/503` makes the whole request
 //! answer 503; an image whose `content` is not base64 gets the per-image "Bad image data." error.
-//! `GET /_fake/calls` returns how many calls each provider answered and, from OpenAI's
+//! `[fake:retry-after=5]` sets a 429's Retry-After. `GET /_fake/calls` returns how many calls
+//! each provider answered, a log of OpenAI calls (start and end ms, status) and, from OpenAI's
 //! `x-client-request-id` header (aiq sends the job id), how many distinct jobs called, the most
 //! calls one job made, and how often a job called while its previous call was still running.
 //! A fixed latency (`--latency-ms`) makes calls take time, for load and crash tests, and
@@ -43,6 +44,8 @@ struct Counters {
     /// Per job id: (calls in flight now, calls in all).
     jobs: Mutex<HashMap<String, (u32, u32)>>,
     overlaps: AtomicU64,
+    /// OpenAI calls: (provider, start ms, end ms, status), for tests that look at timing.
+    log: Mutex<Vec<(&'static str, u64, u64, u16)>>,
 }
 
 /// How the fake behaves.
@@ -148,6 +151,8 @@ async fn calls(State(c): State<Arc<Counters>>) -> Json<Value> {
         "jobs": jobs.len(),
         "max_calls_per_job": jobs.values().map(|(_, n)| *n).max().unwrap_or(0),
         "overlaps": c.overlaps.load(Ordering::Relaxed),
+        "log": c.log.lock().expect("fake call log").iter()
+            .map(|(p, start, end, status)| json!([p, start, end, status])).collect::<Vec<_>>(),
     }))
 }
 
@@ -375,11 +380,21 @@ fn openai_error(status: StatusCode, kind: &str, code: &str, message: &str) -> Re
 }
 
 async fn openai(State(c): State<Arc<Counters>>, headers: HeaderMap, body: String) -> Response {
+    let started = now_ms();
+    let resp = openai_answer(&c, headers, body).await;
+    let mut log = c.log.lock().expect("fake call log");
+    if log.len() < 100_000 {
+        log.push(("openai", started, now_ms(), resp.status().as_u16()));
+    }
+    resp
+}
+
+async fn openai_answer(c: &Arc<Counters>, headers: HeaderMap, body: String) -> Response {
     c.openai.fetch_add(1, Ordering::Relaxed);
     let _in_flight = headers
         .get("x-client-request-id")
         .and_then(|v| v.to_str().ok())
-        .map(|job| InFlight::start(&c, job));
+        .map(|job| InFlight::start(c, job));
     if !c.latency.is_zero() {
         tokio::time::sleep(c.latency).await;
     }
@@ -387,7 +402,7 @@ async fn openai(State(c): State<Arc<Counters>>, headers: HeaderMap, body: String
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("Bearer ") && v.len() > 7);
-    if let Some(status) = in_outage(&c) {
+    if let Some(status) = in_outage(c) {
         return openai_error(
             status,
             "service_unavailable_error",
@@ -447,7 +462,16 @@ async fn openai(State(c): State<Arc<Counters>>, headers: HeaderMap, body: String
             400 => ("invalid_request_error", "invalid_value"),
             _ => ("server_error", "server_error"),
         };
-        return openai_error(code, kind, err_code, "injected by the fake provider");
+        let mut resp = openai_error(code, kind, err_code, "injected by the fake provider");
+        if let Some(secs) = text
+            .split("[fake:retry-after=")
+            .nth(1)
+            .and_then(|rest| rest.split(']').next())
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            resp.headers_mut().insert("retry-after", secs.into());
+        }
+        return resp;
     }
     if let Some(ms) = text
         .split("[fake:delay=")

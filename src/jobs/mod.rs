@@ -317,7 +317,7 @@ async fn run_in_span(app: &App, raw: &RawJob) -> Result<(), Failure> {
         Ok(Err(wait)) => {
             return Err(Failure::Defer {
                 message: format!(
-                    "{}'s circuit breaker is open after repeated faults; trying again later",
+                    "{} is paused (rate limited, or its circuit breaker is open); trying again later",
                     planned.provider
                 ),
                 after: wait + Duration::from_millis(fastrand::u64(0..=500)),
@@ -687,6 +687,22 @@ async fn run_vision(
 
 /// Tells the provider's breaker how a call went.
 async fn breaker_record<T>(app: &App, provider: &str, r: &Result<T, ProviderError>) {
+    // A 429 with the provider's own delay pauses it for the whole fleet.
+    if let Err(ProviderError {
+        kind: ErrorKind::RateLimited,
+        retry_after: Some(wait),
+        ..
+    }) = r
+    {
+        match app.breakers.pause(provider, *wait).await {
+            Ok(()) => tracing::warn!(
+                provider,
+                wait_ms = wait.as_millis() as u64,
+                "rate limited: pausing the provider for every process"
+            ),
+            Err(e) => tracing::warn!(error = %e, provider, "pausing the provider failed"),
+        }
+    }
     let outcome = r.as_ref().map(|_| ()).map_err(|e| e.kind);
     match app.breakers.record(provider, outcome).await {
         Ok(true) => tracing::error!(

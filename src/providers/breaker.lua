@@ -6,6 +6,8 @@
 -- op "success": closes the breaker. Returns {1}.
 -- op "failure": counts a provider fault; opens the breaker at the threshold, or at once when a
 --               half-open probe failed. Returns {1} when this failure opened it, else {0}.
+-- op "pause":   a rate limit with a Retry-After: no call to the provider from any process for
+--               ARGV[5] ms (a longer pause already set stands). Returns {1}.
 local base = KEYS[1]
 local op, provider = ARGV[1], ARGV[2]
 local threshold, cooldown, probe = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
@@ -15,7 +17,13 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local state = redis.call("HGET", key, "state") or "closed"
 local untl = tonumber(redis.call("HGET", key, "until") or "0")
 
+local paused = tonumber(redis.call("HGET", key, "paused_until") or "0")
+if op == "pause" then
+  if now + probe > paused then redis.call("HSET", key, "paused_until", now + probe) end
+  return { 1 }
+end
 if op == "admit" then
+  if paused > now then return { 0, paused - now } end
   if state == "closed" then return { 1 } end
   if now < untl then return { 0, untl - now } end
   -- Cooldown over (or a probe that never reported): let one probe through.

@@ -3,6 +3,7 @@
 //! its jobs then wait in the delayed set, spending no attempt, until the cooldown ends; then one
 //! probe call goes through, and its outcome closes the breaker or opens it again. Requests the
 //! provider refused as ours to fix (4xx), rate limits, and our own budget refusals never count.
+//! A rate limit with a Retry-After pauses the provider for every process instead, until then.
 
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -64,9 +65,18 @@ impl Breakers {
     }
 
     async fn op(&self, op: &str, provider: &str) -> redis::RedisResult<Vec<i64>> {
-        let mut conn = self.conn.clone();
         // A probe that never reports back frees the way after a timeout's worth of time.
         let probe_ms = self.settings.cooldown.as_millis().max(1000) as u64;
+        self.op_with(op, provider, probe_ms).await
+    }
+
+    async fn op_with(
+        &self,
+        op: &str,
+        provider: &str,
+        probe_ms: u64,
+    ) -> redis::RedisResult<Vec<i64>> {
+        let mut conn = self.conn.clone();
         BREAKER
             .key(&self.base)
             .arg(op)
@@ -98,6 +108,13 @@ impl Breakers {
             Err(kind) if is_provider_fault(kind) => Ok(self.op("failure", provider).await? == [1]),
             Err(_) => Ok(false),
         }
+    }
+
+    /// A provider said "too many requests, come back in `wait`": no process calls it until then.
+    pub async fn pause(&self, provider: &str, wait: Duration) -> redis::RedisResult<()> {
+        self.op_with("pause", provider, wait.as_millis().max(1) as u64)
+            .await
+            .map(|_| ())
     }
 
     /// Every provider's breaker.

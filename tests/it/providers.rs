@@ -198,3 +198,104 @@ async fn each_provider_error_kind_gets_its_decision_and_its_error_rows() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_with_retry_after_5_seen_by_one_process_stops_all_three_for_about_5_s() {
+    let ctx = crate::harness::TestCtx::build(
+        &[("AIQ_CONCURRENCY", "2")],
+        aiq::fake::FakeOptions {
+            latency: Duration::from_millis(40),
+        },
+    )
+    .await;
+    // The rate-limited call goes first (highest tier); its job has one attempt.
+    let limited = serde_json::json!({
+        "version": 1, "organization_id": ORG_A, "tier": "enterprise_plus", "provider": "openai", "model": "gpt-4o-mini",
+        "messages": [{ "role": "user", "content": "[fake:status=429][fake:retry-after=5]" }], "max_tokens": 10
+    })
+    .to_string();
+    ctx.enqueue(
+        JobKind::LlmComplete,
+        Tier::EnterprisePlus,
+        ORG_A,
+        &limited,
+        1,
+    )
+    .await;
+    for i in 0..150 {
+        ctx.enqueue(
+            JobKind::LlmComplete,
+            Tier::Trial,
+            ORG_A,
+            &crate::harness::llm_payload(Tier::Trial, ORG_A, &format!("t{i}")),
+            0,
+        )
+        .await;
+    }
+    let daemons: Vec<_> = (0..3).map(|_| ctx.spawn_daemon(&[])).collect();
+    ctx.wait_settled(Duration::from_secs(60)).await;
+    for d in daemons {
+        assert!(
+            crate::harness::signal_and_wait(d, libc::SIGTERM)
+                .await
+                .success()
+        );
+    }
+    let calls = ctx.fake_calls().await;
+    let log: Vec<(u64, u64, u64)> = calls["log"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e[1].as_u64().unwrap(),
+                e[2].as_u64().unwrap(),
+                e[3].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let (_, answered_429, _) = *log
+        .iter()
+        .find(|(_, _, status)| *status == 429)
+        .expect("the 429 call");
+    let mut starts: Vec<u64> = log
+        .iter()
+        .filter(|(_, _, s)| *s == 200)
+        .map(|(start, _, _)| *start)
+        .collect();
+    starts.sort();
+    let during: Vec<u64> = starts
+        .iter()
+        .filter(|s| **s > answered_429 + 300 && **s < answered_429 + 4_700)
+        .map(|s| s - answered_429)
+        .collect();
+    // Calls already admitted when the 429 came back may still start in its first moments: at
+    // most one per slot of the three processes.
+    let racing = starts
+        .iter()
+        .filter(|s| **s > answered_429 && **s <= answered_429 + 300)
+        .count();
+    let resumed = starts
+        .iter()
+        .find(|s| **s > answered_429 + 300)
+        .map(|s| s - answered_429)
+        .unwrap();
+    println!(
+        "429 answered at t=0: {racing} calls started in its first 0.3 s (already admitted), none in (0.3 s, 4.7 s) {during:?}, then calls resumed at {resumed} ms"
+    );
+    assert!(
+        during.is_empty(),
+        "calls went out while the provider was paused: {during:?}"
+    );
+    assert!(racing <= 6, "{racing} calls raced the pause");
+    assert!(
+        (4_700..=7_000).contains(&resumed),
+        "the pause held about 5 s: {resumed} ms"
+    );
+    assert_eq!(
+        starts.len(),
+        150,
+        "every other job ran once after the pause"
+    );
+    assert_eq!(ctx.queue.stats().await.unwrap().dead, 1);
+}
