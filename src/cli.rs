@@ -122,9 +122,19 @@ enum Command {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:8089")]
         addr: SocketAddr,
-        /// Every call waits this long before it answers.
+        /// Every call waits this long before it answers...
         #[arg(long, default_value_t = 0)]
         latency_ms: u64,
+        /// ...plus a uniform random extra of up to this many milliseconds.
+        #[arg(long, default_value_t = 0)]
+        latency_jitter_ms: u64,
+        /// The share of calls (0 to 1) that fail with a random fault: 429 with Retry-After, 500,
+        /// 503 (529 for Anthropic), a 5 s timeout, a garbage 200, a failed Vision image.
+        #[arg(long, default_value_t = 0.0)]
+        error_rate: f64,
+        /// Seed of the random draws: the same seed repeats the same answers in arrival order.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
     },
 }
 
@@ -449,10 +459,22 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             })
             .await
         }
-        Command::FakeProviders { addr, latency_ms } => {
+        Command::FakeProviders {
+            addr,
+            latency_ms,
+            latency_jitter_ms,
+            error_rate,
+            seed,
+        } => {
             crate::telemetry::init(LogFormat::Text, "info");
+            if !(0.0..=1.0).contains(&error_rate) {
+                bail!("--error-rate must be between 0 and 1");
+            }
             let options = crate::fake::FakeOptions {
                 latency: Duration::from_millis(latency_ms),
+                latency_jitter: Duration::from_millis(latency_jitter_ms),
+                error_rate,
+                seed,
             };
             let fake = crate::fake::FakeProviders::start_with(addr, options).await?;
             println!("fake providers listening on {}", fake.base_url());

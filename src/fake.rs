@@ -41,6 +41,8 @@ struct Counters {
     outage_until_ms: AtomicU64,
     outage_status: std::sync::atomic::AtomicU16,
     latency: Duration,
+    options: FakeOptions,
+    rng: Mutex<Option<fastrand::Rng>>,
     /// Per job id: (calls in flight now, calls in all).
     jobs: Mutex<HashMap<String, (u32, u32)>>,
     overlaps: AtomicU64,
@@ -51,8 +53,26 @@ struct Counters {
 /// How the fake behaves.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct FakeOptions {
-    /// Every call waits this long before it answers.
+    /// Every call waits this long before it answers...
     pub latency: Duration,
+    /// ...plus a uniform random extra of up to this much.
+    pub latency_jitter: Duration,
+    /// The share of calls (0 to 1) that fail with a fault drawn at random: a 429 with
+    /// Retry-After, a 500, a 503 (529 for Anthropic), a timeout (no answer for 5 s), a garbage
+    /// 200, or for Vision an image that fails inside a 200.
+    pub error_rate: f64,
+    /// Seeds the draws: the same seed gives the same answers in the same arrival order.
+    pub seed: u64,
+}
+
+impl FakeOptions {
+    /// Only a fixed latency: no faults.
+    pub fn with_latency(latency: Duration) -> Self {
+        Self {
+            latency,
+            ..Self::default()
+        }
+    }
 }
 
 /// Counts one job's call while it runs.
@@ -129,6 +149,8 @@ impl Drop for FakeProviders {
 pub fn router(options: FakeOptions) -> Router {
     let counters = Arc::new(Counters {
         latency: options.latency,
+        options,
+        rng: Mutex::new(Some(fastrand::Rng::with_seed(options.seed))),
         ..Counters::default()
     });
     Router::new()
@@ -293,9 +315,11 @@ fn annotate_one(seed: u64, features: &[Value]) -> Value {
 
 async fn vision(State(c): State<Arc<Counters>>, headers: HeaderMap, body: String) -> Response {
     c.vision.fetch_add(1, Ordering::Relaxed);
-    if !c.latency.is_zero() {
-        tokio::time::sleep(c.latency).await;
-    }
+    let fail_one_image = match chaos(&c, Wire::Vision).await {
+        Some(Some(r)) => return r,
+        Some(None) => true,
+        None => false,
+    };
     if let Some(status) = in_outage(&c) {
         return google_error(status, "UNAVAILABLE", "injected outage");
     }
@@ -363,6 +387,9 @@ async fn vision(State(c): State<Arc<Counters>>, headers: HeaderMap, body: String
                 .push(json!({ "error": { "code": 3, "message": "No image was provided." } })),
         }
     }
+    if fail_one_image && let Some(first) = responses.first_mut() {
+        *first = json!({ "error": { "code": 14, "message": "The service is currently unavailable (injected)." } });
+    }
     Json(json!({ "responses": responses })).into_response()
 }
 
@@ -395,8 +422,8 @@ async fn openai_answer(c: &Arc<Counters>, headers: HeaderMap, body: String) -> R
         .get("x-client-request-id")
         .and_then(|v| v.to_str().ok())
         .map(|job| InFlight::start(c, job));
-    if !c.latency.is_zero() {
-        tokio::time::sleep(c.latency).await;
+    if let Some(Some(r)) = chaos(c, Wire::OpenAi).await {
+        return r;
     }
     let authorized = headers
         .get("authorization")
@@ -569,8 +596,8 @@ fn anthropic_error(status: StatusCode, kind: &str, message: &str) -> Response {
 
 async fn anthropic(State(c): State<Arc<Counters>>, headers: HeaderMap, body: String) -> Response {
     c.anthropic.fetch_add(1, Ordering::Relaxed);
-    if !c.latency.is_zero() {
-        tokio::time::sleep(c.latency).await;
+    if let Some(Some(r)) = chaos(&c, Wire::Anthropic).await {
+        return r;
     }
     if let Some(status) = in_outage(&c) {
         return anthropic_error(status, "overloaded_error", "Overloaded");
@@ -664,8 +691,8 @@ async fn gemini(
     body: String,
 ) -> Response {
     c.gemini.fetch_add(1, Ordering::Relaxed);
-    if !c.latency.is_zero() {
-        tokio::time::sleep(c.latency).await;
+    if let Some(Some(r)) = chaos(&c, Wire::Gemini).await {
+        return r;
     }
     if let Some(status) = in_outage(&c) {
         return google_error(
@@ -777,4 +804,84 @@ async fn gemini(
         "modelVersion": model, "responseId": format!("fake{seed:x}")
     }))
     .into_response()
+}
+
+/// Which wire format a fault must speak.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Wire {
+    Vision,
+    OpenAi,
+    Anthropic,
+    Gemini,
+}
+
+/// Waits the configured latency, then maybe answers with a random fault (see [`FakeOptions`]).
+/// For Vision, `Some(None)` asks the caller to fail one image inside a 200.
+async fn chaos(c: &Counters, wire: Wire) -> Option<Option<Response>> {
+    let (jitter_ms, roll, pick) = {
+        let mut guard = c.rng.lock().expect("fake rng");
+        let rng = guard.get_or_insert_with(fastrand::Rng::new);
+        let jitter = c.options.latency_jitter.as_millis() as u64;
+        (
+            if jitter > 0 { rng.u64(0..=jitter) } else { 0 },
+            rng.f64(),
+            rng.u32(0..6),
+        )
+    };
+    let wait = c.latency + Duration::from_millis(jitter_ms);
+    if !wait.is_zero() {
+        tokio::time::sleep(wait).await;
+    }
+    if roll >= c.options.error_rate {
+        return None;
+    }
+    let fault = |status: u16| StatusCode::from_u16(status).expect("a valid status");
+    let error = |status: StatusCode| match wire {
+        Wire::OpenAi => openai_error(status, "server_error", "injected", "injected fault"),
+        Wire::Anthropic => {
+            let kind = match status.as_u16() {
+                429 => "rate_limit_error",
+                529 => "overloaded_error",
+                _ => "api_error",
+            };
+            anthropic_error(status, kind, "injected fault")
+        }
+        Wire::Vision | Wire::Gemini => {
+            let mut r = google_error(
+                status,
+                if status.as_u16() == 429 {
+                    "RESOURCE_EXHAUSTED"
+                } else {
+                    "UNAVAILABLE"
+                },
+                "injected fault",
+            );
+            if status.as_u16() == 429 {
+                r.headers_mut()
+                    .insert("retry-after", "1".parse().expect("static header"));
+            }
+            r
+        }
+    };
+    Some(Some(match pick {
+        0 => {
+            let mut r = error(fault(429));
+            r.headers_mut()
+                .insert("retry-after", "1".parse().expect("static header"));
+            r
+        }
+        1 => error(fault(500)),
+        2 => error(if wire == Wire::Anthropic {
+            fault(529)
+        } else {
+            fault(503)
+        }),
+        3 => {
+            // A timeout: no answer for longer than a test's client waits.
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            error(fault(504))
+        }
+        4 if wire == Wire::Vision => return Some(None),
+        _ => (StatusCode::OK, "<html>upstream hiccup</html>").into_response(),
+    }))
 }

@@ -663,7 +663,47 @@ async fn run_vision(
     call.metadata = json!({ "features": features, "images": v.images.len(), "billable_images": billable,
         "units_by_feature": units_by_feature, "failed_images": failed_images });
     let confidence = confidence_scores(&resp.raw);
-    let all_failed = billable == 0 || failed_images.len() == v.images.len();
+    let all_failed = failed_images.len() == v.images.len();
+    if all_failed {
+        // No image was annotated: the job failed. Bad input (INVALID_ARGUMENT, code 3) cannot
+        // succeed on a retry; any other per-image error (UNAVAILABLE, INTERNAL...) can.
+        let retryable = resp
+            .images
+            .iter()
+            .any(|r| matches!(r, ImageResult::Failed { code, .. } if *code != 3));
+        let message = format!(
+            "every image failed: {failed_images}",
+            failed_images = Value::Array(failed_images.clone())
+        );
+        let last = !retryable || raw.attempt >= raw.max_attempts;
+        let err = ErrorRecord {
+            error_type: if retryable {
+                "image_failed"
+            } else {
+                "invalid_image"
+            }
+            .into(),
+            message: message.clone(),
+            details: json!({ "failed_images": failed_images }),
+            provider: Some(vision::PROVIDER.into()),
+            http_status: Some(200),
+        };
+        let result = last.then(|| failed_result(vision::PROVIDER, None, &message));
+        let recorded = record(
+            app.store
+                .record_failure(job, &err, Some(&call), result.as_ref())
+                .await,
+        )?;
+        settle(app, reservation, recorded.unwrap_or(cost)).await;
+        return Err(if retryable {
+            Failure::Retry {
+                message,
+                after: None,
+            }
+        } else {
+            Failure::Permanent { message }
+        });
+    }
     let result = ResultRecord {
         provider: vision::PROVIDER.into(),
         model: None,
@@ -671,7 +711,7 @@ async fn run_vision(
         confidence_scores: confidence,
         processing_ms: elapsed,
         cost,
-        completed: !all_failed,
+        completed: true,
         error_message: (!failed_images.is_empty()).then(|| {
             format!(
                 "{} of {} images failed",

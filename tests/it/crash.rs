@@ -33,9 +33,7 @@ async fn enqueue_llm_jobs(ctx: &TestCtx, n: usize) {
 async fn two_processes_on_one_queue_never_run_the_same_job_and_each_job_runs_once() {
     let ctx = TestCtx::build(
         &[("AIQ_CONCURRENCY", "8")],
-        FakeOptions {
-            latency: Duration::from_millis(20),
-        },
+        FakeOptions::with_latency(Duration::from_millis(20)),
     )
     .await;
     enqueue_llm_jobs(&ctx, 300).await;
@@ -61,9 +59,7 @@ async fn kill_9_of_a_worker_mid_load_loses_nothing_and_its_leases_come_back_in_t
     const JOBS: usize = 120;
     let ctx = TestCtx::build(
         &[("AIQ_CONCURRENCY", "8"), ("AIQ_LEASE_MS", "1500")],
-        FakeOptions {
-            latency: Duration::from_millis(300),
-        },
+        FakeOptions::with_latency(Duration::from_millis(300)),
     )
     .await;
     enqueue_llm_jobs(&ctx, JOBS).await;
@@ -133,9 +129,7 @@ async fn kill_9_of_a_worker_mid_load_loses_nothing_and_its_leases_come_back_in_t
 async fn a_job_longer_than_its_lease_keeps_it_by_heartbeat_and_runs_once() {
     let ctx = TestCtx::build(
         &[("AIQ_LEASE_MS", "1000")],
-        FakeOptions {
-            latency: Duration::from_millis(2500),
-        },
+        FakeOptions::with_latency(Duration::from_millis(2500)),
     )
     .await;
     enqueue_llm_jobs(&ctx, 2).await;
@@ -156,9 +150,7 @@ async fn a_job_longer_than_its_lease_keeps_it_by_heartbeat_and_runs_once() {
 async fn sigterm_under_load_finishes_running_jobs_returns_the_rest_and_exits_0() {
     let ctx = TestCtx::build(
         &[("AIQ_CONCURRENCY", "6"), ("AIQ_SHUTDOWN_GRACE_MS", "5000")],
-        FakeOptions {
-            latency: Duration::from_millis(400),
-        },
+        FakeOptions::with_latency(Duration::from_millis(400)),
     )
     .await;
     enqueue_llm_jobs(&ctx, 60).await;
@@ -197,9 +189,7 @@ async fn sigterm_under_load_finishes_running_jobs_returns_the_rest_and_exits_0()
 async fn a_job_still_running_when_the_grace_period_ends_comes_back_by_lease_expiry() {
     let ctx = TestCtx::build(
         &[("AIQ_SHUTDOWN_GRACE_MS", "300"), ("AIQ_LEASE_MS", "1000")],
-        FakeOptions {
-            latency: Duration::from_millis(3000),
-        },
+        FakeOptions::with_latency(Duration::from_millis(3000)),
     )
     .await;
     enqueue_llm_jobs(&ctx, 1).await;

@@ -39,7 +39,7 @@ async fn pg_spend(ctx: &TestCtx, org: Option<&str>, month: bool) -> i64 {
 }
 
 /// Checks every scope's Redis counters against ai_cost_tracking; returns (org A's day spend).
-async fn assert_redis_agrees_with_postgres(ctx: &TestCtx, orgs: &[&str]) {
+pub async fn assert_redis_agrees_with_postgres(ctx: &TestCtx, orgs: &[&str]) {
     let budget = ctx.budget().await;
     let any = OrgLimits {
         daily: MicroUsd::ZERO,
@@ -76,9 +76,7 @@ async fn assert_redis_agrees_with_postgres(ctx: &TestCtx, orgs: &[&str]) {
 async fn five_hundred_jobs_from_three_processes_never_spend_past_an_organisations_limit() {
     let ctx = TestCtx::build(
         &[("AIQ_CONCURRENCY", "8")],
-        FakeOptions {
-            latency: Duration::from_millis(20),
-        },
+        FakeOptions::with_latency(Duration::from_millis(20)),
     )
     .await;
     // Every job has the same estimate: the same message length and max_tokens.
@@ -188,9 +186,7 @@ async fn redis_counters_equal_ai_cost_tracking_after_failures_retries_and_a_kill
             ("AIQ_BUDGET_HOLD_MARGIN_MS", "1000"),
             ("AIQ_LEASE_MS", "1500"),
         ],
-        FakeOptions {
-            latency: Duration::from_millis(150),
-        },
+        FakeOptions::with_latency(Duration::from_millis(150)),
     )
     .await;
     ctx.use_up_free_vision_units("LABEL_DETECTION").await;
@@ -334,9 +330,7 @@ async fn each_alert_threshold_fires_once_across_three_processes_and_the_webhook_
             ("AIQ_ALERT_WEBHOOK_URL", &url),
             ("AIQ_SENTRY_DSN", &dsn),
         ],
-        FakeOptions {
-            latency: Duration::from_millis(30),
-        },
+        FakeOptions::with_latency(Duration::from_millis(30)),
     )
     .await;
     // Past the free tier a one-image label job costs exactly $0.0015; the limit fits ten.

@@ -369,3 +369,38 @@ async fn get_cost_analysis_returns_the_totals_of_the_rows_aiq_wrote() {
         .unwrap();
     assert_eq!(n, 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vision_job_whose_every_image_is_bad_input_is_dead_and_costs_nothing() {
+    let ctx = TestCtx::new().await;
+    ctx.use_up_free_vision_units("LABEL_DETECTION").await;
+    let payload = serde_json::json!({
+        "version": 1, "organization_id": ORG_A, "tier": "trial",
+        "images": [{ "content": "not base64!" }], "features": [{ "type": "LABEL_DETECTION" }]
+    })
+    .to_string();
+    let id = ctx
+        .enqueue(JobKind::VisionAnnotate, Tier::Trial, ORG_A, &payload, 3)
+        .await;
+    let worker = ctx.start_worker();
+    ctx.wait_settled(WAIT).await;
+    worker.stop().await;
+    let dead = ctx.queue.dead_jobs(10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].attempts, 1, "bad input is not retried");
+    assert!(
+        dead[0].reason.contains("Bad image data"),
+        "{}",
+        dead[0].reason
+    );
+    let (error_type, cost): (String, i64) = sqlx::query_as(
+        "SELECT e.error_type, (c.cost_usd * 1000000)::bigint FROM ai_processing_errors e
+         JOIN ai_cost_tracking c USING (job_id) WHERE e.job_id = $1",
+    )
+    .bind(&id)
+    .fetch_one(ctx.store.pool())
+    .await
+    .unwrap();
+    assert_eq!(error_type, "invalid_image");
+    assert_eq!(cost, 0, "images refused as invalid input are not billed");
+}

@@ -203,9 +203,7 @@ async fn each_provider_error_kind_gets_its_decision_and_its_error_rows() {
 async fn a_429_with_retry_after_5_seen_by_one_process_stops_all_three_for_about_5_s() {
     let ctx = crate::harness::TestCtx::build(
         &[("AIQ_CONCURRENCY", "2")],
-        aiq::fake::FakeOptions {
-            latency: Duration::from_millis(40),
-        },
+        aiq::fake::FakeOptions::with_latency(Duration::from_millis(40)),
     )
     .await;
     // The rate-limited call goes first (highest tier); its job has one attempt.
@@ -298,4 +296,112 @@ async fn a_429_with_retry_after_5_seen_by_one_process_stops_all_three_for_about_
         "every other job ran once after the pause"
     );
     assert_eq!(ctx.queue.stats().await.unwrap().dead, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_a_20_percent_mixed_error_rate_every_job_ends_succeeded_or_dead_and_every_call_is_costed()
+ {
+    let ctx = crate::harness::TestCtx::build(
+        &[
+            ("AIQ_CONCURRENCY", "8"),
+            ("AIQ_MAX_ATTEMPTS", "4"),
+            ("AIQ_RETRY_BASE_MS", "20"),
+            ("AIQ_RETRY_CAP_MS", "200"),
+            ("AIQ_OPENAI_TIMEOUT_MS", "1000"),
+            ("AIQ_ANTHROPIC_TIMEOUT_MS", "1000"),
+            ("AIQ_GEMINI_TIMEOUT_MS", "1000"),
+            ("AIQ_VISION_TIMEOUT_MS", "1000"),
+            // Breakers have their own test; here faults must reach the retry logic.
+            ("AIQ_BREAKER_FAILURES", "1000"),
+        ],
+        aiq::fake::FakeOptions {
+            latency: Duration::from_millis(10),
+            latency_jitter: Duration::from_millis(20),
+            error_rate: 0.2,
+            seed: 7,
+        },
+    )
+    .await;
+    ctx.use_up_free_vision_units("LABEL_DETECTION").await;
+    let mut ids = Vec::new();
+    for i in 0..160 {
+        let tier = Tier::ALL[i % 6];
+        let org = if i % 2 == 0 {
+            ORG_A
+        } else {
+            crate::harness::ORG_B
+        };
+        let (kind, body) = match i % 4 {
+            0 => (
+                JobKind::VisionAnnotate,
+                crate::harness::vision_payload(tier, org, 1),
+            ),
+            1 => (
+                JobKind::LlmComplete,
+                crate::harness::llm_payload(tier, org, &format!("o{i}")),
+            ),
+            2 | 3 => {
+                let (p, m) = if i % 4 == 2 {
+                    ("anthropic", "claude-haiku-4-5")
+                } else {
+                    ("gemini", "gemini-2.5-flash")
+                };
+                let v = serde_json::json!({ "version": 1, "organization_id": org, "tier": tier.as_str(), "provider": p,
+                    "model": m, "messages": [{ "role": "user", "content": format!("m{i}") }], "max_tokens": 30 });
+                (JobKind::LlmComplete, v.to_string())
+            }
+            _ => unreachable!(),
+        };
+        ids.push(ctx.enqueue(kind, tier, org, &body, 0).await);
+    }
+    let worker = ctx.start_worker();
+    ctx.wait_settled(Duration::from_secs(120)).await;
+    worker.stop().await;
+
+    let dead = ctx.queue.dead_jobs(1000).await.unwrap();
+    assert!(
+        dead.iter().all(|d| !d.reason.is_empty()),
+        "every dead job says why"
+    );
+    let per_job: Vec<(String, String)> =
+        sqlx::query_as("SELECT job_id, status FROM ai_processing_results")
+            .fetch_all(ctx.store.pool())
+            .await
+            .unwrap();
+    let completed = per_job.iter().filter(|(_, s)| s == "completed").count();
+    for id in &ids {
+        let rows = per_job.iter().filter(|(j, _)| j == id).count();
+        let is_dead = dead.iter().any(|d| &d.id == id);
+        assert_eq!(rows, 1, "job {id} has exactly one result row");
+        let done = per_job.iter().any(|(j, s)| j == id && s == "completed");
+        assert!(
+            done != is_dead,
+            "job {id} either succeeded or is dead with a reason"
+        );
+    }
+    // Every call the fake providers answered (timeouts included: they answer late) has its cost row.
+    let calls = ctx.fake_calls().await;
+    let answered: u64 = ["google_vision", "openai", "anthropic", "gemini"]
+        .iter()
+        .map(|p| calls[*p].as_u64().unwrap())
+        .sum();
+    let cost_rows = ctx
+        .scalar_i64("SELECT count(*) FROM ai_cost_tracking")
+        .await as u64;
+    let errors: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT error_type, count(*) FROM ai_processing_errors GROUP BY 1 ORDER BY 1",
+    )
+    .fetch_all(ctx.store.pool())
+    .await
+    .unwrap();
+    println!(
+        "20% faults: {completed} of 160 jobs succeeded, {} dead; {answered} provider calls, {cost_rows} cost rows; errors {errors:?}",
+        dead.len()
+    );
+    assert_eq!(cost_rows, answered);
+    assert!(
+        completed >= 140,
+        "retries carry most jobs through ({completed} succeeded)"
+    );
+    crate::money::assert_redis_agrees_with_postgres(&ctx, &[ORG_A, crate::harness::ORG_B]).await;
 }
