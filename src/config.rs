@@ -219,6 +219,37 @@ impl<F: Fn(&str) -> Option<String>> Env<F> {
             })
     }
 
+    /// `provider=N,...` for any of the four providers; unnamed ones get 0 (no limit).
+    fn per_provider(&self, name: &'static str) -> Result<[u64; 4], ConfigError> {
+        let mut out = [0u64; 4];
+        let providers = crate::providers::breaker::PROVIDERS;
+        for part in self
+            .get(name)
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+        {
+            let (p, n) = part
+                .split_once('=')
+                .ok_or_else(|| bad(name, format!("{part:?} must look like provider=number")))?;
+            let i = providers
+                .iter()
+                .position(|x| *x == p.trim())
+                .ok_or_else(|| {
+                    bad(
+                        name,
+                        format!("unknown provider {p:?}: expected {}", providers.join(", ")),
+                    )
+                })?;
+            out[i] = n
+                .trim()
+                .parse()
+                .map_err(|_| bad(name, format!("{n:?} for {p} is not a whole number")))?;
+        }
+        Ok(out)
+    }
+
     /// A Redis key prefix: the hash tag of a set of keys.
     fn prefix(&self, name: &'static str, default: &str) -> Result<String, ConfigError> {
         let prefix = self.get(name).unwrap_or_else(|| default.to_owned());
@@ -512,6 +543,14 @@ impl Settings {
         };
         let q = &self.queue;
         let b = &self.budget;
+        let per_provider = |v: &[u64; 4]| {
+            crate::providers::breaker::PROVIDERS
+                .iter()
+                .zip(v)
+                .map(|(p, n)| format!("{p}={n}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
         vec![
             ("AIQ_REDIS_URL", q.redis_url.clone()),
             ("AIQ_REDIS_CLUSTER", q.cluster.to_string()),
@@ -613,6 +652,8 @@ impl Settings {
             ),
             ("AIQ_BREAKER_FAILURES", self.breaker.failures.to_string()),
             ("AIQ_BREAKER_COOLDOWN_MS", ms(self.breaker.cooldown)),
+            ("AIQ_PROVIDER_RPM", per_provider(&self.breaker.rpm)),
+            ("AIQ_PROVIDER_TPM", per_provider(&self.breaker.tpm)),
             ("AIQ_SENTRY_DSN", secret(&self.sentry_dsn)),
             ("AIQ_SENTRY_ENVIRONMENT", self.sentry_environment.clone()),
         ]
@@ -735,6 +776,8 @@ impl Settings {
             breaker: crate::providers::breaker::BreakerSettings {
                 failures: env.int_in("AIQ_BREAKER_FAILURES", 5, 1..=1000)? as u32,
                 cooldown: env.millis("AIQ_BREAKER_COOLDOWN_MS", 30_000, 100..=3_600_000)?,
+                rpm: env.per_provider("AIQ_PROVIDER_RPM")?,
+                tpm: env.per_provider("AIQ_PROVIDER_TPM")?,
             },
         })
     }

@@ -264,6 +264,8 @@ struct Planned {
     model: Option<String>,
     estimate: MicroUsd,
     hold_ttl: Duration,
+    /// Tokens the call counts against the provider's tokens-per-minute limit.
+    tokens: u64,
 }
 
 async fn run_in_span(app: &App, raw: &RawJob) -> Result<(), Failure> {
@@ -333,6 +335,24 @@ async fn run_in_span(app: &App, raw: &RawJob) -> Result<(), Failure> {
             });
         }
     }
+    // The provider's requests and tokens per minute, fleet-wide: over them, wait a minute.
+    match app
+        .breakers
+        .throttle(planned.provider, planned.tokens)
+        .await
+    {
+        Ok(Ok(())) => {}
+        Ok(Err(wait)) => {
+            return Err(Failure::Defer {
+                message: format!(
+                    "{} is at its requests or tokens per minute",
+                    planned.provider
+                ),
+                after: wait + Duration::from_millis(fastrand::u64(0..=500)),
+            });
+        }
+        Err(e) => return Err(redis_down_provider(planned.provider, e)),
+    }
     let limits = app.org_limits(org, tier).await?;
     let (_, billing_date) = app.budget.scopes(org, limits, Utc::now());
     let meta = CallMeta {
@@ -368,6 +388,13 @@ async fn run_in_span(app: &App, raw: &RawJob) -> Result<(), Failure> {
     outcome
 }
 
+fn redis_down_provider(provider: &str, e: redis::RedisError) -> Failure {
+    Failure::Retry {
+        message: format!("checking {provider}'s fleet-wide limits failed: {e}"),
+        after: None,
+    }
+}
+
 /// Redis is the budget's ledger of holds: without it no call may start (fail closed).
 fn redis_down(e: crate::budget::BudgetError) -> Failure {
     Failure::Retry {
@@ -389,6 +416,7 @@ fn plan(app: &App, input: &JobInput) -> Result<Planned, crate::budget::PriceErro
                     .prices
                     .vision_estimate(&features, v.images.len() as u32)?,
                 hold_ttl: app.hold_ttl.vision,
+                tokens: 0,
             })
         }
         JobInput::Llm(l) => {
@@ -415,6 +443,7 @@ fn plan(app: &App, input: &JobInput) -> Result<Planned, crate::budget::PriceErro
                     l.max_tokens as u64,
                 )?,
                 hold_ttl: app.hold_ttl.for_provider(&l.provider),
+                tokens: input_bound + l.max_tokens as u64,
             })
         }
     }

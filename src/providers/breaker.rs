@@ -14,6 +14,7 @@ use super::ErrorKind;
 use crate::redis_conn::Conn;
 
 static BREAKER: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("breaker.lua")));
+static THROTTLE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("throttle.lua")));
 
 /// The providers a breaker can guard.
 pub const PROVIDERS: [&str; 4] = ["google_vision", "openai", "anthropic", "gemini"];
@@ -24,6 +25,10 @@ pub struct BreakerSettings {
     pub failures: u32,
     /// How long an open breaker holds calls back.
     pub cooldown: Duration,
+    /// Requests per minute per provider, fleet-wide, indexed like [`PROVIDERS`]; 0: no limit.
+    pub rpm: [u64; 4],
+    /// Tokens per minute per provider (LLMs: the prompt bound plus max_tokens); 0: no limit.
+    pub tpm: [u64; 4],
 }
 
 /// Does this failure say the provider is unwell (rather than our request being wrong)?
@@ -108,6 +113,36 @@ impl Breakers {
             Err(kind) if is_provider_fault(kind) => Ok(self.op("failure", provider).await? == [1]),
             Err(_) => Ok(false),
         }
+    }
+
+    /// Counts a call against the provider's requests- and tokens-per-minute limits, held across
+    /// every process; `Err(wait)` when it would pass one (the job waits for the next minute).
+    pub async fn throttle(
+        &self,
+        provider: &str,
+        tokens: u64,
+    ) -> redis::RedisResult<Result<(), Duration>> {
+        let Some(i) = PROVIDERS.iter().position(|p| *p == provider) else {
+            return Ok(Ok(()));
+        };
+        let (rpm, tpm) = (self.settings.rpm[i], self.settings.tpm[i]);
+        if rpm == 0 && tpm == 0 {
+            return Ok(Ok(()));
+        }
+        let mut conn = self.conn.clone();
+        let wait: u64 = THROTTLE
+            .key(&self.base)
+            .arg(provider)
+            .arg(rpm)
+            .arg(tpm)
+            .arg(tokens)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(if wait == 0 {
+            Ok(())
+        } else {
+            Err(Duration::from_millis(wait))
+        })
     }
 
     /// A provider said "too many requests, come back in `wait`": no process calls it until then.

@@ -405,3 +405,64 @@ async fn under_a_20_percent_mixed_error_rate_every_job_ends_succeeded_or_dead_an
     );
     crate::money::assert_redis_agrees_with_postgres(&ctx, &[ORG_A, crate::harness::ORG_B]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_providers_requests_per_minute_hold_across_processes_and_the_rest_wait() {
+    let ctx = crate::harness::TestCtx::with(&[
+        ("AIQ_PROVIDER_RPM", "openai=5"),
+        ("AIQ_PROVIDER_TPM", "gemini=100000"),
+    ])
+    .await;
+    // The limit counts per clock minute: start well inside one.
+    let second = chrono::Timelike::second(&chrono::Utc::now());
+    if second >= 45 {
+        tokio::time::sleep(Duration::from_secs(61 - second as u64)).await;
+    }
+    for i in 0..8 {
+        ctx.enqueue(
+            JobKind::LlmComplete,
+            Tier::Enterprise,
+            ORG_A,
+            &payload("openai", "gpt-4o-mini", &format!("r{i}")),
+            0,
+        )
+        .await;
+    }
+    ctx.enqueue(
+        JobKind::LlmComplete,
+        Tier::Enterprise,
+        ORG_A,
+        &payload("gemini", "gemini-2.5-flash", "g"),
+        0,
+    )
+    .await;
+    let daemons: Vec<_> = (0..2).map(|_| ctx.spawn_daemon(&[])).collect();
+    crate::harness::wait_until(
+        Duration::from_secs(30),
+        "five calls and three waiting jobs",
+        || async {
+            let s = ctx.queue.stats().await.unwrap();
+            s.waiting.values().sum::<u64>() == 0 && s.inflight == 0 && s.delayed == 3
+        },
+    )
+    .await;
+    for d in daemons {
+        assert!(
+            crate::harness::signal_and_wait(d, libc::SIGTERM)
+                .await
+                .success()
+        );
+    }
+    let calls = ctx.fake_calls().await;
+    assert_eq!(
+        calls["openai"], 5,
+        "two processes together made five calls in the minute"
+    );
+    assert_eq!(calls["gemini"], 1, "other providers are not held back");
+    assert_eq!(
+        ctx.scalar_i64("SELECT count(*) FROM ai_processing_errors")
+            .await,
+        0,
+        "waiting is not an error"
+    );
+}
