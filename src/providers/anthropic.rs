@@ -3,7 +3,13 @@
 use serde_json::{Value, json};
 
 use super::openai::{Completion, Message, Usage};
-use super::{ErrorKind, ProviderError, http_client, retry_after_header, snippet};
+use super::{ErrorFormat, ErrorKind, ProviderError, http_client, no_body_delay, send};
+
+const FORMAT: ErrorFormat = ErrorFormat {
+    provider: PROVIDER,
+    classify,
+    body_delay: no_body_delay,
+};
 use crate::config::ProviderSettings;
 
 pub const PROVIDER: &str = "anthropic";
@@ -53,38 +59,13 @@ impl AnthropicClient {
         if !system.is_empty() {
             body["system"] = Value::String(system.join("\n\n"));
         }
-        let resp = self
+        let request = self
             .http
             .post(format!("{}/v1/messages", self.settings.base_url))
             .header("x-api-key", key.expose())
             .header("anthropic-version", API_VERSION)
-            .json(&body)
-            .send()
-            .await
-            .map_err(|e| ProviderError::transport(PROVIDER, &e))?;
-        let status = resp.status().as_u16();
-        let retry_after = retry_after_header(resp.headers());
-        let text = resp
-            .text()
-            .await
-            .map_err(|e| ProviderError::transport(PROVIDER, &e))?;
-        if !(200..300).contains(&status) {
-            let message = serde_json::from_str::<Value>(&text)
-                .ok()
-                .and_then(|v| {
-                    v.pointer("/error/message")
-                        .and_then(Value::as_str)
-                        .map(str::to_owned)
-                })
-                .unwrap_or_else(|| format!("HTTP {status}: {}", snippet(&text)));
-            return Err(ProviderError {
-                provider: PROVIDER,
-                kind: classify(status, &text),
-                status: Some(status),
-                message,
-                retry_after,
-            });
-        }
+            .json(&body);
+        let (status, text) = send(&FORMAT, request).await?;
         parse_response(status, &text)
     }
 }

@@ -3,7 +3,13 @@
 use serde_json::{Value, json};
 
 use super::openai::{Completion, Message, Usage};
-use super::{ErrorKind, ProviderError, RETRY_AFTER_CAP, http_client, retry_after_header, snippet};
+use super::{ErrorFormat, ErrorKind, ProviderError, http_client, send};
+
+const FORMAT: ErrorFormat = ErrorFormat {
+    provider: PROVIDER,
+    classify,
+    body_delay: retry_info,
+};
 use crate::config::ProviderSettings;
 
 pub const PROVIDER: &str = "gemini";
@@ -63,41 +69,15 @@ impl GeminiClient {
         if !system.is_empty() {
             body["systemInstruction"] = json!({ "parts": system });
         }
-        let resp = self
+        let request = self
             .http
             .post(format!(
                 "{}/v1beta/models/{model}:generateContent",
                 self.settings.base_url
             ))
             .header("x-goog-api-key", key.expose())
-            .json(&body)
-            .send()
-            .await
-            .map_err(|e| ProviderError::transport(PROVIDER, &e))?;
-        let status = resp.status().as_u16();
-        let header_delay = retry_after_header(resp.headers());
-        let text = resp
-            .text()
-            .await
-            .map_err(|e| ProviderError::transport(PROVIDER, &e))?;
-        if !(200..300).contains(&status) {
-            let message = serde_json::from_str::<Value>(&text)
-                .ok()
-                .and_then(|v| {
-                    v.pointer("/error/message")
-                        .and_then(Value::as_str)
-                        .map(str::to_owned)
-                })
-                .unwrap_or_else(|| format!("HTTP {status}: {}", snippet(&text)));
-            return Err(ProviderError {
-                provider: PROVIDER,
-                kind: classify(status, &text),
-                status: Some(status),
-                message,
-                retry_after: header_delay
-                    .or_else(|| retry_info(&text).map(|d| d.min(RETRY_AFTER_CAP))),
-            });
-        }
+            .json(&body);
+        let (status, text) = send(&FORMAT, request).await?;
         parse_response(status, &text)
     }
 }

@@ -142,6 +142,72 @@ pub(crate) fn snippet(body: &str) -> String {
     format!("{}...", &body[..end])
 }
 
+/// How one wire format reads its errors: its status-and-body classification, and a delay its
+/// error body may carry (Google's RetryInfo) when there is no Retry-After header.
+pub(crate) struct ErrorFormat {
+    pub provider: &'static str,
+    pub classify: fn(u16, &str) -> ErrorKind,
+    pub body_delay: fn(&str) -> Option<Duration>,
+}
+
+/// The provider's error message (`error.message` in every format here), or the status and a
+/// snippet of the body.
+fn error_message(status: u16, body: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| {
+            v.pointer("/error/message")
+                .and_then(|m| m.as_str())
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| format!("HTTP {status}: {}", snippet(body)))
+}
+
+/// The error a non-2xx answer stands for.
+pub(crate) fn error_from(
+    format: &ErrorFormat,
+    status: u16,
+    body: &str,
+    header_delay: Option<Duration>,
+) -> ProviderError {
+    ProviderError {
+        provider: format.provider,
+        kind: (format.classify)(status, body),
+        status: Some(status),
+        message: error_message(status, body),
+        retry_after: header_delay
+            .or_else(|| (format.body_delay)(body).map(|d| d.min(RETRY_AFTER_CAP))),
+    }
+}
+
+/// Sends a request; returns the status and body of a 2xx answer, and any other answer, or no
+/// answer, as the [`ProviderError`] it stands for.
+pub(crate) async fn send(
+    format: &ErrorFormat,
+    request: reqwest::RequestBuilder,
+) -> Result<(u16, String), ProviderError> {
+    let resp = request
+        .send()
+        .await
+        .map_err(|e| ProviderError::transport(format.provider, &e))?;
+    let status = resp.status().as_u16();
+    let header_delay = retry_after_header(resp.headers());
+    let body = resp
+        .text()
+        .await
+        .map_err(|e| ProviderError::transport(format.provider, &e))?;
+    if (200..300).contains(&status) {
+        Ok((status, body))
+    } else {
+        Err(error_from(format, status, body.as_str(), header_delay))
+    }
+}
+
+/// For formats whose error bodies carry no delay.
+pub(crate) fn no_body_delay(_: &str) -> Option<Duration> {
+    None
+}
+
 pub(crate) fn http_client(timeout: Duration) -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(timeout)

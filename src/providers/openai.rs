@@ -3,7 +3,13 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{ErrorKind, ProviderError, http_client, retry_after_header, snippet};
+use super::{ErrorFormat, ErrorKind, ProviderError, http_client, no_body_delay, send};
+
+const FORMAT: ErrorFormat = ErrorFormat {
+    provider: PROVIDER,
+    classify,
+    body_delay: no_body_delay,
+};
 use crate::config::ProviderSettings;
 
 pub const PROVIDER: &str = "openai";
@@ -73,39 +79,14 @@ impl OpenAiClient {
             "stream": false,
             "user": user,
         });
-        let resp = self
+        let request = self
             .http
             .post(url)
             .bearer_auth(key.expose())
             // OpenAI logs this id with the request, so a job can be traced on their side.
             .header("x-client-request-id", request_id)
-            .json(&body)
-            .send()
-            .await
-            .map_err(|e| ProviderError::transport(PROVIDER, &e))?;
-        let status = resp.status().as_u16();
-        let retry_after = retry_after_header(resp.headers());
-        let text = resp
-            .text()
-            .await
-            .map_err(|e| ProviderError::transport(PROVIDER, &e))?;
-        if !(200..300).contains(&status) {
-            let message = serde_json::from_str::<Value>(&text)
-                .ok()
-                .and_then(|v| {
-                    v.pointer("/error/message")
-                        .and_then(Value::as_str)
-                        .map(str::to_owned)
-                })
-                .unwrap_or_else(|| format!("HTTP {status}: {}", snippet(&text)));
-            return Err(ProviderError {
-                provider: PROVIDER,
-                kind: classify(status, &text),
-                status: Some(status),
-                message,
-                retry_after,
-            });
-        }
+            .json(&body);
+        let (status, text) = send(&FORMAT, request).await?;
         parse_response(status, &text)
     }
 }

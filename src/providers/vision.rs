@@ -4,7 +4,13 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{ErrorKind, ProviderError, http_client, retry_after_header, snippet};
+use super::{ErrorFormat, ErrorKind, ProviderError, http_client, send};
+
+const FORMAT: ErrorFormat = ErrorFormat {
+    provider: PROVIDER,
+    classify,
+    body_delay: retry_info,
+};
 use crate::config::ProviderSettings;
 
 pub const PROVIDER: &str = "google_vision";
@@ -99,23 +105,12 @@ impl VisionClient {
             })
             .collect();
         let url = format!("{}/v1/images:annotate", self.settings.base_url);
-        let resp = self
+        let request = self
             .http
             .post(url)
             .header("x-goog-api-key", key.expose())
-            .json(&serde_json::json!({ "requests": requests }))
-            .send()
-            .await
-            .map_err(|e| ProviderError::transport(PROVIDER, &e))?;
-        let status = resp.status().as_u16();
-        let retry_after = retry_after_header(resp.headers());
-        let body = resp
-            .text()
-            .await
-            .map_err(|e| ProviderError::transport(PROVIDER, &e))?;
-        if !(200..300).contains(&status) {
-            return Err(error_from(status, &body, retry_after));
-        }
+            .json(&serde_json::json!({ "requests": requests }));
+        let (status, body) = send(&FORMAT, request).await?;
         parse_response(status, &body, images.len())
     }
 }
@@ -201,24 +196,6 @@ fn retry_info(body: &str) -> Option<std::time::Duration> {
         })
 }
 
-fn error_from(status: u16, body: &str, retry_after: Option<std::time::Duration>) -> ProviderError {
-    let message = serde_json::from_str::<Value>(body)
-        .ok()
-        .and_then(|v| {
-            v.pointer("/error/message")
-                .and_then(Value::as_str)
-                .map(str::to_owned)
-        })
-        .unwrap_or_else(|| format!("HTTP {status}: {}", snippet(body)));
-    ProviderError {
-        provider: PROVIDER,
-        kind: classify(status, body),
-        status: Some(status),
-        message,
-        retry_after: retry_after.or_else(|| retry_info(body)),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -298,7 +275,7 @@ mod tests {
     #[test]
     fn retry_info_sets_the_delay() {
         let body = r#"{"error":{"code":429,"status":"RESOURCE_EXHAUSTED","message":"slow down","details":[{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"7s"}]}}"#;
-        let e = error_from(429, body, None);
+        let e = super::super::error_from(&FORMAT, 429, body, None);
         assert_eq!(e.retry_after, Some(std::time::Duration::from_secs(7)));
         assert_eq!(e.message, "slow down");
     }
