@@ -64,6 +64,8 @@ CREATE TABLE ai_cost_tracking (
 );
 CREATE INDEX ai_cost_tracking_org_date ON ai_cost_tracking (organization_id, billing_date);
 CREATE INDEX ai_cost_tracking_date ON ai_cost_tracking (billing_date);
+-- The spike check reads the last 25 hours by created_at, every minute, in every process.
+CREATE INDEX ai_cost_tracking_created ON ai_cost_tracking (created_at);
 
 CREATE TABLE ai_processing_errors (
   id UUID PRIMARY KEY DEFAULT gen_random_uuid(),
