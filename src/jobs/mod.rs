@@ -235,8 +235,21 @@ fn provider_label(raw: &RawJob) -> String {
 /// A job that failed for good is a Sentry event, tagged; the scrubbing hook in `observe`
 /// removes keys, e-mail addresses and image bytes from everything it carries.
 fn report_dead(raw: &RawJob, provider: &str, correlation_id: &str, failure: &Failure) {
-    let payload: Value =
-        serde_json::from_str(&raw.payload).unwrap_or_else(|_| Value::String(raw.payload.clone()));
+    // Sentry refuses large events: a big payload goes as its first 8 KiB of text.
+    const MAX_PAYLOAD: usize = 8 * 1024;
+    let payload: Value = if raw.payload.len() > MAX_PAYLOAD {
+        let mut end = MAX_PAYLOAD;
+        while !raw.payload.is_char_boundary(end) {
+            end -= 1;
+        }
+        Value::String(format!(
+            "{}... ({} bytes in all)",
+            &raw.payload[..end],
+            raw.payload.len()
+        ))
+    } else {
+        serde_json::from_str(&raw.payload).unwrap_or_else(|_| Value::String(raw.payload.clone()))
+    };
     sentry::with_scope(
         |scope| {
             scope.set_tag("job.kind", &raw.kind);
