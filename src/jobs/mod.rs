@@ -1,6 +1,7 @@
-//! The handlers. Each job is decoded once, then: rate limit -> estimate -> reserve the budget ->
-//! provider call -> actual cost -> one transaction of rows in PostgreSQL -> settle the budget with
-//! the cost the row holds -> alerts. The outcome goes back to the queue as a [`Failure`] kind
+//! The handlers. Each job is decoded once, then: estimate -> provider breaker and pause ->
+//! organisation rate -> provider requests/tokens per minute -> reserve the budget -> provider call
+//! -> actual cost -> one transaction of rows in PostgreSQL -> settle the budget with the cost the
+//! row holds -> alerts. The outcome goes back to the queue as a [`Failure`] kind
 //! (retry, permanent, defer) that the backend's ack layer turns into a retry, a dead job, a
 //! deferral or an ack. Handlers read no environment variables: everything comes in through [`App`].
 
@@ -310,18 +311,6 @@ async fn run_in_span(app: &App, raw: &RawJob) -> Result<(), Failure> {
     let org = input.common().organization_id.as_uuid();
     let tier = input.common().tier;
 
-    // The organisation's rate: a job over it waits for the next minute, it does not fail.
-    match app.budget.admit(org, tier).await {
-        Ok(Ok(())) => {}
-        Ok(Err(wait)) => {
-            return Err(Failure::Defer {
-                message: format!("organization {org} is over its {tier} rate of jobs per minute"),
-                after: wait,
-            });
-        }
-        Err(e) => return Err(redis_down(e)),
-    }
-
     let planned = match plan(app, &input) {
         Ok(p) => p,
         Err(e) => return unpriced(app, &job, &input, e).await,
@@ -348,6 +337,18 @@ async fn run_in_span(app: &App, raw: &RawJob) -> Result<(), Failure> {
             });
         }
     }
+    // The organisation's rate: a job over it waits for the next minute, it does not fail.
+    match app.budget.admit(org, tier).await {
+        Ok(Ok(())) => {}
+        Ok(Err(wait)) => {
+            return Err(Failure::Defer {
+                message: format!("organization {org} is over its {tier} rate of jobs per minute"),
+                after: wait,
+            });
+        }
+        Err(e) => return Err(redis_down(e)),
+    }
+
     // The provider's requests and tokens per minute, fleet-wide: over them, wait a minute.
     match app
         .breakers
