@@ -35,15 +35,7 @@ impl AnthropicClient {
         messages: &[Message],
         max_tokens: u32,
     ) -> Result<Completion, ProviderError> {
-        let Some(key) = &self.settings.api_key else {
-            return Err(ProviderError {
-                provider: PROVIDER,
-                kind: ErrorKind::Unauthorized,
-                status: None,
-                message: "AIQ_ANTHROPIC_API_KEY is not set".into(),
-                retry_after: None,
-            });
-        };
+        let key = super::api_key(&self.settings, PROVIDER, "AIQ_ANTHROPIC_API_KEY")?;
         // System messages go to the top-level `system`; the rest alternate user/assistant.
         let system: Vec<&str> = messages
             .iter()

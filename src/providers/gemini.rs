@@ -38,15 +38,7 @@ impl GeminiClient {
         messages: &[Message],
         max_tokens: u32,
     ) -> Result<Completion, ProviderError> {
-        let Some(key) = &self.settings.api_key else {
-            return Err(ProviderError {
-                provider: PROVIDER,
-                kind: ErrorKind::Unauthorized,
-                status: None,
-                message: "AIQ_GEMINI_API_KEY is not set".into(),
-                retry_after: None,
-            });
-        };
+        let key = super::api_key(&self.settings, PROVIDER, "AIQ_GEMINI_API_KEY")?;
         let system: Vec<Value> = messages
             .iter()
             .filter(|m| m.role == "system" || m.role == "developer")

@@ -208,6 +208,21 @@ pub(crate) fn no_body_delay(_: &str) -> Option<Duration> {
     None
 }
 
+/// The provider's API key, or the error that says which setting is missing.
+pub(crate) fn api_key<'a>(
+    settings: &'a crate::config::ProviderSettings,
+    provider: &'static str,
+    setting: &str,
+) -> Result<&'a crate::config::Secret, ProviderError> {
+    settings.api_key.as_ref().ok_or_else(|| ProviderError {
+        provider,
+        kind: ErrorKind::Unauthorized,
+        status: None,
+        message: format!("{setting} is not set"),
+        retry_after: None,
+    })
+}
+
 pub(crate) fn http_client(timeout: Duration) -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(timeout)

@@ -62,15 +62,7 @@ impl OpenAiClient {
         user: &str,
         request_id: &str,
     ) -> Result<Completion, ProviderError> {
-        let Some(key) = &self.settings.api_key else {
-            return Err(ProviderError {
-                provider: PROVIDER,
-                kind: ErrorKind::Unauthorized,
-                status: None,
-                message: "AIQ_OPENAI_API_KEY is not set".into(),
-                retry_after: None,
-            });
-        };
+        let key = super::api_key(&self.settings, PROVIDER, "AIQ_OPENAI_API_KEY")?;
         let url = format!("{}/v1/chat/completions", self.settings.base_url);
         let body = serde_json::json!({
             "model": model,

@@ -83,15 +83,7 @@ impl VisionClient {
         images: &[ImageSource],
         features: &[Feature],
     ) -> Result<VisionResponse, ProviderError> {
-        let Some(key) = &self.settings.api_key else {
-            return Err(ProviderError {
-                provider: PROVIDER,
-                kind: ErrorKind::Unauthorized,
-                status: None,
-                message: "AIQ_VISION_API_KEY is not set".into(),
-                retry_after: None,
-            });
-        };
+        let key = super::api_key(&self.settings, PROVIDER, "AIQ_VISION_API_KEY")?;
         let requests: Vec<Value> = images
             .iter()
             .map(|img| {
