@@ -62,6 +62,19 @@ pub struct RetryPolicy {
     pub cap: Duration,
 }
 
+/// Retries of a failed provider call inside one attempt, before the job goes back to the queue.
+/// Printed by `aiq config`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallRetryPolicy {
+    /// Extra calls after a retryable failure (0 turns in-call retries off).
+    pub retries: u32,
+    /// The ceiling of the first retry's delay; it doubles with each retry (full jitter).
+    pub base: Duration,
+    /// The longest wait inside a call, also for a provider's Retry-After. A longer wait is
+    /// served in the queue's delayed set, where it holds no worker slot.
+    pub cap: Duration,
+}
+
 impl RetryPolicy {
     /// The delay before retry number `failures` (1 for the first), with full jitter:
     /// uniform in [0, min(cap, base * 2^(failures-1))]. `jitter` is in [0, 1).
@@ -156,6 +169,7 @@ pub struct Settings {
     pub database_url: Secret,
     pub queue: QueueSettings,
     pub retry: RetryPolicy,
+    pub call_retry: CallRetryPolicy,
     pub shutdown_grace: Duration,
     pub admin_addr: SocketAddr,
     pub log_format: LogFormat,
@@ -586,6 +600,9 @@ impl Settings {
             ("AIQ_MAX_ATTEMPTS", self.retry.max_attempts.to_string()),
             ("AIQ_RETRY_BASE_MS", ms(self.retry.base)),
             ("AIQ_RETRY_CAP_MS", ms(self.retry.cap)),
+            ("AIQ_CALL_RETRIES", self.call_retry.retries.to_string()),
+            ("AIQ_CALL_RETRY_BASE_MS", ms(self.call_retry.base)),
+            ("AIQ_CALL_RETRY_CAP_MS", ms(self.call_retry.cap)),
             ("AIQ_SHUTDOWN_GRACE_MS", ms(self.shutdown_grace)),
             ("AIQ_ADMIN_ADDR", self.admin_addr.to_string()),
             (
@@ -704,6 +721,17 @@ impl Settings {
                 "must not be smaller than AIQ_RETRY_BASE_MS",
             ));
         }
+        let call_retry = CallRetryPolicy {
+            retries: env.int_in("AIQ_CALL_RETRIES", 2, 0..=10)? as u32,
+            base: env.millis("AIQ_CALL_RETRY_BASE_MS", 250, 1..=60_000)?,
+            cap: env.millis("AIQ_CALL_RETRY_CAP_MS", 5_000, 1..=300_000)?,
+        };
+        if call_retry.cap < call_retry.base {
+            return Err(bad(
+                "AIQ_CALL_RETRY_CAP_MS",
+                "must not be smaller than AIQ_CALL_RETRY_BASE_MS",
+            ));
+        }
         let shutdown_grace = env.millis("AIQ_SHUTDOWN_GRACE_MS", 20_000, 0..=3_600_000)?;
         let admin_addr = env.parse(
             "AIQ_ADMIN_ADDR",
@@ -735,6 +763,7 @@ impl Settings {
             database_url,
             queue,
             retry,
+            call_retry,
             shutdown_grace,
             admin_addr,
             log_format,

@@ -16,6 +16,9 @@
 //! calls one job made, and how often a job called while its previous call was still running.
 //! A fixed latency (`--latency-ms`) makes calls take time, for load and crash tests, and
 //! `POST /_fake/outage?status=503&ms=3000` makes every call fail for a while.
+//! `[fake:flaky=2]` fails the first two calls carrying the same text (503; 529 for Anthropic),
+//! then answers; `[fake:only=openai]` applies a text's fault markers on that provider only, so a
+//! fallback to another provider succeeds.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -46,6 +49,8 @@ struct Counters {
     /// Per job id: (calls in flight now, calls in all).
     jobs: Mutex<HashMap<String, (u32, u32)>>,
     overlaps: AtomicU64,
+    /// Calls seen per (provider, text) carrying a `[fake:flaky=N]` marker.
+    flaky: Mutex<HashMap<(&'static str, u64), u32>>,
     /// OpenAI calls: (provider, start ms, end ms, status), for tests that look at timing.
     log: Mutex<Vec<(&'static str, u64, u64, u16)>>,
 }
@@ -210,6 +215,33 @@ fn in_outage(c: &Counters) -> Option<StatusCode> {
 }
 
 /// A small stable hash (FNV-1a), so answers depend only on the request.
+/// The text whose fault markers apply on `wire`: all of it, or nothing when the text names
+/// another provider with `[fake:only=...]`.
+fn faults_for<'a>(text: &'a str, wire: &str) -> &'a str {
+    if !text.contains("[fake:only=") || text.contains(&format!("[fake:only={wire}]")) {
+        text
+    } else {
+        ""
+    }
+}
+
+/// Whether this call should fail as a `[fake:flaky=N]` one: the first N calls per provider and
+/// text do.
+fn flaky(c: &Counters, wire: &'static str, marks: &str) -> bool {
+    let Some(n) = marks
+        .split("[fake:flaky=")
+        .nth(1)
+        .and_then(|rest| rest.split(']').next())
+        .and_then(|v| v.parse::<u32>().ok())
+    else {
+        return false;
+    };
+    let mut seen = c.flaky.lock().expect("flaky counts");
+    let calls = seen.entry((wire, fnv(marks.as_bytes()))).or_insert(0);
+    *calls += 1;
+    *calls <= n
+}
+
 fn fnv(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf29ce484222325u64, |h, b| {
         (h ^ *b as u64).wrapping_mul(0x100000001b3)
@@ -476,7 +508,16 @@ async fn openai_answer(c: &Arc<Counters>, headers: HeaderMap, body: String) -> R
         .filter_map(|m| m.get("content").and_then(Value::as_str))
         .collect::<Vec<_>>()
         .join("\n");
-    if let Some(rest) = text.split("[fake:status=").nth(1) {
+    let marks = faults_for(&text, "openai");
+    if flaky(c, "openai", marks) {
+        return openai_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service_unavailable_error",
+            "server_is_overloaded",
+            "injected by the fake provider (flaky)",
+        );
+    }
+    if let Some(rest) = marks.split("[fake:status=").nth(1) {
         let code = rest
             .get(..3)
             .and_then(|s| s.parse().ok())
@@ -490,7 +531,7 @@ async fn openai_answer(c: &Arc<Counters>, headers: HeaderMap, body: String) -> R
             _ => ("server_error", "server_error"),
         };
         let mut resp = openai_error(code, kind, err_code, "injected by the fake provider");
-        if let Some(secs) = text
+        if let Some(secs) = marks
             .split("[fake:retry-after=")
             .nth(1)
             .and_then(|rest| rest.split(']').next())
@@ -500,7 +541,7 @@ async fn openai_answer(c: &Arc<Counters>, headers: HeaderMap, body: String) -> R
         }
         return resp;
     }
-    if let Some(ms) = text
+    if let Some(ms) = marks
         .split("[fake:delay=")
         .nth(1)
         .and_then(|rest| rest.split(']').next())
@@ -508,7 +549,7 @@ async fn openai_answer(c: &Arc<Counters>, headers: HeaderMap, body: String) -> R
     {
         tokio::time::sleep(Duration::from_millis(ms.min(60_000))).await;
     }
-    if text.contains("[fake:garbage]") {
+    if marks.contains("[fake:garbage]") {
         return (StatusCode::OK, "<html>upstream hiccup</html>").into_response();
     }
     let max = req
@@ -644,11 +685,19 @@ async fn anthropic(State(c): State<Arc<Counters>>, headers: HeaderMap, body: Str
         text.push('\n');
         text.push_str(m.get("content").and_then(Value::as_str).unwrap_or_default());
     }
-    let a = asked(&text);
+    let marks = faults_for(&text, "anthropic");
+    if flaky(&c, "anthropic", marks) {
+        return anthropic_error(
+            StatusCode::from_u16(529).expect("529 is a status"),
+            "overloaded_error",
+            "Overloaded",
+        );
+    }
+    let a = asked(marks);
     if let Some(d) = a.delay {
         tokio::time::sleep(d).await;
     }
-    if text.contains("[fake:spend-limit]") {
+    if marks.contains("[fake:spend-limit]") {
         return (
             StatusCode::TOO_MANY_REQUESTS,
             Json(json!({ "type": "error", "error": { "type": "rate_limit_error", "message": "monthly spend limit reached",
@@ -752,11 +801,19 @@ async fn gemini(
             text.push_str(part.get("text").and_then(Value::as_str).unwrap_or_default());
         }
     }
-    let a = asked(&text);
+    let marks = faults_for(&text, "gemini");
+    if flaky(&c, "gemini", marks) {
+        return google_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "UNAVAILABLE",
+            "injected by the fake provider (flaky)",
+        );
+    }
+    let a = asked(marks);
     if let Some(d) = a.delay {
         tokio::time::sleep(d).await;
     }
-    if text.contains("[fake:quota-day]") {
+    if marks.contains("[fake:quota-day]") {
         return (
             StatusCode::TOO_MANY_REQUESTS,
             Json(json!({ "error": { "code": 429, "status": "RESOURCE_EXHAUSTED", "message": "You exceeded your current quota.",

@@ -91,6 +91,26 @@ fn describe() {
         "aiq_cost_micro_usd_total",
         "Money settled for provider calls."
     );
+    describe_counter!(
+        "aiq_provider_call_retries_total",
+        "Failed provider calls tried again inside the same attempt, by provider and error kind."
+    );
+    describe_counter!(
+        "aiq_fallbacks_total",
+        "LLM jobs that moved from one provider to the next of their fallback chain."
+    );
+}
+
+/// A failed call is tried again in the same attempt.
+pub fn call_retried(provider: &str, kind: &'static str) {
+    metrics::counter!("aiq_provider_call_retries_total", "provider" => provider.to_owned(), "error" => kind)
+        .increment(1);
+}
+
+/// A job moves to the next model of its fallback chain.
+pub fn fell_back(from: &str, to: &str) {
+    metrics::counter!("aiq_fallbacks_total", "from" => from.to_owned(), "to" => to.to_owned())
+        .increment(1);
 }
 
 /// A job ended this execution: `outcome` is succeeded, retried, dead or deferred.

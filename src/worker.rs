@@ -84,7 +84,13 @@ pub async fn app(settings: &Settings, store: Store) -> anyhow::Result<Arc<App>> 
         gemini: crate::providers::gemini::GeminiClient::new(&settings.gemini),
     };
     Ok(Arc::new(App::new(
-        store, budget, breakers, clients, prices, hold_ttl,
+        store,
+        budget,
+        breakers,
+        clients,
+        prices,
+        hold_ttl,
+        settings.call_retry,
     )))
 }
 

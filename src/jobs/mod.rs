@@ -1,7 +1,9 @@
 //! The handlers. Each job is decoded once, then: estimate -> provider breaker and pause ->
 //! organisation rate -> provider requests/tokens per minute -> reserve the budget -> provider call
 //! -> actual cost -> one transaction of rows in PostgreSQL -> settle the budget with the cost the
-//! row holds -> alerts. The outcome goes back to the queue as a [`Failure`] kind
+//! row holds -> alerts. A failed call may be called again in the same attempt (in-call retries,
+//! with backoff), or an LLM job may move to the next model of its fallback chain; each such call
+//! is reserved, recorded and settled on its own, numbered by `call_seq`. The outcome goes back to the queue as a [`Failure`] kind
 //! (retry, permanent, defer) that the backend's ack layer turns into a retry, a dead job, a
 //! deferral or an ack. Handlers read no environment variables: everything comes in through [`App`].
 
@@ -24,7 +26,7 @@ use uuid::Uuid;
 
 use crate::budget::alerts::Alerts;
 use crate::budget::{Budget, CallMeta, OrgLimits, PriceCatalog, Refusal, Reservation};
-use crate::config::OnBudgetExceeded;
+use crate::config::{CallRetryPolicy, OnBudgetExceeded};
 use crate::domain::{MicroUsd, Tier};
 use crate::providers::anthropic::{self, AnthropicClient};
 use crate::providers::gemini::{self, GeminiClient};
@@ -49,6 +51,8 @@ pub struct App {
     /// How long a Vision call's and an LLM call's budget holds live unsettled: longer than the
     /// call can take (its timeout plus a margin), after which the sweeper takes them.
     pub hold_ttl: HoldTtl,
+    /// Retries of a failed call inside one attempt.
+    pub call_retry: CallRetryPolicy,
     limits: Mutex<HashMap<Uuid, (Instant, OrgLimits)>>,
 }
 
@@ -60,6 +64,7 @@ impl App {
         clients: Clients,
         prices: PriceCatalog,
         hold_ttl: HoldTtl,
+        call_retry: CallRetryPolicy,
     ) -> Self {
         Self {
             alerts: Arc::new(Alerts::new(store.clone())),
@@ -69,6 +74,7 @@ impl App {
             clients,
             prices,
             hold_ttl,
+            call_retry,
             limits: Mutex::new(HashMap::new()),
         }
     }
@@ -271,7 +277,8 @@ fn report_dead(raw: &RawJob, provider: &str, correlation_id: &str, failure: &Fai
     );
 }
 
-/// What a job's one provider call is about to be.
+/// A call a job may make, priced at the most it can cost. An LLM job's fallback chain is a list
+/// of these, its own model first.
 struct Planned {
     provider: &'static str,
     operation: &'static str,
@@ -280,6 +287,96 @@ struct Planned {
     hold_ttl: Duration,
     /// Tokens the call counts against the provider's tokens-per-minute limit.
     tokens: u64,
+}
+
+/// How a call ended when it did not succeed.
+enum Attempted {
+    /// The provider failed; nothing is recorded yet, the caller decides what comes next.
+    Failed(ProviderError),
+    /// The outcome is recorded and final for this execution.
+    Done(Failure),
+}
+
+impl From<Failure> for Attempted {
+    fn from(f: Failure) -> Self {
+        Attempted::Done(f)
+    }
+}
+
+/// What follows a failed call.
+enum Next {
+    /// The same model again after this delay (an in-call retry).
+    Again(Duration),
+    /// The next model of the chain.
+    FallBack,
+    /// Back to the queue: a job-level retry, or the dead set.
+    GiveUp,
+}
+
+/// The delays of a call's in-call retries: exponential from the policy's base to its cap, as
+/// many as it allows. Full jitter is applied on top by [`full_jitter`].
+fn call_backoff(p: &CallRetryPolicy) -> backon::ExponentialBackoff {
+    use backon::BackoffBuilder;
+    backon::ExponentialBuilder::default()
+        .with_min_delay(p.base)
+        .with_max_delay(p.cap)
+        .with_max_times(p.retries as usize)
+        .build()
+}
+
+/// Uniform in [1 ms, ceiling].
+fn full_jitter(ceiling: Duration) -> Duration {
+    ceiling
+        .mul_f64(fastrand::f64())
+        .max(Duration::from_millis(1))
+}
+
+fn spread(max_ms: u64) -> Duration {
+    Duration::from_millis(fastrand::u64(0..=max_ms))
+}
+
+/// May `target` be called now? Checks its breaker and pause (one check per call: a half-open
+/// breaker admits one probe), then counts the call against its requests and tokens per minute.
+async fn admit_call(app: &App, target: &Planned) -> Result<Result<(), Duration>, Failure> {
+    match breaker_admit(app, target.provider).await? {
+        Ok(()) => throttle(app, target).await,
+        Err(wait) => Ok(Err(wait)),
+    }
+}
+
+/// The provider's breaker and pause; counts nothing, but a half-open breaker admits one probe.
+async fn breaker_admit(app: &App, provider: &str) -> Result<Result<(), Duration>, Failure> {
+    app.breakers
+        .admit(provider)
+        .await
+        .map_err(|e| Failure::Retry {
+            message: format!("checking {provider}'s circuit breaker failed: {e}"),
+            after: None,
+        })
+}
+
+async fn throttle(app: &App, target: &Planned) -> Result<Result<(), Duration>, Failure> {
+    app.breakers
+        .throttle(target.provider, target.tokens)
+        .await
+        .map_err(|e| redis_down_provider(target.provider, e))
+}
+
+/// The first model of the chain from `from` on that may be called now, or the shortest wait
+/// among them (zero when there is none left to try).
+async fn admit_from(
+    app: &App,
+    chain: &[Planned],
+    from: usize,
+) -> Result<Result<usize, Duration>, Failure> {
+    let mut wait: Option<Duration> = None;
+    for (i, target) in chain.iter().enumerate().skip(from) {
+        match admit_call(app, target).await? {
+            Ok(()) => return Ok(Ok(i)),
+            Err(w) => wait = Some(wait.map_or(w, |x| x.min(w))),
+        }
+    }
+    Ok(Err(wait.unwrap_or_default()))
 }
 
 async fn run_in_span(app: &App, raw: &RawJob) -> Result<(), Failure> {
@@ -294,6 +391,7 @@ async fn run_in_span(app: &App, raw: &RawJob) -> Result<(), Failure> {
                 details: json!({ "payload_bytes": raw.payload.len() }),
                 provider: None,
                 http_status: None,
+                call_seq: 0,
             };
             let result = failed_result("none", None, &e.to_string());
             record(
@@ -311,32 +409,33 @@ async fn run_in_span(app: &App, raw: &RawJob) -> Result<(), Failure> {
     let org = input.common().organization_id.as_uuid();
     let tier = input.common().tier;
 
-    let planned = match plan(app, &input) {
-        Ok(p) => p,
+    let chain = match plan(app, &input) {
+        Ok(c) => c,
         Err(e) => return unpriced(app, &job, &input, e).await,
     };
-    // An open breaker holds the call back: the job waits, spending no attempt.
-    match app.breakers.admit(planned.provider).await {
-        Ok(Ok(())) => {}
-        Ok(Err(wait)) => {
-            return Err(Failure::Defer {
-                message: format!(
-                    "{} is paused (rate limited, or its circuit breaker is open); trying again later",
-                    planned.provider
-                ),
-                after: wait + Duration::from_millis(fastrand::u64(0..=500)),
-            });
-        }
-        Err(e) => {
-            return Err(Failure::Retry {
-                message: format!(
-                    "checking {}'s circuit breaker failed: {e}",
-                    planned.provider
-                ),
-                after: None,
-            });
+    // Open breakers and fleet-wide pauses hold calls back without counting anything against a
+    // limit: the job takes the first model of its chain that may be called, or waits, spending
+    // no attempt.
+    let mut first = None;
+    let mut held = Duration::MAX;
+    for (i, target) in chain.iter().enumerate() {
+        match breaker_admit(app, target.provider).await? {
+            Ok(()) => {
+                first = Some(i);
+                break;
+            }
+            Err(wait) => held = held.min(wait),
         }
     }
+    let Some(first) = first else {
+        return Err(Failure::Defer {
+            message: format!(
+                "{} is paused (rate limited, or its circuit breaker is open); trying again later",
+                chain[0].provider
+            ),
+            after: held + spread(500),
+        });
+    };
     // The organisation's rate: a job over it waits for the next minute, it does not fail.
     match app.budget.admit(org, tier).await {
         Ok(Ok(())) => {}
@@ -348,58 +447,162 @@ async fn run_in_span(app: &App, raw: &RawJob) -> Result<(), Failure> {
         }
         Err(e) => return Err(redis_down(e)),
     }
-
-    // The provider's requests and tokens per minute, fleet-wide: over them, wait a minute.
-    match app
-        .breakers
-        .throttle(planned.provider, planned.tokens)
-        .await
-    {
-        Ok(Ok(())) => {}
-        Ok(Err(wait)) => {
-            return Err(Failure::Defer {
-                message: format!(
-                    "{} is at its requests or tokens per minute",
-                    planned.provider
-                ),
-                after: wait + Duration::from_millis(fastrand::u64(0..=500)),
-            });
-        }
-        Err(e) => return Err(redis_down_provider(planned.provider, e)),
-    }
+    // The provider's requests and tokens per minute, fleet-wide: over them, the next model of
+    // the chain, or wait.
+    let mut idx = match throttle(app, &chain[first]).await? {
+        Ok(()) => first,
+        Err(wait) => match admit_from(app, &chain, first + 1).await? {
+            Ok(i) => i,
+            Err(w) => {
+                return Err(Failure::Defer {
+                    message: format!(
+                        "{} is at its requests or tokens per minute",
+                        chain[first].provider
+                    ),
+                    after: if w.is_zero() { wait } else { wait.min(w) } + spread(500),
+                });
+            }
+        },
+    };
     let limits = app.org_limits(org, tier).await?;
     let (_, billing_date) = app.budget.scopes(org, limits, Utc::now());
-    let meta = CallMeta {
-        job_id: raw.id.clone(),
-        execution: job.execution,
-        attempt: raw.attempt,
-        call_seq: 0,
-        organization_id: org,
-        tier: tier.as_str().into(),
-        provider: planned.provider.into(),
-        operation: planned.operation.into(),
-        model: planned.model.clone(),
-        billing_date,
-    };
-    let reservation = match app
-        .budget
-        .reserve(meta, limits, planned.estimate, planned.hold_ttl, Utc::now())
-        .await
-    {
-        Ok(Ok(r)) => r,
-        Ok(Err(refusal)) => return over_budget(app, raw, &job, &planned, refusal).await,
-        Err(e) => return Err(redis_down(e)),
-    };
-
-    let outcome = match &input {
-        JobInput::Vision(v) => run_vision(app, raw, &job, v, &reservation).await,
-        JobInput::Llm(l) => run_llm(app, raw, &job, l, &reservation).await,
-    };
-    match &outcome {
-        Ok(()) => tracing::info!("job succeeded"),
-        Err(f) => tracing::warn!(error = %f, "job attempt failed"),
+    let mut backoff = call_backoff(&app.call_retry);
+    let mut call_seq = 0i32;
+    loop {
+        let target = &chain[idx];
+        let meta = CallMeta {
+            job_id: raw.id.clone(),
+            execution: job.execution,
+            attempt: raw.attempt,
+            call_seq,
+            organization_id: org,
+            tier: tier.as_str().into(),
+            provider: target.provider.into(),
+            operation: target.operation.into(),
+            model: target.model.clone(),
+            billing_date,
+        };
+        // Every call holds its own estimate: a fallback is priced at its model's rates.
+        let reservation = match app
+            .budget
+            .reserve(meta, limits, target.estimate, target.hold_ttl, Utc::now())
+            .await
+        {
+            Ok(Ok(r)) => r,
+            Ok(Err(refusal)) => {
+                return over_budget(app, raw, &job, target, refusal, call_seq).await;
+            }
+            Err(e) => return Err(redis_down(e)),
+        };
+        let e = match call(app, raw, &job, &input, target, &reservation).await {
+            Ok(()) => {
+                tracing::info!(
+                    provider = target.provider,
+                    calls = call_seq + 1,
+                    "job succeeded"
+                );
+                return Ok(());
+            }
+            Err(Attempted::Done(f)) => {
+                tracing::warn!(error = %f, "job attempt failed");
+                return Err(f);
+            }
+            Err(Attempted::Failed(e)) => e,
+        };
+        // Retry the same model while the policy allows and the wait fits in a call; else the
+        // next model of the chain; else back to the queue.
+        let again = match (e.is_retryable(), e.retry_after) {
+            (false, _) => None,
+            (true, Some(r)) if r > app.call_retry.cap => None,
+            (true, after) => backoff
+                .next()
+                .map(|d| after.map_or_else(|| full_jitter(d), |r| r + spread(250))),
+        };
+        let next = match again {
+            Some(d) => Next::Again(d),
+            None if idx + 1 < chain.len() => Next::FallBack,
+            None => Next::GiveUp,
+        };
+        let give_up = job_level(&e);
+        let last = matches!(next, Next::GiveUp)
+            && (matches!(give_up, Failure::Permanent { .. }) || raw.attempt >= raw.max_attempts);
+        let err = failed_call(app, &job, &e, &reservation, last).await?;
+        call_seq += 1;
+        let wait = match next {
+            Next::GiveUp => {
+                tracing::warn!(error = %give_up, "job attempt failed");
+                return Err(give_up);
+            }
+            Next::Again(delay) => {
+                tracing::info!(provider = target.provider, error = %e, delay_ms = delay.as_millis() as u64,
+                    "calling the provider again");
+                crate::observe::call_retried(target.provider, e.kind.as_str());
+                tokio::time::sleep(delay).await;
+                match admit_call(app, target).await? {
+                    Ok(()) => continue,
+                    Err(wait) => wait,
+                }
+            }
+            Next::FallBack => Duration::ZERO,
+        };
+        match admit_from(app, &chain, idx + 1).await? {
+            Ok(i) => {
+                tracing::info!(from = target.provider, to = chain[i].provider, error = %e,
+                    "falling back to the next model of the chain");
+                crate::observe::fell_back(target.provider, chain[i].provider);
+                idx = i;
+                backoff = call_backoff(&app.call_retry);
+            }
+            Err(w) => {
+                // Nothing in the chain may be called now: back to the queue, after the wait.
+                let message = format!(
+                    "{e}; then no model of the chain could be called (paused, circuit breaker open, or at its per-minute limits)"
+                );
+                if raw.attempt >= raw.max_attempts {
+                    let result = failed_result(target.provider, target.model.clone(), &message);
+                    record(
+                        app.store
+                            .record_failure(&job, &err, None, Some(&result))
+                            .await,
+                    )?;
+                }
+                tracing::warn!(error = %message, "job attempt failed");
+                return Err(Failure::Retry {
+                    message,
+                    after: Some(wait.max(w).max(e.retry_after.unwrap_or_default())),
+                });
+            }
+        }
     }
-    outcome
+}
+
+/// A provider's failure as the queue's failure kind, for when the job gives up this attempt.
+fn job_level(e: &ProviderError) -> Failure {
+    if e.is_retryable() {
+        Failure::Retry {
+            message: e.to_string(),
+            after: e.retry_after,
+        }
+    } else {
+        Failure::Permanent {
+            message: e.to_string(),
+        }
+    }
+}
+
+/// One call to the target's provider.
+async fn call(
+    app: &App,
+    raw: &RawJob,
+    job: &JobRef,
+    input: &JobInput,
+    target: &Planned,
+    reservation: &Reservation,
+) -> Result<(), Attempted> {
+    match input {
+        JobInput::Vision(v) => run_vision(app, raw, job, v, reservation).await,
+        JobInput::Llm(l) => run_llm(app, raw, job, l, target, reservation).await,
+    }
 }
 
 fn redis_down_provider(provider: &str, e: redis::RedisError) -> Failure {
@@ -417,12 +620,14 @@ fn redis_down(e: crate::budget::BudgetError) -> Failure {
     }
 }
 
-/// The call a job will make, priced at the most it can cost.
-fn plan(app: &App, input: &JobInput) -> Result<Planned, crate::budget::PriceError> {
+/// The calls a job may make, each priced at the most it can cost: Vision's one, or an LLM job's
+/// model followed by its fallbacks. A job with any model the catalog cannot price is refused
+/// before any call.
+fn plan(app: &App, input: &JobInput) -> Result<Vec<Planned>, crate::budget::PriceError> {
     match input {
         JobInput::Vision(v) => {
             let features: Vec<String> = v.features.iter().map(|f| f.kind.clone()).collect();
-            Ok(Planned {
+            Ok(vec![Planned {
                 provider: vision::PROVIDER,
                 operation: "images:annotate",
                 model: None,
@@ -431,7 +636,7 @@ fn plan(app: &App, input: &JobInput) -> Result<Planned, crate::budget::PriceErro
                     .vision_estimate(&features, v.images.len() as u32)?,
                 hold_ttl: app.hold_ttl.vision,
                 tokens: 0,
-            })
+            }])
         }
         JobInput::Llm(l) => {
             // An upper bound on input tokens without a tokenizer: a token is at least one byte
@@ -441,24 +646,29 @@ fn plan(app: &App, input: &JobInput) -> Result<Planned, crate::budget::PriceErro
                 .iter()
                 .map(|m| m.content.len() as u64 + m.role.len() as u64 + 8)
                 .sum();
-            Ok(Planned {
-                provider: match l.provider.as_str() {
-                    "openai" => openai::PROVIDER,
-                    "anthropic" => anthropic::PROVIDER,
-                    "gemini" => gemini::PROVIDER,
-                    _ => "unknown",
-                },
-                operation: "chat.completions",
-                model: Some(l.model.clone()),
-                estimate: app.prices.llm_estimate(
-                    &l.provider,
-                    &l.model,
-                    input_bound,
-                    l.max_tokens as u64,
-                )?,
-                hold_ttl: app.hold_ttl.for_provider(&l.provider),
-                tokens: input_bound + l.max_tokens as u64,
-            })
+            l.chain()
+                .into_iter()
+                .map(|m| {
+                    Ok(Planned {
+                        provider: match m.provider.as_str() {
+                            "openai" => openai::PROVIDER,
+                            "anthropic" => anthropic::PROVIDER,
+                            "gemini" => gemini::PROVIDER,
+                            _ => "unknown",
+                        },
+                        operation: "chat.completions",
+                        estimate: app.prices.llm_estimate(
+                            &m.provider,
+                            &m.model,
+                            input_bound,
+                            l.max_tokens as u64,
+                        )?,
+                        hold_ttl: app.hold_ttl.for_provider(&m.provider),
+                        tokens: input_bound + l.max_tokens as u64,
+                        model: Some(m.model),
+                    })
+                })
+                .collect()
         }
     }
 }
@@ -520,23 +730,25 @@ fn call_record(app: &App, r: &Reservation, cost: MicroUsd, status: CallStatus) -
     }
 }
 
-/// Records a failed provider call and turns it into the queue's failure kind. A call that timed
-/// out after it was sent may have been billed, so it costs its estimate; one the provider
-/// answered with an error, or that never connected, costs nothing.
-async fn provider_failed(
+/// Records a failed provider call: its cost row, its error row and, when the job will not be
+/// tried again, its failed result; then settles its hold. A call that timed out after it was
+/// sent may have been billed, so it costs its estimate; one the provider answered with an
+/// error, or that never connected, costs nothing. Returns the error row it wrote.
+async fn failed_call(
     app: &App,
-    raw: &RawJob,
     job: &JobRef,
-    e: ProviderError,
+    e: &ProviderError,
     reservation: &Reservation,
-) -> Result<(), Failure> {
-    let last = !e.is_retryable() || raw.attempt >= raw.max_attempts;
+    last: bool,
+) -> Result<ErrorRecord, Failure> {
     let err = ErrorRecord {
         error_type: e.kind.as_str().into(),
         message: e.message.clone(),
-        details: json!({ "retryable": e.is_retryable(), "retry_after_ms": e.retry_after.map(|d| d.as_millis() as u64) }),
+        details: json!({ "retryable": e.is_retryable(), "retry_after_ms": e.retry_after.map(|d| d.as_millis() as u64),
+            "model": reservation.meta.model }),
         provider: Some(e.provider.into()),
         http_status: e.status.map(i32::from),
+        call_seq: reservation.meta.call_seq,
     };
     let cost = if e.kind == ErrorKind::Timeout {
         reservation.estimate
@@ -553,16 +765,7 @@ async fn provider_failed(
             .await,
     )?;
     settle(app, reservation, recorded.unwrap_or(cost)).await;
-    if e.is_retryable() {
-        Err(Failure::Retry {
-            message: e.to_string(),
-            after: e.retry_after,
-        })
-    } else {
-        Err(Failure::Permanent {
-            message: e.to_string(),
-        })
-    }
+    Ok(err)
 }
 
 /// A job the catalog cannot price never reaches a provider.
@@ -582,6 +785,7 @@ async fn unpriced(
         details: json!({}),
         provider: Some(provider.clone()),
         http_status: None,
+        call_seq: 0,
     };
     let result = failed_result(&provider, None, &e.to_string());
     record(
@@ -601,6 +805,7 @@ async fn over_budget(
     job: &JobRef,
     planned: &Planned,
     refusal: Refusal,
+    call_seq: i32,
 ) -> Result<(), Failure> {
     let message = refusal.message();
     app.alerts.limit_reached(&refusal).await;
@@ -618,6 +823,7 @@ async fn over_budget(
         }),
         provider: Some(planned.provider.into()),
         http_status: None,
+        call_seq,
     };
     let result = fail.then(|| failed_result(planned.provider, planned.model.clone(), &message));
     record(
@@ -646,16 +852,13 @@ async fn run_vision(
     job: &JobRef,
     v: &VisionPayload,
     reservation: &Reservation,
-) -> Result<(), Failure> {
+) -> Result<(), Attempted> {
     let features: Vec<String> = v.features.iter().map(|f| f.kind.clone()).collect();
     let started = Instant::now();
     let resp = app.clients.vision.annotate(&v.images, &v.features).await;
     crate::observe::provider_call(vision::PROVIDER, call_status(&resp), started.elapsed());
     breaker_record(app, vision::PROVIDER, &resp).await;
-    let resp = match resp {
-        Ok(r) => r,
-        Err(e) => return provider_failed(app, raw, job, e, reservation).await,
-    };
+    let resp = resp.map_err(Attempted::Failed)?;
     let elapsed = started.elapsed().as_millis() as i64;
     let billable = resp.billable_images() as u64;
     let billed = app
@@ -730,6 +933,7 @@ async fn run_vision(
             details: json!({ "failed_images": failed_images }),
             provider: Some(vision::PROVIDER.into()),
             http_status: Some(200),
+            call_seq: reservation.meta.call_seq,
         };
         let result = last.then(|| failed_result(vision::PROVIDER, None, &message));
         let recorded = record(
@@ -738,14 +942,14 @@ async fn run_vision(
                 .await,
         )?;
         settle(app, reservation, recorded.unwrap_or(cost)).await;
-        return Err(if retryable {
+        return Err(Attempted::Done(if retryable {
             Failure::Retry {
                 message,
                 after: None,
             }
         } else {
             Failure::Permanent { message }
-        });
+        }));
     }
     let result = ResultRecord {
         provider: vision::PROVIDER.into(),
@@ -833,59 +1037,53 @@ async fn run_llm(
     raw: &RawJob,
     job: &JobRef,
     l: &LlmPayload,
+    target: &Planned,
     reservation: &Reservation,
-) -> Result<(), Failure> {
-    let provider: &'static str = match l.provider.as_str() {
-        "openai" => openai::PROVIDER,
-        "anthropic" => anthropic::PROVIDER,
-        "gemini" => gemini::PROVIDER,
-        other => {
-            let e = ProviderError {
-                provider: "aiq",
-                kind: ErrorKind::Invalid,
-                status: None,
-                message: format!("unknown provider {other}"),
-                retry_after: None,
-            };
-            return provider_failed(app, raw, job, e, reservation).await;
-        }
-    };
+) -> Result<(), Attempted> {
+    let provider = target.provider;
+    let model = target.model.as_deref().unwrap_or_default();
+    if ![openai::PROVIDER, anthropic::PROVIDER, gemini::PROVIDER].contains(&provider) {
+        return Err(Attempted::Failed(ProviderError {
+            provider: "aiq",
+            kind: ErrorKind::Invalid,
+            status: None,
+            message: format!("unknown provider {}", l.provider),
+            retry_after: None,
+        }));
+    }
     let started = Instant::now();
     let user = l.common.organization_id.to_string();
     let c = match provider {
         "anthropic" => {
             app.clients
                 .anthropic
-                .complete(&l.model, &l.messages, l.max_tokens)
+                .complete(model, &l.messages, l.max_tokens)
                 .await
         }
         "gemini" => {
             app.clients
                 .gemini
-                .complete(&l.model, &l.messages, l.max_tokens)
+                .complete(model, &l.messages, l.max_tokens)
                 .await
         }
         _ => {
             app.clients
                 .openai
-                .complete(&l.model, &l.messages, l.max_tokens, &user, &raw.id)
+                .complete(model, &l.messages, l.max_tokens, &user, &raw.id)
                 .await
         }
     };
     crate::observe::provider_call(provider, call_status(&c), started.elapsed());
     breaker_record(app, provider, &c).await;
-    let c = match c {
-        Ok(c) => c,
-        Err(e) => return provider_failed(app, raw, job, e, reservation).await,
-    };
+    let c = c.map_err(Attempted::Failed)?;
     let elapsed = started.elapsed().as_millis() as i64;
     // A response is priced from its usage; should that exceed what max_tokens allowed, the
     // provider's count wins (it is what they bill).
     let cost = app
         .prices
         .llm_cost(
-            &l.provider,
-            &l.model,
+            provider,
+            model,
             c.usage.prompt_tokens,
             c.usage.cached_tokens,
             c.usage.completion_tokens,
@@ -899,8 +1097,8 @@ async fn run_llm(
     call.output_tokens = Some(c.usage.completion_tokens as i64);
     call.metadata = json!({ "finish_reason": c.finish_reason, "response_model": c.model });
     let result = ResultRecord {
-        provider: l.provider.clone(),
-        model: Some(l.model.clone()),
+        provider: provider.into(),
+        model: Some(model.into()),
         raw_response: c.raw,
         confidence_scores: json!({}),
         processing_ms: elapsed,

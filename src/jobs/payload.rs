@@ -50,6 +50,33 @@ pub struct LlmPayload {
     pub model: String,
     pub messages: Vec<Message>,
     pub max_tokens: u32,
+    /// Models to try in order when the first cannot answer (additive: absent means none).
+    #[serde(default)]
+    pub fallback: Vec<ModelRef>,
+}
+
+/// One provider and model of an LLM job's fallback chain.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct ModelRef {
+    pub provider: String,
+    pub model: String,
+}
+
+/// The most fallbacks a job may name.
+pub const MAX_FALLBACKS: usize = 3;
+
+const LLM_PROVIDERS: [&str; 3] = ["openai", "anthropic", "gemini"];
+
+impl LlmPayload {
+    /// The job's own model, then its fallbacks, in the order they are tried.
+    pub fn chain(&self) -> Vec<ModelRef> {
+        std::iter::once(ModelRef {
+            provider: self.provider.clone(),
+            model: self.model.clone(),
+        })
+        .chain(self.fallback.iter().cloned())
+        .collect()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -128,6 +155,23 @@ pub fn decode(raw: &RawJob) -> Result<JobInput, DecodeError> {
             if l.model.is_empty() {
                 return Err(invalid("model must not be empty"));
             }
+            if l.fallback.len() > MAX_FALLBACKS {
+                return Err(invalid(format!(
+                    "fallback names {} models; at most {MAX_FALLBACKS}",
+                    l.fallback.len()
+                )));
+            }
+            for f in &l.fallback {
+                if !LLM_PROVIDERS.contains(&f.provider.as_str()) {
+                    return Err(invalid(format!(
+                        "fallback provider {:?} is not one of openai, anthropic, gemini",
+                        f.provider
+                    )));
+                }
+                if f.model.is_empty() {
+                    return Err(invalid("a fallback's model must not be empty"));
+                }
+            }
             JobInput::Llm(l)
         }
     };
@@ -185,6 +229,30 @@ mod tests {
     }
 
     #[test]
+    fn a_fallback_chain_is_tried_after_the_jobs_own_model() {
+        let p = format!(
+            r#"{{"organization_id":"{ORG}","tier":"trial","provider":"openai","model":"gpt-4o-mini","messages":[{{"role":"user","content":"hi"}}],"max_tokens":10,
+                "fallback":[{{"provider":"anthropic","model":"claude-3-5-haiku"}},{{"provider":"gemini","model":"gemini-2.0-flash"}}]}}"#
+        );
+        let JobInput::Llm(l) = decode(&raw("llm.complete", &p)).unwrap() else {
+            panic!("an llm job")
+        };
+        let chain: Vec<String> = l
+            .chain()
+            .iter()
+            .map(|m| format!("{}:{}", m.provider, m.model))
+            .collect();
+        assert_eq!(
+            chain,
+            [
+                "openai:gpt-4o-mini",
+                "anthropic:claude-3-5-haiku",
+                "gemini:gemini-2.0-flash"
+            ]
+        );
+    }
+
+    #[test]
     fn bad_payloads_are_refused_with_a_reason() {
         let ok_llm = format!(
             r#"{{"organization_id":"{ORG}","tier":"trial","provider":"openai","model":"gpt-4o-mini","messages":[{{"role":"user","content":"hi"}}],"max_tokens":10}}"#
@@ -217,6 +285,33 @@ mod tests {
                 "llm.complete",
                 ok_llm.replace("{\"organization_id\"", "{\"version\":9,\"organization_id\""),
                 "version",
+            ),
+            (
+                "llm.complete",
+                ok_llm.replace(
+                    "\"max_tokens\":10",
+                    "\"max_tokens\":10,\"fallback\":[{\"provider\":\"mistral\",\"model\":\"m\"}]",
+                ),
+                "fallback provider",
+            ),
+            (
+                "llm.complete",
+                ok_llm.replace(
+                    "\"max_tokens\":10",
+                    "\"max_tokens\":10,\"fallback\":[{\"provider\":\"gemini\",\"model\":\"\"}]",
+                ),
+                "fallback's model",
+            ),
+            (
+                "llm.complete",
+                ok_llm.replace(
+                    "\"max_tokens\":10",
+                    &format!(
+                        "\"max_tokens\":10,\"fallback\":[{}]",
+                        [r#"{"provider":"gemini","model":"gemini-2.0-flash"}"#; 4].join(",")
+                    ),
+                ),
+                "at most 3",
             ),
             ("vision.annotate", ok_llm.clone(), "missing field"),
             ("sound.transcribe", ok_llm.clone(), "unknown job kind"),

@@ -1,6 +1,6 @@
 //! PostgreSQL: every SQL statement of aiq lives here; the schema lives in `migrations/`.
 //! Writes are idempotent: each table has a unique key per job (results), per call (costs, usage)
-//! or per attempt (errors), and inserts use `ON CONFLICT DO NOTHING`, so a replayed job changes
+//! or per attempt and call (errors), and inserts use `ON CONFLICT DO NOTHING`, so a replayed job changes
 //! nothing. Money is bound as integer micro-USD and stored as NUMERIC dollars.
 
 use std::collections::BTreeMap;
@@ -100,6 +100,8 @@ pub struct ErrorRecord {
     pub details: Value,
     pub provider: Option<String>,
     pub http_status: Option<i32>,
+    /// Which call of the execution failed (0 for errors before any call).
+    pub call_seq: i32,
 }
 
 /// A budget alert to record.
@@ -324,9 +326,9 @@ impl Store {
     ) -> Result<(), sqlx::Error> {
         sqlx::query(
             "INSERT INTO ai_processing_errors (subject_id, organization_id, error_type, error_message,
-                error_details, retry_count, job_id, job_kind, tier, provider, http_status)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
-             ON CONFLICT ON CONSTRAINT ai_processing_errors_one_per_attempt DO NOTHING",
+                error_details, retry_count, job_id, job_kind, tier, provider, http_status, call_seq)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+             ON CONFLICT ON CONSTRAINT ai_processing_errors_one_per_call DO NOTHING",
         )
         .bind(job.subject_id)
         .bind(job.organization_id)
@@ -339,6 +341,7 @@ impl Store {
         .bind(&job.tier)
         .bind(&err.provider)
         .bind(err.http_status)
+        .bind(err.call_seq)
         .execute(&mut *tx)
         .await?;
         Ok(())

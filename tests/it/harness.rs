@@ -114,6 +114,10 @@ impl TestCtx {
             ("AIQ_POLL_INTERVAL_MS", "10".into()),
             ("AIQ_RETRY_BASE_MS", "10".into()),
             ("AIQ_RETRY_CAP_MS", "50".into()),
+            // Off unless a test turns them on: most tests count job-level attempts.
+            ("AIQ_CALL_RETRIES", "0".into()),
+            ("AIQ_CALL_RETRY_BASE_MS", "10".into()),
+            ("AIQ_CALL_RETRY_CAP_MS", "2000".into()),
             ("AIQ_SHUTDOWN_GRACE_MS", "5000".into()),
             ("AIQ_ADMIN_ADDR", "127.0.0.1:0".into()),
             ("AIQ_LOG_FORMAT", "text".into()),
@@ -233,6 +237,22 @@ impl TestCtx {
     }
 
     /// Starts `aiq run` as a child process on this test's queue and database.
+    /// The fake's log of OpenAI calls: (start ms, end ms, status) each.
+    pub async fn openai_call_log(&self) -> Vec<(u64, u64, u64)> {
+        self.fake_calls().await["log"]
+            .as_array()
+            .expect("the fake's call log")
+            .iter()
+            .map(|e| {
+                (
+                    e[1].as_u64().unwrap_or(0),
+                    e[2].as_u64().unwrap_or(0),
+                    e[3].as_u64().unwrap_or(0),
+                )
+            })
+            .collect()
+    }
+
     pub fn spawn_daemon(&self, extra: &[(&str, &str)]) -> std::process::Child {
         let mut cmd = aiq_command();
         cmd.envs(&self.vars)

@@ -13,3 +13,4 @@ mod crash;
 mod pipeline;
 mod providers;
 mod queue;
+mod retries;

@@ -239,19 +239,7 @@ async fn a_429_with_retry_after_5_seen_by_one_process_stops_all_three_for_about_
                 .success()
         );
     }
-    let calls = ctx.fake_calls().await;
-    let log: Vec<(u64, u64, u64)> = calls["log"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| {
-            (
-                e[1].as_u64().unwrap(),
-                e[2].as_u64().unwrap(),
-                e[3].as_u64().unwrap(),
-            )
-        })
-        .collect();
+    let log = ctx.openai_call_log().await;
     let (_, answered_429, _) = *log
         .iter()
         .find(|(_, _, status)| *status == 429)
@@ -464,5 +452,103 @@ async fn a_providers_requests_per_minute_hold_across_processes_and_the_rest_wait
             .await,
         0,
         "waiting is not an error"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_503_for_a_minute_opens_the_breaker_jobs_wait_spending_no_attempts_then_succeed() {
+    // The daemon's defaults for the breaker, except a 10 s cooldown (30 s by default), so the
+    // minute sees several half-open probes.
+    let ctx = TestCtx::with(&[
+        ("AIQ_BREAKER_COOLDOWN_MS", "10000"),
+        ("AIQ_CONCURRENCY", "4"),
+        ("AIQ_MAX_ATTEMPTS", "12"),
+        ("AIQ_CALL_RETRIES", "2"),
+    ])
+    .await;
+    let fake = ctx.vars["AIQ_OPENAI_BASE_URL"].clone();
+    reqwest::Client::new()
+        .post(format!("{fake}/_fake/outage?status=503&ms=60000"))
+        .send()
+        .await
+        .unwrap();
+    let outage_start = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    for i in 0..20 {
+        ctx.enqueue(
+            JobKind::LlmComplete,
+            Tier::Enterprise,
+            ORG_A,
+            &crate::harness::llm_payload(Tier::Enterprise, ORG_A, &format!("m{i}")),
+            0,
+        )
+        .await;
+    }
+    let worker = ctx.start_worker();
+    ctx.wait_settled(Duration::from_secs(120)).await;
+    worker.stop().await;
+
+    let done = ctx
+        .scalar_i64("SELECT count(*) FROM ai_processing_results WHERE status = 'completed'")
+        .await;
+    assert_eq!(done, 20, "every job succeeded after the outage");
+    let stats = ctx.queue.stats().await.unwrap();
+    assert_eq!(stats.dead, 0);
+    // (start, end, status) of each openai call.
+    let log = ctx.openai_call_log().await;
+    let mut failed: Vec<(u64, u64)> = log
+        .iter()
+        .filter(|(.., status)| *status == 503)
+        .map(|(start, end, _)| (*start, *end))
+        .collect();
+    failed.sort_by_key(|(_, end)| *end);
+    let outage_end = outage_start + 60_000;
+    assert!(failed.iter().all(|(t, _)| *t < outage_end + 1_000));
+    // Five failures in a row open the breaker. Calls already in flight then may still fail;
+    // after that, while it is open, no call: only one half-open probe per cooldown.
+    assert!(failed.len() >= 5, "{failed:?}");
+    let opened = failed[4].1;
+    let probes: Vec<u64> = failed
+        .iter()
+        .map(|(start, _)| *start)
+        .filter(|start| *start > opened + 100)
+        .collect();
+    let mut last = opened;
+    for p in &probes {
+        assert!(
+            p - last >= 9_900,
+            "a call {} ms after the breaker opened or the last probe: {failed:?}",
+            p - last
+        );
+        last = *p;
+    }
+    assert!(probes.len() <= 6, "{failed:?}");
+    // Attempts spent: the failed calls (each in its own attempt, as the in-call retry of a
+    // failing call finds the breaker open), and nothing else.
+    let attempts_spent = ctx
+        .scalar_i64("SELECT coalesce(sum(attempts - 1), 0) FROM ai_processing_results")
+        .await;
+    let error_rows = ctx
+        .scalar_i64(
+            "SELECT count(*) FROM ai_processing_errors WHERE error_type = 'provider_unavailable'",
+        )
+        .await;
+    assert_eq!(error_rows, failed.len() as i64);
+    let deferred = stats.counters.get("deferred").copied().unwrap_or(0);
+    println!(
+        "a minute of 503s: {} failed calls ({} after the breaker opened, all half-open probes), {attempts_spent} attempts spent, {deferred} deferrals; the first call after the outage at +{} ms",
+        failed.len(),
+        probes.len(),
+        log.iter()
+            .find(|(.., s)| *s == 200)
+            .map(|(t, ..)| t.saturating_sub(outage_end) as i64)
+            .unwrap_or(-1)
+    );
+    assert!(attempts_spent <= failed.len() as i64);
+    assert!(
+        deferred >= 20,
+        "jobs waited for the breaker ({deferred} deferrals)"
     );
 }
