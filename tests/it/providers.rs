@@ -301,6 +301,8 @@ async fn under_a_20_percent_mixed_error_rate_every_job_ends_succeeded_or_dead_an
             ("AIQ_VISION_TIMEOUT_MS", "1000"),
             // Breakers have their own test; here faults must reach the retry logic.
             ("AIQ_BREAKER_FAILURES", "1000"),
+            // The daemon's default of two in-call retries.
+            ("AIQ_CALL_RETRIES", "2"),
         ],
         aiq::fake::FakeOptions {
             latency: Duration::from_millis(10),
@@ -324,10 +326,17 @@ async fn under_a_20_percent_mixed_error_rate_every_job_ends_succeeded_or_dead_an
                 JobKind::VisionAnnotate,
                 crate::harness::vision_payload(tier, org, 1),
             ),
-            1 => (
-                JobKind::LlmComplete,
-                crate::harness::llm_payload(tier, org, &format!("o{i}")),
-            ),
+            // Every other openai job may fall back to gemini.
+            1 => {
+                let mut v: serde_json::Value =
+                    serde_json::from_str(&crate::harness::llm_payload(tier, org, &format!("o{i}")))
+                        .unwrap();
+                if i % 8 == 1 {
+                    v["fallback"] =
+                        serde_json::json!([{ "provider": "gemini", "model": "gemini-2.5-flash" }]);
+                }
+                (JobKind::LlmComplete, v.to_string())
+            }
             2 | 3 => {
                 let (p, m) = if i % 4 == 2 {
                     ("anthropic", "claude-haiku-4-5")
@@ -382,8 +391,17 @@ async fn under_a_20_percent_mixed_error_rate_every_job_ends_succeeded_or_dead_an
     .fetch_all(ctx.store.pool())
     .await
     .unwrap();
+    let in_call = ctx
+        .scalar_i64("SELECT count(*) FROM ai_cost_tracking WHERE call_seq > 0")
+        .await;
+    let fell_back = ctx
+        .scalar_i64(
+            "SELECT count(*) FROM ai_processing_results WHERE ai_provider = 'gemini' AND job_id IN
+               (SELECT job_id FROM ai_cost_tracking WHERE service_name = 'openai')",
+        )
+        .await;
     println!(
-        "20% faults: {completed} of 160 jobs succeeded, {} dead; {answered} provider calls, {cost_rows} cost rows; errors {errors:?}",
+        "20% faults: {completed} of 160 jobs succeeded, {} dead; {answered} provider calls ({in_call} after the first of their attempt), {cost_rows} cost rows; {fell_back} answered by a fallback; errors {errors:?}",
         dead.len()
     );
     assert_eq!(cost_rows, answered);
