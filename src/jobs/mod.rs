@@ -10,6 +10,7 @@
 pub mod payload;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -54,6 +55,24 @@ pub struct App {
     /// Retries of a failed call inside one attempt.
     pub call_retry: CallRetryPolicy,
     limits: Mutex<HashMap<Uuid, (Instant, OrgLimits)>>,
+    store_gate: StoreGate,
+}
+
+/// How long a process waits before it probes an unreachable PostgreSQL again.
+const STORE_PROBE: Duration = Duration::from_secs(2);
+
+/// Whether this process last found PostgreSQL unreachable, and until when it waits.
+#[derive(Default)]
+struct StoreGate {
+    /// Unix ms until which calls are held back; 0 while PostgreSQL answers.
+    down_until_ms: AtomicI64,
+}
+
+impl StoreGate {
+    fn trip(&self) {
+        let until = Utc::now().timestamp_millis() + STORE_PROBE.as_millis() as i64;
+        self.down_until_ms.fetch_max(until, Ordering::AcqRel);
+    }
 }
 
 impl App {
@@ -76,6 +95,67 @@ impl App {
             hold_ttl,
             call_retry,
             limits: Mutex::new(HashMap::new()),
+            store_gate: StoreGate::default(),
+        }
+    }
+
+    /// A store error as the queue's failure kind. PostgreSQL unreachable: the job waits without
+    /// spending an attempt, and this process holds its calls back until PostgreSQL answers again
+    /// (a call whose rows cannot be written would be paid for and then made again). Any other
+    /// store error spends an attempt. Either way the call's hold is left to expire: the sweeper
+    /// then records the call at its estimate, so a paid call whose row was lost is still counted.
+    fn record<T>(&self, r: Result<T, crate::store::StoreError>) -> Result<T, Failure> {
+        r.map_err(|e| {
+            if e.is_unavailable() {
+                self.store_gate.trip();
+                Failure::Defer {
+                    message: format!("PostgreSQL is unreachable: {e}"),
+                    after: STORE_PROBE + spread(1_000),
+                }
+            } else {
+                Failure::Retry {
+                    message: format!("recording the outcome failed: {e}"),
+                    after: None,
+                }
+            }
+        })
+    }
+
+    /// Fails with a deferral while PostgreSQL is known to be unreachable. Once the wait is over,
+    /// one job probes it (`SELECT 1`) while the others keep waiting.
+    async fn store_reachable(&self) -> Result<(), Failure> {
+        let until = self.store_gate.down_until_ms.load(Ordering::Acquire);
+        if until == 0 {
+            return Ok(());
+        }
+        let now = Utc::now().timestamp_millis();
+        let wait = |until: i64| Failure::Defer {
+            message: "PostgreSQL is unreachable; waiting before calling any provider".into(),
+            after: Duration::from_millis((until - now).max(0) as u64) + spread(1_000),
+        };
+        if now < until {
+            return Err(wait(until));
+        }
+        let next = now + STORE_PROBE.as_millis() as i64;
+        if self
+            .store_gate
+            .down_until_ms
+            .compare_exchange(until, next, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            // Another job is probing.
+            return Err(wait(next));
+        }
+        match self.store.ping().await {
+            Ok(()) => {
+                self.store_gate.down_until_ms.store(0, Ordering::Release);
+                tracing::info!("PostgreSQL answers again");
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "PostgreSQL is still unreachable");
+                Err(wait(next))
+            }
         }
     }
 
@@ -86,14 +166,7 @@ impl App {
         {
             return Ok(*limits);
         }
-        let (daily, monthly) =
-            self.store
-                .org_limit_overrides(org)
-                .await
-                .map_err(|e| Failure::Retry {
-                    message: format!("reading the organisation's limits failed: {e}"),
-                    after: None,
-                })?;
+        let (daily, monthly) = self.record(self.store.org_limit_overrides(org).await)?;
         let defaults = self.budget.tier_limits(tier);
         let limits = OrgLimits {
             daily: daily.unwrap_or(defaults.daily),
@@ -380,6 +453,7 @@ async fn admit_from(
 }
 
 async fn run_in_span(app: &App, raw: &RawJob) -> Result<(), Failure> {
+    app.store_reachable().await?;
     let input = match decode(raw) {
         Ok(input) => input,
         Err(e) => {
@@ -394,7 +468,7 @@ async fn run_in_span(app: &App, raw: &RawJob) -> Result<(), Failure> {
                 call_seq: 0,
             };
             let result = failed_result("none", None, &e.to_string());
-            record(
+            app.record(
                 app.store
                     .record_failure(&job, &err, None, Some(&result))
                     .await,
@@ -560,7 +634,7 @@ async fn run_in_span(app: &App, raw: &RawJob) -> Result<(), Failure> {
                 );
                 if raw.attempt >= raw.max_attempts {
                     let result = failed_result(target.provider, target.model.clone(), &message);
-                    record(
+                    app.record(
                         app.store
                             .record_failure(&job, &err, None, Some(&result))
                             .await,
@@ -673,15 +747,6 @@ fn plan(app: &App, input: &JobInput) -> Result<Vec<Planned>, crate::budget::Pric
     }
 }
 
-/// A store error is retryable. The reservation is left to expire: the sweeper then records the
-/// call at its estimate, so a paid call whose row was lost is still counted.
-fn record<T>(r: Result<T, crate::store::StoreError>) -> Result<T, Failure> {
-    r.map_err(|e| Failure::Retry {
-        message: format!("recording the outcome failed: {e}"),
-        after: None,
-    })
-}
-
 /// Settles the budget with the cost PostgreSQL holds for the call, then raises any alerts.
 async fn settle(app: &App, reservation: &Reservation, recorded: MicroUsd) {
     crate::observe::cost(
@@ -759,7 +824,7 @@ async fn failed_call(
     call.metadata = json!({ "http_status": e.status, "error": e.kind.as_str() });
     let result =
         last.then(|| failed_result(e.provider, reservation.meta.model.clone(), &e.to_string()));
-    let recorded = record(
+    let recorded = app.record(
         app.store
             .record_failure(job, &err, Some(&call), result.as_ref())
             .await,
@@ -788,7 +853,7 @@ async fn unpriced(
         call_seq: 0,
     };
     let result = failed_result(&provider, None, &e.to_string());
-    record(
+    app.record(
         app.store
             .record_failure(job, &err, None, Some(&result))
             .await,
@@ -826,7 +891,7 @@ async fn over_budget(
         call_seq,
     };
     let result = fail.then(|| failed_result(planned.provider, planned.model.clone(), &message));
-    record(
+    app.record(
         app.store
             .record_failure(job, &err, None, result.as_ref())
             .await,
@@ -936,7 +1001,7 @@ async fn run_vision(
             call_seq: reservation.meta.call_seq,
         };
         let result = last.then(|| failed_result(vision::PROVIDER, None, &message));
-        let recorded = record(
+        let recorded = app.record(
             app.store
                 .record_failure(job, &err, Some(&call), result.as_ref())
                 .await,
@@ -967,7 +1032,7 @@ async fn run_vision(
             )
         }),
     };
-    let recorded = record(app.store.record_success(job, &call, &result).await)?;
+    let recorded = app.record(app.store.record_success(job, &call, &result).await)?;
     settle(app, reservation, recorded).await;
     Ok(())
 }
@@ -1106,7 +1171,7 @@ async fn run_llm(
         completed: true,
         error_message: None,
     };
-    let recorded = record(app.store.record_success(job, &call, &result).await)?;
+    let recorded = app.record(app.store.record_success(job, &call, &result).await)?;
     settle(app, reservation, recorded).await;
     Ok(())
 }

@@ -24,6 +24,30 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
 }
 
+impl StoreError {
+    /// PostgreSQL could not be reached or is shutting down, as opposed to refusing a statement:
+    /// the same write will succeed once it is back.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            StoreError::Db(e) => match e {
+                sqlx::Error::Io(_)
+                | sqlx::Error::Tls(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::WorkerCrashed => true,
+                // 08: connection exceptions; 57P01-57P03: shutting down or starting up;
+                // 53300: too many connections.
+                sqlx::Error::Database(d) => d.code().is_some_and(|c| {
+                    c.starts_with("08")
+                        || ["57P01", "57P02", "57P03", "53300"].contains(&c.as_ref())
+                }),
+                _ => false,
+            },
+            StoreError::Migrate(_) => false,
+        }
+    }
+}
+
 /// Which job a row belongs to.
 #[derive(Debug, Clone)]
 pub struct JobRef {
@@ -708,5 +732,25 @@ impl Store {
             ai_processing_errors: r.try_get("errors")?,
             ai_usage: r.try_get("usage")?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_unreachable_server_is_unavailable_and_a_bad_statement_is_not() {
+        // Nothing listens on port 1.
+        let pool = PgPoolOptions::new()
+            .acquire_timeout(std::time::Duration::from_millis(500))
+            .connect_lazy("postgres://postgres@127.0.0.1:1/none")
+            .unwrap();
+        let down = Store::from_pool(pool).ping().await.unwrap_err();
+        assert!(down.is_unavailable(), "{down:?}");
+        let refused = StoreError::Db(sqlx::Error::RowNotFound);
+        assert!(!refused.is_unavailable());
+        let migration = StoreError::Migrate(sqlx::migrate::MigrateError::VersionMissing(1));
+        assert!(!migration.is_unavailable());
     }
 }
