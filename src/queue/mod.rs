@@ -195,6 +195,53 @@ impl Queue {
         }
     }
 
+    /// Enqueues many jobs in one round trip: the same script as [`Queue::enqueue`], once per job,
+    /// pipelined. Each job gets its own answer, in order; a refused job refuses only itself.
+    pub async fn enqueue_batch(
+        &self,
+        jobs: &[NewJob],
+    ) -> Result<Vec<Result<Enqueued, QueueError>>, QueueError> {
+        if jobs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.conn.clone();
+        // The pipeline calls the script by its hash: make sure Redis has it (after a restart it
+        // has none).
+        ENQUEUE.prepare_invoke().load_async(&mut conn).await?;
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for job in jobs {
+            pipe.cmd("EVALSHA")
+                .arg(ENQUEUE.get_hash())
+                .arg(1)
+                .arg(&self.base)
+                .arg(job.kind.as_str())
+                .arg(job.tier.as_str())
+                .arg(job.organization_id.to_string())
+                .arg(&job.payload)
+                .arg(job.job_id.as_deref().unwrap_or(""))
+                .arg(job.delay.as_millis() as u64)
+                .arg(job.idempotency_key.as_deref().unwrap_or(""))
+                .arg(self.settings.idempotency_ttl.as_secs())
+                .arg(job.max_attempts);
+        }
+        let replies: Vec<redis::RedisResult<Vec<String>>> = pipe.query_async(&mut conn).await?;
+        Ok(replies
+            .into_iter()
+            .map(|r| match r {
+                Ok(reply) => match reply.as_slice() {
+                    [id, status] => Ok(Enqueued {
+                        job_id: id.clone(),
+                        duplicate: status == "duplicate",
+                    }),
+                    other => Err(QueueError::Protocol(format!("enqueue returned {other:?}"))),
+                },
+                Err(e) if e.to_string().contains("aiq:") => Err(QueueError::Refused(e.to_string())),
+                Err(e) => Err(e.into()),
+            })
+            .collect())
+    }
+
     /// Leases up to `want` jobs, after returning expired leases and promoting due delayed jobs.
     pub async fn fetch(&self, want: usize) -> Result<Vec<LeasedJob>, QueueError> {
         let mut conn = self.conn.clone();

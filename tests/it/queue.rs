@@ -464,3 +464,40 @@ async fn two_consumers_fetching_at_once_never_get_the_same_job() {
     all.dedup();
     assert_eq!(all.len(), 600, "no job was handed to both");
 }
+
+#[tokio::test]
+async fn a_batch_enqueues_in_one_round_trip_and_a_refused_job_refuses_only_itself() {
+    let ctx = TestCtx::new().await;
+    let mut jobs: Vec<NewJob> = (0..6).map(|i| job(Tier::ALL[i], ORG_A)).collect();
+    jobs[2].payload = String::new();
+    jobs[4].job_id = Some("fixed-id".into());
+    jobs.push(NewJob {
+        job_id: Some("fixed-id".into()),
+        ..job(Tier::Trial, ORG_B)
+    });
+    let replies = ctx.queue.enqueue_batch(&jobs).await.unwrap();
+    assert_eq!(replies.len(), 7);
+    let refused = replies[2].as_ref().unwrap_err().to_string();
+    assert!(refused.contains("empty payload"), "{refused}");
+    assert_eq!(replies[4].as_ref().unwrap().job_id, "fixed-id");
+    let dup = replies[6].as_ref().unwrap();
+    assert!(dup.duplicate && dup.job_id == "fixed-id");
+    assert_eq!(
+        replies
+            .iter()
+            .filter(|r| matches!(r, Ok(e) if !e.duplicate))
+            .count(),
+        5
+    );
+    let stats = ctx.queue.stats().await.unwrap();
+    assert_eq!(stats.waiting.values().sum::<u64>(), 5);
+    // After a SCRIPT FLUSH (as after a Redis restart) the batch loads the script again.
+    let mut r = ctx.redis().await;
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    let again = ctx.queue.enqueue_batch(&jobs[..2]).await.unwrap();
+    assert!(again.iter().all(|r| r.is_ok()));
+}
