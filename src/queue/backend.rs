@@ -13,7 +13,7 @@
 //!   drain): the flusher settles outcomes in batches, the renewer extends the leases of running
 //!   jobs every third of the lease time.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -87,6 +87,9 @@ struct Shared {
     retry: RetryPolicy,
     /// Leases held by this worker: job id -> token. The renewer extends them.
     leases: Mutex<HashMap<String, String>>,
+    /// Jobs whose outcome is on its way to Redis. Their lease is still renewed, but one found
+    /// gone was settled meanwhile, not lost.
+    settling: Mutex<HashSet<String>>,
     acks: mpsc::UnboundedSender<AckRequest>,
 }
 
@@ -95,6 +98,10 @@ impl Shared {
     /// was still ours (false: it expired and the job went back to the queue).
     async fn settle(&self, lease: &Lease, outcome: Outcome) -> bool {
         let (tx, rx) = oneshot::channel();
+        self.settling
+            .lock()
+            .expect("settling set")
+            .insert(lease.id.clone());
         let item = Settlement {
             id: lease.id.clone(),
             token: lease.token.clone(),
@@ -108,6 +115,10 @@ impl Shared {
         self.leases
             .lock()
             .expect("lease registry")
+            .remove(&lease.id);
+        self.settling
+            .lock()
+            .expect("settling set")
             .remove(&lease.id);
         applied
     }
@@ -207,8 +218,11 @@ async fn renewer(shared: Arc<Shared>, every: Duration, stop: CancellationToken) 
         }
         match shared.queue.renew(&leases).await {
             Ok(held) => {
+                let current = shared.leases.lock().expect("lease registry");
+                let settling = shared.settling.lock().expect("settling set");
                 for ((id, _), ok) in leases.iter().zip(held) {
-                    if !ok {
+                    // Settled since the list was taken, or being settled: not lost.
+                    if !ok && current.contains_key(id) && !settling.contains(id) {
                         tracing::warn!(job.id = %id, "lease lost: the job may run elsewhere; its outcome here will be refused");
                     }
                 }
@@ -241,6 +255,7 @@ impl RedisBackend {
                 queue,
                 retry,
                 leases: Mutex::new(HashMap::new()),
+                settling: Mutex::new(HashSet::new()),
                 acks: tx,
             }),
             settings,

@@ -82,13 +82,22 @@ for i = 1, 6 do
   pass[i] = tonumber(redis.call("HGET", sched, "pass:" .. TIERS[i]) or "0")
 end
 
+-- Which tiers have work: read once, then kept up to date as organisations leave their ring.
+local rings, has_work = {}, {}
+for i = 1, 6 do
+  rings[i] = base .. ":orgs:" .. TIERS[i]
+  has_work[i] = redis.call("LLEN", rings[i]) > 0
+end
+
 local out = {}
+local leases = {}        -- ZADD arguments for the in-flight set, written once at the end
+local taken = {}         -- jobs taken off each tier's depth
 local guard = want * 4 + 16
 while #out < want and guard > 0 do
   guard = guard - 1
   local best, best_pass = nil, nil
   for i = 1, 6 do
-    if redis.call("LLEN", base .. ":orgs:" .. TIERS[i]) > 0 then
+    if has_work[i] then
       if strict then best = i; break end
       local p = math.max(pass[i], vt)
       if best == nil or p < best_pass then best, best_pass = i, p end
@@ -100,35 +109,39 @@ while #out < want and guard > 0 do
     vt = best_pass
   end
   local tier = TIERS[best]
-  local ring, heads = base .. ":orgs:" .. tier, base .. ":heads:" .. tier
-  -- Round-robin across organisations: take from the organisation at the head of the ring,
-  -- then move it to the back (or drop it when it has no more work).
-  local org = redis.call("LINDEX", ring, 0)
+  local ring, heads = rings[best], base .. ":heads:" .. tier
+  -- Round-robin across organisations: take from the organisation at the head of the ring and
+  -- move it to the back, or drop it when it has no more work.
+  local org = redis.call("LMOVE", ring, ring, "LEFT", "RIGHT")
   local list = base .. ":wait:" .. tier .. ":" .. org
   local id = redis.call("LPOP", list)
   local next_id = redis.call("LINDEX", list, 0)
   if next_id then
-    redis.call("LMOVE", ring, ring, "LEFT", "RIGHT")
     local ready = redis.call("HGET", base .. ":job:" .. next_id, "ready_at")
     redis.call("ZADD", heads, tonumber(ready) or now, org)
   else
-    redis.call("LPOP", ring)
+    redis.call("RPOP", ring)
     redis.call("ZREM", heads, org)
+    has_work[best] = redis.call("LLEN", ring) > 0
   end
   if id then
-    redis.call("HINCRBY", base .. ":depth", tier, -1)
+    taken[tier] = (taken[tier] or 0) + 1
     local job = base .. ":job:" .. id
-    if redis.call("EXISTS", job) == 1 then
+    local f = redis.call("HMGET", job, "kind", "tier", "org", "payload", "attempts",
+      "max_attempts", "enqueued_at")
+    if f[1] then
       local token = redis.call("HINCRBY", job, "token", 1)
       redis.call("HSET", job, "state", "inflight", "leased_at", now)
-      redis.call("ZADD", inflight, now + lease_ms, id)
-      local f = redis.call("HMGET", job, "kind", "tier", "org", "payload", "attempts",
-        "max_attempts", "enqueued_at")
+      leases[#leases + 1] = now + lease_ms
+      leases[#leases + 1] = id
       out[#out + 1] = { id, tostring(token), f[1] or "", f[2] or "", f[3] or "", f[4] or "",
         tostring(f[5] or "0"), tostring(f[6] or "0"), tostring(f[7] or "0") }
     end
   end
 end
+
+for tier, n in pairs(taken) do redis.call("HINCRBY", base .. ":depth", tier, -n) end
+if #leases > 0 then redis.call("ZADD", inflight, unpack(leases)) end
 
 if not strict then
   for i = 1, 6 do redis.call("HSET", sched, "pass:" .. TIERS[i], pass[i]) end

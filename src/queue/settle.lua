@@ -18,14 +18,13 @@ local counters = base .. ":counters"
 local COUNTER = { done = "done", retry = "retried", dead = "dead", release = "released", defer = "deferred" }
 
 local out = {}
+local counts = {}
 for i = 3, #ARGV, 5 do
   local id, token, op, delay_ms, msg = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3]), ARGV[i + 4]
   local job = base .. ":job:" .. id
-  local current = redis.call("HGET", job, "token")
-  if current == false or current ~= token or not redis.call("ZSCORE", inflight, id) then
+  if redis.call("HGET", job, "token") ~= token or redis.call("ZREM", inflight, id) == 0 then
     out[#out + 1] = 0
   else
-    redis.call("ZREM", inflight, id)
     if op == "done" then
       redis.call("DEL", job)
     elseif op == "retry" then
@@ -52,10 +51,11 @@ for i = 3, #ARGV, 5 do
       redis.call("HINCRBY", base .. ":depth", tier, 1)
       redis.call("HSET", job, "state", "waiting")
     end
-    redis.call("HINCRBY", counters, COUNTER[op], 1)
+    counts[op] = (counts[op] or 0) + 1
     out[#out + 1] = 1
   end
 end
+for op, n in pairs(counts) do redis.call("HINCRBY", counters, COUNTER[op], n) end
 
 -- Keep the dead set within its caps, a bounded number of removals per call.
 local function drop(ids)
