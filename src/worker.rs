@@ -83,6 +83,8 @@ pub async fn app(settings: &Settings, store: Store) -> anyhow::Result<Arc<App>> 
         anthropic: crate::providers::anthropic::AnthropicClient::new(&settings.anthropic),
         gemini: crate::providers::gemini::GeminiClient::new(&settings.gemini),
     };
+    // Succeeded jobs' rows go through one group-commit writer.
+    let store = store.batched();
     Ok(Arc::new(App::new(
         store,
         budget,

@@ -14,6 +14,8 @@ use uuid::Uuid;
 use crate::config::Secret;
 use crate::domain::MicroUsd;
 
+mod batch;
+
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 #[derive(Debug, thiserror::Error)]
@@ -187,6 +189,8 @@ pub struct RowCounts {
 #[derive(Clone)]
 pub struct Store {
     pool: PgPool,
+    /// The group-commit writer of succeeded jobs' rows, when started ([`Store::batched`]).
+    batch: Option<tokio::sync::mpsc::Sender<batch::Pending>>,
 }
 
 impl Store {
@@ -206,7 +210,7 @@ impl Store {
                 .connect_with(options.clone())
                 .await;
             match attempt {
-                Ok(pool) => return Ok(Self { pool }),
+                Ok(pool) => return Ok(Self::from_pool(pool)),
                 Err(e) if Instant::now() < deadline => {
                     tracing::debug!(error = %e, "postgres not ready yet");
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -217,7 +221,14 @@ impl Store {
     }
 
     pub fn from_pool(pool: PgPool) -> Self {
-        Self { pool }
+        Self { pool, batch: None }
+    }
+
+    /// This store with its succeeded jobs' rows written by one group-commit task (see
+    /// [`batch`]). Call it inside the runtime the store will be used in.
+    pub fn batched(self) -> Self {
+        let batch = Some(batch::start(self.pool.clone()));
+        Self { batch, ..self }
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -374,6 +385,30 @@ impl Store {
     /// A successful job: its result and the call that produced it, in one transaction. Returns
     /// the call's recorded cost.
     pub async fn record_success(
+        &self,
+        job: &JobRef,
+        call: &CallRecord,
+        result: &ResultRecord,
+    ) -> Result<MicroUsd, StoreError> {
+        let Some(batch) = &self.batch else {
+            return self.record_success_now(job, call, result).await;
+        };
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let pending = batch::Pending {
+            job: job.clone(),
+            call: call.clone(),
+            result: result.clone(),
+            reply,
+        };
+        if batch.send(pending).await.is_err() {
+            return Err(StoreError::Db(sqlx::Error::PoolClosed));
+        }
+        rx.await
+            .unwrap_or(Err(StoreError::Db(sqlx::Error::PoolClosed)))
+    }
+
+    /// [`Store::record_success`] in a transaction of its own.
+    pub async fn record_success_now(
         &self,
         job: &JobRef,
         call: &CallRecord,
