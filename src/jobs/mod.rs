@@ -641,9 +641,12 @@ async fn run_in_span(app: &App, raw: &RawJob) -> Result<(), Failure> {
                     )?;
                 }
                 tracing::warn!(error = %message, "job attempt failed");
+                // Spread: a job whose call failed as its breaker opened must not come back
+                // exactly as the cooldown ends, or it is the next probe again and again.
+                let after = wait.max(w).max(e.retry_after.unwrap_or_default());
                 return Err(Failure::Retry {
                     message,
-                    after: Some(wait.max(w).max(e.retry_after.unwrap_or_default())),
+                    after: Some(after + spread((after.as_millis() as u64 / 4).max(1_000))),
                 });
             }
         }

@@ -25,6 +25,8 @@ end
 if op == "admit" then
   if paused > now then return { 0, paused - now } end
   if state == "closed" then return { 1 } end
+  -- While a probe is out, look again within a second: its success closes the breaker.
+  if now < untl and state == "half_open" then return { 0, math.min(untl - now, 1000) } end
   if now < untl then return { 0, untl - now } end
   -- Cooldown over (or a probe that never reported): let one probe through.
   redis.call("HSET", key, "state", "half_open", "until", now + probe)

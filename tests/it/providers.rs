@@ -570,3 +570,52 @@ async fn a_503_for_a_minute_opens_the_breaker_jobs_wait_spending_no_attempts_the
         "jobs waited for the breaker ({deferred} deferrals)"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_half_open_probe_does_not_make_the_same_job_probe_again_until_it_dies() {
+    // A 1 s cooldown and a 9 s outage: about nine half-open probes, each a job's attempt. Each
+    // job has six attempts: if the job whose probe failed always came back first, it would be
+    // the next probe, and dead by the sixth.
+    let ctx = TestCtx::with(&[
+        ("AIQ_BREAKER_COOLDOWN_MS", "1000"),
+        ("AIQ_CONCURRENCY", "4"),
+        ("AIQ_MAX_ATTEMPTS", "6"),
+        ("AIQ_CALL_RETRIES", "2"),
+    ])
+    .await;
+    let fake = ctx.vars["AIQ_OPENAI_BASE_URL"].clone();
+    reqwest::Client::new()
+        .post(format!("{fake}/_fake/outage?status=503&ms=9000"))
+        .send()
+        .await
+        .unwrap();
+    for i in 0..20 {
+        ctx.enqueue(
+            JobKind::LlmComplete,
+            Tier::Enterprise,
+            ORG_A,
+            &crate::harness::llm_payload(Tier::Enterprise, ORG_A, &format!("p{i}")),
+            0,
+        )
+        .await;
+    }
+    let worker = ctx.start_worker();
+    ctx.wait_settled(Duration::from_secs(60)).await;
+    worker.stop().await;
+    let stats = ctx.queue.stats().await.unwrap();
+    let most: i64 = ctx
+        .scalar_i64("SELECT coalesce(max(attempts), 0)::bigint FROM ai_processing_results")
+        .await;
+    let failed = ctx
+        .scalar_i64("SELECT count(*) FROM ai_processing_errors")
+        .await;
+    println!(
+        "9 s outage, 1 s cooldown: {failed} failed calls, the most attempts one job needed: {most}, dead {}",
+        stats.dead
+    );
+    assert_eq!(stats.dead, 0, "a job died of failed probes");
+    let done = ctx
+        .scalar_i64("SELECT count(*) FROM ai_processing_results WHERE status = 'completed'")
+        .await;
+    assert_eq!(done, 20);
+}
