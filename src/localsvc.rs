@@ -125,6 +125,32 @@ pub struct LocalRedis {
     child: Child,
     port: u16,
     dir: PathBuf,
+    /// The binary and the extra arguments it was started with, for [`LocalRedis::restart`].
+    bin: PathBuf,
+    extra: Vec<String>,
+}
+
+/// The `redis-server` command line of a [`LocalRedis`]: loopback only, no snapshots, no
+/// append-only file unless `extra` turns it on (a later argument overrides an earlier one).
+fn redis_command(bin: &Path, port: u16, dir: &Path, extra: &[String]) -> Command {
+    let mut cmd = Command::new(bin);
+    cmd.args([
+        "--port",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+    ])
+    .arg(dir)
+    .args(extra)
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    die_with_parent(&mut cmd, libc::SIGKILL);
+    cmd
 }
 
 impl LocalRedis {
@@ -139,29 +165,23 @@ impl LocalRedis {
              (scripts/demo and scripts/test do this for you)",
         )?;
         let dir = run_folder(label)?;
+        let extra: Vec<String> = extra.iter().map(|a| (*a).to_owned()).collect();
         let mut last_err = None;
         for _ in 0..5 {
             let port = free_port()?;
-            let mut cmd = Command::new(&bin);
-            cmd.args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-            ])
-            .arg(&dir)
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-            die_with_parent(&mut cmd, libc::SIGKILL);
-            let mut child = cmd.spawn().context("starting redis-server")?;
+            let mut child = redis_command(&bin, port, &dir, &extra)
+                .spawn()
+                .context("starting redis-server")?;
             match wait_for_port(port, &mut child, "redis-server", Duration::from_secs(10)) {
-                Ok(()) => return Ok(Self { child, port, dir }),
+                Ok(()) => {
+                    return Ok(Self {
+                        child,
+                        port,
+                        dir,
+                        bin,
+                        extra,
+                    });
+                }
                 Err(e) => {
                     stop_child(&mut child, libc::SIGKILL);
                     last_err = Some(e);
@@ -177,6 +197,40 @@ impl LocalRedis {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// Kills the server with SIGKILL, as a crash would, and waits until it is gone. What it had
+    /// not written to its data folder (an append-only file, when `--appendonly yes` was given) is
+    /// lost. Clients see their connections reset.
+    pub fn kill(&mut self) -> anyhow::Result<()> {
+        if self.child.try_wait()?.is_none() {
+            self.child.kill().context("killing redis-server")?;
+        }
+        self.child
+            .wait()
+            .context("waiting for redis-server to exit")?;
+        Ok(())
+    }
+
+    /// Starts the server again on the same port, with the same folder and arguments, so it
+    /// reloads what it persisted there; returns once it listens. Stops a running one first.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill()?;
+        let mut child = redis_command(&self.bin, self.port, &self.dir, &self.extra)
+            .spawn()
+            .context("restarting redis-server")?;
+        // It listens before it has loaded its data; until then it answers LOADING errors.
+        if let Err(e) = wait_for_port(
+            self.port,
+            &mut child,
+            "the restarted redis-server",
+            Duration::from_secs(30),
+        ) {
+            stop_child(&mut child, libc::SIGKILL);
+            return Err(e.context(format!("restarting redis-server on port {}", self.port)));
+        }
+        self.child = child;
+        Ok(())
     }
 }
 
@@ -266,6 +320,51 @@ pub struct LocalPostgres {
     child: Child,
     port: u16,
     dir: PathBuf,
+    /// How it was started, for [`LocalPostgres::start_again`].
+    launch: PostgresLaunch,
+}
+
+/// What starting the `postgres` server of a [`LocalPostgres`] takes.
+struct PostgresLaunch {
+    initdb: PathBuf,
+    postgres: PathBuf,
+    data: PathBuf,
+    sockets: PathBuf,
+    /// The uid and gid it runs as, when we are root.
+    as_user: Option<(u32, u32)>,
+}
+
+impl PostgresLaunch {
+    /// The server's command line on `port`: loopback only, durability traded for speed.
+    fn command(&self, port: u16) -> Command {
+        let mut cmd = Command::new(&self.postgres);
+        cmd.arg("-D")
+            .arg(&self.data)
+            .args(["-p", &port.to_string(), "-k"])
+            .arg(&self.sockets)
+            .args([
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "fsync=off",
+                "-c",
+                "synchronous_commit=off",
+                "-c",
+                "full_page_writes=off",
+                "-c",
+                "max_connections=400",
+                "-c",
+                "shared_buffers=64MB",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if let Some((uid, gid)) = self.as_user {
+            cmd.uid(uid).gid(gid);
+        }
+        // SIGQUIT is PostgreSQL's immediate shutdown: the postmaster takes its backends down too.
+        die_with_parent(&mut cmd, libc::SIGQUIT);
+        cmd
+    }
 }
 
 /// An open port is not enough: PostgreSQL refuses connections while it starts up. `pg_isready`
@@ -371,40 +470,28 @@ impl LocalPostgres {
             bail!("initdb failed: {}", String::from_utf8_lossy(&out.stderr));
         }
 
+        let launch = PostgresLaunch {
+            initdb,
+            postgres,
+            data,
+            sockets,
+            as_user,
+        };
         let mut last_err = None;
         for _ in 0..5 {
             let port = free_port()?;
-            let mut cmd = Command::new(&postgres);
-            cmd.arg("-D")
-                .arg(&data)
-                .args(["-p", &port.to_string(), "-k"])
-                .arg(&sockets)
-                .args([
-                    "-c",
-                    "listen_addresses=127.0.0.1",
-                    "-c",
-                    "fsync=off",
-                    "-c",
-                    "synchronous_commit=off",
-                    "-c",
-                    "full_page_writes=off",
-                    "-c",
-                    "max_connections=400",
-                    "-c",
-                    "shared_buffers=64MB",
-                ])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null());
-            if let Some((uid, gid)) = as_user {
-                cmd.uid(uid).gid(gid);
-            }
-            // SIGQUIT is PostgreSQL's immediate shutdown: the postmaster takes its backends down too.
-            die_with_parent(&mut cmd, libc::SIGQUIT);
-            let mut child = cmd.spawn().context("starting postgres")?;
+            let mut child = launch.command(port).spawn().context("starting postgres")?;
             let ready = wait_for_port(port, &mut child, "postgres", Duration::from_secs(30))
-                .and_then(|()| wait_until_accepting(&initdb, port, &mut child));
+                .and_then(|()| wait_until_accepting(&launch.initdb, port, &mut child));
             match ready {
-                Ok(()) => return Ok(Self { child, port, dir }),
+                Ok(()) => {
+                    return Ok(Self {
+                        child,
+                        port,
+                        dir,
+                        launch,
+                    });
+                }
                 Err(e) => {
                     stop_child(&mut child, libc::SIGQUIT);
                     last_err = Some(e);
@@ -421,6 +508,39 @@ impl LocalPostgres {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// Stops the server with a fast shutdown (SIGINT: clients are disconnected, then it exits
+    /// cleanly) and waits until it is gone. Its data folder stays, for [`Self::start_again`].
+    pub fn stop(&mut self) -> anyhow::Result<()> {
+        stop_child(&mut self.child, libc::SIGINT);
+        let status = self
+            .child
+            .try_wait()
+            .context("waiting for postgres to exit")?;
+        if status.is_none() {
+            bail!("postgres did not stop");
+        }
+        Ok(())
+    }
+
+    /// Starts the server again on the same data folder and port; returns once it accepts
+    /// connections. Stops a running one first.
+    pub fn start_again(&mut self) -> anyhow::Result<()> {
+        self.stop()?;
+        let mut child = self
+            .launch
+            .command(self.port)
+            .spawn()
+            .context("starting postgres again")?;
+        let ready = wait_for_port(self.port, &mut child, "postgres", Duration::from_secs(30))
+            .and_then(|()| wait_until_accepting(&self.launch.initdb, self.port, &mut child));
+        if let Err(e) = ready {
+            stop_child(&mut child, libc::SIGQUIT);
+            return Err(e.context(format!("starting postgres again on port {}", self.port)));
+        }
+        self.child = child;
+        Ok(())
     }
 }
 

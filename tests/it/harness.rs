@@ -150,6 +150,40 @@ impl TestCtx {
         }
     }
 
+    /// A context on servers of the test's own instead of the shared ones: a Redis at
+    /// `redis_url` and/or a database of its own on `pg`. For tests that kill, restart or stop a
+    /// server, which the shared ones must never be (other tests use them in parallel). Built by
+    /// [`TestCtx::build`] with the URLs as overrides, which also creates an unused database on
+    /// the shared PostgreSQL.
+    pub async fn build_on(
+        redis_url: Option<&str>,
+        pg: Option<&LocalPostgres>,
+        overrides: &[(&str, &str)],
+        fake: FakeOptions,
+    ) -> Self {
+        let mut servers: Vec<(&str, String)> = Vec::new();
+        if let Some(url) = redis_url {
+            servers.push(("AIQ_REDIS_URL", url.to_owned()));
+        }
+        if let Some(pg) = pg {
+            let db = format!("t_{}", uuid::Uuid::new_v4().simple());
+            let mut admin = sqlx::PgConnection::connect(&pg.url("postgres"))
+                .await
+                .expect("admin connection to the test's own PostgreSQL");
+            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db}")))
+                .execute(&mut admin)
+                .await
+                .expect("create database");
+            servers.push(("AIQ_DATABASE_URL", pg.url(&db)));
+        }
+        let all: Vec<(&str, &str)> = servers
+            .iter()
+            .map(|(k, v)| (*k, v.as_str()))
+            .chain(overrides.iter().copied())
+            .collect();
+        Self::build(&all, fake).await
+    }
+
     /// Starts a worker in this process; stop it with [`Worker::stop`].
     pub fn start_worker(&self) -> Worker {
         let token = CancellationToken::new();
