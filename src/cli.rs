@@ -117,6 +117,24 @@ enum Command {
         #[arg(long, default_value_t = 120)]
         timeout_s: u64,
     },
+    /// Benchmarks that start their own Redis, PostgreSQL and fake providers and print figures:
+    /// queue, pipeline, inflight, priority, budget, or all. Build with --release for real figures.
+    Bench {
+        #[arg(value_enum)]
+        scenario: crate::bench::Scenario,
+        /// End with one JSON line per scenario on stdout (the text goes to stderr).
+        #[arg(long)]
+        json: bool,
+        /// Small sizes, to check that the scenarios work.
+        #[arg(long)]
+        quick: bool,
+        /// `queue` only: run against this Redis instead of starting one.
+        #[arg(long)]
+        redis_url: Option<String>,
+        /// Overrides the scenario's number of jobs.
+        #[arg(long)]
+        jobs: Option<usize>,
+    },
     /// Serve fake Google Vision and OpenAI endpoints (real wire formats) for tests and demos.
     FakeProviders {
         /// Address to listen on.
@@ -456,6 +474,26 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             crate::demo::run(crate::demo::DemoOptions {
                 jobs_per_tier,
                 timeout: Duration::from_secs(timeout_s),
+            })
+            .await
+        }
+        Command::Bench {
+            scenario,
+            json,
+            quick,
+            redis_url,
+            jobs,
+        } => {
+            crate::telemetry::init(LogFormat::Text, "warn");
+            if jobs == Some(0) {
+                bail!("--jobs must be at least 1");
+            }
+            crate::bench::run(crate::bench::BenchOptions {
+                scenario,
+                json,
+                quick,
+                redis_url,
+                jobs,
             })
             .await
         }

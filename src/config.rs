@@ -506,7 +506,7 @@ impl QueueSettings {
             redis_url,
             cluster,
             prefix,
-            concurrency: env.int_in("AIQ_CONCURRENCY", 16, 1..=4096)? as usize,
+            concurrency: env.int_in("AIQ_CONCURRENCY", 16, 1..=50_000)? as usize,
             fetch_batch: env.int_in("AIQ_FETCH_BATCH", 32, 1..=1000)? as usize,
             poll_interval: env.millis("AIQ_POLL_INTERVAL_MS", 100, 1..=60_000)?,
             lease: env.millis("AIQ_LEASE_MS", 10_000, 1_000..=3_600_000)?,

@@ -1,6 +1,7 @@
 //! aiq: a daemon that runs paid AI jobs from Redis by subscription tier, calls Google Vision or an
 //! LLM, and records results, costs and errors in PostgreSQL. ARCHITECTURE.md has the map.
 
+pub mod bench;
 pub mod budget;
 pub mod cli;
 pub mod config;

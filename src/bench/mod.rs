@@ -1,0 +1,272 @@
+//! `aiq bench <scenario>`: benchmarks that start their own redis-server, PostgreSQL and fake
+//! providers, print their figures and the machine they ran on, and with `--json` end with one
+//! JSON line per scenario. They check that the work was done (every job drained, every row
+//! written) and fail otherwise; how fast is a figure to print, never an assertion.
+//!
+//! 1. `queue`: enqueue one job per call (64 in flight) and in batches of 1,000 (one pipelined
+//!    round trip each), then no-op processing by one apalis worker (concurrency 100), over six
+//!    tiers. `--redis-url` runs it against a given Redis (the BullMQ side-by-side does).
+//! 2. `pipeline`: the whole path with the fake providers at 0 ms: fetch, decode, reserve, call,
+//!    settle, rows in PostgreSQL, ack.
+//! 3. `inflight`: the fake providers (their own process) at 2 s latency and 10,000 jobs in
+//!    flight in this process: throughput, peak RSS, CPU per job.
+//! 4. `priority`: an enterprise_plus job's wait behind 100,000 trial jobs while a worker drains
+//!    them, and the tier shares with every tier backlogged.
+//! 5. `budget`: 500 jobs over three `aiq run` processes against a budget with room for 100:
+//!    the overspend in micro-USD.
+
+mod full;
+mod queue;
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::time::Duration;
+
+use anyhow::Context;
+use serde_json::{Map, Value, json};
+
+use crate::config::{Env, Settings};
+use crate::domain::{JobKind, OrganizationId, Tier};
+use crate::queue::NewJob;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    Queue,
+    Pipeline,
+    Inflight,
+    Priority,
+    Budget,
+    /// Every scenario, one after the other.
+    All,
+}
+
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub scenario: Scenario,
+    pub json: bool,
+    /// Smaller sizes, to check that the scenarios work (CI runs this).
+    pub quick: bool,
+    /// `queue` only: use this Redis instead of starting one.
+    pub redis_url: Option<String>,
+    /// Overrides the scenario's job count.
+    pub jobs: Option<usize>,
+}
+
+/// One scenario's figures, printed as they come and, with `--json`, as one JSON line at the end.
+pub(crate) struct Report {
+    json: bool,
+    scenario: &'static str,
+    figures: Map<String, Value>,
+}
+
+impl Report {
+    fn new(scenario: &'static str, json: bool) -> Self {
+        Self {
+            json,
+            scenario,
+            figures: Map::new(),
+        }
+    }
+
+    /// A line for people: on stdout, or on stderr when stdout carries the JSON.
+    pub(crate) fn say(&self, line: impl AsRef<str>) {
+        let line = line.as_ref();
+        if self.json {
+            eprintln!("{line}");
+        } else {
+            println!("{line}");
+            let _ = std::io::stdout().flush();
+        }
+    }
+
+    pub(crate) fn figure(&mut self, name: &str, value: impl Into<Value>) {
+        self.figures.insert(name.to_owned(), value.into());
+    }
+
+    fn finish(self, machine: &Value) {
+        if self.json {
+            println!(
+                "{}",
+                json!({ "scenario": self.scenario, "machine": machine, "figures": self.figures })
+            );
+        }
+    }
+}
+
+pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
+    let machine = machine();
+    let say = |l: String| {
+        if opts.json {
+            eprintln!("{l}");
+        } else {
+            println!("{l}");
+        }
+    };
+    say(format!(
+        "machine: {} x {}, {:.1} GiB, Linux {}; aiq {} ({} build){}",
+        machine["cpus"],
+        machine["cpu_model"].as_str().unwrap_or("?"),
+        machine["memory_gib"].as_f64().unwrap_or(0.0),
+        machine["kernel"].as_str().unwrap_or("?"),
+        env!("CARGO_PKG_VERSION"),
+        machine["build"].as_str().unwrap_or("?"),
+        if opts.quick { "; quick sizes" } else { "" }
+    ));
+    let scenarios: Vec<Scenario> = match opts.scenario {
+        Scenario::All => vec![
+            Scenario::Queue,
+            Scenario::Priority,
+            Scenario::Pipeline,
+            Scenario::Inflight,
+            Scenario::Budget,
+        ],
+        s => vec![s],
+    };
+    for s in scenarios {
+        let (name, report) = match s {
+            Scenario::Queue => ("queue", queue::queue(&opts).await),
+            Scenario::Priority => ("priority", queue::priority(&opts).await),
+            Scenario::Pipeline => ("pipeline", full::pipeline(&opts).await),
+            Scenario::Inflight => ("inflight", full::inflight(&opts).await),
+            Scenario::Budget => ("budget", full::budget(&opts).await),
+            Scenario::All => unreachable!("expanded above"),
+        };
+        report
+            .with_context(|| format!("the {name} scenario failed"))?
+            .finish(&machine);
+    }
+    Ok(())
+}
+
+/// What the figures were measured on.
+fn machine() -> Value {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let cpuinfo = read("/proc/cpuinfo");
+    let cpu_model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .map(str::trim)
+        .unwrap_or("unknown")
+        .to_owned();
+    let mem_kib: f64 = read("/proc/meminfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    json!({
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "cpu_model": cpu_model,
+        "memory_gib": (mem_kib / 1_048_576.0 * 10.0).round() / 10.0,
+        "kernel": read("/proc/sys/kernel/osrelease").trim(),
+        "build": if cfg!(debug_assertions) { "debug" } else { "release" },
+    })
+}
+
+/// Settings from a list of variables, as `aiq run` would read them from its environment.
+pub(crate) fn settings(vars: &[(&str, String)]) -> anyhow::Result<Settings> {
+    let map: HashMap<&str, String> = vars.iter().cloned().collect();
+    Settings::load(&Env(|k| map.get(k).cloned())).context("benchmark settings")
+}
+
+/// Variables shared by the scenarios that run the whole daemon: no per-organisation job rate
+/// (the scenarios put thousands of jobs on a few organisations), no admin port.
+pub(crate) fn daemon_vars(
+    redis_url: &str,
+    database_url: &str,
+    fake: &str,
+) -> Vec<(&'static str, String)> {
+    vec![
+        ("AIQ_REDIS_URL", redis_url.to_owned()),
+        ("AIQ_DATABASE_URL", database_url.to_owned()),
+        (
+            "AIQ_ORG_JOBS_PER_MINUTE",
+            "enterprise_plus=0,enterprise=0,professional_agency=0,growth_team=0,solo_professional=0,trial=0"
+                .into(),
+        ),
+        ("AIQ_LOG_FORMAT", "text".into()),
+        ("AIQ_ADMIN_ADDR", "127.0.0.1:0".into()),
+        ("AIQ_VISION_BASE_URL", fake.to_owned()),
+        ("AIQ_VISION_API_KEY", "bench-key".into()),
+        ("AIQ_OPENAI_BASE_URL", fake.to_owned()),
+        ("AIQ_OPENAI_API_KEY", "bench-key".into()),
+        ("AIQ_ANTHROPIC_BASE_URL", fake.to_owned()),
+        ("AIQ_ANTHROPIC_API_KEY", "bench-key".into()),
+        ("AIQ_GEMINI_BASE_URL", fake.to_owned()),
+        ("AIQ_GEMINI_API_KEY", "bench-key".into()),
+    ]
+}
+
+/// The organisation a benchmark job bills: 50 of them, so the budget's keys spread.
+pub(crate) fn org(i: usize) -> OrganizationId {
+    OrganizationId::from(uuid::Uuid::from_u128(
+        0x0000_0000_0000_4000_8000_0000_0000_0000 | (i % 50) as u128,
+    ))
+}
+
+/// An LLM job for `tier`, billed to one of 50 organisations, rotating over the three LLM
+/// providers.
+pub(crate) fn llm_job(tier: Tier, i: usize) -> NewJob {
+    let org = org(i);
+    let (provider, model) = match i % 3 {
+        0 => ("openai", "gpt-4o-mini"),
+        1 => ("anthropic", "claude-haiku-4-5"),
+        _ => ("gemini", "gemini-2.5-flash"),
+    };
+    new_job(
+        JobKind::LlmComplete,
+        tier,
+        org,
+        json!({
+            "version": 1, "organization_id": org.to_string(), "tier": tier.as_str(),
+            "provider": provider, "model": model,
+            "messages": [{ "role": "user", "content": format!("Caption photo {i}.") }],
+            "max_tokens": 32
+        })
+        .to_string(),
+    )
+}
+
+/// A job to run now with the daemon's default attempts.
+pub(crate) fn new_job(kind: JobKind, tier: Tier, org: OrganizationId, payload: String) -> NewJob {
+    NewJob {
+        kind,
+        tier,
+        organization_id: org,
+        payload,
+        job_id: None,
+        delay: Duration::ZERO,
+        idempotency_key: None,
+        max_attempts: 0,
+    }
+}
+
+/// Per second, rounded.
+pub(crate) fn rate(n: usize, took: Duration) -> u64 {
+    (n as f64 / took.as_secs_f64().max(1e-9)).round() as u64
+}
+
+/// 12,345 for people.
+pub(crate) fn thousands(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn thousands_are_grouped() {
+        assert_eq!(super::thousands(0), "0");
+        assert_eq!(super::thousands(999), "999");
+        assert_eq!(super::thousands(1_000), "1,000");
+        assert_eq!(super::thousands(1_234_567), "1,234,567");
+    }
+}
