@@ -414,11 +414,15 @@ impl Store {
         call: &CallRecord,
         result: &ResultRecord,
     ) -> Result<MicroUsd, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let cost = Self::insert_call(&mut tx, job, call).await?;
-        Self::insert_result(&mut tx, job, result).await?;
-        tx.commit().await?;
-        Ok(cost)
+        // Boxed, like record_failure: the transaction's future is several KiB.
+        Box::pin(async move {
+            let mut tx = self.pool.begin().await?;
+            let cost = Self::insert_call(&mut tx, job, call).await?;
+            Self::insert_result(&mut tx, job, result).await?;
+            tx.commit().await?;
+            Ok(cost)
+        })
+        .await
     }
 
     /// The cost row of a call whose worker died: at the reservation's estimate, unless the call
@@ -442,17 +446,22 @@ impl Store {
         call: Option<&CallRecord>,
         final_result: Option<&ResultRecord>,
     ) -> Result<Option<MicroUsd>, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let cost = match call {
-            Some(call) => Some(Self::insert_call(&mut tx, job, call).await?),
-            None => None,
-        };
-        Self::insert_error(&mut tx, job, err).await?;
-        if let Some(result) = final_result {
-            Self::insert_result(&mut tx, job, result).await?;
-        }
-        tx.commit().await?;
-        Ok(cost)
+        // Boxed: the transaction's future is several KiB, and every running job's future would
+        // otherwise reserve room for it while it waits on its provider.
+        Box::pin(async move {
+            let mut tx = self.pool.begin().await?;
+            let cost = match call {
+                Some(call) => Some(Self::insert_call(&mut tx, job, call).await?),
+                None => None,
+            };
+            Self::insert_error(&mut tx, job, err).await?;
+            if let Some(result) = final_result {
+                Self::insert_result(&mut tx, job, result).await?;
+            }
+            tx.commit().await?;
+            Ok(cost)
+        })
+        .await
     }
 
     /// An organisation's limit overrides from ai_cost_limits: (daily, monthly), each None when
