@@ -150,6 +150,10 @@ enum Command {
         /// 503 (529 for Anthropic), a 5 s timeout, a garbage 200, a failed Vision image.
         #[arg(long, default_value_t = 0.0)]
         error_rate: f64,
+        /// Which faults the failing calls get, by weight: e.g. `429=3,500=1,timeout=1`. Kinds:
+        /// 429, 500, 503, timeout, image, garbage. Without it, every kind equally.
+        #[arg(long)]
+        error_mix: Option<String>,
         /// Seed of the random draws: the same seed repeats the same answers in arrival order.
         #[arg(long, default_value_t = 1)]
         seed: u64,
@@ -502,16 +506,24 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             latency_ms,
             latency_jitter_ms,
             error_rate,
+            error_mix,
             seed,
         } => {
             crate::telemetry::init(LogFormat::Text, "info");
             if !(0.0..=1.0).contains(&error_rate) {
                 bail!("--error-rate must be between 0 and 1");
             }
+            let mix = match error_mix {
+                Some(m) => {
+                    crate::fake::parse_mix(&m).map_err(|e| anyhow::anyhow!("--error-mix: {e}"))?
+                }
+                None => [0; 6],
+            };
             let options = crate::fake::FakeOptions {
                 latency: Duration::from_millis(latency_ms),
                 latency_jitter: Duration::from_millis(latency_jitter_ms),
                 error_rate,
+                mix,
                 seed,
             };
             let fake = crate::fake::FakeProviders::start_with(addr, options).await?;

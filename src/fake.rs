@@ -19,6 +19,9 @@
 //! `[fake:flaky=2]` fails the first two calls carrying the same text (503; 529 for Anthropic),
 //! then answers; `[fake:only=openai]` applies a text's fault markers on that provider only, so a
 //! fallback to another provider succeeds.
+//! Random faults for load runs: `--error-rate 0.2` fails a fifth of the calls, with a fault kind
+//! drawn by `--error-mix` weights (429 with Retry-After, 500, 503/529, timeout, failed Vision
+//! image, garbage 200); `--latency-jitter-ms` adds uniform random latency; `--seed` repeats a run.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -66,8 +69,44 @@ pub struct FakeOptions {
     /// Retry-After, a 500, a 503 (529 for Anthropic), a timeout (no answer for 5 s), a garbage
     /// 200, or for Vision an image that fails inside a 200.
     pub error_rate: f64,
+    /// How often each kind of fault is drawn, relative to the others, in the order of
+    /// [`FAULT_KINDS`]. All zero (the default) draws them equally.
+    pub mix: [u32; 6],
     /// Seeds the draws: the same seed gives the same answers in the same arrival order.
     pub seed: u64,
+}
+
+/// The kinds of random fault, as `--error-mix` names them: a 429 with Retry-After, a 500, a 503
+/// (529 for Anthropic), a timeout (no answer for 5 s), a Vision image failing inside a 200 (a
+/// garbage 200 for the LLMs), a garbage 200.
+pub const FAULT_KINDS: [&str; 6] = ["429", "500", "503", "timeout", "image", "garbage"];
+
+/// Parses `--error-mix`, e.g. `429=3,500=1,timeout=1`: weights per fault kind; kinds not named
+/// get 0.
+pub fn parse_mix(s: &str) -> Result<[u32; 6], String> {
+    let mut mix = [0u32; 6];
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (kind, weight) = part
+            .split_once('=')
+            .ok_or_else(|| format!("{part:?} is not kind=weight"))?;
+        let i = FAULT_KINDS
+            .iter()
+            .position(|k| *k == kind.trim())
+            .ok_or_else(|| {
+                format!(
+                    "unknown fault kind {kind:?}; the kinds are {}",
+                    FAULT_KINDS.join(", ")
+                )
+            })?;
+        mix[i] = weight
+            .trim()
+            .parse()
+            .map_err(|_| format!("the weight of {kind} must be a whole number, not {weight:?}"))?;
+    }
+    if mix.iter().all(|w| *w == 0) {
+        return Err("give at least one fault kind a weight above 0".into());
+    }
+    Ok(mix)
 }
 
 impl FakeOptions {
@@ -874,6 +913,22 @@ enum Wire {
 
 /// Waits the configured latency, then maybe answers with a random fault (see [`FakeOptions`]).
 /// For Vision, `Some(None)` asks the caller to fail one image inside a 200.
+/// A fault kind, by the mix's weights (equally when they are all zero).
+fn pick_fault(rng: &mut fastrand::Rng, mix: &[u32; 6]) -> u32 {
+    let total: u32 = mix.iter().sum();
+    if total == 0 {
+        return rng.u32(0..6);
+    }
+    let mut r = rng.u32(0..total);
+    for (i, w) in mix.iter().enumerate() {
+        if r < *w {
+            return i as u32;
+        }
+        r -= w;
+    }
+    5
+}
+
 async fn chaos(c: &Counters, wire: Wire) -> Option<Option<Response>> {
     let (jitter_ms, roll, pick) = {
         let mut guard = c.rng.lock().expect("fake rng");
@@ -882,7 +937,7 @@ async fn chaos(c: &Counters, wire: Wire) -> Option<Option<Response>> {
         (
             if jitter > 0 { rng.u64(0..=jitter) } else { 0 },
             rng.f64(),
-            rng.u32(0..6),
+            pick_fault(rng, &c.options.mix),
         )
     };
     let wait = c.latency + Duration::from_millis(jitter_ms);
@@ -941,4 +996,56 @@ async fn chaos(c: &Counters, wire: Wire) -> Option<Option<Response>> {
         4 if wire == Wire::Vision => return Some(None),
         _ => (StatusCode::OK, "<html>upstream hiccup</html>").into_response(),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_mix_names_kinds_and_weights() {
+        assert_eq!(parse_mix("429=3, timeout=1").unwrap(), [3, 0, 0, 1, 0, 0]);
+        assert!(
+            parse_mix("418=1")
+                .unwrap_err()
+                .contains("unknown fault kind")
+        );
+        assert!(parse_mix("500=x").unwrap_err().contains("whole number"));
+        assert!(parse_mix("500=0").unwrap_err().contains("at least one"));
+        let mut rng = fastrand::Rng::with_seed(1);
+        let only_500 = [0, 1, 0, 0, 0, 0];
+        assert!((0..1000).all(|_| pick_fault(&mut rng, &only_500) == 1));
+        let mut counts = [0u32; 6];
+        for _ in 0..6000 {
+            counts[pick_fault(&mut rng, &[1, 0, 0, 0, 0, 2]) as usize] += 1;
+        }
+        assert_eq!(counts[1..5], [0, 0, 0, 0]);
+        assert!((1800..2200).contains(&counts[0]), "{counts:?}");
+    }
+
+    #[tokio::test]
+    async fn with_a_mix_of_only_429_every_failed_call_is_a_429_with_retry_after() {
+        let fake = FakeProviders::start_with(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            FakeOptions {
+                error_rate: 1.0,
+                mix: parse_mix("429=1").unwrap(),
+                ..FakeOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+        let http = reqwest::Client::new();
+        for _ in 0..10 {
+            let r = http
+                .post(format!("{}/v1/chat/completions", fake.base_url()))
+                .bearer_auth("k")
+                .body(r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 429);
+            assert_eq!(r.headers()["retry-after"], "1");
+        }
+    }
 }

@@ -309,6 +309,7 @@ async fn under_a_20_percent_mixed_error_rate_every_job_ends_succeeded_or_dead_an
             latency_jitter: Duration::from_millis(20),
             error_rate: 0.2,
             seed: 7,
+            ..Default::default()
         },
     )
     .await;
