@@ -482,6 +482,27 @@ async fn run_in_span(app: &App, raw: &RawJob) -> Result<(), Failure> {
     let job = job_ref(raw, Some(&input));
     let org = input.common().organization_id.as_uuid();
     let tier = input.common().tier;
+    // A worker that stopped mid-job may have recorded its outcome without acknowledging it
+    // (killed, or Redis away long enough for its lease to expire): do not pay for it again.
+    if raw.interrupts > 0 {
+        match app
+            .record(app.store.result_status(&raw.id).await)?
+            .as_deref()
+        {
+            Some("completed") => {
+                tracing::info!(
+                    "an earlier run recorded this job's result: acknowledged without a call"
+                );
+                return Ok(());
+            }
+            Some(_) => {
+                return Err(Failure::Permanent {
+                    message: "an earlier run recorded that this job failed for good".into(),
+                });
+            }
+            None => {}
+        }
+    }
 
     let chain = match plan(app, &input) {
         Ok(c) => c,

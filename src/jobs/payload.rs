@@ -213,6 +213,7 @@ mod tests {
             attempt: 1,
             max_attempts: 3,
             enqueued_at_ms: 0,
+            interrupts: 0,
         }
     }
 
@@ -359,6 +360,7 @@ mod schema_tests {
                 attempt: 1,
                 max_attempts: 1,
                 enqueued_at_ms: 0,
+                interrupts: 0,
             };
             assert!(decode(&raw(&example)).is_ok(), "{kind} example decodes");
             let required = schema["required"].as_array().unwrap();

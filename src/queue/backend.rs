@@ -49,6 +49,9 @@ pub struct RawJob {
     pub attempt: u32,
     pub max_attempts: u32,
     pub enqueued_at_ms: i64,
+    /// Times an earlier execution was cut off by its worker stopping: it may have recorded its
+    /// outcome without acknowledging it.
+    pub interrupts: u32,
 }
 
 /// The lease a task runs under; it travels in the task's extensions to the ack layer.
@@ -297,6 +300,7 @@ impl RedisBackend {
             attempt: lease.attempt,
             max_attempts,
             enqueued_at_ms: job.enqueued_at_ms,
+            interrupts: job.interrupts,
         };
         TaskBuilder::new(raw)
             .task_id(TaskId::from_string(job.id))

@@ -93,6 +93,8 @@ pub struct LeasedJob {
     /// 0 means the daemon's default.
     pub max_attempts: u32,
     pub enqueued_at_ms: i64,
+    /// Times a worker stopped while running it (its lease expired and the reaper returned it).
+    pub interrupts: u32,
 }
 
 /// What to do with a leased job.
@@ -262,7 +264,7 @@ impl Queue {
         }
         let rows: Vec<Vec<String>> = inv.invoke_async(&mut conn).await?;
         rows.into_iter()
-            .map(|r| match <[String; 9]>::try_from(r) {
+            .map(|r| match <[String; 10]>::try_from(r) {
                 Ok(
                     [
                         id,
@@ -274,6 +276,7 @@ impl Queue {
                         attempts,
                         max_attempts,
                         enqueued_at,
+                        interrupts,
                     ],
                 ) => Ok(LeasedJob {
                     id,
@@ -285,6 +288,7 @@ impl Queue {
                     attempts: attempts.parse().unwrap_or(0),
                     max_attempts: max_attempts.parse().unwrap_or(0),
                     enqueued_at_ms: enqueued_at.parse().unwrap_or(0),
+                    interrupts: interrupts.parse().unwrap_or(0),
                 }),
                 Err(r) => Err(QueueError::Protocol(format!("fetch row {r:?}"))),
             })

@@ -464,6 +464,16 @@ impl Store {
         .await
     }
 
+    /// The status of a job's result row ("completed" or "failed"), if it has one.
+    pub async fn result_status(&self, job_id: &str) -> Result<Option<String>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT status FROM ai_processing_results WHERE job_id = $1")
+                .bind(job_id)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
     /// An organisation's limit overrides from ai_cost_limits: (daily, monthly), each None when
     /// the tier default applies.
     pub async fn org_limit_overrides(

@@ -209,3 +209,61 @@ async fn a_job_still_running_when_the_grace_period_ends_comes_back_by_lease_expi
     assert_eq!(stats.counters["interrupted"], 1);
     assert_eq!(stats.counters["done"], 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_stopped_worker_recorded_its_result_is_not_called_again() {
+    let ctx = TestCtx::with(&[("AIQ_LEASE_MS", "1000")]).await;
+    let recorded = ctx
+        .enqueue(
+            JobKind::LlmComplete,
+            Tier::Enterprise,
+            ORG_A,
+            &llm_payload(Tier::Enterprise, ORG_A, "recorded before the crash"),
+            0,
+        )
+        .await;
+    let lost = ctx
+        .enqueue(
+            JobKind::LlmComplete,
+            Tier::Enterprise,
+            ORG_A,
+            &llm_payload(Tier::Enterprise, ORG_A, "lost in the crash"),
+            0,
+        )
+        .await;
+    // A worker leases both and dies; for one of them it had written the result row, but never
+    // acknowledged the job.
+    let leased = ctx.queue.fetch(2).await.unwrap();
+    assert_eq!(leased.len(), 2);
+    sqlx::query(
+        "INSERT INTO ai_processing_results (job_id, job_kind, raw_response, status, ai_provider)
+         VALUES ($1, 'llm.complete', '{}', 'completed', 'openai')",
+    )
+    .bind(&recorded)
+    .execute(ctx.store.pool())
+    .await
+    .unwrap();
+    // The leases expire; a new worker gets both back from the reaper.
+    let worker = ctx.start_worker();
+    ctx.wait_settled(Duration::from_secs(20)).await;
+    worker.stop().await;
+    let calls = ctx.fake_calls().await;
+    assert_eq!(
+        calls["openai"], 1,
+        "only the job without a result row was called"
+    );
+    let stats = ctx.queue.stats().await.unwrap();
+    assert_eq!(stats.counters.get("done").copied(), Some(2));
+    assert_eq!(stats.counters.get("interrupted").copied(), Some(2));
+    let rows: i64 = ctx
+        .scalar_i64("SELECT count(*) FROM ai_cost_tracking")
+        .await;
+    assert_eq!(rows, 1);
+    let lost_status: String =
+        sqlx::query_scalar("SELECT status FROM ai_processing_results WHERE job_id = $1")
+            .bind(&lost)
+            .fetch_one(ctx.store.pool())
+            .await
+            .unwrap();
+    assert_eq!(lost_status, "completed");
+}
