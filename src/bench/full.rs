@@ -179,7 +179,10 @@ struct FakeProcess {
 impl FakeProcess {
     async fn start(latency_ms: u64) -> anyhow::Result<Self> {
         let port = free_port()?;
-        let child = Command::new(std::env::current_exe()?)
+        let mut cmd = Command::new(std::env::current_exe()?);
+        // It dies with the benchmark, even one killed with Ctrl-C or SIGKILL.
+        crate::localsvc::die_with_parent(&mut cmd, libc::SIGTERM);
+        let child = cmd
             .args([
                 "fake-providers",
                 "--addr",
@@ -297,8 +300,9 @@ pub(crate) async fn inflight(opts: &BenchOptions) -> anyhow::Result<Report> {
 
 /// An `aiq run` process on the given settings' variables.
 fn spawn_daemon(vars: &[(&'static str, String)]) -> anyhow::Result<Child> {
-    Command::new(std::env::current_exe()?)
-        .arg("run")
+    let mut cmd = Command::new(std::env::current_exe()?);
+    crate::localsvc::die_with_parent(&mut cmd, libc::SIGTERM);
+    cmd.arg("run")
         .env_clear()
         .envs(vars.iter().map(|(k, v)| (k, v)))
         .stdout(Stdio::null())

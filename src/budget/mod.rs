@@ -41,6 +41,14 @@ use crate::redis_conn::Conn;
 static RESERVE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("reserve.lua")));
 static SETTLE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("settle.lua")));
 static RATE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("rate.lua")));
+/// The holds whose expiry has passed by Redis's clock (reserve.lua sets expiries from TIME too).
+static EXPIRED: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        "local t = redis.call('TIME')
+         local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+         return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))",
+    )
+});
 
 /// Day keys live 40 days, month keys 400: long enough for `aiq budget show` and rebuilds.
 const DAY_KEY_TTL_S: u64 = 40 * 86_400;
@@ -409,9 +417,12 @@ impl Budget {
     /// Holds whose time ran out: their workers died (or stalled past the provider timeout).
     pub async fn expired(&self, limit: usize) -> Result<Vec<Expired>, BudgetError> {
         let mut conn = self.conn.clone();
-        let now_ms = Utc::now().timestamp_millis();
-        let ids: Vec<String> = conn
-            .zrangebyscore_limit(self.key("res_expiry"), "-inf", now_ms, 0, limit as isize)
+        // By Redis's clock, not this host's: a host whose clock runs ahead must not take live
+        // holds.
+        let ids: Vec<String> = EXPIRED
+            .key(self.key("res_expiry"))
+            .arg(limit)
+            .invoke_async(&mut conn)
             .await?;
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
