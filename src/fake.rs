@@ -17,8 +17,9 @@
 //! A fixed latency (`--latency-ms`) makes calls take time, for load and crash tests, and
 //! `POST /_fake/outage?status=503&ms=3000` makes every call fail for a while.
 //! `[fake:flaky=2]` fails the first two calls carrying the same text (503; 529 for Anthropic),
-//! then answers; `[fake:only=openai]` applies a text's fault markers on that provider only, so a
-//! fallback to another provider succeeds.
+//! then answers; `[fake:nul]` puts a NUL character in an OpenAI answer; `[fake:only=openai]`
+//! applies a text's fault markers on that provider only, so a fallback to another provider
+//! succeeds.
 //! Random faults for load runs: `--error-rate 0.2` fails a fifth of the calls, with a fault kind
 //! drawn by `--error-mix` weights (429 with Retry-After, 500, 503/529, timeout, failed Vision
 //! image, garbage 200); `--latency-jitter-ms` adds uniform random latency; `--seed` repeats a run.
@@ -608,12 +609,17 @@ async fn openai_answer(c: &Arc<Counters>, headers: HeaderMap, body: String) -> R
     let words: Vec<&str> = (0..completion_tokens)
         .map(|i| LABELS[((seed + i) % LABELS.len() as u64) as usize])
         .collect();
+    let mut content = words.join(" ");
+    if marks.contains("[fake:nul]") {
+        // A NUL character, which PostgreSQL's text and jsonb refuse.
+        content.push('\u{0}');
+    }
     Json(json!({
         "id": format!("chatcmpl-fake{:x}", seed),
         "object": "chat.completion",
         "created": 1_730_000_000u64,
         "model": model,
-        "choices": [{ "index": 0, "message": { "role": "assistant", "content": words.join(" "), "refusal": null },
+        "choices": [{ "index": 0, "message": { "role": "assistant", "content": content, "refusal": null },
                       "finish_reason": finish_reason, "logprobs": null }],
         "usage": { "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                    "total_tokens": prompt_tokens + completion_tokens,

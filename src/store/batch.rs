@@ -102,7 +102,12 @@ async fn write(pool: &PgPool, batch: &[Pending]) -> Result<Vec<MicroUsd>, StoreE
     .bind(col(&|p| Some(p.call.operation.clone())))
     .bind(ints(&|p| Some(p.call.cost.micros())))
     .bind(batch.iter().map(|p| p.call.billing_date).collect::<Vec<_>>())
-    .bind(batch.iter().map(|p| p.call.metadata.clone()).collect::<Vec<_>>())
+    .bind(
+        batch
+            .iter()
+            .map(|p| super::pg_json(&p.call.metadata).into_owned())
+            .collect::<Vec<_>>(),
+    )
     .bind(&job_ids)
     .bind(&attempts)
     .bind(&executions)
@@ -203,13 +208,13 @@ async fn write(pool: &PgPool, batch: &[Pending]) -> Result<Vec<MicroUsd>, StoreE
     .bind(
         batch
             .iter()
-            .map(|p| p.result.raw_response.clone())
+            .map(|p| super::pg_json(&p.result.raw_response).into_owned())
             .collect::<Vec<_>>(),
     )
     .bind(
         batch
             .iter()
-            .map(|p| p.result.confidence_scores.clone())
+            .map(|p| super::pg_json(&p.result.confidence_scores).into_owned())
             .collect::<Vec<_>>(),
     )
     .bind(
@@ -219,7 +224,12 @@ async fn write(pool: &PgPool, batch: &[Pending]) -> Result<Vec<MicroUsd>, StoreE
             .collect::<Vec<_>>(),
     )
     .bind(ints(&|p| Some(p.result.cost.micros())))
-    .bind(col(&|p| p.result.error_message.clone()))
+    .bind(col(&|p| {
+        p.result
+            .error_message
+            .as_deref()
+            .map(|m| super::pg_text(m).into_owned())
+    }))
     .bind(col(&|p| {
         Some(if p.result.completed { "completed" } else { "failed" }.to_owned())
     }))

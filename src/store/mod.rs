@@ -16,6 +16,45 @@ use crate::domain::MicroUsd;
 
 mod batch;
 
+/// PostgreSQL's text and jsonb cannot hold U+0000, and a provider may send it: a row refused for
+/// it would fail its job on every attempt, each one a paid call. It is stored as U+FFFD.
+pub(crate) fn pg_text(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.contains('\0') {
+        std::borrow::Cow::Owned(s.replace('\0', "\u{FFFD}"))
+    } else {
+        std::borrow::Cow::Borrowed(s)
+    }
+}
+
+/// [`pg_text`] for every string and key of a JSON value; no copy when there is nothing to do.
+pub(crate) fn pg_json(v: &Value) -> std::borrow::Cow<'_, Value> {
+    fn has_nul(v: &Value) -> bool {
+        match v {
+            Value::String(s) => s.contains('\0'),
+            Value::Array(a) => a.iter().any(has_nul),
+            Value::Object(o) => o.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+            _ => false,
+        }
+    }
+    fn scrub(v: &Value) -> Value {
+        match v {
+            Value::String(s) => Value::String(pg_text(s).into_owned()),
+            Value::Array(a) => Value::Array(a.iter().map(scrub).collect()),
+            Value::Object(o) => Value::Object(
+                o.iter()
+                    .map(|(k, v)| (pg_text(k).into_owned(), scrub(v)))
+                    .collect(),
+            ),
+            other => other.clone(),
+        }
+    }
+    if has_nul(v) {
+        std::borrow::Cow::Owned(scrub(v))
+    } else {
+        std::borrow::Cow::Borrowed(v)
+    }
+}
+
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 #[derive(Debug, thiserror::Error)]
@@ -265,7 +304,7 @@ impl Store {
         .bind(&call.operation)
         .bind(call.cost.micros())
         .bind(call.billing_date)
-        .bind(&call.metadata)
+        .bind(&*pg_json(&call.metadata))
         .bind(&job.job_id)
         .bind(job.attempt as i32)
         .bind(job.execution)
@@ -337,11 +376,11 @@ impl Store {
         .bind(&job.subject_type)
         .bind(job.organization_id)
         .bind(&result.provider)
-        .bind(&result.raw_response)
-        .bind(&result.confidence_scores)
+        .bind(&*pg_json(&result.raw_response))
+        .bind(&*pg_json(&result.confidence_scores))
         .bind(result.processing_ms.clamp(0, i32::MAX as i64) as i32)
         .bind(result.cost.micros())
-        .bind(&result.error_message)
+        .bind(result.error_message.as_deref().map(pg_text))
         .bind(if result.completed { "completed" } else { "failed" })
         .bind(&job.job_id)
         .bind(&job.kind)
@@ -368,8 +407,8 @@ impl Store {
         .bind(job.subject_id)
         .bind(job.organization_id)
         .bind(&err.error_type)
-        .bind(&err.message)
-        .bind(&err.details)
+        .bind(&*pg_text(&err.message))
+        .bind(&*pg_json(&err.details))
         .bind(job.attempt.saturating_sub(1) as i32)
         .bind(&job.job_id)
         .bind(&job.kind)

@@ -405,3 +405,34 @@ async fn a_vision_job_whose_every_image_is_bad_input_is_dead_and_costs_nothing()
     assert_eq!(error_type, "invalid_image");
     assert_eq!(cost, 0, "images refused as invalid input are not billed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nul_character_from_a_provider_is_stored_as_a_replacement_not_a_failed_job() {
+    let ctx = TestCtx::new().await;
+    let id = ctx
+        .enqueue(
+            JobKind::LlmComplete,
+            Tier::Trial,
+            ORG_A,
+            &llm_payload(Tier::Trial, ORG_A, "[fake:nul] caption"),
+            1,
+        )
+        .await;
+    let worker = ctx.start_worker();
+    ctx.wait_settled(Duration::from_secs(20)).await;
+    worker.stop().await;
+    let (status, content): (String, String) = sqlx::query_as(
+        "SELECT status, raw_response #>> '{choices,0,message,content}' FROM ai_processing_results WHERE job_id = $1",
+    )
+    .bind(&id)
+    .fetch_one(ctx.store.pool())
+    .await
+    .unwrap();
+    assert_eq!(status, "completed");
+    assert!(content.ends_with('\u{FFFD}'), "{content:?}");
+    assert_eq!(
+        ctx.fake_calls().await["openai"],
+        1,
+        "one call, not one per attempt"
+    );
+}
