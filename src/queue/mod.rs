@@ -166,19 +166,40 @@ impl Queue {
         format!("{}:{suffix}", self.base)
     }
 
+    /// enqueue.lua's ARGV for a job (see the script's header).
+    #[allow(clippy::type_complexity)]
+    fn enqueue_args<'a>(
+        &self,
+        job: &'a NewJob,
+    ) -> (
+        &'a str,
+        &'a str,
+        String,
+        &'a str,
+        &'a str,
+        u64,
+        &'a str,
+        u64,
+        u32,
+    ) {
+        (
+            job.kind.as_str(),
+            job.tier.as_str(),
+            job.organization_id.to_string(),
+            &job.payload,
+            job.job_id.as_deref().unwrap_or(""),
+            job.delay.as_millis() as u64,
+            job.idempotency_key.as_deref().unwrap_or(""),
+            self.settings.idempotency_ttl.as_secs(),
+            job.max_attempts,
+        )
+    }
+
     pub async fn enqueue(&self, job: &NewJob) -> Result<Enqueued, QueueError> {
         let mut conn = self.conn.clone();
         let reply: Result<Vec<String>, redis::RedisError> = ENQUEUE
             .key(&self.base)
-            .arg(job.kind.as_str())
-            .arg(job.tier.as_str())
-            .arg(job.organization_id.to_string())
-            .arg(&job.payload)
-            .arg(job.job_id.as_deref().unwrap_or(""))
-            .arg(job.delay.as_millis() as u64)
-            .arg(job.idempotency_key.as_deref().unwrap_or(""))
-            .arg(self.settings.idempotency_ttl.as_secs())
-            .arg(job.max_attempts)
+            .arg(self.enqueue_args(job))
             .invoke_async(&mut conn)
             .await;
         let reply = match reply {
@@ -217,15 +238,7 @@ impl Queue {
                 .arg(ENQUEUE.get_hash())
                 .arg(1)
                 .arg(&self.base)
-                .arg(job.kind.as_str())
-                .arg(job.tier.as_str())
-                .arg(job.organization_id.to_string())
-                .arg(&job.payload)
-                .arg(job.job_id.as_deref().unwrap_or(""))
-                .arg(job.delay.as_millis() as u64)
-                .arg(job.idempotency_key.as_deref().unwrap_or(""))
-                .arg(self.settings.idempotency_ttl.as_secs())
-                .arg(job.max_attempts);
+                .arg(self.enqueue_args(job));
         }
         let replies: Vec<redis::RedisResult<Vec<String>>> = pipe.query_async(&mut conn).await?;
         Ok(replies
