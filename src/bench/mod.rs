@@ -242,6 +242,31 @@ pub(crate) fn new_job(kind: JobKind, tier: Tier, org: OrganizationId, payload: S
     }
 }
 
+/// Waits until the queue holds nothing waiting, in flight or delayed and has finished `n` jobs
+/// (acknowledged or dead: the flusher has written their outcomes), looking every `poll`. Returns
+/// the most leases it saw held at once.
+pub(crate) async fn wait_drained(
+    q: &crate::queue::Queue,
+    n: u64,
+    poll: Duration,
+    timeout: Duration,
+) -> anyhow::Result<u64> {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut peak_inflight = 0;
+    loop {
+        let s = q.stats().await?;
+        peak_inflight = s.inflight.max(peak_inflight);
+        let left = s.waiting.values().sum::<u64>() + s.inflight + s.delayed;
+        if left == 0 && s.counters.get("done").copied().unwrap_or(0) + s.dead >= n {
+            return Ok(peak_inflight);
+        }
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!("not drained within {timeout:?}: {left} jobs left, {s:?}");
+        }
+        tokio::time::sleep(poll).await;
+    }
+}
+
 /// Per second, rounded.
 pub(crate) fn rate(n: usize, took: Duration) -> u64 {
     (n as f64 / took.as_secs_f64().max(1e-9)).round() as u64

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, ensure};
 use apalis::layers::WorkerBuilderExt;
 use apalis_core::error::{BoxDynError, WorkerError};
 use apalis_core::task::Task;
@@ -13,7 +13,7 @@ use apalis_core::worker::builder::WorkerBuilder;
 use futures::{StreamExt, TryStreamExt};
 use tokio_util::sync::CancellationToken;
 
-use super::{BenchOptions, Report, llm_job, rate, thousands};
+use super::{BenchOptions, Report, llm_job, rate, thousands, wait_drained};
 use crate::config::{Env, QueueSettings, RetryPolicy};
 use crate::domain::Tier;
 use crate::localsvc::LocalRedis;
@@ -112,24 +112,6 @@ where
     }
 }
 
-/// Waits until the queue has acknowledged `n` jobs (the flusher has written their outcomes).
-async fn wait_done(q: &Queue, n: u64, timeout: Duration) -> anyhow::Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let stats = q.stats().await?;
-        if stats.counters.get("done").copied().unwrap_or(0) >= n {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "{n} jobs were not done within {timeout:?}: {:?}",
-                stats.counters
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 pub(crate) async fn queue(opts: &BenchOptions) -> anyhow::Result<Report> {
     let mut r = Report::new("queue", opts.json);
     let n = opts
@@ -196,7 +178,13 @@ pub(crate) async fn queue(opts: &BenchOptions) -> anyhow::Result<Report> {
     };
     let start = Instant::now();
     let worker = tokio::spawn(run_worker(q.clone(), concurrency, service, stop.clone()));
-    wait_done(&q, n as u64, Duration::from_secs(600)).await?;
+    wait_drained(
+        &q,
+        n as u64,
+        Duration::from_millis(5),
+        Duration::from_secs(600),
+    )
+    .await?;
     let took = start.elapsed();
     stop.cancel();
     worker.await?;
@@ -273,7 +261,13 @@ pub(crate) async fn priority(opts: &BenchOptions) -> anyhow::Result<Report> {
         q.enqueue(&job).await?;
         sent += 1;
     }
-    wait_done(&q, (backlog + sent) as u64, Duration::from_secs(600)).await?;
+    wait_drained(
+        &q,
+        (backlog + sent) as u64,
+        Duration::from_millis(5),
+        Duration::from_secs(600),
+    )
+    .await?;
     stop.cancel();
     worker.await?;
     let mut waits = waits.lock().expect("waits").clone();

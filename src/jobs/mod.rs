@@ -928,10 +928,9 @@ async fn over_budget(
         .to_std()
         .unwrap_or_default();
     // A little spread, so a window's waiting jobs do not all wake in the same millisecond.
-    let spread = Duration::from_millis(fastrand::u64(0..=2_000));
     Err(Failure::Defer {
         message,
-        after: until + spread,
+        after: until + spread(2_000),
     })
 }
 
