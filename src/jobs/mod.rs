@@ -1055,7 +1055,7 @@ async fn run_vision(
             )
         }),
     };
-    let recorded = app.record(app.store.record_success(job, &call, &result).await)?;
+    let recorded = app.record(app.store.record_success(job, call, result).await)?;
     settle(app, reservation, recorded).await;
     Ok(())
 }
@@ -1194,7 +1194,7 @@ async fn run_llm(
         completed: true,
         error_message: None,
     };
-    let recorded = app.record(app.store.record_success(job, &call, &result).await)?;
+    let recorded = app.record(app.store.record_success(job, call, result).await)?;
     settle(app, reservation, recorded).await;
     Ok(())
 }

@@ -426,17 +426,18 @@ impl Store {
     pub async fn record_success(
         &self,
         job: &JobRef,
-        call: &CallRecord,
-        result: &ResultRecord,
+        call: CallRecord,
+        result: ResultRecord,
     ) -> Result<MicroUsd, StoreError> {
         let Some(batch) = &self.batch else {
-            return self.record_success_now(job, call, result).await;
+            return self.record_success_now(job, &call, &result).await;
         };
         let (reply, rx) = tokio::sync::oneshot::channel();
+        // Owned: a provider's response moves to the writer without a copy.
         let pending = batch::Pending {
             job: job.clone(),
-            call: call.clone(),
-            result: result.clone(),
+            call,
+            result,
             reply,
         };
         if batch.send(pending).await.is_err() {
