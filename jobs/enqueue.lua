@@ -8,77 +8,203 @@
 -- ARGV[1]  kind: "vision.annotate" or "llm.complete"
 -- ARGV[2]  tier: enterprise_plus | enterprise | professional_agency | growth_team |
 --          solo_professional | trial
--- ARGV[3]  organization_id: the UUID the job is billed to (also inside the payload)
--- ARGV[4]  payload: the job's JSON document (see jobs/schema/<kind>.json)
--- ARGV[5]  job_id: optional ("" = the queue assigns one); an id already queued is a duplicate
--- ARGV[6]  delay_ms: run no earlier than this many milliseconds from now ("0" = now)
--- ARGV[7]  idempotency_key: optional ("" = none)
--- ARGV[8]  idempotency_ttl_s: how long the key is remembered (seconds, > 0 when a key is given)
--- ARGV[9]  max_attempts: executions before the dead set ("0" = the daemon's default)
+-- ARGV[3]  organization_id: the UUID the job is billed to, in canonical lower-case form
+--          (also inside the payload)
+-- ARGV[4]  payload: the job's JSON document (see jobs/schema/<kind>.json), UTF-8, at most 10 MiB
+-- ARGV[5]  job_id: optional ("" = the queue assigns one, "j-<time><usec>-<n>"); an app's own id
+--          may not start with "j-". An id that is queued, dead, or finished within the
+--          idempotency TTL is a duplicate.
+-- ARGV[6]  delay_ms: run no earlier than this many milliseconds from now ("0" = now), an integer
+--          from 0 to 31536000000 (365 days)
+-- ARGV[7]  idempotency_key: optional ("" = none), at most 200 bytes; scoped to the organisation
+-- ARGV[8]  idempotency_ttl_s: how long the key is remembered, an integer from 1 to 31536000 when a
+--          key is given (0 allowed without one)
+-- ARGV[9]  max_attempts: executions before the dead set ("0" = the daemon's default), 0 to 100
 --
 -- Returns { job_id, "created" } or { first_job_id, "duplicate" }.
--- Errors are replies starting with "ERR aiq:"; nothing is written when one is returned.
+-- Errors are replies starting with "ERR aiq:" that name the argument; when one is returned,
+-- nothing was written (not even the id counter): every check runs before the first write, and a
+-- write refused by a corrupt key is undone before the error is returned.
 
 local base = KEYS[1]
 local kind, tier, org, payload = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local job_id, delay_ms = ARGV[5], tonumber(ARGV[6])
-local idem_key, idem_ttl, max_attempts = ARGV[7], tonumber(ARGV[8]), tonumber(ARGV[9])
+local job_id, delay_arg = ARGV[5], ARGV[6]
+local idem_key, ttl_arg, attempts_arg = ARGV[7], ARGV[8], ARGV[9]
 
 local TIERS = { enterprise_plus = true, enterprise = true, professional_agency = true,
                 growth_team = true, solo_professional = true, trial = true }
 local KINDS = { ["vision.annotate"] = true, ["llm.complete"] = true }
 
-if not KINDS[kind] then return redis.error_reply("ERR aiq: unknown kind " .. tostring(kind)) end
-if not TIERS[tier] then return redis.error_reply("ERR aiq: unknown tier " .. tostring(tier)) end
-if type(org) ~= "string" or not string.match(org, "^%x%x%x%x%x%x%x%x%-%x%x%x%x%-%x%x%x%x%-%x%x%x%x%-%x%x%x%x%x%x%x%x%x%x%x%x$") then
-  return redis.error_reply("ERR aiq: organization_id must be a UUID")
-end
-if type(payload) ~= "string" or #payload == 0 then return redis.error_reply("ERR aiq: empty payload") end
-if #payload > 10485760 then return redis.error_reply("ERR aiq: payload larger than 10 MiB") end
-if delay_ms == nil or delay_ms < 0 then return redis.error_reply("ERR aiq: delay_ms must be >= 0") end
-if max_attempts == nil or max_attempts < 0 or max_attempts > 100 then
-  return redis.error_reply("ERR aiq: max_attempts must be 0..100")
-end
-if job_id ~= "" and (#job_id > 128 or string.find(job_id, "[%s{}]")) then
-  return redis.error_reply("ERR aiq: job_id must be 1-128 characters without spaces or braces")
-end
-if idem_key ~= "" and (idem_ttl == nil or idem_ttl <= 0) then
-  return redis.error_reply("ERR aiq: idempotency_ttl_s must be > 0 with an idempotency key")
+local function refuse(msg) return redis.error_reply("ERR aiq: " .. msg) end
+
+-- A value shown in a refusal: printable ASCII, at most 40 characters, anything else escaped.
+local function shown(s)
+  if type(s) ~= "string" then return "(missing)" end
+  local cut = string.sub(s, 1, 40)
+  cut = string.gsub(cut, "[^\32-\126]", function(c) return string.format("\\x%02x", string.byte(c)) end)
+  if #s > 40 then cut = cut .. "..." end
+  return cut
 end
 
+-- Well-formed UTF-8 (no overlong forms, no surrogates, nothing above U+10FFFF). Each valid
+-- multi-byte sequence is replaced by an ASCII placeholder (never removed, so no new sequence
+-- can form across a gap); any byte >= 0x80 left over is invalid. Pure ASCII skips the work.
+local function utf8_ok(s)
+  if not string.find(s, "[\128-\255]") then return true end
+  s = string.gsub(s, "[\194-\223][\128-\191]", "x")
+  s = string.gsub(s, "\224[\160-\191][\128-\191]", "x")
+  s = string.gsub(s, "[\225-\236\238\239][\128-\191][\128-\191]", "x")
+  s = string.gsub(s, "\237[\128-\159][\128-\191]", "x")
+  s = string.gsub(s, "\240[\144-\191][\128-\191][\128-\191]", "x")
+  s = string.gsub(s, "[\241-\243][\128-\191][\128-\191][\128-\191]", "x")
+  s = string.gsub(s, "\244[\128-\143][\128-\191][\128-\191]", "x")
+  return not string.find(s, "[\128-\255]")
+end
+
+-- A decimal integer from lo to hi, written with digits only (no sign, point, exponent, inf, nan).
+local function int_in(s, lo, hi)
+  if type(s) ~= "string" or not string.find(s, "^%d+$") or #s > 15 then return nil end
+  local n = tonumber(s)
+  if n < lo or n > hi then return nil end
+  return n
+end
+
+if type(base) ~= "string" or not string.find(base, "^{[^{}]+}$") or #base > 130
+    or string.find(base, "[%z\1-\32\127]") or not utf8_ok(base) then
+  return refuse("base must be {prefix}: 1-128 printable characters without spaces or braces, in braces")
+end
+if not KINDS[kind] then return refuse("unknown kind " .. shown(kind)) end
+if not TIERS[tier] then return refuse("unknown tier " .. shown(tier)) end
+if type(org) ~= "string" or not string.match(org, "^%x%x%x%x%x%x%x%x%-%x%x%x%x%-%x%x%x%x%-%x%x%x%x%-%x%x%x%x%x%x%x%x%x%x%x%x$") then
+  return refuse("organization_id must be a UUID")
+end
+if string.find(org, "%u") then
+  return refuse("organization_id must be a UUID in lower case (" .. shown(org) .. ")")
+end
+if type(payload) ~= "string" or #payload == 0 then return refuse("empty payload") end
+if #payload > 10485760 then return refuse("payload larger than 10 MiB") end
+if not utf8_ok(payload) then return refuse("payload is not valid UTF-8") end
+-- JSON allows no raw control character but tab, newline and carriage return (a NUL inside a
+-- string must be written \u0000, and the decoder refuses that too).
+if string.find(payload, "[%z\1-\8\11\12\14-\31]") then
+  return refuse("payload holds a control character (JSON must escape them)")
+end
+local delay_ms = int_in(delay_arg, 0, 31536000000)
+if not delay_ms then
+  if type(delay_arg) == "string" and string.find(delay_arg, "^%-") then
+    return refuse("delay_ms must be >= 0")
+  end
+  return refuse("delay_ms must be an integer from 0 to 31536000000, not " .. shown(delay_arg))
+end
+local max_attempts = int_in(attempts_arg, 0, 100)
+if not max_attempts then return refuse("max_attempts must be 0..100") end
+if type(job_id) ~= "string" then return refuse("job_id is missing") end
+if job_id ~= "" then
+  if #job_id > 128 or string.find(job_id, "[%s{}]") then
+    return refuse("job_id must be 1-128 characters without spaces or braces")
+  end
+  if string.find(job_id, "[%z\1-\31\127]") or not utf8_ok(job_id) then
+    return refuse("job_id must be UTF-8 without control characters")
+  end
+  if string.sub(job_id, 1, 2) == "j-" then
+    return refuse("job_id must not start with j- (the queue's own ids)")
+  end
+end
+if type(idem_key) ~= "string" then return refuse("idempotency_key is missing") end
+if idem_key ~= "" and (#idem_key > 200 or string.find(idem_key, "[%z\1-\31\127]") or not utf8_ok(idem_key)) then
+  return refuse("idempotency_key must be 1-200 bytes of UTF-8 without control characters")
+end
+local idem_ttl = int_in(ttl_arg, idem_key == "" and 0 or 1, 31536000)
+if not idem_ttl then
+  if idem_key ~= "" then
+    return refuse("idempotency_ttl_s must be > 0 with an idempotency key (an integer up to 31536000)")
+  end
+  return refuse("idempotency_ttl_s must be an integer from 0 to 31536000")
+end
+
+-- Writes, each undone if a later one is refused by a key of the wrong type (an app that wrote
+-- the queue's keys by hand): Redis keeps a script's writes made before an error, so without the
+-- undo a job could end up in no list at all.
+local undo = {}
+local function write(revert, ...)
+  local r = redis.pcall(...)
+  if type(r) == "table" and r.err then
+    for i = #undo, 1, -1 do redis.pcall(unpack(undo[i])) end
+    local key = select(2, ...)
+    return nil, refuse("corrupt key " .. shown(key) .. ": " .. tostring(r.err))
+  end
+  if revert then undo[#undo + 1] = revert end
+  return r
+end
+local function read(...)
+  local r = redis.pcall(...)
+  if type(r) == "table" and r.err then
+    return nil, refuse("corrupt key " .. shown(select(2, ...)) .. ": " .. tostring(r.err))
+  end
+  return r
+end
+
+local idem = nil
 if idem_key ~= "" then
-  local first = redis.call("GET", base .. ":idem:" .. idem_key)
+  -- Idempotency keys are the organisation's own: another organisation's key never answers.
+  idem = base .. ":idem:" .. org .. ":" .. idem_key
+  local first, err = read("GET", idem)
+  if err then return err end
   if first then return { first, "duplicate" } end
-end
-if job_id == "" then
-  job_id = "j" .. redis.call("INCR", base .. ":seq")
-elseif redis.call("EXISTS", base .. ":job:" .. job_id) == 1 then
-  return { job_id, "duplicate" }
-end
-if idem_key ~= "" then
-  redis.call("SET", base .. ":idem:" .. idem_key, job_id, "EX", math.floor(idem_ttl))
+  -- A key written before keys were scoped (at most one TTL after the upgrade) still answers,
+  -- but only for its own organisation's job.
+  first, err = read("GET", base .. ":idem:" .. idem_key)
+  if err then return err end
+  if first then
+    local owner = redis.pcall("HGET", base .. ":job:" .. first, "org")
+    if type(owner) ~= "string" or owner == org then return { first, "duplicate" } end
+  end
 end
 
 local t = redis.call("TIME")
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local job = base .. ":job:" .. job_id
-redis.call("HSET", job, "kind", kind, "tier", tier, "org", org, "payload", payload,
-  "attempts", 0, "interrupts", 0, "max_attempts", max_attempts, "token", 0,
-  "enqueued_at", now, "idem", idem_key)
-redis.call("HINCRBY", base .. ":counters", "enqueued", 1)
+local own = job_id ~= ""
+if not own then
+  -- Unique across a Redis that lost its data: the counter restarts, the clock does not.
+  local seq = base .. ":seq"
+  local n, err = write({ "DECR", seq }, "INCR", seq)
+  if err then return err end
+  job_id = "j-" .. t[1] .. string.sub("00000" .. t[2], -6) .. "-" .. n
+elseif redis.call("EXISTS", base .. ":job:" .. job_id, base .. ":done:" .. job_id) > 0 then
+  -- Queued, dead, or finished within the idempotency TTL: never run or paid for twice.
+  return { job_id, "duplicate" }
+end
 
+local job = base .. ":job:" .. job_id
+local _, err = write({ "HINCRBY", base .. ":counters", "enqueued", -1 },
+  "HINCRBY", base .. ":counters", "enqueued", 1)
+if err then return err end
+local state
 if delay_ms > 0 then
-  redis.call("HSET", job, "state", "delayed")
-  redis.call("ZADD", base .. ":delayed", now + delay_ms, job_id)
+  state = "delayed"
+  _, err = write({ "ZREM", base .. ":delayed", job_id }, "ZADD", base .. ":delayed", now + delay_ms, job_id)
+  if err then return err end
 else
   -- Waiting: append to the organisation's list; a list that was empty puts the organisation
   -- into its tier's round-robin ring and its head time into the tier's heads set.
-  redis.call("HSET", job, "state", "waiting", "ready_at", now)
+  state = "waiting"
   local list = base .. ":wait:" .. tier .. ":" .. org
-  if redis.call("RPUSH", list, job_id) == 1 then
-    redis.call("RPUSH", base .. ":orgs:" .. tier, org)
-    redis.call("ZADD", base .. ":heads:" .. tier, now, org)
+  local len
+  len, err = write({ "RPOP", list }, "RPUSH", list, job_id)
+  if err then return err end
+  if len == 1 then
+    _, err = write({ "RPOP", base .. ":orgs:" .. tier }, "RPUSH", base .. ":orgs:" .. tier, org)
+    if err then return err end
+    _, err = write({ "ZREM", base .. ":heads:" .. tier, org }, "ZADD", base .. ":heads:" .. tier, now, org)
+    if err then return err end
   end
-  redis.call("HINCRBY", base .. ":depth", tier, 1)
+  _, err = write({ "HINCRBY", base .. ":depth", tier, -1 }, "HINCRBY", base .. ":depth", tier, 1)
+  if err then return err end
 end
+-- The job's own hash is new (EXISTS said so) and the idempotency key is a plain SET: neither
+-- can be refused, so they come last.
+redis.call("HSET", job, "kind", kind, "tier", tier, "org", org, "payload", payload,
+  "attempts", 0, "interrupts", 0, "max_attempts", max_attempts, "token", 0,
+  "enqueued_at", now, "idem", idem_key, "own", own and 1 or 0, "state", state, "ready_at", now)
+if idem then redis.call("SET", idem, job_id, "EX", idem_ttl) end
 return { job_id, "created" }

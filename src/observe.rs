@@ -99,6 +99,24 @@ fn describe() {
         "aiq_fallbacks_total",
         "LLM jobs that moved from one provider to the next of their fallback chain."
     );
+    describe_counter!(
+        "aiq_jobs_corrupt_total",
+        "Leased jobs whose fields in Redis were not what enqueue.lua writes; each went to the dead set as corrupt."
+    );
+    describe_counter!(
+        "aiq_jobs_already_done_total",
+        "Fetched jobs whose id already had a result row: acknowledged without a provider call."
+    );
+}
+
+/// Leased jobs that could not be read were buried as corrupt.
+pub fn jobs_corrupt(n: usize) {
+    metrics::counter!("aiq_jobs_corrupt_total").increment(n as u64);
+}
+
+/// A fetched job already had its outcome in PostgreSQL and was acknowledged without a call.
+pub fn job_already_done() {
+    metrics::counter!("aiq_jobs_already_done_total").increment(1);
 }
 
 /// A failed call is tried again in the same attempt.

@@ -8,6 +8,7 @@ use anyhow::Context;
 use apalis::layers::WorkerBuilderExt;
 use apalis_core::error::WorkerError;
 use apalis_core::worker::builder::WorkerBuilder;
+use futures::FutureExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::budget::{Budget, PriceCatalog};
@@ -16,7 +17,7 @@ use crate::jobs::{App, Clients, HoldTtl, JobService};
 use crate::providers::openai::OpenAiClient;
 use crate::providers::vision::VisionClient;
 use crate::queue::Queue;
-use crate::queue::backend::RedisBackend;
+use crate::queue::backend::{Precheck, RedisBackend};
 use crate::store::Store;
 
 /// This host's name, for the worker's name in logs. (Through gethostname(2), not /proc, which
@@ -144,7 +145,12 @@ pub async fn run(
     spawn_budget_tasks(settings, app.clone(), background.clone());
     let _stop_background = background.drop_guard();
     let name = format!("aiq-{}-{}", hostname(), std::process::id());
-    let backend = RedisBackend::new(queue, settings.retry);
+    let store = app.store.clone();
+    let precheck: Precheck = Arc::new(move |pairs| {
+        let store = store.clone();
+        async move { store.outcomes_of(&pairs).await.map_err(|e| e.to_string()) }.boxed()
+    });
+    let backend = RedisBackend::new(queue, settings.retry).with_precheck(precheck);
     let worker = WorkerBuilder::new(name.as_str())
         .backend(backend)
         .concurrency(settings.queue.concurrency)

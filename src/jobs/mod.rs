@@ -34,7 +34,7 @@ use crate::providers::gemini::{self, GeminiClient};
 use crate::providers::openai::{self, OpenAiClient};
 use crate::providers::vision::{self, ImageResult, VisionClient};
 use crate::providers::{ErrorKind, ProviderError};
-use crate::queue::backend::{Failure, RawJob};
+use crate::queue::backend::{Failure, Prior, RawJob};
 use crate::store::{CallRecord, CallStatus, ErrorRecord, JobRef, ResultRecord, Store};
 use payload::{JobInput, LlmPayload, VisionPayload, decode};
 
@@ -482,25 +482,29 @@ async fn run_in_span(app: &App, raw: &RawJob) -> Result<(), Failure> {
     let job = job_ref(raw, Some(&input));
     let org = input.common().organization_id.as_uuid();
     let tier = input.common().tier;
-    // A worker that stopped mid-job may have recorded its outcome without acknowledging it
-    // (killed, or Redis away long enough for its lease to expire): do not pay for it again.
-    if raw.interrupts > 0 {
-        match app
-            .record(app.store.result_status(&raw.id).await)?
-            .as_deref()
-        {
-            Some("completed") => {
-                tracing::info!(
-                    "an earlier run recorded this job's result: acknowledged without a call"
-                );
-                return Ok(());
-            }
-            Some(_) => {
-                return Err(Failure::Permanent {
-                    message: "an earlier run recorded that this job failed for good".into(),
-                });
-            }
-            None => {}
+    // A job id that already has an outcome is never run or paid for again: a worker that
+    // stopped mid-job may have recorded it without acknowledging it, or the app reused an id
+    // that finished. The backend looked it up once for the whole batch.
+    match raw.prior {
+        Prior::Nothing => {}
+        Prior::Completed => {
+            tracing::info!("this job id already has a result: acknowledged without a call");
+            crate::observe::job_already_done();
+            return Ok(());
+        }
+        Prior::Failed => {
+            crate::observe::job_already_done();
+            return Err(Failure::Permanent {
+                message: "this job id already has a result that failed for good".into(),
+            });
+        }
+        Prior::Unknown => {
+            app.store_gate.trip();
+            return Err(Failure::Defer {
+                message: "PostgreSQL is unreachable: whether this job already ran is unknown"
+                    .into(),
+                after: STORE_PROBE + spread(1_000),
+            });
         }
     }
 

@@ -214,6 +214,7 @@ mod tests {
             max_attempts: 3,
             enqueued_at_ms: 0,
             interrupts: 0,
+            prior: Default::default(),
         }
     }
 
@@ -361,6 +362,7 @@ mod schema_tests {
                 max_attempts: 1,
                 enqueued_at_ms: 0,
                 interrupts: 0,
+                prior: Default::default(),
             };
             assert!(decode(&raw(&example)).is_ok(), "{kind} example decodes");
             let required = schema["required"].as_array().unwrap();

@@ -52,6 +52,71 @@ pub struct RawJob {
     /// Times an earlier execution was cut off by its worker stopping: it may have recorded its
     /// outcome without acknowledging it.
     pub interrupts: u32,
+    /// What the store already holds for this job id, from the backend's [`Precheck`].
+    pub prior: Prior,
+}
+
+/// What the store already holds for a fetched job's id. A job that was leased before, or whose
+/// id the app chose, may already have an outcome (its worker stopped after recording it, or the
+/// id was used and finished before): it must not be run and paid for again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Prior {
+    /// Nothing recorded, or nothing to check (a queue id leased for the first time).
+    #[default]
+    Nothing,
+    /// A result row says the job succeeded.
+    Completed,
+    /// A result row says the job failed for good.
+    Failed,
+    /// The check could not be made (the store is unreachable): the job must wait.
+    Unknown,
+}
+
+/// The look-up the backend makes once per fetched batch, for the jobs that need it: given
+/// (organization id, job id) pairs, the ones that have an outcome, true when it is a success.
+/// The queue knows nothing of the store; the daemon passes this in.
+pub type Precheck = Arc<
+    dyn Fn(
+            Vec<(String, String)>,
+        ) -> BoxFuture<'static, Result<HashMap<(String, String), bool>, String>>
+        + Send
+        + Sync,
+>;
+
+/// Leases a batch, then asks the precheck about the jobs that may already have an outcome: at
+/// most one look-up per batch, none when every job is a queue id on its first lease.
+async fn fetch_checked(
+    queue: Queue,
+    want: usize,
+    precheck: Option<Precheck>,
+) -> Result<Vec<(LeasedJob, Prior)>, QueueError> {
+    let jobs = queue.fetch(want).await?;
+    let needs = |j: &LeasedJob| j.own || j.token != "1";
+    let ask: Vec<(String, String)> = jobs
+        .iter()
+        .filter(|j| needs(j))
+        .map(|j| (j.organization_id.clone(), j.id.clone()))
+        .collect();
+    let known = match (&precheck, ask.is_empty()) {
+        (Some(check), false) => Some(check(ask).await),
+        _ => None,
+    };
+    Ok(jobs
+        .into_iter()
+        .map(|j| {
+            let prior = match &known {
+                Some(_) if !needs(&j) => Prior::Nothing,
+                None => Prior::Nothing,
+                Some(Err(_)) => Prior::Unknown,
+                Some(Ok(found)) => match found.get(&(j.organization_id.clone(), j.id.clone())) {
+                    Some(true) => Prior::Completed,
+                    Some(false) => Prior::Failed,
+                    None => Prior::Nothing,
+                },
+            };
+            (j, prior)
+        })
+        .collect())
 }
 
 /// The lease a task runs under; it travels in the task's extensions to the ack layer.
@@ -235,6 +300,9 @@ async fn renewer(shared: Arc<Shared>, every: Duration, stop: CancellationToken) 
     }
 }
 
+/// A fetch in flight: leased jobs, each with what the store already holds for it.
+type Fetching = BoxFuture<'static, Result<Vec<(LeasedJob, Prior)>, QueueError>>;
+
 /// The apalis backend. Build one per worker.
 pub struct RedisBackend {
     shared: Arc<Shared>,
@@ -243,7 +311,8 @@ pub struct RedisBackend {
     rx: Option<mpsc::UnboundedReceiver<AckRequest>>,
     stop: CancellationToken,
     buffer: VecDeque<Task<RawJob>>,
-    fetching: Option<BoxFuture<'static, Result<Vec<LeasedJob>, QueueError>>>,
+    fetching: Option<Fetching>,
+    precheck: Option<Precheck>,
     idle: Option<Pin<Box<tokio::time::Sleep>>>,
     error_pause: Duration,
     closing: Option<BoxFuture<'static, ()>>,
@@ -270,10 +339,18 @@ impl RedisBackend {
             idle: None,
             error_pause: Duration::from_millis(100),
             closing: None,
+            precheck: None,
         }
     }
 
-    fn to_task(&self, job: LeasedJob) -> Task<RawJob> {
+    /// Checks each fetched batch's re-leased and app-named jobs against the store (see
+    /// [`Precheck`]).
+    pub fn with_precheck(mut self, precheck: Precheck) -> Self {
+        self.precheck = Some(precheck);
+        self
+    }
+
+    fn to_task(&self, job: LeasedJob, prior: Prior) -> Task<RawJob> {
         let max_attempts = if job.max_attempts == 0 {
             self.default_max_attempts
         } else {
@@ -301,6 +378,7 @@ impl RedisBackend {
             max_attempts,
             enqueued_at_ms: job.enqueued_at_ms,
             interrupts: job.interrupts,
+            prior,
         };
         TaskBuilder::new(raw)
             .task_id(TaskId::from_string(job.id))
@@ -353,8 +431,8 @@ impl Backend for RedisBackend {
                     }
                     Ok(jobs) => {
                         self.error_pause = Duration::from_millis(100);
-                        for job in jobs {
-                            let task = self.to_task(job);
+                        for (job, prior) in jobs {
+                            let task = self.to_task(job, prior);
                             self.buffer.push_back(task);
                         }
                     }
@@ -381,7 +459,7 @@ impl Backend for RedisBackend {
                 .saturating_sub(self.buffer.len());
             let want = free.clamp(1, self.settings.fetch_batch);
             let queue = self.shared.queue.clone();
-            self.fetching = Some(async move { queue.fetch(want).await }.boxed());
+            self.fetching = Some(fetch_checked(queue, want, self.precheck.clone()).boxed());
         }
     }
 
@@ -407,7 +485,7 @@ impl Backend for RedisBackend {
                     if let Some(fetch) = pending
                         && let Ok(jobs) = fetch.await
                     {
-                        leases.extend(jobs.into_iter().map(|j| Lease {
+                        leases.extend(jobs.into_iter().map(|(j, _)| Lease {
                             id: j.id,
                             token: j.token,
                             attempt: j.attempts + 1,

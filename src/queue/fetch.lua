@@ -5,7 +5,9 @@
 -- ARGV: want, lease_ms, strict (0|1), max_interrupts, reap_limit, promote_limit,
 --       then the six tier weights, highest tier first.
 -- Returns one array per leased job:
---   { id, token, kind, tier, org, payload, attempts, max_attempts, enqueued_at, interrupts }
+--   { id, token, kind, tier, org, payload, attempts, max_attempts, enqueued_at, interrupts, own }
+-- (own: "1" when the app chose the id). Values are bytes as stored: the caller checks that they
+-- are UTF-8 and buries a job whose bytes are not.
 
 local base = KEYS[1]
 local want, lease_ms, strict = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3] == "1"
@@ -128,14 +130,15 @@ while #out < want and guard > 0 do
     taken[tier] = (taken[tier] or 0) + 1
     local job = base .. ":job:" .. id
     local f = redis.call("HMGET", job, "kind", "tier", "org", "payload", "attempts",
-      "max_attempts", "enqueued_at", "interrupts")
+      "max_attempts", "enqueued_at", "interrupts", "own")
     if f[1] then
       local token = redis.call("HINCRBY", job, "token", 1)
       redis.call("HSET", job, "state", "inflight", "leased_at", now)
       leases[#leases + 1] = now + lease_ms
       leases[#leases + 1] = id
       out[#out + 1] = { id, tostring(token), f[1] or "", f[2] or "", f[3] or "", f[4] or "",
-        tostring(f[5] or "0"), tostring(f[6] or "0"), tostring(f[7] or "0"), tostring(f[8] or "0") }
+        tostring(f[5] or "0"), tostring(f[6] or "0"), tostring(f[7] or "0"), tostring(f[8] or "0"),
+        f[9] or "0" }
     end
   end
 end

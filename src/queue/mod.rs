@@ -95,6 +95,66 @@ pub struct LeasedJob {
     pub enqueued_at_ms: i64,
     /// Times a worker stopped while running it (its lease expired and the reaper returned it).
     pub interrupts: u32,
+    /// The app chose the id (not the queue): it may name a job that already ran.
+    pub own: bool,
+}
+
+/// One row of fetch.lua's answer as a job, or why it cannot be one: (id, token, reason), kept
+/// as bytes so that the job can still be settled.
+fn leased_job(row: Vec<Vec<u8>>) -> Result<LeasedJob, (Vec<u8>, Vec<u8>, String)> {
+    let Ok(fields) = <[Vec<u8>; 11]>::try_from(row) else {
+        return Err((Vec::new(), Vec::new(), "fetch returned a short row".into()));
+    };
+    let [
+        id,
+        token,
+        kind,
+        tier,
+        org,
+        payload,
+        attempts,
+        max_attempts,
+        enqueued_at,
+        interrupts,
+        own,
+    ] = fields;
+    let text = |name: &str, v: Vec<u8>| {
+        String::from_utf8(v).map_err(|e| {
+            format!(
+                "its {name} is not UTF-8 (byte {})",
+                e.utf8_error().valid_up_to()
+            )
+        })
+    };
+    let number = |name: &str, v: &[u8]| -> Result<u32, String> {
+        std::str::from_utf8(v)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| format!("its {name} is not a number"))
+    };
+    let parsed = (|| {
+        let job = LeasedJob {
+            id: text("id", id.clone())?,
+            token: text("token", token.clone())?,
+            kind: text("kind", kind)?,
+            tier: text("tier", tier)?,
+            organization_id: text("organization id", org)?,
+            payload: text("payload", payload)?,
+            attempts: number("attempts", &attempts)?,
+            max_attempts: number("max_attempts", &max_attempts)?,
+            enqueued_at_ms: std::str::from_utf8(&enqueued_at)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0),
+            interrupts: number("interrupts", &interrupts)?,
+            own: own == b"1",
+        };
+        if job.token.parse::<u64>().is_err() {
+            return Err("its token is not a number".to_owned());
+        }
+        Ok(job)
+    })();
+    parsed.map_err(|why| (id, token, why))
 }
 
 /// What to do with a leased job.
@@ -258,6 +318,9 @@ impl Queue {
     }
 
     /// Leases up to `want` jobs, after returning expired leases and promoting due delayed jobs.
+    /// A leased job whose stored fields are not what enqueue.lua writes (bytes that are not
+    /// UTF-8, numbers that are not numbers: a hand-written key) is moved to the dead set as
+    /// `corrupt` here, and the rest of the batch is served.
     pub async fn fetch(&self, want: usize) -> Result<Vec<LeasedJob>, QueueError> {
         let mut conn = self.conn.clone();
         let s = &self.settings;
@@ -275,37 +338,41 @@ impl Queue {
         for w in s.tier_weights {
             inv.arg(w);
         }
-        let rows: Vec<Vec<String>> = inv.invoke_async(&mut conn).await?;
-        rows.into_iter()
-            .map(|r| match <[String; 10]>::try_from(r) {
-                Ok(
-                    [
-                        id,
-                        token,
-                        kind,
-                        tier,
-                        org,
-                        payload,
-                        attempts,
-                        max_attempts,
-                        enqueued_at,
-                        interrupts,
-                    ],
-                ) => Ok(LeasedJob {
-                    id,
-                    token,
-                    kind,
-                    tier,
-                    organization_id: org,
-                    payload,
-                    attempts: attempts.parse().unwrap_or(0),
-                    max_attempts: max_attempts.parse().unwrap_or(0),
-                    enqueued_at_ms: enqueued_at.parse().unwrap_or(0),
-                    interrupts: interrupts.parse().unwrap_or(0),
-                }),
-                Err(r) => Err(QueueError::Protocol(format!("fetch row {r:?}"))),
-            })
-            .collect()
+        let rows: Vec<Vec<Vec<u8>>> = inv.invoke_async(&mut conn).await?;
+        let mut jobs = Vec::with_capacity(rows.len());
+        let mut corrupt = Vec::new();
+        for row in rows {
+            match leased_job(row) {
+                Ok(job) => jobs.push(job),
+                Err((id, token, why)) => corrupt.push((id, token, why)),
+            }
+        }
+        if !corrupt.is_empty() {
+            self.bury(&corrupt).await?;
+        }
+        Ok(jobs)
+    }
+
+    /// Moves leased jobs that cannot be read to the dead set with reason `corrupt: ...`. The ids
+    /// and tokens go back to Redis as the bytes it gave, so even an id that is not UTF-8 is found.
+    async fn bury(&self, jobs: &[(Vec<u8>, Vec<u8>, String)]) -> Result<(), QueueError> {
+        let mut conn = self.conn.clone();
+        let mut inv = SETTLE.key(&self.base);
+        inv.arg(self.settings.dead_max_jobs)
+            .arg(self.settings.dead_max_age.as_millis() as u64)
+            .arg(self.settings.idempotency_ttl.as_secs());
+        for (id, token, why) in jobs {
+            tracing::error!(job.id = %String::from_utf8_lossy(id).escape_debug(), reason = %why,
+                "dead: the job's fields in Redis are corrupt");
+            inv.arg(id.as_slice())
+                .arg(token.as_slice())
+                .arg("dead")
+                .arg(0)
+                .arg(format!("corrupt: {why}"));
+        }
+        let _: Vec<i64> = inv.invoke_async(&mut conn).await?;
+        crate::observe::jobs_corrupt(jobs.len());
+        Ok(())
     }
 
     /// Returns expired leases and promotes due delayed jobs, without leasing anything. Every
@@ -322,7 +389,8 @@ impl Queue {
             let mut conn = self.conn.clone();
             let mut inv = SETTLE.key(&self.base);
             inv.arg(self.settings.dead_max_jobs)
-                .arg(self.settings.dead_max_age.as_millis() as u64);
+                .arg(self.settings.dead_max_age.as_millis() as u64)
+                .arg(self.settings.idempotency_ttl.as_secs());
             for it in chunk {
                 let (op, delay, msg) = match &it.outcome {
                     Outcome::Done => ("done", 0, ""),

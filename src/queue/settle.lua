@@ -1,8 +1,11 @@
 -- Settle leased jobs in one round trip. An item whose fencing token no longer matches (its lease
 -- expired and the job went to another worker) is refused and changes nothing.
 --
--- ARGV: dead_max_jobs, dead_max_age_ms, then groups of five: id, token, op, delay_ms, message.
--- op: done    - finished; the job leaves Redis (results live in PostgreSQL)
+-- ARGV: dead_max_jobs, dead_max_age_ms, done_ttl_s, then groups of five: id, token, op, delay_ms,
+--       message.
+-- op: done    - finished; the job leaves Redis (results live in PostgreSQL). A job enqueued with
+--               the app's own id leaves a marker `{p}:done:<id>` for done_ttl_s, so enqueueing
+--               that id again is a duplicate, not a second paid run.
 --     retry   - failed; one attempt spent; runs again after delay_ms
 --     dead    - failed for good; one attempt spent; kept in the dead set with the message
 --     release - not started or interrupted by shutdown; back to the head of its tier, no attempt
@@ -10,7 +13,7 @@
 -- Returns one integer per item: 1 applied, 0 refused (stale token or no lease).
 
 local base = KEYS[1]
-local dead_max, dead_age = tonumber(ARGV[1]), tonumber(ARGV[2])
+local dead_max, dead_age, done_ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local t = redis.call("TIME")
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local inflight, delayed, dead = base .. ":inflight", base .. ":delayed", base .. ":dead"
@@ -19,14 +22,16 @@ local COUNTER = { done = "done", retry = "retried", dead = "dead", release = "re
 
 local out = {}
 local counts = {}
-for i = 3, #ARGV, 5 do
+for i = 4, #ARGV, 5 do
   local id, token, op, delay_ms, msg = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3]), ARGV[i + 4]
   local job = base .. ":job:" .. id
-  if redis.call("HGET", job, "token") ~= token or redis.call("ZREM", inflight, id) == 0 then
+  local held, own = unpack(redis.call("HMGET", job, "token", "own"))
+  if held ~= token or redis.call("ZREM", inflight, id) == 0 then
     out[#out + 1] = 0
   else
     if op == "done" then
       redis.call("DEL", job)
+      if own == "1" then redis.call("SET", base .. ":done:" .. id, 1, "EX", done_ttl) end
     elseif op == "retry" then
       redis.call("HINCRBY", job, "attempts", 1)
       redis.call("HINCRBY", job, "token", 1)

@@ -242,15 +242,19 @@ async fn write(pool: &PgPool, batch: &[Pending]) -> Result<Vec<MicroUsd>, StoreE
     .execute(&mut *tx)
     .await?;
 
-    let stored: Vec<(String, i64, i32, i64)> = sqlx::query_as(
-        "SELECT c.job_id, c.execution, c.call_seq, (c.cost_usd * 1000000)::bigint
+    let stored: Vec<(Option<Uuid>, String, i64, i32, i64)> = sqlx::query_as(
+        "SELECT c.organization_id, c.job_id, c.execution, c.call_seq,
+            (c.cost_usd * 1000000)::bigint
          FROM ai_cost_tracking c
-         JOIN UNNEST($1::text[], $2::bigint[], $3::int[]) AS k(job_id, execution, call_seq)
-           USING (job_id, execution, call_seq)",
+         JOIN UNNEST($1::text[], $2::bigint[], $3::int[], $4::uuid[])
+           AS k(job_id, execution, call_seq, org)
+           ON c.job_id = k.job_id AND c.execution = k.execution AND c.call_seq = k.call_seq
+             AND c.organization_id IS NOT DISTINCT FROM k.org",
     )
     .bind(&job_ids)
     .bind(&executions)
     .bind(&call_seqs)
+    .bind(&orgs)
     .fetch_all(&mut *tx)
     .await?;
     tx.commit().await?;
@@ -259,8 +263,11 @@ async fn write(pool: &PgPool, batch: &[Pending]) -> Result<Vec<MicroUsd>, StoreE
         .map(|p| {
             stored
                 .iter()
-                .find(|(j, e, c, _)| {
-                    *j == p.job.job_id && *e == p.job.execution && *c == p.call.call_seq
+                .find(|(o, j, e, c, _)| {
+                    *o == p.job.organization_id
+                        && *j == p.job.job_id
+                        && *e == p.job.execution
+                        && *c == p.call.call_seq
                 })
                 .map(|(.., micros)| MicroUsd::from_micros(*micros))
                 .ok_or_else(|| {

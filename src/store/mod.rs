@@ -3,7 +3,7 @@
 //! or per attempt and call (errors), and inserts use `ON CONFLICT DO NOTHING`, so a replayed job changes
 //! nothing. Money is bound as integer micro-USD and stored as NUMERIC dollars.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -349,11 +349,13 @@ impl Store {
         }
         let stored: i64 = sqlx::query_scalar(
             "SELECT (cost_usd * 1000000)::bigint FROM ai_cost_tracking
-             WHERE job_id = $1 AND execution = $2 AND call_seq = $3",
+             WHERE job_id = $1 AND execution = $2 AND call_seq = $3
+               AND organization_id IS NOT DISTINCT FROM $4",
         )
         .bind(&job.job_id)
         .bind(job.execution)
         .bind(call.call_seq)
+        .bind(job.organization_id)
         .fetch_one(&mut *tx)
         .await?;
         Ok(MicroUsd::from_micros(stored))
@@ -505,13 +507,30 @@ impl Store {
     }
 
     /// The status of a job's result row ("completed" or "failed"), if it has one.
-    pub async fn result_status(&self, job_id: &str) -> Result<Option<String>, StoreError> {
-        Ok(
-            sqlx::query_scalar("SELECT status FROM ai_processing_results WHERE job_id = $1")
-                .bind(job_id)
-                .fetch_optional(&self.pool)
-                .await?,
+    /// Of the given (organization id, job id) pairs, those that have a result row, true when it
+    /// says completed: one query for a whole fetched batch. A pair whose organisation is not a
+    /// UUID has no row (enqueue refuses such jobs; decode kills them).
+    pub async fn outcomes_of(
+        &self,
+        pairs: &[(String, String)],
+    ) -> Result<HashMap<(String, String), bool>, StoreError> {
+        let (orgs, ids): (Vec<Uuid>, Vec<String>) = pairs
+            .iter()
+            .filter_map(|(org, id)| Some((Uuid::parse_str(org).ok()?, pg_text(id).into_owned())))
+            .unzip();
+        let rows: Vec<(Uuid, String, String)> = sqlx::query_as(
+            "SELECT r.organization_id, r.job_id, r.status FROM ai_processing_results r
+             JOIN UNNEST($1::uuid[], $2::text[]) AS k(organization_id, job_id)
+               USING (organization_id, job_id)",
         )
+        .bind(&orgs)
+        .bind(&ids)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(org, id, status)| ((org.to_string(), id), status == "completed"))
+            .collect())
     }
 
     /// An organisation's limit overrides from ai_cost_limits: (daily, monthly), each None when

@@ -236,9 +236,10 @@ async fn a_job_whose_stopped_worker_recorded_its_result_is_not_called_again() {
     let leased = ctx.queue.fetch(2).await.unwrap();
     assert_eq!(leased.len(), 2);
     sqlx::query(
-        "INSERT INTO ai_processing_results (job_id, job_kind, raw_response, status, ai_provider)
-         VALUES ($1, 'llm.complete', '{}', 'completed', 'openai')",
+        "INSERT INTO ai_processing_results (organization_id, job_id, job_kind, raw_response, status, ai_provider)
+         VALUES ($1::uuid, $2, 'llm.complete', '{}', 'completed', 'openai')",
     )
+    .bind(ORG_A)
     .bind(&recorded)
     .execute(ctx.store.pool())
     .await

@@ -173,6 +173,7 @@ async fn a_replayed_job_writes_nothing_new() {
             max_attempts: 3,
             enqueued_at_ms: 0,
             interrupts: 0,
+            prior: Default::default(),
         };
         aiq::jobs::run(&app, &raw).await.expect("first run");
         let before = ctx.store.row_counts().await.unwrap();

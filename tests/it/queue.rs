@@ -179,7 +179,7 @@ async fn an_idempotency_key_returns_the_first_job_id() {
     assert!(second.duplicate);
     assert_eq!(first.job_id, second.job_id);
     let ttl: i64 = redis::cmd("TTL")
-        .arg(ctx.key("idem:photo-42"))
+        .arg(ctx.key(&format!("idem:{ORG_A}:photo-42")))
         .query_async(&mut ctx.redis().await)
         .await
         .unwrap();
