@@ -99,6 +99,10 @@ pub struct LeasedJob {
     pub own: bool,
 }
 
+fn bytes_of(ids: &[String]) -> Vec<Vec<u8>> {
+    ids.iter().map(|id| id.as_bytes().to_vec()).collect()
+}
+
 /// One row of fetch.lua's answer as a job, or why it cannot be one: (id, token, reason), kept
 /// as bytes so that the job can still be settled.
 fn leased_job(row: Vec<Vec<u8>>) -> Result<LeasedJob, (Vec<u8>, Vec<u8>, String)> {
@@ -494,10 +498,11 @@ impl Queue {
         })
     }
 
-    /// Dead jobs, newest first, `offset` from the newest.
+    /// Dead jobs, newest first, `offset` from the newest. Ids and fields are read as bytes: a
+    /// job buried because its bytes are not UTF-8 is listed (lossily), not an error for the page.
     pub async fn dead_page(&self, offset: usize, limit: usize) -> Result<Vec<DeadJob>, QueueError> {
         let mut conn = self.conn.clone();
-        let ids: Vec<String> = conn
+        let ids: Vec<Vec<u8>> = conn
             .zrevrange(
                 self.key("dead"),
                 offset as isize,
@@ -506,7 +511,7 @@ impl Queue {
             .await?;
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
-            let f = self.job_fields(&id).await?;
+            let f = self.job_fields_raw(&id).await?;
             let get = |k: &str| f.get(k).cloned().unwrap_or_default();
             out.push(DeadJob {
                 kind: get("kind"),
@@ -515,7 +520,7 @@ impl Queue {
                 reason: get("dead_reason"),
                 attempts: get("attempts").parse().unwrap_or(0),
                 dead_at_ms: get("dead_at").parse().unwrap_or(0),
-                id,
+                id: String::from_utf8_lossy(&id).into_owned(),
             });
         }
         Ok(out)
@@ -523,28 +528,49 @@ impl Queue {
 
     /// Every field the queue holds for a job (payload included), empty if it is unknown.
     pub async fn job_fields(&self, id: &str) -> Result<BTreeMap<String, String>, QueueError> {
+        self.job_fields_raw(id.as_bytes()).await
+    }
+
+    /// [`Queue::job_fields`] by the id's bytes; values that are not UTF-8 are shown lossily, and
+    /// a job key that is not a hash (written by hand) reads as empty.
+    async fn job_fields_raw(&self, id: &[u8]) -> Result<BTreeMap<String, String>, QueueError> {
         let mut conn = self.conn.clone();
-        Ok(conn.hgetall(self.key(&format!("job:{id}"))).await?)
+        let mut key = self.key("job:").into_bytes();
+        key.extend_from_slice(id);
+        let fields: Vec<(Vec<u8>, Vec<u8>)> = match conn.hgetall(key).await {
+            Ok(f) => f,
+            Err(e) if e.code() == Some("WRONGTYPE") => Vec::new(),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(fields
+            .into_iter()
+            .map(|(k, v)| {
+                (
+                    String::from_utf8_lossy(&k).into_owned(),
+                    String::from_utf8_lossy(&v).into_owned(),
+                )
+            })
+            .collect())
     }
 
     /// Puts dead jobs back into their tiers with fresh attempts; returns how many were dead.
     pub async fn dead_retry(&self, ids: &[String]) -> Result<usize, QueueError> {
-        self.dead_op("retry", ids).await
+        self.dead_op("retry", &bytes_of(ids)).await
     }
 
     /// Deletes dead jobs; returns how many were dead.
     pub async fn dead_purge(&self, ids: &[String]) -> Result<usize, QueueError> {
-        self.dead_op("purge", ids).await
+        self.dead_op("purge", &bytes_of(ids)).await
     }
 
-    async fn dead_op(&self, op: &str, ids: &[String]) -> Result<usize, QueueError> {
+    async fn dead_op(&self, op: &str, ids: &[Vec<u8>]) -> Result<usize, QueueError> {
         let mut n = 0;
         for chunk in ids.chunks(SCRIPT_CHUNK) {
             let mut conn = self.conn.clone();
             let mut inv = DEAD.key(&self.base);
             inv.arg(op);
             for id in chunk {
-                inv.arg(id);
+                inv.arg(id.as_slice());
             }
             let done: Vec<i64> = inv.invoke_async(&mut conn).await?;
             n += done.into_iter().filter(|d| *d == 1).count();
@@ -557,17 +583,15 @@ impl Queue {
         let mut total = 0;
         loop {
             let mut conn = self.conn.clone();
-            let ids: Vec<String> = conn
+            let ids: Vec<Vec<u8>> = conn
                 .zrange(self.key("dead"), 0, SCRIPT_CHUNK as isize - 1)
                 .await?;
             if ids.is_empty() {
                 return Ok(total);
             }
-            let n = if retry {
-                self.dead_retry(&ids).await?
-            } else {
-                self.dead_purge(&ids).await?
-            };
+            let n = self
+                .dead_op(if retry { "retry" } else { "purge" }, &ids)
+                .await?;
             if n == 0 {
                 return Ok(total);
             }

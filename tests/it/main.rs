@@ -7,6 +7,7 @@ mod money;
 mod operate;
 
 mod binary;
+mod boundary;
 mod chaos;
 mod clients;
 mod cluster;

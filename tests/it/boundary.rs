@@ -1,0 +1,521 @@
+//! What an app, a buggy app or an attacker with a Redis client can put into the queue: ids that
+//! must never repeat, arguments enqueue.lua must refuse without writing anything, and bytes that
+//! must not stall anyone else's jobs.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use aiq::domain::{JobKind, OrganizationId, Tier};
+use aiq::queue::{ENQUEUE_LUA, NewJob};
+use redis::AsyncCommands;
+
+use crate::harness::{ORG_A, ORG_B, TestCtx, llm_payload, wait_until};
+
+fn own_job(org: &str, id: &str) -> NewJob {
+    NewJob {
+        kind: JobKind::LlmComplete,
+        tier: Tier::Enterprise,
+        organization_id: OrganizationId::parse(org).unwrap(),
+        payload: llm_payload(Tier::Enterprise, org, &format!("for {org}")),
+        job_id: Some(id.into()),
+        delay: Duration::ZERO,
+        idempotency_key: None,
+        max_attempts: 0,
+    }
+}
+
+/// Every key of the test's queue with its serialized value: equal snapshots mean nothing changed.
+pub async fn snapshot(ctx: &TestCtx) -> BTreeMap<Vec<u8>, Vec<u8>> {
+    let mut conn = ctx.redis().await;
+    let pattern = format!("{}*", ctx.key(""));
+    let mut keys: Vec<Vec<u8>> = Vec::new();
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, batch): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        keys.extend(batch);
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    let mut out = BTreeMap::new();
+    for k in keys {
+        let v: Option<Vec<u8>> = redis::cmd("DUMP")
+            .arg(&k)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if let Some(v) = v {
+            out.insert(k, v);
+        }
+    }
+    out
+}
+
+/// Redis losing the queue's data (a restart without persistence), for this test's keys only: the
+/// shared server serves other tests at the same time.
+async fn forget_the_queue(ctx: &TestCtx) {
+    let keys: Vec<Vec<u8>> = snapshot(ctx).await.into_keys().collect();
+    let mut conn = ctx.redis().await;
+    for k in keys {
+        let _: () = conn.del(k).await.unwrap();
+    }
+}
+
+/// enqueue.lua with raw byte arguments, as any client could call it.
+async fn enqueue_raw(ctx: &TestCtx, args: &[&[u8]]) -> redis::RedisResult<Vec<String>> {
+    let mut conn = ctx.redis().await;
+    let script = redis::Script::new(ENQUEUE_LUA);
+    let mut inv = script.key(ctx.key("").trim_end_matches(':'));
+    for a in args {
+        inv.arg(*a);
+    }
+    inv.invoke_async(&mut conn).await
+}
+
+async fn run_until_settled(ctx: &TestCtx) {
+    let worker = ctx.start_worker();
+    ctx.wait_settled(Duration::from_secs(30)).await;
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn queue_ids_never_repeat_after_redis_loses_its_data_and_each_job_keeps_its_own_row() {
+    let ctx = TestCtx::new().await;
+    let mut first = Vec::new();
+    for i in 0..5 {
+        let p = llm_payload(Tier::Trial, ORG_A, &format!("a{i}"));
+        first.push(
+            ctx.enqueue(JobKind::LlmComplete, Tier::Trial, ORG_A, &p, 0)
+                .await,
+        );
+    }
+    run_until_settled(&ctx).await;
+    forget_the_queue(&ctx).await;
+    let mut second = Vec::new();
+    for i in 0..5 {
+        let p = llm_payload(Tier::Trial, ORG_B, &format!("b{i}"));
+        second.push(
+            ctx.enqueue(JobKind::LlmComplete, Tier::Trial, ORG_B, &p, 0)
+                .await,
+        );
+    }
+    let all: HashSet<&String> = first.iter().chain(&second).collect();
+    assert_eq!(all.len(), 10, "ids repeated: {first:?} then {second:?}");
+    run_until_settled(&ctx).await;
+    for (org, ids) in [(ORG_A, &first), (ORG_B, &second)] {
+        for id in ids {
+            let rows: Vec<(String, String)> = sqlx::query_as(
+                "SELECT organization_id::text, status FROM ai_processing_results WHERE job_id = $1",
+            )
+            .bind(id)
+            .fetch_all(ctx.store.pool())
+            .await
+            .unwrap();
+            assert_eq!(
+                rows,
+                [(org.to_owned(), "completed".to_owned())],
+                "job {id} has exactly its own organisation's row"
+            );
+            let calls = ctx
+                .scalar_i64(&format!(
+                    "SELECT count(*) FROM ai_cost_tracking WHERE job_id = '{id}' AND organization_id = '{org}'"
+                ))
+                .await;
+            assert_eq!(calls, 1, "job {id} has its own cost row");
+        }
+    }
+    assert_eq!(ctx.fake_calls().await["openai"], 10);
+}
+
+#[tokio::test]
+async fn a_finished_jobs_id_enqueued_again_makes_no_call_and_writes_nothing() {
+    let ctx = TestCtx::new().await;
+    assert!(
+        !ctx.queue
+            .enqueue(&own_job(ORG_A, "shared-1"))
+            .await
+            .unwrap()
+            .duplicate
+    );
+    run_until_settled(&ctx).await;
+    assert_eq!(ctx.fake_calls().await["openai"], 1);
+    let before = snapshot(&ctx).await;
+    // While Redis remembers the id: a duplicate for its organisation and for any other.
+    for org in [ORG_A, ORG_B] {
+        let again = ctx.queue.enqueue(&own_job(org, "shared-1")).await.unwrap();
+        assert!(again.duplicate, "{org}: a finished id is a duplicate");
+        assert_eq!(again.job_id, "shared-1");
+    }
+    assert_eq!(snapshot(&ctx).await, before, "a duplicate writes nothing");
+
+    // Redis forgot everything: the worker finds the organisation's result row and acknowledges
+    // the job without a call.
+    forget_the_queue(&ctx).await;
+    assert!(
+        !ctx.queue
+            .enqueue(&own_job(ORG_A, "shared-1"))
+            .await
+            .unwrap()
+            .duplicate
+    );
+    run_until_settled(&ctx).await;
+    assert_eq!(ctx.fake_calls().await["openai"], 1, "no second paid call");
+    let stats = ctx.queue.stats().await.unwrap();
+    assert_eq!(stats.counters.get("done").copied(), Some(1));
+    assert_eq!(
+        ctx.scalar_i64("SELECT count(*) FROM ai_cost_tracking")
+            .await,
+        1
+    );
+    assert_eq!(
+        ctx.scalar_i64("SELECT count(*) FROM ai_processing_results")
+            .await,
+        1
+    );
+
+    // Another organisation's job with the same id is its own job: it runs and gets its own row,
+    // and the first organisation's row is untouched.
+    let a_row = || async {
+        sqlx::query_scalar::<_, String>(
+            "SELECT raw_response::text FROM ai_processing_results
+             WHERE job_id = 'shared-1' AND organization_id = $1::uuid",
+        )
+        .bind(ORG_A)
+        .fetch_one(ctx.store.pool())
+        .await
+        .unwrap()
+    };
+    let a_before = a_row().await;
+    forget_the_queue(&ctx).await;
+    ctx.queue
+        .enqueue(&own_job(ORG_B, "shared-1"))
+        .await
+        .unwrap();
+    run_until_settled(&ctx).await;
+    assert_eq!(ctx.fake_calls().await["openai"], 2);
+    let orgs: Vec<String> = sqlx::query_scalar(
+        "SELECT organization_id::text FROM ai_processing_results WHERE job_id = 'shared-1'
+         ORDER BY organization_id",
+    )
+    .fetch_all(ctx.store.pool())
+    .await
+    .unwrap();
+    let mut want = vec![ORG_A.to_owned(), ORG_B.to_owned()];
+    want.sort();
+    assert_eq!(orgs, want);
+    assert_eq!(a_row().await, a_before);
+    let b_calls = ctx
+        .scalar_i64(&format!(
+            "SELECT count(*) FROM ai_cost_tracking WHERE organization_id = '{ORG_B}'"
+        ))
+        .await;
+    assert_eq!(b_calls, 1);
+}
+
+#[tokio::test]
+async fn an_app_id_cannot_take_the_queues_own_id_form() {
+    let ctx = TestCtx::new().await;
+    let auto = ctx
+        .enqueue(
+            JobKind::LlmComplete,
+            Tier::Trial,
+            ORG_A,
+            &llm_payload(Tier::Trial, ORG_A, "x"),
+            0,
+        )
+        .await;
+    assert!(auto.starts_with("j-"), "{auto}");
+    let before = snapshot(&ctx).await;
+    let err = ctx.queue.enqueue(&own_job(ORG_A, &auto)).await.unwrap_err();
+    assert!(
+        err.to_string().contains("job_id must not start with j-"),
+        "{err}"
+    );
+    assert_eq!(snapshot(&ctx).await, before);
+}
+
+#[tokio::test]
+async fn idempotency_keys_belong_to_their_organisation() {
+    let ctx = TestCtx::new().await;
+    let mut a = own_job(ORG_A, "a-1");
+    a.idempotency_key = Some("caption-42".into());
+    let mut b = own_job(ORG_B, "b-1");
+    b.idempotency_key = Some("caption-42".into());
+    let first = ctx.queue.enqueue(&a).await.unwrap();
+    let other = ctx.queue.enqueue(&b).await.unwrap();
+    assert!(!first.duplicate && !other.duplicate);
+    assert_eq!(
+        other.job_id, "b-1",
+        "another organisation's key never answers"
+    );
+    a.job_id = Some("a-2".into());
+    let again = ctx.queue.enqueue(&a).await.unwrap();
+    assert!(again.duplicate);
+    assert_eq!(again.job_id, "a-1");
+}
+
+#[tokio::test]
+async fn enqueue_refuses_what_it_must_naming_the_argument_and_changes_nothing() {
+    let ctx = TestCtx::new().await;
+    // Some state to keep: a waiting job, a delayed job, an idempotency key, the id counter.
+    ctx.enqueue(
+        JobKind::LlmComplete,
+        Tier::Trial,
+        ORG_A,
+        &llm_payload(Tier::Trial, ORG_A, "x"),
+        0,
+    )
+    .await;
+    let payload = llm_payload(Tier::Trial, ORG_A, "y");
+    let ok: [&[u8]; 9] = [
+        b"llm.complete",
+        b"trial",
+        ORG_A.as_bytes(),
+        payload.as_bytes(),
+        b"",
+        b"0",
+        b"key-1",
+        b"86400",
+        b"0",
+    ];
+    let upper = ORG_A.to_uppercase();
+    let bad_utf8 = payload.replace("\"y\"", "\"\u{1}\"");
+    let mut not_utf8 = payload.clone().into_bytes();
+    let at = not_utf8.len() - 3;
+    not_utf8.insert(at, 0xff);
+    let huge = "a".repeat(201);
+    let cases: Vec<(usize, Vec<u8>, &str)> = vec![
+        (0, b"sound.transcribe".to_vec(), "unknown kind"),
+        (1, b"gold\x1b[31m".to_vec(), "unknown tier gold\\x1b[31m"),
+        (2, upper.into_bytes(), "lower case"),
+        (2, b"not-a-uuid".to_vec(), "organization_id must be a UUID"),
+        (3, not_utf8, "payload is not valid UTF-8"),
+        (
+            3,
+            bad_utf8.into_bytes(),
+            "payload holds a control character",
+        ),
+        (3, Vec::new(), "empty payload"),
+        (
+            4,
+            b"id\x00nul".to_vec(),
+            "job_id must be UTF-8 without control characters",
+        ),
+        (
+            4,
+            b"id\x07bell".to_vec(),
+            "job_id must be UTF-8 without control characters",
+        ),
+        (4, b"id\xc3\x28".to_vec(), "job_id must be UTF-8"),
+        (
+            4,
+            b"j-1764600000000000-1".to_vec(),
+            "must not start with j-",
+        ),
+        (4, b"has space".to_vec(), "job_id must be 1-128 characters"),
+        (5, b"inf".to_vec(), "delay_ms must be an integer"),
+        (5, b"1e308".to_vec(), "delay_ms must be an integer"),
+        (5, b"nan".to_vec(), "delay_ms must be an integer"),
+        (5, b"2.5".to_vec(), "delay_ms must be an integer"),
+        (5, b"-1".to_vec(), "delay_ms must be >= 0"),
+        (5, b"31536000001".to_vec(), "delay_ms must be an integer"),
+        (6, huge.into_bytes(), "idempotency_key must be 1-200 bytes"),
+        (
+            6,
+            b"key\x00".to_vec(),
+            "idempotency_key must be 1-200 bytes",
+        ),
+        (7, b"0.5".to_vec(), "idempotency_ttl_s must be > 0"),
+        (7, b"0".to_vec(), "idempotency_ttl_s must be > 0"),
+        (8, b"nan".to_vec(), "max_attempts must be 0..100"),
+        (8, b"2.5".to_vec(), "max_attempts must be 0..100"),
+        (8, b"101".to_vec(), "max_attempts must be 0..100"),
+    ];
+    for (arg, value, want) in cases {
+        let before = snapshot(&ctx).await;
+        let mut args = ok.to_vec();
+        args[arg] = &value;
+        let err = enqueue_raw(&ctx, &args).await.unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("aiq:") && msg.contains(want),
+            "ARGV[{}] = {:?}: {msg} should say {want}",
+            arg + 1,
+            String::from_utf8_lossy(&value)
+        );
+        assert_eq!(
+            snapshot(&ctx).await,
+            before,
+            "ARGV[{}] changed Redis",
+            arg + 1
+        );
+    }
+    // And the good arguments are taken.
+    let reply = enqueue_raw(&ctx, &ok).await.unwrap();
+    assert_eq!(reply[1], "created");
+}
+
+#[tokio::test]
+async fn enqueue_refused_by_a_corrupt_key_undoes_its_writes() {
+    let ctx = TestCtx::new().await;
+    ctx.enqueue(
+        JobKind::LlmComplete,
+        Tier::Trial,
+        ORG_A,
+        &llm_payload(Tier::Trial, ORG_A, "x"),
+        0,
+    )
+    .await;
+    let mut conn = ctx.redis().await;
+    // A buggy app overwrote the organisation's wait list and the depth counter by hand.
+    let _: () = conn
+        .set(ctx.key(&format!("wait:trial:{ORG_B}")), "oops")
+        .await
+        .unwrap();
+    let before = snapshot(&ctx).await;
+    let payload = llm_payload(Tier::Trial, ORG_B, "y");
+    let err = ctx
+        .queue
+        .enqueue(&NewJob {
+            kind: JobKind::LlmComplete,
+            tier: Tier::Trial,
+            organization_id: OrganizationId::parse(ORG_B).unwrap(),
+            payload,
+            job_id: None,
+            delay: Duration::ZERO,
+            idempotency_key: None,
+            max_attempts: 0,
+        })
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("corrupt key"), "{err}");
+    assert_eq!(
+        snapshot(&ctx).await,
+        before,
+        "the id counter and the enqueued counter were put back"
+    );
+    // A depth field that is not a number: a trial job's enqueue is refused and undone, while an
+    // enterprise job, which does not touch that field, is taken.
+    let _: () = conn
+        .hset(ctx.key("depth"), "trial", "not a number")
+        .await
+        .unwrap();
+    assert!(
+        !ctx.queue
+            .enqueue(&own_job(ORG_A, "a-1"))
+            .await
+            .unwrap()
+            .duplicate
+    );
+    let mut trial = own_job(ORG_A, "a-2");
+    trial.tier = Tier::Trial;
+    trial.payload = llm_payload(Tier::Trial, ORG_A, "z");
+    let before_trial = snapshot(&ctx).await;
+    let err = ctx.queue.enqueue(&trial).await.unwrap_err();
+    assert!(err.to_string().contains("corrupt key"), "{err}");
+    assert_eq!(
+        snapshot(&ctx).await,
+        before_trial,
+        "the wait list push was undone"
+    );
+}
+
+#[tokio::test]
+async fn a_job_whose_bytes_are_not_utf8_is_buried_alone_and_its_batch_completes_in_one_lease() {
+    let ctx = TestCtx::with(&[("AIQ_FETCH_BATCH", "32"), ("AIQ_CONCURRENCY", "16")]).await;
+    let mut good = Vec::new();
+    for i in 0..5 {
+        let p = llm_payload(Tier::Trial, ORG_A, &format!("good {i}"));
+        good.push(
+            ctx.enqueue(JobKind::LlmComplete, Tier::Trial, ORG_A, &p, 0)
+                .await,
+        );
+    }
+    // Two jobs written straight into Redis, byte by byte, as enqueue.lua would have written
+    // them but for one byte: a payload and an id that are not UTF-8.
+    let mut conn = ctx.redis().await;
+    let mut bad_payload = llm_payload(Tier::Trial, ORG_A, "bad").into_bytes();
+    bad_payload.insert(bad_payload.len() - 3, 0xff);
+    let bad_ids: [&[u8]; 2] = [b"bad-payload", b"bad-\xff\xfe-id"];
+    let good_payload = llm_payload(Tier::Trial, ORG_A, "fine but for its id").into_bytes();
+    for (id, payload) in bad_ids.iter().zip([&bad_payload, &good_payload]) {
+        let mut key = ctx.key("job:").into_bytes();
+        key.extend_from_slice(id);
+        let _: () = redis::cmd("HSET")
+            .arg(&key)
+            .arg("kind")
+            .arg("llm.complete")
+            .arg("tier")
+            .arg("trial")
+            .arg("org")
+            .arg(ORG_A)
+            .arg("payload")
+            .arg(payload.as_slice())
+            .arg("attempts")
+            .arg(0)
+            .arg("interrupts")
+            .arg(0)
+            .arg("max_attempts")
+            .arg(0)
+            .arg("token")
+            .arg(0)
+            .arg("state")
+            .arg("waiting")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let _: () = conn
+            .rpush(ctx.key(&format!("wait:trial:{ORG_A}")), *id)
+            .await
+            .unwrap();
+        let _: () = conn.hincr(ctx.key("depth"), "trial", 1).await.unwrap();
+    }
+    for i in 5..10 {
+        let p = llm_payload(Tier::Trial, ORG_A, &format!("good {i}"));
+        good.push(
+            ctx.enqueue(JobKind::LlmComplete, Tier::Trial, ORG_A, &p, 0)
+                .await,
+        );
+    }
+    let worker = ctx.start_worker();
+    let q = ctx.queue.clone();
+    wait_until(Duration::from_secs(30), "10 done and 2 dead", || {
+        let q = q.clone();
+        async move {
+            let s = q.stats().await.unwrap();
+            s.counters.get("done") == Some(&10) && s.dead == 2
+        }
+    })
+    .await;
+    worker.stop().await;
+    let stats = ctx.queue.stats().await.unwrap();
+    assert_eq!(
+        stats.counters.get("interrupted"),
+        None,
+        "no lease expired: the good jobs were served from their first lease"
+    );
+    let dead = ctx.queue.dead_jobs(10).await.unwrap();
+    assert_eq!(dead.len(), 2);
+    for d in &dead {
+        assert!(d.reason.starts_with("corrupt: "), "{d:?}");
+    }
+    assert_eq!(
+        ctx.scalar_i64("SELECT count(*) FROM ai_processing_results WHERE status = 'completed'")
+            .await,
+        10
+    );
+    assert_eq!(
+        ctx.fake_calls().await["openai"],
+        10,
+        "no call for a corrupt job"
+    );
+}
