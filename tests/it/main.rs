@@ -12,6 +12,7 @@ mod chaos;
 mod clients;
 mod cluster;
 mod crash;
+mod enqueue_props;
 mod pipeline;
 mod providers;
 mod queue;
