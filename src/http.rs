@@ -48,7 +48,10 @@ async fn global_budget(
 
 async fn metrics(State(d): State<Deps>) -> impl IntoResponse {
     let stats = match d.queue.stats().await {
-        Ok(s) => Some(s),
+        Ok(s) => {
+            crate::observe::bad_redis_values(&s.skipped);
+            Some(s)
+        }
         Err(e) => {
             tracing::warn!(error = %e, "reading queue stats for /metrics failed");
             None

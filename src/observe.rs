@@ -3,7 +3,10 @@
 //! Metrics go through the `metrics` facade into one Prometheus recorder per process, rendered at
 //! `/metrics`. Queue and budget gauges are fleet-wide facts read from Redis at scrape time; job,
 //! provider and cost counters are this process's. Labels are bounded: tier, kind, provider,
-//! outcome, status, window; never a job or an organisation.
+//! outcome, status, window; never a job or an organisation. The fleet-wide values come from
+//! Redis, which anything can write: `queue` hands over only known names with parsed values
+//! (the rest is counted in `aiq_metrics_bad_redis_values_total`), and every label value written
+//! here is escaped anyway.
 //!
 //! Sentry gets job failures that end a job (dead) and daemon errors, tagged with kind, tier,
 //! provider, organisation and attempt. Every event passes a scrubbing hook first: API keys and
@@ -20,7 +23,7 @@ use sentry::protocol::{Event, Value as SentryValue};
 use sentry::{ClientOptions, Envelope, Transport, TransportFactory};
 
 use crate::budget::ScopeState;
-use crate::queue::QueueStats;
+use crate::queue::{QueueStats, SkippedValues};
 
 /// The process's metrics recorder, installed on first use.
 pub fn prometheus() -> &'static PrometheusHandle {
@@ -56,6 +59,10 @@ pub fn prometheus() -> &'static PrometheusHandle {
             .expect("one metrics recorder per process");
         describe();
         metrics::gauge!("aiq_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+        // At 0 from the start, so an alert on its increase sees the first bad value.
+        for (key, _) in SkippedValues::default().by_key() {
+            metrics::counter!("aiq_metrics_bad_redis_values_total", "key" => key).absolute(0);
+        }
         handle
     })
 }
@@ -107,6 +114,10 @@ fn describe() {
         "aiq_jobs_already_done_total",
         "Fetched jobs whose id already had a result row: acknowledged without a provider call."
     );
+    describe_counter!(
+        "aiq_metrics_bad_redis_values_total",
+        "Values in the queue's Redis keys that a scrape left out, by key, counted again by each scrape while they stay: fields aiq does not write, counts that are not integers, scores that are not times."
+    );
 }
 
 /// Leased jobs that could not be read were buried as corrupt.
@@ -117,6 +128,15 @@ pub fn jobs_corrupt(n: usize) {
 /// A fetched job already had its outcome in PostgreSQL and was acknowledged without a call.
 pub fn job_already_done() {
     metrics::counter!("aiq_jobs_already_done_total").increment(1);
+}
+
+/// A scrape's queue stats read left values out (see [`SkippedValues`]).
+pub fn bad_redis_values(skipped: &SkippedValues) {
+    for (key, n) in skipped.by_key() {
+        if n > 0 {
+            metrics::counter!("aiq_metrics_bad_redis_values_total", "key" => key).increment(n);
+        }
+    }
 }
 
 /// A failed call is tried again in the same attempt.
@@ -180,7 +200,34 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(Stri
     }
     out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
     for (labels, v) in samples {
-        out.push_str(&format!("{name}{labels} {v}\n"));
+        out.push_str(&format!("{name}{labels} {}\n", sample_value(*v)));
+    }
+}
+
+/// A label pair in the text format. The value is escaped even where we believe it safe (tiers,
+/// events and windows are fixed names): one slip must not let a value end the label set.
+fn label(name: &str, value: &str) -> String {
+    let mut v = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '\\' => v.push_str("\\\\"),
+            '"' => v.push_str("\\\""),
+            '\n' => v.push_str("\\n"),
+            c => v.push(c),
+        }
+    }
+    format!("{{{name}=\"{v}\"}}")
+}
+
+/// A sample value in the text format, which spells the infinities and NaN its own way (Rust's
+/// `inf` would break the scrape).
+fn sample_value(v: f64) -> String {
+    if v.is_nan() {
+        "NaN".into()
+    } else if v.is_infinite() {
+        if v > 0.0 { "+Inf" } else { "-Inf" }.into()
+    } else {
+        v.to_string()
     }
 }
 
@@ -188,7 +235,6 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(Stri
 pub fn render(fleet: &Fleet<'_>) -> String {
     let handle = prometheus();
     let mut out = String::new();
-    let label = |k: &str, v: &str| format!("{{{k}=\"{v}\"}}");
     if let Some(s) = fleet.stats {
         let waiting: Vec<_> = s
             .waiting
@@ -588,6 +634,121 @@ mod tests {
             scrub("caption a cat @ 3pm, ask-me", &secrets),
             "caption a cat @ 3pm, ask-me"
         );
+    }
+
+    /// The fleet-wide families `render` writes, with the most series each can have: one per
+    /// tier, per queue event, per budget window (day, month) and per provider.
+    fn fleet_families() -> [(&'static str, usize); 10] {
+        let tiers = crate::domain::Tier::ALL.len();
+        let providers = crate::providers::breaker::PROVIDERS.len();
+        [
+            ("aiq_queue_waiting_jobs", tiers),
+            ("aiq_queue_oldest_job_age_seconds", tiers),
+            ("aiq_queue_inflight_jobs", 1),
+            ("aiq_queue_delayed_jobs", 1),
+            ("aiq_queue_dead_jobs", 1),
+            ("aiq_queue_events_total", crate::queue::COUNTER_EVENTS.len()),
+            ("aiq_budget_spent_usd", 2),
+            ("aiq_budget_limit_usd", 2),
+            ("aiq_budget_used_ratio", 2),
+            ("aiq_provider_breaker_open", providers),
+        ]
+    }
+
+    /// The sample lines of one family.
+    fn samples<'t>(text: &'t str, family: &str) -> Vec<&'t str> {
+        text.lines()
+            .filter(|l| {
+                l.strip_prefix(family)
+                    .is_some_and(|rest| rest.starts_with(['{', ' ']))
+            })
+            .collect()
+    }
+
+    fn scope(owner: &str, window_kind: crate::budget::WindowKind) -> ScopeState {
+        ScopeState {
+            scope: format!("{owner}:{}", window_kind.as_str()),
+            owner: owner.to_owned(),
+            window_kind,
+            window: "2026-11".into(),
+            spent: crate::domain::MicroUsd::from_micros(5),
+            reserved: crate::domain::MicroUsd::ZERO,
+            limit: crate::domain::MicroUsd::from_micros(10),
+        }
+    }
+
+    #[test]
+    fn the_fleet_wide_families_have_a_bounded_number_of_series() {
+        // The most a stats read can hand over: every tier, every event the scripts count.
+        let tiers = crate::domain::Tier::ALL.map(|t| (t.as_str().to_owned(), 3));
+        let stats = QueueStats {
+            waiting: tiers.iter().cloned().collect(),
+            oldest_age_ms: tiers.iter().cloned().collect(),
+            counters: crate::queue::COUNTER_EVENTS
+                .iter()
+                .map(|e| ((*e).to_owned(), 1))
+                .collect(),
+            ..Default::default()
+        };
+        use crate::budget::WindowKind::{Day, Month};
+        // Organisations' scopes are not the platform's and add no series.
+        let budget = [
+            scope("global", Day),
+            scope("global", Month),
+            scope("org:1", Day),
+            scope("org:2", Month),
+        ];
+        let fleet = Fleet {
+            stats: Some(&stats),
+            budget: &budget,
+            breakers: crate::providers::breaker::PROVIDERS
+                .iter()
+                .map(|p| (*p, false))
+                .collect(),
+        };
+        let text = render(&fleet);
+        let mut total = 0;
+        for (family, most) in fleet_families() {
+            let n = samples(&text, family).len();
+            assert_eq!(n, most, "{family}:\n{text}");
+            total += n;
+        }
+        // Two per tier, the three set sizes, one per event, three per budget window, one per provider.
+        assert_eq!(total, 2 * 6 + 3 + 10 + 3 * 2 + 4);
+    }
+
+    #[test]
+    fn every_label_value_render_writes_is_escaped() {
+        let hostile = "x\"} 1\nevil{a=\"\\";
+        let stats = QueueStats {
+            waiting: [(hostile.to_owned(), 5)].into(),
+            counters: [(hostile.to_owned(), 7)].into(),
+            ..Default::default()
+        };
+        let fleet = Fleet {
+            stats: Some(&stats),
+            ..Default::default()
+        };
+        let text = render(&fleet);
+        let escaped = r#"{tier="x\"} 1\nevil{a=\"\\"} 5"#;
+        assert!(
+            text.contains(&format!("aiq_queue_waiting_jobs{escaped}\n")),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"aiq_queue_events_total{event="x\"} 1\nevil{a=\"\\"} 7"#),
+            "{text}"
+        );
+        assert!(!text.lines().any(|l| l.starts_with("evil")), "{text}");
+    }
+
+    #[test]
+    fn sample_values_are_spelled_as_the_text_format_wants() {
+        assert_eq!(sample_value(1.5), "1.5");
+        assert_eq!(sample_value(3.0), "3");
+        assert_eq!(sample_value(f64::INFINITY), "+Inf");
+        assert_eq!(sample_value(f64::NEG_INFINITY), "-Inf");
+        assert_eq!(sample_value(f64::NAN), "NaN");
     }
 
     #[test]

@@ -19,6 +19,9 @@
 //! | `{p}:seq` | string | counter for queue-assigned job ids |
 
 pub mod backend;
+mod stats;
+
+pub use stats::{COUNTER_EVENTS, SkippedValues};
 
 use std::collections::BTreeMap;
 use std::sync::LazyLock;
@@ -188,8 +191,10 @@ pub struct QueueStats {
     pub inflight: u64,
     pub delayed: u64,
     pub dead: u64,
-    /// Running totals since the queue was created.
+    /// Running totals since the queue was created, only the events of [`COUNTER_EVENTS`].
     pub counters: BTreeMap<String, u64>,
+    /// Values in Redis this read could not trust and left out.
+    pub skipped: SkippedValues,
 }
 
 /// A job in the dead set.
@@ -438,53 +443,90 @@ impl Queue {
         Ok(held)
     }
 
+    /// The queue's numbers, read without trusting Redis (see `stats.rs`): a value that does not
+    /// parse is left out and counted in [`QueueStats::skipped`], never an error.
     pub async fn stats(&self) -> Result<QueueStats, QueueError> {
+        let tiers = Tier::ALL.map(Tier::as_str);
+        let (depth_key, counters_key) = (self.key("depth"), self.key("counters"));
+        let heads_keys = tiers.map(|t| self.key(&format!("heads:{t}")));
         let mut conn = self.conn.clone();
         let mut pipe = redis::pipe();
+        // Every reply is taken on its own, so a key of the wrong type spoils only itself. Only
+        // the known fields are fetched: junk fields cost an HLEN, not a read of each.
+        pipe.ignore_errors();
         pipe.cmd("TIME")
-            .hgetall(self.key("depth"))
-            .hgetall(self.key("counters"))
             .zcard(self.key("inflight"))
             .zcard(self.key("delayed"))
-            .zcard(self.key("dead"));
-        for t in Tier::ALL {
-            pipe.zrange_withscores(self.key(&format!("heads:{}", t.as_str())), 0, 0);
+            .zcard(self.key("dead"))
+            .hlen(&depth_key)
+            .hmget(&depth_key, &tiers)
+            .hlen(&counters_key)
+            .hmget(&counters_key, &COUNTER_EVENTS);
+        for key in &heads_keys {
+            pipe.zrangebyscore_limit_withscores(key, 0, "(+inf", 0, 1)
+                .zcount(key, "-inf", "(0")
+                .zcount(key, "+inf", "+inf");
         }
-        #[allow(clippy::type_complexity)]
-        let (head, heads): (
-            (
-                (u64, u64),
-                BTreeMap<String, i64>,
-                BTreeMap<String, i64>,
-                u64,
-                u64,
-                u64,
-            ),
-            Vec<Vec<(String, f64)>>,
-        ) = {
-            let mut values: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
-            let rest = values.split_off(6);
-            let protocol = |e: redis::ParsingError| QueueError::Protocol(format!("stats: {e}"));
-            let first = redis::from_redis_value(redis::Value::Array(values)).map_err(protocol)?;
-            let heads = rest
-                .into_iter()
-                .map(redis::from_redis_value)
-                .collect::<Result<Vec<Vec<(String, f64)>>, _>>()
-                .map_err(protocol)?;
-            (first, heads)
+        let replies: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
+        let wrong_shape = || QueueError::Protocol(format!("stats: {} replies", replies.len()));
+        let (first, heads) = replies.split_first_chunk::<8>().ok_or_else(wrong_shape)?;
+        let (heads, []) = heads.as_chunks::<3>() else {
+            return Err(wrong_shape());
         };
-        let ((secs, micros), depth, counters, inflight, delayed, dead) = head;
+        if heads.len() != tiers.len() {
+            return Err(wrong_shape());
+        }
+        let [
+            time,
+            inflight,
+            delayed,
+            dead,
+            depth_len,
+            depth,
+            counters_len,
+            counters,
+        ] = first;
+        // The clock and the sets' sizes come from Redis itself, not from what was written.
+        let protocol = |e: redis::ParsingError| QueueError::Protocol(format!("stats: {e}"));
+        let (secs, micros): (u64, u64) = redis::from_redis_value_ref(time).map_err(protocol)?;
         let now_ms = secs * 1000 + micros / 1000;
+        let size = |v: &redis::Value| redis::from_redis_value_ref::<u64>(v).map_err(protocol);
+        let (inflight, delayed, dead) = (size(inflight)?, size(delayed)?, size(dead)?);
+
+        let mut skips = stats::Skips::default();
+        let depth = stats::read_counts(
+            stats::Source::Depth,
+            &depth_key,
+            &tiers,
+            depth_len,
+            depth,
+            &mut skips,
+        );
+        let counters = stats::read_counts(
+            stats::Source::Counters,
+            &counters_key,
+            &COUNTER_EVENTS,
+            counters_len,
+            counters,
+            &mut skips,
+        );
         let mut waiting = BTreeMap::new();
         let mut oldest_age_ms = BTreeMap::new();
-        for (t, head) in Tier::ALL.iter().zip(heads) {
-            let n = depth.get(t.as_str()).copied().unwrap_or(0).max(0) as u64;
-            waiting.insert(t.as_str().to_owned(), n);
-            let age = head
-                .first()
-                .map_or(0, |(_, ready)| now_ms.saturating_sub(*ready as u64));
-            oldest_age_ms.insert(t.as_str().to_owned(), if n == 0 { 0 } else { age });
+        for ((t, key), [oldest, negative, infinite]) in tiers.iter().zip(&heads_keys).zip(heads) {
+            let ready = stats::read_head(key, oldest, negative, infinite, &mut skips);
+            // No field is no job waiting; a value that did not parse is no count at all, so
+            // the tier's waiting count is left out rather than made up.
+            let n = depth.get(t).copied().unwrap_or(Some(0));
+            if let Some(n) = n {
+                waiting.insert((*t).to_owned(), n);
+            }
+            let age = match (n, ready) {
+                (Some(0), _) | (_, None) => 0,
+                (_, Some(ms)) => now_ms.saturating_sub(ms),
+            };
+            oldest_age_ms.insert((*t).to_owned(), age);
         }
+        stats::warn(&self.base, &skips);
         Ok(QueueStats {
             waiting,
             oldest_age_ms,
@@ -493,8 +535,9 @@ impl Queue {
             dead,
             counters: counters
                 .into_iter()
-                .map(|(k, v)| (k, v.max(0) as u64))
+                .filter_map(|(e, n)| Some((e.to_owned(), n?)))
                 .collect(),
+            skipped: skips.counts,
         })
     }
 

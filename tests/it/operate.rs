@@ -148,6 +148,158 @@ async fn metrics_show_queue_depth_per_tier_pass_promtool_and_readyz_reports_each
     worker.await.unwrap().unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_leave_out_and_count_what_a_corrupted_redis_holds_and_still_pass_promtool() {
+    use aiq::queue::{Outcome, Settlement, SkippedValues};
+    let ctx = TestCtx::new().await;
+    for (tier, n) in [(Tier::GrowthTeam, 3), (Tier::EnterprisePlus, 2)] {
+        for i in 0..n {
+            let text = format!("{i}");
+            ctx.enqueue(
+                JobKind::LlmComplete,
+                tier,
+                ORG_A,
+                &llm_payload(tier, ORG_A, &text),
+                0,
+            )
+            .await;
+        }
+    }
+    // One job dead, one leased: real values for every gauge, written by the scripts.
+    let mut left =
+        std::collections::HashMap::from([("growth_team", 3.0), ("enterprise_plus", 2.0)]);
+    let first = ctx.queue.fetch(1).await.unwrap().remove(0);
+    let applied = ctx
+        .queue
+        .settle(&[Settlement {
+            id: first.id.clone(),
+            token: first.token.clone(),
+            outcome: Outcome::Dead {
+                reason: "for the test".into(),
+            },
+        }])
+        .await
+        .unwrap();
+    assert_eq!(applied, [true]);
+    let second = ctx.queue.fetch(1).await.unwrap().remove(0);
+    for job in [&first, &second] {
+        *left.get_mut(job.tier.as_str()).unwrap() -= 1.0;
+    }
+
+    // What a buggy app or anyone with a Redis client could write.
+    let mut r = ctx.redis().await;
+    let injected = "x\"} 1\nevil{a=\"";
+    let mut corrupt = redis::pipe();
+    corrupt
+        .hset(ctx.key("counters"), "done", "abc")
+        .hset(ctx.key("counters"), injected, 5)
+        .hset(ctx.key("counters"), "released", &b"\xff\xfe"[..])
+        .hset(ctx.key("counters"), "revived", "99999999999999999999999")
+        .hset(ctx.key("depth"), "trial", "1.5e999")
+        .hset(ctx.key("depth"), "enterprise", "-3")
+        .hset(ctx.key("depth"), "platinum", 7)
+        .zadd(ctx.key("heads:growth_team"), "mallory", f64::NEG_INFINITY)
+        .set(ctx.key("heads:solo_professional"), "not a sorted set");
+    // Random field names must not multiply series.
+    for i in 0..200 {
+        corrupt.hset(ctx.key("counters"), format!("junk{i}"), i);
+    }
+    let () = corrupt.query_async(&mut r).await.unwrap();
+
+    let stats = ctx.queue.stats().await.unwrap();
+    assert_eq!(
+        stats.skipped,
+        SkippedValues {
+            depth: 3,
+            counters: 4 + 200,
+            heads: 2,
+        },
+        "{stats:?}"
+    );
+
+    let app = aiq::worker::app(&ctx.settings, ctx.store.clone())
+        .await
+        .unwrap();
+    let stop = CancellationToken::new();
+    let addr = aiq::http::serve(
+        "127.0.0.1:0".parse().unwrap(),
+        ctx.queue.clone(),
+        app,
+        stop.clone(),
+    )
+    .await
+    .unwrap();
+    let scrape = || async {
+        reqwest::get(format!("http://{addr}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let bad = |text: &str, key: &str| {
+        sample(
+            text,
+            &format!("aiq_metrics_bad_redis_values_total{{key=\"{key}\"}}"),
+        )
+        .unwrap_or_else(|| panic!("no bad-value counter for {key}:\n{text}"))
+    };
+    let before = scrape().await;
+    let text = scrape().await;
+    promtool_check_metrics(&text);
+
+    // The good values are all there, right.
+    let waiting = |tier: &str| sample(&text, &format!("aiq_queue_waiting_jobs{{tier=\"{tier}\"}}"));
+    for tier in ["growth_team", "enterprise_plus"] {
+        assert_eq!(waiting(tier), Some(left[tier]), "{tier}\n{text}");
+    }
+    assert_eq!(waiting("professional_agency"), Some(0.0), "{text}");
+    assert_eq!(waiting("solo_professional"), Some(0.0), "{text}");
+    assert_eq!(
+        sample(&text, "aiq_queue_inflight_jobs"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(sample(&text, "aiq_queue_dead_jobs"), Some(1.0), "{text}");
+    assert_eq!(sample(&text, "aiq_queue_delayed_jobs"), Some(0.0), "{text}");
+    let event = |e: &str| sample(&text, &format!("aiq_queue_events_total{{event=\"{e}\"}}"));
+    assert_eq!(event("enqueued"), Some(5.0), "{text}");
+    assert_eq!(event("leased"), Some(2.0), "{text}");
+    assert_eq!(event("dead"), Some(1.0), "{text}");
+    // The -inf head is not the oldest job: its age would be 56 years.
+    let age = sample(
+        &text,
+        "aiq_queue_oldest_job_age_seconds{tier=\"growth_team\"}",
+    )
+    .expect("growth_team's age");
+    assert!((0.0..3600.0).contains(&age), "{age}\n{text}");
+
+    // The bad ones are not: no made-up count, no injected text, no extra series.
+    for gone in [
+        "aiq_queue_waiting_jobs{tier=\"trial\"}",
+        "aiq_queue_waiting_jobs{tier=\"enterprise\"}",
+        "aiq_queue_events_total{event=\"done\"}",
+        "aiq_queue_events_total{event=\"released\"}",
+        "aiq_queue_events_total{event=\"revived\"}",
+    ] {
+        assert_eq!(sample(&text, gone), None, "{gone}\n{text}");
+    }
+    for injected in ["evil", "platinum", "junk", "mallory", "1.5e999"] {
+        assert!(!text.contains(injected), "{injected}\n{text}");
+    }
+    let events = text
+        .lines()
+        .filter(|l| l.starts_with("aiq_queue_events_total{"))
+        .count();
+    assert_eq!(events, 3, "{text}");
+
+    // Every scrape counts what it left out.
+    for (key, n) in [("depth", 3.0), ("counters", 204.0), ("heads", 2.0)] {
+        assert_eq!(bad(&text, key) - bad(&before, key), n, "{key}\n{text}");
+    }
+    stop.cancel();
+}
+
 /// A stand-in for Sentry's ingest endpoint that keeps every envelope.
 pub async fn fake_sentry() -> (u16, Arc<Mutex<Vec<String>>>) {
     let got: Arc<Mutex<Vec<String>>> = Arc::default();
