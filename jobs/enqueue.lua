@@ -24,7 +24,7 @@
 -- Returns { job_id, "created" } or { first_job_id, "duplicate" }.
 -- Errors are replies starting with "ERR aiq:" that name the argument; when one is returned,
 -- nothing was written (not even the id counter): every check runs before the first write, and a
--- write refused by a corrupt key is undone before the error is returned.
+-- write refused by Redis (out of memory, say) is undone before the error is returned.
 
 local base = KEYS[1]
 local kind, tier, org, payload = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
@@ -122,24 +122,54 @@ if not idem_ttl then
   return refuse("idempotency_ttl_s must be an integer from 0 to 31536000")
 end
 
--- Writes, each undone if a later one is refused by a key of the wrong type (an app that wrote
--- the queue's keys by hand): Redis keeps a script's writes made before an error, so without the
--- undo a job could end up in no list at all.
+-- Writes, each undone if a later one is refused: Redis keeps a script's writes made before an
+-- error, so without the undo a job could end up in no list at all. A shared key of the wrong type
+-- (an app that wrote the queue's keys by hand) is moved aside to {p}:corrupt:<name>:<ms> and the
+-- write made on a fresh key, and a counter field that is not a number starts again; both ask the
+-- daemon for a repair scan ({p}:repair), which puts back the jobs the moved key held.
 local undo = {}
+local t = redis.call("TIME")
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function flag(key)
+  redis.pcall("HSET", base .. ":repair", string.sub(key, #base + 2), now)
+end
 local function write(revert, ...)
   local r = redis.pcall(...)
+  local cmd, key, field, n = ...
+  if type(r) == "table" and r.err and string.find(r.err, "WRONGTYPE", 1, true) then
+    local dest = base .. ":corrupt:" .. string.sub(key, #base + 2) .. ":" .. now
+    redis.pcall("RENAME", key, dest)
+    redis.pcall("PEXPIRE", dest, 604800000)
+    flag(key)
+    r = redis.pcall(...)
+  elseif type(r) == "table" and r.err and string.find(r.err, "not an integer", 1, true) then
+    if cmd == "HINCRBY" then
+      redis.pcall("HSET", key, field, n)
+      r = tonumber(n)
+    elseif cmd == "INCR" then
+      redis.pcall("SET", key, 1)
+      r = 1
+    end
+    flag(key)
+  end
   if type(r) == "table" and r.err then
     for i = #undo, 1, -1 do redis.pcall(unpack(undo[i])) end
-    local key = select(2, ...)
-    return nil, refuse("corrupt key " .. shown(key) .. ": " .. tostring(r.err))
+    return nil, refuse("writing " .. shown(key) .. " failed: " .. tostring(r.err))
   end
   if revert then undo[#undo + 1] = revert end
   return r
 end
 local function read(...)
   local r = redis.pcall(...)
+  local key = select(2, ...)
+  if type(r) == "table" and r.err and string.find(r.err, "WRONGTYPE", 1, true) then
+    local dest = base .. ":corrupt:" .. string.sub(key, #base + 2) .. ":" .. now
+    redis.pcall("RENAME", key, dest)
+    redis.pcall("PEXPIRE", dest, 604800000)
+    return false
+  end
   if type(r) == "table" and r.err then
-    return nil, refuse("corrupt key " .. shown(select(2, ...)) .. ": " .. tostring(r.err))
+    return nil, refuse("reading " .. shown(key) .. " failed: " .. tostring(r.err))
   end
   return r
 end
@@ -161,8 +191,6 @@ if idem_key ~= "" then
   end
 end
 
-local t = redis.call("TIME")
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local own = job_id ~= ""
 if not own then
   -- Unique across a Redis that lost its data: the counter restarts, the clock does not.

@@ -91,7 +91,21 @@ async fn readyz(State(d): State<Deps>) -> (StatusCode, Json<serde_json::Value>) 
         Ok(()) => json!({ "status": "healthy" }),
         Err(e) => json!({ "status": "unhealthy", "error": e }),
     };
-    let redis = part(d.queue.ping().await.map_err(|e| e.to_string()));
+    let redis = part(
+        d.queue
+            .ping()
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                // Redis answering a PING is not enough: the queue's scripts must run too.
+                crate::queue::backend::queue_healthy(d.queue.settings().lease).map_err(|since| {
+                    format!(
+                        "no fetch or reap of the queue succeeded for {} ms (more than a lease)",
+                        since.as_millis()
+                    )
+                })
+            }),
+    );
     let postgres = part(d.app.store.ping().await.map_err(|e| e.to_string()));
     let budget = match global_budget(&d.app).await {
         Err(e) => json!({ "status": "unhealthy", "error": e.to_string() }),

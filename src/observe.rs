@@ -111,6 +111,10 @@ fn describe() {
         "Leased jobs whose fields in Redis were not what enqueue.lua writes; each went to the dead set as corrupt."
     );
     describe_counter!(
+        "aiq_queue_repairs_total",
+        "Repair scans that put back the jobs of queue keys found corrupt (moved aside to {prefix}:corrupt:*)."
+    );
+    describe_counter!(
         "aiq_jobs_already_done_total",
         "Fetched jobs whose id already had a result row: acknowledged without a provider call."
     );
@@ -118,6 +122,11 @@ fn describe() {
         "aiq_metrics_bad_redis_values_total",
         "Values in the queue's Redis keys that a scrape left out, by key, counted again by each scrape while they stay: fields aiq does not write, counts that are not integers, scores that are not times."
     );
+}
+
+/// A repair scan put back the jobs of corrupt queue keys.
+pub fn queue_repaired() {
+    metrics::counter!("aiq_queue_repairs_total").increment(1);
 }
 
 /// Leased jobs that could not be read were buried as corrupt.

@@ -262,6 +262,34 @@ async fn flusher(queue: Queue, mut rx: mpsc::UnboundedReceiver<AckRequest>) {
     }
 }
 
+/// When a fetch or reap script last ran to its end in this process (ms since the epoch; 0:
+/// none yet).
+static LAST_QUEUE_OK_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn queue_ok() {
+    LAST_QUEUE_OK_MS.store(now_ms(), std::sync::atomic::Ordering::Relaxed);
+    crate::systemd::beat();
+}
+
+/// Whether this process's fetches and reaps have been running: `Err` with how long they have
+/// failed once no script ran for longer than `lease` (the renewer reaps every third of a lease,
+/// so a healthy queue answers three times in that time). `Ok` before the worker's first fetch.
+pub fn queue_healthy(lease: Duration) -> Result<(), Duration> {
+    let last = LAST_QUEUE_OK_MS.load(std::sync::atomic::Ordering::Relaxed);
+    let since = Duration::from_millis(now_ms().saturating_sub(last));
+    if last == 0 || since <= lease {
+        Ok(())
+    } else {
+        Err(since)
+    }
+}
+
 /// Every `every`: extends this worker's leases, then runs the reaper, which returns other
 /// workers' expired leases even while this worker is too busy to fetch.
 async fn renewer(shared: Arc<Shared>, every: Duration, stop: CancellationToken) {
@@ -270,9 +298,14 @@ async fn renewer(shared: Arc<Shared>, every: Duration, stop: CancellationToken) 
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        crate::systemd::beat();
-        if let Err(e) = shared.queue.reap().await {
-            tracing::warn!(error = %e, "returning expired leases failed");
+        match shared.queue.reap().await {
+            // Only a script that ran feeds the watchdog: a queue that keeps failing stops the
+            // pings, and systemd restarts the service (see `queue_healthy`).
+            Ok(()) => queue_ok(),
+            Err(e) => tracing::warn!(error = %e, "returning expired leases failed"),
+        }
+        if let Err(e) = shared.queue.repair_if_needed().await {
+            tracing::warn!(error = %e, "repairing the queue failed; trying again next tick");
         }
         let leases: Vec<(String, String)> = shared
             .leases
@@ -426,10 +459,12 @@ impl Backend for RedisBackend {
                 self.fetching = None;
                 match result {
                     Ok(jobs) if jobs.is_empty() => {
+                        queue_ok();
                         self.error_pause = Duration::from_millis(100);
                         self.idle = Some(Box::pin(tokio::time::sleep(self.settings.poll_interval)));
                     }
                     Ok(jobs) => {
+                        queue_ok();
                         self.error_pause = Duration::from_millis(100);
                         for (job, prior) in jobs {
                             let task = self.to_task(job, prior);

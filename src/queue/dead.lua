@@ -1,35 +1,44 @@
 -- Operator actions on the dead set, for the given job ids (the caller pages through the set, so
 -- each call is bounded). ARGV: op ("retry" | "purge"), then job ids.
--- retry: the job becomes waiting again at the tail of its tier with its attempts reset.
+-- retry: the job becomes waiting again at the tail of its tier with its attempts reset; a job
+--        buried as corrupt whose hash lacks a known tier or organisation stays dead.
 -- purge: the job is deleted.
--- Returns one integer per id: 1 done, 0 not in the dead set.
+-- Returns one integer per id: 1 done, 0 not in the dead set (or not retryable).
+-- guard.lua is prepended.
 local base = KEYS[1]
 local op = ARGV[1]
-local t = redis.call("TIME")
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = G_now
 local dead, counters = base .. ":dead", base .. ":counters"
+local TIER = { enterprise_plus = true, enterprise = true, professional_agency = true,
+               growth_team = true, solo_professional = true, trial = true }
 local out = {}
 for i = 2, #ARGV do
   local id = ARGV[i]
   local job = base .. ":job:" .. id
-  if redis.call("ZREM", dead, id) == 0 then
+  local f = op == "retry" and job_op("HMGET", job, "tier", "org") or nil
+  if op == "retry" and redis.call("EXISTS", job) == 1 and not (f and TIER[f[1]] and f[2]) then
+    out[#out + 1] = 0
+  elseif put("ZREM", dead, id) == 0 then
     out[#out + 1] = 0
   elseif op == "purge" or redis.call("EXISTS", job) == 0 then
     redis.call("DEL", job)
-    redis.call("HINCRBY", counters, "purged", 1)
+    put("HINCRBY", counters, "purged", 1)
     out[#out + 1] = 1
   else
-    redis.call("HINCRBY", job, "token", 1)
+    local tier, org = f[1], f[2]
+    if not job_op("HINCRBY", job, "token", 1) then
+      -- Not a number (written by hand): a fresh token above any an old lease could hold.
+      redis.call("HSET", job, "token", now)
+    end
     redis.call("HSET", job, "attempts", 0, "interrupts", 0, "state", "waiting", "ready_at", now)
     redis.call("HDEL", job, "dead_reason", "dead_at")
-    local tier, org = unpack(redis.call("HMGET", job, "tier", "org"))
     local list = base .. ":wait:" .. tier .. ":" .. org
-    if redis.call("RPUSH", list, id) == 1 then
-      redis.call("RPUSH", base .. ":orgs:" .. tier, org)
-      redis.call("ZADD", base .. ":heads:" .. tier, now, org)
+    if put("RPUSH", list, id) == 1 then
+      put("RPUSH", base .. ":orgs:" .. tier, org)
+      put("ZADD", base .. ":heads:" .. tier, now, org)
     end
-    redis.call("HINCRBY", base .. ":depth", tier, 1)
-    redis.call("HINCRBY", counters, "revived", 1)
+    put("HINCRBY", base .. ":depth", tier, 1)
+    put("HINCRBY", counters, "revived", 1)
     out[#out + 1] = 1
   end
 end

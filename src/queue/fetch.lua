@@ -1,6 +1,7 @@
 -- Lease up to `want` jobs, fairly across tiers; first return expired leases and promote due
 -- delayed jobs, each in a bounded batch. With want = 0 it only does the upkeep (the reaper).
--- All keys derive from KEYS[1], the queue's hash tag.
+-- All keys derive from KEYS[1], the queue's hash tag. guard.lua is prepended: a key of the wrong
+-- type or a job hash that is not what enqueue.lua wrote never stops the script half-way.
 --
 -- ARGV: want, lease_ms, strict (0|1), max_interrupts, reap_limit, promote_limit,
 --       then the six tier weights, highest tier first.
@@ -14,11 +15,12 @@ local want, lease_ms, strict = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3] == 
 local max_interrupts, reap_limit, promote_limit = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local TIERS = { "enterprise_plus", "enterprise", "professional_agency", "growth_team",
                 "solo_professional", "trial" }
+local TIER = {}
+for i = 1, 6 do TIER[TIERS[i]] = true end
 local weights = {}
 for i = 1, 6 do weights[i] = tonumber(ARGV[6 + i]) end
 
-local t = redis.call("TIME")
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = G_now
 local inflight, delayed, dead = base .. ":inflight", base .. ":delayed", base .. ":dead"
 local counters = base .. ":counters"
 
@@ -26,48 +28,56 @@ local counters = base .. ":counters"
 -- place and its ready_at) or at the tail (a retried job, ready from now).
 local function push(id, at_head)
   local job = base .. ":job:" .. id
-  local tier, org, ready = unpack(redis.call("HMGET", job, "tier", "org", "ready_at"))
+  local f, err = job_op("HMGET", job, "tier", "org", "ready_at")
+  if not f then return bury(id, "its hash cannot be read: " .. err) end
+  local tier, org, ready = f[1], f[2], f[3]
   if not tier then return end
+  if not TIER[tier] or not org then return bury(id, "its tier or organisation is missing or unknown") end
   local list = base .. ":wait:" .. tier .. ":" .. org
   local ring, heads = base .. ":orgs:" .. tier, base .. ":heads:" .. tier
   if at_head then
     ready = tonumber(ready) or now
-    if redis.call("LPUSH", list, id) == 1 then redis.call("LPUSH", ring, org) end
-    redis.call("ZADD", heads, ready, org)
+    if put("LPUSH", list, id) == 1 then put("LPUSH", ring, org) end
+    put("ZADD", heads, ready, org)
   else
     ready = now
-    if redis.call("RPUSH", list, id) == 1 then
-      redis.call("RPUSH", ring, org)
-      redis.call("ZADD", heads, ready, org)
+    if put("RPUSH", list, id) == 1 then
+      put("RPUSH", ring, org)
+      put("ZADD", heads, ready, org)
     end
   end
-  redis.call("HINCRBY", base .. ":depth", tier, 1)
+  put("HINCRBY", base .. ":depth", tier, 1)
   redis.call("HSET", job, "state", "waiting", "ready_at", ready)
 end
 
 -- 1. Leases whose deadline passed: the worker died or stalled. The job goes back to the head of
 --    its tier without spending an attempt; one interrupted too often goes to the dead set.
-for _, id in ipairs(redis.call("ZRANGEBYSCORE", inflight, "-inf", now, "LIMIT", 0, reap_limit)) do
-  redis.call("ZREM", inflight, id)
+for _, id in ipairs(get("ZRANGEBYSCORE", inflight, "-inf", now, "LIMIT", 0, reap_limit) or {}) do
+  put("ZREM", inflight, id)
   local job = base .. ":job:" .. id
   if redis.call("EXISTS", job) == 1 then
-    redis.call("HINCRBY", job, "token", 1)
-    redis.call("HINCRBY", counters, "interrupted", 1)
-    local n = redis.call("HINCRBY", job, "interrupts", 1)
-    if n >= max_interrupts then
-      redis.call("HSET", job, "state", "dead", "dead_at", now,
-        "dead_reason", "interrupted " .. n .. " times: its worker stopped before finishing it")
-      redis.call("ZADD", dead, now, id)
-      redis.call("HINCRBY", counters, "dead", 1)
+    local token, err = job_op("HINCRBY", job, "token", 1)
+    local n
+    if token then n, err = job_op("HINCRBY", job, "interrupts", 1) end
+    if not n then
+      bury(id, "its token or interrupt count is not a number: " .. err)
     else
-      push(id, true)
+      put("HINCRBY", counters, "interrupted", 1)
+      if n >= max_interrupts then
+        redis.call("HSET", job, "state", "dead", "dead_at", now,
+          "dead_reason", "interrupted " .. n .. " times: its worker stopped before finishing it")
+        put("ZADD", dead, now, id)
+        put("HINCRBY", counters, "dead", 1)
+      else
+        push(id, true)
+      end
     end
   end
 end
 
 -- 2. Delayed jobs that are due.
-for _, id in ipairs(redis.call("ZRANGEBYSCORE", delayed, "-inf", now, "LIMIT", 0, promote_limit)) do
-  redis.call("ZREM", delayed, id)
+for _, id in ipairs(get("ZRANGEBYSCORE", delayed, "-inf", now, "LIMIT", 0, promote_limit) or {}) do
+  put("ZREM", delayed, id)
   push(id, false)
 end
 
@@ -79,16 +89,16 @@ if want <= 0 then return {} end
 local sched = base .. ":sched"
 local STRIDE = 1000000
 local pass = {}
-local vt = tonumber(redis.call("HGET", sched, "vt") or "0")
-for i = 1, 6 do
-  pass[i] = tonumber(redis.call("HGET", sched, "pass:" .. TIERS[i]) or "0")
-end
+local s = get("HMGET", sched, "vt", "pass:" .. TIERS[1], "pass:" .. TIERS[2], "pass:" .. TIERS[3],
+  "pass:" .. TIERS[4], "pass:" .. TIERS[5], "pass:" .. TIERS[6]) or {}
+local vt = tonumber(s[1]) or 0
+for i = 1, 6 do pass[i] = tonumber(s[i + 1]) or 0 end
 
 -- Which tiers have work: read once, then kept up to date as organisations leave their ring.
 local rings, has_work = {}, {}
 for i = 1, 6 do
   rings[i] = base .. ":orgs:" .. TIERS[i]
-  has_work[i] = redis.call("LLEN", rings[i]) > 0
+  has_work[i] = (get("LLEN", rings[i]) or 0) > 0
 end
 
 local out = {}
@@ -114,41 +124,50 @@ while #out < want and guard > 0 do
   local ring, heads = rings[best], base .. ":heads:" .. tier
   -- Round-robin across organisations: take from the organisation at the head of the ring and
   -- move it to the back, or drop it when it has no more work.
-  local org = redis.call("LMOVE", ring, ring, "LEFT", "RIGHT")
-  local list = base .. ":wait:" .. tier .. ":" .. org
-  local id = redis.call("LPOP", list)
-  local next_id = redis.call("LINDEX", list, 0)
-  if next_id then
-    local ready = redis.call("HGET", base .. ":job:" .. next_id, "ready_at")
-    redis.call("ZADD", heads, tonumber(ready) or now, org)
+  local org = get("LMOVE", ring, ring, "LEFT", "RIGHT")
+  if not org then
+    -- An empty ring (counted as having work by a stale LLEN), or one moved aside as corrupt.
+    has_work[best] = false
   else
-    redis.call("RPOP", ring)
-    redis.call("ZREM", heads, org)
-    has_work[best] = redis.call("LLEN", ring) > 0
-  end
-  if id then
-    taken[tier] = (taken[tier] or 0) + 1
-    local job = base .. ":job:" .. id
-    local f = redis.call("HMGET", job, "kind", "tier", "org", "payload", "attempts",
-      "max_attempts", "enqueued_at", "interrupts", "own")
-    if f[1] then
-      local token = redis.call("HINCRBY", job, "token", 1)
-      redis.call("HSET", job, "state", "inflight", "leased_at", now)
-      leases[#leases + 1] = now + lease_ms
-      leases[#leases + 1] = id
-      out[#out + 1] = { id, tostring(token), f[1] or "", f[2] or "", f[3] or "", f[4] or "",
-        tostring(f[5] or "0"), tostring(f[6] or "0"), tostring(f[7] or "0"), tostring(f[8] or "0"),
-        f[9] or "0" }
+    local list = base .. ":wait:" .. tier .. ":" .. org
+    local id = get("LPOP", list)
+    local next_id = id and redis.call("LINDEX", list, 0)
+    if next_id then
+      local ready = job_op("HGET", base .. ":job:" .. next_id, "ready_at")
+      put("ZADD", heads, tonumber(ready) or now, org)
+    else
+      redis.call("RPOP", ring)
+      put("ZREM", heads, org)
+      has_work[best] = (get("LLEN", ring) or 0) > 0
+    end
+    if id then
+      taken[tier] = (taken[tier] or 0) + 1
+      local job = base .. ":job:" .. id
+      local f, err = job_op("HMGET", job, "kind", "tier", "org", "payload", "attempts",
+        "max_attempts", "enqueued_at", "interrupts", "own")
+      local token
+      if f and f[1] then token, err = job_op("HINCRBY", job, "token", 1) end
+      if err then
+        bury(id, "its hash cannot be leased: " .. err)
+      elseif f[1] then
+        redis.call("HSET", job, "state", "inflight", "leased_at", now)
+        leases[#leases + 1] = now + lease_ms
+        leases[#leases + 1] = id
+        out[#out + 1] = { id, tostring(token), f[1] or "", f[2] or "", f[3] or "", f[4] or "",
+          tostring(f[5] or "0"), tostring(f[6] or "0"), tostring(f[7] or "0"), tostring(f[8] or "0"),
+          f[9] or "0" }
+      end
     end
   end
 end
 
-for tier, n in pairs(taken) do redis.call("HINCRBY", base .. ":depth", tier, -n) end
-if #leases > 0 then redis.call("ZADD", inflight, unpack(leases)) end
+for tier, n in pairs(taken) do put("HINCRBY", base .. ":depth", tier, -n) end
+if #leases > 0 then put("ZADD", inflight, unpack(leases)) end
 
 if not strict then
-  for i = 1, 6 do redis.call("HSET", sched, "pass:" .. TIERS[i], pass[i]) end
-  redis.call("HSET", sched, "vt", vt)
+  put("HSET", sched, "vt", vt, "pass:" .. TIERS[1], pass[1], "pass:" .. TIERS[2], pass[2],
+    "pass:" .. TIERS[3], pass[3], "pass:" .. TIERS[4], pass[4], "pass:" .. TIERS[5], pass[5],
+    "pass:" .. TIERS[6], pass[6])
 end
-if #out > 0 then redis.call("HINCRBY", counters, "leased", #out) end
+if #out > 0 then put("HINCRBY", counters, "leased", #out) end
 return out

@@ -38,10 +38,23 @@ use crate::domain::{JobKind, OrganizationId, Tier};
 pub const ENQUEUE_LUA: &str = include_str!("../../jobs/enqueue.lua");
 
 static ENQUEUE: LazyLock<Script> = LazyLock::new(|| Script::new(ENQUEUE_LUA));
-static FETCH: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("fetch.lua")));
-static SETTLE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("settle.lua")));
-static RENEW: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("renew.lua")));
-static DEAD: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("dead.lua")));
+/// The helpers every daemon script starts with (see its header): a key of the wrong type, a
+/// counter that is not a number or a job hash that is not what enqueue.lua wrote never stops a
+/// script half-way.
+const GUARD_LUA: &str = include_str!("guard.lua");
+
+fn guarded(body: &str) -> Script {
+    Script::new(&format!("{GUARD_LUA}\n{body}"))
+}
+
+static FETCH: LazyLock<Script> = LazyLock::new(|| guarded(include_str!("fetch.lua")));
+static SETTLE: LazyLock<Script> = LazyLock::new(|| guarded(include_str!("settle.lua")));
+static RENEW: LazyLock<Script> = LazyLock::new(|| guarded(include_str!("renew.lua")));
+static DEAD: LazyLock<Script> = LazyLock::new(|| guarded(include_str!("dead.lua")));
+static REPAIR: LazyLock<Script> = LazyLock::new(|| guarded(include_str!("repair.lua")));
+
+/// Job hashes the repair scan looks at per script call.
+const REPAIR_PAGE: usize = 500;
 
 /// Items per settle or renew script call; bigger batches are split.
 const SCRIPT_CHUNK: usize = 200;
@@ -645,6 +658,64 @@ impl Queue {
     /// The most recent dead jobs, newest first.
     pub async fn dead_jobs(&self, limit: usize) -> Result<Vec<DeadJob>, QueueError> {
         self.dead_page(0, limit).await
+    }
+
+    /// When a script moved a corrupt key aside or reset a counter (`{p}:repair` is set), puts
+    /// the jobs it held back into their lists and sets and recounts the depth. One process at a
+    /// time (a lock with a lease); each script call looks at a bounded page of job hashes.
+    /// Returns whether a repair ran.
+    pub async fn repair_if_needed(&self) -> Result<bool, QueueError> {
+        let mut conn = self.conn.clone();
+        let flagged: bool = conn.exists(self.key("repair")).await?;
+        if !flagged {
+            return Ok(false);
+        }
+        let lock = self.key("repairing");
+        let me = uuid::Uuid::new_v4().to_string();
+        let got: Option<String> = redis::cmd("SET")
+            .arg(&lock)
+            .arg(&me)
+            .arg("NX")
+            .arg("PX")
+            .arg(120_000)
+            .query_async(&mut conn)
+            .await?;
+        if got.is_none() {
+            return Ok(false);
+        }
+        let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await?;
+        let started_ms = secs * 1000 + micros / 1000;
+        let flags: Vec<String> = conn.hkeys(self.key("repair")).await?;
+        tracing::warn!(moved_aside = ?flags, "queue keys were corrupt: repairing the queue");
+        let mut cursor = "0".to_owned();
+        let mut pages = 0u64;
+        loop {
+            cursor = REPAIR
+                .key(&self.base)
+                .arg("scan")
+                .arg(&cursor)
+                .arg(REPAIR_PAGE)
+                .invoke_async(&mut conn)
+                .await?;
+            pages += 1;
+            if cursor == "0" {
+                break;
+            }
+        }
+        let left: i64 = REPAIR
+            .key(&self.base)
+            .arg("finish")
+            .arg(started_ms)
+            .invoke_async(&mut conn)
+            .await?;
+        let _: () = conn.del(&lock).await?;
+        tracing::warn!(
+            pages,
+            flags_left = left,
+            "queue repaired: jobs put back, depth recounted"
+        );
+        crate::observe::queue_repaired();
+        Ok(true)
     }
 
     /// Checks that Redis answers.

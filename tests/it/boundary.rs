@@ -365,68 +365,170 @@ async fn enqueue_refuses_what_it_must_naming_the_argument_and_changes_nothing() 
 }
 
 #[tokio::test]
-async fn enqueue_refused_by_a_corrupt_key_undoes_its_writes() {
+async fn enqueue_moves_a_corrupt_key_aside_and_takes_the_job() {
     let ctx = TestCtx::new().await;
-    ctx.enqueue(
-        JobKind::LlmComplete,
-        Tier::Trial,
-        ORG_A,
-        &llm_payload(Tier::Trial, ORG_A, "x"),
-        0,
-    )
-    .await;
     let mut conn = ctx.redis().await;
-    // A buggy app overwrote the organisation's wait list and the depth counter by hand.
+    // A buggy app overwrote an organisation's wait list, and the depth counter, by hand.
     let _: () = conn
         .set(ctx.key(&format!("wait:trial:{ORG_B}")), "oops")
         .await
         .unwrap();
-    let before = snapshot(&ctx).await;
-    let payload = llm_payload(Tier::Trial, ORG_B, "y");
-    let err = ctx
-        .queue
-        .enqueue(&NewJob {
-            kind: JobKind::LlmComplete,
-            tier: Tier::Trial,
-            organization_id: OrganizationId::parse(ORG_B).unwrap(),
-            payload,
-            job_id: None,
-            delay: Duration::ZERO,
-            idempotency_key: None,
-            max_attempts: 0,
-        })
-        .await
-        .unwrap_err();
-    assert!(err.to_string().contains("corrupt key"), "{err}");
-    assert_eq!(
-        snapshot(&ctx).await,
-        before,
-        "the id counter and the enqueued counter were put back"
-    );
-    // A depth field that is not a number: a trial job's enqueue is refused and undone, while an
-    // enterprise job, which does not touch that field, is taken.
     let _: () = conn
         .hset(ctx.key("depth"), "trial", "not a number")
         .await
         .unwrap();
-    assert!(
-        !ctx.queue
-            .enqueue(&own_job(ORG_A, "a-1"))
-            .await
-            .unwrap()
-            .duplicate
-    );
-    let mut trial = own_job(ORG_A, "a-2");
+    let mut trial = own_job(ORG_B, "b-1");
     trial.tier = Tier::Trial;
-    trial.payload = llm_payload(Tier::Trial, ORG_A, "z");
-    let before_trial = snapshot(&ctx).await;
-    let err = ctx.queue.enqueue(&trial).await.unwrap_err();
-    assert!(err.to_string().contains("corrupt key"), "{err}");
-    assert_eq!(
-        snapshot(&ctx).await,
-        before_trial,
-        "the wait list push was undone"
-    );
+    trial.payload = llm_payload(Tier::Trial, ORG_B, "z");
+    assert!(!ctx.queue.enqueue(&trial).await.unwrap().duplicate);
+    let list: Vec<String> = conn
+        .lrange(ctx.key(&format!("wait:trial:{ORG_B}")), 0, -1)
+        .await
+        .unwrap();
+    assert_eq!(list, ["b-1"]);
+    let depth: String = conn.hget(ctx.key("depth"), "trial").await.unwrap();
+    assert_eq!(depth, "1");
+    let aside = snapshot(&ctx)
+        .await
+        .into_keys()
+        .filter(|k| k.starts_with(ctx.key("corrupt:wait:trial:").as_bytes()))
+        .count();
+    assert_eq!(aside, 1, "the corrupt list is kept aside for a look");
+    let flags: Vec<String> = conn.hkeys(ctx.key("repair")).await.unwrap();
+    assert!(flags.contains(&format!("wait:trial:{ORG_B}")), "{flags:?}");
+    assert!(flags.contains(&"depth".to_owned()), "{flags:?}");
+}
+
+/// Waiting jobs per tier by the lists themselves, and by the depth counter.
+async fn depth_by_lists(ctx: &TestCtx) -> (BTreeMap<String, i64>, BTreeMap<String, i64>) {
+    let mut conn = ctx.redis().await;
+    let mut lists = BTreeMap::new();
+    let mut counted = BTreeMap::new();
+    for key in snapshot(ctx).await.into_keys() {
+        let key = String::from_utf8_lossy(&key).into_owned();
+        let Some(rest) = key.strip_prefix(&ctx.key("wait:")) else {
+            continue;
+        };
+        let tier = rest.split(':').next().unwrap().to_owned();
+        let n: i64 = conn.llen(&key).await.unwrap();
+        *lists.entry(tier).or_insert(0) += n;
+    }
+    for t in Tier::ALL {
+        let v: Option<String> = conn.hget(ctx.key("depth"), t.as_str()).await.unwrap();
+        let n = v.map_or(0, |v| v.parse().unwrap_or(i64::MIN));
+        if n != 0 {
+            counted.insert(t.as_str().to_owned(), n);
+        }
+        if lists.get(t.as_str()) == Some(&0) {
+            lists.remove(t.as_str());
+        }
+    }
+    (lists, counted)
+}
+
+#[tokio::test]
+async fn corrupt_queue_keys_lose_no_job_and_the_depth_agrees_with_the_lists_afterwards() {
+    // Each case: what a buggy app writes by hand, and how many jobs end dead (as corrupt).
+    let cases: [(&str, usize); 5] = [
+        ("the wait list is a string", 0),
+        ("a job's token is not a number", 1),
+        ("the counters hash is a list", 0),
+        ("the delayed set is a string", 0),
+        ("a depth value is not a number", 0),
+    ];
+    for (case, want_dead) in cases {
+        let ctx = TestCtx::with(&[("AIQ_LEASE_MS", "3000")]).await;
+        let mut ids = Vec::new();
+        for i in 0..6 {
+            let p = llm_payload(Tier::Trial, ORG_A, &format!("a{i}"));
+            ids.push(
+                ctx.enqueue(JobKind::LlmComplete, Tier::Trial, ORG_A, &p, 0)
+                    .await,
+            );
+            let p = llm_payload(Tier::Enterprise, ORG_B, &format!("b{i}"));
+            ids.push(
+                ctx.enqueue(JobKind::LlmComplete, Tier::Enterprise, ORG_B, &p, 0)
+                    .await,
+            );
+        }
+        for i in 0..2 {
+            let mut j = own_job(ORG_B, &format!("later-{i}"));
+            j.delay = Duration::from_millis(300);
+            ctx.queue.enqueue(&j).await.unwrap();
+        }
+        let mut conn = ctx.redis().await;
+        let overwrite = |key: String| {
+            let mut conn = conn.clone();
+            async move {
+                let _: () = conn.del(&key).await.unwrap();
+                let _: () = conn.set(&key, "written by hand").await.unwrap();
+            }
+        };
+        match case {
+            "the wait list is a string" => overwrite(ctx.key(&format!("wait:trial:{ORG_A}"))).await,
+            "a job's token is not a number" => {
+                let _: () = conn
+                    .hset(ctx.key(&format!("job:{}", ids[1])), "token", "abc")
+                    .await
+                    .unwrap();
+            }
+            "the counters hash is a list" => {
+                let _: () = conn.del(ctx.key("counters")).await.unwrap();
+                let _: () = conn.lpush(ctx.key("counters"), "x").await.unwrap();
+            }
+            "the delayed set is a string" => overwrite(ctx.key("delayed")).await,
+            _ => {
+                let _: () = conn
+                    .hset(ctx.key("depth"), "trial", "1.5e999")
+                    .await
+                    .unwrap();
+            }
+        }
+        let worker = ctx.start_worker();
+        let want_done = 14 - want_dead as i64;
+        let pool = ctx.store.pool().clone();
+        let q = ctx.queue.clone();
+        wait_until(Duration::from_secs(60), case, || {
+            let (pool, q) = (pool.clone(), q.clone());
+            async move {
+                let done: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM ai_processing_results WHERE status = 'completed'",
+                )
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+                done == want_done && q.dead_jobs(10).await.unwrap().len() == want_dead
+            }
+        })
+        .await;
+        ctx.wait_settled(Duration::from_secs(30)).await;
+        // Every corruption a script met asked for a repair; the worker's renewer runs it.
+        let flags = ctx.key("repair");
+        wait_until(Duration::from_secs(30), "the repair scan", || {
+            let (mut conn, flags) = (conn.clone(), flags.clone());
+            async move { !conn.exists::<_, bool>(&flags).await.unwrap() }
+        })
+        .await;
+        worker.stop().await;
+        for d in ctx.queue.dead_jobs(10).await.unwrap() {
+            assert!(d.reason.starts_with("corrupt: "), "{case}: {d:?}");
+        }
+        // No job is left in limbo: every job hash still in Redis is dead, in the dead set.
+        for key in snapshot(&ctx).await.into_keys() {
+            let key = String::from_utf8_lossy(&key).into_owned();
+            if let Some(id) = key.strip_prefix(&ctx.key("job:")) {
+                let state: Option<String> = conn.hget(&key, "state").await.unwrap();
+                let in_dead: Option<f64> = conn.zscore(ctx.key("dead"), id).await.unwrap();
+                assert!(
+                    state.as_deref() == Some("dead") && in_dead.is_some(),
+                    "{case}: job {id} is {state:?} outside the dead set"
+                );
+            }
+        }
+        let (lists, counted) = depth_by_lists(&ctx).await;
+        assert_eq!(lists, counted, "{case}: the depth agrees with the lists");
+        assert_eq!(ctx.fake_calls().await["openai"], want_done, "{case}");
+    }
 }
 
 #[tokio::test]
