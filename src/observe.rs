@@ -111,6 +111,10 @@ fn describe() {
         "Leased jobs whose fields in Redis were not what enqueue.lua writes; each went to the dead set as corrupt."
     );
     describe_counter!(
+        "aiq_redis_deferrals_total",
+        "Jobs that waited, spending no attempt, because Redis could not answer a check before their call, by kind (oom, readonly, loading, masterdown, cluster, busy, connection, protocol, other)."
+    );
+    describe_counter!(
         "aiq_queue_repairs_total",
         "Repair scans that put back the jobs of queue keys found corrupt (moved aside to {prefix}:corrupt:*)."
     );
@@ -122,6 +126,12 @@ fn describe() {
         "aiq_metrics_bad_redis_values_total",
         "Values in the queue's Redis keys that a scrape left out, by key, counted again by each scrape while they stay: fields aiq does not write, counts that are not integers, scores that are not times."
     );
+}
+
+/// A job waited because Redis could not answer a check before its call (`kind`: oom, readonly,
+/// loading, masterdown, cluster, busy, connection, protocol or other).
+pub fn redis_deferral(kind: &'static str) {
+    metrics::counter!("aiq_redis_deferrals_total", "kind" => kind).increment(1);
 }
 
 /// A repair scan put back the jobs of corrupt queue keys.

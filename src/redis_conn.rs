@@ -66,3 +66,24 @@ impl Conn {
         }
     }
 }
+
+/// What kind of Redis failure an error is, as a bounded label: none of them is a job's fault, so
+/// a job that meets one waits without spending an attempt (counted by this label).
+pub fn error_kind(e: &redis::RedisError) -> &'static str {
+    match e.code() {
+        Some("OOM") => "oom",
+        Some("READONLY") => "readonly",
+        Some("LOADING") => "loading",
+        Some("MASTERDOWN") => "masterdown",
+        Some("CLUSTERDOWN" | "TRYAGAIN" | "MOVED" | "ASK") => "cluster",
+        Some("BUSY") => "busy",
+        _ if e.is_io_error()
+            || e.is_timeout()
+            || e.is_connection_dropped()
+            || e.is_connection_refusal() =>
+        {
+            "connection"
+        }
+        _ => "other",
+    }
+}

@@ -419,13 +419,13 @@ async fn admit_call(app: &App, target: &Planned) -> Result<Result<(), Duration>,
 
 /// The provider's breaker and pause; counts nothing, but a half-open breaker admits one probe.
 async fn breaker_admit(app: &App, provider: &str) -> Result<Result<(), Duration>, Failure> {
-    app.breakers
-        .admit(provider)
-        .await
-        .map_err(|e| Failure::Retry {
-            message: format!("checking {provider}'s circuit breaker failed: {e}"),
-            after: None,
-        })
+    app.breakers.admit(provider).await.map_err(|e| {
+        redis_unavailable(
+            &format!("checking {provider}'s circuit breaker failed"),
+            crate::redis_conn::error_kind(&e),
+            e,
+        )
+    })
 }
 
 async fn throttle(app: &App, target: &Planned) -> Result<Result<(), Duration>, Failure> {
@@ -708,17 +708,36 @@ async fn call(
 }
 
 fn redis_down_provider(provider: &str, e: redis::RedisError) -> Failure {
-    Failure::Retry {
-        message: format!("checking {provider}'s fleet-wide limits failed: {e}"),
-        after: None,
-    }
+    redis_unavailable(
+        &format!("checking {provider}'s fleet-wide limits failed"),
+        crate::redis_conn::error_kind(&e),
+        e,
+    )
 }
 
 /// Redis is the budget's ledger of holds: without it no call may start (fail closed).
 fn redis_down(e: crate::budget::BudgetError) -> Failure {
-    Failure::Retry {
-        message: format!("no provider call without a budget check, and the check failed: {e}"),
-        after: None,
+    let kind = match &e {
+        crate::budget::BudgetError::Redis(r) => crate::redis_conn::error_kind(r),
+        crate::budget::BudgetError::Protocol(_) => "protocol",
+    };
+    redis_unavailable(
+        "no provider call without a budget check, and the check failed",
+        kind,
+        e,
+    )
+}
+
+/// How long a job waits when Redis could not answer one of its checks before a call.
+const REDIS_WAIT: Duration = Duration::from_secs(1);
+
+/// A Redis failure before a call (out of memory, read-only, loading, a lost connection...) is
+/// never the job's fault: no call is made, and the job waits without spending an attempt.
+fn redis_unavailable(what: &str, kind: &'static str, e: impl std::fmt::Display) -> Failure {
+    crate::observe::redis_deferral(kind);
+    Failure::Defer {
+        message: format!("{what}: {e}; waiting without spending an attempt"),
+        after: REDIS_WAIT + spread(1_000),
     }
 }
 

@@ -621,3 +621,99 @@ async fn a_job_whose_bytes_are_not_utf8_is_buried_alone_and_its_batch_completes_
         "no call for a corrupt job"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_out_of_memory_spends_no_attempt_and_every_job_completes_once_memory_is_freed() {
+    let redis = aiq::localsvc::LocalRedis::start("oom").expect("a redis-server of the test's own");
+    let ctx = TestCtx::build_on(
+        Some(&redis.url()),
+        None,
+        &[("AIQ_MAX_ATTEMPTS", "2"), ("AIQ_LEASE_MS", "2000")],
+        aiq::fake::FakeOptions::default(),
+    )
+    .await;
+    for i in 0..20 {
+        let p = llm_payload(Tier::Trial, ORG_A, &format!("j{i}"));
+        ctx.enqueue(JobKind::LlmComplete, Tier::Trial, ORG_A, &p, 0)
+            .await;
+    }
+    // The test leases the jobs as a worker would, then Redis reaches its memory limit
+    // (noeviction): every write is refused with OOM.
+    let leased = ctx.queue.fetch(20).await.unwrap();
+    assert_eq!(leased.len(), 20);
+    let conn = ctx.redis().await;
+    let oom = |limit: &'static str| {
+        let mut conn = conn.clone();
+        async move {
+            let _: () = redis::cmd("CONFIG")
+                .arg("SET")
+                .arg("maxmemory-policy")
+                .arg("noeviction")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            let _: () = redis::cmd("CONFIG")
+                .arg("SET")
+                .arg("maxmemory")
+                .arg(limit)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+    };
+    oom("1").await;
+    let before = snapshot(&ctx).await;
+    let refused = ctx
+        .queue
+        .enqueue(&own_job(ORG_A, "while-full"))
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("OOM"), "{refused}");
+    assert_eq!(
+        snapshot(&ctx).await,
+        before,
+        "a refused enqueue writes nothing"
+    );
+    let app = aiq::worker::app(&ctx.settings, ctx.store.clone())
+        .await
+        .unwrap();
+    for job in &leased {
+        let raw = aiq::queue::backend::RawJob {
+            id: job.id.clone(),
+            kind: job.kind.clone(),
+            tier: job.tier.clone(),
+            organization_id: job.organization_id.clone(),
+            payload: job.payload.clone(),
+            token: job.token.parse().unwrap(),
+            attempt: 1,
+            max_attempts: 2,
+            enqueued_at_ms: job.enqueued_at_ms,
+            interrupts: 0,
+            prior: Default::default(),
+        };
+        match aiq::jobs::run(&app, &raw).await {
+            Err(aiq::queue::backend::Failure::Defer { message, .. }) => {
+                assert!(message.contains("OOM"), "{message}");
+            }
+            other => panic!("job {}: {other:?}, not a deferral", job.id),
+        }
+    }
+    assert_eq!(
+        ctx.fake_calls().await["openai"],
+        0,
+        "no call without a budget check"
+    );
+    // Memory is freed: the leases run out, the jobs come back, and every one completes.
+    oom("0").await;
+    let worker = ctx.start_worker();
+    let q = ctx.queue.clone();
+    wait_until(Duration::from_secs(60), "every job to complete", || {
+        let q = q.clone();
+        async move { q.stats().await.unwrap().counters.get("done") == Some(&20) }
+    })
+    .await;
+    worker.stop().await;
+    assert_eq!(ctx.queue.stats().await.unwrap().dead, 0);
+    assert_eq!(ctx.fake_calls().await["openai"], 20);
+    drop(redis);
+}
