@@ -84,6 +84,19 @@ pub async fn app(settings: &Settings, store: Store) -> anyhow::Result<Arc<App>> 
         anthropic: crate::providers::anthropic::AnthropicClient::new(&settings.anthropic),
         gemini: crate::providers::gemini::GeminiClient::new(&settings.gemini),
     };
+    // No reservation until the budget's counters are known: a Redis that is new or lost its
+    // data has no ledger marker, and this process rebuilds them from ai_cost_tracking first.
+    if !budget.ledger_ok().await? {
+        match budget.rebuild_ledger(&store, false).await {
+            Ok(Some(summary)) => {
+                tracing::warn!(%summary, "the budget had no ledger marker: counters rebuilt from ai_cost_tracking")
+            }
+            Ok(None) => tracing::info!("another process is rebuilding the budget's counters"),
+            Err(e) => {
+                tracing::warn!(error = %e, "rebuilding the budget's counters failed; jobs wait until it succeeds")
+            }
+        }
+    }
     // Succeeded jobs' rows go through one group-commit writer.
     let store = store.batched();
     Ok(Arc::new(App::new(
@@ -119,6 +132,51 @@ fn spawn_budget_tasks(settings: &Settings, app: Arc<App>, stop: CancellationToke
             stop.clone(),
         );
         tokio::spawn(async move { crate::budget::alerts::deliver(&alerts, webhook, stop).await });
+    }
+    {
+        // Redis losing its data makes the budget fail closed (reserve.lua refuses without the
+        // ledger marker); this puts the counters back within a second. A second pass, once every
+        // call that was in flight at the loss has had time to write its row, raises any counter
+        // still below the ledger.
+        let (app, stop) = (app.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut reconcile_at: Option<tokio::time::Instant> = None;
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+                match app.budget.ledger_ok().await {
+                    Ok(false) => match app.budget.rebuild_ledger(&app.store, false).await {
+                        Ok(Some(summary)) => {
+                            tracing::error!(%summary, "the budget's counters were gone (Redis lost its data): rebuilt from ai_cost_tracking; reservations resume");
+                            reconcile_at =
+                                Some(tokio::time::Instant::now() + app.hold_ttl.longest());
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %e, "rebuilding the budget's counters failed")
+                        }
+                    },
+                    Ok(true) => {}
+                    Err(e) => {
+                        tracing::debug!(error = %e, "checking the budget's ledger marker failed")
+                    }
+                }
+                if reconcile_at.is_some_and(|at| tokio::time::Instant::now() >= at) {
+                    match app.budget.rebuild_ledger(&app.store, true).await {
+                        Ok(Some(summary)) => {
+                            tracing::warn!(%summary, "budget counters reconciled with the ledger after the calls in flight at the data loss");
+                            reconcile_at = None;
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %e, "reconciling the budget's counters failed")
+                        }
+                    }
+                }
+            }
+        });
     }
     let (multiple, min) = (settings.budget.spike_multiple, settings.budget.spike_min);
     tokio::spawn(async move {

@@ -41,6 +41,17 @@ use crate::redis_conn::Conn;
 static RESERVE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("reserve.lua")));
 static SETTLE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("settle.lua")));
 static RATE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("rate.lua")));
+/// Sets a scope's `spent` (ARGV: value, raise_only 0|1, key ttl), keeping its holds.
+static RAISE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        "local cur = tonumber(redis.call('HGET', KEYS[1], 'spent')) or 0
+         local v = tonumber(ARGV[1])
+         if ARGV[2] ~= '1' or v > cur then redis.call('HSET', KEYS[1], 'spent', v) end
+         redis.call('HSETNX', KEYS[1], 'reserved', 0)
+         redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
+         return 0",
+    )
+});
 /// The holds whose expiry has passed by Redis's clock (reserve.lua sets expiries from TIME too).
 static EXPIRED: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
@@ -60,6 +71,12 @@ pub enum BudgetError {
     Redis(#[from] redis::RedisError),
     #[error("unexpected reply from a budget script: {0}")]
     Protocol(String),
+    /// The ledger marker is missing: Redis lost its data (or was never filled), so its counters
+    /// say nothing about what was spent. No reservation until they are rebuilt.
+    #[error(
+        "the budget's counters are not trusted (Redis lost its data, or they were never built): no reservation until they are rebuilt from ai_cost_tracking"
+    )]
+    LedgerMissing,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -285,6 +302,9 @@ pub struct Budget {
     conn: Conn,
     base: String,
     settings: BudgetSettings,
+    /// Redis's clock minus this host's (ms): windows are Redis's, whatever this host's clock
+    /// says. Measured at connect, corrected by every reservation the script finds off.
+    clock_offset_ms: std::sync::Arc<std::sync::atomic::AtomicI64>,
 }
 
 impl Budget {
@@ -294,11 +314,75 @@ impl Budget {
         settings: &BudgetSettings,
     ) -> Result<Self, BudgetError> {
         let conn = Conn::connect(redis_url, cluster).await?;
-        Ok(Self {
+        let budget = Self {
             conn,
             base: format!("{{{}}}", settings.prefix),
             settings: settings.clone(),
-        })
+            clock_offset_ms: Default::default(),
+        };
+        let (secs, micros): (i64, i64) = redis::cmd("TIME")
+            .query_async(&mut budget.conn.clone())
+            .await?;
+        budget.set_redis_now(secs * 1000 + micros / 1000);
+        Ok(budget)
+    }
+
+    fn set_redis_now(&self, redis_ms: i64) {
+        let offset = redis_ms - Utc::now().timestamp_millis();
+        self.clock_offset_ms
+            .store(offset, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Now by Redis's clock (as last measured): what every budget window is computed from, so a
+    /// host whose clock is off never bills a call to another day.
+    pub fn now(&self) -> DateTime<Utc> {
+        let offset = self
+            .clock_offset_ms
+            .load(std::sync::atomic::Ordering::Relaxed);
+        Utc::now() + chrono::Duration::milliseconds(offset)
+    }
+
+    /// Whether the ledger marker is there: the counters were built from ai_cost_tracking (or
+    /// started empty with it) and have been kept since.
+    pub async fn ledger_ok(&self) -> Result<bool, BudgetError> {
+        let mut conn = self.conn.clone();
+        Ok(conn.exists(self.key("ledger")).await?)
+    }
+
+    /// Rebuilds the counters from ai_cost_tracking and sets the ledger marker, under a lock so
+    /// one process does it; returns the summary when this process did. `raise_only` keeps any
+    /// counter already above the ledger (a second pass after the calls in flight at a data loss
+    /// have written their rows: it may only raise).
+    pub async fn rebuild_ledger(
+        &self,
+        store: &crate::store::Store,
+        raise_only: bool,
+    ) -> anyhow::Result<Option<String>> {
+        let mut conn = self.conn.clone();
+        let lock = self.key("ledger_lock");
+        let me = uuid::Uuid::new_v4().to_string();
+        let got: Option<String> = redis::cmd("SET")
+            .arg(&lock)
+            .arg(&me)
+            .arg("NX")
+            .arg("PX")
+            .arg(60_000)
+            .query_async(&mut conn)
+            .await?;
+        if got.is_none() {
+            return Ok(None);
+        }
+        let summary = rebuild_from(self, store, raise_only).await;
+        if summary.is_ok() {
+            let _: () = redis::cmd("HSET")
+                .arg(self.key("ledger"))
+                .arg("rebuilt_at")
+                .arg(self.now().timestamp_millis())
+                .query_async(&mut conn)
+                .await?;
+        }
+        let _: () = conn.del(&lock).await?;
+        summary.map(Some)
     }
 
     pub fn settings(&self) -> &BudgetSettings {
@@ -360,21 +444,51 @@ impl Budget {
         ttl: Duration,
         now: DateTime<Utc>,
     ) -> Result<Result<Reservation, Refusal>, BudgetError> {
-        let (scopes, _) = self.scopes(meta.organization_id, limits, now);
-        let id = meta.reservation_id();
-        let meta_json = serde_json::to_string(&meta).expect("call meta serialises");
-        let mut conn = self.conn.clone();
-        let mut inv = RESERVE.key(&self.base);
-        inv.arg(&id)
-            .arg(estimate.micros())
-            .arg(ttl.as_millis() as u64)
-            .arg(&meta_json)
-            .arg(scopes.len());
-        for s in &scopes {
-            inv.arg(s.suffix()).arg(s.limit.micros()).arg(s.key_ttl());
+        let mut meta = meta;
+        let mut now = now;
+        // Once more at most: with the windows of Redis's clock, when this host's disagreed.
+        for _ in 0..2 {
+            let (scopes, billing_date) = self.scopes(meta.organization_id, limits, now);
+            meta.billing_date = billing_date;
+            let id = meta.reservation_id();
+            let meta_json = serde_json::to_string(&meta).expect("call meta serialises");
+            let mut conn = self.conn.clone();
+            let mut inv = RESERVE.key(&self.base);
+            inv.arg(&id)
+                .arg(estimate.micros())
+                .arg(ttl.as_millis() as u64)
+                .arg(&meta_json)
+                .arg(scopes.len());
+            for s in &scopes {
+                inv.arg(s.suffix()).arg(s.limit.micros()).arg(s.key_ttl());
+            }
+            let day = &scopes[0].window;
+            let day_start = windows_start(day, self.settings.timezone);
+            inv.arg(day_start.timestamp_millis())
+                .arg(day.resets_at.timestamp_millis());
+            let reply: Vec<i64> = inv.invoke_async(&mut conn).await?;
+            if let [3, redis_ms] = reply.as_slice() {
+                self.set_redis_now(*redis_ms);
+                now = DateTime::from_timestamp_millis(*redis_ms).unwrap_or_else(Utc::now);
+                continue;
+            }
+            return self.reserved(reply, scopes, id, estimate, meta);
         }
-        let reply: Vec<i64> = inv.invoke_async(&mut conn).await?;
+        Err(BudgetError::Protocol(
+            "reserve found the windows off twice, even by Redis's own clock".into(),
+        ))
+    }
+
+    fn reserved(
+        &self,
+        reply: Vec<i64>,
+        scopes: Vec<Scope>,
+        id: String,
+        estimate: MicroUsd,
+        meta: CallMeta,
+    ) -> Result<Result<Reservation, Refusal>, BudgetError> {
         match reply.as_slice() {
+            [4] => Err(BudgetError::LedgerMissing),
             [1] | [2] => Ok(Ok(Reservation { id, estimate, meta })),
             [0, i, spent, reserved] => {
                 let scope = scopes
@@ -517,13 +631,24 @@ impl Budget {
     /// Sets a scope's settled spend (after Redis lost its data; see `aiq budget rebuild`). Holds
     /// of calls still running are kept.
     pub async fn set_spent(&self, scope: &Scope, spent: MicroUsd) -> Result<(), BudgetError> {
+        self.put_spent(scope, spent, false).await
+    }
+
+    /// [`Budget::set_spent`], or with `raise_only` only when the counter is below `spent`.
+    async fn put_spent(
+        &self,
+        scope: &Scope,
+        spent: MicroUsd,
+        raise_only: bool,
+    ) -> Result<(), BudgetError> {
         let mut conn = self.conn.clone();
         let key = self.key(&format!("spend:{}", scope.suffix()));
-        let _: () = redis::pipe()
-            .hset(&key, "spent", spent.micros())
-            .hset_nx(&key, "reserved", 0)
-            .expire(&key, scope.key_ttl() as i64)
-            .query_async(&mut conn)
+        let _: () = RAISE
+            .key(&key)
+            .arg(spent.micros())
+            .arg(if raise_only { 1 } else { 0 })
+            .arg(scope.key_ttl())
+            .invoke_async(&mut conn)
             .await?;
         Ok(())
     }
@@ -555,10 +680,28 @@ impl Budget {
     }
 }
 
+/// When a day window began (the day before it resets).
+fn windows_start(day: &Window, tz: chrono_tz::Tz) -> DateTime<Utc> {
+    let (start, _, _) = windows_at(day.resets_at - chrono::Duration::hours(36), tz);
+    start.resets_at
+}
+
 /// Recomputes the Redis counters of the current day and month windows from ai_cost_tracking,
-/// the ledger (after Redis lost its data). Returns a summary for the operator.
+/// the ledger (after Redis lost its data), and sets the ledger marker. Returns a summary for the
+/// operator.
 pub async fn rebuild(budget: &Budget, store: &crate::store::Store) -> anyhow::Result<String> {
-    let (day, month, today) = windows_at(Utc::now(), budget.settings.timezone);
+    Ok(budget
+        .rebuild_ledger(store, false)
+        .await?
+        .unwrap_or_else(|| "another process is rebuilding the counters now".into()))
+}
+
+async fn rebuild_from(
+    budget: &Budget,
+    store: &crate::store::Store,
+    raise_only: bool,
+) -> anyhow::Result<String> {
+    let (day, month, today) = windows_at(budget.now(), budget.settings.timezone);
     let month_start = today.with_day(1).expect("day 1 exists");
     let day_spend: BTreeMap<Option<Uuid>, MicroUsd> = store
         .spend_by_org(today, today)
@@ -575,10 +718,10 @@ pub async fn rebuild(budget: &Budget, store: &crate::store::Store) -> anyhow::Re
     let global_day = total(&mut day_spend.values().copied());
     let global_month = total(&mut month_spend.iter().map(|(_, c)| *c));
     budget
-        .set_spent(&scope(Owner::Global, &day), global_day)
+        .put_spent(&scope(Owner::Global, &day), global_day, raise_only)
         .await?;
     budget
-        .set_spent(&scope(Owner::Global, &month), global_month)
+        .put_spent(&scope(Owner::Global, &month), global_month, raise_only)
         .await?;
     let mut orgs = 0;
     for (org, spent_month) in &month_spend {
@@ -588,15 +731,17 @@ pub async fn rebuild(budget: &Budget, store: &crate::store::Store) -> anyhow::Re
             .copied()
             .unwrap_or(MicroUsd::ZERO);
         budget
-            .set_spent(&scope(Owner::Org(*org), &day), spent_day)
+            .put_spent(&scope(Owner::Org(*org), &day), spent_day, raise_only)
             .await?;
         budget
-            .set_spent(&scope(Owner::Org(*org), &month), *spent_month)
+            .put_spent(&scope(Owner::Org(*org), &month), *spent_month, raise_only)
             .await?;
         orgs += 1;
     }
     let units = store.vision_units_by_feature(month_start, today).await?;
-    budget.set_vision_units(&month.label, &units).await?;
+    if !raise_only {
+        budget.set_vision_units(&month.label, &units).await?;
+    }
     Ok(format!(
         "rebuilt from ai_cost_tracking: platform {} today ({}), {} this month ({}); {orgs} organisations; Vision units this month {:?}",
         global_day, day.label, global_month, month.label, units

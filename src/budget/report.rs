@@ -42,8 +42,10 @@ pub fn forecast(
     } else if daily_rate.micros() > 0 {
         let left = monthly_limit.micros() - month_to_date.micros();
         let days = (left + daily_rate.micros() - 1) / daily_rate.micros();
-        let day = today + chrono::Days::new(days as u64);
-        (day.month() == today.month()).then_some(day)
+        // A tiny rate against a large limit lasts past any date chrono can hold: not this month.
+        today
+            .checked_add_days(chrono::Days::new(days.max(0) as u64))
+            .filter(|day| day.month() == today.month() && day.year() == today.year())
     } else {
         None
     };
@@ -102,6 +104,20 @@ mod tests {
         );
         assert!(f.exhausted);
         assert_eq!(f.runs_out_on, Some(d("2026-11-10")));
+    }
+
+    #[test]
+    fn a_few_micro_dollars_against_a_large_limit_never_run_out_and_do_not_panic() {
+        // $0.000005 spent today against $100,000 a month: 2e10 days at that rate.
+        let by_day = BTreeMap::from([(d("2026-11-10"), MicroUsd::from_micros(5))]);
+        let f = forecast(
+            None,
+            MicroUsd::from_micros(100_000_000_000),
+            &by_day,
+            d("2026-11-10"),
+        );
+        assert_eq!(f.runs_out_on, None);
+        assert!(!f.exhausted);
     }
 
     #[test]

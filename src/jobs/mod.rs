@@ -190,6 +190,15 @@ pub struct HoldTtl {
 }
 
 impl HoldTtl {
+    /// The longest a call of any provider may take: after it, every call that was in flight at
+    /// some moment has written its row.
+    pub fn longest(&self) -> Duration {
+        self.vision
+            .max(self.openai)
+            .max(self.anthropic)
+            .max(self.gemini)
+    }
+
     fn for_provider(&self, provider: &str) -> Duration {
         match provider {
             "google_vision" => self.vision,
@@ -512,6 +521,25 @@ async fn run_in_span(app: &App, raw: &RawJob) -> Result<(), Failure> {
         Ok(c) => c,
         Err(e) => return unpriced(app, &job, &input, e).await,
     };
+    // A model whose estimate alone is above a whole window's limit, or above its provider's
+    // tokens per minute, can never be called: waiting for a reset would wait forever. The chain
+    // keeps the models that can; with none left the job is dead now, and no alert is raised
+    // (nobody spent anything).
+    let limits = app.org_limits(org, tier).await?;
+    let (chain, never): (Vec<Planned>, Vec<String>) = {
+        let mut fits = Vec::with_capacity(chain.len());
+        let mut never = Vec::new();
+        for target in chain {
+            match never_fits(app, &target, org, limits) {
+                Some(why) => never.push(why),
+                None => fits.push(target),
+            }
+        }
+        (fits, never)
+    };
+    if chain.is_empty() {
+        return never_fit(app, &job, &never).await;
+    }
     // Open breakers and fleet-wide pauses hold calls back without counting anything against a
     // limit: the job takes the first model of its chain that may be called, or waits, spending
     // no attempt.
@@ -563,8 +591,7 @@ async fn run_in_span(app: &App, raw: &RawJob) -> Result<(), Failure> {
             }
         },
     };
-    let limits = app.org_limits(org, tier).await?;
-    let (_, billing_date) = app.budget.scopes(org, limits, Utc::now());
+    let (_, billing_date) = app.budget.scopes(org, limits, app.budget.now());
     let mut backoff = call_backoff(&app.call_retry);
     let mut call_seq = 0i32;
     loop {
@@ -584,7 +611,13 @@ async fn run_in_span(app: &App, raw: &RawJob) -> Result<(), Failure> {
         // Every call holds its own estimate: a fallback is priced at its model's rates.
         let reservation = match app
             .budget
-            .reserve(meta, limits, target.estimate, target.hold_ttl, Utc::now())
+            .reserve(
+                meta,
+                limits,
+                target.estimate,
+                target.hold_ttl,
+                app.budget.now(),
+            )
             .await
         {
             Ok(Ok(r)) => r,
@@ -678,6 +711,58 @@ async fn run_in_span(app: &App, raw: &RawJob) -> Result<(), Failure> {
     }
 }
 
+/// Why `target` can never be called, if it cannot: its estimate is above a whole window's limit
+/// (a limit of 0 pauses spending instead: the job waits), or its tokens above its provider's
+/// tokens per minute.
+fn never_fits(app: &App, target: &Planned, org: Uuid, limits: OrgLimits) -> Option<String> {
+    let (scopes, _) = app.budget.scopes(org, limits, app.budget.now());
+    let model = target.model.as_deref().unwrap_or(target.operation);
+    if let Some(s) = scopes
+        .iter()
+        .find(|s| s.limit.micros() > 0 && target.estimate > s.limit)
+    {
+        return Some(format!(
+            "{} {model} can cost up to {}, more than the whole {} limit of {} for {}",
+            target.provider,
+            target.estimate,
+            s.window.kind.as_str(),
+            s.limit,
+            match s.owner {
+                crate::budget::Owner::Global => "the platform".to_owned(),
+                crate::budget::Owner::Org(o) => format!("organization {o}"),
+            }
+        ));
+    }
+    let tpm = app.breakers.tokens_per_minute(target.provider)?;
+    (target.tokens > tpm).then(|| {
+        format!(
+            "{} {model} needs up to {} tokens, more than {}'s {tpm} tokens per minute",
+            target.provider, target.tokens, target.provider
+        )
+    })
+}
+
+/// A job none of whose models can ever be called: dead on this delivery, with the reason.
+async fn never_fit(app: &App, job: &JobRef, why: &[String]) -> Result<(), Failure> {
+    let message = format!("this job can never run: {}", why.join("; "));
+    let err = ErrorRecord {
+        error_type: "budget_exceeded".into(),
+        message: message.clone(),
+        details: json!({ "never_fits": true, "reasons": why }),
+        provider: None,
+        http_status: None,
+        call_seq: 0,
+    };
+    let result = failed_result("none", None, &message);
+    app.record(
+        app.store
+            .record_failure(job, &err, None, Some(&result))
+            .await,
+    )?;
+    tracing::warn!("dead: {message}");
+    Err(Failure::Permanent { message })
+}
+
 /// A provider's failure as the queue's failure kind, for when the job gives up this attempt.
 fn job_level(e: &ProviderError) -> Failure {
     if e.is_retryable() {
@@ -720,6 +805,7 @@ fn redis_down(e: crate::budget::BudgetError) -> Failure {
     let kind = match &e {
         crate::budget::BudgetError::Redis(r) => crate::redis_conn::error_kind(r),
         crate::budget::BudgetError::Protocol(_) => "protocol",
+        crate::budget::BudgetError::LedgerMissing => "ledger",
     };
     redis_unavailable(
         "no provider call without a budget check, and the check failed",
@@ -947,7 +1033,7 @@ async fn over_budget(
     if fail {
         return Err(Failure::Permanent { message });
     }
-    let until = (refusal.scope.window.resets_at - Utc::now())
+    let until = (refusal.scope.window.resets_at - app.budget.now())
         .to_std()
         .unwrap_or_default();
     // A little spread, so a window's waiting jobs do not all wake in the same millisecond.

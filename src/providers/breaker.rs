@@ -117,6 +117,13 @@ impl Breakers {
 
     /// Counts a call against the provider's requests- and tokens-per-minute limits, held across
     /// every process; `Err(wait)` when it would pass one (the job waits for the next minute).
+    /// The provider's fleet-wide tokens-per-minute limit, when one is set: a call that needs
+    /// more can never be admitted.
+    pub fn tokens_per_minute(&self, provider: &str) -> Option<u64> {
+        let i = PROVIDERS.iter().position(|p| *p == provider)?;
+        Some(self.settings.tpm[i]).filter(|t| *t > 0)
+    }
+
     pub async fn throttle(
         &self,
         provider: &str,

@@ -661,6 +661,9 @@ async fn redis_out_of_memory_spends_no_attempt_and_every_job_completes_once_memo
                 .unwrap();
         }
     };
+    let app = aiq::worker::app(&ctx.settings, ctx.store.clone())
+        .await
+        .unwrap();
     oom("1").await;
     let before = snapshot(&ctx).await;
     let refused = ctx
@@ -674,9 +677,6 @@ async fn redis_out_of_memory_spends_no_attempt_and_every_job_completes_once_memo
         before,
         "a refused enqueue writes nothing"
     );
-    let app = aiq::worker::app(&ctx.settings, ctx.store.clone())
-        .await
-        .unwrap();
     for job in &leased {
         let raw = aiq::queue::backend::RawJob {
             id: job.id.clone(),
@@ -716,4 +716,243 @@ async fn redis_out_of_memory_spends_no_attempt_and_every_job_completes_once_memo
     assert_eq!(ctx.queue.stats().await.unwrap().dead, 0);
     assert_eq!(ctx.fake_calls().await["openai"], 20);
     drop(redis);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_losing_its_data_mid_run_keeps_ids_and_rows_apart_and_the_budget_closed_until_rebuilt()
+ {
+    let mut redis =
+        aiq::localsvc::LocalRedis::start("loss").expect("a redis-server of the test's own");
+    let ctx = TestCtx::build_on(
+        Some(&redis.url()),
+        None,
+        &[("AIQ_LEASE_MS", "2000"), ("AIQ_CONCURRENCY", "8")],
+        aiq::fake::FakeOptions::with_latency(Duration::from_millis(5)),
+    )
+    .await;
+    let text = |i: usize| format!("caption photo {i:03}");
+    let input_bound = text(0).len() as u64 + "user".len() as u64 + 8;
+    let estimate = aiq::budget::PriceCatalog::builtin()
+        .llm_estimate("openai", "gpt-4o-mini", input_bound, 50)
+        .unwrap();
+    let limit = aiq::domain::MicroUsd::from_micros(estimate.micros() * 10);
+    let org_a = uuid::Uuid::parse_str(ORG_A).unwrap();
+    ctx.store
+        .set_org_limits(org_a, Some(limit), None)
+        .await
+        .unwrap();
+    let enqueue = |org: &'static str, i: usize| {
+        let queue = ctx.queue.clone();
+        let p = llm_payload(Tier::Enterprise, org, &text(i));
+        async move {
+            let job = NewJob {
+                kind: JobKind::LlmComplete,
+                tier: Tier::Enterprise,
+                organization_id: OrganizationId::parse(org).unwrap(),
+                payload: p,
+                job_id: None,
+                delay: Duration::ZERO,
+                idempotency_key: None,
+                max_attempts: 0,
+            };
+            // Right after the restart the first command may meet the reset connection.
+            for _ in 0..50 {
+                match queue.enqueue(&job).await {
+                    Ok(e) => return e.job_id,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+            panic!("enqueue kept failing")
+        }
+    };
+    let sum_of = |org: &'static str| {
+        let pool = ctx.store.pool().clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT coalesce((sum(cost_usd) * 1000000)::bigint, 0)::bigint FROM ai_cost_tracking
+                 WHERE organization_id = $1::uuid",
+            )
+            .bind(org)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let completed_of = |org: &'static str| {
+        let pool = ctx.store.pool().clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM ai_processing_results
+                 WHERE organization_id = $1::uuid AND status = 'completed'",
+            )
+            .bind(org)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let settled = || {
+        let q = ctx.queue.clone();
+        async move {
+            let s = q.stats().await.unwrap_or_default();
+            s.waiting.values().sum::<u64>() == 0 && s.inflight == 0
+        }
+    };
+    let worker = ctx.start_worker();
+    // Organisation A spends up to its daily limit; the rest of its jobs wait for the reset.
+    let mut before = Vec::new();
+    for i in 0..40 {
+        before.push(enqueue(ORG_A, i).await);
+    }
+    wait_until(
+        Duration::from_secs(60),
+        "A's jobs to run up to the limit",
+        settled,
+    )
+    .await;
+    let spent_before = sum_of(ORG_A).await;
+    assert!(
+        spent_before > limit.micros() / 2 && spent_before <= limit.micros(),
+        "A spent {spent_before} of {limit}"
+    );
+    // Redis restarts without its data, the worker still running. The apps enqueue again.
+    redis.restart().expect("redis restarts empty");
+    let mut after = Vec::new();
+    for i in 0..40 {
+        after.push(enqueue(ORG_A, i).await);
+    }
+    let mut b_ids = Vec::new();
+    for i in 0..5 {
+        b_ids.push(enqueue(ORG_B, i).await);
+    }
+    wait_until(
+        Duration::from_secs(60),
+        "B's jobs to run and A's to wait",
+        || async { settled().await && completed_of(ORG_B).await == 5 },
+    )
+    .await;
+    worker.stop().await;
+    let all: HashSet<&String> = before.iter().chain(&after).chain(&b_ids).collect();
+    assert_eq!(all.len(), 85, "every job got a new id");
+    let spent = sum_of(ORG_A).await;
+    assert!(
+        spent <= limit.micros(),
+        "A spent {spent} past its limit {limit} after Redis lost its data (before: {spent_before})"
+    );
+    for id in &b_ids {
+        let orgs: Vec<String> = sqlx::query_scalar(
+            "SELECT organization_id::text FROM ai_processing_results WHERE job_id = $1",
+        )
+        .bind(id)
+        .fetch_all(ctx.store.pool())
+        .await
+        .unwrap();
+        assert_eq!(orgs, [ORG_B], "job {id} has exactly its own row");
+    }
+    crate::money::assert_redis_agrees_with_postgres(&ctx, &[ORG_A, ORG_B]).await;
+    drop(redis);
+}
+
+#[tokio::test]
+async fn a_job_whose_estimate_exceeds_a_whole_limit_is_dead_at_once_and_raises_no_alert() {
+    let ctx = TestCtx::with(&[("AIQ_PROVIDER_TPM", "anthropic=40")]).await;
+    // A's whole daily limit is one micro-dollar: no job of A can ever fit in a day.
+    ctx.store
+        .set_org_limits(
+            uuid::Uuid::parse_str(ORG_A).unwrap(),
+            Some(aiq::domain::MicroUsd::from_micros(1)),
+            None,
+        )
+        .await
+        .unwrap();
+    let over_limit = ctx
+        .enqueue(
+            JobKind::LlmComplete,
+            Tier::Trial,
+            ORG_A,
+            &llm_payload(Tier::Trial, ORG_A, "too dear for the day"),
+            0,
+        )
+        .await;
+    // B's job needs more tokens than its provider's whole minute (the prompt and max_tokens 50).
+    let b = serde_json::json!({
+        "version": 1, "organization_id": ORG_B, "tier": "trial", "provider": "anthropic",
+        "model": "claude-haiku-4-5", "messages": [{ "role": "user", "content": "hello" }],
+        "max_tokens": 50
+    })
+    .to_string();
+    let over_tpm = ctx
+        .enqueue(JobKind::LlmComplete, Tier::Trial, ORG_B, &b, 0)
+        .await;
+    run_until_settled(&ctx).await;
+    let dead = ctx.queue.dead_jobs(10).await.unwrap();
+    assert_eq!(dead.len(), 2, "{dead:?}");
+    for d in &dead {
+        assert_eq!(d.attempts, 1, "dead on its first delivery: {d:?}");
+        assert!(d.reason.contains("can never run"), "{d:?}");
+        if d.id == over_limit {
+            assert!(d.reason.contains("day limit"), "{d:?}");
+        } else {
+            assert_eq!(d.id, over_tpm);
+            assert!(d.reason.contains("tokens per minute"), "{d:?}");
+        }
+    }
+    let calls = ctx.fake_calls().await;
+    assert_eq!(calls["openai"], 0);
+    assert_eq!(calls["anthropic"], 0);
+    assert_eq!(
+        ctx.scalar_i64("SELECT count(*) FROM ai_cost_alerts").await,
+        0,
+        "nobody spent anything: no alert"
+    );
+    assert_eq!(
+        ctx.scalar_i64(
+            "SELECT count(*) FROM ai_processing_errors WHERE error_type = 'budget_exceeded'
+             AND (error_details->>'never_fits')::boolean"
+        )
+        .await,
+        2
+    );
+}
+
+#[tokio::test]
+async fn a_host_clock_a_day_ahead_bills_nothing_to_tomorrows_window() {
+    use aiq::budget::CallMeta;
+    let ctx = TestCtx::new().await;
+    let budget = ctx.budget().await;
+    budget.rebuild_ledger(&ctx.store, false).await.unwrap();
+    let org = uuid::Uuid::parse_str(ORG_A).unwrap();
+    let limits = budget.tier_limits(Tier::Enterprise);
+    // This host's clock says tomorrow; Redis's says today.
+    let host_now = chrono::Utc::now() + chrono::Duration::days(1);
+    let (tomorrow, tomorrow_date) = budget.scopes(org, limits, host_now);
+    let meta = CallMeta {
+        job_id: "clock-1".into(),
+        execution: 1,
+        attempt: 1,
+        call_seq: 0,
+        organization_id: org,
+        tier: "enterprise".into(),
+        provider: "openai".into(),
+        operation: "chat.completions".into(),
+        model: Some("gpt-4o-mini".into()),
+        billing_date: tomorrow_date,
+    };
+    let amount = aiq::domain::MicroUsd::from_micros(100);
+    let held = budget
+        .reserve(meta, limits, amount, Duration::from_secs(60), host_now)
+        .await
+        .unwrap()
+        .expect("room");
+    let (today, today_date) = budget.scopes(org, limits, budget.now());
+    assert_eq!(held.meta.billing_date, today_date, "billed to Redis's day");
+    budget.settle(&held.id, amount).await.unwrap();
+    let states = budget.state(&today).await.unwrap();
+    assert!(states.iter().all(|s| s.spent == amount), "{states:?}");
+    // The day scopes of tomorrow (platform and organisation) hold nothing.
+    for s in budget.state(&tomorrow).await.unwrap() {
+        if s.window_kind == aiq::budget::WindowKind::Day {
+            assert_eq!(s.spent.micros() + s.reserved.micros(), 0, "{s:?}");
+        }
+    }
 }

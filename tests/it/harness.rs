@@ -141,6 +141,18 @@ impl TestCtx {
             Settings::load(&Env(move |k| lookup.get(k).cloned())).expect("test settings");
         let (queue, store) = aiq::worker::connect(&settings).await.expect("connect");
         store.migrate().await.expect("migrate");
+        // The budget's counters start from the (empty) ledger, as a first `aiq run` would
+        // build them, so what a test sets up in Redis before starting a worker stays.
+        aiq::budget::Budget::connect(
+            &settings.queue.redis_url,
+            settings.queue.cluster,
+            &settings.budget,
+        )
+        .await
+        .expect("budget connection")
+        .rebuild_ledger(&store, false)
+        .await
+        .expect("the budget's ledger marker");
         Self {
             settings,
             queue,

@@ -391,15 +391,29 @@ async fn a_fallback_the_budget_cannot_afford_is_not_called_and_the_job_waits() {
         .llm_estimate("anthropic", "claude-sonnet-4-5", input_bound, 40)
         .unwrap();
     assert!(dear.micros() > 2 * cheap.micros());
-    // Room for the primary's estimate, not for the fallback's.
+    // Room for the primary's estimate, not for the fallback's: the organisation already spent
+    // half of the fallback's estimate today, and its limit is just above the fallback's estimate
+    // (so the fallback could fit a day, just not this one's rest).
+    let org = uuid::Uuid::parse_str(ORG_A).unwrap();
+    let limit = MicroUsd::from_micros(dear.micros() + cheap.micros() / 2);
     ctx.store
-        .set_org_limits(
-            uuid::Uuid::parse_str(ORG_A).unwrap(),
-            Some(MicroUsd::from_micros(cheap.micros() + dear.micros() / 2)),
-            None,
-        )
+        .set_org_limits(org, Some(limit), None)
         .await
         .unwrap();
+    // The earlier spend is a row of the ledger, and the counters are rebuilt from it.
+    sqlx::query(
+        "INSERT INTO ai_cost_tracking (organization_id, service_name, operation_type, cost_usd,
+            billing_date, job_id, attempt, execution, call_seq)
+         VALUES ($1, 'anthropic', 'messages', $2::numeric / 1000000, (now() AT TIME ZONE 'UTC')::date,
+            'earlier-job', 1, 1, 0)",
+    )
+    .bind(org)
+    .bind(dear.micros() / 2)
+    .execute(ctx.store.pool())
+    .await
+    .unwrap();
+    let budget = ctx.budget().await;
+    aiq::budget::rebuild(&budget, &ctx.store).await.unwrap();
     let id = ctx
         .enqueue(
             JobKind::LlmComplete,
