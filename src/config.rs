@@ -123,6 +123,8 @@ pub struct QueueSettings {
     /// Weights of the six tiers, highest tier first.
     pub tier_weights: [u32; 6],
     pub dead_max_jobs: u64,
+    /// Payload bytes the dead set may keep; the oldest dead jobs beyond it are dropped.
+    pub dead_max_bytes: u64,
     pub dead_max_age: Duration,
     pub idempotency_ttl: Duration,
 }
@@ -514,6 +516,7 @@ impl QueueSettings {
             scheduling,
             tier_weights,
             dead_max_jobs: env.int_in("AIQ_DEAD_MAX_JOBS", 100_000, 1..=100_000_000)?,
+            dead_max_bytes: env.int_in("AIQ_DEAD_MAX_MB", 256, 1..=1_048_576)? * 1024 * 1024,
             dead_max_age: Duration::from_secs(
                 env.int_in("AIQ_DEAD_MAX_AGE_DAYS", 30, 1..=3650)? * 86_400,
             ),
@@ -589,6 +592,10 @@ impl Settings {
                 q.tier_weights.map(|w| w.to_string()).join(","),
             ),
             ("AIQ_DEAD_MAX_JOBS", q.dead_max_jobs.to_string()),
+            (
+                "AIQ_DEAD_MAX_MB",
+                (q.dead_max_bytes / (1024 * 1024)).to_string(),
+            ),
             (
                 "AIQ_DEAD_MAX_AGE_DAYS",
                 (q.dead_max_age.as_secs() / 86_400).to_string(),

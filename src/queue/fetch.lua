@@ -64,8 +64,9 @@ for _, id in ipairs(get("ZRANGEBYSCORE", inflight, "-inf", now, "LIMIT", 0, reap
     else
       put("HINCRBY", counters, "interrupted", 1)
       if n >= max_interrupts then
-        redis.call("HSET", job, "state", "dead", "dead_at", now,
-          "dead_reason", "interrupted " .. n .. " times: its worker stopped before finishing it")
+        local reason = "interrupted " .. n .. " times: its worker stopped before finishing it"
+        redis.call("HSET", job, "state", "dead", "dead_at", now, "dead_reason", reason)
+        dead_enter(job, reason)
         put("ZADD", dead, now, id)
         put("HINCRBY", counters, "dead", 1)
       else

@@ -64,6 +64,32 @@ local function job_op(...)
   return r
 end
 
+-- A job entering the dead set. The dead set is capped by payload bytes too ({p}:dead_bytes, see
+-- settle.lua): a payload that can never run (invalid, corrupt) is kept as its first 4 KiB with
+-- its length and SHA-1, and the bytes the job keeps are noted in it, to be taken off again when
+-- it leaves the dead set (dead_leave).
+local G_KEEP = 4096
+local function dead_enter(job, reason)
+  local payload = redis.pcall("HGET", job, "payload")
+  if type(payload) ~= "string" then payload = "" end
+  local keep = #payload
+  if keep > G_KEEP and (string.find(reason, "^invalid payload") or string.find(reason, "^corrupt")) then
+    redis.call("HSET", job, "payload", string.sub(payload, 1, G_KEEP), "payload_bytes", #payload,
+      "payload_sha1", redis.sha1hex(payload), "payload_truncated", 1)
+    keep = G_KEEP
+  end
+  redis.call("HSET", job, "dead_bytes", keep)
+  put("INCRBY", G_base .. ":dead_bytes", keep)
+end
+
+local function dead_leave(job)
+  local n = tonumber(redis.pcall("HGET", job, "dead_bytes")) or 0
+  if n > 0 then
+    put("DECRBY", G_base .. ":dead_bytes", n)
+    redis.call("HDEL", job, "dead_bytes")
+  end
+end
+
 -- A job that cannot be handled as enqueue.lua wrote it goes to the dead set with the reason. A
 -- job key of the wrong type is moved aside first; the fresh hash gets a token above any an old
 -- lease could hold, so no late settle or renew of that lease applies.
@@ -76,6 +102,7 @@ local function bury(id, why)
   put("ZREM", G_base .. ":delayed", id)
   redis.call("HSET", job, "state", "dead", "dead_reason", "corrupt: " .. why,
     "last_error", "corrupt: " .. why, "dead_at", G_now, "token", G_now)
+  if not get("ZSCORE", G_base .. ":dead", id) then dead_enter(job, "corrupt") end
   put("ZADD", G_base .. ":dead", G_now, id)
   put("HINCRBY", G_base .. ":counters", "dead", 1)
 end

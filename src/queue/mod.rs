@@ -382,7 +382,8 @@ impl Queue {
         let mut inv = SETTLE.key(&self.base);
         inv.arg(self.settings.dead_max_jobs)
             .arg(self.settings.dead_max_age.as_millis() as u64)
-            .arg(self.settings.idempotency_ttl.as_secs());
+            .arg(self.settings.idempotency_ttl.as_secs())
+            .arg(self.settings.dead_max_bytes);
         for (id, token, why) in jobs {
             tracing::error!(job.id = %String::from_utf8_lossy(id).escape_debug(), reason = %why,
                 "dead: the job's fields in Redis are corrupt");
@@ -412,7 +413,8 @@ impl Queue {
             let mut inv = SETTLE.key(&self.base);
             inv.arg(self.settings.dead_max_jobs)
                 .arg(self.settings.dead_max_age.as_millis() as u64)
-                .arg(self.settings.idempotency_ttl.as_secs());
+                .arg(self.settings.idempotency_ttl.as_secs())
+                .arg(self.settings.dead_max_bytes);
             for it in chunk {
                 let (op, delay, msg) = match &it.outcome {
                     Outcome::Done => ("done", 0, ""),

@@ -2,8 +2,8 @@
 -- expired and the job went to another worker) is refused and changes nothing. guard.lua is
 -- prepended: a corrupt key never stops the script half-way.
 --
--- ARGV: dead_max_jobs, dead_max_age_ms, done_ttl_s, then groups of five: id, token, op, delay_ms,
---       message.
+-- ARGV: dead_max_jobs, dead_max_age_ms, done_ttl_s, dead_max_bytes, then groups of five: id,
+--       token, op, delay_ms, message.
 -- op: done    - finished; the job leaves Redis (results live in PostgreSQL). A job enqueued with
 --               the app's own id leaves a marker `{p}:done:<id>` for done_ttl_s, so enqueueing
 --               that id again is a duplicate, not a second paid run.
@@ -16,6 +16,7 @@
 
 local base = KEYS[1]
 local dead_max, dead_age, done_ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local dead_max_bytes = tonumber(ARGV[4])
 local now = G_now
 local inflight, delayed, dead = base .. ":inflight", base .. ":delayed", base .. ":dead"
 local counters = base .. ":counters"
@@ -37,7 +38,7 @@ end
 
 local out = {}
 local counts = {}
-for i = 4, #ARGV, 5 do
+for i = 5, #ARGV, 5 do
   local id, token, op, delay_ms, msg = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3]), ARGV[i + 4]
   local job = base .. ":job:" .. id
   local f, err = job_op("HMGET", job, "token", "own")
@@ -67,6 +68,7 @@ for i = 4, #ARGV, 5 do
       ok = bump(job, id, "attempts", "token")
       if ok then
         redis.call("HSET", job, "state", "dead", "dead_reason", msg, "last_error", msg, "dead_at", now)
+        dead_enter(job, msg)
         put("ZADD", dead, now, id)
       end
     else -- release: back to the head of its organisation's list, keeping its place
@@ -96,14 +98,27 @@ for i = 4, #ARGV, 5 do
 end
 for op, n in pairs(counts) do put("HINCRBY", counters, COUNTER[op], n) end
 
--- Keep the dead set within its caps, a bounded number of removals per call.
+-- Keep the dead set within its caps (age, count, payload bytes), a bounded number of removals
+-- per call: the oldest go first.
 local function drop(ids)
   for _, id in ipairs(ids or {}) do
     put("ZREM", dead, id)
+    dead_leave(base .. ":job:" .. id)
     redis.call("DEL", base .. ":job:" .. id)
   end
 end
 drop(get("ZRANGEBYSCORE", dead, "-inf", now - dead_age, "LIMIT", 0, 100))
 local excess = (get("ZCARD", dead) or 0) - dead_max
 if excess > 0 then drop(get("ZRANGE", dead, 0, math.min(excess, 100) - 1)) end
+local removed = 0
+while removed < 100 and (tonumber(get("GET", base .. ":dead_bytes")) or 0) > dead_max_bytes do
+  local oldest = get("ZRANGE", dead, 0, 0) or {}
+  if #oldest == 0 then
+    -- Nothing left to drop: the count drifted (a corrupt key); start it again.
+    redis.call("SET", base .. ":dead_bytes", 0)
+    break
+  end
+  drop(oldest)
+  removed = removed + 1
+end
 return out

@@ -956,3 +956,79 @@ async fn a_host_clock_a_day_ahead_bills_nothing_to_tomorrows_window() {
         }
     }
 }
+
+#[tokio::test]
+async fn the_dead_set_keeps_an_invalid_payload_truncated_and_holds_its_payload_bytes_under_the_cap()
+{
+    let ctx = TestCtx::with(&[("AIQ_DEAD_MAX_MB", "1"), ("AIQ_CONCURRENCY", "8")]).await;
+    // Invalid: max_tokens 0. Each payload is about 1 MiB.
+    let big = "x".repeat(1 << 20);
+    let invalid = serde_json::json!({
+        "version": 1, "organization_id": ORG_A, "tier": "trial", "provider": "openai",
+        "model": "gpt-4o-mini", "messages": [{ "role": "user", "content": big }], "max_tokens": 0
+    })
+    .to_string();
+    // Valid jobs that die for the provider's reason (a 400): their payloads stay whole, and the
+    // byte cap drops the oldest of them.
+    let mut valid_ids = Vec::new();
+    for i in 0..6 {
+        let text = format!("[fake:status=400] {i} {}", "y".repeat(300 << 10));
+        let p = llm_payload(Tier::Trial, ORG_A, &text);
+        valid_ids.push(
+            ctx.enqueue(JobKind::LlmComplete, Tier::Trial, ORG_A, &p, 1)
+                .await,
+        );
+        // One at a time, so that the oldest is well defined.
+        let worker = ctx.start_worker();
+        ctx.wait_settled(Duration::from_secs(30)).await;
+        worker.stop().await;
+    }
+    let mut invalid_ids = Vec::new();
+    for _ in 0..5 {
+        invalid_ids.push(
+            ctx.enqueue(JobKind::LlmComplete, Tier::Trial, ORG_A, &invalid, 0)
+                .await,
+        );
+    }
+    run_until_settled(&ctx).await;
+    let mut conn = ctx.redis().await;
+    let mut kept = 0i64;
+    for id in &invalid_ids {
+        let f: std::collections::HashMap<String, Vec<u8>> =
+            conn.hgetall(ctx.key(&format!("job:{id}"))).await.unwrap();
+        let payload = &f["payload"];
+        assert_eq!(payload.len(), 4096, "kept truncated");
+        assert_eq!(
+            String::from_utf8_lossy(&f["payload_bytes"]),
+            invalid.len().to_string()
+        );
+        assert_eq!(payload.as_slice(), &invalid.as_bytes()[..4096]);
+        assert_eq!(f["payload_sha1"].len(), 40);
+        kept += 4096;
+    }
+    // 6 x 300 KiB is above the 1 MiB cap: the oldest valid dead jobs were dropped, the newest kept.
+    let mut whole = 0;
+    for id in &valid_ids {
+        let in_dead: Option<f64> = conn.zscore(ctx.key("dead"), id).await.unwrap();
+        if in_dead.is_some() {
+            let n: i64 = redis::cmd("HSTRLEN")
+                .arg(ctx.key(&format!("job:{id}")))
+                .arg("payload")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            assert!(n > 300 << 10, "a valid payload stays whole");
+            kept += n;
+            whole += 1;
+        }
+    }
+    let in_dead: Option<f64> = conn
+        .zscore(ctx.key("dead"), valid_ids.last().unwrap())
+        .await
+        .unwrap();
+    assert!(in_dead.is_some(), "the newest valid dead job is kept");
+    assert!((1..6).contains(&whole), "{whole} of 6 kept");
+    let counted: i64 = conn.get(ctx.key("dead_bytes")).await.unwrap();
+    assert_eq!(counted, kept, "the byte count is what the dead jobs keep");
+    assert!(counted <= 1 << 20, "{counted} bytes under the 1 MiB cap");
+}
