@@ -1380,3 +1380,80 @@ pub async fn sweep_expired(app: &App) -> usize {
     }
     swept
 }
+
+#[cfg(test)]
+mod error_type_tests {
+    /// `ai_processing_errors.error_type` is a closed list, documented in jobs/README.md: every
+    /// type the handlers write is in it, and it names nothing they do not write.
+    #[test]
+    fn every_error_type_written_is_documented_and_every_documented_one_is_written() {
+        let documented: Vec<&str> = [
+            "invalid_payload",
+            "unpriced",
+            "budget_exceeded",
+            "rate_limited",
+            "provider_unavailable",
+            "timeout",
+            "connection",
+            "malformed_response",
+            "invalid_request",
+            "unauthorized",
+            "quota_exhausted",
+            "image_failed",
+            "invalid_image",
+        ]
+        .to_vec();
+        let readme = include_str!("../../jobs/README.md");
+        let section = readme
+            .split("### Error types")
+            .nth(1)
+            .expect("jobs/README.md has an Error types section");
+        let section = section.split("\n#").next().unwrap_or(section);
+        let listed: Vec<&str> = section
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .filter(|t| t.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+            .filter(|t| *t != "error_type")
+            .collect();
+        let mut want = documented.clone();
+        want.sort();
+        let mut got = listed.clone();
+        got.sort();
+        assert_eq!(got, want, "the README's list");
+        // Written by the handlers: literal types, and the provider error kinds.
+        let source = include_str!("mod.rs");
+        let mut written: Vec<String> = source
+            .match_indices("error_type: \"")
+            .map(|(i, m)| {
+                let rest = &source[i + m.len()..];
+                rest[..rest.find('"').unwrap()].to_owned()
+            })
+            .collect();
+        for kind in [
+            crate::providers::ErrorKind::RateLimited,
+            crate::providers::ErrorKind::Unavailable,
+            crate::providers::ErrorKind::Timeout,
+            crate::providers::ErrorKind::Connection,
+            crate::providers::ErrorKind::Malformed,
+            crate::providers::ErrorKind::Invalid,
+            crate::providers::ErrorKind::Unauthorized,
+            crate::providers::ErrorKind::QuotaExhausted,
+        ] {
+            written.push(kind.as_str().to_owned());
+        }
+        written.extend(["image_failed".to_owned(), "invalid_image".to_owned()]);
+        for w in &written {
+            assert!(
+                documented.contains(&w.as_str()),
+                "{w} is written but not documented"
+            );
+        }
+        for d in &documented {
+            assert!(
+                written.iter().any(|w| w == d),
+                "{d} is documented but never written"
+            );
+        }
+    }
+}
