@@ -699,6 +699,9 @@ fn shown(v: &Value) -> String {
 }
 
 #[cfg(test)]
+mod contract_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
