@@ -37,6 +37,10 @@ pub struct ModelPrice {
     pub input_per_1m: i64,
     pub cached_input_per_1m: i64,
     pub output_per_1m: i64,
+    /// The most output tokens one call may ask for (the model's published output limit): a job
+    /// whose `max_tokens` is above it is refused at decode, since the provider would refuse the
+    /// call and the reservation would be priced for tokens that can never come.
+    pub max_output_tokens: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -88,6 +92,15 @@ impl PriceCatalog {
         for (name, p) in &c.vision.features {
             if p.per_1k < 0 || p.per_1k_above_5m < 0 {
                 return Err(PriceError::Catalog(format!("negative price for {name}")));
+            }
+        }
+        for (provider, models) in &c.llm {
+            for (model, p) in models {
+                if p.max_output_tokens == 0 {
+                    return Err(PriceError::Catalog(format!(
+                        "max_output_tokens of {provider}:{model} must be at least 1"
+                    )));
+                }
             }
         }
         Ok(c)
@@ -185,6 +198,12 @@ impl PriceCatalog {
                 provider: provider.to_owned(),
                 model: model.to_owned(),
             })
+    }
+
+    /// The most output tokens one call to the model may ask for.
+    pub fn max_output_tokens(&self, provider: &str, model: &str) -> Result<u32, PriceError> {
+        self.model_price(provider, model)
+            .map(|p| p.max_output_tokens)
     }
 
     /// The cost of one LLM call from its usage. `prompt_tokens` includes `cached_tokens`.
@@ -357,6 +376,29 @@ mod tests {
             600
         );
         assert!(c.vision_feature_cost("MIND_READING", 0, 1).is_err());
+    }
+
+    #[test]
+    fn every_model_has_an_output_limit_and_a_catalog_without_one_is_refused() {
+        let c = PriceCatalog::builtin();
+        assert_eq!(c.max_output_tokens("openai", "gpt-4o-mini"), Ok(16_384));
+        assert_eq!(
+            c.max_output_tokens("anthropic", "claude-haiku-4-5"),
+            Ok(64_000)
+        );
+        assert_eq!(c.max_output_tokens("gemini", "gemini-2.5-pro"), Ok(65_536));
+        assert!(matches!(
+            c.max_output_tokens("openai", "gpt-99"),
+            Err(PriceError::UnknownModel { .. })
+        ));
+        let without = BUILTIN_CATALOG.replace(r#", "max_output_tokens": 16384 }"#, " }");
+        assert_ne!(without, BUILTIN_CATALOG);
+        let err = PriceCatalog::parse(&without).unwrap_err().to_string();
+        assert!(err.contains("max_output_tokens"), "{err}");
+        let zero =
+            BUILTIN_CATALOG.replace(r#""max_output_tokens": 64000"#, r#""max_output_tokens": 0"#);
+        let err = PriceCatalog::parse(&zero).unwrap_err().to_string();
+        assert!(err.contains("at least 1"), "{err}");
     }
 
     #[test]

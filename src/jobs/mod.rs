@@ -463,7 +463,7 @@ async fn admit_from(
 
 async fn run_in_span(app: &App, raw: &RawJob) -> Result<(), Failure> {
     app.store_reachable().await?;
-    let input = match decode(raw) {
+    let input = match decode(raw, &app.prices) {
         Ok(input) => input,
         Err(e) => {
             // A payload that can never run: record why and send it to the dead set.
