@@ -100,7 +100,7 @@ async fn readyz(State(d): State<Deps>) -> (StatusCode, Json<serde_json::Value>) 
                 // Redis answering a PING is not enough: the queue's scripts must run too.
                 crate::queue::backend::queue_healthy(d.queue.settings().lease).map_err(|since| {
                     format!(
-                        "no fetch or reap of the queue succeeded for {} ms (more than a lease)",
+                        "the queue's fetches or reaps have failed for {} ms (more than a lease)",
                         since.as_millis()
                     )
                 })

@@ -262,9 +262,10 @@ async fn flusher(queue: Queue, mut rx: mpsc::UnboundedReceiver<AckRequest>) {
     }
 }
 
-/// When a fetch or reap script last ran to its end in this process (ms since the epoch; 0:
-/// none yet).
-static LAST_QUEUE_OK_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// Since when this process's fetches, and its reaps, have failed without a success in between
+/// (ms since the epoch; 0: the last one succeeded).
+static FETCH_FAILING_SINCE_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static REAP_FAILING_SINCE_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -272,22 +273,30 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-fn queue_ok() {
-    LAST_QUEUE_OK_MS.store(now_ms(), std::sync::atomic::Ordering::Relaxed);
-    crate::systemd::beat();
+fn mark(failing_since: &std::sync::atomic::AtomicU64, ok: bool) {
+    use std::sync::atomic::Ordering;
+    if ok {
+        failing_since.store(0, Ordering::Relaxed);
+    } else {
+        let _ = failing_since.compare_exchange(0, now_ms(), Ordering::Relaxed, Ordering::Relaxed);
+    }
 }
 
-/// Whether this process's fetches and reaps have been running: `Err` with how long they have
-/// failed once no script ran for longer than `lease` (the renewer reaps every third of a lease,
-/// so a healthy queue answers three times in that time). `Ok` before the worker's first fetch.
+/// Whether this process's queue scripts run: `Err` with how long they have failed once the
+/// fetches, or the reaps, have failed for longer than `lease` with no success in between. The
+/// renewer feeds the systemd watchdog only while this is `Ok`, so a queue that keeps failing
+/// stops the pings within a lease and a third (and systemd restarts the service after
+/// `WatchdogSec`); /readyz reports Redis unhealthy in the same time.
 pub fn queue_healthy(lease: Duration) -> Result<(), Duration> {
-    let last = LAST_QUEUE_OK_MS.load(std::sync::atomic::Ordering::Relaxed);
-    let since = Duration::from_millis(now_ms().saturating_sub(last));
-    if last == 0 || since <= lease {
-        Ok(())
-    } else {
-        Err(since)
+    let now = now_ms();
+    for since in [&FETCH_FAILING_SINCE_MS, &REAP_FAILING_SINCE_MS] {
+        let since = since.load(std::sync::atomic::Ordering::Relaxed);
+        let failing = Duration::from_millis(now.saturating_sub(since));
+        if since != 0 && failing > lease {
+            return Err(failing);
+        }
     }
+    Ok(())
 }
 
 /// Every `every`: extends this worker's leases, then runs the reaper, which returns other
@@ -298,11 +307,14 @@ async fn renewer(shared: Arc<Shared>, every: Duration, stop: CancellationToken) 
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        match shared.queue.reap().await {
-            // Only a script that ran feeds the watchdog: a queue that keeps failing stops the
-            // pings, and systemd restarts the service (see `queue_healthy`).
-            Ok(()) => queue_ok(),
-            Err(e) => tracing::warn!(error = %e, "returning expired leases failed"),
+        let reaped = shared.queue.reap().await;
+        if let Err(e) = &reaped {
+            tracing::warn!(error = %e, "returning expired leases failed");
+        }
+        mark(&REAP_FAILING_SINCE_MS, reaped.is_ok());
+        // Only a queue whose scripts run feeds the watchdog (see `queue_healthy`).
+        if queue_healthy(shared.queue.settings().lease).is_ok() {
+            crate::systemd::beat();
         }
         if let Err(e) = shared.queue.repair_if_needed().await {
             tracing::warn!(error = %e, "repairing the queue failed; trying again next tick");
@@ -459,12 +471,12 @@ impl Backend for RedisBackend {
                 self.fetching = None;
                 match result {
                     Ok(jobs) if jobs.is_empty() => {
-                        queue_ok();
+                        mark(&FETCH_FAILING_SINCE_MS, true);
                         self.error_pause = Duration::from_millis(100);
                         self.idle = Some(Box::pin(tokio::time::sleep(self.settings.poll_interval)));
                     }
                     Ok(jobs) => {
-                        queue_ok();
+                        mark(&FETCH_FAILING_SINCE_MS, true);
                         self.error_pause = Duration::from_millis(100);
                         for (job, prior) in jobs {
                             let task = self.to_task(job, prior);
@@ -472,6 +484,7 @@ impl Backend for RedisBackend {
                         }
                     }
                     Err(e) => {
+                        mark(&FETCH_FAILING_SINCE_MS, false);
                         tracing::warn!(error = %e, pause_ms = self.error_pause.as_millis() as u64, "fetching jobs failed");
                         self.idle = Some(Box::pin(tokio::time::sleep(self.error_pause)));
                         self.error_pause = (self.error_pause * 2).min(Duration::from_secs(5));

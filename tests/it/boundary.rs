@@ -1032,3 +1032,195 @@ async fn the_dead_set_keeps_an_invalid_payload_truncated_and_holds_its_payload_b
     assert_eq!(counted, kept, "the byte count is what the dead jobs keep");
     assert!(counted <= 1 << 20, "{counted} bytes under the 1 MiB cap");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_whose_fetches_keep_failing_makes_readyz_unhealthy_within_a_lease_and_recovers() {
+    let redis =
+        aiq::localsvc::LocalRedis::start("readyz").expect("a redis-server of the test's own");
+    let ctx = TestCtx::build_on(
+        Some(&redis.url()),
+        None,
+        &[("AIQ_LEASE_MS", "2000")],
+        aiq::fake::FakeOptions::default(),
+    )
+    .await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let daemon = ctx.spawn_daemon(&[("AIQ_ADMIN_ADDR", &addr)]);
+    let http = reqwest::Client::new();
+    let readyz = || {
+        let (http, addr) = (http.clone(), addr.clone());
+        async move {
+            let r = http
+                .get(format!("http://{addr}/readyz"))
+                .send()
+                .await
+                .ok()?;
+            let status = r.status().as_u16();
+            let body: serde_json::Value = r.json().await.ok()?;
+            Some((status, body))
+        }
+    };
+    wait_until(
+        Duration::from_secs(30),
+        "the daemon to be ready",
+        || async { readyz().await.is_some_and(|(s, _)| s == 200) },
+    )
+    .await;
+    // Jobs wait, and Redis refuses every write: each fetch fails.
+    let mut conn = ctx.redis().await;
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg("noeviction")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let p = llm_payload(Tier::Trial, ORG_A, &format!("r{i}"));
+        ids.push(
+            ctx.enqueue(JobKind::LlmComplete, Tier::Trial, ORG_A, &p, 0)
+                .await,
+        );
+    }
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg("1")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    wait_until(
+        Duration::from_secs(30),
+        "/readyz to say the queue fails",
+        || async {
+            readyz().await.is_some_and(|(s, body)| {
+                s == 503
+                    && body["parts"]["redis"]["error"]
+                        .as_str()
+                        .is_some_and(|e| e.contains("have failed for"))
+            })
+        },
+    )
+    .await;
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg("0")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(30), "/readyz to recover", || async {
+        readyz().await.is_some_and(|(s, _)| s == 200)
+    })
+    .await;
+    ctx.wait_settled(Duration::from_secs(30)).await;
+    assert!(
+        crate::harness::signal_and_wait(daemon, libc::SIGTERM)
+            .await
+            .success()
+    );
+    assert_eq!(
+        ctx.queue.stats().await.unwrap().counters.get("done"),
+        Some(&3)
+    );
+    drop(redis);
+}
+
+/// Every path to a string in a JSON value.
+fn string_paths(
+    v: &serde_json::Value,
+    path: &mut Vec<serde_json::Value>,
+    out: &mut Vec<Vec<serde_json::Value>>,
+) {
+    match v {
+        serde_json::Value::String(_) => out.push(path.clone()),
+        serde_json::Value::Array(a) => {
+            for (i, x) in a.iter().enumerate() {
+                path.push(i.into());
+                string_paths(x, path, out);
+                path.pop();
+            }
+        }
+        serde_json::Value::Object(o) => {
+            for (k, x) in o {
+                path.push(k.clone().into());
+                string_paths(x, path, out);
+                path.pop();
+            }
+        }
+        _ => {}
+    }
+}
+
+fn at<'a>(v: &'a mut serde_json::Value, path: &[serde_json::Value]) -> &'a mut serde_json::Value {
+    path.iter().fold(v, |v, p| match p {
+        serde_json::Value::Number(i) => &mut v[i.as_u64().unwrap() as usize],
+        serde_json::Value::String(k) => &mut v[k.as_str()],
+        _ => unreachable!(),
+    })
+}
+
+#[tokio::test]
+async fn a_control_character_in_any_string_field_of_either_kind_is_refused_before_any_call() {
+    let ctx = TestCtx::with(&[("AIQ_CONCURRENCY", "16")]).await;
+    let examples = [
+        (
+            "vision.annotate",
+            include_str!("../../jobs/examples/vision.annotate.json"),
+        ),
+        (
+            "llm.complete",
+            include_str!("../../jobs/examples/llm.complete.json"),
+        ),
+    ];
+    let mut n = 0;
+    for (kind, example) in examples {
+        let mut base: serde_json::Value = serde_json::from_str(example).unwrap();
+        base["organization_id"] = ORG_A.into();
+        if kind == "llm.complete" {
+            base["fallback"] =
+                serde_json::json!([{ "provider": "gemini", "model": "gemini-2.5-flash" }]);
+        }
+        let tier: Tier = base["tier"].as_str().unwrap().parse().unwrap();
+        let mut paths = Vec::new();
+        string_paths(&base, &mut Vec::new(), &mut paths);
+        assert!(paths.len() >= 8, "{kind}: {paths:?}");
+        for path in &paths {
+            // The organisation must equal the enqueue argument to reach the worker at all.
+            if path == &[serde_json::Value::from("organization_id")] {
+                continue;
+            }
+            for bad in ['\u{0}', '\u{7}', '\u{1b}', '\u{7f}'] {
+                let mut p = base.clone();
+                let s = at(&mut p, path);
+                *s = format!("{}{bad}", s.as_str().unwrap()).into();
+                let kind: JobKind = kind.parse().unwrap();
+                ctx.enqueue(kind, tier, ORG_A, &p.to_string(), 0).await;
+                n += 1;
+            }
+        }
+    }
+    run_until_settled(&ctx).await;
+    let calls = ctx.fake_calls().await;
+    for provider in ["google_vision", "openai", "anthropic", "gemini"] {
+        assert_eq!(calls[provider].as_u64(), Some(0), "{provider}: {calls}");
+    }
+    assert_eq!(
+        ctx.queue.stats().await.unwrap().dead,
+        n,
+        "every one is dead"
+    );
+    assert_eq!(
+        ctx.scalar_i64(
+            "SELECT count(*) FROM ai_processing_errors WHERE error_type = 'invalid_payload'"
+        )
+        .await,
+        n as i64
+    );
+}
