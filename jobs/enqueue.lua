@@ -63,31 +63,36 @@ end
 
 -- A decimal integer from lo to hi, written with digits only (no sign, point, exponent, inf, nan).
 local function int_in(s, lo, hi)
-  if type(s) ~= "string" or not string.find(s, "^%d+$") or #s > 15 then return nil end
+  if s == "0" then return lo <= 0 and 0 or nil end
+  if type(s) ~= "string" or #s > 15 or not string.find(s, "^%d+$") then return nil end
   local n = tonumber(s)
   if n < lo or n > hi then return nil end
   return n
 end
 
-if type(base) ~= "string" or not string.find(base, "^{[^{}]+}$") or #base > 130
-    or string.find(base, "[%z\1-\32\127]") or not utf8_ok(base) then
-  return refuse("base must be {prefix}: 1-128 printable characters without spaces or braces, in braces")
+if type(base) ~= "string" or #base > 130 or not string.find(base, "^{[\33-\122\124\126]+}$") then
+  return refuse("base must be {prefix}: 1-128 printable ASCII characters without spaces or braces, in braces")
 end
 if not KINDS[kind] then return refuse("unknown kind " .. shown(kind)) end
 if not TIERS[tier] then return refuse("unknown tier " .. shown(tier)) end
-if type(org) ~= "string" or not string.match(org, "^%x%x%x%x%x%x%x%x%-%x%x%x%x%-%x%x%x%x%-%x%x%x%x%-%x%x%x%x%x%x%x%x%x%x%x%x$") then
+if type(org) ~= "string" or #org ~= 36 or not string.find(org,
+    "^[0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f]%-[0-9a-f][0-9a-f][0-9a-f][0-9a-f]%-[0-9a-f][0-9a-f][0-9a-f][0-9a-f]%-[0-9a-f][0-9a-f][0-9a-f][0-9a-f]%-[0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f]$") then
+  if type(org) == "string" and string.match(org, "^%x%x%x%x%x%x%x%x%-%x%x%x%x%-%x%x%x%x%-%x%x%x%x%-%x%x%x%x%x%x%x%x%x%x%x%x$") then
+    return refuse("organization_id must be a UUID in lower case (" .. shown(org) .. ")")
+  end
   return refuse("organization_id must be a UUID")
-end
-if string.find(org, "%u") then
-  return refuse("organization_id must be a UUID in lower case (" .. shown(org) .. ")")
 end
 if type(payload) ~= "string" or #payload == 0 then return refuse("empty payload") end
 if #payload > 10485760 then return refuse("payload larger than 10 MiB") end
-if not utf8_ok(payload) then return refuse("payload is not valid UTF-8") end
--- JSON allows no raw control character but tab, newline and carriage return (a NUL inside a
--- string must be written \u0000, and the decoder refuses that too).
-if string.find(payload, "[%z\1-\8\11\12\14-\31]") then
-  return refuse("payload holds a control character (JSON must escape them)")
+-- One scan finds whether the payload is all printable ASCII (the common case); only a payload
+-- that is not is checked byte by byte.
+if string.find(payload, "[^\32-\126]") then
+  if not utf8_ok(payload) then return refuse("payload is not valid UTF-8") end
+  -- JSON allows no raw control character but tab, newline and carriage return (a NUL inside a
+  -- string must be written \u0000, and the decoder refuses that too).
+  if string.find(payload, "[%z\1-\8\11\12\14-\31]") then
+    return refuse("payload holds a control character (JSON must escape them)")
+  end
 end
 local delay_ms = int_in(delay_arg, 0, 31536000000)
 if not delay_ms then
@@ -127,45 +132,59 @@ end
 -- (an app that wrote the queue's keys by hand) is moved aside to {p}:corrupt:<name>:<ms> and the
 -- write made on a fresh key, and a counter field that is not a number starts again; both ask the
 -- daemon for a repair scan ({p}:repair), which puts back the jobs the moved key held.
-local undo = {}
 local t = redis.call("TIME")
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local seq_key, counters, delayed = base .. ":seq", base .. ":counters", base .. ":delayed"
+local list = base .. ":wait:" .. tier .. ":" .. org
+local ring, heads, depth = base .. ":orgs:" .. tier, base .. ":heads:" .. tier, base .. ":depth"
+-- Which writes were made, to undo them in reverse on a refusal (flags: the common path
+-- builds no table).
+local did_seq, did_count, did_delayed, did_list, did_ring, did_heads = false, false, false, false, false, false
+local function undo_all()
+  if did_heads then redis.pcall("ZREM", heads, org) end
+  if did_ring then redis.pcall("RPOP", ring) end
+  if did_list then redis.pcall("RPOP", list) end
+  if did_delayed then redis.pcall("ZREM", delayed, job_id) end
+  if did_count then redis.pcall("HINCRBY", counters, "enqueued", -1) end
+  if did_seq then redis.pcall("DECR", seq_key) end
+end
 local function flag(key)
   redis.pcall("HSET", base .. ":repair", string.sub(key, #base + 2), now)
 end
-local function write(revert, ...)
-  local r = redis.pcall(...)
+local function aside(key)
+  local dest = base .. ":corrupt:" .. string.sub(key, #base + 2) .. ":" .. now
+  redis.pcall("RENAME", key, dest)
+  redis.pcall("PEXPIRE", dest, 604800000)
+end
+-- A write Redis refused (r is its error): mend a corrupt key and make the write again, or undo
+-- what was written and refuse.
+local function mend(r, ...)
   local cmd, key, field, n = ...
-  if type(r) == "table" and r.err and string.find(r.err, "WRONGTYPE", 1, true) then
-    local dest = base .. ":corrupt:" .. string.sub(key, #base + 2) .. ":" .. now
-    redis.pcall("RENAME", key, dest)
-    redis.pcall("PEXPIRE", dest, 604800000)
+  if string.find(r.err, "WRONGTYPE", 1, true) then
+    aside(key)
     flag(key)
     r = redis.pcall(...)
-  elseif type(r) == "table" and r.err and string.find(r.err, "not an integer", 1, true) then
+  elseif string.find(r.err, "not an integer", 1, true) and (cmd == "HINCRBY" or cmd == "INCR") then
     if cmd == "HINCRBY" then
       redis.pcall("HSET", key, field, n)
       r = tonumber(n)
-    elseif cmd == "INCR" then
+    else
       redis.pcall("SET", key, 1)
       r = 1
     end
     flag(key)
   end
   if type(r) == "table" and r.err then
-    for i = #undo, 1, -1 do redis.pcall(unpack(undo[i])) end
+    undo_all()
     return nil, refuse("writing " .. shown(key) .. " failed: " .. tostring(r.err))
   end
-  if revert then undo[#undo + 1] = revert end
   return r
 end
 local function read(...)
   local r = redis.pcall(...)
   local key = select(2, ...)
   if type(r) == "table" and r.err and string.find(r.err, "WRONGTYPE", 1, true) then
-    local dest = base .. ":corrupt:" .. string.sub(key, #base + 2) .. ":" .. now
-    redis.pcall("RENAME", key, dest)
-    redis.pcall("PEXPIRE", dest, 604800000)
+    aside(key)
     return false
   end
   if type(r) == "table" and r.err then
@@ -192,47 +211,56 @@ if idem_key ~= "" then
 end
 
 local own = job_id ~= ""
+local r, err
 if not own then
   -- Unique across a Redis that lost its data: the counter restarts, the clock does not.
-  local seq = base .. ":seq"
-  local n, err = write({ "DECR", seq }, "INCR", seq)
+  r = redis.pcall("INCR", seq_key)
+  if type(r) == "table" then r, err = mend(r, "INCR", seq_key) end
   if err then return err end
-  job_id = "j-" .. t[1] .. string.sub("00000" .. t[2], -6) .. "-" .. n
+  did_seq = true
+  job_id = "j-" .. t[1] .. string.sub("00000" .. t[2], -6) .. "-" .. r
 elseif redis.call("EXISTS", base .. ":job:" .. job_id, base .. ":done:" .. job_id) > 0 then
   -- Queued, dead, or finished within the idempotency TTL: never run or paid for twice.
   return { job_id, "duplicate" }
 end
 
-local job = base .. ":job:" .. job_id
-local _, err = write({ "HINCRBY", base .. ":counters", "enqueued", -1 },
-  "HINCRBY", base .. ":counters", "enqueued", 1)
+r = redis.pcall("HINCRBY", counters, "enqueued", 1)
+if type(r) == "table" then r, err = mend(r, "HINCRBY", counters, "enqueued", 1) end
 if err then return err end
+did_count = true
 local state
 if delay_ms > 0 then
   state = "delayed"
-  _, err = write({ "ZREM", base .. ":delayed", job_id }, "ZADD", base .. ":delayed", now + delay_ms, job_id)
+  r = redis.pcall("ZADD", delayed, now + delay_ms, job_id)
+  if type(r) == "table" then r, err = mend(r, "ZADD", delayed, now + delay_ms, job_id) end
   if err then return err end
+  did_delayed = true
 else
   -- Waiting: append to the organisation's list; a list that was empty puts the organisation
   -- into its tier's round-robin ring and its head time into the tier's heads set.
   state = "waiting"
-  local list = base .. ":wait:" .. tier .. ":" .. org
-  local len
-  len, err = write({ "RPOP", list }, "RPUSH", list, job_id)
+  r = redis.pcall("RPUSH", list, job_id)
+  if type(r) == "table" then r, err = mend(r, "RPUSH", list, job_id) end
   if err then return err end
-  if len == 1 then
-    _, err = write({ "RPOP", base .. ":orgs:" .. tier }, "RPUSH", base .. ":orgs:" .. tier, org)
+  did_list = true
+  if r == 1 then
+    r = redis.pcall("RPUSH", ring, org)
+    if type(r) == "table" then r, err = mend(r, "RPUSH", ring, org) end
     if err then return err end
-    _, err = write({ "ZREM", base .. ":heads:" .. tier, org }, "ZADD", base .. ":heads:" .. tier, now, org)
+    did_ring = true
+    r = redis.pcall("ZADD", heads, now, org)
+    if type(r) == "table" then r, err = mend(r, "ZADD", heads, now, org) end
     if err then return err end
+    did_heads = true
   end
-  _, err = write({ "HINCRBY", base .. ":depth", tier, -1 }, "HINCRBY", base .. ":depth", tier, 1)
+  r = redis.pcall("HINCRBY", depth, tier, 1)
+  if type(r) == "table" then r, err = mend(r, "HINCRBY", depth, tier, 1) end
   if err then return err end
 end
 -- The job's own hash is new (EXISTS said so) and the idempotency key is a plain SET: neither
 -- can be refused, so they come last.
-redis.call("HSET", job, "kind", kind, "tier", tier, "org", org, "payload", payload,
-  "attempts", 0, "interrupts", 0, "max_attempts", max_attempts, "token", 0,
-  "enqueued_at", now, "idem", idem_key, "own", own and 1 or 0, "state", state, "ready_at", now)
+redis.call("HSET", base .. ":job:" .. job_id, "kind", kind, "tier", tier, "org", org,
+  "payload", payload, "attempts", 0, "interrupts", 0, "max_attempts", max_attempts, "token", 0,
+  "enqueued_at", now, "idem", idem_key, "state", state, "ready_at", now)
 if idem then redis.call("SET", idem, job_id, "EX", idem_ttl) end
 return { job_id, "created" }

@@ -6,9 +6,9 @@
 -- ARGV: want, lease_ms, strict (0|1), max_interrupts, reap_limit, promote_limit,
 --       then the six tier weights, highest tier first.
 -- Returns one array per leased job:
---   { id, token, kind, tier, org, payload, attempts, max_attempts, enqueued_at, interrupts, own }
--- (own: "1" when the app chose the id). Values are bytes as stored: the caller checks that they
--- are UTF-8 and buries a job whose bytes are not.
+--   { id, token, kind, tier, org, payload, attempts, max_attempts, enqueued_at, interrupts }
+-- Values are bytes as stored: the caller checks that they are UTF-8 and buries a job whose bytes
+-- are not.
 
 local base = KEYS[1]
 local want, lease_ms, strict = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3] == "1"
@@ -125,17 +125,23 @@ while #out < want and guard > 0 do
   local ring, heads = rings[best], base .. ":heads:" .. tier
   -- Round-robin across organisations: take from the organisation at the head of the ring and
   -- move it to the back, or drop it when it has no more work.
-  local org = get("LMOVE", ring, ring, "LEFT", "RIGHT")
+  -- The hot path calls redis.pcall itself (a reply that is a table here is an error) and goes
+  -- through guard.lua's helpers only when something is wrong.
+  local org = redis.pcall("LMOVE", ring, ring, "LEFT", "RIGHT")
+  if type(org) == "table" then org = get("LMOVE", ring, ring, "LEFT", "RIGHT") end
   if not org then
     -- An empty ring (counted as having work by a stale LLEN), or one moved aside as corrupt.
     has_work[best] = false
   else
     local list = base .. ":wait:" .. tier .. ":" .. org
-    local id = get("LPOP", list)
+    local id = redis.pcall("LPOP", list)
+    if type(id) == "table" then id = get("LPOP", list) end
     local next_id = id and redis.call("LINDEX", list, 0)
     if next_id then
-      local ready = job_op("HGET", base .. ":job:" .. next_id, "ready_at")
-      put("ZADD", heads, tonumber(ready) or now, org)
+      local ready = redis.pcall("HGET", base .. ":job:" .. next_id, "ready_at")
+      if type(redis.pcall("ZADD", heads, tonumber(ready) or now, org)) == "table" then
+        put("ZADD", heads, tonumber(ready) or now, org)
+      end
     else
       redis.call("RPOP", ring)
       put("ZREM", heads, org)
@@ -144,10 +150,13 @@ while #out < want and guard > 0 do
     if id then
       taken[tier] = (taken[tier] or 0) + 1
       local job = base .. ":job:" .. id
-      local f, err = job_op("HMGET", job, "kind", "tier", "org", "payload", "attempts",
-        "max_attempts", "enqueued_at", "interrupts", "own")
-      local token
-      if f and f[1] then token, err = job_op("HINCRBY", job, "token", 1) end
+      local f = redis.pcall("HMGET", job, "kind", "tier", "org", "payload", "attempts",
+        "max_attempts", "enqueued_at", "interrupts")
+      local token, err = nil, f.err
+      if not err and f[1] then
+        token = redis.pcall("HINCRBY", job, "token", 1)
+        if type(token) == "table" then err = token.err end
+      end
       if err then
         bury(id, "its hash cannot be leased: " .. err)
       elseif f[1] then
@@ -155,8 +164,7 @@ while #out < want and guard > 0 do
         leases[#leases + 1] = now + lease_ms
         leases[#leases + 1] = id
         out[#out + 1] = { id, tostring(token), f[1] or "", f[2] or "", f[3] or "", f[4] or "",
-          tostring(f[5] or "0"), tostring(f[6] or "0"), tostring(f[7] or "0"), tostring(f[8] or "0"),
-          f[9] or "0" }
+          tostring(f[5] or "0"), tostring(f[6] or "0"), tostring(f[7] or "0"), tostring(f[8] or "0") }
       end
     end
   end

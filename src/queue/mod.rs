@@ -122,7 +122,7 @@ fn bytes_of(ids: &[String]) -> Vec<Vec<u8>> {
 /// One row of fetch.lua's answer as a job, or why it cannot be one: (id, token, reason), kept
 /// as bytes so that the job can still be settled.
 fn leased_job(row: Vec<Vec<u8>>) -> Result<LeasedJob, (Vec<u8>, Vec<u8>, String)> {
-    let Ok(fields) = <[Vec<u8>; 11]>::try_from(row) else {
+    let Ok(fields) = <[Vec<u8>; 10]>::try_from(row) else {
         return Err((Vec::new(), Vec::new(), "fetch returned a short row".into()));
     };
     let [
@@ -136,7 +136,6 @@ fn leased_job(row: Vec<Vec<u8>>) -> Result<LeasedJob, (Vec<u8>, Vec<u8>, String)
         max_attempts,
         enqueued_at,
         interrupts,
-        own,
     ] = fields;
     let text = |name: &str, v: Vec<u8>| {
         String::from_utf8(v).map_err(|e| {
@@ -167,7 +166,8 @@ fn leased_job(row: Vec<Vec<u8>>) -> Result<LeasedJob, (Vec<u8>, Vec<u8>, String)
                 .and_then(|s| s.parse().ok())
                 .unwrap_or(0),
             interrupts: number("interrupts", &interrupts)?,
-            own: own == b"1",
+            // The queue's own ids start with "j-" (enqueue.lua refuses an app's id that does).
+            own: !id.starts_with(b"j-"),
         };
         if job.token.parse::<u64>().is_err() {
             return Err("its token is not a number".to_owned());
