@@ -248,8 +248,8 @@ async fn write(pool: &PgPool, batch: &[Pending]) -> Result<Vec<MicroUsd>, StoreE
          FROM ai_cost_tracking c
          JOIN UNNEST($1::text[], $2::bigint[], $3::int[], $4::uuid[])
            AS k(job_id, execution, call_seq, org)
-           ON c.job_id = k.job_id AND c.execution = k.execution AND c.call_seq = k.call_seq
-             AND c.organization_id IS NOT DISTINCT FROM k.org",
+           ON c.organization_id = k.org AND c.job_id = k.job_id AND c.execution = k.execution
+             AND c.call_seq = k.call_seq",
     )
     .bind(&job_ids)
     .bind(&executions)

@@ -347,10 +347,11 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         }
+        // Equality on every column of the unique key, so the read-back uses its index (a job
+        // without an organisation, which decode refuses before any call, has no cost row).
         let stored: i64 = sqlx::query_scalar(
             "SELECT (cost_usd * 1000000)::bigint FROM ai_cost_tracking
-             WHERE job_id = $1 AND execution = $2 AND call_seq = $3
-               AND organization_id IS NOT DISTINCT FROM $4",
+             WHERE organization_id = $4 AND job_id = $1 AND execution = $2 AND call_seq = $3",
         )
         .bind(&job.job_id)
         .bind(job.execution)
