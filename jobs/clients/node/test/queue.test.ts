@@ -88,7 +88,7 @@ describe("AiqQueue.add", () => {
     const payload = llm();
     const { id, duplicate } = await q.add("llm.complete", payload);
     assert.equal(duplicate, false);
-    assert.match(id, /^j\d+$/);
+    assert.match(id, /^j-\d{16}-\d+$/);
     const job = await redis.hgetall(`{${q.prefix}}:job:${id}`);
     assert.equal(job.kind, "llm.complete");
     assert.equal(job.tier, "growth_team");
@@ -122,8 +122,8 @@ describe("AiqQueue.add", () => {
     const second = await q.add("llm.complete", llm(), { idempotencyKey: "caption-photo-42" });
     assert.deepEqual(first, { id: first.id, duplicate: false });
     assert.deepEqual(second, { id: first.id, duplicate: true });
-    assert.equal(await redis.get(q.key("idem:caption-photo-42")), first.id);
-    const ttl = await redis.ttl(q.key("idem:caption-photo-42"));
+    assert.equal(await redis.get(q.key(`idem:${ORG}:caption-photo-42`)), first.id);
+    const ttl = await redis.ttl(q.key(`idem:${ORG}:caption-photo-42`));
     assert.ok(ttl > 86000 && ttl <= 86400, `ttl ${ttl}`);
     assert.equal(await redis.llen(q.key(`wait:growth_team:${ORG}`)), 1);
   });
@@ -131,7 +131,7 @@ describe("AiqQueue.add", () => {
   it("remembers idempotency keys for idempotencyTtlSeconds", async () => {
     const q = newQueue({ idempotencyTtlSeconds: 120 });
     await q.add("llm.complete", llm(), { idempotencyKey: "k" });
-    const ttl = await redis.ttl(q.key("idem:k"));
+    const ttl = await redis.ttl(q.key(`idem:${ORG}:k`));
     assert.ok(ttl > 100 && ttl <= 120, `ttl ${ttl}`);
   });
 

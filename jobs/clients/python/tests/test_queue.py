@@ -38,7 +38,7 @@ class AddTest(unittest.TestCase):
         payload = llm()
         job_id, duplicate = self.q.add("llm.complete", payload)
         self.assertFalse(duplicate)
-        self.assertRegex(job_id, r"^j\d+$")
+        self.assertRegex(job_id, r"^j-\d{16}-\d+$")
         job = self.r.hgetall("{%s}:job:%s" % (self.q.prefix, job_id))
         self.assertEqual(job["kind"], "llm.complete")
         self.assertEqual(job["tier"], "growth_team")
@@ -70,15 +70,15 @@ class AddTest(unittest.TestCase):
         second = self.q.add("llm.complete", llm(), idempotency_key="caption-photo-42")
         self.assertEqual(first.duplicate, False)
         self.assertEqual(second, (first.id, True))
-        self.assertEqual(self.r.get(self.q.key("idem:caption-photo-42")), first.id)
-        self.assertTrue(86000 < self.r.ttl(self.q.key("idem:caption-photo-42")) <= 86400)
+        self.assertEqual(self.r.get(self.q.key(f"idem:{ORG}:caption-photo-42")), first.id)
+        self.assertTrue(86000 < self.r.ttl(self.q.key(f"idem:{ORG}:caption-photo-42")) <= 86400)
         self.assertEqual(self.r.llen(self.q.key(f"wait:growth_team:{ORG}")), 1)
 
     def test_idempotency_keys_are_remembered_for_idempotency_ttl_s(self):
         """Idempotency keys are remembered for idempotency_ttl_s seconds."""
         q = AiqQueue(self.conn, prefix=fresh_prefix(), idempotency_ttl_s=120)
         q.add("llm.complete", llm(), idempotency_key="k")
-        self.assertTrue(100 < self.r.ttl(q.key("idem:k")) <= 120)
+        self.assertTrue(100 < self.r.ttl(q.key(f"idem:{ORG}:k")) <= 120)
 
     def test_a_reused_job_id_is_a_duplicate(self):
         """A reused job id is a duplicate and queues nothing new."""
