@@ -304,6 +304,18 @@ fn process_env() -> Env<impl Fn(&str) -> Option<String>> {
 /// Parses the command line and runs it. Errors print as one line naming what went wrong.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // A report piped into `head` must end quietly when the pipe closes, not panic on the write:
+    // the commands that print and exit take SIGPIPE's default (the shell sees status 141). The
+    // daemon and the long-running tools keep Rust's default of ignoring it (sockets).
+    if !matches!(
+        cli.command,
+        Command::Run | Command::Demo { .. } | Command::Bench { .. } | Command::FakeProviders { .. }
+    ) {
+        // SAFETY: setting a signal's disposition to its default, before any thread is started.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

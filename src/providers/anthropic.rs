@@ -86,13 +86,13 @@ pub fn parse_response(status: u16, body: &str) -> Result<Completion, ProviderErr
     let usage = raw
         .get("usage")
         .ok_or_else(|| ProviderError::malformed(PROVIDER, status, "no usage"))?;
-    let count = |k: &str| usage.get(k).and_then(Value::as_u64);
-    let input = count("input_tokens")
+    let count = |k: &str| super::usage_count(usage, &format!("/{k}"), PROVIDER, status);
+    let input = count("input_tokens")?
         .ok_or_else(|| ProviderError::malformed(PROVIDER, status, "no usage.input_tokens"))?;
-    let output = count("output_tokens")
+    let output = count("output_tokens")?
         .ok_or_else(|| ProviderError::malformed(PROVIDER, status, "no usage.output_tokens"))?;
-    let cache_read = count("cache_read_input_tokens").unwrap_or(0);
-    let cache_write = count("cache_creation_input_tokens").unwrap_or(0);
+    let cache_read = count("cache_read_input_tokens")?.unwrap_or(0);
+    let cache_write = count("cache_creation_input_tokens")?.unwrap_or(0);
     Ok(Completion {
         text,
         finish_reason: raw

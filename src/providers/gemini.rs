@@ -81,15 +81,7 @@ pub fn retry_info(body: &str) -> Option<std::time::Duration> {
     v.pointer("/error/details")?
         .as_array()?
         .iter()
-        .find_map(|d| {
-            let secs: f64 = d
-                .get("retryDelay")?
-                .as_str()?
-                .strip_suffix('s')?
-                .parse()
-                .ok()?;
-            Some(std::time::Duration::from_secs_f64(secs.max(0.0)))
-        })
+        .find_map(|d| super::parse_delay_secs(d.get("retryDelay")?.as_str()?.strip_suffix('s')?))
 }
 
 /// Parses a 2xx body. `promptTokenCount` includes cached content; thoughts bill as output.
@@ -109,12 +101,12 @@ pub fn parse_response(status: u16, body: &str) -> Result<Completion, ProviderErr
     let usage = raw
         .get("usageMetadata")
         .ok_or_else(|| ProviderError::malformed(PROVIDER, status, "no usageMetadata"))?;
-    let count = |k: &str| usage.get(k).and_then(Value::as_u64);
-    let prompt = count("promptTokenCount")
+    let count = |k: &str| super::usage_count(usage, &format!("/{k}"), PROVIDER, status);
+    let prompt = count("promptTokenCount")?
         .ok_or_else(|| ProviderError::malformed(PROVIDER, status, "no promptTokenCount"))?;
-    let cached = count("cachedContentTokenCount").unwrap_or(0).min(prompt);
+    let cached = count("cachedContentTokenCount")?.unwrap_or(0).min(prompt);
     let output =
-        count("candidatesTokenCount").unwrap_or(0) + count("thoughtsTokenCount").unwrap_or(0);
+        count("candidatesTokenCount")?.unwrap_or(0) + count("thoughtsTokenCount")?.unwrap_or(0);
     Ok(Completion {
         text,
         finish_reason: candidate

@@ -9,6 +9,15 @@ pub mod gemini;
 pub mod openai;
 pub mod vision;
 
+#[cfg(test)]
+mod parse_tests;
+
+/// Vision's RetryInfo reader, for the parsers' property tests.
+#[cfg(test)]
+pub(crate) fn vision_retry_info(body: &str) -> Option<Duration> {
+    vision::retry_info(body)
+}
+
 use std::time::Duration;
 
 /// What went wrong with a provider call, as far as retrying is concerned.
@@ -79,9 +88,13 @@ impl ProviderError {
         self.retry_after
     }
 
-    /// An error from reqwest before any response: a timeout or a connection problem.
+    /// An error from reqwest before any response: a timeout or a connection problem, or a
+    /// request aiq could not even build (a header value it may not send, say). That last one is
+    /// this job's own fault: permanent, and never a failure of the provider's breaker.
     pub(crate) fn transport(provider: &'static str, e: &reqwest::Error) -> Self {
-        let kind = if e.is_timeout() {
+        let kind = if e.is_builder() {
+            ErrorKind::Invalid
+        } else if e.is_timeout() {
             ErrorKind::Timeout
         } else {
             ErrorKind::Connection
@@ -113,7 +126,28 @@ impl ProviderError {
 /// Longest provider-requested delay we honour.
 pub const RETRY_AFTER_CAP: Duration = Duration::from_secs(600);
 
-/// Reads `retry-after-ms` (OpenAI) or `retry-after` in seconds.
+/// A provider's delay in seconds, bounded: a value that is not a finite number or is negative
+/// means nothing (the caller's own backoff applies); a finite one above [`RETRY_AFTER_CAP`] is
+/// the cap. Never panics, whatever the number (`Duration::from_secs_f64` does on inf or 1e30).
+pub(crate) fn delay_from_secs(secs: f64) -> Option<Duration> {
+    if !secs.is_finite() || secs < 0.0 {
+        return None;
+    }
+    Some(Duration::try_from_secs_f64(secs).map_or(RETRY_AFTER_CAP, |d| d.min(RETRY_AFTER_CAP)))
+}
+
+/// A delay written as a decimal number of seconds (`"5"`, `"1.5"`; `"inf"`, `"NaN"`, `"-1"` and
+/// anything else mean nothing).
+pub(crate) fn parse_delay_secs(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    if text.is_empty() || text.len() > 32 {
+        return None;
+    }
+    delay_from_secs(text.parse::<f64>().ok()?)
+}
+
+/// Reads `retry-after-ms` (OpenAI) or `retry-after`, in seconds or as an HTTP date (RFC 9110),
+/// each bounded (see [`delay_from_secs`]).
 pub(crate) fn retry_after_header(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     let get = |name: &str| {
         headers
@@ -121,12 +155,45 @@ pub(crate) fn retry_after_header(headers: &reqwest::header::HeaderMap) -> Option
             .and_then(|v| v.to_str().ok())
             .map(str::trim)
     };
-    let d = if let Some(ms) = get("retry-after-ms").and_then(|v| v.parse::<f64>().ok()) {
-        Duration::from_secs_f64(ms.max(0.0) / 1000.0)
-    } else {
-        Duration::from_secs_f64(get("retry-after")?.parse::<f64>().ok()?.max(0.0))
-    };
-    Some(d.min(RETRY_AFTER_CAP))
+    if let Some(ms) = get("retry-after-ms").and_then(|v| v.parse::<f64>().ok()) {
+        return delay_from_secs(ms / 1000.0);
+    }
+    let value = get("retry-after")?;
+    parse_delay_secs(value).or_else(|| {
+        let at = chrono::DateTime::parse_from_rfc2822(value).ok()?;
+        let secs = (at.with_timezone(&chrono::Utc) - chrono::Utc::now()).num_milliseconds();
+        delay_from_secs(secs.max(0) as f64 / 1000.0)
+    })
+}
+
+/// The most tokens one usage count may report: above the context plus output of any model a
+/// provider sells (about two million today). A count above it, negative, fractional or not a
+/// number is not something a model can produce: the answer is unusable (`Malformed`).
+pub const MAX_REPORTED_TOKENS: u64 = 50_000_000;
+
+/// A token count of a usage block at `pointer`: `None` when absent (or null), else a whole number
+/// from 0 to [`MAX_REPORTED_TOKENS`], or the error that makes the answer unusable. Sums of
+/// several such counts cannot overflow.
+pub(crate) fn usage_count(
+    usage: &serde_json::Value,
+    pointer: &str,
+    provider: &'static str,
+    status: u16,
+) -> Result<Option<u64>, ProviderError> {
+    match usage.pointer(pointer) {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(v) => match v.as_u64() {
+            Some(n) if n <= MAX_REPORTED_TOKENS => Ok(Some(n)),
+            _ => Err(ProviderError::malformed(
+                provider,
+                status,
+                format!(
+                    "usage{pointer} is {}: not a token count a model can produce",
+                    snippet(&v.to_string())
+                ),
+            )),
+        },
+    }
 }
 
 /// Cuts a provider's body to a length fit for a log line or an error row.

@@ -103,12 +103,12 @@ pub fn parse_response(status: u16, body: &str) -> Result<Completion, ProviderErr
     let usage = raw
         .get("usage")
         .ok_or_else(|| ProviderError::malformed(PROVIDER, status, "no usage"))?;
-    let count = |p: &str| usage.pointer(p).and_then(Value::as_u64);
+    let count = |p: &str| super::usage_count(usage, p, PROVIDER, status);
     let usage = Usage {
-        prompt_tokens: count("/prompt_tokens")
+        prompt_tokens: count("/prompt_tokens")?
             .ok_or_else(|| ProviderError::malformed(PROVIDER, status, "no usage.prompt_tokens"))?,
-        cached_tokens: count("/prompt_tokens_details/cached_tokens").unwrap_or(0),
-        completion_tokens: count("/completion_tokens").ok_or_else(|| {
+        cached_tokens: count("/prompt_tokens_details/cached_tokens")?.unwrap_or(0),
+        completion_tokens: count("/completion_tokens")?.ok_or_else(|| {
             ProviderError::malformed(PROVIDER, status, "no usage.completion_tokens")
         })?,
     };

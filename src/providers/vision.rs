@@ -176,16 +176,12 @@ pub fn classify(status: u16, body: &str) -> ErrorKind {
 }
 
 /// RetryInfo's `retryDelay` ("5s", "1.5s") from a Google error envelope.
-fn retry_info(body: &str) -> Option<std::time::Duration> {
+pub(crate) fn retry_info(body: &str) -> Option<std::time::Duration> {
     let v: Value = serde_json::from_str(body).ok()?;
     v.pointer("/error/details")?
         .as_array()?
         .iter()
-        .find_map(|d| {
-            let delay = d.get("retryDelay")?.as_str()?;
-            let secs: f64 = delay.strip_suffix('s')?.parse().ok()?;
-            Some(std::time::Duration::from_secs_f64(secs.max(0.0)).min(super::RETRY_AFTER_CAP))
-        })
+        .find_map(|d| super::parse_delay_secs(d.get("retryDelay")?.as_str()?.strip_suffix('s')?))
 }
 
 #[cfg(test)]

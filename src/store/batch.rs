@@ -140,7 +140,7 @@ async fn write(pool: &PgPool, batch: &[Pending]) -> Result<Vec<MicroUsd>, StoreE
                 cached_tokens, cost_usd, subscription_tier, job_id, attempt, execution, call_seq)
              SELECT org, model, endpoint, input_tokens, output_tokens, cached_tokens,
                 cost::numeric / 1000000, tier, job_id, attempt, execution, call_seq
-             FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::int[], $5::int[], $6::int[],
+             FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[],
                 $7::bigint[], $8::text[], $9::text[], $10::int[], $11::bigint[], $12::int[])
                AS t(org, model, endpoint, input_tokens, output_tokens, cached_tokens, cost, tier,
                 job_id, attempt, execution, call_seq)
@@ -159,17 +159,17 @@ async fn write(pool: &PgPool, batch: &[Pending]) -> Result<Vec<MicroUsd>, StoreE
         )
         .bind(
             llm.iter()
-                .map(|p| p.call.input_tokens.unwrap_or(0) as i32)
+                .map(|p| p.call.input_tokens.unwrap_or(0))
                 .collect::<Vec<_>>(),
         )
         .bind(
             llm.iter()
-                .map(|p| p.call.output_tokens.unwrap_or(0) as i32)
+                .map(|p| p.call.output_tokens.unwrap_or(0))
                 .collect::<Vec<_>>(),
         )
         .bind(
             llm.iter()
-                .map(|p| p.call.cached_tokens.unwrap_or(0) as i32)
+                .map(|p| p.call.cached_tokens.unwrap_or(0))
                 .collect::<Vec<_>>(),
         )
         .bind(llm.iter().map(|p| p.call.cost.micros()).collect::<Vec<_>>())

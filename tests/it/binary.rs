@@ -223,3 +223,48 @@ async fn the_dlq_commands_list_show_retry_and_purge_dead_jobs() {
     assert!(ctx.queue.job_fields(&b).await.unwrap().is_empty());
     assert_eq!(ctx.queue.stats().await.unwrap().dead, 0);
 }
+
+#[tokio::test]
+async fn a_report_whose_stdout_closes_ends_quietly_instead_of_panicking() {
+    use std::os::unix::process::ExitStatusExt;
+    let ctx = TestCtx::new().await;
+    // Something to list: a dead job.
+    ctx.enqueue(JobKind::LlmComplete, Tier::Trial, ORG_A, "broken", 0)
+        .await;
+    let worker = ctx.start_worker();
+    ctx.wait_settled(Duration::from_secs(30)).await;
+    worker.stop().await;
+    for args in [
+        &["dlq", "list"][..],
+        &["dlq", "list", "--json"],
+        &["costs", "--json"],
+        &["costs"],
+        &["stats"],
+        &["config"],
+    ] {
+        let vars = ctx.vars.clone();
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let shown = args.join(" ");
+        let out = tokio::task::spawn_blocking(move || {
+            // The reader is gone before aiq writes a byte: like `| head -0`, deterministically.
+            let (reader, writer) = std::io::pipe().unwrap();
+            drop(reader);
+            aiq()
+                .envs(&vars)
+                .args(&args)
+                .stdout(writer)
+                .stderr(std::process::Stdio::piped())
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "aiq {shown}: {stderr}");
+        assert!(
+            out.status.success() || out.status.signal() == Some(libc::SIGPIPE),
+            "aiq {shown}: {:?} {stderr}",
+            out.status
+        );
+    }
+}

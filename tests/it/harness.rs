@@ -299,8 +299,28 @@ impl TestCtx {
             .collect()
     }
 
+    /// Starts `aiq run` with this test's settings. It is killed when the thread that started it
+    /// ends (the test's, at the latest), so a test that fails before stopping it leaves no
+    /// daemon behind.
     pub fn spawn_daemon(&self, extra: &[(&str, &str)]) -> std::process::Child {
         let mut cmd = aiq_command();
+        // SAFETY: prctl only touches the child, between fork and exec.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                if libc::prctl(
+                    libc::PR_SET_PDEATHSIG,
+                    libc::SIGKILL as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                ) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         cmd.envs(&self.vars)
             .envs(extra.iter().copied())
             .arg("run")

@@ -64,7 +64,7 @@ async fn a_vision_job_and_an_llm_job_end_with_result_cost_and_usage_rows() {
     assert_eq!(units, 4, "two images x two features");
     // The LLM cost follows gpt-4o-mini's list price from the recorded tokens ($0.15 in, $0.60 out
     // per million), rounded up to the micro-dollar.
-    let (input, output, micros): (i32, i32, i64) = sqlx::query_as(
+    let (input, output, micros): (i64, i64, i64) = sqlx::query_as(
         "SELECT input_tokens, output_tokens, (cost_usd * 1000000)::bigint FROM ai_usage WHERE job_id = $1",
     )
     .bind(&l)
@@ -327,7 +327,7 @@ async fn get_cost_analysis_returns_the_totals_of_the_rows_aiq_wrote() {
     ctx.wait_settled(WAIT).await;
     worker.stop().await;
 
-    let tokens: Vec<(i32, i32)> = sqlx::query_as(
+    let tokens: Vec<(i64, i64)> = sqlx::query_as(
         "SELECT input_tokens, output_tokens FROM ai_usage WHERE organization_id = $1::uuid",
     )
     .bind(ORG_A)

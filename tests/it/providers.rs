@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use aiq::domain::{JobKind, Tier};
 
-use crate::harness::{ORG_A, TestCtx};
+use crate::harness::{ORG_A, TestCtx, llm_payload};
 
 fn payload(provider: &str, model: &str, text: &str) -> String {
     serde_json::json!({
@@ -45,7 +45,7 @@ async fn anthropic_and_gemini_jobs_succeed_and_cost_what_their_usage_says() {
         (&a, 1_000_000u64, 5_000_000u64, "anthropic"),
         (&g, 300_000, 2_500_000, "gemini"),
     ] {
-        let (input, output, micros, service): (i32, i32, i64, String) = sqlx::query_as(
+        let (input, output, micros, service): (i64, i64, i64, String) = sqlx::query_as(
             "SELECT u.input_tokens, u.output_tokens, (u.cost_usd * 1000000)::bigint, c.service_name
              FROM ai_usage u JOIN ai_cost_tracking c USING (job_id) WHERE u.job_id = $1",
         )
@@ -619,4 +619,46 @@ async fn a_failed_half_open_probe_does_not_make_the_same_job_probe_again_until_i
         .scalar_i64("SELECT count(*) FROM ai_processing_results WHERE status = 'completed'")
         .await;
     assert_eq!(done, 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_aiq_cannot_build_is_that_jobs_own_fault_and_leaves_the_breaker_closed() {
+    // One failure would be enough to open the breaker if it counted.
+    let ctx = TestCtx::with(&[("AIQ_BREAKER_FAILURES", "1")]).await;
+    let app = aiq::worker::app(&ctx.settings, ctx.store.clone())
+        .await
+        .unwrap();
+    // A job id that cannot travel in a header (enqueue.lua refuses it; a job written around it
+    // reaches the handler like this).
+    let raw = aiq::queue::backend::RawJob {
+        id: "bad\u{7}id".into(),
+        kind: "llm.complete".into(),
+        tier: "trial".into(),
+        organization_id: ORG_A.into(),
+        payload: llm_payload(Tier::Trial, ORG_A, "hello"),
+        token: 1,
+        attempt: 1,
+        max_attempts: 3,
+        enqueued_at_ms: 0,
+        interrupts: 0,
+        prior: Default::default(),
+    };
+    match aiq::jobs::run(&app, &raw).await {
+        Err(aiq::queue::backend::Failure::Permanent { message }) => {
+            assert!(message.contains("invalid_request"), "{message}")
+        }
+        other => panic!("{other:?}: the job's own request error is permanent"),
+    }
+    let states = app.breakers.states().await.unwrap();
+    assert!(
+        states
+            .iter()
+            .all(|(_, s)| *s == aiq::providers::breaker::BreakerState::Closed),
+        "{states:?}"
+    );
+    assert_eq!(
+        ctx.fake_calls().await["openai"],
+        0,
+        "nothing reached the provider"
+    );
 }
