@@ -948,12 +948,19 @@ async fn failed_call(
         http_status: e.status.map(i32::from),
         call_seq: reservation.meta.call_seq,
     };
-    let cost = if e.kind == ErrorKind::Timeout {
-        reservation.estimate
+    // What the provider most likely billed: a timed-out call may have run to its end, and a
+    // success status whose body is unusable was answered (both at the estimate); an error status
+    // costs nothing.
+    let answered_unusable =
+        e.kind == ErrorKind::Malformed && e.status.is_some_and(|s| (200..300).contains(&s));
+    let (cost, status) = if answered_unusable {
+        (reservation.estimate, CallStatus::Unusable)
+    } else if e.kind == ErrorKind::Timeout {
+        (reservation.estimate, CallStatus::Failed)
     } else {
-        MicroUsd::ZERO
+        (MicroUsd::ZERO, CallStatus::Failed)
     };
-    let mut call = call_record(app, reservation, cost, CallStatus::Failed);
+    let mut call = call_record(app, reservation, cost, status);
     call.metadata = json!({ "http_status": e.status, "error": e.kind.as_str() });
     let result =
         last.then(|| failed_result(e.provider, reservation.meta.model.clone(), &e.to_string()));

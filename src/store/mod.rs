@@ -112,6 +112,9 @@ pub enum CallStatus {
     Failed,
     /// The worker died during the call; its reservation was swept in at the estimate.
     Expired,
+    /// The provider answered with a success status, but the body could not be used; recorded at
+    /// the estimate, since the provider has most likely billed it.
+    Unusable,
 }
 
 impl CallStatus {
@@ -120,6 +123,7 @@ impl CallStatus {
             CallStatus::Succeeded => "succeeded",
             CallStatus::Failed => "failed",
             CallStatus::Expired => "expired",
+            CallStatus::Unusable => "unusable",
         }
     }
 }

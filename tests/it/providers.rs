@@ -662,3 +662,35 @@ async fn a_request_aiq_cannot_build_is_that_jobs_own_fault_and_leaves_the_breake
         "nothing reached the provider"
     );
 }
+
+#[tokio::test]
+async fn an_unparseable_200_is_recorded_at_its_estimate_and_the_counters_still_equal_the_ledger() {
+    let ctx = TestCtx::new().await;
+    let id = ctx
+        .enqueue(
+            JobKind::LlmComplete,
+            Tier::Enterprise,
+            ORG_A,
+            &llm_payload(Tier::Enterprise, ORG_A, "[fake:garbage] caption"),
+            1,
+        )
+        .await;
+    let worker = ctx.start_worker();
+    ctx.wait_settled(Duration::from_secs(30)).await;
+    worker.stop().await;
+    let (cost, estimate, status): (i64, i64, String) = sqlx::query_as(
+        "SELECT (cost_usd * 1000000)::bigint, (estimate_usd * 1000000)::bigint, call_status
+         FROM ai_cost_tracking WHERE job_id = $1",
+    )
+    .bind(&id)
+    .fetch_one(ctx.store.pool())
+    .await
+    .unwrap();
+    assert_eq!(status, "unusable");
+    assert!(estimate > 0);
+    assert_eq!(
+        cost, estimate,
+        "the provider billed it: recorded at the estimate"
+    );
+    crate::money::assert_redis_agrees_with_postgres(&ctx, &[ORG_A]).await;
+}
