@@ -87,3 +87,17 @@ pub fn error_kind(e: &redis::RedisError) -> &'static str {
         _ => "other",
     }
 }
+
+/// Takes `key` as a lock held for `lease_ms` (one `SET NX PX`): true when this caller holds it
+/// now. The holder deletes it when done; a holder that dies leaves it to expire.
+pub async fn try_lock(conn: &mut Conn, key: &str, lease_ms: u64) -> redis::RedisResult<bool> {
+    let got: Option<String> = redis::cmd("SET")
+        .arg(key)
+        .arg(uuid::Uuid::new_v4().to_string())
+        .arg("NX")
+        .arg("PX")
+        .arg(lease_ms)
+        .query_async(conn)
+        .await?;
+    Ok(got.is_some())
+}

@@ -360,16 +360,7 @@ impl Budget {
     ) -> anyhow::Result<Option<String>> {
         let mut conn = self.conn.clone();
         let lock = self.key("ledger_lock");
-        let me = uuid::Uuid::new_v4().to_string();
-        let got: Option<String> = redis::cmd("SET")
-            .arg(&lock)
-            .arg(&me)
-            .arg("NX")
-            .arg("PX")
-            .arg(60_000)
-            .query_async(&mut conn)
-            .await?;
-        if got.is_none() {
+        if !crate::redis_conn::try_lock(&mut conn, &lock, 60_000).await? {
             return Ok(None);
         }
         let summary = rebuild_from(self, store, raise_only).await;

@@ -38,10 +38,18 @@ local function put(...)
     g_aside(key)
     return redis.call(...)
   end
-  if cmd == "HINCRBY" and string.find(r.err, "not an integer", 1, true) then
-    redis.call("HSET", key, field, n)
-    g_repair(string.sub(key, #G_base + 2))
-    return tonumber(n)
+  if string.find(r.err, "not an integer", 1, true) then
+    -- A counter that is not a number starts again from this change.
+    if cmd == "HINCRBY" then
+      redis.call("HSET", key, field, n)
+      g_repair(string.sub(key, #G_base + 2))
+      return tonumber(n)
+    elseif cmd == "INCRBY" or cmd == "DECRBY" then
+      local v = cmd == "INCRBY" and tonumber(field) or 0
+      redis.call("SET", key, v)
+      g_repair(string.sub(key, #G_base + 2))
+      return v
+    end
   end
   return redis.call(...)
 end

@@ -673,16 +673,7 @@ impl Queue {
             return Ok(false);
         }
         let lock = self.key("repairing");
-        let me = uuid::Uuid::new_v4().to_string();
-        let got: Option<String> = redis::cmd("SET")
-            .arg(&lock)
-            .arg(&me)
-            .arg("NX")
-            .arg("PX")
-            .arg(120_000)
-            .query_async(&mut conn)
-            .await?;
-        if got.is_none() {
+        if !crate::redis_conn::try_lock(&mut conn, &lock, 120_000).await? {
             return Ok(false);
         }
         let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await?;

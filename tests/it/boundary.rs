@@ -429,9 +429,10 @@ async fn depth_by_lists(ctx: &TestCtx) -> (BTreeMap<String, i64>, BTreeMap<Strin
 #[tokio::test]
 async fn corrupt_queue_keys_lose_no_job_and_the_depth_agrees_with_the_lists_afterwards() {
     // Each case: what a buggy app writes by hand, and how many jobs end dead (as corrupt).
-    let cases: [(&str, usize); 5] = [
+    let cases: [(&str, usize); 6] = [
         ("the wait list is a string", 0),
         ("a job's token is not a number", 1),
+        ("the dead byte count is not a number", 1),
         ("the counters hash is a list", 0),
         ("the delayed set is a string", 0),
         ("a depth value is not a number", 0),
@@ -467,6 +468,14 @@ async fn corrupt_queue_keys_lose_no_job_and_the_depth_agrees_with_the_lists_afte
         match case {
             "the wait list is a string" => overwrite(ctx.key(&format!("wait:trial:{ORG_A}"))).await,
             "a job's token is not a number" => {
+                let _: () = conn
+                    .hset(ctx.key(&format!("job:{}", ids[1])), "token", "abc")
+                    .await
+                    .unwrap();
+            }
+            "the dead byte count is not a number" => {
+                // The job buried as corrupt counts its bytes into a count that is not a number.
+                let _: () = conn.set(ctx.key("dead_bytes"), "abc").await.unwrap();
                 let _: () = conn
                     .hset(ctx.key(&format!("job:{}", ids[1])), "token", "abc")
                     .await
