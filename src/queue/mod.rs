@@ -375,15 +375,22 @@ impl Queue {
         Ok(jobs)
     }
 
-    /// Moves leased jobs that cannot be read to the dead set with reason `corrupt: ...`. The ids
-    /// and tokens go back to Redis as the bytes it gave, so even an id that is not UTF-8 is found.
-    async fn bury(&self, jobs: &[(Vec<u8>, Vec<u8>, String)]) -> Result<(), QueueError> {
-        let mut conn = self.conn.clone();
+    /// settle.lua with its leading arguments (the dead set's caps, the done marker's TTL); the
+    /// caller adds the items.
+    fn settle_script(&self) -> redis::ScriptInvocation<'static> {
         let mut inv = SETTLE.key(&self.base);
         inv.arg(self.settings.dead_max_jobs)
             .arg(self.settings.dead_max_age.as_millis() as u64)
             .arg(self.settings.idempotency_ttl.as_secs())
             .arg(self.settings.dead_max_bytes);
+        inv
+    }
+
+    /// Moves leased jobs that cannot be read to the dead set with reason `corrupt: ...`. The ids
+    /// and tokens go back to Redis as the bytes it gave, so even an id that is not UTF-8 is found.
+    async fn bury(&self, jobs: &[(Vec<u8>, Vec<u8>, String)]) -> Result<(), QueueError> {
+        let mut conn = self.conn.clone();
+        let mut inv = self.settle_script();
         for (id, token, why) in jobs {
             tracing::error!(job.id = %String::from_utf8_lossy(id).escape_debug(), reason = %why,
                 "dead: the job's fields in Redis are corrupt");
@@ -410,11 +417,7 @@ impl Queue {
         let mut applied = Vec::with_capacity(items.len());
         for chunk in items.chunks(SCRIPT_CHUNK) {
             let mut conn = self.conn.clone();
-            let mut inv = SETTLE.key(&self.base);
-            inv.arg(self.settings.dead_max_jobs)
-                .arg(self.settings.dead_max_age.as_millis() as u64)
-                .arg(self.settings.idempotency_ttl.as_secs())
-                .arg(self.settings.dead_max_bytes);
+            let mut inv = self.settle_script();
             for it in chunk {
                 let (op, delay, msg) = match &it.outcome {
                     Outcome::Done => ("done", 0, ""),

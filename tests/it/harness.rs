@@ -427,3 +427,21 @@ pub fn llm_payload(tier: Tier, org: &str, text: &str) -> String {
     })
     .to_string()
 }
+
+/// A job of ORG_A as the worker hands it to the handler on its first attempt (of three), for
+/// tests that run `aiq::jobs::run` themselves.
+pub fn raw_job(id: &str, kind: &str, tier: Tier, payload: String) -> aiq::queue::backend::RawJob {
+    aiq::queue::backend::RawJob {
+        id: id.into(),
+        kind: kind.into(),
+        tier: tier.as_str().into(),
+        organization_id: ORG_A.into(),
+        payload,
+        token: 1,
+        attempt: 1,
+        max_attempts: 3,
+        enqueued_at_ms: 0,
+        interrupts: 0,
+        prior: Default::default(),
+    }
+}

@@ -3,7 +3,6 @@
 use std::time::Duration;
 
 use aiq::domain::{JobKind, Tier};
-use aiq::queue::backend::RawJob;
 
 use crate::harness::{ORG_A, ORG_B, TestCtx, llm_payload, vision_payload};
 
@@ -162,19 +161,8 @@ async fn a_replayed_job_writes_nothing_new() {
             llm_payload(Tier::GrowthTeam, ORG_A, "replay me"),
         ),
     ] {
-        let raw = RawJob {
-            id: format!("replay-{kind}"),
-            kind: kind.into(),
-            tier: "growth_team".into(),
-            organization_id: ORG_A.into(),
-            payload,
-            token: 1,
-            attempt: 1,
-            max_attempts: 3,
-            enqueued_at_ms: 0,
-            interrupts: 0,
-            prior: Default::default(),
-        };
+        let raw =
+            crate::harness::raw_job(&format!("replay-{kind}"), kind, Tier::GrowthTeam, payload);
         aiq::jobs::run(&app, &raw).await.expect("first run");
         let before = ctx.store.row_counts().await.unwrap();
         aiq::jobs::run(&app, &raw).await.expect("replay");

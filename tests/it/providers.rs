@@ -630,19 +630,12 @@ async fn a_request_aiq_cannot_build_is_that_jobs_own_fault_and_leaves_the_breake
         .unwrap();
     // A job id that cannot travel in a header (enqueue.lua refuses it; a job written around it
     // reaches the handler like this).
-    let raw = aiq::queue::backend::RawJob {
-        id: "bad\u{7}id".into(),
-        kind: "llm.complete".into(),
-        tier: "trial".into(),
-        organization_id: ORG_A.into(),
-        payload: llm_payload(Tier::Trial, ORG_A, "hello"),
-        token: 1,
-        attempt: 1,
-        max_attempts: 3,
-        enqueued_at_ms: 0,
-        interrupts: 0,
-        prior: Default::default(),
-    };
+    let raw = crate::harness::raw_job(
+        "bad\u{7}id",
+        "llm.complete",
+        Tier::Trial,
+        llm_payload(Tier::Trial, ORG_A, "hello"),
+    );
     match aiq::jobs::run(&app, &raw).await {
         Err(aiq::queue::backend::Failure::Permanent { message }) => {
             assert!(message.contains("invalid_request"), "{message}")
