@@ -157,6 +157,9 @@ enum Command {
         /// Seed of the random draws: the same seed repeats the same answers in arrival order.
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Every OpenAI answer is a valid one of about this many MB (0: normal answers).
+        #[arg(long, default_value_t = 0)]
+        answer_mb: u64,
     },
 }
 
@@ -520,6 +523,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             error_rate,
             error_mix,
             seed,
+            answer_mb,
         } => {
             crate::telemetry::init(LogFormat::Text, "info");
             if !(0.0..=1.0).contains(&error_rate) {
@@ -537,6 +541,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 error_rate,
                 mix,
                 seed,
+                answer_bytes: answer_mb.min(4096) * 1024 * 1024,
             };
             let fake = crate::fake::FakeProviders::start_with(addr, options).await?;
             println!("fake providers listening on {}", fake.base_url());

@@ -179,6 +179,13 @@ pub struct Settings {
     pub openai: ProviderSettings,
     pub anthropic: ProviderSettings,
     pub gemini: ProviderSettings,
+    /// The longest provider answer aiq reads (`AIQ_MAX_RESPONSE_MB`): above it the call is
+    /// `oversize`. Sized for the largest legitimate answer, a 16-image Vision batch with full
+    /// text annotations.
+    pub max_response_bytes: u64,
+    /// How much of the provider answers being read or held one process keeps at once
+    /// (`AIQ_RESPONSE_MEMORY_MB`); a call waits for room before it reads its body.
+    pub response_memory_bytes: u64,
     pub budget: BudgetSettings,
     /// Sentry: job failures that end a job, and daemon errors. None: Sentry is off.
     pub sentry_dsn: Option<Secret>,
@@ -633,6 +640,14 @@ impl Settings {
             ("AIQ_GEMINI_BASE_URL", self.gemini.base_url.clone()),
             ("AIQ_GEMINI_API_KEY", secret(&self.gemini.api_key)),
             ("AIQ_GEMINI_TIMEOUT_MS", ms(self.gemini.timeout)),
+            (
+                "AIQ_MAX_RESPONSE_MB",
+                (self.max_response_bytes / (1024 * 1024)).to_string(),
+            ),
+            (
+                "AIQ_RESPONSE_MEMORY_MB",
+                (self.response_memory_bytes / (1024 * 1024)).to_string(),
+            ),
             ("AIQ_BUDGET_PREFIX", b.prefix.clone()),
             ("AIQ_BUDGET_TIMEZONE", b.timezone.name().into()),
             (
@@ -766,6 +781,15 @@ impl Settings {
                 timeout: env.millis(timeout_name, 60_000, 100..=600_000)?,
             })
         };
+        const MIB: u64 = 1024 * 1024;
+        let max_response_bytes = env.int_in("AIQ_MAX_RESPONSE_MB", 64, 1..=1024)? * MIB;
+        let response_memory_bytes = env.int_in("AIQ_RESPONSE_MEMORY_MB", 512, 1..=65_536)? * MIB;
+        if response_memory_bytes < max_response_bytes {
+            return Err(bad(
+                "AIQ_RESPONSE_MEMORY_MB",
+                "must not be smaller than AIQ_MAX_RESPONSE_MB (one answer must fit)",
+            ));
+        }
         Ok(Settings {
             database_url,
             queue,
@@ -798,6 +822,8 @@ impl Settings {
                 "AIQ_GEMINI_API_KEY",
                 "AIQ_GEMINI_TIMEOUT_MS",
             )?,
+            max_response_bytes,
+            response_memory_bytes,
             budget: BudgetSettings::load(env)?,
             sentry_dsn: match env.get("AIQ_SENTRY_DSN") {
                 Some(dsn) => {

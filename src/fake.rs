@@ -10,7 +10,10 @@
 //! `[fake:spend-limit]` (Anthropic's enforced spend limit) and `[fake:quota-day]` (a Gemini
 //! per-day quota). A Vision image with `uri` `fake://status/503` makes the whole request
 //! answer 503; an image whose `content` is not base64 gets the per-image "Bad image data." error.
-//! `[fake:retry-after=5]` sets a 429's Retry-After. `GET /_fake/calls` returns how many calls
+//! `[fake:retry-after=5]` sets a 429's Retry-After as written (`inf`, an HTTP date...), and
+//! `[fake:retry-after-ms=1e300]` its retry-after-ms; `[fake:retry-delay=1e30s]` a Gemini 429's
+//! RetryInfo delay; `[fake:usage=-1]` the prompt token count an OpenAI answer reports. `[fake:big=200]` answers OpenAI with a
+//! valid 200 MB body (`[fake:bigchunked=200]`: the same without a Content-Length). `GET /_fake/calls` returns how many calls
 //! each provider answered, a log of OpenAI calls (start and end ms, status) and, from OpenAI's
 //! `x-client-request-id` header (aiq sends the job id), how many distinct jobs called, the most
 //! calls one job made, and how often a job called while its previous call was still running.
@@ -75,6 +78,9 @@ pub struct FakeOptions {
     pub mix: [u32; 6],
     /// Seeds the draws: the same seed gives the same answers in the same arrival order.
     pub seed: u64,
+    /// Every OpenAI answer is a valid one of about this many bytes (0: the normal size),
+    /// streamed in chunks, for the memory benchmark.
+    pub answer_bytes: u64,
 }
 
 /// The kinds of random fault, as `--error-mix` names them: a 429 with Retry-After, a 500, a 503
@@ -571,13 +577,20 @@ async fn openai_answer(c: &Arc<Counters>, headers: HeaderMap, body: String) -> R
             _ => ("server_error", "server_error"),
         };
         let mut resp = openai_error(code, kind, err_code, "injected by the fake provider");
-        if let Some(secs) = marks
-            .split("[fake:retry-after=")
-            .nth(1)
-            .and_then(|rest| rest.split(']').next())
-            .and_then(|v| v.parse::<u64>().ok())
-        {
-            resp.headers_mut().insert("retry-after", secs.into());
+        // The header's text as written, so tests can send what a broken provider might:
+        // `inf`, `1e30`, an HTTP date...
+        for (mark, header) in [
+            ("[fake:retry-after=", "retry-after"),
+            ("[fake:retry-after-ms=", "retry-after-ms"),
+        ] {
+            if let Some(value) = marks
+                .split(mark)
+                .nth(1)
+                .and_then(|rest| rest.split(']').next())
+                .and_then(|v| axum::http::HeaderValue::from_str(v).ok())
+            {
+                resp.headers_mut().insert(header, value);
+            }
         }
         return resp;
     }
@@ -591,6 +604,21 @@ async fn openai_answer(c: &Arc<Counters>, headers: HeaderMap, body: String) -> R
     }
     if marks.contains("[fake:garbage]") {
         return (StatusCode::OK, "<html>upstream hiccup</html>").into_response();
+    }
+    // `[fake:big=200]`: a valid answer of 200 MB with its Content-Length; `[fake:bigchunked=200]`
+    // the same without one (chunked), so the reader cannot know the length in advance.
+    for (mark, declared) in [("[fake:big=", true), ("[fake:bigchunked=", false)] {
+        if let Some(mb) = marks
+            .split(mark)
+            .nth(1)
+            .and_then(|rest| rest.split(']').next())
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            return big_openai_answer(&model, mb.min(4096) * 1024 * 1024, declared);
+        }
+    }
+    if c.options.answer_bytes > 0 {
+        return big_openai_answer(&model, c.options.answer_bytes, true);
     }
     let max = req
         .get("max_completion_tokens")
@@ -610,6 +638,14 @@ async fn openai_answer(c: &Arc<Counters>, headers: HeaderMap, body: String) -> R
         .map(|i| LABELS[((seed + i) % LABELS.len() as u64) as usize])
         .collect();
     let mut content = words.join(" ");
+    // `[fake:usage=1e12]`: the prompt token count the answer reports, as written (a count no
+    // model produces, a negative or a fractional number...).
+    let reported_prompt = marks
+        .split("[fake:usage=")
+        .nth(1)
+        .and_then(|rest| rest.split(']').next())
+        .and_then(|v| serde_json::from_str::<Value>(v).ok())
+        .unwrap_or_else(|| json!(prompt_tokens));
     if marks.contains("[fake:nul]") {
         // A NUL character, which PostgreSQL's text and jsonb refuse.
         content.push('\u{0}');
@@ -621,7 +657,7 @@ async fn openai_answer(c: &Arc<Counters>, headers: HeaderMap, body: String) -> R
         "model": model,
         "choices": [{ "index": 0, "message": { "role": "assistant", "content": content, "refusal": null },
                       "finish_reason": finish_reason, "logprobs": null }],
-        "usage": { "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+        "usage": { "prompt_tokens": reported_prompt, "completion_tokens": completion_tokens,
                    "total_tokens": prompt_tokens + completion_tokens,
                    "prompt_tokens_details": { "cached_tokens": 0, "audio_tokens": 0 },
                    "completion_tokens_details": { "reasoning_tokens": 0, "audio_tokens": 0,
@@ -630,6 +666,34 @@ async fn openai_answer(c: &Arc<Counters>, headers: HeaderMap, body: String) -> R
         "system_fingerprint": "fp_fake"
     }))
     .into_response()
+}
+
+/// A valid OpenAI answer whose content is `bytes` of words, streamed 64 KiB at a time so the
+/// fake holds none of it: with its `Content-Length` when `declared`, else chunked.
+fn big_openai_answer(model: &str, bytes: u64, declared: bool) -> Response {
+    use axum::body::{Body, Bytes};
+    let head = format!(
+        r#"{{"id":"chatcmpl-fakebig","object":"chat.completion","created":1730000000,"model":{},"choices":[{{"index":0,"message":{{"role":"assistant","content":""#,
+        Value::String(model.to_owned())
+    );
+    let tail = r#""},"finish_reason":"stop","logprobs":null}],"usage":{"prompt_tokens":10,"completion_tokens":16,"total_tokens":26}}"#;
+    const CHUNK: usize = 64 * 1024;
+    let filler = Bytes::from("word ".repeat(CHUNK / 5));
+    let chunks = bytes.div_ceil(filler.len() as u64);
+    let total = head.len() as u64 + chunks * filler.len() as u64 + tail.len() as u64;
+    let body = futures::stream::iter(
+        std::iter::once(Bytes::from(head))
+            .chain((0..chunks).map(move |_| filler.clone()))
+            .chain(std::iter::once(Bytes::from_static(tail.as_bytes())))
+            .map(Ok::<_, std::convert::Infallible>),
+    );
+    let mut resp = Response::new(Body::from_stream(body));
+    let headers = resp.headers_mut();
+    headers.insert("content-type", "application/json".parse().expect("static"));
+    if declared {
+        headers.insert("content-length", total.into());
+    }
+    resp
 }
 
 /// The faults a request's text asks for (see the module docs).
@@ -869,12 +933,18 @@ async fn gemini(
     }
     if let Some(status) = a.status {
         if status == StatusCode::TOO_MANY_REQUESTS {
+            // `[fake:retry-delay=1e30s]`: RetryInfo's delay as written.
+            let retry_delay = marks
+                .split("[fake:retry-delay=")
+                .nth(1)
+                .and_then(|rest| rest.split(']').next())
+                .unwrap_or("1s");
             return (
                 status,
                 Json(json!({ "error": { "code": 429, "status": "RESOURCE_EXHAUSTED", "message": "Please retry in 1s.",
                     "details": [{ "@type": "type.googleapis.com/google.rpc.QuotaFailure",
                       "violations": [{ "quotaId": "GenerateRequestsPerMinutePerProjectPerModel" }] },
-                      { "@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "1s" }] } })),
+                      { "@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": retry_delay }] } })),
             )
                 .into_response();
         }

@@ -78,11 +78,16 @@ pub async fn app(settings: &Settings, store: Store) -> anyhow::Result<Arc<App>> 
     )
     .await
     .context("connecting to Redis for the circuit breakers (AIQ_REDIS_URL)")?;
+    // One memory budget for the answers of all four providers.
+    let bodies = crate::providers::BodyLimits::new(
+        settings.max_response_bytes,
+        settings.response_memory_bytes,
+    );
     let clients = Clients {
-        vision: VisionClient::new(&settings.vision),
-        openai: OpenAiClient::new(&settings.openai),
-        anthropic: crate::providers::anthropic::AnthropicClient::new(&settings.anthropic),
-        gemini: crate::providers::gemini::GeminiClient::new(&settings.gemini),
+        vision: VisionClient::new(&settings.vision, &bodies),
+        openai: OpenAiClient::new(&settings.openai, &bodies),
+        anthropic: crate::providers::anthropic::AnthropicClient::new(&settings.anthropic, &bodies),
+        gemini: crate::providers::gemini::GeminiClient::new(&settings.gemini, &bodies),
     };
     // No reservation until the budget's counters are known: a Redis that is new or lost its
     // data has no ledger marker, and this process rebuilds them from ai_cost_tracking first.

@@ -171,6 +171,10 @@ struct FakeProcess {
 
 impl FakeProcess {
     async fn start(latency_ms: u64) -> anyhow::Result<Self> {
+        Self::start_with(latency_ms, &[]).await
+    }
+
+    async fn start_with(latency_ms: u64, extra: &[&str]) -> anyhow::Result<Self> {
         let port = free_port()?;
         let mut cmd = Command::new(std::env::current_exe()?);
         // It dies with the benchmark, even one killed with Ctrl-C or SIGKILL.
@@ -183,6 +187,7 @@ impl FakeProcess {
                 "--latency-ms",
                 &latency_ms.to_string(),
             ])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -281,6 +286,75 @@ pub(crate) async fn inflight(opts: &BenchOptions) -> anyhow::Result<Report> {
     r.figure("peak_inflight", peak_inflight);
     r.figure("peak_rss_mib", rss.round());
     r.figure("cpu_us_per_job", cpu_us_per_job.round());
+    Ok(r)
+}
+
+/// `bodies`: OpenAI jobs all in flight at once whose answers are each `mb` MB (valid ones, with
+/// their length), through one `aiq run` process whose memory budget for answers is
+/// `AIQ_RESPONSE_MEMORY_MB`: its peak RSS, under the budget and, in the full run, with a budget
+/// large enough for every answer at once.
+pub(crate) async fn bodies(opts: &BenchOptions) -> anyhow::Result<Report> {
+    let mut r = Report::new("bodies", opts.json);
+    let (n, mb, budgets): (usize, u64, &[u64]) = if opts.quick {
+        (opts.jobs.unwrap_or(10), 4, &[16])
+    } else {
+        (opts.jobs.unwrap_or(100), 20, &[256, 4096])
+    };
+    let fake = FakeProcess::start_with(0, &["--answer-mb", &mb.to_string()]).await?;
+    r.say(format!(
+        "bodies: {n} OpenAI jobs at once, each answered with a valid {mb} MB body (fake providers in their own process), one `aiq run` process"
+    ));
+    for (k, budget) in budgets.iter().enumerate() {
+        let extra = [
+            ("AIQ_QUEUE_PREFIX", format!("bench-bodies-{k}")),
+            ("AIQ_CONCURRENCY", n.to_string()),
+            ("AIQ_MAX_RESPONSE_MB", (mb * 2).min(*budget).to_string()),
+            ("AIQ_RESPONSE_MEMORY_MB", budget.to_string()),
+        ];
+        let w = world(&fake.url, &extra).await?;
+        // Every third bench job is an OpenAI one.
+        enqueue_all(
+            &w.queue,
+            (0..n).map(|i| llm_job(Tier::ALL[i % 6], i * 3)).collect(),
+        )
+        .await?;
+        let mut vars = daemon_vars(
+            &w.settings.queue.redis_url,
+            w.settings.database_url.expose(),
+            &fake.url,
+        );
+        vars.extend(extra);
+        vars.push(("MIMALLOC_ARENA_EAGER_COMMIT", "0".to_owned()));
+        let daemon = spawn_daemon(&vars)?;
+        let pid = daemon.id();
+        let start = Instant::now();
+        wait_drained(
+            &w.queue,
+            n as u64,
+            Duration::from_millis(50),
+            Duration::from_secs(900),
+        )
+        .await?;
+        let took = start.elapsed();
+        let rss = peak_rss_mib(pid);
+        let status = sigterm_and_wait(daemon)?;
+        ensure!(status.success(), "aiq run exited with {status}");
+        r.say(format!(
+            "  AIQ_RESPONSE_MEMORY_MB={budget}: peak RSS {rss:.0} MiB ({:.0} MB of answers in all), {:.1} s",
+            (n as u64 * mb) as f64,
+            took.as_secs_f64()
+        ));
+        check_rows(&r, &w.store, n).await?;
+        if k == 0 {
+            r.figure("jobs", n);
+            r.figure("answer_mb", mb);
+            r.figure("response_memory_mb", *budget);
+            r.figure("peak_rss_mib", rss.round());
+            r.figure("jobs_per_s", rate(n, took));
+        } else {
+            r.figure("unbounded_peak_rss_mib", rss.round());
+        }
+    }
     Ok(r)
 }
 

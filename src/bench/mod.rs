@@ -14,6 +14,9 @@
 //!    them, and the tier shares with every tier backlogged.
 //! 5. `budget`: 500 jobs over three `aiq run` processes against a budget with room for 100:
 //!    the overspend in micro-USD.
+//! 6. `bodies`: 100 OpenAI jobs at once, each answered with a valid 20 MB body, through one
+//!    `aiq run` process with a 256 MB budget for answers (and with one large enough for all):
+//!    peak RSS.
 
 mod full;
 mod queue;
@@ -36,6 +39,7 @@ pub enum Scenario {
     Inflight,
     Priority,
     Budget,
+    Bodies,
     /// Every scenario, one after the other.
     All,
 }
@@ -119,6 +123,7 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
             Scenario::Pipeline,
             Scenario::Inflight,
             Scenario::Budget,
+            Scenario::Bodies,
         ],
         s => vec![s],
     };
@@ -129,6 +134,7 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
             Scenario::Pipeline => ("pipeline", full::pipeline(&opts).await),
             Scenario::Inflight => ("inflight", full::inflight(&opts).await),
             Scenario::Budget => ("budget", full::budget(&opts).await),
+            Scenario::Bodies => ("bodies", full::bodies(&opts).await),
             Scenario::All => unreachable!("expanded above"),
         };
         report

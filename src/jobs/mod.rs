@@ -949,16 +949,13 @@ async fn failed_call(
         call_seq: reservation.meta.call_seq,
     };
     // What the provider most likely billed: a timed-out call may have run to its end, and a
-    // success status whose body is unusable was answered (both at the estimate); an error status
-    // costs nothing.
-    let answered_unusable =
-        e.kind == ErrorKind::Malformed && e.status.is_some_and(|s| (200..300).contains(&s));
-    let (cost, status) = if answered_unusable {
-        (reservation.estimate, CallStatus::Unusable)
-    } else if e.kind == ErrorKind::Timeout {
-        (reservation.estimate, CallStatus::Failed)
-    } else {
-        (MicroUsd::ZERO, CallStatus::Failed)
+    // success status whose body is unusable or too long was answered (all at the estimate); an
+    // error status costs nothing.
+    let (cost, status) = match e.kind {
+        ErrorKind::Oversize if e.answered() => (reservation.estimate, CallStatus::Oversize),
+        _ if e.answered() => (reservation.estimate, CallStatus::Unusable),
+        ErrorKind::Timeout => (reservation.estimate, CallStatus::Failed),
+        _ => (MicroUsd::ZERO, CallStatus::Failed),
     };
     let mut call = call_record(app, reservation, cost, status);
     call.metadata = json!({ "http_status": e.status, "error": e.kind.as_str() });
@@ -1403,6 +1400,7 @@ mod error_type_tests {
             "timeout",
             "connection",
             "malformed_response",
+            "oversize",
             "invalid_request",
             "unauthorized",
             "quota_exhausted",
@@ -1443,6 +1441,7 @@ mod error_type_tests {
             crate::providers::ErrorKind::Timeout,
             crate::providers::ErrorKind::Connection,
             crate::providers::ErrorKind::Malformed,
+            crate::providers::ErrorKind::Oversize,
             crate::providers::ErrorKind::Invalid,
             crate::providers::ErrorKind::Unauthorized,
             crate::providers::ErrorKind::QuotaExhausted,

@@ -19,13 +19,15 @@ const API_VERSION: &str = "2023-06-01";
 pub struct AnthropicClient {
     http: reqwest::Client,
     settings: ProviderSettings,
+    limits: super::BodyLimits,
 }
 
 impl AnthropicClient {
-    pub fn new(settings: &ProviderSettings) -> Self {
+    pub fn new(settings: &ProviderSettings, limits: &super::BodyLimits) -> Self {
         Self {
             http: http_client(settings.timeout),
             settings: settings.clone(),
+            limits: limits.clone(),
         }
     }
 
@@ -57,8 +59,10 @@ impl AnthropicClient {
             .header("x-api-key", key.expose())
             .header("anthropic-version", API_VERSION)
             .json(&body);
-        let (status, text) = send(&FORMAT, request).await?;
-        parse_response(status, &text)
+        let answer = send(&FORMAT, &self.limits, request).await?;
+        let mut parsed = parse_response(answer.status, &answer.body)?;
+        parsed.hold = answer.hold;
+        Ok(parsed)
     }
 }
 
@@ -111,6 +115,7 @@ pub fn parse_response(status: u16, body: &str) -> Result<Completion, ProviderErr
             .unwrap_or_default()
             .to_owned(),
         raw,
+        hold: super::BodyHold::default(),
     })
 }
 

@@ -35,7 +35,11 @@ pub struct BreakerSettings {
 pub fn is_provider_fault(kind: ErrorKind) -> bool {
     matches!(
         kind,
-        ErrorKind::Unavailable | ErrorKind::Timeout | ErrorKind::Connection | ErrorKind::Malformed
+        ErrorKind::Unavailable
+            | ErrorKind::Timeout
+            | ErrorKind::Connection
+            | ErrorKind::Malformed
+            | ErrorKind::Oversize
     )
 }
 

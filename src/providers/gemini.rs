@@ -22,13 +22,15 @@ const LONGEST_RETRY: std::time::Duration = std::time::Duration::from_secs(300);
 pub struct GeminiClient {
     http: reqwest::Client,
     settings: ProviderSettings,
+    limits: super::BodyLimits,
 }
 
 impl GeminiClient {
-    pub fn new(settings: &ProviderSettings) -> Self {
+    pub fn new(settings: &ProviderSettings, limits: &super::BodyLimits) -> Self {
         Self {
             http: http_client(settings.timeout),
             settings: settings.clone(),
+            limits: limits.clone(),
         }
     }
 
@@ -69,8 +71,10 @@ impl GeminiClient {
             ))
             .header("x-goog-api-key", key.expose())
             .json(&body);
-        let (status, text) = send(&FORMAT, request).await?;
-        parse_response(status, &text)
+        let answer = send(&FORMAT, &self.limits, request).await?;
+        let mut parsed = parse_response(answer.status, &answer.body)?;
+        parsed.hold = answer.hold;
+        Ok(parsed)
     }
 }
 
@@ -125,6 +129,7 @@ pub fn parse_response(status: u16, body: &str) -> Result<Completion, ProviderErr
             .unwrap_or_default()
             .to_owned(),
         raw,
+        hold: super::BodyHold::default(),
     })
 }
 

@@ -18,7 +18,10 @@ pub(crate) fn vision_retry_info(body: &str) -> Option<Duration> {
     vision::retry_info(body)
 }
 
+use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// What went wrong with a provider call, as far as retrying is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +36,9 @@ pub enum ErrorKind {
     Connection,
     /// A 2xx whose body is not the documented shape: retry (it is the provider's fault).
     Malformed,
+    /// A 2xx body longer than `AIQ_MAX_RESPONSE_MB`: read no further, retry (the provider's
+    /// fault: no honest answer to a job aiq accepts is that long).
+    Oversize,
     /// 400, 404, 413, 422: the request itself is wrong; never retry.
     Invalid,
     /// 401, 403: our key or project is wrong; never retry.
@@ -50,6 +56,7 @@ impl ErrorKind {
                 | ErrorKind::Timeout
                 | ErrorKind::Connection
                 | ErrorKind::Malformed
+                | ErrorKind::Oversize
         )
     }
 
@@ -61,6 +68,7 @@ impl ErrorKind {
             ErrorKind::Timeout => "timeout",
             ErrorKind::Connection => "connection",
             ErrorKind::Malformed => "malformed_response",
+            ErrorKind::Oversize => "oversize",
             ErrorKind::Invalid => "invalid_request",
             ErrorKind::Unauthorized => "unauthorized",
             ErrorKind::QuotaExhausted => "quota_exhausted",
@@ -106,6 +114,27 @@ impl ProviderError {
             message: e.to_string(),
             retry_after: None,
         }
+    }
+
+    /// A success status whose body was longer than the cap: read no further.
+    pub(crate) fn oversize(
+        provider: &'static str,
+        status: u16,
+        what: impl std::fmt::Display,
+    ) -> Self {
+        ProviderError {
+            provider,
+            kind: ErrorKind::Oversize,
+            status: Some(status),
+            message: format!("response body above AIQ_MAX_RESPONSE_MB: {what}"),
+            retry_after: None,
+        }
+    }
+
+    /// True when the provider answered with a success status, so it has most likely billed the
+    /// call, whatever the body held.
+    pub fn answered(&self) -> bool {
+        self.status.is_some_and(|s| (200..300).contains(&s))
     }
 
     pub(crate) fn malformed(
@@ -247,27 +276,132 @@ pub(crate) fn error_from(
     }
 }
 
-/// Sends a request; returns the status and body of a 2xx answer, and any other answer, or no
-/// answer, as the [`ProviderError`] it stands for.
+/// The most of an error answer's body aiq reads: enough for any documented error envelope.
+pub const ERROR_BODY_MAX: u64 = 64 * 1024;
+
+/// How much of the providers' answers aiq reads and holds: each body is read up to
+/// `max_bytes` and no further, and the bodies being read or held (from the first byte until
+/// the job's rows are written) share one budget of `memory_bytes`, counted in KiB. A call waits
+/// for room before it reads its body, so peak memory stays bounded whatever providers send.
+/// Every acquisition takes all it needs at once (the declared length, or the cap when the
+/// length is not declared) and gives back what the body did not use, so no call holds part of
+/// the budget while waiting for more: it cannot deadlock.
+#[derive(Debug, Clone)]
+pub struct BodyLimits {
+    pub max_bytes: u64,
+    pub memory_bytes: u64,
+    memory: Arc<Semaphore>,
+}
+
+impl BodyLimits {
+    /// `memory_bytes` is raised to `max_bytes` when below it, so one body always fits.
+    pub fn new(max_bytes: u64, memory_bytes: u64) -> Self {
+        let memory_bytes = memory_bytes.max(max_bytes);
+        Self {
+            max_bytes,
+            memory_bytes,
+            memory: Arc::new(Semaphore::new(kib(memory_bytes) as usize)),
+        }
+    }
+
+    /// Waits until `bytes` fit in the shared budget and holds them.
+    async fn hold(&self, bytes: u64) -> BodyHold {
+        let n = kib(bytes.min(self.memory_bytes)) as u32;
+        match self.memory.clone().acquire_many_owned(n).await {
+            Ok(p) => BodyHold(Some(Arc::new(p))),
+            // The semaphore is never closed.
+            Err(_) => BodyHold(None),
+        }
+    }
+}
+
+fn kib(bytes: u64) -> u64 {
+    bytes.div_ceil(1024).min(u32::MAX as u64)
+}
+
+/// A body's share of [`BodyLimits`]' memory budget, given back when the last copy is dropped
+/// (the parsed answer carries one until its rows are written).
+#[derive(Debug, Clone, Default)]
+pub struct BodyHold(Option<Arc<OwnedSemaphorePermit>>);
+
+impl BodyHold {
+    /// Keeps `bytes` of the hold and gives the rest back.
+    fn shrink_to(&mut self, bytes: u64) {
+        if let Some(p) = self.0.as_mut().and_then(Arc::get_mut) {
+            let keep = kib(bytes).max(1) as usize;
+            if p.num_permits() > keep {
+                drop(p.split(p.num_permits() - keep));
+            }
+        }
+    }
+}
+
+/// A 2xx answer: its status, its body and the body's share of the memory budget.
+pub(crate) struct Answer {
+    pub status: u16,
+    pub body: String,
+    pub hold: BodyHold,
+}
+
+/// Reads a body up to `cap` bytes. Returns the bytes and whether that was the whole body; on
+/// `false` the rest is never read (the connection is dropped with the response).
+async fn read_capped(
+    resp: &mut reqwest::Response,
+    cap: u64,
+) -> Result<(Vec<u8>, bool), reqwest::Error> {
+    let mut buf = Vec::with_capacity(resp.content_length().unwrap_or(0).min(cap) as usize);
+    while let Some(chunk) = resp.chunk().await? {
+        if (buf.len() + chunk.len()) as u64 > cap {
+            return Ok((buf, false));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok((buf, true))
+}
+
+/// Sends a request; returns a 2xx answer, and any other answer, or no answer, as the
+/// [`ProviderError`] it stands for. An error body is read up to [`ERROR_BODY_MAX`]; a 2xx body
+/// up to the cap, waiting for room in the memory budget first: a longer one, declared or not,
+/// is `Oversize`.
 pub(crate) async fn send(
     format: &ErrorFormat,
+    limits: &BodyLimits,
     request: reqwest::RequestBuilder,
-) -> Result<(u16, String), ProviderError> {
-    let resp = request
-        .send()
-        .await
-        .map_err(|e| ProviderError::transport(format.provider, &e))?;
+) -> Result<Answer, ProviderError> {
+    let transport = |e: reqwest::Error| ProviderError::transport(format.provider, &e);
+    let mut resp = request.send().await.map_err(transport)?;
     let status = resp.status().as_u16();
     let header_delay = retry_after_header(resp.headers());
-    let body = resp
-        .text()
-        .await
-        .map_err(|e| ProviderError::transport(format.provider, &e))?;
-    if (200..300).contains(&status) {
-        Ok((status, body))
-    } else {
-        Err(error_from(format, status, body.as_str(), header_delay))
+    if !(200..300).contains(&status) {
+        let (bytes, _) = read_capped(&mut resp, ERROR_BODY_MAX)
+            .await
+            .map_err(transport)?;
+        let body = String::from_utf8_lossy(&bytes);
+        return Err(error_from(format, status, &body, header_delay));
     }
+    let declared = resp.content_length();
+    if let Some(n) = declared.filter(|n| *n > limits.max_bytes) {
+        return Err(ProviderError::oversize(
+            format.provider,
+            status,
+            format!("Content-Length {n}, cap {}", limits.max_bytes),
+        ));
+    }
+    let mut hold = limits.hold(declared.unwrap_or(limits.max_bytes)).await;
+    let (bytes, whole) = read_capped(&mut resp, limits.max_bytes)
+        .await
+        .map_err(transport)?;
+    if !whole {
+        return Err(ProviderError::oversize(
+            format.provider,
+            status,
+            format!("more than {} bytes", limits.max_bytes),
+        ));
+    }
+    hold.shrink_to(bytes.len() as u64);
+    let body = String::from_utf8(bytes)
+        .map_err(|e| ProviderError::malformed(format.provider, status, e))?;
+    Ok(Answer { status, body, hold })
 }
 
 /// For formats whose error bodies carry no delay.
@@ -297,4 +431,33 @@ pub(crate) fn http_client(timeout: Duration) -> reqwest::Client {
         .pool_max_idle_per_host(64)
         .build()
         .expect("building an HTTP client with static settings")
+}
+
+#[cfg(test)]
+mod body_limit_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn holds_take_what_they_need_at_once_and_give_back_what_the_body_did_not_use() {
+        const MIB: u64 = 1024 * 1024;
+        let limits = BodyLimits::new(MIB, 2 * MIB);
+        let mut a = limits.hold(MIB).await;
+        let b = limits.hold(MIB).await;
+        assert_eq!(limits.memory.available_permits(), 0);
+        // A third waits while the budget is full...
+        let waiting = tokio::spawn({
+            let limits = limits.clone();
+            async move { limits.hold(MIB / 2).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        // ...and gets its room once a body turns out shorter than the cap.
+        a.shrink_to(10 * 1024);
+        let c = waiting.await.unwrap();
+        assert_eq!(limits.memory.available_permits(), 1024 - 10 - 512);
+        drop((a, b, c));
+        assert_eq!(limits.memory.available_permits(), 2048);
+        // A cap above the memory budget raises the budget: one body always fits.
+        assert_eq!(BodyLimits::new(4 * MIB, MIB).memory_bytes, 4 * MIB);
+    }
 }

@@ -38,19 +38,23 @@ pub struct Completion {
     pub usage: Usage,
     /// The model that answered, as the provider names it.
     pub model: String,
+    /// The body's share of the memory budget, held until the answer is dropped.
+    pub hold: super::BodyHold,
 }
 
 #[derive(Clone)]
 pub struct OpenAiClient {
     http: reqwest::Client,
     settings: ProviderSettings,
+    limits: super::BodyLimits,
 }
 
 impl OpenAiClient {
-    pub fn new(settings: &ProviderSettings) -> Self {
+    pub fn new(settings: &ProviderSettings, limits: &super::BodyLimits) -> Self {
         Self {
             http: http_client(settings.timeout),
             settings: settings.clone(),
+            limits: limits.clone(),
         }
     }
 
@@ -78,8 +82,10 @@ impl OpenAiClient {
             // OpenAI logs this id with the request, so a job can be traced on their side.
             .header("x-client-request-id", request_id)
             .json(&body);
-        let (status, text) = send(&FORMAT, request).await?;
-        parse_response(status, &text)
+        let answer = send(&FORMAT, &self.limits, request).await?;
+        let mut parsed = parse_response(answer.status, &answer.body)?;
+        parsed.hold = answer.hold;
+        Ok(parsed)
     }
 }
 
@@ -130,6 +136,7 @@ pub fn parse_response(status: u16, body: &str) -> Result<Completion, ProviderErr
         finish_reason,
         usage,
         model,
+        hold: super::BodyHold::default(),
     })
 }
 

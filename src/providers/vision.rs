@@ -50,6 +50,8 @@ pub struct VisionResponse {
     /// The whole response body, stored as ai_processing_results.raw_response.
     pub raw: Value,
     pub images: Vec<ImageResult>,
+    /// The body's share of the memory budget, held until the answer is dropped.
+    pub hold: super::BodyHold,
 }
 
 impl VisionResponse {
@@ -68,13 +70,15 @@ impl VisionResponse {
 pub struct VisionClient {
     http: reqwest::Client,
     settings: ProviderSettings,
+    limits: super::BodyLimits,
 }
 
 impl VisionClient {
-    pub fn new(settings: &ProviderSettings) -> Self {
+    pub fn new(settings: &ProviderSettings, limits: &super::BodyLimits) -> Self {
         Self {
             http: http_client(settings.timeout),
             settings: settings.clone(),
+            limits: limits.clone(),
         }
     }
 
@@ -102,8 +106,10 @@ impl VisionClient {
             .post(url)
             .header("x-goog-api-key", key.expose())
             .json(&serde_json::json!({ "requests": requests }));
-        let (status, body) = send(&FORMAT, request).await?;
-        parse_response(status, &body, images.len())
+        let answer = send(&FORMAT, &self.limits, request).await?;
+        let mut parsed = parse_response(answer.status, &answer.body, images.len())?;
+        parsed.hold = answer.hold;
+        Ok(parsed)
     }
 }
 
@@ -140,7 +146,11 @@ pub fn parse_response(
             None => ImageResult::Annotated(r.clone()),
         })
         .collect();
-    Ok(VisionResponse { raw, images })
+    Ok(VisionResponse {
+        raw,
+        images,
+        hold: super::BodyHold::default(),
+    })
 }
 
 /// The one place that maps a Vision HTTP status and Google error envelope to an [`ErrorKind`].

@@ -115,6 +115,9 @@ pub enum CallStatus {
     /// The provider answered with a success status, but the body could not be used; recorded at
     /// the estimate, since the provider has most likely billed it.
     Unusable,
+    /// The provider answered with a success status and a body above `AIQ_MAX_RESPONSE_MB`,
+    /// which aiq did not read to its end; recorded at the estimate, like an unusable answer.
+    Oversize,
 }
 
 impl CallStatus {
@@ -124,6 +127,7 @@ impl CallStatus {
             CallStatus::Failed => "failed",
             CallStatus::Expired => "expired",
             CallStatus::Unusable => "unusable",
+            CallStatus::Oversize => "oversize",
         }
     }
 }

@@ -6,6 +6,7 @@ mod harness;
 mod money;
 mod operate;
 
+mod answers;
 mod binary;
 mod boundary;
 mod chaos;
