@@ -241,31 +241,8 @@ pub(crate) async fn inflight(opts: &BenchOptions) -> anyhow::Result<Report> {
         (0..n).map(|i| llm_job(Tier::ALL[i % 6], i)).collect(),
     )
     .await?;
-    // The daemon as systemd runs it (systemd/aiq.service sets the same allocator option).
-    let mut vars = daemon_vars(
-        &w.settings.queue.redis_url,
-        w.settings.database_url.expose(),
-        &fake.url,
-    );
-    vars.extend(extra);
-    vars.push(("MIMALLOC_ARENA_EAGER_COMMIT", "0".to_owned()));
-    let daemon = spawn_daemon(&vars)?;
-    let pid = daemon.id();
-    let cpu_before = process_cpu(pid);
-    let start = Instant::now();
-    // Polled slowly: the measured process shares the two cores with this one.
-    let peak_inflight = wait_drained(
-        &w.queue,
-        n as u64,
-        Duration::from_millis(100),
-        Duration::from_secs(900),
-    )
-    .await?;
-    let took = start.elapsed();
-    let cpu = process_cpu(pid).saturating_sub(cpu_before);
-    let rss = peak_rss_mib(pid);
-    let status = sigterm_and_wait(daemon)?;
-    ensure!(status.success(), "aiq run exited with {status}");
+    let run = drain_in_daemon(&w, &fake.url, &extra, n, Duration::from_millis(100)).await?;
+    let (peak_inflight, took, cpu, rss) = (run.peak_inflight, run.took, run.cpu, run.rss_mib);
     let per_s = rate(n, took);
     let cpu_us_per_job = cpu.as_secs_f64() * 1e6 / n as f64;
     r.say(format!(
@@ -318,27 +295,8 @@ pub(crate) async fn bodies(opts: &BenchOptions) -> anyhow::Result<Report> {
             (0..n).map(|i| llm_job(Tier::ALL[i % 6], i * 3)).collect(),
         )
         .await?;
-        let mut vars = daemon_vars(
-            &w.settings.queue.redis_url,
-            w.settings.database_url.expose(),
-            &fake.url,
-        );
-        vars.extend(extra);
-        vars.push(("MIMALLOC_ARENA_EAGER_COMMIT", "0".to_owned()));
-        let daemon = spawn_daemon(&vars)?;
-        let pid = daemon.id();
-        let start = Instant::now();
-        wait_drained(
-            &w.queue,
-            n as u64,
-            Duration::from_millis(50),
-            Duration::from_secs(900),
-        )
-        .await?;
-        let took = start.elapsed();
-        let rss = peak_rss_mib(pid);
-        let status = sigterm_and_wait(daemon)?;
-        ensure!(status.success(), "aiq run exited with {status}");
+        let run = drain_in_daemon(&w, &fake.url, &extra, n, Duration::from_millis(50)).await?;
+        let (took, rss) = (run.took, run.rss_mib);
         r.say(format!(
             "  AIQ_RESPONSE_MEMORY_MB={budget}: peak RSS {rss:.0} MiB ({:.0} MB of answers in all), {:.1} s",
             (n as u64 * mb) as f64,
@@ -356,6 +314,49 @@ pub(crate) async fn bodies(opts: &BenchOptions) -> anyhow::Result<Report> {
         }
     }
     Ok(r)
+}
+
+/// What one `aiq run` process took to drain the queue.
+struct DaemonRun {
+    peak_inflight: u64,
+    took: Duration,
+    cpu: Duration,
+    rss_mib: f64,
+}
+
+/// Runs one `aiq run` process, as systemd runs it (systemd/aiq.service sets the same allocator
+/// option), on the world's settings plus `extra` until `n` jobs are done, polling the queue
+/// every `poll` (slowly: the measured process shares the two cores with this one); stops it.
+async fn drain_in_daemon(
+    w: &World,
+    fake_url: &str,
+    extra: &[(&'static str, String)],
+    n: usize,
+    poll: Duration,
+) -> anyhow::Result<DaemonRun> {
+    let mut vars = daemon_vars(
+        &w.settings.queue.redis_url,
+        w.settings.database_url.expose(),
+        fake_url,
+    );
+    vars.extend(extra.iter().cloned());
+    vars.push(("MIMALLOC_ARENA_EAGER_COMMIT", "0".to_owned()));
+    let daemon = spawn_daemon(&vars)?;
+    let pid = daemon.id();
+    let cpu_before = process_cpu(pid);
+    let start = Instant::now();
+    let peak_inflight = wait_drained(&w.queue, n as u64, poll, Duration::from_secs(900)).await?;
+    let took = start.elapsed();
+    let cpu = process_cpu(pid).saturating_sub(cpu_before);
+    let rss_mib = peak_rss_mib(pid);
+    let status = sigterm_and_wait(daemon)?;
+    ensure!(status.success(), "aiq run exited with {status}");
+    Ok(DaemonRun {
+        peak_inflight,
+        took,
+        cpu,
+        rss_mib,
+    })
 }
 
 /// An `aiq run` process on the given settings' variables.

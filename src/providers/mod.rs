@@ -122,11 +122,25 @@ impl ProviderError {
         status: u16,
         what: impl std::fmt::Display,
     ) -> Self {
+        Self::unusable_answer(
+            provider,
+            ErrorKind::Oversize,
+            status,
+            format!("response body above AIQ_MAX_RESPONSE_MB: {what}"),
+        )
+    }
+
+    fn unusable_answer(
+        provider: &'static str,
+        kind: ErrorKind,
+        status: u16,
+        message: String,
+    ) -> Self {
         ProviderError {
             provider,
-            kind: ErrorKind::Oversize,
+            kind,
             status: Some(status),
-            message: format!("response body above AIQ_MAX_RESPONSE_MB: {what}"),
+            message,
             retry_after: None,
         }
     }
@@ -142,13 +156,12 @@ impl ProviderError {
         status: u16,
         what: impl std::fmt::Display,
     ) -> Self {
-        ProviderError {
+        Self::unusable_answer(
             provider,
-            kind: ErrorKind::Malformed,
-            status: Some(status),
-            message: format!("response is not the documented shape: {what}"),
-            retry_after: None,
-        }
+            ErrorKind::Malformed,
+            status,
+            format!("response is not the documented shape: {what}"),
+        )
     }
 }
 
