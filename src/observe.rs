@@ -164,6 +164,12 @@ pub fn call_retried(provider: &str, kind: &'static str) {
         .increment(1);
 }
 
+/// A call cost more than its reservation's estimate (the actual cost was recorded and settled).
+pub fn cost_above_estimate(provider: &str) {
+    metrics::counter!("aiq_cost_above_estimate_total", "provider" => provider.to_owned())
+        .increment(1);
+}
+
 /// A job moves to the next model of its fallback chain.
 pub fn fell_back(from: &str, to: &str) {
     metrics::counter!("aiq_fallbacks_total", "from" => from.to_owned(), "to" => to.to_owned())

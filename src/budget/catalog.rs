@@ -41,6 +41,37 @@ pub struct ModelPrice {
     /// whose `max_tokens` is above it is refused at decode, since the provider would refuse the
     /// call and the reservation would be priced for tokens that can never come.
     pub max_output_tokens: u32,
+    /// The rates of a call whose prompt is above a threshold (Gemini 2.5 Pro and Claude Sonnet
+    /// above 200,000 tokens): they then apply to the whole call, input, cached input and output.
+    #[serde(default)]
+    pub long_context: Option<LongContextPrice>,
+}
+
+/// A model's long-context rates, per 1,000,000 tokens like the base ones.
+#[derive(Debug, Clone, Copy, Deserialize)]
+pub struct LongContextPrice {
+    /// The rates apply when the prompt (cached tokens included) has more tokens than this.
+    pub above_prompt_tokens: u64,
+    pub input_per_1m: i64,
+    pub cached_input_per_1m: i64,
+    pub output_per_1m: i64,
+}
+
+impl ModelPrice {
+    /// (input, cached input, output) per 1,000,000 tokens for a call with this many prompt
+    /// tokens.
+    pub fn rates_for(&self, prompt_tokens: u64) -> (i64, i64, i64) {
+        match self.long_context {
+            Some(l) if prompt_tokens > l.above_prompt_tokens => {
+                (l.input_per_1m, l.cached_input_per_1m, l.output_per_1m)
+            }
+            _ => (
+                self.input_per_1m,
+                self.cached_input_per_1m,
+                self.output_per_1m,
+            ),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -99,6 +130,25 @@ impl PriceCatalog {
                 if p.max_output_tokens == 0 {
                     return Err(PriceError::Catalog(format!(
                         "max_output_tokens of {provider}:{model} must be at least 1"
+                    )));
+                }
+                if [p.input_per_1m, p.cached_input_per_1m, p.output_per_1m]
+                    .iter()
+                    .any(|r| *r < 0)
+                {
+                    return Err(PriceError::Catalog(format!(
+                        "negative price for {provider}:{model}"
+                    )));
+                }
+                // An estimate prices the prompt's upper bound: it bounds the actual cost only
+                // if more prompt tokens never cost less per token.
+                if let Some(l) = p.long_context
+                    && (l.input_per_1m < p.input_per_1m
+                        || l.cached_input_per_1m < p.cached_input_per_1m
+                        || l.output_per_1m < p.output_per_1m)
+                {
+                    return Err(PriceError::Catalog(format!(
+                        "the long-context rates of {provider}:{model} must not be below its base rates"
                     )));
                 }
             }
@@ -178,7 +228,8 @@ impl PriceCatalog {
     }
 
     /// The most one LLM call can cost: `input_tokens` (an upper bound) at the uncached input
-    /// rate and all of `max_output_tokens` at the output rate.
+    /// rate and all of `max_output_tokens` at the output rate, both at the long-context rates
+    /// when the bound is above the model's threshold.
     pub fn llm_estimate(
         &self,
         provider: &str,
@@ -216,10 +267,11 @@ impl PriceCatalog {
         output_tokens: u64,
     ) -> Result<MicroUsd, PriceError> {
         let p = self.model_price(provider, model)?;
+        let (input, cached_input, output) = p.rates_for(prompt_tokens);
         let uncached = prompt_tokens.saturating_sub(cached_tokens) as i128;
-        let total = uncached * p.input_per_1m as i128
-            + cached_tokens as i128 * p.cached_input_per_1m as i128
-            + output_tokens as i128 * p.output_per_1m as i128;
+        let total = uncached * input as i128
+            + cached_tokens as i128 * cached_input as i128
+            + output_tokens as i128 * output as i128;
         Ok(MicroUsd::from_micros(
             ((total + 999_999) / 1_000_000) as i64,
         ))
@@ -423,5 +475,62 @@ mod tests {
             .llm_cost("openai", "gpt-4o-mini", 1200, 1024, 300)
             .unwrap();
         assert!(actual <= est);
+    }
+
+    #[test]
+    fn a_prompt_above_the_long_context_threshold_costs_the_long_rates_for_the_whole_call() {
+        let c = PriceCatalog::builtin();
+        // gemini-2.5-pro above 200,000 prompt tokens: $2.50/M in, $15/M out, $0.25/M cached.
+        // 243,005 x 2.5 + 20 x 15 = 607,512.5 + 300 micro-dollars, rounded up.
+        assert_eq!(
+            c.llm_cost("gemini", "gemini-2.5-pro", 243_005, 0, 20)
+                .unwrap()
+                .micros(),
+            607_813
+        );
+        // At the threshold itself, the base rates: 200,000 x 1.25 + 20 x 10.
+        assert_eq!(
+            c.llm_cost("gemini", "gemini-2.5-pro", 200_000, 0, 20)
+                .unwrap()
+                .micros(),
+            250_200
+        );
+        // Cached tokens at the long cached rate: 3,005 x 2.5 + 240,000 x 0.25 + 0 out.
+        assert_eq!(
+            c.llm_cost("gemini", "gemini-2.5-pro", 243_005, 240_000, 0)
+                .unwrap()
+                .micros(),
+            67_513
+        );
+        // claude-sonnet-4-5 above 200,000: $6/M in, $22.50/M out.
+        assert_eq!(
+            c.llm_cost("anthropic", "claude-sonnet-4-5", 250_000, 0, 1_000)
+                .unwrap()
+                .micros(),
+            1_522_500
+        );
+        // The estimate of a bound above the threshold is at the long rates too, and bounds
+        // every honest answer below it.
+        let est = c
+            .llm_estimate("gemini", "gemini-2.5-pro", 972_028, 50)
+            .unwrap();
+        assert_eq!(est.micros(), 2_430_070 + 750);
+        for prompt in [1, 199_999, 200_000, 200_001, 972_028] {
+            let actual = c
+                .llm_cost("gemini", "gemini-2.5-pro", prompt, 0, 50)
+                .unwrap();
+            assert!(actual <= est, "{prompt}");
+        }
+    }
+
+    #[test]
+    fn a_catalog_whose_long_context_rates_are_below_its_base_rates_is_refused() {
+        let cheaper = BUILTIN_CATALOG.replace(
+            r#""input_per_1m": 2500000, "cached_input_per_1m": 250000"#,
+            r#""input_per_1m": 1000000, "cached_input_per_1m": 250000"#,
+        );
+        assert_ne!(cheaper, BUILTIN_CATALOG);
+        let err = PriceCatalog::parse(&cheaper).unwrap_err().to_string();
+        assert!(err.contains("long-context"), "{err}");
     }
 }

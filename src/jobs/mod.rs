@@ -928,6 +928,36 @@ fn call_record(app: &App, r: &Reservation, cost: MicroUsd, status: CallStatus) -
     }
 }
 
+/// A call whose actual cost is above its reservation: the estimate was not the upper bound it
+/// must be (a catalog without a rate the provider charges, or usage beyond what the request
+/// allowed). The actual cost stands (the provider bills it) and is settled; this adds an error
+/// row, a metric and an error event (Sentry), so the catalog gets fixed.
+async fn above_estimate(app: &App, job: &JobRef, reservation: &Reservation, cost: MicroUsd) {
+    if cost <= reservation.estimate {
+        return;
+    }
+    let provider = reservation.meta.provider.as_str();
+    crate::observe::cost_above_estimate(provider);
+    let message = format!(
+        "the call cost ${:.6}, above its reservation's estimate of ${:.6}: the actual cost is recorded; check the price catalog",
+        cost.as_usd_f64(),
+        reservation.estimate.as_usd_f64()
+    );
+    tracing::error!(job.id = %job.job_id, provider, model = ?reservation.meta.model, "{message}");
+    let err = ErrorRecord {
+        error_type: "cost_above_estimate".into(),
+        message,
+        details: json!({ "estimate_usd": reservation.estimate.as_usd_f64(), "cost_usd": cost.as_usd_f64(),
+            "model": reservation.meta.model, "price_version": app.prices.version }),
+        provider: Some(provider.to_owned()),
+        http_status: Some(200),
+        call_seq: reservation.meta.call_seq,
+    };
+    if let Err(e) = app.store.record_error(job, &err).await {
+        tracing::warn!(error = %e, job.id = %job.job_id, "writing the cost_above_estimate row failed");
+    }
+}
+
 /// Records a failed provider call: its cost row, its error row and, when the job will not be
 /// tried again, its failed result; then settles its hold. A call that timed out after it was
 /// sent may have been billed, so it costs its estimate; one the provider answered with an
@@ -1170,6 +1200,7 @@ async fn run_vision(
     };
     let recorded = app.record(app.store.record_success(job, call, result).await)?;
     settle(app, reservation, recorded).await;
+    above_estimate(app, job, reservation, recorded).await;
     Ok(())
 }
 
@@ -1309,6 +1340,7 @@ async fn run_llm(
     };
     let recorded = app.record(app.store.record_success(job, call, result).await)?;
     settle(app, reservation, recorded).await;
+    above_estimate(app, job, reservation, recorded).await;
     Ok(())
 }
 
@@ -1401,6 +1433,7 @@ mod error_type_tests {
             "connection",
             "malformed_response",
             "oversize",
+            "cost_above_estimate",
             "invalid_request",
             "unauthorized",
             "quota_exhausted",

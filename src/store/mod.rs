@@ -487,6 +487,13 @@ impl Store {
         Ok(Self::insert_call(&mut conn, job, call).await?)
     }
 
+    /// An error row on its own, for a call that succeeded but is worth an operator's look
+    /// (`cost_above_estimate`).
+    pub async fn record_error(&self, job: &JobRef, err: &ErrorRecord) -> Result<(), StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        Ok(Self::insert_error(&mut conn, job, err).await?)
+    }
+
     /// A failed attempt: the error, the call if one was made, and the failed result when this
     /// was the job's last attempt, in one transaction.
     /// Returns the call's recorded cost when there was a call.

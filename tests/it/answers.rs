@@ -41,9 +41,7 @@ async fn one_job(payload: &str, extra: &[(&str, &str)], want: Outcome) -> TestCt
     let id = ctx
         .enqueue(JobKind::LlmComplete, Tier::Enterprise, ORG_A, payload, 1)
         .await;
-    let worker = ctx.start_worker();
-    ctx.wait_settled(Duration::from_secs(60)).await;
-    worker.stop().await;
+    ctx.run_until_settled().await;
     let calls: Vec<(String, i64, i64)> = sqlx::query_as(
         "SELECT call_status, (cost_usd * 1000000)::bigint, (estimate_usd * 1000000)::bigint
          FROM ai_cost_tracking WHERE job_id = $1",
@@ -73,25 +71,14 @@ async fn one_job(payload: &str, extra: &[(&str, &str)], want: Outcome) -> TestCt
             "{payload}: {cost} of {estimate}"
         ),
     }
-    let errors: Vec<String> =
-        sqlx::query_scalar("SELECT error_type FROM ai_processing_errors WHERE job_id = $1")
-            .bind(&id)
-            .fetch_all(ctx.store.pool())
-            .await
-            .unwrap();
     assert_eq!(
-        errors,
+        error_types(&ctx, &id).await,
         want.error_type
             .map(|t| vec![t.to_owned()])
             .unwrap_or_default(),
         "{payload}"
     );
-    let result: String =
-        sqlx::query_scalar("SELECT status FROM ai_processing_results WHERE job_id = $1")
-            .bind(&id)
-            .fetch_one(ctx.store.pool())
-            .await
-            .unwrap();
+    let result = result_status(&ctx, &id).await;
     let ended = if want.error_type.is_some() {
         "failed"
     } else {
@@ -235,4 +222,97 @@ async fn an_answer_above_the_cap_is_oversize_at_its_estimate_and_one_below_it_is
         .scalar_i64("SELECT length(raw_response->'choices'->0->'message'->>'content')::bigint FROM ai_processing_results")
         .await;
     assert!(stored >= 6 * 1024 * 1024, "{stored}");
+}
+
+/// A call's cost row: (input tokens, output tokens, cost, estimate), in micro-dollars.
+async fn call_row(ctx: &TestCtx, id: &str) -> (i64, i64, i64, i64) {
+    sqlx::query_as(
+        "SELECT input_tokens, output_tokens, (cost_usd * 1000000)::bigint,
+                (estimate_usd * 1000000)::bigint
+         FROM ai_cost_tracking WHERE job_id = $1 AND call_status = 'succeeded'",
+    )
+    .bind(id)
+    .fetch_one(ctx.store.pool())
+    .await
+    .unwrap()
+}
+
+async fn result_status(ctx: &TestCtx, id: &str) -> String {
+    sqlx::query_scalar("SELECT status FROM ai_processing_results WHERE job_id = $1")
+        .bind(id)
+        .fetch_one(ctx.store.pool())
+        .await
+        .unwrap()
+}
+
+async fn error_types(ctx: &TestCtx, id: &str) -> Vec<String> {
+    sqlx::query_scalar("SELECT error_type FROM ai_processing_errors WHERE job_id = $1")
+        .bind(id)
+        .fetch_all(ctx.store.pool())
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gemini_pro_prompt_above_200k_tokens_is_reserved_and_recorded_at_the_long_context_rate() {
+    let ctx = TestCtx::new().await;
+    // 972,000 characters: the fake counts a token per four characters of its text (a line
+    // feed, then the content) plus four per message: 243,001 + 4 = 243,005 prompt tokens.
+    let content = "a".repeat(972_000);
+    let id = ctx
+        .enqueue(
+            JobKind::LlmComplete,
+            Tier::Enterprise,
+            ORG_A,
+            &on("gemini", "gemini-2.5-pro", &content),
+            1,
+        )
+        .await;
+    ctx.run_until_settled().await;
+    let (input, output, cost, estimate) = call_row(&ctx, &id).await;
+    assert_eq!(input, 243_005);
+    // Recorded: every token at the long-context rates, $2.50 and $15 per million (base rates
+    // $1.25 and $10 would give 303,756 + 10 x output), rounded up to the micro-dollar.
+    let by_hand = (243_005 * 2_500_000 + output * 15_000_000 + 999_999) / 1_000_000;
+    assert_eq!(cost, by_hand, "{output} output tokens");
+    // Reserved: the prompt's bound (its bytes, the role and 8 of framing: 972,012 tokens at
+    // most) at $2.50 per million, and all 50 of max_tokens at $15.
+    assert_eq!(
+        estimate,
+        (972_012 * 2_500_000 + 50 * 15_000_000) / 1_000_000
+    );
+    assert!(
+        error_types(&ctx, &id).await.is_empty(),
+        "within its estimate"
+    );
+    crate::money::assert_redis_agrees_with_postgres(&ctx, &[ORG_A]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_costing_more_than_its_reservation_is_recorded_at_its_cost_and_raises_cost_above_estimate()
+ {
+    let ctx = TestCtx::new().await;
+    // A short prompt (a bound of a few dozen tokens) whose answer reports 2,000,000 prompt
+    // tokens: $0.30 at gpt-4o-mini's $0.15 per million, far above the reservation.
+    let id = ctx
+        .enqueue(
+            JobKind::LlmComplete,
+            Tier::Enterprise,
+            ORG_A,
+            &llm_payload(Tier::Enterprise, ORG_A, "[fake:usage=2000000] hi"),
+            1,
+        )
+        .await;
+    ctx.run_until_settled().await;
+    let (input, _, cost, estimate) = call_row(&ctx, &id).await;
+    assert_eq!(input, 2_000_000);
+    assert!(cost >= 300_000 && cost > estimate, "{cost} vs {estimate}");
+    assert_eq!(
+        result_status(&ctx, &id).await,
+        "completed",
+        "the answer is good: the job succeeded"
+    );
+    assert_eq!(error_types(&ctx, &id).await, ["cost_above_estimate"]);
+    // The provider bills the actual cost: the budget holds it, not the estimate.
+    crate::money::assert_redis_agrees_with_postgres(&ctx, &[ORG_A]).await;
 }

@@ -236,6 +236,13 @@ impl TestCtx {
             .job_id
     }
 
+    /// Runs a worker until the queue has settled (within a minute), then stops it.
+    pub async fn run_until_settled(&self) {
+        let worker = self.start_worker();
+        self.wait_settled(Duration::from_secs(60)).await;
+        worker.stop().await;
+    }
+
     /// Waits until nothing is waiting, in flight or delayed.
     pub async fn wait_settled(&self, timeout: Duration) {
         let q = self.queue.clone();
