@@ -12,7 +12,8 @@
 //! answer 503; an image whose `content` is not base64 gets the per-image "Bad image data." error.
 //! `[fake:retry-after=5]` sets a 429's Retry-After as written (`inf`, an HTTP date...), and
 //! `[fake:retry-after-ms=1e300]` its retry-after-ms; `[fake:retry-delay=1e30s]` a Gemini 429's
-//! RetryInfo delay; `[fake:usage=-1]` the prompt token count an OpenAI answer reports. `[fake:big=200]` answers OpenAI with a
+//! RetryInfo delay; `[fake:usage=-1]` the prompt token count an OpenAI answer reports;
+//! `[fake:hold]` makes an OpenAI call wait until `POST /_fake/release`. `[fake:big=200]` answers OpenAI with a
 //! valid 200 MB body (`[fake:bigchunked=200]`: the same without a Content-Length). `GET /_fake/calls` returns how many calls
 //! each provider answered, a log of OpenAI calls (start and end ms, status) and, from OpenAI's
 //! `x-client-request-id` header (aiq sends the job id), how many distinct jobs called, the most
@@ -58,6 +59,9 @@ struct Counters {
     overlaps: AtomicU64,
     /// Calls seen per (provider, text) carrying a `[fake:flaky=N]` marker.
     flaky: Mutex<HashMap<(&'static str, u64), u32>>,
+    /// `[fake:hold]` calls wait until `POST /_fake/release` sets this.
+    released: std::sync::atomic::AtomicBool,
+    release: tokio::sync::Notify,
     /// OpenAI calls: (provider, start ms, end ms, status), for tests that look at timing.
     log: Mutex<Vec<(&'static str, u64, u64, u16)>>,
 }
@@ -211,7 +215,15 @@ pub fn router(options: FakeOptions) -> Router {
         .route("/v1beta/models/{model_action}", post(gemini))
         .route("/_fake/calls", get(calls))
         .route("/_fake/outage", post(outage))
+        .route("/_fake/release", post(release))
         .with_state(counters)
+}
+
+/// Lets every `[fake:hold]` call, waiting or still to come, answer.
+async fn release(State(c): State<Arc<Counters>>) -> StatusCode {
+    c.released.store(true, Ordering::Release);
+    c.release.notify_waiters();
+    StatusCode::NO_CONTENT
 }
 
 async fn calls(State(c): State<Arc<Counters>>) -> Json<Value> {
@@ -601,6 +613,16 @@ async fn openai_answer(c: &Arc<Counters>, headers: HeaderMap, body: String) -> R
         .and_then(|ms| ms.parse::<u64>().ok())
     {
         tokio::time::sleep(Duration::from_millis(ms.min(60_000))).await;
+    }
+    if marks.contains("[fake:hold]") {
+        loop {
+            // Created before the check: a release in between still wakes it.
+            let released = c.release.notified();
+            if c.released.load(Ordering::Acquire) {
+                break;
+            }
+            released.await;
+        }
     }
     if marks.contains("[fake:garbage]") {
         return (StatusCode::OK, "<html>upstream hiccup</html>").into_response();

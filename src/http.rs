@@ -86,6 +86,10 @@ async fn metrics(State(d): State<Deps>) -> impl IntoResponse {
     )
 }
 
+/// How long /readyz waits for PostgreSQL before it calls it unreachable: the whole answer
+/// comes within 2 s.
+const READY_PART_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(1_500);
+
 async fn readyz(State(d): State<Deps>) -> (StatusCode, Json<serde_json::Value>) {
     let part = |r: Result<(), String>| match r {
         Ok(()) => json!({ "status": "healthy" }),
@@ -106,7 +110,17 @@ async fn readyz(State(d): State<Deps>) -> (StatusCode, Json<serde_json::Value>) 
                 })
             }),
     );
-    let postgres = part(d.app.store.ping().await.map_err(|e| e.to_string()));
+    // Bounded: with PostgreSQL gone, the pool would try to connect for its whole acquire
+    // timeout (10 s) before failing.
+    let postgres = part(
+        match tokio::time::timeout(READY_PART_TIMEOUT, d.app.store.ping()).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err(format!(
+                "PostgreSQL did not answer within {} ms",
+                READY_PART_TIMEOUT.as_millis()
+            )),
+        },
+    );
     let budget = match global_budget(&d.app).await {
         Err(e) => json!({ "status": "unhealthy", "error": e.to_string() }),
         Ok(states) => {

@@ -170,6 +170,16 @@ pub fn cost_above_estimate(provider: &str) {
         .increment(1);
 }
 
+/// An answer whose rows PostgreSQL could not take was kept with its job in Redis.
+pub fn answer_kept() {
+    metrics::counter!("aiq_answers_kept_total").increment(1);
+}
+
+/// A kept answer's rows were written by a later execution, with no second call.
+pub fn kept_answer_written() {
+    metrics::counter!("aiq_kept_answers_written_total").increment(1);
+}
+
 /// A job moves to the next model of its fallback chain.
 pub fn fell_back(from: &str, to: &str) {
     metrics::counter!("aiq_fallbacks_total", "from" => from.to_owned(), "to" => to.to_owned())

@@ -104,15 +104,19 @@ pub async fn app(settings: &Settings, store: Store) -> anyhow::Result<Arc<App>> 
     }
     // Succeeded jobs' rows go through one group-commit writer.
     let store = store.batched();
-    Ok(Arc::new(App::new(
+    let queue = Queue::connect(&settings.queue)
+        .await
+        .context("connecting to Redis for kept answers (AIQ_REDIS_URL)")?;
+    Ok(Arc::new(App::new(crate::jobs::AppParts {
         store,
         budget,
         breakers,
+        queue,
         clients,
         prices,
         hold_ttl,
-        settings.call_retry,
-    )))
+        call_retry: settings.call_retry,
+    })))
 }
 
 /// The budget's background work, until `stop`: the sweeper of dead workers' reservations, the

@@ -61,6 +61,15 @@ static EXPIRED: LazyLock<Script> = LazyLock::new(|| {
     )
 });
 
+/// Moves a hold's expiry to `ARGV[2]` ms from now by Redis's clock, if the hold is still there.
+static EXTEND: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        "local t = redis.call('TIME')
+         local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+         return redis.call('ZADD', KEYS[1], 'XX', 'CH', now + tonumber(ARGV[2]), ARGV[1])",
+    )
+});
+
 /// Day keys live 40 days, month keys 400: long enough for `aiq budget show` and rebuilds.
 const DAY_KEY_TTL_S: u64 = 40 * 86_400;
 const MONTH_KEY_TTL_S: u64 = 400 * 86_400;
@@ -517,6 +526,23 @@ impl Budget {
                 ScopeState::from_suffix(&suffix, spent, reserved, limit)
             })
             .collect())
+    }
+
+    /// Keeps a hold from the sweeper for `ttl` more: its call was answered and the answer is
+    /// kept until its rows can be written, which settles it. True when the hold was there.
+    pub async fn extend_hold(
+        &self,
+        reservation_id: &str,
+        ttl: Duration,
+    ) -> Result<bool, BudgetError> {
+        let mut conn = self.conn.clone();
+        let changed: i64 = EXTEND
+            .key(self.key("res_expiry"))
+            .arg(reservation_id)
+            .arg(ttl.as_millis() as u64)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(changed > 0)
     }
 
     /// Holds whose time ran out: their workers died (or stalled past the provider timeout).

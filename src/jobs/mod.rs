@@ -54,12 +54,30 @@ pub struct App {
     pub hold_ttl: HoldTtl,
     /// Retries of a failed call inside one attempt.
     pub call_retry: CallRetryPolicy,
+    /// The queue, where an answer whose rows PostgreSQL could not take is kept with its job.
+    pub queue: crate::queue::Queue,
     limits: Mutex<HashMap<Uuid, (Instant, OrgLimits)>>,
     store_gate: StoreGate,
 }
 
 /// How long a process waits before it probes an unreachable PostgreSQL again.
 const STORE_PROBE: Duration = Duration::from_secs(2);
+
+/// How long an answer whose rows PostgreSQL could not take is kept with its job in Redis: far
+/// longer than any outage the job waits through.
+const KEPT_ANSWER_TTL: Duration = Duration::from_secs(7 * 86_400);
+
+/// A paid answer whose rows PostgreSQL could not take, kept with its job until it can: the rows
+/// as they were to be written (with the execution that made the call), so the next execution
+/// writes them instead of calling the provider again.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct KeptAnswer {
+    job: JobRef,
+    /// The call's budget hold: kept from the sweeper, settled once the rows are written.
+    reservation: String,
+    call: CallRecord,
+    result: ResultRecord,
+}
 
 /// Whether this process last found PostgreSQL unreachable, and until when it waits.
 #[derive(Default)]
@@ -75,25 +93,30 @@ impl StoreGate {
     }
 }
 
+/// What an [`App`] is built from: its connections, clients and policies.
+pub struct AppParts {
+    pub store: Store,
+    pub budget: Budget,
+    pub breakers: crate::providers::breaker::Breakers,
+    pub queue: crate::queue::Queue,
+    pub clients: Clients,
+    pub prices: PriceCatalog,
+    pub hold_ttl: HoldTtl,
+    pub call_retry: CallRetryPolicy,
+}
+
 impl App {
-    pub fn new(
-        store: Store,
-        budget: Budget,
-        breakers: crate::providers::breaker::Breakers,
-        clients: Clients,
-        prices: PriceCatalog,
-        hold_ttl: HoldTtl,
-        call_retry: CallRetryPolicy,
-    ) -> Self {
+    pub fn new(p: AppParts) -> Self {
         Self {
-            alerts: Arc::new(Alerts::new(store.clone())),
-            store,
-            budget,
-            breakers,
-            clients,
-            prices,
-            hold_ttl,
-            call_retry,
+            alerts: Arc::new(Alerts::new(p.store.clone())),
+            store: p.store,
+            budget: p.budget,
+            breakers: p.breakers,
+            queue: p.queue,
+            clients: p.clients,
+            prices: p.prices,
+            hold_ttl: p.hold_ttl,
+            call_retry: p.call_retry,
             limits: Mutex::new(HashMap::new()),
             store_gate: StoreGate::default(),
         }
@@ -105,20 +128,23 @@ impl App {
     /// store error spends an attempt. Either way the call's hold is left to expire: the sweeper
     /// then records the call at its estimate, so a paid call whose row was lost is still counted.
     fn record<T>(&self, r: Result<T, crate::store::StoreError>) -> Result<T, Failure> {
-        r.map_err(|e| {
-            if e.is_unavailable() {
-                self.store_gate.trip();
-                Failure::Defer {
-                    message: format!("PostgreSQL is unreachable: {e}"),
-                    after: STORE_PROBE + spread(1_000),
-                }
-            } else {
-                Failure::Retry {
-                    message: format!("recording the outcome failed: {e}"),
-                    after: None,
-                }
+        r.map_err(|e| self.store_failure(e))
+    }
+
+    /// [`App::record`]'s answer for one store error.
+    fn store_failure(&self, e: crate::store::StoreError) -> Failure {
+        if e.is_unavailable() {
+            self.store_gate.trip();
+            Failure::Defer {
+                message: format!("PostgreSQL is unreachable: {e}"),
+                after: STORE_PROBE + spread(1_000),
             }
-        })
+        } else {
+            Failure::Retry {
+                message: format!("recording the outcome failed: {e}"),
+                after: None,
+            }
+        }
     }
 
     /// Fails with a deferral while PostgreSQL is known to be unreachable. Once the wait is over,
@@ -517,6 +543,11 @@ async fn run_in_span(app: &App, raw: &RawJob) -> Result<(), Failure> {
         }
     }
 
+    // An earlier execution may have been answered while PostgreSQL was down: write what it
+    // kept instead of calling again. Only a job leased before can have kept anything.
+    if raw.token > 1 && write_kept_answer(app, raw, &job).await? {
+        return Ok(());
+    }
     let chain = match plan(app, &input) {
         Ok(c) => c,
         Err(e) => return unpriced(app, &job, &input, e).await,
@@ -928,6 +959,115 @@ fn call_record(app: &App, r: &Reservation, cost: MicroUsd, status: CallStatus) -
     }
 }
 
+/// Writes a paid answer's rows and settles its hold. When PostgreSQL cannot take them, the rows
+/// are kept with the job in Redis, its hold (counted at the estimate) is kept from the sweeper,
+/// and the job waits without spending an attempt: its next execution
+/// writes them ([`write_kept_answer`]) instead of calling the provider again. Only if Redis
+/// cannot keep them either is the answer lost, as before: the hold then expires into a cost row
+/// at its estimate, and the job is run again.
+async fn record_answer(
+    app: &App,
+    raw: &RawJob,
+    job: &JobRef,
+    reservation: &Reservation,
+    call: CallRecord,
+    result: ResultRecord,
+) -> Result<(), Attempted> {
+    let unwritten = match app.store.record_success_or_return(job, call, result).await {
+        Ok(recorded) => {
+            settle(app, reservation, recorded).await;
+            above_estimate(app, job, reservation, recorded).await;
+            return Ok(());
+        }
+        Err(u) => *u,
+    };
+    let crate::store::Unwritten { error, rows } = unwritten;
+    let (Some((call, result)), true) = (rows, error.is_unavailable()) else {
+        return Err(app.store_failure(error).into());
+    };
+    app.store_gate.trip();
+    let kept = KeptAnswer {
+        job: job.clone(),
+        reservation: reservation.id.clone(),
+        call,
+        result,
+    };
+    let bytes = match serde_json::to_vec(&kept) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!(error = %e, "an answer could not be serialised to keep it");
+            return Err(app.store_failure(error).into());
+        }
+    };
+    if let Err(e) = app.queue.keep(&raw.id, &bytes, KEPT_ANSWER_TTL).await {
+        tracing::error!(error = %e, "PostgreSQL and Redis both failed: the answer is lost, and the job will call again");
+        return Err(app.store_failure(error).into());
+    }
+    // The hold stays, counted at its estimate, until the rows are written and settle it at the
+    // cost they hold: the sweeper must not book it as expired meanwhile. (If it already has,
+    // its row is the call's and both settle at it.)
+    if let Err(e) = app
+        .budget
+        .extend_hold(&reservation.id, KEPT_ANSWER_TTL)
+        .await
+    {
+        tracing::warn!(error = %e, "keeping the hold of a kept answer from the sweeper failed");
+    }
+    crate::observe::answer_kept();
+    tracing::warn!(error = %error, "PostgreSQL is unreachable: the answer is kept with the job and written when it is back");
+    Err(Attempted::Done(Failure::Defer {
+        message: format!("PostgreSQL is unreachable: the answer is kept with the job: {error}"),
+        after: STORE_PROBE + spread(1_000),
+    }))
+}
+
+/// Writes the rows an earlier execution kept ([`record_answer`]) and settles the call's hold at
+/// the cost its row holds; true when it did, and the job is done.
+async fn write_kept_answer(app: &App, raw: &RawJob, job: &JobRef) -> Result<bool, Failure> {
+    let bytes = match app.queue.kept(&raw.id).await {
+        Ok(Some(b)) => b,
+        Ok(None) => return Ok(false),
+        Err(e) => {
+            crate::observe::redis_deferral("kept_answer");
+            return Err(Failure::Defer {
+                message: format!("reading the job's kept answer failed: {e}"),
+                after: STORE_PROBE + spread(1_000),
+            });
+        }
+    };
+    let kept: KeptAnswer = match serde_json::from_slice(&bytes) {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::error!(error = %e, "the job's kept answer cannot be read: calling again");
+            let _ = app.queue.forget_kept(&raw.id).await;
+            return Ok(false);
+        }
+    };
+    if kept.job.job_id != job.job_id || kept.job.organization_id != job.organization_id {
+        tracing::error!("a kept answer of another job or organisation under this id: ignored");
+        let _ = app.queue.forget_kept(&raw.id).await;
+        return Ok(false);
+    }
+    let recorded = app.record(
+        app.store
+            .record_success(&kept.job, kept.call, kept.result)
+            .await,
+    )?;
+    match app.budget.settle(&kept.reservation, recorded).await {
+        Ok(states) => app.alerts.check(&states).await,
+        Err(e) => {
+            tracing::warn!(error = %e, reservation = %kept.reservation, "settling a kept answer's hold failed; the sweeper will")
+        }
+    }
+    if let Err(e) = app.queue.forget_kept(&raw.id).await {
+        // Harmless: writing the rows again changes nothing (one row per call and per job).
+        tracing::warn!(error = %e, "forgetting a written kept answer failed");
+    }
+    crate::observe::kept_answer_written();
+    tracing::info!("the answer kept during PostgreSQL's outage is written: no second call");
+    Ok(true)
+}
+
 /// A call whose actual cost is above its reservation: the estimate was not the upper bound it
 /// must be (a catalog without a rate the provider charges, or usage beyond what the request
 /// allowed). The actual cost stands (the provider bills it) and is settled; this adds an error
@@ -1198,10 +1338,7 @@ async fn run_vision(
             )
         }),
     };
-    let recorded = app.record(app.store.record_success(job, call, result).await)?;
-    settle(app, reservation, recorded).await;
-    above_estimate(app, job, reservation, recorded).await;
-    Ok(())
+    record_answer(app, raw, job, reservation, call, result).await
 }
 
 /// Tells the provider's breaker how a call went.
@@ -1338,10 +1475,7 @@ async fn run_llm(
         completed: true,
         error_message: None,
     };
-    let recorded = app.record(app.store.record_success(job, call, result).await)?;
-    settle(app, reservation, recorded).await;
-    above_estimate(app, job, reservation, recorded).await;
-    Ok(())
+    record_answer(app, raw, job, reservation, call, result).await
 }
 
 /// Settles reservations whose workers died: writes each call's cost row at its estimate (unless

@@ -715,6 +715,34 @@ impl Queue {
     }
 
     /// Checks that Redis answers.
+    /// Keeps `bytes` with job `id` for `ttl` (`{p}:kept:<id>`): what the daemon could not yet
+    /// write elsewhere (an answer whose rows PostgreSQL could not take), for a later execution
+    /// of the same job. The queue does not read it.
+    pub async fn keep(&self, id: &str, bytes: &[u8], ttl: Duration) -> Result<(), QueueError> {
+        let mut conn = self.conn.clone();
+        let _: () = conn
+            .pset_ex(
+                self.key(&format!("kept:{id}")),
+                bytes,
+                ttl.as_millis().max(1) as u64,
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// What [`Queue::keep`] holds for job `id`.
+    pub async fn kept(&self, id: &str) -> Result<Option<Vec<u8>>, QueueError> {
+        let mut conn = self.conn.clone();
+        Ok(conn.get(self.key(&format!("kept:{id}"))).await?)
+    }
+
+    /// Drops what [`Queue::keep`] holds for job `id`.
+    pub async fn forget_kept(&self, id: &str) -> Result<(), QueueError> {
+        let mut conn = self.conn.clone();
+        let _: () = conn.del(self.key(&format!("kept:{id}"))).await?;
+        Ok(())
+    }
+
     pub async fn ping(&self) -> Result<(), QueueError> {
         let mut conn = self.conn.clone();
         let _: String = redis::cmd("PING").query_async(&mut conn).await?;

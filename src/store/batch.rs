@@ -13,7 +13,7 @@ use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use super::{CallRecord, JobRef, ResultRecord, Store, StoreError};
+use super::{CallRecord, JobRef, ResultRecord, Store, StoreError, Unwritten};
 use crate::domain::MicroUsd;
 
 /// The most jobs one transaction carries.
@@ -23,7 +23,8 @@ pub(super) struct Pending {
     pub job: JobRef,
     pub call: CallRecord,
     pub result: ResultRecord,
-    pub reply: oneshot::Sender<Result<MicroUsd, StoreError>>,
+    /// The recorded cost, or the rows handed back with why they were not written.
+    pub reply: oneshot::Sender<Result<MicroUsd, Box<Unwritten>>>,
 }
 
 /// Starts the writer; it ends when every sender is gone.
@@ -54,14 +55,23 @@ async fn writer(pool: PgPool, mut rx: mpsc::Receiver<Pending>) {
                             sqlx::Error::Protocol(message.clone())
                         })
                     });
-                    let _ = p.reply.send(Err(err));
+                    let _ = p.reply.send(Err(Box::new(Unwritten {
+                        error: err,
+                        rows: Some((p.call, p.result)),
+                    })));
                 }
             }
             Err(e) => {
                 tracing::warn!(error = %e, jobs = batch.len(), "a batch of result rows failed; writing them one by one");
                 let store = Store::from_pool(pool.clone());
                 for p in batch.drain(..) {
-                    let r = store.record_success_now(&p.job, &p.call, &p.result).await;
+                    let r = match store.record_success_now(&p.job, &p.call, &p.result).await {
+                        Ok(cost) => Ok(cost),
+                        Err(error) => Err(Box::new(Unwritten {
+                            error,
+                            rows: Some((p.call, p.result)),
+                        })),
+                    };
                     let _ = p.reply.send(r);
                 }
             }

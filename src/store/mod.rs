@@ -90,7 +90,7 @@ impl StoreError {
 }
 
 /// Which job a row belongs to.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct JobRef {
     pub job_id: String,
     pub kind: String,
@@ -106,7 +106,7 @@ pub struct JobRef {
 }
 
 /// How a provider call ended, as ai_cost_tracking.call_status records it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum CallStatus {
     Succeeded,
     Failed,
@@ -133,7 +133,7 @@ impl CallStatus {
 }
 
 /// One provider call, for ai_cost_tracking (and ai_usage when it has tokens).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct CallRecord {
     pub provider: String,
     pub operation: String,
@@ -153,7 +153,7 @@ pub struct CallRecord {
 }
 
 /// The job's final record in ai_processing_results.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ResultRecord {
     pub provider: String,
     pub model: Option<String>,
@@ -163,6 +163,14 @@ pub struct ResultRecord {
     pub cost: MicroUsd,
     pub completed: bool,
     pub error_message: Option<String>,
+}
+
+/// A succeeded job's rows that could not be written, handed back with the reason (`None` only
+/// if the writer task itself is gone, and the rows with it).
+#[derive(Debug)]
+pub struct Unwritten {
+    pub error: StoreError,
+    pub rows: Option<(CallRecord, ResultRecord)>,
 }
 
 /// A failed attempt, for ai_processing_errors.
@@ -440,8 +448,27 @@ impl Store {
         call: CallRecord,
         result: ResultRecord,
     ) -> Result<MicroUsd, StoreError> {
+        self.record_success_or_return(job, call, result)
+            .await
+            .map_err(|u| u.error)
+    }
+
+    /// [`Store::record_success`], handing the rows back when they could not be written, so the
+    /// caller can keep them (the answer was paid for) without copying them first.
+    pub async fn record_success_or_return(
+        &self,
+        job: &JobRef,
+        call: CallRecord,
+        result: ResultRecord,
+    ) -> Result<MicroUsd, Box<Unwritten>> {
         let Some(batch) = &self.batch else {
-            return self.record_success_now(job, &call, &result).await;
+            return match self.record_success_now(job, &call, &result).await {
+                Ok(cost) => Ok(cost),
+                Err(error) => Err(Box::new(Unwritten {
+                    error,
+                    rows: Some((call, result)),
+                })),
+            };
         };
         let (reply, rx) = tokio::sync::oneshot::channel();
         // Owned: a provider's response moves to the writer without a copy.
@@ -451,11 +478,19 @@ impl Store {
             result,
             reply,
         };
-        if batch.send(pending).await.is_err() {
-            return Err(StoreError::Db(sqlx::Error::PoolClosed));
+        if let Err(e) = batch.send(pending).await {
+            let p = e.0;
+            return Err(Box::new(Unwritten {
+                error: StoreError::Db(sqlx::Error::PoolClosed),
+                rows: Some((p.call, p.result)),
+            }));
         }
-        rx.await
-            .unwrap_or(Err(StoreError::Db(sqlx::Error::PoolClosed)))
+        rx.await.unwrap_or_else(|_| {
+            Err(Box::new(Unwritten {
+                error: StoreError::Db(sqlx::Error::PoolClosed),
+                rows: None,
+            }))
+        })
     }
 
     /// [`Store::record_success`] in a transaction of its own.

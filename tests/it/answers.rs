@@ -316,3 +316,111 @@ async fn an_answer_costing_more_than_its_reservation_is_recorded_at_its_cost_and
     // The provider bills the actual cost: the budget holds it, not the estimate.
     crate::money::assert_redis_agrees_with_postgres(&ctx, &[ORG_A]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_received_while_postgres_is_down_is_kept_with_its_job_and_written_without_a_second_call()
+ {
+    let mut pg = aiq::localsvc::LocalPostgres::start("kept-answer")
+        .expect("a PostgreSQL of this test's own");
+    let ctx = TestCtx::build_on(None, Some(&pg), &[], aiq::fake::FakeOptions::default()).await;
+    let id = ctx
+        .enqueue(
+            JobKind::LlmComplete,
+            Tier::Enterprise,
+            ORG_A,
+            &llm_payload(Tier::Enterprise, ORG_A, "[fake:hold] caption"),
+            3,
+        )
+        .await;
+    let worker = ctx.start_worker();
+    // The call is at the provider; PostgreSQL goes away before it answers.
+    crate::harness::wait_until(Duration::from_secs(30), "the call to start", || async {
+        ctx.fake_calls().await["openai"] == 1
+    })
+    .await;
+    pg.stop().expect("stopping PostgreSQL");
+    let release = format!("{}/_fake/release", ctx.vars["AIQ_OPENAI_BASE_URL"]);
+    reqwest::Client::new()
+        .post(release)
+        .send()
+        .await
+        .expect("releasing the held call");
+    // The answer cannot be written: it is kept with the job, which waits.
+    let mut redis = ctx.redis().await;
+    let kept_key = ctx.key(&format!("kept:{id}"));
+    crate::harness::wait_until(
+        Duration::from_secs(30),
+        "the answer to be kept with the job",
+        || {
+            let (mut redis, key) = (redis.clone(), kept_key.clone());
+            async move {
+                redis::AsyncCommands::exists::<_, bool>(&mut redis, &key)
+                    .await
+                    .unwrap_or(false)
+            }
+        },
+    )
+    .await;
+    pg.start_again().expect("starting PostgreSQL again");
+    ctx.wait_settled(Duration::from_secs(60)).await;
+    worker.stop().await;
+    assert_eq!(ctx.fake_calls().await["openai"], 1, "no second call");
+    assert_eq!(result_status(&ctx, &id).await, "completed");
+    let calls: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT call_status, (cost_usd * 1000000)::bigint FROM ai_cost_tracking WHERE job_id = $1",
+    )
+    .bind(&id)
+    .fetch_all(ctx.store.pool())
+    .await
+    .unwrap();
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert_eq!(
+        calls[0].0, "succeeded",
+        "at its cost, not swept at its estimate"
+    );
+    let exists: bool = redis::AsyncCommands::exists(&mut redis, &kept_key)
+        .await
+        .unwrap();
+    assert!(!exists, "the kept answer is gone once written");
+    let stats = ctx.queue.stats().await.unwrap();
+    assert_eq!(stats.counters.get("done").copied(), Some(1));
+    crate::money::assert_redis_agrees_with_postgres(&ctx, &[ORG_A]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_says_postgres_is_down_without_waiting_out_the_pools_connect_timeout() {
+    let mut pg =
+        aiq::localsvc::LocalPostgres::start("readyz-pg").expect("a PostgreSQL of this test's own");
+    let ctx = TestCtx::build_on(None, Some(&pg), &[], aiq::fake::FakeOptions::default()).await;
+    let addr = format!("127.0.0.1:{}", aiq::localsvc::free_port().unwrap());
+    let daemon = ctx.spawn_daemon(&[("AIQ_ADMIN_ADDR", &addr)]);
+    let readyz = || crate::harness::readyz(&addr);
+    crate::harness::wait_until(
+        Duration::from_secs(30),
+        "the daemon to be ready",
+        || async { readyz().await.is_some_and(|(s, _)| s == 200) },
+    )
+    .await;
+    pg.stop().expect("stopping PostgreSQL");
+    let asked = std::time::Instant::now();
+    let (status, body) = readyz().await.expect("an answer");
+    let took = asked.elapsed();
+    println!(
+        "/readyz answered {status} {:.0} ms after PostgreSQL stopped",
+        took.as_secs_f64() * 1e3
+    );
+    assert_eq!(status, 503, "{body}");
+    let pg_part = &body["parts"]["postgres"];
+    assert_eq!(pg_part["status"], "unhealthy", "{body}");
+    assert_eq!(body["parts"]["redis"]["status"], "healthy", "{body}");
+    pg.start_again().expect("starting PostgreSQL again");
+    crate::harness::wait_until(Duration::from_secs(30), "/readyz to recover", || async {
+        readyz().await.is_some_and(|(s, _)| s == 200)
+    })
+    .await;
+    assert!(
+        crate::harness::signal_and_wait(daemon, libc::SIGTERM)
+            .await
+            .success()
+    );
+}

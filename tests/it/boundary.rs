@@ -1060,20 +1060,7 @@ async fn a_queue_whose_fetches_keep_failing_makes_readyz_unhealthy_within_a_leas
         .port();
     let addr = format!("127.0.0.1:{port}");
     let daemon = ctx.spawn_daemon(&[("AIQ_ADMIN_ADDR", &addr)]);
-    let http = reqwest::Client::new();
-    let readyz = || {
-        let (http, addr) = (http.clone(), addr.clone());
-        async move {
-            let r = http
-                .get(format!("http://{addr}/readyz"))
-                .send()
-                .await
-                .ok()?;
-            let status = r.status().as_u16();
-            let body: serde_json::Value = r.json().await.ok()?;
-            Some((status, body))
-        }
-    };
+    let readyz = || crate::harness::readyz(&addr);
     wait_until(
         Duration::from_secs(30),
         "the daemon to be ready",

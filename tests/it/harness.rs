@@ -416,6 +416,14 @@ pub async fn signal_and_wait(
         .expect("child status")
 }
 
+/// `GET /readyz` of a daemon's admin address: its status and body, or None while it does not
+/// answer.
+pub async fn readyz(addr: &str) -> Option<(u16, serde_json::Value)> {
+    let r = reqwest::get(format!("http://{addr}/readyz")).await.ok()?;
+    let status = r.status().as_u16();
+    Some((status, r.json().await.ok()?))
+}
+
 pub fn vision_payload(tier: Tier, org: &str, images: usize) -> String {
     let imgs: Vec<serde_json::Value> = (0..images)
         .map(|i| serde_json::json!({ "content": format!("aW1hZ2Ug{:04}", i) }))
