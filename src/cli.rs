@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{self, Env, LogFormat, QueueSettings, Settings};
 use crate::domain::{JobKind, OrganizationId, Tier};
 use crate::queue::{NewJob, Queue};
+use crate::redact;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -334,7 +335,9 @@ pub fn main() -> ExitCode {
             } else {
                 1
             };
-            eprintln!("aiq: {e:#}");
+            // An error may quote a URL it could not reach.
+            let text = format!("{e:#}");
+            eprintln!("aiq: {}", redact::url(&text));
             ExitCode::from(code)
         }
     }
@@ -344,8 +347,8 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Run => run_daemon().await,
         Command::Migrate => {
-            crate::telemetry::init(LogFormat::Text, "warn");
             let url = config::database_url(&process_env())?;
+            crate::telemetry::init(LogFormat::Text, "warn", redact::url_passwords(url.expose()));
             let store = crate::store::Store::connect(&url, 2, Duration::from_secs(10)).await?;
             store.migrate().await?;
             println!("migrations applied");
@@ -483,7 +486,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             jobs_per_tier,
             timeout_s,
         } => {
-            crate::telemetry::init(LogFormat::Text, "warn");
+            crate::telemetry::init(LogFormat::Text, "warn", Vec::new());
             if jobs_per_tier == 0 {
                 bail!("--jobs-per-tier must be at least 1");
             }
@@ -500,7 +503,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             redis_url,
             jobs,
         } => {
-            crate::telemetry::init(LogFormat::Text, "warn");
+            crate::telemetry::init(LogFormat::Text, "warn", Vec::new());
             if jobs == Some(0) {
                 bail!("--jobs must be at least 1");
             }
@@ -521,7 +524,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             error_mix,
             seed,
         } => {
-            crate::telemetry::init(LogFormat::Text, "info");
+            crate::telemetry::init(LogFormat::Text, "info", Vec::new());
             if !(0.0..=1.0).contains(&error_rate) {
                 bail!("--error-rate must be between 0 and 1");
             }
@@ -756,7 +759,7 @@ async fn budget(action: BudgetAction) -> anyhow::Result<()> {
 
 async fn run_daemon() -> anyhow::Result<()> {
     let settings = Settings::from_process_env()?;
-    crate::telemetry::init(settings.log_format, "info");
+    crate::telemetry::init(settings.log_format, "info", settings.secrets());
     let _sentry = match &settings.sentry_dsn {
         Some(dsn) => Some(crate::observe::init_sentry(
             dsn.expose(),

@@ -27,6 +27,31 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// A URL that may carry a password (`AIQ_REDIS_URL`): it prints, with Debug and Display, with
+/// the password masked ([`crate::redact::url`]), and dereferences to the whole URL for the one
+/// thing that needs it, connecting.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretUrl(String);
+
+impl std::ops::Deref for SecretUrl {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&crate::redact::url(&self.0))
+    }
+}
+
+impl fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", crate::redact::url(&self.0))
+    }
+}
+
 /// A setting that is missing or malformed. The message names the variable.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("setting {name}: {problem}")]
@@ -108,7 +133,7 @@ pub enum LogFormat {
 #[derive(Debug, Clone, PartialEq)]
 pub struct QueueSettings {
     /// One URL, or with `cluster` several seed nodes separated by commas.
-    pub redis_url: String,
+    pub redis_url: SecretUrl,
     /// Talk to a Redis Cluster (the queue's keys share one hash tag, so one slot).
     pub cluster: bool,
     /// Key prefix; every key of the queue lives under the hash tag `{prefix}`.
@@ -505,7 +530,7 @@ impl QueueSettings {
             Some(v) => parse_weights("AIQ_TIER_WEIGHTS", &v)?,
         };
         Ok(QueueSettings {
-            redis_url,
+            redis_url: SecretUrl(redis_url),
             cluster,
             prefix,
             concurrency: env.int_in("AIQ_CONCURRENCY", 16, 1..=50_000)? as usize,
@@ -569,9 +594,12 @@ impl Settings {
                 .join(",")
         };
         vec![
-            ("AIQ_REDIS_URL", q.redis_url.clone()),
+            ("AIQ_REDIS_URL", q.redis_url.to_string()),
             ("AIQ_REDIS_CLUSTER", q.cluster.to_string()),
-            ("AIQ_DATABASE_URL", "***".into()),
+            (
+                "AIQ_DATABASE_URL",
+                crate::redact::url(self.database_url.expose()).into_owned(),
+            ),
             ("AIQ_QUEUE_PREFIX", q.prefix.clone()),
             ("AIQ_CONCURRENCY", q.concurrency.to_string()),
             ("AIQ_FETCH_BATCH", q.fetch_batch.to_string()),
@@ -683,7 +711,7 @@ impl Settings {
         ]
     }
 
-    /// Every secret value, for the Sentry scrubber: no event may carry one.
+    /// Every secret value, for the scrubbers of Sentry events and log lines: neither may carry one.
     pub fn secrets(&self) -> Vec<String> {
         let mut out: Vec<String> = [
             &self.vision.api_key,
@@ -697,15 +725,9 @@ impl Settings {
         .flatten()
         .map(|s| s.expose().to_owned())
         .collect();
-        // The password inside the database URL.
-        let url = self.database_url.expose();
-        if let Some((creds, _)) = url
-            .split_once("://")
-            .and_then(|(_, rest)| rest.split_once('@'))
-            && let Some((_, password)) = creds.split_once(':')
-        {
-            out.push(password.to_owned());
-        }
+        // The passwords inside the database and Redis URLs, as written and decoded.
+        out.extend(crate::redact::url_passwords(self.database_url.expose()));
+        out.extend(crate::redact::url_passwords(&self.queue.redis_url));
         out
     }
 
@@ -898,10 +920,11 @@ mod tests {
     fn the_effective_settings_list_every_variable_of_env_example_and_mask_secrets() {
         let mut pairs = BASE.to_vec();
         pairs.push(("AIQ_OPENAI_API_KEY", "sk-very-secret"));
+        pairs.push(("AIQ_DATABASE_URL", "postgres://u:pg-pass@localhost/aiq"));
         let s = Settings::load(&env(&pairs)).unwrap();
         let eff = s.effective();
         let printed = format!("{eff:?}");
-        assert!(!printed.contains("sk-very-secret") && !printed.contains("postgres://u@"));
+        assert!(!printed.contains("sk-very-secret") && !printed.contains("pg-pass"));
         let example = include_str!("../.env.example");
         let documented: Vec<&str> = example
             .lines()
@@ -920,6 +943,38 @@ mod tests {
                 "{name} in .env.example is not a setting"
             );
         }
+    }
+
+    #[test]
+    fn the_passwords_of_both_urls_are_masked_in_the_effective_settings_and_known_as_secrets() {
+        let s = Settings::load(&env(&[
+            (
+                "AIQ_DATABASE_URL",
+                "postgres://aiq:pg-secret@db.internal/aiq?password=pg-secret2",
+            ),
+            (
+                "AIQ_REDIS_URL",
+                "redis://:redis-secret@r1:7000,rediss://u:redis%40two@r2:7001",
+            ),
+            ("AIQ_REDIS_CLUSTER", "true"),
+        ]))
+        .unwrap();
+        let eff: HashMap<&str, String> = s.effective().into_iter().collect();
+        assert_eq!(
+            eff["AIQ_DATABASE_URL"],
+            "postgres://aiq:***@db.internal/aiq?password=***"
+        );
+        assert_eq!(
+            eff["AIQ_REDIS_URL"],
+            "redis://:***@r1:7000,rediss://u:***@r2:7001"
+        );
+        let printed = format!("{eff:?} {s:?}");
+        for pw in ["pg-secret", "redis-secret", "redis%40two", "redis@two"] {
+            assert!(!printed.contains(pw), "{pw} in {printed}");
+            assert!(s.secrets().iter().any(|x| x == pw), "{pw} not a secret");
+        }
+        // The whole URL still connects.
+        assert!(s.queue.redis_url.contains(":redis-secret@r1"));
     }
 
     #[test]

@@ -103,7 +103,8 @@ impl ProviderError {
             provider,
             kind,
             status: None,
-            message: e.to_string(),
+            // reqwest names the URL; a base URL with a password in it keeps it to itself.
+            message: crate::redact::url(&e.to_string()).into_owned(),
             retry_after: None,
         }
     }

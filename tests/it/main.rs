@@ -13,6 +13,7 @@ mod clients;
 mod cluster;
 mod crash;
 mod enqueue_props;
+mod exposure;
 mod pipeline;
 mod providers;
 mod queue;

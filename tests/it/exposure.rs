@@ -1,0 +1,153 @@
+//! What leaves the process: no secret in a log line, a row, an error or `aiq config`; no
+//! megabyte log line from one megabyte field; no raw control character from what apps stored.
+
+use std::process::Output;
+use std::time::Duration;
+
+use aiq::domain::MicroUsd;
+use aiq::store::NewAlert;
+
+use crate::harness::{ORG_A, TestCtx, aiq_command, signal_and_wait, wait_until};
+
+/// Runs `aiq` with `vars` and `args` off the test's runtime.
+async fn aiq(vars: &std::collections::HashMap<String, String>, args: &[&str]) -> Output {
+    let vars = vars.clone();
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    tokio::task::spawn_blocking(move || aiq_command().envs(&vars).args(&args).output().unwrap())
+        .await
+        .unwrap()
+}
+
+/// stdout and stderr together, as an operator's terminal shows them.
+fn printed(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// A port on which nothing listens: bound once, then let go.
+fn dead_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_webhook_leaves_its_token_in_no_row_no_log_line_and_no_config_output() {
+    const TOKEN: &str = "SECRETTOKEN";
+    let url = format!(
+        "http://127.0.0.1:{}/services/T000/B000/{TOKEN}",
+        dead_port()
+    );
+    let ctx = TestCtx::with(&[("AIQ_ALERT_WEBHOOK_URL", &url)]).await;
+    let created = ctx
+        .store
+        .insert_alert(&NewAlert {
+            scope: format!("org:{ORG_A}"),
+            organization_id: Some(ORG_A.parse().unwrap()),
+            window_kind: "day".into(),
+            window_start: "2026-12-01".into(),
+            threshold: "80".into(),
+            spent: MicroUsd::from_micros(8),
+            limit: Some(MicroUsd::from_micros(10)),
+            message: "aiq budget: 80% reached".into(),
+        })
+        .await
+        .unwrap();
+    assert!(created);
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("daemon.log");
+    let daemon = ctx.spawn_daemon_logging_to(&[("AIQ_LOG_FORMAT", "json")], &log);
+    wait_until(
+        Duration::from_secs(30),
+        "two failed deliveries of the alert",
+        || async {
+            ctx.scalar_i64(
+                "SELECT coalesce(max(delivery_attempts), 0)::bigint FROM ai_cost_alerts \
+                 WHERE last_delivery_error IS NOT NULL",
+            )
+            .await
+                >= 2
+        },
+    )
+    .await;
+    assert!(signal_and_wait(daemon, libc::SIGTERM).await.success());
+
+    let row: String =
+        sqlx::query_scalar("SELECT string_agg(a::text, E'\\n') FROM ai_cost_alerts a")
+            .fetch_one(ctx.store.pool())
+            .await
+            .unwrap();
+    assert!(
+        !row.contains(TOKEN),
+        "the row holds the webhook's token: {row}"
+    );
+    assert!(
+        row.contains("webhook unreachable") && row.to_lowercase().contains("refused"),
+        "the error still says what went wrong: {row}"
+    );
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logged.contains("alert webhook failed"),
+        "the failure is logged: {logged}"
+    );
+    assert!(
+        !logged.contains(TOKEN),
+        "a log line holds the webhook's token: {logged}"
+    );
+    for args in [&["config"][..], &["config", "--json"]] {
+        let out = aiq(&ctx.vars, args).await;
+        assert!(out.status.success(), "{}", printed(&out));
+        let text = printed(&out);
+        assert!(!text.contains(TOKEN), "aiq {args:?}: {text}");
+        assert!(text.contains("AIQ_ALERT_WEBHOOK_URL"), "{text}");
+    }
+}
+
+#[tokio::test]
+async fn no_url_password_is_printed_by_aiq_config_or_by_a_connection_that_fails() {
+    let port = dead_port();
+    let vars: std::collections::HashMap<String, String> = [
+        (
+            "AIQ_REDIS_URL",
+            format!("redis://:redis-pw-1@127.0.0.1:{port}/"),
+        ),
+        (
+            "AIQ_DATABASE_URL",
+            format!("postgres://aiq:pg-pw-2@127.0.0.1:{port}/aiq?password=pg-pw-3"),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let secrets = ["redis-pw-1", "pg-pw-2", "pg-pw-3"];
+    let text = printed(&aiq(&vars, &["config"]).await);
+    assert!(
+        text.contains(&format!("AIQ_REDIS_URL=redis://:***@127.0.0.1:{port}/")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "AIQ_DATABASE_URL=postgres://aiq:***@127.0.0.1:{port}/aiq?password=***"
+        )),
+        "{text}"
+    );
+    let json = aiq(&vars, &["config", "--json"]).await;
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert!(v["AIQ_REDIS_URL"].as_str().unwrap().contains(":***@"));
+    for (args, must_fail) in [
+        (&["config"][..], false),
+        (&["config", "--json"], false),
+        (&["stats"], true),
+        (&["dlq", "list"], true),
+        (&["run"], true),
+    ] {
+        let out = aiq(&vars, args).await;
+        assert_eq!(!out.status.success(), must_fail, "aiq {args:?}: {out:?}");
+        let text = printed(&out);
+        for pw in secrets {
+            assert!(!text.contains(pw), "aiq {args:?} printed {pw}: {text}");
+        }
+    }
+}
