@@ -765,6 +765,7 @@ async fn run_daemon() -> anyhow::Result<()> {
             dsn.expose(),
             &settings.sentry_environment,
             settings.secrets(),
+            settings.sentry_send_payloads,
         )?),
         None => None,
     };

@@ -208,6 +208,9 @@ pub struct Settings {
     /// Sentry: job failures that end a job, and daemon errors. None: Sentry is off.
     pub sentry_dsn: Option<Secret>,
     pub sentry_environment: String,
+    /// Whether Sentry events may carry what a job was asked (its payload: prompts, messages,
+    /// image data). Off by default: events carry ids, tags and the failure only.
+    pub sentry_send_payloads: bool,
     pub breaker: crate::providers::breaker::BreakerSettings,
 }
 
@@ -708,6 +711,10 @@ impl Settings {
             ("AIQ_PROVIDER_TPM", per_provider(&self.breaker.tpm)),
             ("AIQ_SENTRY_DSN", secret(&self.sentry_dsn)),
             ("AIQ_SENTRY_ENVIRONMENT", self.sentry_environment.clone()),
+            (
+                "AIQ_SENTRY_SEND_PAYLOADS",
+                self.sentry_send_payloads.to_string(),
+            ),
         ]
     }
 
@@ -831,6 +838,11 @@ impl Settings {
             sentry_environment: env
                 .get("AIQ_SENTRY_ENVIRONMENT")
                 .unwrap_or_else(|| "production".into()),
+            sentry_send_payloads: env.choice(
+                "AIQ_SENTRY_SEND_PAYLOADS",
+                false,
+                &[("false", false), ("0", false), ("true", true), ("1", true)],
+            )?,
             breaker: crate::providers::breaker::BreakerSettings {
                 failures: env.int_in("AIQ_BREAKER_FAILURES", 5, 1..=1000)? as u32,
                 cooldown: env.millis("AIQ_BREAKER_COOLDOWN_MS", 30_000, 100..=3_600_000)?,
@@ -975,6 +987,18 @@ mod tests {
         }
         // The whole URL still connects.
         assert!(s.queue.redis_url.contains(":redis-secret@r1"));
+    }
+
+    #[test]
+    fn sentry_payloads_are_off_unless_turned_on() {
+        assert!(!Settings::load(&env(&BASE)).unwrap().sentry_send_payloads);
+        let mut pairs = BASE.to_vec();
+        pairs.push(("AIQ_SENTRY_SEND_PAYLOADS", "true"));
+        assert!(Settings::load(&env(&pairs)).unwrap().sentry_send_payloads);
+        pairs.pop();
+        pairs.push(("AIQ_SENTRY_SEND_PAYLOADS", "yes please"));
+        let err = Settings::load(&env(&pairs)).unwrap_err();
+        assert_eq!(err.name, "AIQ_SENTRY_SEND_PAYLOADS");
     }
 
     #[test]

@@ -20,6 +20,7 @@ use apalis_core::task::Task;
 use chrono::Utc;
 use futures::FutureExt;
 use futures::future::BoxFuture;
+use sentry::SentryFutureExt;
 use serde_json::{Value, json};
 use tower::Service;
 use tracing::Instrument;
@@ -35,6 +36,7 @@ use crate::providers::openai::{self, OpenAiClient};
 use crate::providers::vision::{self, ImageResult, VisionClient};
 use crate::providers::{ErrorKind, ProviderError};
 use crate::queue::backend::{Failure, Prior, RawJob};
+use crate::redact::Field;
 use crate::store::{CallRecord, CallStatus, ErrorRecord, JobRef, ResultRecord, Store};
 use payload::{JobInput, LlmPayload, VisionPayload, decode};
 
@@ -239,10 +241,13 @@ impl Service<Task<RawJob>> for JobService {
     }
 
     /// Each job runs on its own tokio task, so a slow or CPU-heavy job never stalls the worker's
-    /// polling, and a panic becomes this job's error instead of the worker's.
+    /// polling, and a panic becomes this job's error instead of the worker's. The task is bound
+    /// to a Sentry hub of its own, so the job's events carry its own breadcrumbs only.
     fn call(&mut self, task: Task<RawJob>) -> Self::Future {
         let app = self.app.clone();
-        let job = tokio::spawn(async move { run(&app, &task.args).await });
+        let job = tokio::spawn(
+            async move { run(&app, &task.args).await }.bind_hub(crate::observe::job_hub()),
+        );
         async move {
             match job.await {
                 Ok(outcome) => outcome.map_err(|f| Box::new(f) as BoxDynError),
@@ -321,8 +326,9 @@ fn provider_label(raw: &RawJob) -> String {
     }
 }
 
-/// A job that failed for good is a Sentry event, tagged; the scrubbing hook in `observe`
-/// removes keys, e-mail addresses and image bytes from everything it carries.
+/// A job that failed for good is a Sentry event, tagged. The hook in `observe` removes the
+/// payload unless `AIQ_SENTRY_SEND_PAYLOADS=true`, removes keys, e-mail addresses and image
+/// bytes from everything it carries, and cuts every text to a bound.
 fn report_dead(raw: &RawJob, provider: &str, correlation_id: &str, failure: &Failure) {
     // Sentry refuses large events: a big payload goes as its first 8 KiB of text.
     const MAX_PAYLOAD: usize = 8 * 1024;
@@ -346,13 +352,21 @@ fn report_dead(raw: &RawJob, provider: &str, correlation_id: &str, failure: &Fai
             scope.set_tag("provider", provider);
             scope.set_tag("organization_id", &raw.organization_id);
             scope.set_tag("attempt", raw.attempt);
-            scope.set_extra("job_id", raw.id.clone().into());
-            scope.set_extra("correlation_id", correlation_id.to_owned().into());
+            scope.set_extra("job_id", Field::new(&raw.id).to_string().into());
+            scope.set_extra(
+                "correlation_id",
+                Field::new(correlation_id).to_string().into(),
+            );
+            scope.set_extra("payload_bytes", raw.payload.len().into());
             scope.set_extra("payload", payload);
         },
         || {
             sentry::capture_message(
-                &format!("job {} failed for good: {failure}", raw.kind),
+                &format!(
+                    "job {} failed for good: {}",
+                    Field::new(&raw.kind),
+                    Field::message(&failure)
+                ),
                 sentry::Level::Error,
             )
         },
