@@ -10,7 +10,8 @@
 //! `[fake:spend-limit]` (Anthropic's enforced spend limit) and `[fake:quota-day]` (a Gemini
 //! per-day quota). A Vision image with `uri` `fake://status/503` makes the whole request
 //! answer 503; an image whose `content` is not base64 gets the per-image "Bad image data." error.
-//! `[fake:retry-after=5]` sets a 429's Retry-After. `GET /_fake/calls` returns how many calls
+//! `[fake:retry-after=5]` sets a 429's Retry-After, and `[fake:error-bytes=1000000]` makes
+//! OpenAI's injected error message that many bytes long. `GET /_fake/calls` returns how many calls
 //! each provider answered, a log of OpenAI calls (start and end ms, status) and, from OpenAI's
 //! `x-client-request-id` header (aiq sends the job id), how many distinct jobs called, the most
 //! calls one job made, and how often a job called while its previous call was still running.
@@ -465,6 +466,20 @@ async fn vision(State(c): State<Arc<Counters>>, headers: HeaderMap, body: String
     Json(json!({ "responses": responses })).into_response()
 }
 
+/// The message of an injected error: `[fake:error-bytes=N]` makes it N bytes long (at most
+/// 10 MB), as a provider that echoes a whole request back might.
+fn injected_message(marks: &str) -> String {
+    let long = marks
+        .split("[fake:error-bytes=")
+        .nth(1)
+        .and_then(|rest| rest.split(']').next())
+        .and_then(|n| n.parse::<usize>().ok());
+    match long {
+        Some(n) => "e".repeat(n.min(10_000_000)),
+        None => "injected by the fake provider".to_owned(),
+    }
+}
+
 fn openai_error(status: StatusCode, kind: &str, code: &str, message: &str) -> Response {
     let mut resp = (
         status,
@@ -570,7 +585,7 @@ async fn openai_answer(c: &Arc<Counters>, headers: HeaderMap, body: String) -> R
             400 => ("invalid_request_error", "invalid_value"),
             _ => ("server_error", "server_error"),
         };
-        let mut resp = openai_error(code, kind, err_code, "injected by the fake provider");
+        let mut resp = openai_error(code, kind, err_code, &injected_message(marks));
         if let Some(secs) = marks
             .split("[fake:retry-after=")
             .nth(1)

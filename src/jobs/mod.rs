@@ -276,8 +276,11 @@ fn job_ref(raw: &RawJob, input: Option<&JobInput>) -> JobRef {
 /// Runs one job. Public so tests can replay a job exactly as the worker runs it.
 pub async fn run(app: &App, raw: &RawJob) -> Result<(), Failure> {
     let correlation_id = peek(raw, "correlation_id");
-    let span = tracing::info_span!("job", job.id = %raw.id, job.kind = %raw.kind, tier = %raw.tier,
-        organization_id = %raw.organization_id, attempt = raw.attempt, correlation_id = %correlation_id);
+    // Every field comes from Redis, where an app (or anyone) wrote it: bounded and escaped, or
+    // one megabyte correlation id would be written again on every line of the job.
+    let span = tracing::info_span!("job", job.id = %Field::new(&raw.id), job.kind = %Field::new(&raw.kind),
+        tier = %Field::new(&raw.tier), organization_id = %Field::new(&raw.organization_id),
+        attempt = raw.attempt, correlation_id = %Field::new(&correlation_id));
     let started = Instant::now();
     let outcome = run_in_span(app, raw).instrument(span).await;
     let provider = provider_label(raw);
@@ -496,7 +499,7 @@ async fn run_in_span(app: &App, raw: &RawJob) -> Result<(), Failure> {
                     .record_failure(&job, &err, None, Some(&result))
                     .await,
             )?;
-            tracing::warn!(error = %e, "dead: invalid payload");
+            tracing::warn!(error = %Field::message(&e), "dead: invalid payload");
             return Err(Failure::Permanent {
                 message: e.to_string(),
             });
@@ -650,7 +653,7 @@ async fn run_in_span(app: &App, raw: &RawJob) -> Result<(), Failure> {
                 return Ok(());
             }
             Err(Attempted::Done(f)) => {
-                tracing::warn!(error = %f, "job attempt failed");
+                tracing::warn!(error = %Field::message(&f), "job attempt failed");
                 return Err(f);
             }
             Err(Attempted::Failed(e)) => e,
@@ -676,11 +679,11 @@ async fn run_in_span(app: &App, raw: &RawJob) -> Result<(), Failure> {
         call_seq += 1;
         let wait = match next {
             Next::GiveUp => {
-                tracing::warn!(error = %give_up, "job attempt failed");
+                tracing::warn!(error = %Field::message(&give_up), "job attempt failed");
                 return Err(give_up);
             }
             Next::Again(delay) => {
-                tracing::info!(provider = target.provider, error = %e, delay_ms = delay.as_millis() as u64,
+                tracing::info!(provider = target.provider, error = %Field::message(&e), delay_ms = delay.as_millis() as u64,
                     "calling the provider again");
                 crate::observe::call_retried(target.provider, e.kind.as_str());
                 tokio::time::sleep(delay).await;
@@ -693,7 +696,7 @@ async fn run_in_span(app: &App, raw: &RawJob) -> Result<(), Failure> {
         };
         match admit_from(app, &chain, idx + 1).await? {
             Ok(i) => {
-                tracing::info!(from = target.provider, to = chain[i].provider, error = %e,
+                tracing::info!(from = target.provider, to = chain[i].provider, error = %Field::message(&e),
                     "falling back to the next model of the chain");
                 crate::observe::fell_back(target.provider, chain[i].provider);
                 idx = i;
@@ -712,7 +715,7 @@ async fn run_in_span(app: &App, raw: &RawJob) -> Result<(), Failure> {
                             .await,
                     )?;
                 }
-                tracing::warn!(error = %message, "job attempt failed");
+                tracing::warn!(error = %Field::message(&message), "job attempt failed");
                 // Spread: a job whose call failed as its breaker opened must not come back
                 // exactly as the cooldown ends, or it is the next probe again and again.
                 let after = wait.max(w).max(e.retry_after.unwrap_or_default());
@@ -773,7 +776,7 @@ async fn never_fit(app: &App, job: &JobRef, why: &[String]) -> Result<(), Failur
             .record_failure(job, &err, None, Some(&result))
             .await,
     )?;
-    tracing::warn!("dead: {message}");
+    tracing::warn!("dead: {}", Field::message(&message));
     Err(Failure::Permanent { message })
 }
 
@@ -1050,7 +1053,7 @@ async fn over_budget(
             .record_failure(job, &err, None, result.as_ref())
             .await,
     )?;
-    tracing::info!(job.id = %raw.id, "{message}");
+    tracing::info!(job.id = %Field::new(&raw.id), "{}", Field::message(&message));
     if fail {
         return Err(Failure::Permanent { message });
     }

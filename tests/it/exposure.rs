@@ -4,10 +4,10 @@
 use std::process::Output;
 use std::time::Duration;
 
-use aiq::domain::MicroUsd;
+use aiq::domain::{JobKind, MicroUsd, Tier};
 use aiq::store::NewAlert;
 
-use crate::harness::{ORG_A, TestCtx, aiq_command, signal_and_wait, wait_until};
+use crate::harness::{ORG_A, TestCtx, aiq_command, llm_payload, signal_and_wait, wait_until};
 
 /// Runs `aiq` with `vars` and `args` off the test's runtime.
 async fn aiq(vars: &std::collections::HashMap<String, String>, args: &[&str]) -> Output {
@@ -150,4 +150,54 @@ async fn no_url_password_is_printed_by_aiq_config_or_by_a_connection_that_fails(
             assert!(!text.contains(pw), "aiq {args:?} printed {pw}: {text}");
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_megabyte_correlation_id_or_provider_error_writes_kilobytes_of_log_not_megabytes() {
+    let ctx = TestCtx::new().await;
+    // Enqueue takes any payload up to 10 MiB; the handler refuses the correlation id later.
+    let mut long_id: serde_json::Value =
+        serde_json::from_str(&llm_payload(Tier::Trial, ORG_A, "hello")).unwrap();
+    long_id["correlation_id"] = "c".repeat(1 << 20).into();
+    let c = &ctx;
+    let trial = |payload: String| async move {
+        c.enqueue(JobKind::LlmComplete, Tier::Trial, ORG_A, &payload, 1)
+            .await
+    };
+    let a = trial(long_id.to_string()).await;
+    // The provider answers 400 with a one megabyte error message.
+    let text = "[fake:status=400][fake:error-bytes=1048576]";
+    let b = trial(llm_payload(Tier::Trial, ORG_A, text)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("daemon.log");
+    let daemon = ctx.spawn_daemon_logging_to(&[], &log);
+    ctx.wait_settled(Duration::from_secs(30)).await;
+    assert!(signal_and_wait(daemon, libc::SIGTERM).await.success());
+    assert_eq!(ctx.queue.stats().await.unwrap().dead, 2);
+
+    let logged = std::fs::read_to_string(&log).unwrap();
+    let about = |id: &str| -> (usize, usize) {
+        let lines: Vec<&str> = logged.lines().filter(|l| l.contains(id)).collect();
+        (lines.len(), lines.iter().map(|l| l.len() + 1).sum())
+    };
+    for (id, what) in [(&a, "correlation id"), (&b, "provider error")] {
+        let (lines, bytes) = about(id);
+        assert!(lines > 0, "no log line about job {id}: {logged}");
+        assert!(
+            bytes < 16 * 1024,
+            "the job with a 1 MB {what} wrote {bytes} bytes in {lines} log lines"
+        );
+    }
+    assert!(
+        logged.contains("bytes in all)"),
+        "a cut value says how long it was: {logged}"
+    );
+    assert!(logged.len() < 128 * 1024, "{} bytes of log", logged.len());
+    // The error row of the provider's failure holds the message cut too.
+    let longest = ctx
+        .scalar_i64(&format!(
+            "SELECT coalesce(max(length(error_message)), 0)::bigint FROM ai_processing_errors WHERE job_id = '{b}'"
+        ))
+        .await;
+    assert!((1..4096).contains(&longest), "{longest}");
 }
