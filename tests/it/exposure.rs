@@ -201,3 +201,94 @@ async fn a_megabyte_correlation_id_or_provider_error_writes_kilobytes_of_log_not
         .await;
     assert!((1..4096).contains(&longest), "{longest}");
 }
+
+/// A control character anywhere but the line breaks (and tabs) of the output itself.
+fn raw_control(text: &str) -> Option<char> {
+    text.chars().find(|c| {
+        (c.is_control() && *c != '\n' && *c != '\t') || ('\u{202a}'..='\u{202e}').contains(c)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_characters_stored_in_redis_and_postgres_reach_the_terminal_escaped() {
+    use redis::AsyncCommands;
+    let ctx = TestCtx::new().await;
+    let hostile = "\x1b[31mred\r\x07\x7f\u{9b}2J\u{202e}";
+    // What an app (or anyone) with a Redis client can write: a dead job by hand.
+    let id = format!("evil{hostile}id");
+    let reason = format!("reason {hostile}\nforged line");
+    let mut conn = ctx.redis().await;
+    let now = chrono::Utc::now().timestamp_millis();
+    let _: () = conn
+        .hset_multiple(
+            ctx.key(&format!("job:{id}")),
+            &[
+                ("kind", format!("llm.complete{hostile}")),
+                ("tier", "trial".to_owned()),
+                ("org", ORG_A.to_owned()),
+                ("dead_reason", reason.clone()),
+                ("attempts", "1".to_owned()),
+                ("dead_at", now.to_string()),
+                ("payload", format!("{{\"x\":\"{hostile}\"}}")),
+            ],
+        )
+        .await
+        .unwrap();
+    let _: () = conn.zadd(ctx.key("dead"), &id, now).await.unwrap();
+    // And with a PostgreSQL client: a cost row of the product's own.
+    sqlx::query(
+        "INSERT INTO ai_cost_tracking (organization_id, service_name, operation_type, cost_usd, job_id, attempt)
+         VALUES ($1, $2, 'chat', 0.5, 'j-hostile', 1)",
+    )
+    .bind(uuid::Uuid::parse_str(ORG_A).unwrap())
+    .bind(format!("open{hostile}ai"))
+    .execute(ctx.store.pool())
+    .await
+    .unwrap();
+
+    let missing = format!("{id}-missing");
+    for args in [
+        &["dlq", "list"][..],
+        &["dlq", "list", "--json"],
+        &["dlq", "show", id.as_str()],
+        &["dlq", "show", missing.as_str()],
+        &["costs"],
+        &["costs", "--json"],
+        &["stats"],
+    ] {
+        let out = aiq(&ctx.vars, args).await;
+        let text = printed(&out);
+        assert_eq!(
+            raw_control(&text),
+            None,
+            "aiq {args:?} printed a raw control character: {text:?}"
+        );
+        assert!(
+            !text.lines().any(|l| l.starts_with("forged")),
+            "aiq {args:?} let a value start a line: {text}"
+        );
+        if args == ["dlq", "list"] {
+            assert!(
+                text.contains("evil\\x1b[31mred\\r\\x07\\x7f\\u{9b}2J\\u{202e}id"),
+                "{text}"
+            );
+        }
+        if args == ["costs"] {
+            assert!(text.contains("open\\x1b[31m"), "{text}");
+        }
+        if args == ["dlq", "show", missing.as_str()] {
+            assert!(
+                !out.status.success() && text.contains("no job evil\\x1b"),
+                "{text}"
+            );
+        }
+    }
+    // JSON output keeps the values' meaning: a JSON reader gets back exactly what was stored.
+    let listed = aiq(&ctx.vars, &["dlq", "list", "--json"]).await;
+    let row: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(row["id"], id.as_str());
+    assert_eq!(row["reason"], reason.as_str());
+    let shown = aiq(&ctx.vars, &["dlq", "show", &id]).await;
+    let fields: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert_eq!(fields["dead_reason"], reason.as_str());
+}
