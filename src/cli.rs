@@ -1,5 +1,10 @@
 //! The `aiq` command line: one binary, one subcommand per job.
+//!
+//! What the commands print of Redis and PostgreSQL was written by apps (ids, reasons, payloads,
+//! provider names): every such value goes through [`shown`] in text output, and JSON output
+//! through [`print_json`], so no stored byte reaches the terminal as a control character.
 
+use std::borrow::Cow;
 use std::io::Read;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -13,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{self, Env, LogFormat, QueueSettings, Settings};
 use crate::domain::{JobKind, OrganizationId, Tier};
 use crate::queue::{NewJob, Queue};
+use crate::redact;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -238,7 +244,7 @@ async fn dlq(action: DlqAction) -> anyhow::Result<()> {
             let page = queue.dead_page(offset, limit).await?;
             if json {
                 for d in &page {
-                    println!("{}", serde_json::to_string(d)?);
+                    print_json(d, false)?;
                 }
             } else {
                 println!(
@@ -248,7 +254,12 @@ async fn dlq(action: DlqAction) -> anyhow::Result<()> {
                 for d in &page {
                     println!(
                         "{:<38} {:<16} {:<20} {:<36} {:>3}  {}",
-                        d.id, d.kind, d.tier, d.organization_id, d.attempts, d.reason
+                        shown(&d.id),
+                        shown(&d.kind),
+                        shown(&d.tier),
+                        shown(&d.organization_id),
+                        d.attempts,
+                        shown(&d.reason)
                     );
                 }
                 println!(
@@ -265,7 +276,7 @@ async fn dlq(action: DlqAction) -> anyhow::Result<()> {
                     "no job {id} in the queue (finished jobs leave Redis; see ai_processing_results)"
                 );
             }
-            println!("{}", serde_json::to_string_pretty(&fields)?);
+            print_json(&fields, true)?;
         }
         DlqAction::Retry { ids, all, .. } | DlqAction::Purge { ids, all, .. }
             if ids.is_empty() && !all =>
@@ -279,7 +290,7 @@ async fn dlq(action: DlqAction) -> anyhow::Result<()> {
                 queue.dead_retry(&ids).await?
             };
             if json {
-                println!("{}", serde_json::json!({ "count": n }));
+                print_json(&serde_json::json!({ "count": n }), false)?;
             } else {
                 println!("{n} dead jobs queued again");
             }
@@ -291,12 +302,31 @@ async fn dlq(action: DlqAction) -> anyhow::Result<()> {
                 queue.dead_purge(&ids).await?
             };
             if json {
-                println!("{}", serde_json::json!({ "count": n }));
+                print_json(&serde_json::json!({ "count": n }), false)?;
             } else {
                 println!("{n} dead jobs purged");
             }
         }
     }
+    Ok(())
+}
+
+/// One value of a text report, its control characters escaped (`redact::terminal`): a value
+/// must not move the cursor, recolour the terminal or start a line of its own. The report's own
+/// separators and line breaks are written around it.
+fn shown(value: &str) -> Cow<'_, str> {
+    redact::terminal(value)
+}
+
+/// Prints one JSON document on a line (`pretty`: indented), with DEL, C1 and the bidirectional
+/// controls escaped too (serde_json escapes only C0).
+fn print_json(value: &impl serde::Serialize, pretty: bool) -> anyhow::Result<()> {
+    let text = if pretty {
+        serde_json::to_string_pretty(value)?
+    } else {
+        serde_json::to_string(value)?
+    };
+    println!("{}", redact::json(text));
     Ok(())
 }
 
@@ -337,7 +367,9 @@ pub fn main() -> ExitCode {
             } else {
                 1
             };
-            eprintln!("aiq: {e:#}");
+            // An error may quote a URL it could not reach, or a value read from Redis.
+            let text = format!("{e:#}");
+            eprintln!("aiq: {}", shown(&redact::url(&text)));
             ExitCode::from(code)
         }
     }
@@ -347,8 +379,8 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Run => run_daemon().await,
         Command::Migrate => {
-            crate::telemetry::init(LogFormat::Text, "warn");
             let url = config::database_url(&process_env())?;
+            crate::telemetry::init(LogFormat::Text, "warn", redact::url_passwords(url.expose()));
             let store = crate::store::Store::connect(&url, 2, Duration::from_secs(10)).await?;
             store.migrate().await?;
             println!("migrations applied");
@@ -405,9 +437,9 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 })
                 .await?;
             if r.duplicate {
-                println!("{} (duplicate: already queued)", r.job_id);
+                println!("{} (duplicate: already queued)", shown(&r.job_id));
             } else {
-                println!("{}", r.job_id);
+                println!("{}", shown(&r.job_id));
             }
             Ok(())
         }
@@ -423,13 +455,13 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                     print!("\x1b[2J\x1b[H");
                 }
                 if json {
-                    println!("{}", serde_json::to_string(&stats)?);
+                    print_json(&stats, false)?;
                 } else {
                     println!("{:<20} {:>10} {:>14}", "tier", "waiting", "oldest (s)");
                     for (tier, n) in &stats.waiting {
                         let age =
                             stats.oldest_age_ms.get(tier).copied().unwrap_or(0) as f64 / 1000.0;
-                        println!("{tier:<20} {n:>10} {age:>14.1}");
+                        println!("{:<20} {n:>10} {age:>14.1}", shown(tier));
                     }
                     println!(
                         "in flight {}, delayed {}, dead {}",
@@ -466,10 +498,10 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                     .into_iter()
                     .map(|(k, v)| (k.to_owned(), v.into()))
                     .collect();
-                println!("{}", serde_json::Value::Object(map));
+                print_json(&serde_json::Value::Object(map), false)?;
             } else {
                 for (k, v) in eff {
-                    println!("{k}={v}");
+                    println!("{k}={}", shown(&v));
                 }
                 println!(
                     "# retry policy: {} attempts, delays full-jitter up to {} ms doubling from {} ms",
@@ -486,7 +518,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             jobs_per_tier,
             timeout_s,
         } => {
-            crate::telemetry::init(LogFormat::Text, "warn");
+            crate::telemetry::init(LogFormat::Text, "warn", Vec::new());
             if jobs_per_tier == 0 {
                 bail!("--jobs-per-tier must be at least 1");
             }
@@ -503,7 +535,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             redis_url,
             jobs,
         } => {
-            crate::telemetry::init(LogFormat::Text, "warn");
+            crate::telemetry::init(LogFormat::Text, "warn", Vec::new());
             if jobs == Some(0) {
                 bail!("--jobs must be at least 1");
             }
@@ -525,7 +557,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             seed,
             answer_mb,
         } => {
-            crate::telemetry::init(LogFormat::Text, "info");
+            crate::telemetry::init(LogFormat::Text, "info", Vec::new());
             if !(0.0..=1.0).contains(&error_rate) {
                 bail!("--error-rate must be between 0 and 1");
             }
@@ -641,10 +673,10 @@ async fn costs(org: Option<uuid::Uuid>, days: i32, json: bool) -> anyhow::Result
         ));
     }
     if json {
-        println!(
-            "{}",
-            serde_json::json!({ "days": days, "spend": rows, "forecasts": forecasts })
-        );
+        print_json(
+            &serde_json::json!({ "days": days, "spend": rows, "forecasts": forecasts }),
+            false,
+        )?;
         return Ok(());
     }
     println!(
@@ -657,7 +689,7 @@ async fn costs(org: Option<uuid::Uuid>, days: i32, json: bool) -> anyhow::Result
             "{:<10} {:<38} {:<15} {:>9} {:>16}",
             r.day,
             o,
-            r.provider,
+            shown(&r.provider),
             r.requests,
             r.cost.to_string()
         );
@@ -716,7 +748,7 @@ async fn budget(action: BudgetAction) -> anyhow::Result<()> {
                 org_monthly_limit(&store, &settings, org, tier.as_deref()).await?;
             let limits = crate::budget::OrgLimits { daily, monthly };
             let (scopes, _) = budget.scopes(org, limits, chrono::Utc::now());
-            println!("organization {org} ({tier})");
+            println!("organization {org} ({})", shown(&tier));
             println!(
                 "{:<8} {:<12} {:<11} {:>14} {:>14} {:>14} {:>6}",
                 "owner", "window", "", "spent", "held", "limit", "used"
@@ -738,7 +770,7 @@ async fn budget(action: BudgetAction) -> anyhow::Result<()> {
                 println!(
                     "{:<8} {:<12} {:<11} {:>14} {:>14} {:>14} {:>6}",
                     owner,
-                    s.window,
+                    shown(&s.window),
                     s.window_kind.as_str(),
                     s.spent.to_string(),
                     s.reserved.to_string(),
@@ -753,7 +785,7 @@ async fn budget(action: BudgetAction) -> anyhow::Result<()> {
             let budget =
                 crate::budget::Budget::connect(&queue.redis_url, queue.cluster, &settings).await?;
             let report = crate::budget::rebuild(&budget, &store).await?;
-            println!("{report}");
+            println!("{}", shown(&report));
             Ok(())
         }
     }
@@ -761,12 +793,13 @@ async fn budget(action: BudgetAction) -> anyhow::Result<()> {
 
 async fn run_daemon() -> anyhow::Result<()> {
     let settings = Settings::from_process_env()?;
-    crate::telemetry::init(settings.log_format, "info");
+    crate::telemetry::init(settings.log_format, "info", settings.secrets());
     let _sentry = match &settings.sentry_dsn {
         Some(dsn) => Some(crate::observe::init_sentry(
             dsn.expose(),
             &settings.sentry_environment,
             settings.secrets(),
+            settings.sentry_send_payloads,
         )?),
         None => None,
     };

@@ -27,6 +27,31 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// A URL that may carry a password (`AIQ_REDIS_URL`): it prints, with Debug and Display, with
+/// the password masked ([`crate::redact::url`]), and dereferences to the whole URL for the one
+/// thing that needs it, connecting.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretUrl(String);
+
+impl std::ops::Deref for SecretUrl {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&crate::redact::url(&self.0))
+    }
+}
+
+impl fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", crate::redact::url(&self.0))
+    }
+}
+
 /// A setting that is missing or malformed. The message names the variable.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("setting {name}: {problem}")]
@@ -108,7 +133,7 @@ pub enum LogFormat {
 #[derive(Debug, Clone, PartialEq)]
 pub struct QueueSettings {
     /// One URL, or with `cluster` several seed nodes separated by commas.
-    pub redis_url: String,
+    pub redis_url: SecretUrl,
     /// Talk to a Redis Cluster (the queue's keys share one hash tag, so one slot).
     pub cluster: bool,
     /// Key prefix; every key of the queue lives under the hash tag `{prefix}`.
@@ -190,6 +215,9 @@ pub struct Settings {
     /// Sentry: job failures that end a job, and daemon errors. None: Sentry is off.
     pub sentry_dsn: Option<Secret>,
     pub sentry_environment: String,
+    /// Whether Sentry events may carry what a job was asked (its payload: prompts, messages,
+    /// image data). Off by default: events carry ids, tags and the failure only.
+    pub sentry_send_payloads: bool,
     pub breaker: crate::providers::breaker::BreakerSettings,
 }
 
@@ -512,7 +540,7 @@ impl QueueSettings {
             Some(v) => parse_weights("AIQ_TIER_WEIGHTS", &v)?,
         };
         Ok(QueueSettings {
-            redis_url,
+            redis_url: SecretUrl(redis_url),
             cluster,
             prefix,
             concurrency: env.int_in("AIQ_CONCURRENCY", 16, 1..=50_000)? as usize,
@@ -576,9 +604,12 @@ impl Settings {
                 .join(",")
         };
         vec![
-            ("AIQ_REDIS_URL", q.redis_url.clone()),
+            ("AIQ_REDIS_URL", q.redis_url.to_string()),
             ("AIQ_REDIS_CLUSTER", q.cluster.to_string()),
-            ("AIQ_DATABASE_URL", "***".into()),
+            (
+                "AIQ_DATABASE_URL",
+                crate::redact::url(self.database_url.expose()).into_owned(),
+            ),
             ("AIQ_QUEUE_PREFIX", q.prefix.clone()),
             ("AIQ_CONCURRENCY", q.concurrency.to_string()),
             ("AIQ_FETCH_BATCH", q.fetch_batch.to_string()),
@@ -695,10 +726,14 @@ impl Settings {
             ("AIQ_PROVIDER_TPM", per_provider(&self.breaker.tpm)),
             ("AIQ_SENTRY_DSN", secret(&self.sentry_dsn)),
             ("AIQ_SENTRY_ENVIRONMENT", self.sentry_environment.clone()),
+            (
+                "AIQ_SENTRY_SEND_PAYLOADS",
+                self.sentry_send_payloads.to_string(),
+            ),
         ]
     }
 
-    /// Every secret value, for the Sentry scrubber: no event may carry one.
+    /// Every secret value, for the scrubbers of Sentry events and log lines: neither may carry one.
     pub fn secrets(&self) -> Vec<String> {
         let mut out: Vec<String> = [
             &self.vision.api_key,
@@ -712,15 +747,9 @@ impl Settings {
         .flatten()
         .map(|s| s.expose().to_owned())
         .collect();
-        // The password inside the database URL.
-        let url = self.database_url.expose();
-        if let Some((creds, _)) = url
-            .split_once("://")
-            .and_then(|(_, rest)| rest.split_once('@'))
-            && let Some((_, password)) = creds.split_once(':')
-        {
-            out.push(password.to_owned());
-        }
+        // The passwords inside the database and Redis URLs, as written and decoded.
+        out.extend(crate::redact::url_passwords(self.database_url.expose()));
+        out.extend(crate::redact::url_passwords(&self.queue.redis_url));
         out
     }
 
@@ -835,6 +864,11 @@ impl Settings {
             sentry_environment: env
                 .get("AIQ_SENTRY_ENVIRONMENT")
                 .unwrap_or_else(|| "production".into()),
+            sentry_send_payloads: env.choice(
+                "AIQ_SENTRY_SEND_PAYLOADS",
+                false,
+                &[("false", false), ("0", false), ("true", true), ("1", true)],
+            )?,
             breaker: crate::providers::breaker::BreakerSettings {
                 failures: env.int_in("AIQ_BREAKER_FAILURES", 5, 1..=1000)? as u32,
                 cooldown: env.millis("AIQ_BREAKER_COOLDOWN_MS", 30_000, 100..=3_600_000)?,
@@ -924,10 +958,11 @@ mod tests {
     fn the_effective_settings_list_every_variable_of_env_example_and_mask_secrets() {
         let mut pairs = BASE.to_vec();
         pairs.push(("AIQ_OPENAI_API_KEY", "sk-very-secret"));
+        pairs.push(("AIQ_DATABASE_URL", "postgres://u:pg-pass@localhost/aiq"));
         let s = Settings::load(&env(&pairs)).unwrap();
         let eff = s.effective();
         let printed = format!("{eff:?}");
-        assert!(!printed.contains("sk-very-secret") && !printed.contains("postgres://u@"));
+        assert!(!printed.contains("sk-very-secret") && !printed.contains("pg-pass"));
         let example = include_str!("../.env.example");
         let documented: Vec<&str> = example
             .lines()
@@ -946,6 +981,50 @@ mod tests {
                 "{name} in .env.example is not a setting"
             );
         }
+    }
+
+    #[test]
+    fn the_passwords_of_both_urls_are_masked_in_the_effective_settings_and_known_as_secrets() {
+        let s = Settings::load(&env(&[
+            (
+                "AIQ_DATABASE_URL",
+                "postgres://aiq:pg-secret@db.internal/aiq?password=pg-secret2",
+            ),
+            (
+                "AIQ_REDIS_URL",
+                "redis://:redis-secret@r1:7000,rediss://u:redis%40two@r2:7001",
+            ),
+            ("AIQ_REDIS_CLUSTER", "true"),
+        ]))
+        .unwrap();
+        let eff: HashMap<&str, String> = s.effective().into_iter().collect();
+        assert_eq!(
+            eff["AIQ_DATABASE_URL"],
+            "postgres://aiq:***@db.internal/aiq?password=***"
+        );
+        assert_eq!(
+            eff["AIQ_REDIS_URL"],
+            "redis://:***@r1:7000,rediss://u:***@r2:7001"
+        );
+        let printed = format!("{eff:?} {s:?}");
+        for pw in ["pg-secret", "redis-secret", "redis%40two", "redis@two"] {
+            assert!(!printed.contains(pw), "{pw} in {printed}");
+            assert!(s.secrets().iter().any(|x| x == pw), "{pw} not a secret");
+        }
+        // The whole URL still connects.
+        assert!(s.queue.redis_url.contains(":redis-secret@r1"));
+    }
+
+    #[test]
+    fn sentry_payloads_are_off_unless_turned_on() {
+        assert!(!Settings::load(&env(&BASE)).unwrap().sentry_send_payloads);
+        let mut pairs = BASE.to_vec();
+        pairs.push(("AIQ_SENTRY_SEND_PAYLOADS", "true"));
+        assert!(Settings::load(&env(&pairs)).unwrap().sentry_send_payloads);
+        pairs.pop();
+        pairs.push(("AIQ_SENTRY_SEND_PAYLOADS", "yes please"));
+        let err = Settings::load(&env(&pairs)).unwrap_err();
+        assert_eq!(err.name, "AIQ_SENTRY_SEND_PAYLOADS");
     }
 
     #[test]

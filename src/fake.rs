@@ -13,8 +13,10 @@
 //! `[fake:retry-after=5]` sets a 429's Retry-After as written (`inf`, an HTTP date...), and
 //! `[fake:retry-after-ms=1e300]` its retry-after-ms; `[fake:retry-delay=1e30s]` a Gemini 429's
 //! RetryInfo delay; `[fake:usage=-1]` the prompt token count an OpenAI answer reports;
-//! `[fake:hold]` makes an OpenAI call wait until `POST /_fake/release`. `[fake:big=200]` answers OpenAI with a
-//! valid 200 MB body (`[fake:bigchunked=200]`: the same without a Content-Length). `GET /_fake/calls` returns how many calls
+//! `[fake:hold]` makes an OpenAI call wait until `POST /_fake/release`; `[fake:big=200]` answers
+//! OpenAI with a valid 200 MB body (`[fake:bigchunked=200]`: the same without a Content-Length);
+//! `[fake:error-bytes=1000000]` makes OpenAI's injected error message that many bytes long.
+//! `GET /_fake/calls` returns how many calls
 //! each provider answered, a log of OpenAI calls (start and end ms, status) and, from OpenAI's
 //! `x-client-request-id` header (aiq sends the job id), how many distinct jobs called, the most
 //! calls one job made, and how often a job called while its previous call was still running.
@@ -483,6 +485,20 @@ async fn vision(State(c): State<Arc<Counters>>, headers: HeaderMap, body: String
     Json(json!({ "responses": responses })).into_response()
 }
 
+/// The message of an injected error: `[fake:error-bytes=N]` makes it N bytes long (at most
+/// 10 MB), as a provider that echoes a whole request back might.
+fn injected_message(marks: &str) -> String {
+    let long = marks
+        .split("[fake:error-bytes=")
+        .nth(1)
+        .and_then(|rest| rest.split(']').next())
+        .and_then(|n| n.parse::<usize>().ok());
+    match long {
+        Some(n) => "e".repeat(n.min(10_000_000)),
+        None => "injected by the fake provider".to_owned(),
+    }
+}
+
 fn openai_error(status: StatusCode, kind: &str, code: &str, message: &str) -> Response {
     let mut resp = (
         status,
@@ -588,7 +604,7 @@ async fn openai_answer(c: &Arc<Counters>, headers: HeaderMap, body: String) -> R
             400 => ("invalid_request_error", "invalid_value"),
             _ => ("server_error", "server_error"),
         };
-        let mut resp = openai_error(code, kind, err_code, "injected by the fake provider");
+        let mut resp = openai_error(code, kind, err_code, &injected_message(marks));
         // The header's text as written, so tests can send what a broken provider might:
         // `inf`, `1e30`, an HTTP date...
         for (mark, header) in [

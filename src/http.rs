@@ -24,6 +24,14 @@ struct Deps {
     app: Arc<App>,
 }
 
+/// An error as /readyz shows it: with the password of any URL in it masked (a connection error
+/// may quote the URL it could not reach), cut to a bound.
+fn shown(e: impl std::fmt::Display) -> String {
+    let text = e.to_string();
+    let masked = crate::redact::url(&text);
+    crate::redact::cut(&masked, crate::redact::MESSAGE_MAX).into_owned()
+}
+
 async fn healthz() -> &'static str {
     "ok\n"
 }
@@ -95,26 +103,20 @@ async fn readyz(State(d): State<Deps>) -> (StatusCode, Json<serde_json::Value>) 
         Ok(()) => json!({ "status": "healthy" }),
         Err(e) => json!({ "status": "unhealthy", "error": e }),
     };
-    let redis = part(
-        d.queue
-            .ping()
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|()| {
-                // Redis answering a PING is not enough: the queue's scripts must run too.
-                crate::queue::backend::queue_healthy(d.queue.settings().lease).map_err(|since| {
-                    format!(
-                        "the queue's fetches or reaps have failed for {} ms (more than a lease)",
-                        since.as_millis()
-                    )
-                })
-            }),
-    );
+    let redis = part(d.queue.ping().await.map_err(shown).and_then(|()| {
+        // Redis answering a PING is not enough: the queue's scripts must run too.
+        crate::queue::backend::queue_healthy(d.queue.settings().lease).map_err(|since| {
+            format!(
+                "the queue's fetches or reaps have failed for {} ms (more than a lease)",
+                since.as_millis()
+            )
+        })
+    }));
     // Bounded: with PostgreSQL gone, the pool would try to connect for its whole acquire
     // timeout (10 s) before failing.
     let postgres = part(
         match tokio::time::timeout(READY_PART_TIMEOUT, d.app.store.ping()).await {
-            Ok(r) => r.map_err(|e| e.to_string()),
+            Ok(r) => r.map_err(shown),
             Err(_) => Err(format!(
                 "PostgreSQL did not answer within {} ms",
                 READY_PART_TIMEOUT.as_millis()
@@ -122,7 +124,7 @@ async fn readyz(State(d): State<Deps>) -> (StatusCode, Json<serde_json::Value>) 
         },
     );
     let budget = match global_budget(&d.app).await {
-        Err(e) => json!({ "status": "unhealthy", "error": e.to_string() }),
+        Err(e) => json!({ "status": "unhealthy", "error": shown(e) }),
         Ok(states) => {
             let tight: Vec<String> = states
                 .iter()
@@ -147,7 +149,7 @@ async fn readyz(State(d): State<Deps>) -> (StatusCode, Json<serde_json::Value>) 
         }
     };
     let providers = match d.app.breakers.states().await {
-        Err(e) => json!({ "status": "unhealthy", "error": e.to_string() }),
+        Err(e) => json!({ "status": "unhealthy", "error": shown(e) }),
         Ok(states) => {
             use crate::providers::breaker::BreakerState;
             let detail: serde_json::Map<String, serde_json::Value> = states

@@ -14,6 +14,7 @@ pub mod localsvc;
 pub mod observe;
 pub mod providers;
 pub mod queue;
+pub mod redact;
 pub mod redis_conn;
 pub mod store;
 pub mod systemd;

@@ -10,9 +10,12 @@
 //!
 //! Sentry gets job failures that end a job (dead) and daemon errors, tagged with kind, tier,
 //! provider, organisation and attempt. Every event passes a scrubbing hook first: API keys and
-//! the other configured secrets, bearer tokens, `sk-` keys, e-mail addresses and long base64
-//! runs (image bytes) are replaced before anything leaves the process. The transport is our own
-//! small one over the same reqwest as the providers.
+//! the other configured secrets, URL passwords, bearer tokens, `sk-` keys, e-mail addresses and
+//! long base64 runs (image bytes) are replaced, and every text cut to a bound, before anything
+//! leaves the process. What a job was asked (its payload) goes only with
+//! `AIQ_SENTRY_SEND_PAYLOADS=true`. Each job runs bound to a hub of its own ([`job_hub`]), so an
+//! event carries the breadcrumbs of its own job only. The transport is our own small one over
+//! the same reqwest as the providers.
 
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
@@ -413,12 +416,11 @@ fn dollars_from_micros(text: &str) -> String {
     out
 }
 
-/// Replaces secrets, bearer tokens, `sk-` keys, e-mail addresses and long base64 runs.
+/// Replaces secrets, URL passwords, bearer tokens, `sk-` keys, e-mail addresses and long base64
+/// runs.
 pub fn scrub(text: &str, secrets: &[String]) -> String {
-    let mut s = text.to_owned();
-    for secret in secrets.iter().filter(|s| s.len() >= 4) {
-        s = s.replace(secret.as_str(), "[secret]");
-    }
+    let s = crate::redact::secrets(text, secrets, "[secret]");
+    let s = crate::redact::url(&s);
     let mut out = String::with_capacity(s.len());
     let chars: Vec<char> = s.chars().collect();
     let mut i = 0;
@@ -475,55 +477,123 @@ pub fn scrub(text: &str, secrets: &[String]) -> String {
     out
 }
 
-fn scrub_value(v: &mut SentryValue, secrets: &[String]) {
+/// The longest text an event field carries, in characters; a longer one is cut, its length
+/// noted. Tags get Sentry's own bound.
+const EVENT_TEXT_MAX: usize = crate::redact::MESSAGE_MAX;
+const TAG_MAX: usize = 200;
+/// With `AIQ_SENTRY_SEND_PAYLOADS=true`, the payload's strings may be this long.
+const PAYLOAD_TEXT_MAX: usize = 8 * 1024;
+
+/// Keys whose values are what a job was asked (prompts, messages, image data). They leave the
+/// process only with `AIQ_SENTRY_SEND_PAYLOADS=true`.
+const PAYLOAD_KEYS: [&str; 6] = ["payload", "messages", "prompt", "images", "content", "text"];
+
+fn is_payload_key(key: &str) -> bool {
+    PAYLOAD_KEYS.contains(&key.to_ascii_lowercase().as_str())
+}
+
+/// [`scrub`], then cut to `max` characters.
+fn scrub_cut(text: &mut String, secrets: &[String], max: usize) {
+    let clean = scrub(text, secrets);
+    *text = crate::redact::cut(&clean, max).into_owned();
+}
+
+fn scrub_value(v: &mut SentryValue, secrets: &[String], max: usize) {
     match v {
-        SentryValue::String(s) => *s = scrub(s, secrets),
-        SentryValue::Array(a) => a.iter_mut().for_each(|x| scrub_value(x, secrets)),
-        SentryValue::Object(o) => {
-            for (k, x) in o.iter_mut() {
-                let key = k.to_ascii_lowercase();
-                if key.contains("authorization")
-                    || key.contains("api_key")
-                    || key.contains("apikey")
-                    || key == "password"
-                {
-                    *x = SentryValue::String("[secret]".into());
-                } else {
-                    scrub_value(x, secrets);
-                }
-            }
-        }
+        SentryValue::String(s) => scrub_cut(s, secrets, max),
+        SentryValue::Array(a) => a.iter_mut().for_each(|x| scrub_value(x, secrets, max)),
+        SentryValue::Object(o) => scrub_entries(o.iter_mut(), secrets, max),
         _ => {}
     }
 }
 
-/// The scrubbing hook: every string an event carries, through [`scrub`].
-pub fn scrub_event(mut event: Event<'static>, secrets: &[String]) -> Event<'static> {
-    let s = |t: &mut String| *t = scrub(t, secrets);
+/// Scrubs the values of a map; the values of keys that name a credential are replaced whole.
+fn scrub_entries<'a>(
+    entries: impl Iterator<Item = (&'a String, &'a mut SentryValue)>,
+    secrets: &[String],
+    max: usize,
+) {
+    for (k, x) in entries {
+        let key = k.to_ascii_lowercase();
+        if key.contains("authorization")
+            || key.contains("api_key")
+            || key.contains("apikey")
+            || key == "password"
+        {
+            *x = SentryValue::String("[secret]".into());
+        } else {
+            scrub_value(x, secrets, max);
+        }
+    }
+}
+
+/// What an event may carry of the jobs' payloads: with `send_payloads` off, every value under
+/// a [`PAYLOAD_KEYS`] key goes (its size stays, as `payload_bytes`, where the caller set it).
+fn strip_payloads(event: &mut Event<'static>) {
+    let strip =
+        |m: &mut sentry::protocol::Map<String, SentryValue>| m.retain(|k, _| !is_payload_key(k));
+    strip(&mut event.extra);
+    for c in event.contexts.values_mut() {
+        if let sentry::protocol::Context::Other(m) = c {
+            strip(m);
+        }
+    }
+    for b in event.breadcrumbs.values.iter_mut() {
+        strip(&mut b.data);
+    }
+    if let Some(r) = event.request.as_mut() {
+        r.data = None;
+    }
+}
+
+/// The hook every event passes before it leaves (`before_send`): payloads stripped unless
+/// `send_payloads`, then every string it carries through [`scrub`] and cut to a bound, so no
+/// secret, URL password, e-mail address or image leaves, and no field is longer than
+/// [`EVENT_TEXT_MAX`] characters (the payload's, when sent, [`PAYLOAD_TEXT_MAX`]).
+pub fn prepare_event(
+    mut event: Event<'static>,
+    secrets: &[String],
+    send_payloads: bool,
+) -> Event<'static> {
+    if !send_payloads {
+        strip_payloads(&mut event);
+    }
+    let s = |t: &mut String| scrub_cut(t, secrets, EVENT_TEXT_MAX);
     if let Some(m) = event.message.as_mut() {
         s(m);
     }
     if let Some(l) = event.logentry.as_mut() {
         s(&mut l.message);
+        l.params
+            .iter_mut()
+            .for_each(|v| scrub_value(v, secrets, EVENT_TEXT_MAX));
     }
     for e in event.exception.values.iter_mut() {
         if let Some(v) = e.value.as_mut() {
             s(v);
         }
     }
-    for v in event.extra.values_mut() {
-        scrub_value(v, secrets);
+    for (k, v) in event.extra.iter_mut() {
+        let max = if is_payload_key(k) {
+            PAYLOAD_TEXT_MAX
+        } else {
+            EVENT_TEXT_MAX
+        };
+        scrub_value(v, secrets, max);
     }
     for v in event.tags.values_mut() {
-        s(v);
+        scrub_cut(v, secrets, TAG_MAX);
+    }
+    for c in event.contexts.values_mut() {
+        if let sentry::protocol::Context::Other(m) = c {
+            scrub_entries(m.iter_mut(), secrets, EVENT_TEXT_MAX);
+        }
     }
     for b in event.breadcrumbs.values.iter_mut() {
         if let Some(m) = b.message.as_mut() {
             s(m);
         }
-        for v in b.data.values_mut() {
-            scrub_value(v, secrets);
-        }
+        scrub_entries(b.data.iter_mut(), secrets, EVENT_TEXT_MAX);
     }
     if let Some(r) = event.request.as_mut() {
         r.headers.retain(|k, _| {
@@ -533,7 +603,23 @@ pub fn scrub_event(mut event: Event<'static>, secrets: &[String]) -> Event<'stat
             s(d);
         }
     }
+    if let Some(t) = event.transaction.as_mut() {
+        s(t);
+    }
+    if let Some(c) = event.culprit.as_mut() {
+        s(c);
+    }
     event
+}
+
+/// A Sentry hub of a job's own, for the job's future (`SentryFutureExt::bind_hub`): it starts
+/// from the current hub's client and scope (tags, options) but without breadcrumbs, and the
+/// breadcrumbs the job leaves stay in it. So an event about a job carries that job's steps
+/// only, never those of the jobs that ran beside it on the same thread or before it.
+pub fn job_hub() -> Arc<sentry::Hub> {
+    let hub = sentry::Hub::new_from_top(sentry::Hub::current());
+    hub.configure_scope(|scope| scope.clear_breadcrumbs());
+    Arc::new(hub)
 }
 
 /// Sends envelopes from a thread of its own (sentry calls the transport synchronously).
@@ -575,7 +661,10 @@ impl HttpTransport {
                             .send(),
                     );
                     if let Err(e) = sent {
-                        eprintln!("aiq: sending an event to Sentry failed: {e}");
+                        eprintln!(
+                            "aiq: sending an event to Sentry failed: {}",
+                            e.without_url()
+                        );
                     }
                     let (lock, cvar) = &*counter;
                     *lock.lock().expect("sentry counter") -= 1;
@@ -620,33 +709,198 @@ impl Transport for HttpTransport {
     }
 }
 
+/// Sentry's options apart from the DSN and the transport: release, environment, no personal
+/// data, and [`prepare_event`] as the last hook before an event leaves.
+pub fn sentry_options(
+    environment: &str,
+    secrets: Vec<String>,
+    send_payloads: bool,
+) -> ClientOptions {
+    let secrets = Arc::new(secrets);
+    let mut options = ClientOptions::default();
+    options.release = Some(concat!("aiq@", env!("CARGO_PKG_VERSION")).into());
+    options.environment = Some(environment.to_owned().into());
+    options.send_default_pii = false;
+    options.before_send = Some(Arc::new(move |e| {
+        Some(prepare_event(e, &secrets, send_payloads))
+    }));
+    options
+}
+
 /// Starts Sentry when a DSN is set. Keep the guard alive; dropping it flushes.
 pub fn init_sentry(
     dsn: &str,
     environment: &str,
     secrets: Vec<String>,
+    send_payloads: bool,
 ) -> anyhow::Result<sentry::ClientInitGuard> {
     let parsed: sentry::types::Dsn = dsn
         .parse()
         .map_err(|e| anyhow::anyhow!("setting AIQ_SENTRY_DSN: not a Sentry DSN: {e}"))?;
-    let secrets = Arc::new(secrets);
-    let mut options = ClientOptions::default();
+    let mut options = sentry_options(environment, secrets, send_payloads);
     options.dsn = Some(parsed.clone());
-    options.release = Some(concat!("aiq@", env!("CARGO_PKG_VERSION")).into());
-    options.environment = Some(environment.to_owned().into());
-    options.send_default_pii = false;
     let factory: Arc<dyn TransportFactory> =
         Arc::new(move |_: &ClientOptions| -> Arc<dyn Transport> {
             Arc::new(HttpTransport::new(&parsed))
         });
     options.transport = Some(factory);
-    options.before_send = Some(Arc::new(move |e| Some(scrub_event(e, &secrets))));
     Ok(sentry::init(options))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Sentry's own transport API, keeping each event instead of sending it: a fake of the
+    /// third party, so the real options and hook run.
+    #[derive(Default)]
+    struct Captured(Mutex<Vec<Event<'static>>>);
+
+    impl Transport for Captured {
+        fn send_envelope(&self, envelope: Envelope) {
+            if let Some(e) = envelope.event() {
+                self.0.lock().unwrap().push(e.clone());
+            }
+        }
+    }
+
+    /// Runs `f` with a hub whose client has aiq's options ([`sentry_options`]) and returns the
+    /// events it sent.
+    fn captured(secrets: &[&str], send_payloads: bool, f: impl FnOnce()) -> Vec<Event<'static>> {
+        let sink = Arc::new(Captured::default());
+        let secrets = secrets.iter().map(|s| (*s).to_owned()).collect();
+        let mut options = sentry_options("test", secrets, send_payloads);
+        options.dsn = Some("https://public@sentry.invalid/1".parse().unwrap());
+        let transport = sink.clone();
+        options.transport = Some(Arc::new(move |_: &ClientOptions| {
+            transport.clone() as Arc<dyn Transport>
+        }));
+        let client = Arc::new(sentry::Client::from(options));
+        let hub = Arc::new(sentry::Hub::new(Some(client), Arc::default()));
+        sentry::Hub::run(hub, f);
+        std::mem::take(&mut *sink.0.lock().unwrap())
+    }
+
+    fn dead_job_event() {
+        sentry::with_scope(
+            |scope| {
+                // Not base64, or the scrubber would take it for image bytes.
+                scope.set_extra("correlation_id", "c-".repeat(1 << 19).into());
+                scope.set_extra("payload_bytes", 123.into());
+                scope.set_extra(
+                    "payload",
+                    serde_json::json!({ "messages": [{ "role": "user", "content": "my private prompt" }] }),
+                );
+            },
+            || {
+                sentry::capture_message(
+                    "job failed for good: key sk-live-0123456789abcdef, redis redis://:redis-pw@h/0",
+                    sentry::Level::Error,
+                )
+            },
+        );
+    }
+
+    #[test]
+    fn an_event_carries_no_payload_unless_payloads_are_on_and_no_secret_or_long_text_either_way() {
+        let secrets = ["sk-live-0123456789abcdef"];
+        let events = captured(&secrets, false, dead_job_event);
+        assert_eq!(events.len(), 1);
+        let sent = serde_json::to_string(&events[0]).unwrap();
+        assert!(!sent.contains("my private prompt"), "{sent}");
+        assert!(!events[0].extra.contains_key("payload"), "{sent}");
+        assert_eq!(events[0].extra["payload_bytes"], 123);
+        assert!(
+            !sent.contains("sk-live") && !sent.contains("redis-pw"),
+            "{sent}"
+        );
+        assert!(sent.contains("redis://:***@h/0"), "{sent}");
+        let correlation = events[0].extra["correlation_id"].as_str().unwrap();
+        assert!(
+            correlation.len() < 2 * EVENT_TEXT_MAX
+                && correlation.ends_with("(1048576 bytes in all)"),
+            "{}",
+            correlation.len()
+        );
+        assert!(sent.len() < 16 * 1024, "{}", sent.len());
+
+        // With AIQ_SENTRY_SEND_PAYLOADS=true the payload goes, scrubbed like the rest.
+        let events = captured(&secrets, true, dead_job_event);
+        let sent = serde_json::to_string(&events[0]).unwrap();
+        assert!(sent.contains("my private prompt"), "{sent}");
+        assert!(
+            !sent.contains("sk-live") && !sent.contains("redis-pw"),
+            "{sent}"
+        );
+    }
+
+    #[test]
+    fn an_event_about_one_job_carries_that_jobs_breadcrumbs_only() {
+        use sentry::SentryFutureExt;
+        use sentry::integrations::tracing::{BreadcrumbLayer, ErrorLayer};
+        use tracing_subscriber::filter::LevelFilter;
+        use tracing_subscriber::prelude::*;
+
+        // The layers `telemetry::init` installs.
+        let subscriber = || {
+            tracing_subscriber::registry()
+                .with(ErrorLayer::new().with_filter(LevelFilter::ERROR))
+                .with(BreadcrumbLayer::new().with_filter(LevelFilter::WARN))
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        // Two jobs taking turns on one thread, as the worker's tasks do; with `own_hubs` each
+        // is bound to a hub of its own, as `JobService` binds them.
+        let run = |own_hubs: bool| {
+            captured(&[], false, || {
+                tracing::subscriber::with_default(subscriber(), || {
+                    tracing::warn!("before any job");
+                    let a = async {
+                        tracing::warn!("a: first step");
+                        tokio::task::yield_now().await;
+                        tracing::warn!("a: second step");
+                        tokio::task::yield_now().await;
+                        tracing::error!("a failed");
+                    };
+                    let b = async {
+                        tracing::warn!("b: first step");
+                        tokio::task::yield_now().await;
+                        tokio::task::yield_now().await;
+                        tracing::error!("b failed");
+                    };
+                    rt.block_on(async {
+                        if own_hubs {
+                            futures::join!(a.bind_hub(job_hub()), b.bind_hub(job_hub()));
+                        } else {
+                            futures::join!(a, b);
+                        }
+                    });
+                })
+            })
+        };
+        let crumbs = |events: &[Event<'static>], about: &str| -> Vec<String> {
+            let e = events
+                .iter()
+                .find(|e| e.message.as_deref() == Some(about))
+                .unwrap_or_else(|| panic!("no event {about}: {events:?}"));
+            e.breadcrumbs
+                .values
+                .iter()
+                .filter_map(|b| b.message.clone())
+                .collect()
+        };
+        let events = run(true);
+        assert_eq!(
+            crumbs(&events, "a failed"),
+            ["a: first step", "a: second step"]
+        );
+        assert_eq!(crumbs(&events, "b failed"), ["b: first step"]);
+        // Without hubs of their own, one job's event carries the other's steps: the case above
+        // is what the binding changes.
+        let shared = run(false);
+        assert!(crumbs(&shared, "b failed").contains(&"a: second step".to_owned()));
+    }
 
     #[test]
     fn scrubbing_removes_keys_tokens_emails_and_bytes() {

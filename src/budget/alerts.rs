@@ -226,16 +226,31 @@ pub async fn deliver(alerts: &Alerts, webhook: Option<Secret>, stop: Cancellatio
     }
 }
 
+/// Posts one alert. The error says what went wrong without the webhook's URL, which is its
+/// credential: it is logged and stored in `ai_cost_alerts.last_delivery_error`.
 async fn post(http: &reqwest::Client, url: &Secret, text: &str) -> Result<(), String> {
     let resp = http
         .post(url.expose())
         .json(&serde_json::json!({ "text": text }))
         .send()
         .await
-        .map_err(|e| format!("webhook unreachable: {e}"))?;
+        .map_err(|e| unreachable(e, url))?;
     if resp.status().is_success() {
         Ok(())
     } else {
         Err(format!("webhook answered HTTP {}", resp.status().as_u16()))
     }
+}
+
+/// A transport error as text: reqwest's word and its causes (`connection refused`), with the
+/// URL left out, and masked should a cause quote it anyway.
+fn unreachable(e: reqwest::Error, url: &Secret) -> String {
+    let e = e.without_url();
+    let mut text = format!("webhook unreachable: {e}");
+    let mut source = std::error::Error::source(&e);
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    crate::redact::secrets(&text, &[url.expose().to_owned()], crate::redact::MASK).into_owned()
 }

@@ -20,6 +20,7 @@ use apalis_core::task::Task;
 use chrono::Utc;
 use futures::FutureExt;
 use futures::future::BoxFuture;
+use sentry::SentryFutureExt;
 use serde_json::{Value, json};
 use tower::Service;
 use tracing::Instrument;
@@ -35,6 +36,7 @@ use crate::providers::openai::{self, OpenAiClient};
 use crate::providers::vision::{self, ImageResult, VisionClient};
 use crate::providers::{ErrorKind, ProviderError};
 use crate::queue::backend::{Failure, Prior, RawJob};
+use crate::redact::Field;
 use crate::store::{CallRecord, CallStatus, ErrorRecord, JobRef, ResultRecord, Store};
 use payload::{JobInput, LlmPayload, VisionPayload, decode};
 
@@ -265,10 +267,13 @@ impl Service<Task<RawJob>> for JobService {
     }
 
     /// Each job runs on its own tokio task, so a slow or CPU-heavy job never stalls the worker's
-    /// polling, and a panic becomes this job's error instead of the worker's.
+    /// polling, and a panic becomes this job's error instead of the worker's. The task is bound
+    /// to a Sentry hub of its own, so the job's events carry its own breadcrumbs only.
     fn call(&mut self, task: Task<RawJob>) -> Self::Future {
         let app = self.app.clone();
-        let job = tokio::spawn(async move { run(&app, &task.args).await });
+        let job = tokio::spawn(
+            async move { run(&app, &task.args).await }.bind_hub(crate::observe::job_hub()),
+        );
         async move {
             match job.await {
                 Ok(outcome) => outcome.map_err(|f| Box::new(f) as BoxDynError),
@@ -297,8 +302,11 @@ fn job_ref(raw: &RawJob, input: Option<&JobInput>) -> JobRef {
 /// Runs one job. Public so tests can replay a job exactly as the worker runs it.
 pub async fn run(app: &App, raw: &RawJob) -> Result<(), Failure> {
     let correlation_id = peek(raw, "correlation_id");
-    let span = tracing::info_span!("job", job.id = %raw.id, job.kind = %raw.kind, tier = %raw.tier,
-        organization_id = %raw.organization_id, attempt = raw.attempt, correlation_id = %correlation_id);
+    // Every field comes from Redis, where an app (or anyone) wrote it: bounded and escaped, or
+    // one megabyte correlation id would be written again on every line of the job.
+    let span = tracing::info_span!("job", job.id = %Field::new(&raw.id), job.kind = %Field::new(&raw.kind),
+        tier = %Field::new(&raw.tier), organization_id = %Field::new(&raw.organization_id),
+        attempt = raw.attempt, correlation_id = %Field::new(&correlation_id));
     let started = Instant::now();
     let outcome = run_in_span(app, raw).instrument(span).await;
     let provider = provider_label(raw);
@@ -347,8 +355,9 @@ fn provider_label(raw: &RawJob) -> String {
     }
 }
 
-/// A job that failed for good is a Sentry event, tagged; the scrubbing hook in `observe`
-/// removes keys, e-mail addresses and image bytes from everything it carries.
+/// A job that failed for good is a Sentry event, tagged. The hook in `observe` removes the
+/// payload unless `AIQ_SENTRY_SEND_PAYLOADS=true`, removes keys, e-mail addresses and image
+/// bytes from everything it carries, and cuts every text to a bound.
 fn report_dead(raw: &RawJob, provider: &str, correlation_id: &str, failure: &Failure) {
     // Sentry refuses large events: a big payload goes as its first 8 KiB of text.
     const MAX_PAYLOAD: usize = 8 * 1024;
@@ -372,13 +381,21 @@ fn report_dead(raw: &RawJob, provider: &str, correlation_id: &str, failure: &Fai
             scope.set_tag("provider", provider);
             scope.set_tag("organization_id", &raw.organization_id);
             scope.set_tag("attempt", raw.attempt);
-            scope.set_extra("job_id", raw.id.clone().into());
-            scope.set_extra("correlation_id", correlation_id.to_owned().into());
+            scope.set_extra("job_id", Field::new(&raw.id).to_string().into());
+            scope.set_extra(
+                "correlation_id",
+                Field::new(correlation_id).to_string().into(),
+            );
+            scope.set_extra("payload_bytes", raw.payload.len().into());
             scope.set_extra("payload", payload);
         },
         || {
             sentry::capture_message(
-                &format!("job {} failed for good: {failure}", raw.kind),
+                &format!(
+                    "job {} failed for good: {}",
+                    Field::new(&raw.kind),
+                    Field::message(&failure)
+                ),
                 sentry::Level::Error,
             )
         },
@@ -508,7 +525,7 @@ async fn run_in_span(app: &App, raw: &RawJob) -> Result<(), Failure> {
                     .record_failure(&job, &err, None, Some(&result))
                     .await,
             )?;
-            tracing::warn!(error = %e, "dead: invalid payload");
+            tracing::warn!(error = %Field::message(&e), "dead: invalid payload");
             return Err(Failure::Permanent {
                 message: e.to_string(),
             });
@@ -667,7 +684,7 @@ async fn run_in_span(app: &App, raw: &RawJob) -> Result<(), Failure> {
                 return Ok(());
             }
             Err(Attempted::Done(f)) => {
-                tracing::warn!(error = %f, "job attempt failed");
+                tracing::warn!(error = %Field::message(&f), "job attempt failed");
                 return Err(f);
             }
             Err(Attempted::Failed(e)) => e,
@@ -693,11 +710,11 @@ async fn run_in_span(app: &App, raw: &RawJob) -> Result<(), Failure> {
         call_seq += 1;
         let wait = match next {
             Next::GiveUp => {
-                tracing::warn!(error = %give_up, "job attempt failed");
+                tracing::warn!(error = %Field::message(&give_up), "job attempt failed");
                 return Err(give_up);
             }
             Next::Again(delay) => {
-                tracing::info!(provider = target.provider, error = %e, delay_ms = delay.as_millis() as u64,
+                tracing::info!(provider = target.provider, error = %Field::message(&e), delay_ms = delay.as_millis() as u64,
                     "calling the provider again");
                 crate::observe::call_retried(target.provider, e.kind.as_str());
                 tokio::time::sleep(delay).await;
@@ -710,7 +727,7 @@ async fn run_in_span(app: &App, raw: &RawJob) -> Result<(), Failure> {
         };
         match admit_from(app, &chain, idx + 1).await? {
             Ok(i) => {
-                tracing::info!(from = target.provider, to = chain[i].provider, error = %e,
+                tracing::info!(from = target.provider, to = chain[i].provider, error = %Field::message(&e),
                     "falling back to the next model of the chain");
                 crate::observe::fell_back(target.provider, chain[i].provider);
                 idx = i;
@@ -729,7 +746,7 @@ async fn run_in_span(app: &App, raw: &RawJob) -> Result<(), Failure> {
                             .await,
                     )?;
                 }
-                tracing::warn!(error = %message, "job attempt failed");
+                tracing::warn!(error = %Field::message(&message), "job attempt failed");
                 // Spread: a job whose call failed as its breaker opened must not come back
                 // exactly as the cooldown ends, or it is the next probe again and again.
                 let after = wait.max(w).max(e.retry_after.unwrap_or_default());
@@ -790,7 +807,7 @@ async fn never_fit(app: &App, job: &JobRef, why: &[String]) -> Result<(), Failur
             .record_failure(job, &err, None, Some(&result))
             .await,
     )?;
-    tracing::warn!("dead: {message}");
+    tracing::warn!("dead: {}", Field::message(&message));
     Err(Failure::Permanent { message })
 }
 
@@ -1203,7 +1220,7 @@ async fn over_budget(
             .record_failure(job, &err, None, result.as_ref())
             .await,
     )?;
-    tracing::info!(job.id = %raw.id, "{message}");
+    tracing::info!(job.id = %Field::new(&raw.id), "{}", Field::message(&message));
     if fail {
         return Err(Failure::Permanent { message });
     }

@@ -111,7 +111,8 @@ impl ProviderError {
             provider,
             kind,
             status: None,
-            message: e.to_string(),
+            // reqwest names the URL; a base URL with a password in it keeps it to itself.
+            message: crate::redact::url(&e.to_string()).into_owned(),
             retry_after: None,
         }
     }
@@ -259,15 +260,16 @@ pub(crate) struct ErrorFormat {
     pub body_delay: fn(&str) -> Option<Duration>,
 }
 
-/// The provider's error message (`error.message` in every format here), or the status and a
-/// snippet of the body.
+/// The provider's error message (`error.message` in every format here), cut to
+/// `redact::MESSAGE_MAX` characters (it goes to logs, error rows and Sentry), or the status and
+/// a snippet of the body.
 fn error_message(status: u16, body: &str) -> String {
     serde_json::from_str::<serde_json::Value>(body)
         .ok()
         .and_then(|v| {
             v.pointer("/error/message")
                 .and_then(|m| m.as_str())
-                .map(str::to_owned)
+                .map(|m| crate::redact::cut(m, crate::redact::MESSAGE_MAX).into_owned())
         })
         .unwrap_or_else(|| format!("HTTP {status}: {}", snippet(body)))
 }

@@ -137,11 +137,10 @@ pub fn parse_response(
         .map(|r| match r.get("error") {
             Some(err) => ImageResult::Failed {
                 code: err.get("code").and_then(Value::as_i64).unwrap_or(2),
-                message: err
-                    .get("message")
-                    .and_then(Value::as_str)
-                    .unwrap_or("unknown error")
-                    .to_owned(),
+                message: err.get("message").and_then(Value::as_str).map_or_else(
+                    || "unknown error".to_owned(),
+                    |m| crate::redact::cut(m, crate::redact::MESSAGE_MAX).into_owned(),
+                ),
             },
             None => ImageResult::Annotated(r.clone()),
         })

@@ -255,7 +255,7 @@ async fn flusher(queue: Queue, mut rx: mpsc::UnboundedReceiver<AckRequest>) {
         };
         for (req, ok) in batch.drain(..).zip(applied) {
             if !ok {
-                tracing::warn!(job.id = %req.item.id, "outcome refused: the lease had expired and the job was handed out again");
+                tracing::warn!(job.id = %crate::redact::Field::new(&req.item.id), "outcome refused: the lease had expired and the job was handed out again");
             }
             let _ = req.applied.send(ok);
         }
@@ -336,7 +336,7 @@ async fn renewer(shared: Arc<Shared>, every: Duration, stop: CancellationToken) 
                 for ((id, _), ok) in leases.iter().zip(held) {
                     // Settled since the list was taken, or being settled: not lost.
                     if !ok && current.contains_key(id) && !settling.contains(id) {
-                        tracing::warn!(job.id = %id, "lease lost: the job may run elsewhere; its outcome here will be refused");
+                        tracing::warn!(job.id = %crate::redact::Field::new(id), "lease lost: the job may run elsewhere; its outcome here will be refused");
                     }
                 }
             }

@@ -392,7 +392,7 @@ impl Queue {
         let mut conn = self.conn.clone();
         let mut inv = self.settle_script();
         for (id, token, why) in jobs {
-            tracing::error!(job.id = %String::from_utf8_lossy(id).escape_debug(), reason = %why,
+            tracing::error!(job.id = %crate::redact::Field::new(String::from_utf8_lossy(id)), reason = %crate::redact::Field::message(why),
                 "dead: the job's fields in Redis are corrupt");
             inv.arg(id.as_slice())
                 .arg(token.as_slice())

@@ -84,7 +84,9 @@ impl Skips {
             Source::Heads => &mut c.heads,
         } += n;
         if self.examples.len() < EXAMPLES {
-            self.examples.push(example());
+            // Names and values anyone wrote to Redis: bounded and escaped for the log.
+            self.examples
+                .push(crate::redact::Field::new(example()).to_string());
         }
     }
 }

@@ -310,6 +310,29 @@ impl TestCtx {
     /// ends (the test's, at the latest), so a test that fails before stopping it leaves no
     /// daemon behind.
     pub fn spawn_daemon(&self, extra: &[(&str, &str)]) -> std::process::Child {
+        let stderr = if std::env::var_os("AIQ_TEST_DAEMON_LOGS").is_some() {
+            std::process::Stdio::inherit()
+        } else {
+            std::process::Stdio::null()
+        };
+        self.spawn_daemon_to(extra, stderr)
+    }
+
+    /// [`TestCtx::spawn_daemon`] writing its log (stderr) to the file `log`.
+    pub fn spawn_daemon_logging_to(
+        &self,
+        extra: &[(&str, &str)],
+        log: &std::path::Path,
+    ) -> std::process::Child {
+        let file = std::fs::File::create(log).expect("creating the daemon's log file");
+        self.spawn_daemon_to(extra, file.into())
+    }
+
+    fn spawn_daemon_to(
+        &self,
+        extra: &[(&str, &str)],
+        stderr: std::process::Stdio,
+    ) -> std::process::Child {
         let mut cmd = aiq_command();
         // SAFETY: prctl only touches the child, between fork and exec.
         unsafe {
@@ -332,11 +355,7 @@ impl TestCtx {
             .envs(extra.iter().copied())
             .arg("run")
             .stdout(std::process::Stdio::null())
-            .stderr(if std::env::var_os("AIQ_TEST_DAEMON_LOGS").is_some() {
-                std::process::Stdio::inherit()
-            } else {
-                std::process::Stdio::null()
-            });
+            .stderr(stderr);
         cmd.spawn().expect("spawning aiq run")
     }
 

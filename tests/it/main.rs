@@ -14,6 +14,7 @@ mod clients;
 mod cluster;
 mod crash;
 mod enqueue_props;
+mod exposure;
 mod pipeline;
 mod providers;
 mod queue;

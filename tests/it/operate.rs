@@ -341,7 +341,11 @@ async fn a_dead_job_reaches_sentry_with_its_tags_and_without_the_key_the_email_o
         )
         .await;
     let dsn = format!("http://publickey@127.0.0.1:{port}/42");
-    let daemon = ctx.spawn_daemon(&[("AIQ_SENTRY_DSN", &dsn)]);
+    // With the payload sent (off by default), so the scrubber has the prompt to work on.
+    let daemon = ctx.spawn_daemon(&[
+        ("AIQ_SENTRY_DSN", &dsn),
+        ("AIQ_SENTRY_SEND_PAYLOADS", "true"),
+    ]);
     ctx.wait_settled(Duration::from_secs(30)).await;
     wait_until(
         Duration::from_secs(10),
