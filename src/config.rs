@@ -177,6 +177,9 @@ pub struct BudgetSettings {
     pub org_monthly: [MicroUsd; 6],
     /// Jobs per minute per organisation by tier, across all processes; 0 means no limit.
     pub org_jobs_per_minute: [u32; 6],
+    /// Per tier: the most jobs of one organisation one process runs at once (0: no cap), so one
+    /// tenant's slow or hanging calls cannot take every slot (`AIQ_ORG_MAX_IN_FLIGHT`).
+    pub org_max_in_flight: [u32; 6],
     pub on_exceeded: OnBudgetExceeded,
     /// Slack-compatible webhook for alerts.
     pub alert_webhook: Option<Secret>,
@@ -372,6 +375,7 @@ fn check_url(name: &'static str, v: &str, schemes: &[&str]) -> Result<(), Config
 pub const DEFAULT_TIER_WEIGHTS: [u32; 6] = [32, 16, 8, 4, 2, 1];
 pub const DEFAULT_ORG_DAILY_USD: &str = "enterprise_plus=1000,enterprise=300,professional_agency=100,growth_team=30,solo_professional=10,trial=1";
 pub const DEFAULT_ORG_MONTHLY_USD: &str = "enterprise_plus=20000,enterprise=6000,professional_agency=2000,growth_team=600,solo_professional=200,trial=5";
+pub const DEFAULT_ORG_MAX_IN_FLIGHT: &str = "enterprise_plus=0,enterprise=0,professional_agency=64,growth_team=32,solo_professional=8,trial=4";
 pub const DEFAULT_ORG_JOBS_PER_MINUTE: &str = "enterprise_plus=6000,enterprise=3000,professional_agency=1200,growth_team=600,solo_professional=120,trial=30";
 
 /// Parses `tier=value,...` naming all six tiers.
@@ -449,6 +453,11 @@ impl BudgetSettings {
         if !(spike_multiple.is_finite() && spike_multiple > 1.0) {
             return Err(bad("AIQ_SPIKE_MULTIPLE", "must be a number above 1"));
         }
+        // A whole number per tier, `tier=n,...` naming all six.
+        let tier_counts = |name: &'static str, default: &str| {
+            let v = env.get(name).unwrap_or_else(|| default.to_owned());
+            per_tier(name, &v, |s| s.parse::<u32>().ok(), "a whole number")
+        };
         Ok(BudgetSettings {
             prefix,
             timezone,
@@ -456,17 +465,11 @@ impl BudgetSettings {
             global_monthly: usd("AIQ_GLOBAL_MONTHLY_LIMIT_USD", "25000")?,
             org_daily: tiers_usd("AIQ_ORG_DAILY_LIMIT_USD", DEFAULT_ORG_DAILY_USD)?,
             org_monthly: tiers_usd("AIQ_ORG_MONTHLY_LIMIT_USD", DEFAULT_ORG_MONTHLY_USD)?,
-            org_jobs_per_minute: {
-                let v = env
-                    .get("AIQ_ORG_JOBS_PER_MINUTE")
-                    .unwrap_or_else(|| DEFAULT_ORG_JOBS_PER_MINUTE.to_owned());
-                per_tier(
-                    "AIQ_ORG_JOBS_PER_MINUTE",
-                    &v,
-                    |s| s.parse::<u32>().ok(),
-                    "a whole number",
-                )?
-            },
+            org_jobs_per_minute: tier_counts(
+                "AIQ_ORG_JOBS_PER_MINUTE",
+                DEFAULT_ORG_JOBS_PER_MINUTE,
+            )?,
+            org_max_in_flight: tier_counts("AIQ_ORG_MAX_IN_FLIGHT", DEFAULT_ORG_MAX_IN_FLIGHT)?,
             on_exceeded,
             alert_webhook: webhook,
             spike_multiple,
@@ -593,6 +596,14 @@ impl Settings {
                 .collect::<Vec<_>>()
                 .join(",")
         };
+        let counts = |v: &[u32; 6]| {
+            Tier::ALL
+                .iter()
+                .zip(v)
+                .map(|(t, n)| format!("{t}={n}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
         let q = &self.queue;
         let b = &self.budget;
         let per_provider = |v: &[u64; 4]| {
@@ -691,15 +702,8 @@ impl Settings {
             ),
             ("AIQ_ORG_DAILY_LIMIT_USD", tiers(&b.org_daily)),
             ("AIQ_ORG_MONTHLY_LIMIT_USD", tiers(&b.org_monthly)),
-            (
-                "AIQ_ORG_JOBS_PER_MINUTE",
-                Tier::ALL
-                    .iter()
-                    .zip(b.org_jobs_per_minute)
-                    .map(|(t, n)| format!("{t}={n}"))
-                    .collect::<Vec<_>>()
-                    .join(","),
-            ),
+            ("AIQ_ORG_JOBS_PER_MINUTE", counts(&b.org_jobs_per_minute)),
+            ("AIQ_ORG_MAX_IN_FLIGHT", counts(&b.org_max_in_flight)),
             (
                 "AIQ_BUDGET_EXCEEDED",
                 if b.on_exceeded == OnBudgetExceeded::Defer {

@@ -183,6 +183,11 @@ pub fn kept_answer_written() {
     metrics::counter!("aiq_kept_answers_written_total").increment(1);
 }
 
+/// A job waited because its organisation had its tier's most jobs running in this process.
+pub fn org_in_flight_deferral(tier: &'static str) {
+    metrics::counter!("aiq_org_in_flight_deferrals_total", "tier" => tier).increment(1);
+}
+
 /// A job moves to the next model of its fallback chain.
 pub fn fell_back(from: &str, to: &str) {
     metrics::counter!("aiq_fallbacks_total", "from" => from.to_owned(), "to" => to.to_owned())

@@ -31,6 +31,7 @@ use crate::budget::{Budget, CallMeta, OrgLimits, PriceCatalog, Refusal, Reservat
 use crate::config::{CallRetryPolicy, OnBudgetExceeded};
 use crate::domain::{MicroUsd, Tier};
 use crate::providers::anthropic::{self, AnthropicClient};
+use crate::providers::breaker::Opened;
 use crate::providers::gemini::{self, GeminiClient};
 use crate::providers::openai::{self, OpenAiClient};
 use crate::providers::vision::{self, ImageResult, VisionClient};
@@ -60,6 +61,26 @@ pub struct App {
     pub queue: crate::queue::Queue,
     limits: Mutex<HashMap<Uuid, (Instant, OrgLimits)>>,
     store_gate: StoreGate,
+    /// Jobs of each organisation running in this process, against `AIQ_ORG_MAX_IN_FLIGHT`.
+    in_flight: Arc<Mutex<HashMap<Uuid, u32>>>,
+}
+
+/// One running job's place in its organisation's in-flight count; given back on drop.
+struct OrgSlot {
+    org: Uuid,
+    counts: Arc<Mutex<HashMap<Uuid, u32>>>,
+}
+
+impl Drop for OrgSlot {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = counts.get_mut(&self.org) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                counts.remove(&self.org);
+            }
+        }
+    }
 }
 
 /// How long a process waits before it probes an unreachable PostgreSQL again.
@@ -121,7 +142,24 @@ impl App {
             call_retry: p.call_retry,
             limits: Mutex::new(HashMap::new()),
             store_gate: StoreGate::default(),
+            in_flight: Arc::default(),
         }
+    }
+
+    /// A place for one more job of `org` in this process, or None when its tier's cap
+    /// (`AIQ_ORG_MAX_IN_FLIGHT`, 0 for none) is reached.
+    fn org_slot(&self, org: Uuid, tier: Tier) -> Option<OrgSlot> {
+        let cap = self.budget.settings().org_max_in_flight[tier.index()];
+        let mut counts = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        let n = counts.entry(org).or_insert(0);
+        if cap > 0 && *n >= cap {
+            return None;
+        }
+        *n += 1;
+        Some(OrgSlot {
+            org,
+            counts: self.in_flight.clone(),
+        })
     }
 
     /// A store error as the queue's failure kind. PostgreSQL unreachable: the job waits without
@@ -412,6 +450,8 @@ struct Planned {
     hold_ttl: Duration,
     /// Tokens the call counts against the provider's tokens-per-minute limit.
     tokens: u64,
+    /// The job's organisation, whose own breaker the call also passes.
+    org: String,
 }
 
 /// How a call ended when it did not succeed.
@@ -463,21 +503,26 @@ fn spread(max_ms: u64) -> Duration {
 /// May `target` be called now? Checks its breaker and pause (one check per call: a half-open
 /// breaker admits one probe), then counts the call against its requests and tokens per minute.
 async fn admit_call(app: &App, target: &Planned) -> Result<Result<(), Duration>, Failure> {
-    match breaker_admit(app, target.provider).await? {
+    match breaker_admit(app, target).await? {
         Ok(()) => throttle(app, target).await,
         Err(wait) => Ok(Err(wait)),
     }
 }
 
-/// The provider's breaker and pause; counts nothing, but a half-open breaker admits one probe.
-async fn breaker_admit(app: &App, provider: &str) -> Result<Result<(), Duration>, Failure> {
-    app.breakers.admit(provider).await.map_err(|e| {
-        redis_unavailable(
-            &format!("checking {provider}'s circuit breaker failed"),
-            crate::redis_conn::error_kind(&e),
-            e,
-        )
-    })
+/// The provider's pause and breaker, and the organisation's own breaker for the provider;
+/// counts nothing, but a half-open breaker admits one probe.
+async fn breaker_admit(app: &App, target: &Planned) -> Result<Result<(), Duration>, Failure> {
+    let provider = target.provider;
+    app.breakers
+        .admit(provider, &target.org)
+        .await
+        .map_err(|e| {
+            redis_unavailable(
+                &format!("checking {provider}'s circuit breaker failed"),
+                crate::redis_conn::error_kind(&e),
+                e,
+            )
+        })
 }
 
 async fn throttle(app: &App, target: &Planned) -> Result<Result<(), Duration>, Failure> {
@@ -560,6 +605,18 @@ async fn run_in_span(app: &App, raw: &RawJob) -> Result<(), Failure> {
         }
     }
 
+    // One organisation's jobs take at most its tier's share of this process, so its slow or
+    // hanging calls cannot hold every slot; the rest wait without spending an attempt.
+    let Some(_slot) = app.org_slot(org, tier) else {
+        crate::observe::org_in_flight_deferral(tier.as_str());
+        return Err(Failure::Defer {
+            message: format!(
+                "this organisation has {} jobs running in this process, its tier's cap (AIQ_ORG_MAX_IN_FLIGHT)",
+                app.budget.settings().org_max_in_flight[tier.index()]
+            ),
+            after: Duration::from_millis(200) + spread(300),
+        });
+    };
     // An earlier execution may have been answered while PostgreSQL was down: write what it
     // kept instead of calling again. Only a job leased before can have kept anything.
     if raw.token > 1 && write_kept_answer(app, raw, &job).await? {
@@ -594,7 +651,7 @@ async fn run_in_span(app: &App, raw: &RawJob) -> Result<(), Failure> {
     let mut first = None;
     let mut held = Duration::MAX;
     for (i, target) in chain.iter().enumerate() {
-        match breaker_admit(app, target.provider).await? {
+        match breaker_admit(app, target).await? {
             Ok(()) => {
                 first = Some(i);
                 break;
@@ -891,6 +948,7 @@ fn plan(app: &App, input: &JobInput) -> Result<Vec<Planned>, crate::budget::Pric
                     .vision_estimate(&features, v.images.len() as u32)?,
                 hold_ttl: app.hold_ttl.vision,
                 tokens: 0,
+                org: v.common.organization_id.to_string(),
             }])
         }
         JobInput::Llm(l) => {
@@ -920,6 +978,7 @@ fn plan(app: &App, input: &JobInput) -> Result<Vec<Planned>, crate::budget::Pric
                         )?,
                         hold_ttl: app.hold_ttl.for_provider(&m.provider),
                         tokens: input_bound + l.max_tokens as u64,
+                        org: l.common.organization_id.to_string(),
                         model: Some(m.model),
                     })
                 })
@@ -1245,7 +1304,7 @@ async fn run_vision(
     let started = Instant::now();
     let resp = app.clients.vision.annotate(&v.images, &v.features).await;
     crate::observe::provider_call(vision::PROVIDER, call_status(&resp), started.elapsed());
-    breaker_record(app, vision::PROVIDER, &resp).await;
+    breaker_record(app, vision::PROVIDER, &raw.organization_id, &resp).await;
     let resp = resp.map_err(Attempted::Failed)?;
     let elapsed = started.elapsed().as_millis() as i64;
     let billable = resp.billable_images() as u64;
@@ -1358,8 +1417,8 @@ async fn run_vision(
     record_answer(app, raw, job, reservation, call, result).await
 }
 
-/// Tells the provider's breaker how a call went.
-async fn breaker_record<T>(app: &App, provider: &str, r: &Result<T, ProviderError>) {
+/// Tells the provider's breaker, and the organisation's own, how a call went.
+async fn breaker_record<T>(app: &App, provider: &str, org: &str, r: &Result<T, ProviderError>) {
     // A 429 with the provider's own delay pauses it for the whole fleet.
     if let Err(ProviderError {
         kind: ErrorKind::RateLimited,
@@ -1377,12 +1436,17 @@ async fn breaker_record<T>(app: &App, provider: &str, r: &Result<T, ProviderErro
         }
     }
     let outcome = r.as_ref().map(|_| ()).map_err(|e| e.kind);
-    match app.breakers.record(provider, outcome).await {
-        Ok(true) => tracing::error!(
+    match app.breakers.record(provider, org, outcome).await {
+        Ok(Opened::Provider) => tracing::error!(
             provider,
-            "circuit breaker opened: the provider keeps failing; its jobs wait"
+            "circuit breaker opened: the provider keeps failing for several organisations; its jobs wait"
         ),
-        Ok(false) => {}
+        Ok(Opened::Organization) => tracing::warn!(
+            provider,
+            organization_id = %crate::redact::Field::new(org),
+            "this organisation's calls keep failing: its own breaker opened; its jobs wait, other organisations' go on"
+        ),
+        Ok(Opened::No) => {}
         Err(e) => {
             tracing::warn!(error = %e, provider, "recording a call in the circuit breaker failed")
         }
@@ -1460,7 +1524,7 @@ async fn run_llm(
         }
     };
     crate::observe::provider_call(provider, call_status(&c), started.elapsed());
-    breaker_record(app, provider, &c).await;
+    breaker_record(app, provider, &raw.organization_id, &c).await;
     let c = c.map_err(Attempted::Failed)?;
     let elapsed = started.elapsed().as_millis() as i64;
     // A response is priced from its usage; should that exceed what max_tokens allowed, the

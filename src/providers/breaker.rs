@@ -43,6 +43,16 @@ pub fn is_provider_fault(kind: ErrorKind) -> bool {
     )
 }
 
+/// Which breaker a recorded failure opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opened {
+    No,
+    /// The provider's, for every organisation.
+    Provider,
+    /// Only the failing organisation's own, for this provider.
+    Organization,
+}
+
 /// A breaker's state as `/readyz` and `/metrics` show it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BreakerState {
@@ -73,10 +83,10 @@ impl Breakers {
         })
     }
 
-    async fn op(&self, op: &str, provider: &str) -> redis::RedisResult<Vec<i64>> {
+    async fn op(&self, op: &str, provider: &str, org: &str) -> redis::RedisResult<Vec<i64>> {
         // A probe that never reports back frees the way after a timeout's worth of time.
         let probe_ms = self.settings.cooldown.as_millis().max(1000) as u64;
-        self.op_with(op, provider, probe_ms).await
+        self.op_with(op, provider, probe_ms, org).await
     }
 
     async fn op_with(
@@ -84,6 +94,7 @@ impl Breakers {
         op: &str,
         provider: &str,
         probe_ms: u64,
+        org: &str,
     ) -> redis::RedisResult<Vec<i64>> {
         let mut conn = self.conn.clone();
         BREAKER
@@ -93,29 +104,44 @@ impl Breakers {
             .arg(self.settings.failures)
             .arg(self.settings.cooldown.as_millis() as u64)
             .arg(probe_ms)
+            .arg(org)
             .invoke_async(&mut conn)
             .await
     }
 
-    /// Ok when a call to `provider` may go now; Err(wait) while its breaker is open.
-    pub async fn admit(&self, provider: &str) -> redis::RedisResult<Result<(), Duration>> {
-        Ok(match self.op("admit", provider).await?.as_slice() {
+    /// Ok when a call of organisation `org` to `provider` may go now; Err(wait) while the
+    /// provider is paused, or its breaker or the organisation's own is open.
+    pub async fn admit(
+        &self,
+        provider: &str,
+        org: &str,
+    ) -> redis::RedisResult<Result<(), Duration>> {
+        Ok(match self.op("admit", provider, org).await?.as_slice() {
             [0, wait] => Err(Duration::from_millis((*wait).max(1) as u64)),
             _ => Ok(()),
         })
     }
 
-    /// Records a call's outcome: a success closes the breaker, a provider fault counts toward
-    /// opening it, anything else leaves it as it is. Returns true when this call opened it.
+    /// Records a call's outcome: a success closes the provider's breaker and the
+    /// organisation's, a provider fault counts toward opening them (the provider's only when
+    /// the faults span several organisations), anything else leaves them as they are. Says
+    /// which breaker this call opened, if any.
     pub async fn record(
         &self,
         provider: &str,
+        org: &str,
         outcome: Result<(), ErrorKind>,
-    ) -> redis::RedisResult<bool> {
+    ) -> redis::RedisResult<Opened> {
         match outcome {
-            Ok(()) => self.op("success", provider).await.map(|_| false),
-            Err(kind) if is_provider_fault(kind) => Ok(self.op("failure", provider).await? == [1]),
-            Err(_) => Ok(false),
+            Ok(()) => self.op("success", provider, org).await.map(|_| Opened::No),
+            Err(kind) if is_provider_fault(kind) => {
+                Ok(match self.op("failure", provider, org).await?.as_slice() {
+                    [1] => Opened::Provider,
+                    [2] => Opened::Organization,
+                    _ => Opened::No,
+                })
+            }
+            Err(_) => Ok(Opened::No),
         }
     }
 
@@ -158,7 +184,7 @@ impl Breakers {
 
     /// A provider said "too many requests, come back in `wait`": no process calls it until then.
     pub async fn pause(&self, provider: &str, wait: Duration) -> redis::RedisResult<()> {
-        self.op_with("pause", provider, wait.as_millis().max(1) as u64)
+        self.op_with("pause", provider, wait.as_millis().max(1) as u64, "")
             .await
             .map(|_| ())
     }

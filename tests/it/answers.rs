@@ -104,7 +104,7 @@ async fn pause_of(ctx: &TestCtx, provider: &str) -> Option<Duration> {
     let app = aiq::worker::app(&ctx.settings, ctx.store.clone())
         .await
         .unwrap();
-    let wait = app.breakers.admit(provider).await.unwrap().err();
+    let wait = app.breakers.admit(provider, ORG_A).await.unwrap().err();
     if let Some(w) = wait {
         assert!(
             w <= aiq::providers::RETRY_AFTER_CAP,

@@ -110,6 +110,12 @@ impl TestCtx {
                 "enterprise_plus=0,enterprise=0,professional_agency=0,growth_team=0,solo_professional=0,trial=0"
                     .into(),
             ),
+            // No per-organisation cap either, unless a test sets one.
+            (
+                "AIQ_ORG_MAX_IN_FLIGHT",
+                "enterprise_plus=0,enterprise=0,professional_agency=0,growth_team=0,solo_professional=0,trial=0"
+                    .into(),
+            ),
             ("AIQ_CONCURRENCY", "4".into()),
             ("AIQ_POLL_INTERVAL_MS", "10".into()),
             ("AIQ_RETRY_BASE_MS", "10".into()),

@@ -15,6 +15,7 @@ mod cluster;
 mod crash;
 mod enqueue_props;
 mod exposure;
+mod fairness;
 mod pipeline;
 mod providers;
 mod queue;

@@ -406,11 +406,18 @@ async fn a_provider_outage_opens_its_breaker_jobs_wait_without_spending_attempts
         .await
         .unwrap();
     for i in 0..20 {
+        // A provider outage fails every organisation: two here, so the provider\'s breaker
+        // opens (one organisation\'s failures open only its own).
+        let org = if i % 2 == 0 {
+            ORG_A
+        } else {
+            crate::harness::ORG_B
+        };
         ctx.enqueue(
             JobKind::LlmComplete,
             Tier::Enterprise,
-            ORG_A,
-            &llm_payload(Tier::Enterprise, ORG_A, &format!("o{i}")),
+            org,
+            &llm_payload(Tier::Enterprise, org, &format!("o{i}")),
             0,
         )
         .await;

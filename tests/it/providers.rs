@@ -496,11 +496,18 @@ async fn a_503_for_a_minute_opens_the_breaker_jobs_wait_spending_no_attempts_the
         .unwrap()
         .as_millis() as u64;
     for i in 0..20 {
+        // A provider outage fails every organisation: two here, so the provider\'s breaker
+        // opens (one organisation\'s failures open only its own).
+        let org = if i % 2 == 0 {
+            ORG_A
+        } else {
+            crate::harness::ORG_B
+        };
         ctx.enqueue(
             JobKind::LlmComplete,
             Tier::Enterprise,
-            ORG_A,
-            &crate::harness::llm_payload(Tier::Enterprise, ORG_A, &format!("m{i}")),
+            org,
+            &crate::harness::llm_payload(Tier::Enterprise, org, &format!("m{i}")),
             0,
         )
         .await;
@@ -591,11 +598,18 @@ async fn a_failed_half_open_probe_does_not_make_the_same_job_probe_again_until_i
         .await
         .unwrap();
     for i in 0..20 {
+        // A provider outage fails every organisation: two here, so the provider\'s breaker
+        // opens (one organisation\'s failures open only its own).
+        let org = if i % 2 == 0 {
+            ORG_A
+        } else {
+            crate::harness::ORG_B
+        };
         ctx.enqueue(
             JobKind::LlmComplete,
             Tier::Enterprise,
-            ORG_A,
-            &crate::harness::llm_payload(Tier::Enterprise, ORG_A, &format!("p{i}")),
+            org,
+            &crate::harness::llm_payload(Tier::Enterprise, org, &format!("p{i}")),
             0,
         )
         .await;
