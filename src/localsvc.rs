@@ -104,8 +104,9 @@ fn run_folder(label: &str) -> anyhow::Result<PathBuf> {
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             if let Some(rest) = name.strip_prefix(&prefix) {
+                // Only a pid: `aiq-it-` must not take `aiq-it-cluster-`, another label's folder.
                 let pid = rest.split('-').next().unwrap_or("");
-                if !pid.is_empty() && !Path::new("/proc").join(pid).exists() {
+                if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
                     let _ = std::fs::remove_dir_all(entry.path());
                 }
             }
