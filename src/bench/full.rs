@@ -238,8 +238,8 @@ pub(crate) async fn inflight(opts: &BenchOptions) -> anyhow::Result<Report> {
     .await?;
     // The daemon as systemd runs it (systemd/aiq.service sets the same allocator option).
     let mut vars = daemon_vars(
-        &w.settings.queue.redis_url,
-        w.settings.database_url.expose(),
+        &w.settings.queue.redis.url,
+        w.settings.database.url.expose(),
         &fake.url,
     );
     vars.extend(extra);
@@ -347,8 +347,8 @@ pub(crate) async fn budget(opts: &BenchOptions) -> anyhow::Result<Report> {
         .collect();
     enqueue_all(&w.queue, jobs).await?;
     let mut vars = daemon_vars(
-        &w.settings.queue.redis_url,
-        w.settings.database_url.expose(),
+        &w.settings.queue.redis.url,
+        w.settings.database.url.expose(),
         &fake.base_url(),
     );
     vars.extend(extra);

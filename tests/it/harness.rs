@@ -81,6 +81,7 @@ impl TestCtx {
 
     /// A context with some settings overridden and the fake providers configured.
     pub async fn build(overrides: &[(&str, &str)], fake: FakeOptions) -> Self {
+        aiq::tls::install_crypto_provider();
         let s = servers();
         let db = format!("t_{}", uuid::Uuid::new_v4().simple());
         let mut admin = sqlx::PgConnection::connect(&(s.pg_url)("postgres"))
@@ -143,16 +144,12 @@ impl TestCtx {
         store.migrate().await.expect("migrate");
         // The budget's counters start from the (empty) ledger, as a first `aiq run` would
         // build them, so what a test sets up in Redis before starting a worker stays.
-        aiq::budget::Budget::connect(
-            &settings.queue.redis_url,
-            settings.queue.cluster,
-            &settings.budget,
-        )
-        .await
-        .expect("budget connection")
-        .rebuild_ledger(&store, false)
-        .await
-        .expect("the budget's ledger marker");
+        aiq::budget::Budget::connect(&settings.queue.redis, &settings.budget)
+            .await
+            .expect("budget connection")
+            .rebuild_ledger(&store, false)
+            .await
+            .expect("the budget's ledger marker");
         Self {
             settings,
             queue,
@@ -251,13 +248,9 @@ impl TestCtx {
 
     /// The budget of this test's settings.
     pub async fn budget(&self) -> aiq::budget::Budget {
-        aiq::budget::Budget::connect(
-            &self.settings.queue.redis_url,
-            self.settings.queue.cluster,
-            &self.settings.budget,
-        )
-        .await
-        .expect("budget connection")
+        aiq::budget::Budget::connect(&self.settings.queue.redis, &self.settings.budget)
+            .await
+            .expect("budget connection")
     }
 
     /// Uses up this month's free Vision units of `feature`, so its calls cost list price.
@@ -333,9 +326,10 @@ impl TestCtx {
         cmd.spawn().expect("spawning aiq run")
     }
 
-    /// Direct access to Redis, for assertions on the queue's keys.
+    /// Direct access to Redis (the first seed node of a cluster), for assertions on the queue's
+    /// keys; with the settings' certificates, as the daemon connects.
     pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
-        redis::Client::open(self.vars["AIQ_REDIS_URL"].as_str())
+        aiq::redis_conn::client(&self.settings.queue.redis)
             .unwrap()
             .get_multiplexed_async_connection()
             .await
