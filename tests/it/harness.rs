@@ -20,40 +20,62 @@ pub struct Servers {
     pub pg_url: Box<dyn Fn(&str) -> String + Send + Sync>,
 }
 
-/// Starts redis-server and PostgreSQL once per test run. They are started from a thread that
-/// lives as long as the process, and die with the process (parent-death signal).
+/// Runs `start` on a thread that lives as long as the process, which keeps the servers it
+/// returns (a server dies with the thread that started it: parent-death signal), and returns
+/// what `start` tells of them. Panics naming `name` when they do not start.
+pub fn start_for_the_run<S: 'static, I: Send + 'static>(
+    name: &str,
+    start: impl FnOnce() -> anyhow::Result<(S, I)> + Send + 'static,
+) -> I {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || match start() {
+            Ok((servers, info)) => {
+                tx.send(Ok(info)).expect("server thread channel");
+                // Keep them alive for the whole run.
+                loop {
+                    std::thread::park();
+                    let _ = &servers;
+                }
+            }
+            Err(e) => tx
+                .send(Err(format!("{e:#}")))
+                .expect("server thread channel"),
+        })
+        .expect("spawning the server thread");
+    rx.recv()
+        .expect("server thread")
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+/// Starts redis-server and PostgreSQL once per test run, for the whole run.
 pub fn servers() -> &'static Servers {
     static SERVERS: OnceLock<Servers> = OnceLock::new();
     SERVERS.get_or_init(|| {
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::Builder::new()
-            .name("it-servers".into())
-            .spawn(move || {
-                let started =
-                    LocalRedis::start("it").and_then(|r| Ok((r, LocalPostgres::start("it")?)));
-                match started {
-                    Ok((redis, pg)) => {
-                        let port = pg.port();
-                        tx.send(Ok((redis.url(), port))).expect("harness channel");
-                        // Keep both alive for the whole run.
-                        loop {
-                            std::thread::park();
-                            let _ = (&redis, &pg);
-                        }
-                    }
-                    Err(e) => tx.send(Err(format!("{e:#}"))).expect("harness channel"),
-                }
-            })
-            .expect("spawning the server thread");
-        let (redis_url, pg_port) = rx
-            .recv()
-            .expect("server thread")
-            .unwrap_or_else(|e| panic!("test servers: {e}"));
+        let (redis_url, pg_port) = start_for_the_run("test servers", || {
+            let (redis, pg) = (LocalRedis::start("it")?, LocalPostgres::start("it")?);
+            let info = (redis.url(), pg.port());
+            Ok(((redis, pg), info))
+        });
         Servers {
             redis_url,
             pg_url: Box::new(move |db| format!("postgres://postgres@127.0.0.1:{pg_port}/{db}")),
         }
     })
+}
+
+/// Creates a database of its own on the server of `admin_url` and returns its name.
+pub async fn new_database(admin_url: &str) -> String {
+    let db = format!("t_{}", uuid::Uuid::new_v4().simple());
+    let mut admin = sqlx::PgConnection::connect(admin_url)
+        .await
+        .expect("admin connection");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db}")))
+        .execute(&mut admin)
+        .await
+        .expect("create database");
+    db
 }
 
 /// One test's world: its own database, queue prefix and fake providers.
@@ -83,14 +105,7 @@ impl TestCtx {
     pub async fn build(overrides: &[(&str, &str)], fake: FakeOptions) -> Self {
         aiq::tls::install_crypto_provider();
         let s = servers();
-        let db = format!("t_{}", uuid::Uuid::new_v4().simple());
-        let mut admin = sqlx::PgConnection::connect(&(s.pg_url)("postgres"))
-            .await
-            .expect("admin connection");
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db}")))
-            .execute(&mut admin)
-            .await
-            .expect("create database");
+        let db = new_database(&(s.pg_url)("postgres")).await;
         let fake = FakeProviders::start_with(SocketAddr::from(([127, 0, 0, 1], 0)), fake)
             .await
             .expect("fake providers");
@@ -175,14 +190,7 @@ impl TestCtx {
             servers.push(("AIQ_REDIS_URL", url.to_owned()));
         }
         if let Some(pg) = pg {
-            let db = format!("t_{}", uuid::Uuid::new_v4().simple());
-            let mut admin = sqlx::PgConnection::connect(&pg.url("postgres"))
-                .await
-                .expect("admin connection to the test's own PostgreSQL");
-            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db}")))
-                .execute(&mut admin)
-                .await
-                .expect("create database");
+            let db = new_database(&pg.url("postgres")).await;
             servers.push(("AIQ_DATABASE_URL", pg.url(&db)));
         }
         let all: Vec<(&str, &str)> = servers
@@ -231,6 +239,28 @@ impl TestCtx {
             .await
             .expect("enqueue")
             .job_id
+    }
+
+    /// Enqueues an LLM job and a one-image Vision job of `org` in `tier`; returns their ids.
+    pub async fn enqueue_both_kinds(&self, tier: Tier, org: &str, text: &str) -> [String; 2] {
+        [
+            self.enqueue(
+                JobKind::LlmComplete,
+                tier,
+                org,
+                &llm_payload(tier, org, text),
+                0,
+            )
+            .await,
+            self.enqueue(
+                JobKind::VisionAnnotate,
+                tier,
+                org,
+                &vision_payload(tier, org, 1),
+                0,
+            )
+            .await,
+        ]
     }
 
     /// Waits until nothing is waiting, in flight or delayed.
