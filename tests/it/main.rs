@@ -17,3 +17,4 @@ mod pipeline;
 mod providers;
 mod queue;
 mod retries;
+mod tls;
