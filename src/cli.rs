@@ -337,6 +337,8 @@ fn process_env() -> Env<impl Fn(&str) -> Option<String>> {
 /// Parses the command line and runs it. Errors print as one line naming what went wrong.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // One TLS stack for the whole process (Redis, PostgreSQL, the providers): see `tls`.
+    crate::tls::install_crypto_provider();
     // A report piped into `head` must end quietly when the pipe closes, not panic on the write:
     // the commands that print and exit take SIGPIPE's default (the shell sees status 141). The
     // daemon and the long-running tools keep Rust's default of ignoring it (sockets).
@@ -379,9 +381,15 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Run => run_daemon().await,
         Command::Migrate => {
-            let url = config::database_url(&process_env())?;
-            crate::telemetry::init(LogFormat::Text, "warn", redact::url_passwords(url.expose()));
-            let store = crate::store::Store::connect(&url, 2, Duration::from_secs(10)).await?;
+            let db = config::DatabaseSettings::load(&process_env())?;
+            crate::telemetry::init(
+                LogFormat::Text,
+                "warn",
+                redact::url_passwords(db.url.expose()),
+            );
+            let store = crate::store::Store::connect(&db, 2, Duration::from_secs(10))
+                .await
+                .context("connecting to PostgreSQL (AIQ_DATABASE_URL)")?;
             store.migrate().await?;
             println!("migrations applied");
             Ok(())
@@ -603,9 +611,9 @@ async fn shutdown_signal() {
 /// configuration.
 async fn money_env() -> anyhow::Result<(crate::store::Store, crate::config::BudgetSettings)> {
     let env = process_env();
-    let url = config::database_url(&env)?;
+    let db = config::DatabaseSettings::load(&env)?;
     let budget = config::BudgetSettings::load(&env)?;
-    let store = crate::store::Store::connect(&url, 2, Duration::from_secs(10))
+    let store = crate::store::Store::connect(&db, 2, Duration::from_secs(10))
         .await
         .context("connecting to PostgreSQL (AIQ_DATABASE_URL)")?;
     Ok((store, budget))
@@ -742,8 +750,9 @@ async fn budget(action: BudgetAction) -> anyhow::Result<()> {
         }
         BudgetAction::Show { org, tier } => {
             let queue = QueueSettings::load(&process_env())?;
-            let budget =
-                crate::budget::Budget::connect(&queue.redis_url, queue.cluster, &settings).await?;
+            let budget = crate::budget::Budget::connect(&queue.redis, &settings)
+                .await
+                .context("connecting to Redis (AIQ_REDIS_URL)")?;
             let (daily, monthly, tier) =
                 org_monthly_limit(&store, &settings, org, tier.as_deref()).await?;
             let limits = crate::budget::OrgLimits { daily, monthly };
@@ -782,8 +791,9 @@ async fn budget(action: BudgetAction) -> anyhow::Result<()> {
         }
         BudgetAction::Rebuild => {
             let queue = QueueSettings::load(&process_env())?;
-            let budget =
-                crate::budget::Budget::connect(&queue.redis_url, queue.cluster, &settings).await?;
+            let budget = crate::budget::Budget::connect(&queue.redis, &settings)
+                .await
+                .context("connecting to Redis (AIQ_REDIS_URL)")?;
             let report = crate::budget::rebuild(&budget, &store).await?;
             println!("{}", shown(&report));
             Ok(())

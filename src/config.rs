@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::domain::{MicroUsd, Tier};
+use crate::tls::PemFile;
 
 /// A secret (API key, password-bearing URL). It never prints.
 #[derive(Clone, PartialEq, Eq)]
@@ -129,13 +130,46 @@ pub enum LogFormat {
     Text,
 }
 
+/// Where Redis is and how to reach it. Every Redis connection of aiq (the queue's, the budget's,
+/// the breakers', the command line's) is opened with these, through `redis_conn`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RedisSettings {
+    /// One URL, or with `cluster` several seed nodes separated by commas. Printed masked.
+    pub url: SecretUrl,
+    /// Talk to a Redis Cluster (the queue's keys share one hash tag, so one slot).
+    pub cluster: bool,
+    pub tls: RedisTls,
+}
+
+/// Certificates for a `rediss://` URL, read and checked when the settings load. Without any,
+/// a `rediss://` URL verifies the server against the system's roots.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RedisTls {
+    /// The CA bundle that verifies the server, in place of the system's roots.
+    pub ca: Option<PemFile>,
+    /// A certificate and its key, for a server that asks clients for one (mutual TLS).
+    pub client: Option<(PemFile, PemFile)>,
+}
+
+impl RedisTls {
+    pub fn is_empty(&self) -> bool {
+        self.ca.is_none() && self.client.is_none()
+    }
+}
+
+/// PostgreSQL: the URL (whose `sslmode`, `sslrootcert`, `sslcert` and `sslkey` parameters set
+/// TLS) and a CA bundle for a URL that names none.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DatabaseSettings {
+    pub url: Secret,
+    /// `AIQ_DATABASE_CA_FILE`: the root certificates when the URL has no `sslrootcert`.
+    pub ca: Option<PemFile>,
+}
+
 /// The queue's settings: everything the Redis backend needs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct QueueSettings {
-    /// One URL, or with `cluster` several seed nodes separated by commas.
-    pub redis_url: SecretUrl,
-    /// Talk to a Redis Cluster (the queue's keys share one hash tag, so one slot).
-    pub cluster: bool,
+    pub redis: RedisSettings,
     /// Key prefix; every key of the queue lives under the hash tag `{prefix}`.
     pub prefix: String,
     pub concurrency: usize,
@@ -196,7 +230,7 @@ pub struct BudgetSettings {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
-    pub database_url: Secret,
+    pub database: DatabaseSettings,
     pub queue: QueueSettings,
     pub retry: RetryPolicy,
     pub call_retry: CallRetryPolicy,
@@ -344,6 +378,20 @@ impl<F: Fn(&str) -> Option<String>> Env<F> {
         range: std::ops::RangeInclusive<u64>,
     ) -> Result<Duration, ConfigError> {
         self.int_in(name, default, range).map(Duration::from_millis)
+    }
+
+    /// A PEM file named by `name`, read and checked by `read`; None when unset.
+    fn pem_file(
+        &self,
+        name: &'static str,
+        read: fn(&std::path::Path) -> Result<PemFile, String>,
+    ) -> Result<Option<PemFile>, ConfigError> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(path) => read(std::path::Path::new(path.trim()))
+                .map(Some)
+                .map_err(|e| bad(name, e)),
+        }
     }
 
     fn url(
@@ -506,10 +554,10 @@ fn parse_weights(name: &'static str, v: &str) -> Result<[u32; 6], ConfigError> {
     Ok(out)
 }
 
-impl QueueSettings {
-    /// Loads only what the queue needs (used by `aiq enqueue`, `aiq stats` and `run`).
+impl RedisSettings {
+    /// `AIQ_REDIS_URL`, `AIQ_REDIS_CLUSTER` and the TLS files.
     pub fn load<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> Result<Self, ConfigError> {
-        let redis_url = env.required(
+        let url = env.required(
             "AIQ_REDIS_URL",
             "the Redis URL, e.g. redis://127.0.0.1:6379/",
         )?;
@@ -518,20 +566,75 @@ impl QueueSettings {
             false,
             &[("false", false), ("0", false), ("true", true), ("1", true)],
         )?;
-        let urls: Vec<&str> = redis_url.split(',').map(str::trim).collect();
+        let urls: Vec<&str> = url.split(',').map(str::trim).collect();
         if urls.len() > 1 && !cluster {
             return Err(bad(
                 "AIQ_REDIS_URL",
                 "lists several nodes; set AIQ_REDIS_CLUSTER=true for a Redis Cluster, or give one URL",
             ));
         }
-        for url in urls {
+        for u in &urls {
             check_url(
                 "AIQ_REDIS_URL",
-                url,
+                u,
                 &["redis", "rediss", "unix", "redis+unix"],
             )?;
         }
+        let tls_urls = urls.iter().filter(|u| u.starts_with("rediss://")).count();
+        if tls_urls != 0 && tls_urls != urls.len() {
+            return Err(bad(
+                "AIQ_REDIS_URL",
+                "mixes rediss:// and plain nodes; a cluster's seed nodes all use TLS or none does",
+            ));
+        }
+        let ca = env.pem_file("AIQ_REDIS_CA_FILE", PemFile::certificates)?;
+        let cert = env.pem_file("AIQ_REDIS_CLIENT_CERT_FILE", PemFile::certificates)?;
+        let key = env.pem_file("AIQ_REDIS_CLIENT_KEY_FILE", PemFile::private_key)?;
+        let client = match (cert, key) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => {
+                PemFile::check_key_pair(&cert, &key)
+                    .map_err(|e| bad("AIQ_REDIS_CLIENT_KEY_FILE", e))?;
+                Some((cert, key))
+            }
+            (Some(_), None) => {
+                return Err(bad(
+                    "AIQ_REDIS_CLIENT_KEY_FILE",
+                    "is missing; AIQ_REDIS_CLIENT_CERT_FILE is set, and a client certificate needs its key",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(bad(
+                    "AIQ_REDIS_CLIENT_CERT_FILE",
+                    "is missing; AIQ_REDIS_CLIENT_KEY_FILE is set, and a client key needs its certificate",
+                ));
+            }
+        };
+        let tls = RedisTls { ca, client };
+        if tls_urls == 0 && !tls.is_empty() {
+            let name = if tls.ca.is_some() {
+                "AIQ_REDIS_CA_FILE"
+            } else {
+                "AIQ_REDIS_CLIENT_CERT_FILE"
+            };
+            return Err(bad(
+                name,
+                "is set, but AIQ_REDIS_URL does not use TLS, so it would not be used; \
+                 use a rediss:// URL (the server's TLS port) or unset it",
+            ));
+        }
+        Ok(Self {
+            url: SecretUrl(url),
+            cluster,
+            tls,
+        })
+    }
+}
+
+impl QueueSettings {
+    /// Loads only what the queue needs (used by `aiq enqueue`, `aiq stats` and `run`).
+    pub fn load<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> Result<Self, ConfigError> {
+        let redis = RedisSettings::load(env)?;
         let prefix = env.prefix("AIQ_QUEUE_PREFIX", "aiq")?;
         let scheduling = env.choice(
             "AIQ_SCHEDULING",
@@ -543,8 +646,7 @@ impl QueueSettings {
             Some(v) => parse_weights("AIQ_TIER_WEIGHTS", &v)?,
         };
         Ok(QueueSettings {
-            redis_url: SecretUrl(redis_url),
-            cluster,
+            redis,
             prefix,
             concurrency: env.int_in("AIQ_CONCURRENCY", 16, 1..=50_000)? as usize,
             fetch_batch: env.int_in("AIQ_FETCH_BATCH", 32, 1..=1000)? as usize,
@@ -567,14 +669,110 @@ impl QueueSettings {
     }
 }
 
-/// The database URL alone (used by `aiq migrate`).
-pub fn database_url<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> Result<Secret, ConfigError> {
-    let v = env.required(
-        "AIQ_DATABASE_URL",
-        "the PostgreSQL URL, e.g. postgres://aiq:secret@127.0.0.1:5432/aiq",
-    )?;
-    check_url("AIQ_DATABASE_URL", &v, &["postgres", "postgresql"])?;
-    Ok(Secret::new(v))
+/// The names sqlx takes for a PostgreSQL URL's root certificate parameter.
+const ROOT_CERT_PARAMS: [&str; 3] = ["sslrootcert", "ssl-root-cert", "ssl-ca"];
+
+impl DatabaseSettings {
+    /// `AIQ_DATABASE_URL` and `AIQ_DATABASE_CA_FILE` (all `aiq migrate` and the money commands
+    /// need). The URL's TLS parameters are checked here, and the files they name read, so a
+    /// typo stops start-up naming the setting instead of failing the first connection.
+    pub fn load<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> Result<Self, ConfigError> {
+        const NAME: &str = "AIQ_DATABASE_URL";
+        let v = env.required(
+            NAME,
+            "the PostgreSQL URL, e.g. postgres://aiq:secret@127.0.0.1:5432/aiq",
+        )?;
+        check_url(NAME, &v, &["postgres", "postgresql"])?;
+        let params = url_params(&v);
+        let param = |keys: &[&str]| {
+            params
+                .iter()
+                .rev()
+                .find(|(k, _)| keys.contains(&k.as_str()))
+                .map(|(_, v)| v.clone())
+        };
+        let modes = [
+            "disable",
+            "allow",
+            "prefer",
+            "require",
+            "verify-ca",
+            "verify-full",
+        ];
+        let mode = param(&["sslmode", "ssl-mode"])
+            .unwrap_or_else(|| "prefer".into())
+            .to_ascii_lowercase();
+        if !modes.contains(&mode.as_str()) {
+            return Err(bad(
+                NAME,
+                format!("sslmode={mode:?} must be one of {}", modes.join(", ")),
+            ));
+        }
+        let verifies = mode.starts_with("verify-");
+        let root = param(&ROOT_CERT_PARAMS);
+        if let Some(path) = &root {
+            PemFile::certificates(std::path::Path::new(path))
+                .map_err(|e| bad(NAME, format!("sslrootcert: {e}")))?;
+            if !verifies {
+                return Err(bad(
+                    NAME,
+                    format!(
+                        "sslrootcert is set, but sslmode={mode} does not verify the server, so it would not be used; \
+                         use sslmode=verify-full (or verify-ca)"
+                    ),
+                ));
+            }
+        }
+        let cert = param(&["sslcert", "ssl-cert"]);
+        let key = param(&["sslkey", "ssl-key"]);
+        match (&cert, &key) {
+            (Some(cert), Some(key)) => {
+                let cert = PemFile::certificates(std::path::Path::new(cert))
+                    .map_err(|e| bad(NAME, format!("sslcert: {e}")))?;
+                let key = PemFile::private_key(std::path::Path::new(key))
+                    .map_err(|e| bad(NAME, format!("sslkey: {e}")))?;
+                PemFile::check_key_pair(&cert, &key)
+                    .map_err(|e| bad(NAME, format!("sslkey: {e}")))?;
+            }
+            (None, None) => {}
+            _ => {
+                return Err(bad(
+                    NAME,
+                    "sslcert and sslkey go together: give both or neither",
+                ));
+            }
+        }
+        let ca = env.pem_file("AIQ_DATABASE_CA_FILE", PemFile::certificates)?;
+        if ca.is_some() && !verifies {
+            return Err(bad(
+                "AIQ_DATABASE_CA_FILE",
+                format!(
+                    "is set, but AIQ_DATABASE_URL has sslmode={mode}, which does not verify the server, so it would not be used; \
+                     add sslmode=verify-full (or verify-ca) to the URL"
+                ),
+            ));
+        }
+        Ok(Self {
+            url: Secret::new(v),
+            ca,
+        })
+    }
+
+    /// The root certificates to add to the URL's options: `AIQ_DATABASE_CA_FILE`, unless the
+    /// URL names its own `sslrootcert`, which wins.
+    pub fn root_cert(&self) -> Option<&PemFile> {
+        let in_url = url_params(self.url.expose())
+            .iter()
+            .any(|(k, _)| ROOT_CERT_PARAMS.contains(&k.as_str()));
+        self.ca.as_ref().filter(|_| !in_url)
+    }
+}
+
+/// The query parameters of a URL, decoded.
+fn url_params(url: &str) -> Vec<(String, String)> {
+    url::Url::parse(url)
+        .map(|u| u.query_pairs().into_owned().collect())
+        .unwrap_or_default()
 }
 
 impl Settings {
@@ -604,6 +802,10 @@ impl Settings {
                 .collect::<Vec<_>>()
                 .join(",")
         };
+        let path = |f: Option<&PemFile>| {
+            f.map(|f| f.path().display().to_string())
+                .unwrap_or_default()
+        };
         let q = &self.queue;
         let b = &self.budget;
         let per_provider = |v: &[u64; 4]| {
@@ -615,12 +817,22 @@ impl Settings {
                 .join(",")
         };
         vec![
-            ("AIQ_REDIS_URL", q.redis_url.to_string()),
-            ("AIQ_REDIS_CLUSTER", q.cluster.to_string()),
+            ("AIQ_REDIS_URL", q.redis.url.to_string()),
+            ("AIQ_REDIS_CLUSTER", q.redis.cluster.to_string()),
+            ("AIQ_REDIS_CA_FILE", path(q.redis.tls.ca.as_ref())),
+            (
+                "AIQ_REDIS_CLIENT_CERT_FILE",
+                path(q.redis.tls.client.as_ref().map(|(c, _)| c)),
+            ),
+            (
+                "AIQ_REDIS_CLIENT_KEY_FILE",
+                path(q.redis.tls.client.as_ref().map(|(_, k)| k)),
+            ),
             (
                 "AIQ_DATABASE_URL",
-                crate::redact::url(self.database_url.expose()).into_owned(),
+                crate::redact::url(self.database.url.expose()).into_owned(),
             ),
+            ("AIQ_DATABASE_CA_FILE", path(self.database.ca.as_ref())),
             ("AIQ_QUEUE_PREFIX", q.prefix.clone()),
             ("AIQ_CONCURRENCY", q.concurrency.to_string()),
             ("AIQ_FETCH_BATCH", q.fetch_batch.to_string()),
@@ -752,8 +964,8 @@ impl Settings {
         .map(|s| s.expose().to_owned())
         .collect();
         // The passwords inside the database and Redis URLs, as written and decoded.
-        out.extend(crate::redact::url_passwords(self.database_url.expose()));
-        out.extend(crate::redact::url_passwords(&self.queue.redis_url));
+        out.extend(crate::redact::url_passwords(self.database.url.expose()));
+        out.extend(crate::redact::url_passwords(&self.queue.redis.url));
         out
     }
 
@@ -763,7 +975,7 @@ impl Settings {
     }
 
     pub fn load<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> Result<Self, ConfigError> {
-        let database_url = database_url(env)?;
+        let database = DatabaseSettings::load(env)?;
         let queue = QueueSettings::load(env)?;
         let retry = RetryPolicy {
             max_attempts: env.int_in("AIQ_MAX_ATTEMPTS", 5, 1..=100)? as u32,
@@ -824,7 +1036,7 @@ impl Settings {
             ));
         }
         Ok(Settings {
-            database_url,
+            database,
             queue,
             retry,
             call_retry,
@@ -987,6 +1199,204 @@ mod tests {
         }
     }
 
+    /// Settings on top of [`BASE`], the setting their error must name, and words its problem
+    /// must hold.
+    type Refusal<'a> = (Vec<(&'a str, &'a str)>, &'a str, &'a str);
+
+    /// `pairs` on top of [`BASE`], loaded.
+    fn load_with(pairs: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let mut all = BASE.to_vec();
+        for (k, v) in pairs {
+            all.retain(|(n, _)| n != k);
+            all.push((k, v));
+        }
+        Settings::load(&env(&all))
+    }
+
+    /// Each case's settings are refused, naming its setting and with its words.
+    fn assert_refused(cases: Vec<Refusal>) {
+        for (pairs, name, problem) in cases {
+            let err = load_with(&pairs).unwrap_err();
+            assert_eq!(err.name, name, "{pairs:?} gave {err}");
+            assert!(err.problem.contains(problem), "{pairs:?} gave {err}");
+        }
+    }
+
+    fn p(path: &std::path::Path) -> String {
+        path.display().to_string()
+    }
+
+    #[test]
+    fn tls_files_that_are_missing_or_not_pem_are_refused_naming_their_setting() {
+        let dir = tempfile::tempdir().unwrap();
+        let junk = dir.path().join("junk.pem");
+        std::fs::write(&junk, "hello\n").unwrap();
+        let missing = p(&dir.path().join("missing.pem"));
+        let junk = p(&junk);
+        let rediss = ("AIQ_REDIS_URL", "rediss://127.0.0.1:6380/");
+        let cases: Vec<Refusal> = vec![
+            (
+                vec![rediss, ("AIQ_REDIS_CA_FILE", &missing)],
+                "AIQ_REDIS_CA_FILE",
+                "cannot read",
+            ),
+            (
+                vec![rediss, ("AIQ_REDIS_CA_FILE", &junk)],
+                "AIQ_REDIS_CA_FILE",
+                "no PEM certificate",
+            ),
+            (
+                vec![
+                    rediss,
+                    ("AIQ_REDIS_CLIENT_CERT_FILE", &junk),
+                    ("AIQ_REDIS_CLIENT_KEY_FILE", &junk),
+                ],
+                "AIQ_REDIS_CLIENT_CERT_FILE",
+                "no PEM certificate",
+            ),
+            (
+                vec![("AIQ_DATABASE_CA_FILE", &missing)],
+                "AIQ_DATABASE_CA_FILE",
+                "cannot read",
+            ),
+        ];
+        assert_refused(cases);
+        let url = format!("postgres://u@db/aiq?sslmode=verify-full&sslrootcert={missing}");
+        let err = load_with(&[("AIQ_DATABASE_URL", &url)]).unwrap_err();
+        assert_eq!(err.name, "AIQ_DATABASE_URL");
+        assert!(err.problem.contains("sslrootcert: cannot read"), "{err}");
+    }
+
+    #[test]
+    fn redis_tls_files_need_a_rediss_url_and_a_client_certificate_needs_its_own_key() {
+        let pki = crate::localsvc::TestPki::generate("config test CA").unwrap();
+        let other = crate::localsvc::TestPki::generate("another CA").unwrap();
+        let (ca, cert, key) = (p(&pki.ca()), p(&pki.client_cert()), p(&pki.client_key()));
+        let other_key = p(&other.client_key());
+        let plain = ("AIQ_REDIS_URL", "redis://127.0.0.1:6379/");
+        let rediss = ("AIQ_REDIS_URL", "rediss://127.0.0.1:6380/");
+        let cases: Vec<Refusal> = vec![
+            (
+                vec![plain, ("AIQ_REDIS_CA_FILE", &ca)],
+                "AIQ_REDIS_CA_FILE",
+                "does not use TLS",
+            ),
+            (
+                vec![
+                    plain,
+                    ("AIQ_REDIS_CLIENT_CERT_FILE", &cert),
+                    ("AIQ_REDIS_CLIENT_KEY_FILE", &key),
+                ],
+                "AIQ_REDIS_CLIENT_CERT_FILE",
+                "does not use TLS",
+            ),
+            (
+                vec![rediss, ("AIQ_REDIS_CLIENT_CERT_FILE", &cert)],
+                "AIQ_REDIS_CLIENT_KEY_FILE",
+                "is missing",
+            ),
+            (
+                vec![rediss, ("AIQ_REDIS_CLIENT_KEY_FILE", &key)],
+                "AIQ_REDIS_CLIENT_CERT_FILE",
+                "is missing",
+            ),
+            (
+                vec![
+                    rediss,
+                    ("AIQ_REDIS_CLIENT_CERT_FILE", &cert),
+                    ("AIQ_REDIS_CLIENT_KEY_FILE", &other_key),
+                ],
+                "AIQ_REDIS_CLIENT_KEY_FILE",
+                "is not the key",
+            ),
+            (
+                vec![
+                    ("AIQ_REDIS_URL", "rediss://a:1/,redis://b:2/"),
+                    ("AIQ_REDIS_CLUSTER", "true"),
+                ],
+                "AIQ_REDIS_URL",
+                "mixes",
+            ),
+        ];
+        assert_refused(cases);
+        let s = load_with(&[
+            rediss,
+            ("AIQ_REDIS_CA_FILE", &ca),
+            ("AIQ_REDIS_CLIENT_CERT_FILE", &cert),
+            ("AIQ_REDIS_CLIENT_KEY_FILE", &key),
+        ])
+        .unwrap();
+        assert!(s.queue.redis.tls.ca.is_some() && s.queue.redis.tls.client.is_some());
+        let eff = s.effective();
+        let get = |n: &str| eff.iter().find(|(k, _)| *k == n).unwrap().1.clone();
+        assert_eq!(get("AIQ_REDIS_CA_FILE"), ca);
+        assert_eq!(get("AIQ_REDIS_CLIENT_KEY_FILE"), key);
+        // The key's path prints; its contents never do.
+        assert!(!format!("{s:?}").contains("PRIVATE KEY"));
+    }
+
+    #[test]
+    fn postgresql_tls_parameters_are_checked_and_the_ca_setting_fills_in_for_the_url() {
+        let pki = crate::localsvc::TestPki::generate("config test CA").unwrap();
+        let ca = p(&pki.ca());
+        let url = |q: &str| format!("postgres://u:pw@db.example:5432/aiq?{q}");
+        let refused = [
+            (
+                url("sslmode=sometimes"),
+                vec![],
+                "AIQ_DATABASE_URL",
+                "sslmode",
+            ),
+            (
+                url(&format!("sslmode=require&sslrootcert={ca}")),
+                vec![],
+                "AIQ_DATABASE_URL",
+                "would not be used",
+            ),
+            (
+                url(&format!("sslcert={ca}")),
+                vec![],
+                "AIQ_DATABASE_URL",
+                "go together",
+            ),
+            (
+                url("sslmode=require"),
+                vec![("AIQ_DATABASE_CA_FILE", ca.as_str())],
+                "AIQ_DATABASE_CA_FILE",
+                "would not be used",
+            ),
+            (
+                "postgres://u@db/aiq".to_owned(),
+                vec![("AIQ_DATABASE_CA_FILE", ca.as_str())],
+                "AIQ_DATABASE_CA_FILE",
+                "sslmode=prefer",
+            ),
+        ];
+        for (u, mut extra, name, problem) in refused {
+            extra.push(("AIQ_DATABASE_URL", &u));
+            let err = load_with(&extra).unwrap_err();
+            assert_eq!(err.name, name, "{u} gave {err}");
+            assert!(err.problem.contains(problem), "{u} gave {err}");
+            assert!(
+                !err.to_string().contains("pw@"),
+                "the password never prints"
+            );
+        }
+        // The setting is the root certificate of a URL that names none...
+        let verify = url("sslmode=verify-full");
+        let s = load_with(&[("AIQ_DATABASE_URL", &verify), ("AIQ_DATABASE_CA_FILE", &ca)]).unwrap();
+        assert_eq!(
+            s.database.root_cert().map(|f| p(f.path())),
+            Some(ca.clone())
+        );
+        let eff = s.effective();
+        assert!(eff.contains(&("AIQ_DATABASE_CA_FILE", ca.clone())));
+        // ...and the URL's own sslrootcert wins.
+        let own = url(&format!("sslmode=VERIFY-CA&sslrootcert={ca}"));
+        let s = load_with(&[("AIQ_DATABASE_URL", &own), ("AIQ_DATABASE_CA_FILE", &ca)]).unwrap();
+        assert!(s.database.root_cert().is_none());
+    }
+
     #[test]
     fn the_passwords_of_both_urls_are_masked_in_the_effective_settings_and_known_as_secrets() {
         let s = Settings::load(&env(&[
@@ -996,7 +1406,7 @@ mod tests {
             ),
             (
                 "AIQ_REDIS_URL",
-                "redis://:redis-secret@r1:7000,rediss://u:redis%40two@r2:7001",
+                "redis://:redis-secret@r1:7000,redis://u:redis%40two@r2:7001",
             ),
             ("AIQ_REDIS_CLUSTER", "true"),
         ]))
@@ -1008,7 +1418,7 @@ mod tests {
         );
         assert_eq!(
             eff["AIQ_REDIS_URL"],
-            "redis://:***@r1:7000,rediss://u:***@r2:7001"
+            "redis://:***@r1:7000,redis://u:***@r2:7001"
         );
         let printed = format!("{eff:?} {s:?}");
         for pw in ["pg-secret", "redis-secret", "redis%40two", "redis@two"] {
@@ -1016,7 +1426,7 @@ mod tests {
             assert!(s.secrets().iter().any(|x| x == pw), "{pw} not a secret");
         }
         // The whole URL still connects.
-        assert!(s.queue.redis_url.contains(":redis-secret@r1"));
+        assert!(s.queue.redis.url.contains(":redis-secret@r1"));
     }
 
     #[test]

@@ -19,4 +19,5 @@ pub mod redis_conn;
 pub mod store;
 pub mod systemd;
 pub mod telemetry;
+pub mod tls;
 pub mod worker;

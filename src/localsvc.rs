@@ -4,6 +4,10 @@
 //! Every child is started with a parent-death signal, so a crashed or killed parent never leaves a
 //! server behind. PostgreSQL refuses to run as root, so when we are root it runs as the `postgres`
 //! user (or `nobody`) and its folders are handed to that user.
+//!
+//! For the TLS tests, [`TestPki`] makes a CA and certificates with the `openssl` command, and each
+//! server can start with TLS only ([`LocalRedis::start_tls`], [`LocalRedisCluster::start_tls`],
+//! [`LocalPostgres::start_tls`]).
 
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
@@ -104,8 +108,9 @@ fn run_folder(label: &str) -> anyhow::Result<PathBuf> {
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             if let Some(rest) = name.strip_prefix(&prefix) {
+                // Only a pid: `aiq-it-` must not take `aiq-it-cluster-`, another label's folder.
                 let pid = rest.split('-').next().unwrap_or("");
-                if !pid.is_empty() && !Path::new("/proc").join(pid).exists() {
+                if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
                     let _ = std::fs::remove_dir_all(entry.path());
                 }
             }
@@ -128,11 +133,54 @@ pub struct LocalRedis {
     /// The binary and the extra arguments it was started with, for [`LocalRedis::restart`].
     bin: PathBuf,
     extra: Vec<String>,
+    /// Set when it serves TLS only, on `port`.
+    tls: Option<ServerTls>,
+}
+
+/// A throw-away server's TLS: its certificate and key (of a [`TestPki`]) and the CA it verifies
+/// clients against. A [`LocalRedis`] with it listens on TLS only (`--port 0 --tls-port`).
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+    /// Redis's `tls-auth-clients`: `yes` (a client must present a certificate the CA signed),
+    /// `optional` or `no`. PostgreSQL ignores it.
+    pub auth_clients: &'static str,
+}
+
+impl ServerTls {
+    /// `redis-server` arguments for TLS on `port` (they come last, so they override `--port`).
+    fn args(&self, port: u16) -> Vec<String> {
+        let mut args: Vec<String> = ["--port", "0", "--tls-port"]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect();
+        args.push(port.to_string());
+        for (flag, path) in [
+            ("--tls-cert-file", &self.cert),
+            ("--tls-key-file", &self.key),
+            ("--tls-ca-cert-file", &self.ca),
+        ] {
+            args.push(flag.to_owned());
+            args.push(path.display().to_string());
+        }
+        args.push("--tls-auth-clients".to_owned());
+        args.push(self.auth_clients.to_owned());
+        args
+    }
 }
 
 /// The `redis-server` command line of a [`LocalRedis`]: loopback only, no snapshots, no
-/// append-only file unless `extra` turns it on (a later argument overrides an earlier one).
-fn redis_command(bin: &Path, port: u16, dir: &Path, extra: &[String]) -> Command {
+/// append-only file unless `extra` turns it on (a later argument overrides an earlier one), and
+/// with `tls`, TLS only.
+fn redis_command(
+    bin: &Path,
+    port: u16,
+    dir: &Path,
+    extra: &[String],
+    tls: Option<&ServerTls>,
+) -> Command {
     let mut cmd = Command::new(bin);
     cmd.args([
         "--port",
@@ -147,6 +195,7 @@ fn redis_command(bin: &Path, port: u16, dir: &Path, extra: &[String]) -> Command
     ])
     .arg(dir)
     .args(extra)
+    .args(tls.map(|t| t.args(port)).unwrap_or_default())
     .stdout(Stdio::null())
     .stderr(Stdio::null());
     die_with_parent(&mut cmd, libc::SIGKILL);
@@ -160,6 +209,15 @@ impl LocalRedis {
 
     /// Starts with extra `redis-server` arguments.
     pub fn start_with(label: &str, extra: &[&str]) -> anyhow::Result<Self> {
+        Self::launch(label, extra, None)
+    }
+
+    /// Starts serving TLS only; [`LocalRedis::url`] is then a `rediss://` URL.
+    pub fn start_tls(label: &str, tls: &ServerTls) -> anyhow::Result<Self> {
+        Self::launch(label, &[], Some(tls.clone()))
+    }
+
+    fn launch(label: &str, extra: &[&str], tls: Option<ServerTls>) -> anyhow::Result<Self> {
         let bin = find_binary("redis-server").context(
             "redis-server was not found; install it with `apt-get install -y redis-server` \
              (scripts/demo and scripts/test do this for you)",
@@ -169,7 +227,7 @@ impl LocalRedis {
         let mut last_err = None;
         for _ in 0..5 {
             let port = free_port()?;
-            let mut child = redis_command(&bin, port, &dir, &extra)
+            let mut child = redis_command(&bin, port, &dir, &extra, tls.as_ref())
                 .spawn()
                 .context("starting redis-server")?;
             match wait_for_port(port, &mut child, "redis-server", Duration::from_secs(10)) {
@@ -180,6 +238,7 @@ impl LocalRedis {
                         dir,
                         bin,
                         extra,
+                        tls,
                     });
                 }
                 Err(e) => {
@@ -192,7 +251,12 @@ impl LocalRedis {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}/", self.port)
     }
 
     pub fn port(&self) -> u16 {
@@ -216,9 +280,15 @@ impl LocalRedis {
     /// reloads what it persisted there; returns once it listens. Stops a running one first.
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.kill()?;
-        let mut child = redis_command(&self.bin, self.port, &self.dir, &self.extra)
-            .spawn()
-            .context("restarting redis-server")?;
+        let mut child = redis_command(
+            &self.bin,
+            self.port,
+            &self.dir,
+            &self.extra,
+            self.tls.as_ref(),
+        )
+        .spawn()
+        .context("restarting redis-server")?;
         // It listens before it has loaded its data; until then it answers LOADING errors.
         if let Err(e) = wait_for_port(
             self.port,
@@ -248,28 +318,46 @@ pub struct LocalRedisCluster {
 
 impl LocalRedisCluster {
     pub fn start(label: &str) -> anyhow::Result<Self> {
+        Self::launch(label, None)
+    }
+
+    /// A cluster that speaks TLS only, between its nodes too (`--tls-cluster yes`).
+    pub fn start_tls(label: &str, tls: &ServerTls) -> anyhow::Result<Self> {
+        Self::launch(label, Some(tls))
+    }
+
+    fn launch(label: &str, tls: Option<&ServerTls>) -> anyhow::Result<Self> {
+        let mut extra = vec![
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            "5000",
+        ];
+        if tls.is_some() {
+            extra.extend(["--tls-cluster", "yes", "--tls-replication", "yes"]);
+        }
         let nodes = (0..3)
-            .map(|_| {
-                LocalRedis::start_with(
-                    label,
-                    &[
-                        "--cluster-enabled",
-                        "yes",
-                        "--cluster-config-file",
-                        "nodes.conf",
-                        "--cluster-node-timeout",
-                        "5000",
-                    ],
-                )
-            })
+            .map(|_| LocalRedis::launch(label, &extra, tls.cloned()))
             .collect::<anyhow::Result<Vec<_>>>()?;
         let cli = find_binary("redis-cli")
             .context("redis-cli was not found (Debian package redis-tools)")?;
+        // redis-cli over TLS, as a client of the nodes' CA.
+        let cli_tls: Vec<String> = match tls {
+            Some(t) => vec![
+                "--tls".into(),
+                "--cacert".into(),
+                t.ca.display().to_string(),
+            ],
+            None => Vec::new(),
+        };
         let addrs: Vec<String> = nodes
             .iter()
             .map(|n| format!("127.0.0.1:{}", n.port()))
             .collect();
         let out = Command::new(&cli)
+            .args(&cli_tls)
             .arg("--cluster")
             .arg("create")
             .args(&addrs)
@@ -286,6 +374,7 @@ impl LocalRedisCluster {
         for n in &nodes {
             loop {
                 let info = Command::new(&cli)
+                    .args(&cli_tls)
                     .args(["-p", &n.port().to_string(), "cluster", "info"])
                     .output()
                     .context("running redis-cli cluster info")?;
@@ -332,6 +421,8 @@ struct PostgresLaunch {
     sockets: PathBuf,
     /// The uid and gid it runs as, when we are root.
     as_user: Option<(u32, u32)>,
+    /// With TLS: the server's certificate and key (copied where the server's user owns them).
+    tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl PostgresLaunch {
@@ -358,6 +449,12 @@ impl PostgresLaunch {
             ])
             .stdout(Stdio::null())
             .stderr(Stdio::null());
+        if let Some((cert, key)) = &self.tls {
+            cmd.args(["-c", "ssl=on", "-c"])
+                .arg(format!("ssl_cert_file={}", cert.display()))
+                .arg("-c")
+                .arg(format!("ssl_key_file={}", key.display()));
+        }
         if let Some((uid, gid)) = self.as_user {
             cmd.uid(uid).gid(gid);
         }
@@ -417,6 +514,16 @@ fn unprivileged_user() -> Option<(u32, u32)> {
 
 impl LocalPostgres {
     pub fn start(label: &str) -> anyhow::Result<Self> {
+        Self::launch(label, None)
+    }
+
+    /// Starts with `ssl=on` and the server certificate of `tls` (clients may still connect
+    /// without TLS: whether they must is their `sslmode`).
+    pub fn start_tls(label: &str, tls: &ServerTls) -> anyhow::Result<Self> {
+        Self::launch(label, Some(tls))
+    }
+
+    fn launch(label: &str, tls: Option<&ServerTls>) -> anyhow::Result<Self> {
         let initdb = find_binary("initdb").context(
             "PostgreSQL's initdb was not found; install the server with `apt-get install -y postgresql` \
              (scripts/demo and scripts/test do this for you)",
@@ -469,6 +576,24 @@ impl LocalPostgres {
         if !out.status.success() {
             bail!("initdb failed: {}", String::from_utf8_lossy(&out.stderr));
         }
+        // PostgreSQL refuses a key file that others can read or that its user does not own.
+        let tls = match tls {
+            Some(t) => {
+                let tls_dir = dir.join("tls");
+                std::fs::create_dir_all(&tls_dir)?;
+                let (cert, key) = (tls_dir.join("server.pem"), tls_dir.join("server.key"));
+                std::fs::copy(&t.cert, &cert).context("copying the server certificate")?;
+                std::fs::copy(&t.key, &key).context("copying the server key")?;
+                std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))?;
+                if let Some((uid, gid)) = as_user {
+                    for p in [&tls_dir, &cert, &key] {
+                        std::os::unix::fs::chown(p, Some(uid), Some(gid))?;
+                    }
+                }
+                Some((cert, key))
+            }
+            None => None,
+        };
 
         let launch = PostgresLaunch {
             initdb,
@@ -476,6 +601,7 @@ impl LocalPostgres {
             data,
             sockets,
             as_user,
+            tls,
         };
         let mut last_err = None;
         for _ in 0..5 {
@@ -549,5 +675,120 @@ impl Drop for LocalPostgres {
         // SIGINT is PostgreSQL's fast shutdown: clients are disconnected, then it exits cleanly.
         stop_child(&mut self.child, libc::SIGINT);
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A certificate authority for tests, made with the `openssl` command in a folder of its own
+/// (removed when dropped): the CA, a server certificate for `127.0.0.1` and `localhost` (both
+/// as subjectAltName; also good as a client certificate, which Redis Cluster nodes present to
+/// each other), and a client certificate, each with its key. EC P-256, valid two days.
+pub struct TestPki {
+    dir: tempfile::TempDir,
+}
+
+impl TestPki {
+    /// Makes a CA named `name` and its two certificates.
+    pub fn generate(name: &str) -> anyhow::Result<Self> {
+        let openssl = find_binary("openssl").context(
+            "the openssl command was not found; install it with `apt-get install -y openssl` \
+             (scripts/ensure-deps does this for you)",
+        )?;
+        let dir = tempfile::Builder::new().prefix("aiq-pki-").tempdir()?;
+        let d = dir.path();
+        let run = |args: &[&str]| -> anyhow::Result<()> {
+            let out = Command::new(&openssl)
+                .args(args)
+                .current_dir(d)
+                .env_remove("OPENSSL_CONF")
+                .stdin(Stdio::null())
+                .output()
+                .context("running openssl")?;
+            if !out.status.success() {
+                bail!(
+                    "openssl {} failed: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            Ok(())
+        };
+        // A configuration of our own, so the system's openssl.cnf changes nothing.
+        std::fs::write(
+            d.join("pki.cnf"),
+            format!(
+                "[req]\ndistinguished_name = dn\nprompt = no\n[dn]\nCN = {name}\n\
+                 [ca]\nbasicConstraints = critical,CA:TRUE\nkeyUsage = critical,keyCertSign,cRLSign\n\
+                 subjectKeyIdentifier = hash\n\
+                 [server]\nbasicConstraints = CA:FALSE\nkeyUsage = critical,digitalSignature\n\
+                 extendedKeyUsage = serverAuth,clientAuth\nsubjectAltName = IP:127.0.0.1,DNS:localhost\n\
+                 [client]\nbasicConstraints = CA:FALSE\nkeyUsage = critical,digitalSignature\n\
+                 extendedKeyUsage = clientAuth\n"
+            ),
+        )?;
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        let mut ca = vec!["req", "-x509", "-config", "pki.cnf", "-extensions", "ca"];
+        ca.extend(ec);
+        ca.extend(["-keyout", "ca.key", "-out", "ca.pem", "-days", "2"]);
+        run(&ca)?;
+        for (who, cn) in [("server", "localhost"), ("client", "aiq")] {
+            let (key, csr, pem) = (
+                format!("{who}.key"),
+                format!("{who}.csr"),
+                format!("{who}.pem"),
+            );
+            let subject = format!("/CN={cn}");
+            let mut req = vec!["req", "-config", "pki.cnf", "-subj", &subject];
+            req.extend(ec);
+            req.extend(["-keyout", &key, "-out", &csr]);
+            run(&req)?;
+            run(&[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                "pki.cnf",
+                "-extensions",
+                who,
+                "-out",
+                &pem,
+            ])?;
+        }
+        Ok(Self { dir })
+    }
+
+    pub fn ca(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    pub fn client_cert(&self) -> PathBuf {
+        self.dir.path().join("client.pem")
+    }
+
+    pub fn client_key(&self) -> PathBuf {
+        self.dir.path().join("client.key")
+    }
+
+    /// The server side, for [`LocalRedis::start_tls`] and [`LocalPostgres::start_tls`].
+    pub fn server(&self, auth_clients: &'static str) -> ServerTls {
+        ServerTls {
+            cert: self.dir.path().join("server.pem"),
+            key: self.dir.path().join("server.key"),
+            ca: self.ca(),
+            auth_clients,
+        }
     }
 }

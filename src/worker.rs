@@ -44,7 +44,7 @@ pub async fn connect(settings: &Settings) -> anyhow::Result<(Queue, Store)> {
         .await
         .context("Redis (AIQ_REDIS_URL) does not answer")?;
     let pool_size = (settings.queue.concurrency as u32 + 4).min(100);
-    let store = Store::connect(&settings.database_url, pool_size, Duration::from_secs(10))
+    let store = Store::connect(&settings.database, pool_size, Duration::from_secs(10))
         .await
         .context("connecting to PostgreSQL (AIQ_DATABASE_URL)")?;
     Ok((queue, store))
@@ -55,13 +55,9 @@ pub async fn connect(settings: &Settings) -> anyhow::Result<(Queue, Store)> {
 pub async fn app(settings: &Settings, store: Store) -> anyhow::Result<Arc<App>> {
     let prices = PriceCatalog::load(settings.budget.price_catalog.as_deref())
         .map_err(|e| anyhow::anyhow!("setting AIQ_PRICE_CATALOG: {e}"))?;
-    let budget = Budget::connect(
-        &settings.queue.redis_url,
-        settings.queue.cluster,
-        &settings.budget,
-    )
-    .await
-    .context("connecting to Redis for the budget (AIQ_REDIS_URL)")?;
+    let budget = Budget::connect(&settings.queue.redis, &settings.budget)
+        .await
+        .context("connecting to Redis for the budget (AIQ_REDIS_URL)")?;
     // A hold must outlive the call it covers; after that the sweeper may take it.
     let margin = settings.budget.hold_margin;
     let hold_ttl = HoldTtl {
@@ -71,8 +67,7 @@ pub async fn app(settings: &Settings, store: Store) -> anyhow::Result<Arc<App>> 
         gemini: settings.gemini.timeout + margin,
     };
     let breakers = crate::providers::breaker::Breakers::connect(
-        &settings.queue.redis_url,
-        settings.queue.cluster,
+        &settings.queue.redis,
         &settings.budget.prefix,
         settings.breaker,
     )

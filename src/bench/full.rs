@@ -335,8 +335,8 @@ async fn drain_in_daemon(
     poll: Duration,
 ) -> anyhow::Result<DaemonRun> {
     let mut vars = daemon_vars(
-        &w.settings.queue.redis_url,
-        w.settings.database_url.expose(),
+        &w.settings.queue.redis.url,
+        w.settings.database.url.expose(),
         fake_url,
     );
     vars.extend(extra.iter().cloned());
@@ -422,8 +422,8 @@ pub(crate) async fn budget(opts: &BenchOptions) -> anyhow::Result<Report> {
         .collect();
     enqueue_all(&w.queue, jobs).await?;
     let mut vars = daemon_vars(
-        &w.settings.queue.redis_url,
-        w.settings.database_url.expose(),
+        &w.settings.queue.redis.url,
+        w.settings.database.url.expose(),
         &fake.base_url(),
     );
     vars.extend(extra);

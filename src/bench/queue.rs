@@ -44,9 +44,10 @@ fn prefix(name: &str) -> String {
     format!("bench-{name}-{}", uuid::Uuid::new_v4().simple())
 }
 
-/// Deletes every key of a queue prefix (the benchmark may run on someone's Redis).
+/// Deletes every key of a queue prefix (the benchmark may run on someone's Redis; `--redis-url`
+/// takes no certificate files, so a `rediss://` one is verified against the system's roots).
 async fn remove(url: &str, prefix: &str) -> anyhow::Result<()> {
-    let client = redis::Client::open(url)?;
+    let client = crate::redis_conn::client_for(url, &Default::default())?;
     let mut c = client.get_multiplexed_async_connection().await?;
     let pattern = format!("{{{prefix}}}*");
     let mut cursor: u64 = 0;

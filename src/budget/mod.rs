@@ -34,9 +34,9 @@ use uuid::Uuid;
 
 pub use catalog::{PriceCatalog, PriceError};
 
-use crate::config::BudgetSettings;
+use crate::config::{BudgetSettings, RedisSettings};
 use crate::domain::{MicroUsd, Tier};
-use crate::redis_conn::Conn;
+use crate::redis_conn::{Conn, ConnectError};
 
 static RESERVE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("reserve.lua")));
 static SETTLE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("settle.lua")));
@@ -78,6 +78,8 @@ const MONTH_KEY_TTL_S: u64 = 400 * 86_400;
 pub enum BudgetError {
     #[error("redis (budget): {0}")]
     Redis(#[from] redis::RedisError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsFailure),
     #[error("unexpected reply from a budget script: {0}")]
     Protocol(String),
     /// The ledger marker is missing: Redis lost its data (or was never filled), so its counters
@@ -318,11 +320,13 @@ pub struct Budget {
 
 impl Budget {
     pub async fn connect(
-        redis_url: &str,
-        cluster: bool,
+        redis: &RedisSettings,
         settings: &BudgetSettings,
     ) -> Result<Self, BudgetError> {
-        let conn = Conn::connect(redis_url, cluster).await?;
+        let conn = Conn::connect(redis).await.map_err(|e| match e {
+            ConnectError::Tls(t) => BudgetError::Tls(t),
+            ConnectError::Redis(r) => BudgetError::Redis(r),
+        })?;
         let budget = Self {
             conn,
             base: format!("{{{}}}", settings.prefix),

@@ -911,6 +911,8 @@ fn redis_down(e: crate::budget::BudgetError) -> Failure {
         crate::budget::BudgetError::Redis(r) => crate::redis_conn::error_kind(r),
         crate::budget::BudgetError::Protocol(_) => "protocol",
         crate::budget::BudgetError::LedgerMissing => "ledger",
+        // Only connecting returns it, and a running job's connection is already made.
+        crate::budget::BudgetError::Tls(_) => "tls",
     };
     redis_unavailable(
         "no provider call without a budget check, and the check failed",

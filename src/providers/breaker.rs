@@ -71,13 +71,12 @@ pub struct Breakers {
 impl Breakers {
     /// `prefix`: the platform-wide key prefix (the budget's), so every queue shares breakers.
     pub async fn connect(
-        redis_url: &str,
-        cluster: bool,
+        redis: &crate::config::RedisSettings,
         prefix: &str,
         settings: BreakerSettings,
-    ) -> redis::RedisResult<Self> {
+    ) -> Result<Self, crate::redis_conn::ConnectError> {
         Ok(Self {
-            conn: Conn::connect(redis_url, cluster).await?,
+            conn: Conn::connect(redis).await?,
             base: format!("{{{prefix}}}"),
             settings,
         })

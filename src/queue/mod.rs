@@ -66,10 +66,21 @@ const PROMOTE_LIMIT: usize = 200;
 pub enum QueueError {
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsFailure),
     #[error("the queue refused the job: {0}")]
     Refused(String),
     #[error("unexpected reply from a queue script: {0}")]
     Protocol(String),
+}
+
+impl From<crate::redis_conn::ConnectError> for QueueError {
+    fn from(e: crate::redis_conn::ConnectError) -> Self {
+        match e {
+            crate::redis_conn::ConnectError::Tls(t) => QueueError::Tls(t),
+            crate::redis_conn::ConnectError::Redis(r) => QueueError::Redis(r),
+        }
+    }
 }
 
 /// A job to enqueue.
@@ -232,7 +243,7 @@ pub struct Queue {
 
 impl Queue {
     pub async fn connect(settings: &QueueSettings) -> Result<Self, QueueError> {
-        let conn = Conn::connect(&settings.redis_url, settings.cluster).await?;
+        let conn = Conn::connect(&settings.redis).await?;
         Ok(Self {
             conn,
             base: format!("{{{}}}", settings.prefix),

@@ -11,8 +11,9 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{ConnectOptions, Row};
 use uuid::Uuid;
 
-use crate::config::Secret;
+use crate::config::DatabaseSettings;
 use crate::domain::MicroUsd;
+use crate::tls::{Server, TlsFailure};
 
 mod batch;
 
@@ -63,6 +64,22 @@ pub enum StoreError {
     Db(#[from] sqlx::Error),
     #[error("migrations: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// TLS refused the connection at start: no retry can fix it.
+    #[error(transparent)]
+    Tls(TlsFailure),
+}
+
+/// The TLS refusal in a connection error: a rustls error (which sqlx returns inside an I/O
+/// error), or sqlx's own word that TLS could not be had (the server has ssl=off under an
+/// sslmode that requires it). A bad certificate file is caught when the settings load.
+fn tls_refusal(addr: &str, e: &sqlx::Error) -> Option<TlsFailure> {
+    match e {
+        sqlx::Error::Tls(inner) => Some(
+            TlsFailure::find(Server::Postgres, addr, &**inner)
+                .unwrap_or_else(|| TlsFailure::handshake(Server::Postgres, addr, inner)),
+        ),
+        e => TlsFailure::find(Server::Postgres, addr, e),
+    }
 }
 
 impl StoreError {
@@ -84,7 +101,7 @@ impl StoreError {
                 }),
                 _ => false,
             },
-            StoreError::Migrate(_) => false,
+            StoreError::Migrate(_) | StoreError::Tls(_) => false,
         }
     }
 }
@@ -249,14 +266,20 @@ pub struct Store {
 }
 
 impl Store {
-    /// Connects, retrying for up to `wait` while the server starts or is briefly away.
+    /// Connects, retrying for up to `wait` while the server starts or is briefly away. A TLS
+    /// refusal (a certificate that did not verify, a server without TLS under an sslmode that
+    /// requires it) returns at once as [`StoreError::Tls`]: waiting cannot fix it.
     pub async fn connect(
-        url: &Secret,
+        db: &DatabaseSettings,
         max_connections: u32,
         wait: Duration,
     ) -> Result<Self, StoreError> {
-        let options: PgConnectOptions = url.expose().parse()?;
+        let mut options: PgConnectOptions = db.url.expose().parse()?;
+        if let Some(ca) = db.root_cert() {
+            options = options.ssl_root_cert_from_pem(ca.pem().to_vec());
+        }
         let options = options.disable_statement_logging();
+        let addr = format!("{}:{}", options.get_host(), options.get_port());
         let deadline = Instant::now() + wait;
         loop {
             let attempt = PgPoolOptions::new()
@@ -266,11 +289,16 @@ impl Store {
                 .await;
             match attempt {
                 Ok(pool) => return Ok(Self::from_pool(pool)),
-                Err(e) if Instant::now() < deadline => {
+                Err(e) => {
+                    if let Some(refusal) = tls_refusal(&addr, &e) {
+                        return Err(StoreError::Tls(refusal));
+                    }
+                    if Instant::now() >= deadline {
+                        return Err(e.into());
+                    }
                     tracing::debug!(error = %e, "postgres not ready yet");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-                Err(e) => return Err(e.into()),
             }
         }
     }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use aiq::domain::{JobKind, Tier};
 use aiq::localsvc::LocalRedisCluster;
 
-use crate::harness::{ORG_A, ORG_B, TestCtx, llm_payload, vision_payload};
+use crate::harness::{ORG_A, ORG_B, TestCtx};
 
 /// The master port serving each of a few queue prefixes, one prefix per master.
 async fn prefixes_on_every_master(cluster: &LocalRedisCluster) -> BTreeMap<u16, String> {
@@ -70,22 +70,7 @@ async fn the_queue_and_the_worker_run_on_a_three_master_redis_cluster() {
         .await;
         for tier in [Tier::EnterprisePlus, Tier::Trial] {
             for org in [ORG_A, ORG_B] {
-                ctx.enqueue(
-                    JobKind::LlmComplete,
-                    tier,
-                    org,
-                    &llm_payload(tier, org, "on a cluster"),
-                    0,
-                )
-                .await;
-                ctx.enqueue(
-                    JobKind::VisionAnnotate,
-                    tier,
-                    org,
-                    &vision_payload(tier, org, 1),
-                    0,
-                )
-                .await;
+                ctx.enqueue_both_kinds(tier, org, "on a cluster").await;
             }
         }
         ctx.enqueue(JobKind::LlmComplete, Tier::Trial, ORG_A, "not json", 0)

@@ -20,40 +20,62 @@ pub struct Servers {
     pub pg_url: Box<dyn Fn(&str) -> String + Send + Sync>,
 }
 
-/// Starts redis-server and PostgreSQL once per test run. They are started from a thread that
-/// lives as long as the process, and die with the process (parent-death signal).
+/// Runs `start` on a thread that lives as long as the process, which keeps the servers it
+/// returns (a server dies with the thread that started it: parent-death signal), and returns
+/// what `start` tells of them. Panics naming `name` when they do not start.
+pub fn start_for_the_run<S: 'static, I: Send + 'static>(
+    name: &str,
+    start: impl FnOnce() -> anyhow::Result<(S, I)> + Send + 'static,
+) -> I {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || match start() {
+            Ok((servers, info)) => {
+                tx.send(Ok(info)).expect("server thread channel");
+                // Keep them alive for the whole run.
+                loop {
+                    std::thread::park();
+                    let _ = &servers;
+                }
+            }
+            Err(e) => tx
+                .send(Err(format!("{e:#}")))
+                .expect("server thread channel"),
+        })
+        .expect("spawning the server thread");
+    rx.recv()
+        .expect("server thread")
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+/// Starts redis-server and PostgreSQL once per test run, for the whole run.
 pub fn servers() -> &'static Servers {
     static SERVERS: OnceLock<Servers> = OnceLock::new();
     SERVERS.get_or_init(|| {
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::Builder::new()
-            .name("it-servers".into())
-            .spawn(move || {
-                let started =
-                    LocalRedis::start("it").and_then(|r| Ok((r, LocalPostgres::start("it")?)));
-                match started {
-                    Ok((redis, pg)) => {
-                        let port = pg.port();
-                        tx.send(Ok((redis.url(), port))).expect("harness channel");
-                        // Keep both alive for the whole run.
-                        loop {
-                            std::thread::park();
-                            let _ = (&redis, &pg);
-                        }
-                    }
-                    Err(e) => tx.send(Err(format!("{e:#}"))).expect("harness channel"),
-                }
-            })
-            .expect("spawning the server thread");
-        let (redis_url, pg_port) = rx
-            .recv()
-            .expect("server thread")
-            .unwrap_or_else(|e| panic!("test servers: {e}"));
+        let (redis_url, pg_port) = start_for_the_run("test servers", || {
+            let (redis, pg) = (LocalRedis::start("it")?, LocalPostgres::start("it")?);
+            let info = (redis.url(), pg.port());
+            Ok(((redis, pg), info))
+        });
         Servers {
             redis_url,
             pg_url: Box::new(move |db| format!("postgres://postgres@127.0.0.1:{pg_port}/{db}")),
         }
     })
+}
+
+/// Creates a database of its own on the server of `admin_url` and returns its name.
+pub async fn new_database(admin_url: &str) -> String {
+    let db = format!("t_{}", uuid::Uuid::new_v4().simple());
+    let mut admin = sqlx::PgConnection::connect(admin_url)
+        .await
+        .expect("admin connection");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db}")))
+        .execute(&mut admin)
+        .await
+        .expect("create database");
+    db
 }
 
 /// One test's world: its own database, queue prefix and fake providers.
@@ -81,15 +103,9 @@ impl TestCtx {
 
     /// A context with some settings overridden and the fake providers configured.
     pub async fn build(overrides: &[(&str, &str)], fake: FakeOptions) -> Self {
+        aiq::tls::install_crypto_provider();
         let s = servers();
-        let db = format!("t_{}", uuid::Uuid::new_v4().simple());
-        let mut admin = sqlx::PgConnection::connect(&(s.pg_url)("postgres"))
-            .await
-            .expect("admin connection");
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db}")))
-            .execute(&mut admin)
-            .await
-            .expect("create database");
+        let db = new_database(&(s.pg_url)("postgres")).await;
         let fake = FakeProviders::start_with(SocketAddr::from(([127, 0, 0, 1], 0)), fake)
             .await
             .expect("fake providers");
@@ -149,16 +165,12 @@ impl TestCtx {
         store.migrate().await.expect("migrate");
         // The budget's counters start from the (empty) ledger, as a first `aiq run` would
         // build them, so what a test sets up in Redis before starting a worker stays.
-        aiq::budget::Budget::connect(
-            &settings.queue.redis_url,
-            settings.queue.cluster,
-            &settings.budget,
-        )
-        .await
-        .expect("budget connection")
-        .rebuild_ledger(&store, false)
-        .await
-        .expect("the budget's ledger marker");
+        aiq::budget::Budget::connect(&settings.queue.redis, &settings.budget)
+            .await
+            .expect("budget connection")
+            .rebuild_ledger(&store, false)
+            .await
+            .expect("the budget's ledger marker");
         Self {
             settings,
             queue,
@@ -184,14 +196,7 @@ impl TestCtx {
             servers.push(("AIQ_REDIS_URL", url.to_owned()));
         }
         if let Some(pg) = pg {
-            let db = format!("t_{}", uuid::Uuid::new_v4().simple());
-            let mut admin = sqlx::PgConnection::connect(&pg.url("postgres"))
-                .await
-                .expect("admin connection to the test's own PostgreSQL");
-            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db}")))
-                .execute(&mut admin)
-                .await
-                .expect("create database");
+            let db = new_database(&pg.url("postgres")).await;
             servers.push(("AIQ_DATABASE_URL", pg.url(&db)));
         }
         let all: Vec<(&str, &str)> = servers
@@ -249,6 +254,28 @@ impl TestCtx {
         worker.stop().await;
     }
 
+    /// Enqueues an LLM job and a one-image Vision job of `org` in `tier`; returns their ids.
+    pub async fn enqueue_both_kinds(&self, tier: Tier, org: &str, text: &str) -> [String; 2] {
+        [
+            self.enqueue(
+                JobKind::LlmComplete,
+                tier,
+                org,
+                &llm_payload(tier, org, text),
+                0,
+            )
+            .await,
+            self.enqueue(
+                JobKind::VisionAnnotate,
+                tier,
+                org,
+                &vision_payload(tier, org, 1),
+                0,
+            )
+            .await,
+        ]
+    }
+
     /// Waits until nothing is waiting, in flight or delayed.
     pub async fn wait_settled(&self, timeout: Duration) {
         let q = self.queue.clone();
@@ -264,13 +291,9 @@ impl TestCtx {
 
     /// The budget of this test's settings.
     pub async fn budget(&self) -> aiq::budget::Budget {
-        aiq::budget::Budget::connect(
-            &self.settings.queue.redis_url,
-            self.settings.queue.cluster,
-            &self.settings.budget,
-        )
-        .await
-        .expect("budget connection")
+        aiq::budget::Budget::connect(&self.settings.queue.redis, &self.settings.budget)
+            .await
+            .expect("budget connection")
     }
 
     /// Uses up this month's free Vision units of `feature`, so its calls cost list price.
@@ -365,9 +388,10 @@ impl TestCtx {
         cmd.spawn().expect("spawning aiq run")
     }
 
-    /// Direct access to Redis, for assertions on the queue's keys.
+    /// Direct access to Redis (the first seed node of a cluster), for assertions on the queue's
+    /// keys; with the settings' certificates, as the daemon connects.
     pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
-        redis::Client::open(self.vars["AIQ_REDIS_URL"].as_str())
+        aiq::redis_conn::client(&self.settings.queue.redis)
             .unwrap()
             .get_multiplexed_async_connection()
             .await

@@ -20,3 +20,4 @@ mod pipeline;
 mod providers;
 mod queue;
 mod retries;
+mod tls;
