@@ -387,7 +387,8 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 "warn",
                 redact::url_passwords(db.url.expose()),
             );
-            let store = crate::store::Store::connect(&db, 2, Duration::from_secs(10))
+            let wait = config::startup_wait(&process_env())?;
+            let store = crate::store::Store::connect(&db, 2, wait)
                 .await
                 .context("connecting to PostgreSQL (AIQ_DATABASE_URL)")?;
             store.migrate().await?;

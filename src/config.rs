@@ -245,6 +245,9 @@ pub struct Settings {
     /// `oversize`. Sized for the largest legitimate answer, a 16-image Vision batch with full
     /// text annotations.
     pub max_response_bytes: u64,
+    /// How long `aiq run` and `aiq migrate` wait for Redis and PostgreSQL at start-up
+    /// (`AIQ_STARTUP_WAIT_S`; see `startup`).
+    pub startup_wait: Duration,
     /// How much of the provider answers being read or held one process keeps at once
     /// (`AIQ_RESPONSE_MEMORY_MB`); a call waits for room before it reads its body.
     pub response_memory_bytes: u64,
@@ -404,6 +407,16 @@ impl<F: Fn(&str) -> Option<String>> Env<F> {
         check_url(name, &v, schemes)?;
         Ok(v.trim_end_matches('/').to_owned())
     }
+}
+
+/// `AIQ_STARTUP_WAIT_S` (0 to 86,400; an hour by default); also for `aiq migrate`, which loads
+/// no other setting but the database's.
+pub fn startup_wait<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> Result<Duration, ConfigError> {
+    Ok(Duration::from_secs(env.int_in(
+        "AIQ_STARTUP_WAIT_S",
+        crate::startup::DEFAULT_WAIT.as_secs(),
+        0..=86_400,
+    )?))
 }
 
 fn check_url(name: &'static str, v: &str, schemes: &[&str]) -> Result<(), ConfigError> {
@@ -895,6 +908,10 @@ impl Settings {
             ("AIQ_GEMINI_API_KEY", secret(&self.gemini.api_key)),
             ("AIQ_GEMINI_TIMEOUT_MS", ms(self.gemini.timeout)),
             (
+                "AIQ_STARTUP_WAIT_S",
+                self.startup_wait.as_secs().to_string(),
+            ),
+            (
                 "AIQ_MAX_RESPONSE_MB",
                 (self.max_response_bytes / (1024 * 1024)).to_string(),
             ),
@@ -1068,6 +1085,7 @@ impl Settings {
                 "AIQ_GEMINI_TIMEOUT_MS",
             )?,
             max_response_bytes,
+            startup_wait: startup_wait(env)?,
             response_memory_bytes,
             budget: BudgetSettings::load(env)?,
             sentry_dsn: match env.get("AIQ_SENTRY_DSN") {

@@ -16,6 +16,7 @@ pub mod providers;
 pub mod queue;
 pub mod redact;
 pub mod redis_conn;
+pub mod startup;
 pub mod store;
 pub mod systemd;
 pub mod telemetry;

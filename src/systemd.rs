@@ -45,6 +45,13 @@ pub fn notify(state: &str) {
     }
 }
 
+/// Asks systemd for `by` more before it gives up on the start (`EXTEND_TIMEOUT_USEC`): sent
+/// while aiq waits for Redis or PostgreSQL at boot. Needs `NotifyAccess=exec` for `aiq migrate`
+/// (an `ExecStartPre=` command) to be heard.
+pub fn extend_start_timeout(by: Duration) {
+    notify(&format!("EXTEND_TIMEOUT_USEC={}", by.as_micros()));
+}
+
 /// With `WatchdogSec=` set, pings systemd at half the interval for as long as the worker loop
 /// beats; a stalled worker stops the pings and systemd restarts the service.
 pub fn spawn_watchdog(stop: CancellationToken) {

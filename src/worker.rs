@@ -36,18 +36,42 @@ fn hostname() -> String {
 
 /// Connects to Redis and PostgreSQL; fails naming what did not answer.
 pub async fn connect(settings: &Settings) -> anyhow::Result<(Queue, Store)> {
-    let queue = Queue::connect(&settings.queue)
-        .await
-        .context("connecting to Redis (AIQ_REDIS_URL)")?;
-    queue
-        .ping()
-        .await
-        .context("Redis (AIQ_REDIS_URL) does not answer")?;
+    let mut patience = crate::startup::Patience::new("Redis", settings.startup_wait);
+    let queue = loop {
+        let attempt = match Queue::connect(&settings.queue).await {
+            Ok(q) => q.ping().await.map(|()| q),
+            Err(e) => Err(e),
+        };
+        match attempt {
+            Ok(q) => {
+                patience.over();
+                break q;
+            }
+            Err(e) if redis_may_come(&e) && patience.again(&e).await => {}
+            Err(e) => {
+                return Err(anyhow::Error::new(e).context("connecting to Redis (AIQ_REDIS_URL)"));
+            }
+        }
+    };
     let pool_size = (settings.queue.concurrency as u32 + 4).min(100);
-    let store = Store::connect(&settings.database, pool_size, Duration::from_secs(10))
+    let store = Store::connect(&settings.database, pool_size, settings.startup_wait)
         .await
         .context("connecting to PostgreSQL (AIQ_DATABASE_URL)")?;
     Ok((queue, store))
+}
+
+/// Whether waiting can fix a failure to reach Redis at start-up: not a TLS refusal, a wrong
+/// password or a URL the client refuses.
+fn redis_may_come(e: &crate::queue::QueueError) -> bool {
+    match e {
+        crate::queue::QueueError::Redis(r) => {
+            !matches!(
+                r.kind(),
+                redis::ErrorKind::AuthenticationFailed | redis::ErrorKind::InvalidClientConfig
+            ) && !matches!(r.code(), Some("WRONGPASS" | "NOAUTH" | "NOPERM"))
+        }
+        _ => false,
+    }
 }
 
 /// Builds what the handlers need: the budget's Redis connection, the price catalog (a bad

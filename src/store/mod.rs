@@ -4,7 +4,7 @@
 //! nothing. Money is bound as integer micro-USD and stored as NUMERIC dollars.
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
@@ -266,7 +266,8 @@ pub struct Store {
 }
 
 impl Store {
-    /// Connects, retrying for up to `wait` while the server starts or is briefly away. A TLS
+    /// Connects, retrying for up to `wait` while the server starts or is away (see
+    /// [`crate::startup`]). A TLS
     /// refusal (a certificate that did not verify, a server without TLS under an sslmode that
     /// requires it) returns at once as [`StoreError::Tls`]: waiting cannot fix it.
     pub async fn connect(
@@ -280,7 +281,7 @@ impl Store {
         }
         let options = options.disable_statement_logging();
         let addr = format!("{}:{}", options.get_host(), options.get_port());
-        let deadline = Instant::now() + wait;
+        let mut patience = crate::startup::Patience::new("PostgreSQL", wait);
         loop {
             let attempt = PgPoolOptions::new()
                 .max_connections(max_connections)
@@ -288,16 +289,20 @@ impl Store {
                 .connect_with(options.clone())
                 .await;
             match attempt {
-                Ok(pool) => return Ok(Self::from_pool(pool)),
+                Ok(pool) => {
+                    patience.over();
+                    return Ok(Self::from_pool(pool));
+                }
                 Err(e) => {
                     if let Some(refusal) = tls_refusal(&addr, &e) {
                         return Err(StoreError::Tls(refusal));
                     }
-                    if Instant::now() >= deadline {
-                        return Err(e.into());
+                    // Only a server that is not there (yet) is waited for: a wrong password
+                    // or a missing database ends the start at once.
+                    let e = StoreError::from(e);
+                    if !e.is_unavailable() || !patience.again(&e).await {
+                        return Err(e);
                     }
-                    tracing::debug!(error = %e, "postgres not ready yet");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
         }

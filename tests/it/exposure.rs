@@ -117,6 +117,8 @@ async fn no_url_password_is_printed_by_aiq_config_or_by_a_connection_that_fails(
             "AIQ_DATABASE_URL",
             format!("postgres://aiq:pg-pw-2@127.0.0.1:{port}/aiq?password=pg-pw-3"),
         ),
+        // `aiq run` waits for an unreachable Redis at start-up, saying so in its log: briefly.
+        ("AIQ_STARTUP_WAIT_S", "2".to_owned()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))

@@ -549,3 +549,69 @@ async fn under_systemd_the_daemon_says_ready_pings_the_watchdog_and_says_stoppin
     let (_, _) = recv(sock, "STOPPING=1").await.unwrap();
     assert!(signal_and_wait(daemon, 0).await.success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_boot_aiq_migrate_waits_for_postgres_keeping_systemd_waiting_and_then_migrates() {
+    let mut pg =
+        aiq::localsvc::LocalPostgres::start("boot-wait").expect("a PostgreSQL of this test's own");
+    let url = pg.url("postgres");
+    pg.stop().expect("stopping PostgreSQL: the outage at boot");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_aiq"));
+    cmd.arg("migrate")
+        .env_clear()
+        .env("AIQ_DATABASE_URL", &url)
+        .env("NOTIFY_SOCKET", &path)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let child = cmd.spawn().unwrap();
+    // While PostgreSQL is away, migrate keeps asking systemd for more time instead of failing.
+    let sock = tokio::task::spawn_blocking(move || {
+        let mut buf = [0u8; 128];
+        for _ in 0..2 {
+            let n = sock
+                .recv(&mut buf)
+                .expect("an EXTEND_TIMEOUT_USEC while waiting");
+            let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+            assert!(msg.starts_with("EXTEND_TIMEOUT_USEC="), "{msg}");
+        }
+        sock
+    })
+    .await
+    .unwrap();
+    drop(sock);
+    pg.start_again().expect("PostgreSQL comes up");
+    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .expect("migrate to finish once PostgreSQL answers")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout} {stderr}");
+    assert!(stdout.contains("migrations applied"), "{stdout}");
+    assert!(
+        stderr.contains("waiting for PostgreSQL at start-up"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_database_that_does_not_exist_ends_the_start_at_once_instead_of_waiting() {
+    // A refusal no wait can fix (like a wrong password, which the shared PostgreSQL, trusting
+    // local connections, cannot give).
+    let db = format!("{}_missing", (crate::harness::servers().pg_url)("nosuchdb"));
+    let out = crate::harness::aiq_command()
+        .arg("migrate")
+        .env("AIQ_DATABASE_URL", &db)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("does not exist"), "{err}");
+    assert!(!err.contains("waiting for PostgreSQL"), "{err}");
+}
