@@ -268,3 +268,37 @@ async fn a_report_whose_stdout_closes_ends_quietly_instead_of_panicking() {
         );
     }
 }
+
+#[tokio::test]
+async fn costs_works_for_an_organisation_that_spent_five_micro_dollars_of_a_100000_dollar_month() {
+    let ctx = TestCtx::new().await;
+    // Its month's limit, and one call's cost, as aiq would have written them.
+    sqlx::query(
+        "INSERT INTO ai_cost_limits (organization_id, daily_limit_usd, monthly_limit_usd)
+         VALUES ($1::uuid, 100000, 100000)",
+    )
+    .bind(ORG_A)
+    .execute(ctx.store.pool())
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO ai_cost_tracking (organization_id, service_name, operation_type, cost_usd,
+            job_id, attempt, tier, call_status)
+         VALUES ($1::uuid, 'openai', 'chat.completions', 0.000005, 'j-cheap', 1, 'enterprise', 'succeeded')",
+    )
+    .bind(ORG_A)
+    .execute(ctx.store.pool())
+    .await
+    .unwrap();
+    for args in [&["costs"][..], &["costs", "--json"]] {
+        let out = aiq().envs(&ctx.vars).args(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "aiq {args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.contains(ORG_A),
+            "aiq {args:?} lists the organisation: {stdout}"
+        );
+    }
+}
