@@ -194,9 +194,13 @@ async fn a_job_still_running_when_the_grace_period_ends_comes_back_by_lease_expi
     .await;
     enqueue_llm_jobs(&ctx, 1).await;
     let daemon = ctx.spawn_daemon(&[]);
-    wait_until(Duration::from_secs(10), "the job to be running", || async {
-        ctx.queue.stats().await.unwrap().inflight == 1
-    })
+    // Its call is at the provider (a leased job not yet started would be handed back by the
+    // stop, not left to its lease).
+    wait_until(
+        Duration::from_secs(10),
+        "the job's call to be running",
+        || async { ctx.fake_calls().await["openai"] == 1 },
+    )
     .await;
     let stopped_at = Instant::now();
     assert!(signal_and_wait(daemon, libc::SIGTERM).await.success());
