@@ -275,7 +275,7 @@ pub(crate) async fn bodies(opts: &BenchOptions) -> anyhow::Result<Report> {
     let (n, mb, budgets): (usize, u64, &[u64]) = if opts.quick {
         (opts.jobs.unwrap_or(10), 4, &[16])
     } else {
-        (opts.jobs.unwrap_or(100), 20, &[256, 4096])
+        (opts.jobs.unwrap_or(100), 20, &[256, 65_536])
     };
     let fake = FakeProcess::start_with(0, &["--answer-mb", &mb.to_string()]).await?;
     r.say(format!(

@@ -319,9 +319,11 @@ impl BodyLimits {
         }
     }
 
-    /// Waits until `bytes` fit in the shared budget and holds them.
+    /// Waits until a body of `bytes` fits in the shared budget and holds its share.
     async fn hold(&self, bytes: u64) -> BodyHold {
-        let n = kib(bytes.min(self.memory_bytes)) as u32;
+        let n = kib(bytes
+            .saturating_mul(HELD_PER_BODY_BYTE)
+            .min(self.memory_bytes)) as u32;
         match self.memory.clone().acquire_many_owned(n).await {
             Ok(p) => BodyHold(Some(Arc::new(p))),
             // The semaphore is never closed.
@@ -329,6 +331,10 @@ impl BodyLimits {
         }
     }
 }
+
+/// What one byte of a body costs in memory until its rows are written: the body as read, its
+/// parsed form, and its encoding for PostgreSQL (measured by `aiq bench bodies`).
+const HELD_PER_BODY_BYTE: u64 = 3;
 
 fn kib(bytes: u64) -> u64 {
     bytes.div_ceil(1024).min(u32::MAX as u64)
@@ -340,10 +346,10 @@ fn kib(bytes: u64) -> u64 {
 pub struct BodyHold(Option<Arc<OwnedSemaphorePermit>>);
 
 impl BodyHold {
-    /// Keeps `bytes` of the hold and gives the rest back.
+    /// Keeps the share of a body of `bytes` and gives the rest back.
     fn shrink_to(&mut self, bytes: u64) {
         if let Some(p) = self.0.as_mut().and_then(Arc::get_mut) {
-            let keep = kib(bytes).max(1) as usize;
+            let keep = kib(bytes.saturating_mul(HELD_PER_BODY_BYTE)).max(1) as usize;
             if p.num_permits() > keep {
                 drop(p.split(p.num_permits() - keep));
             }
@@ -455,7 +461,8 @@ mod body_limit_tests {
     #[tokio::test]
     async fn holds_take_what_they_need_at_once_and_give_back_what_the_body_did_not_use() {
         const MIB: u64 = 1024 * 1024;
-        let limits = BodyLimits::new(MIB, 2 * MIB);
+        // Each body holds three times its size (read, parsed, encoded for PostgreSQL).
+        let limits = BodyLimits::new(MIB, 6 * MIB);
         let mut a = limits.hold(MIB).await;
         let b = limits.hold(MIB).await;
         assert_eq!(limits.memory.available_permits(), 0);
@@ -469,9 +476,9 @@ mod body_limit_tests {
         // ...and gets its room once a body turns out shorter than the cap.
         a.shrink_to(10 * 1024);
         let c = waiting.await.unwrap();
-        assert_eq!(limits.memory.available_permits(), 1024 - 10 - 512);
+        assert_eq!(limits.memory.available_permits(), 3072 - 30 - 1536);
         drop((a, b, c));
-        assert_eq!(limits.memory.available_permits(), 2048);
+        assert_eq!(limits.memory.available_permits(), 6144);
         // A cap above the memory budget raises the budget: one body always fits.
         assert_eq!(BodyLimits::new(4 * MIB, MIB).memory_bytes, 4 * MIB);
     }

@@ -218,13 +218,15 @@ async fn write(pool: &PgPool, batch: &[Pending]) -> Result<Vec<MicroUsd>, StoreE
     .bind(
         batch
             .iter()
-            .map(|p| super::pg_json(&p.result.raw_response).into_owned())
+            // Encoded from the row itself (a copy only when NULs must be replaced): a large
+            // answer is not held twice more while the batch is written.
+            .map(|p| sqlx::types::Json(super::pg_json(&p.result.raw_response)))
             .collect::<Vec<_>>(),
     )
     .bind(
         batch
             .iter()
-            .map(|p| super::pg_json(&p.result.confidence_scores).into_owned())
+            .map(|p| sqlx::types::Json(super::pg_json(&p.result.confidence_scores)))
             .collect::<Vec<_>>(),
     )
     .bind(
@@ -267,6 +269,10 @@ async fn write(pool: &PgPool, batch: &[Pending]) -> Result<Vec<MicroUsd>, StoreE
     .bind(&orgs)
     .fetch_all(&mut *tx)
     .await?;
+    // A connection keeps the capacity its largest message needed: after a batch with a 20 MB
+    // answer it would hold that much for good, one pool connection after another. Back to the
+    // default (a few reallocations for the next batch).
+    sqlx::Connection::shrink_buffers(&mut *tx);
     tx.commit().await?;
     batch
         .iter()

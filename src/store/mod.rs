@@ -538,6 +538,8 @@ impl Store {
             let mut tx = self.pool.begin().await?;
             let cost = Self::insert_call(&mut tx, job, call).await?;
             Self::insert_result(&mut tx, job, result).await?;
+            // See batch::write: the connection must not keep a large answer's capacity.
+            sqlx::Connection::shrink_buffers(&mut *tx);
             tx.commit().await?;
             Ok(cost)
         })
