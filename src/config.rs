@@ -436,7 +436,7 @@ fn check_url(name: &'static str, v: &str, schemes: &[&str]) -> Result<(), Config
 pub const DEFAULT_TIER_WEIGHTS: [u32; 6] = [32, 16, 8, 4, 2, 1];
 pub const DEFAULT_ORG_DAILY_USD: &str = "enterprise_plus=1000,enterprise=300,professional_agency=100,growth_team=30,solo_professional=10,trial=1";
 pub const DEFAULT_ORG_MONTHLY_USD: &str = "enterprise_plus=20000,enterprise=6000,professional_agency=2000,growth_team=600,solo_professional=200,trial=5";
-pub const DEFAULT_ORG_MAX_IN_FLIGHT: &str = "enterprise_plus=0,enterprise=0,professional_agency=64,growth_team=32,solo_professional=8,trial=4";
+pub const DEFAULT_ORG_MAX_IN_FLIGHT: &str = "enterprise_plus=0,enterprise=0,professional_agency=0,growth_team=0,solo_professional=0,trial=0";
 pub const DEFAULT_ORG_JOBS_PER_MINUTE: &str = "enterprise_plus=6000,enterprise=3000,professional_agency=1200,growth_team=600,solo_professional=120,trial=30";
 
 /// Parses `tier=value,...` naming all six tiers.

@@ -614,12 +614,16 @@ async fn run_in_span(app: &App, raw: &RawJob) -> Result<(), Failure> {
                 "this organisation has {} jobs running in this process, its tier's cap (AIQ_ORG_MAX_IN_FLIGHT)",
                 app.budget.settings().org_max_in_flight[tier.index()]
             ),
-            after: Duration::from_millis(200) + spread(300),
+            // Long enough that an organisation with many jobs over its cap does not keep the
+            // process busy leasing and handing them back.
+            after: Duration::from_millis(1_000) + spread(1_000),
         });
     };
     // An earlier execution may have been answered while PostgreSQL was down: write what it
     // kept instead of calling again. Only a job leased before can have kept anything.
-    if raw.token > 1 && write_kept_answer(app, raw, &job).await? {
+    // Boxed, like the store's transactions: every running job's future would otherwise reserve
+    // room for this rarely taken path while it waits on its provider.
+    if raw.token > 1 && Box::pin(write_kept_answer(app, raw, &job)).await? {
         return Ok(());
     }
     let chain = match plan(app, &input) {
@@ -1054,7 +1058,7 @@ async fn record_answer(
     let unwritten = match app.store.record_success_or_return(job, call, result).await {
         Ok(recorded) => {
             settle(app, reservation, recorded).await;
-            above_estimate(app, job, reservation, recorded).await;
+            Box::pin(above_estimate(app, job, reservation, recorded)).await;
             return Ok(());
         }
         Err(u) => *u,
@@ -1416,7 +1420,7 @@ async fn run_vision(
             )
         }),
     };
-    record_answer(app, raw, job, reservation, call, result).await
+    Box::pin(record_answer(app, raw, job, reservation, call, result)).await
 }
 
 /// Tells the provider's breaker, and the organisation's own, how a call went.
@@ -1558,7 +1562,7 @@ async fn run_llm(
         completed: true,
         error_message: None,
     };
-    record_answer(app, raw, job, reservation, call, result).await
+    Box::pin(record_answer(app, raw, job, reservation, call, result)).await
 }
 
 /// Settles reservations whose workers died: writes each call's cost row at its estimate (unless
