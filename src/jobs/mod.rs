@@ -31,7 +31,7 @@ use crate::budget::{Budget, CallMeta, OrgLimits, PriceCatalog, Refusal, Reservat
 use crate::config::{CallRetryPolicy, OnBudgetExceeded};
 use crate::domain::{MicroUsd, Tier};
 use crate::providers::anthropic::{self, AnthropicClient};
-use crate::providers::breaker::Opened;
+use crate::providers::breaker::{Admit, Opened};
 use crate::providers::gemini::{self, GeminiClient};
 use crate::providers::openai::{self, OpenAiClient};
 use crate::providers::vision::{self, ImageResult, VisionClient};
@@ -504,17 +504,60 @@ fn spread(max_ms: u64) -> Duration {
 /// breaker admits one probe), then counts the call against its requests and tokens per minute.
 async fn admit_call(app: &App, target: &Planned) -> Result<Result<(), Duration>, Failure> {
     match breaker_admit(app, target).await? {
-        Ok(()) => throttle(app, target).await,
+        Ok(admit) => {
+            let throttled = throttle(app, target).await;
+            if !matches!(throttled, Ok(Ok(()))) && admit == Admit::Probe {
+                release_probe(app, target.provider).await;
+            }
+            throttled
+        }
         Err(wait) => Ok(Err(wait)),
+    }
+}
+
+/// Gives back a half-open probe this job was granted but will not make, so recovery does not
+/// wait for the probe to time out. A failure only costs that wait.
+async fn release_probe(app: &App, provider: &'static str) {
+    if let Err(e) = app.breakers.release_probe(provider).await {
+        tracing::warn!(error = %e, provider, "giving back an unused half-open probe failed");
+    }
+}
+
+/// A half-open probe this job holds until its call is made; dropped unused (a limit or the
+/// budget held the job back), it is given back.
+struct ProbeGuard<'a> {
+    app: &'a App,
+    provider: Option<&'static str>,
+}
+
+impl ProbeGuard<'_> {
+    /// The call is made: the probe is used.
+    fn used(&mut self) {
+        self.provider = None;
+    }
+}
+
+impl Drop for ProbeGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(provider) = self.provider.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let breakers = self.app.breakers.clone();
+            runtime.spawn(async move {
+                if let Err(e) = breakers.release_probe(provider).await {
+                    tracing::warn!(error = %e, provider, "giving back an unused half-open probe failed");
+                }
+            });
+        }
     }
 }
 
 /// The provider's pause and breaker, and the organisation's own breaker for the provider;
 /// counts nothing, but a half-open breaker admits one probe.
-async fn breaker_admit(app: &App, target: &Planned) -> Result<Result<(), Duration>, Failure> {
+async fn breaker_admit(app: &App, target: &Planned) -> Result<Result<Admit, Duration>, Failure> {
     let provider = target.provider;
     app.breakers
-        .admit(provider, &target.org)
+        .admit_call(provider, &target.org)
         .await
         .map_err(|e| {
             redis_unavailable(
@@ -654,10 +697,17 @@ async fn run_in_span(app: &App, raw: &RawJob) -> Result<(), Failure> {
     // no attempt.
     let mut first = None;
     let mut held = Duration::MAX;
+    let mut probe = ProbeGuard {
+        app,
+        provider: None,
+    };
     for (i, target) in chain.iter().enumerate() {
         match breaker_admit(app, target).await? {
-            Ok(()) => {
+            Ok(admit) => {
                 first = Some(i);
+                if admit == Admit::Probe {
+                    probe.provider = Some(target.provider);
+                }
                 break;
             }
             Err(wait) => held = held.min(wait),
@@ -700,6 +750,12 @@ async fn run_in_span(app: &App, raw: &RawJob) -> Result<(), Failure> {
             }
         },
     };
+    if idx != first
+        && let Some(provider) = probe.provider.take()
+    {
+        // Throttled to a fallback: the first model's probe goes unmade.
+        release_probe(app, provider).await;
+    }
     let (_, billing_date) = app.budget.scopes(org, limits, app.budget.now());
     let mut backoff = call_backoff(&app.call_retry);
     let mut call_seq = 0i32;
@@ -735,6 +791,9 @@ async fn run_in_span(app: &App, raw: &RawJob) -> Result<(), Failure> {
             }
             Err(e) => return Err(redis_down(e)),
         };
+        // The probe, if this job holds one, is made now (or by a fallback's call: either way a
+        // call goes out).
+        probe.used();
         let e = match call(app, raw, &job, &input, target, &reservation).await {
             Ok(()) => {
                 tracing::info!(

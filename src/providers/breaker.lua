@@ -3,10 +3,12 @@
 -- and one breaker per organisation in the same hash: `of:<org>` (its consecutive failures),
 -- `ou:<org>` (open until, ms) and `ol:<org>` (its last failure, ms).
 -- KEYS[1] base. ARGV: op, provider, threshold, cooldown_ms, probe_ms, org ("" for none).
--- op "admit":   returns {1} when a call may go, or {0, wait_ms} when a breaker holds it back:
+-- op "admit":   returns {1} when a call may go ({1, 1} when it is the half-open probe), or
+--               {0, wait_ms} when a breaker holds it back:
 --               the organisation's own first (so a probe is never handed to a job that its
 --               organisation's breaker then holds back), then the provider's. Open past its
 --               cooldown, the provider's turns half-open and admits one probe call.
+-- op "release": a probe that was granted but never made: the next admit may probe at once.
 -- op "success": closes the provider's breaker and the organisation's. Returns {1}.
 -- op "failure": counts a provider fault. The organisation's breaker opens at the threshold;
 --               the provider's only when the consecutive faults come from at least two
@@ -42,6 +44,10 @@ if op == "admit" then
   if now < untl then return { 0, untl - now } end
   -- Cooldown over (or a probe that never reported): let one probe through.
   redis.call("HSET", key, "state", "half_open", "until", now + probe)
+  return { 1, 1 }
+elseif op == "release" then
+  -- The job given the probe made no call (a limit held it back): the next job may probe now.
+  if state == "half_open" then redis.call("HSET", key, "until", now) end
   return { 1 }
 elseif op == "success" then
   redis.call("HSET", key, "state", "closed", "failures", 0, "until", 0)

@@ -43,6 +43,15 @@ pub fn is_provider_fault(kind: ErrorKind) -> bool {
     )
 }
 
+/// How a call was admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    /// The breaker is closed.
+    Closed,
+    /// The call is the half-open breaker's one probe.
+    Probe,
+}
+
 /// Which breaker a recorded failure opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Opened {
@@ -115,10 +124,27 @@ impl Breakers {
         provider: &str,
         org: &str,
     ) -> redis::RedisResult<Result<(), Duration>> {
+        Ok(self.admit_call(provider, org).await?.map(|_| ()))
+    }
+
+    /// [`Breakers::admit`], saying whether the call is the half-open breaker's one probe: a
+    /// job given it that then makes no call must [`Breakers::release_probe`], or recovery
+    /// waits a whole probe timeout.
+    pub async fn admit_call(
+        &self,
+        provider: &str,
+        org: &str,
+    ) -> redis::RedisResult<Result<Admit, Duration>> {
         Ok(match self.op("admit", provider, org).await?.as_slice() {
             [0, wait] => Err(Duration::from_millis((*wait).max(1) as u64)),
-            _ => Ok(()),
+            [1, 1] => Ok(Admit::Probe),
+            _ => Ok(Admit::Closed),
         })
+    }
+
+    /// Gives back a half-open probe that was granted but not made: the next job may probe.
+    pub async fn release_probe(&self, provider: &str) -> redis::RedisResult<()> {
+        self.op("release", provider, "").await.map(|_| ())
     }
 
     /// Records a call's outcome: a success closes the provider's breaker and the

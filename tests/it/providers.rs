@@ -701,3 +701,58 @@ async fn an_unparseable_200_is_recorded_at_its_estimate_and_the_counters_still_e
     );
     crate::money::assert_redis_agrees_with_postgres(&ctx, &[ORG_A]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_open_probe_given_to_a_job_its_rate_then_holds_back_is_given_back_at_once() {
+    // A minute's cooldown, and one trial job a minute per organisation.
+    let ctx = TestCtx::with(&[
+        ("AIQ_BREAKER_COOLDOWN_MS", "60000"),
+        (
+            "AIQ_ORG_JOBS_PER_MINUTE",
+            "enterprise_plus=0,enterprise=0,professional_agency=0,growth_team=0,solo_professional=0,trial=1",
+        ),
+    ])
+    .await;
+    let app = aiq::worker::app(&ctx.settings, ctx.store.clone())
+        .await
+        .unwrap();
+    let org_a: uuid::Uuid = ORG_A.parse().unwrap();
+    assert!(
+        app.budget.admit(org_a, Tier::Trial).await.unwrap().is_ok(),
+        "this minute's one job of the organisation"
+    );
+    // The provider's breaker open and its cooldown over: the next job to ask gets the probe.
+    let mut redis = ctx.redis().await;
+    let key = format!("{{{}}}:breaker:openai", ctx.vars["AIQ_BUDGET_PREFIX"]);
+    let _: () =
+        redis::AsyncCommands::hset_multiple(&mut redis, &key, &[("state", "open"), ("until", "1")])
+            .await
+            .unwrap();
+    let raw = crate::harness::raw_job(
+        "probe-1",
+        "llm.complete",
+        Tier::Trial,
+        llm_payload(Tier::Trial, ORG_A, "a probe"),
+    );
+    match aiq::jobs::run(&app, &raw).await {
+        Err(aiq::queue::backend::Failure::Defer { message, .. }) => {
+            assert!(message.contains("rate"), "{message}")
+        }
+        other => panic!("{other:?}: the organisation's rate holds the job back"),
+    }
+    // No call was made, so the probe is free again: the next job (another organisation's)
+    // probes now, not after the probe's minute-long timeout.
+    crate::harness::wait_until(
+        Duration::from_secs(10),
+        "the unused probe to be given back",
+        || async {
+            app.breakers
+                .admit("openai", crate::harness::ORG_B)
+                .await
+                .unwrap()
+                .is_ok()
+        },
+    )
+    .await;
+    assert_eq!(ctx.fake_calls().await["openai"], 0);
+}
