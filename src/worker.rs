@@ -236,7 +236,10 @@ pub async fn run(
         let store = store.clone();
         async move { store.outcomes_of(&pairs).await.map_err(|e| e.to_string()) }.boxed()
     });
-    let backend = RedisBackend::new(queue, settings.retry).with_precheck(precheck);
+    let backend = RedisBackend::new(queue, settings.retry)
+        .with_precheck(precheck)
+        // A queue that works feeds systemd's watchdog.
+        .with_liveness(Arc::new(crate::systemd::beat));
     let worker = WorkerBuilder::new(name.as_str())
         .backend(backend)
         .concurrency(settings.queue.concurrency)

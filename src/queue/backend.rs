@@ -72,6 +72,10 @@ pub enum Prior {
     Unknown,
 }
 
+/// Called each time the queue shows it is alive (a reap ran and fetches are not failing): the
+/// daemon feeds its systemd watchdog with it. The queue knows nothing of systemd.
+pub type Liveness = Arc<dyn Fn() + Send + Sync>;
+
 /// The look-up the backend makes once per fetched batch, for the jobs that need it: given
 /// (organization id, job id) pairs, the ones that have an outcome, true when it is a success.
 /// The queue knows nothing of the store; the daemon passes this in.
@@ -301,7 +305,12 @@ pub fn queue_healthy(lease: Duration) -> Result<(), Duration> {
 
 /// Every `every`: extends this worker's leases, then runs the reaper, which returns other
 /// workers' expired leases even while this worker is too busy to fetch.
-async fn renewer(shared: Arc<Shared>, every: Duration, stop: CancellationToken) {
+async fn renewer(
+    shared: Arc<Shared>,
+    every: Duration,
+    stop: CancellationToken,
+    liveness: Option<Liveness>,
+) {
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -312,9 +321,11 @@ async fn renewer(shared: Arc<Shared>, every: Duration, stop: CancellationToken) 
             tracing::warn!(error = %e, "returning expired leases failed");
         }
         mark(&REAP_FAILING_SINCE_MS, reaped.is_ok());
-        // Only a queue whose scripts run feeds the watchdog (see `queue_healthy`).
-        if queue_healthy(shared.queue.settings().lease).is_ok() {
-            crate::systemd::beat();
+        // Only a queue whose scripts run says it is alive (see `queue_healthy`).
+        if queue_healthy(shared.queue.settings().lease).is_ok()
+            && let Some(alive) = &liveness
+        {
+            alive();
         }
         if let Err(e) = shared.queue.repair_if_needed().await {
             tracing::warn!(error = %e, "repairing the queue failed; trying again next tick");
@@ -358,6 +369,7 @@ pub struct RedisBackend {
     buffer: VecDeque<Task<RawJob>>,
     fetching: Option<Fetching>,
     precheck: Option<Precheck>,
+    liveness: Option<Liveness>,
     idle: Option<Pin<Box<tokio::time::Sleep>>>,
     error_pause: Duration,
     closing: Option<BoxFuture<'static, ()>>,
@@ -385,7 +397,14 @@ impl RedisBackend {
             error_pause: Duration::from_millis(100),
             closing: None,
             precheck: None,
+            liveness: None,
         }
+    }
+
+    /// Calls `alive` whenever the queue shows it works (see [`Liveness`]).
+    pub fn with_liveness(mut self, alive: Liveness) -> Self {
+        self.liveness = Some(alive);
+        self
     }
 
     /// Checks each fetched batch's re-leased and app-named jobs against the store (see
@@ -577,7 +596,12 @@ impl BackendConfig for RedisBackend {
         if let Some(rx) = self.rx.take() {
             tokio::spawn(flusher(self.shared.queue.clone(), rx));
             let every = self.settings.lease / 3;
-            tokio::spawn(renewer(self.shared.clone(), every, self.stop.clone()));
+            tokio::spawn(renewer(
+                self.shared.clone(),
+                every,
+                self.stop.clone(),
+                self.liveness.clone(),
+            ));
         }
         AckLayer {
             shared: self.shared.clone(),
