@@ -177,7 +177,7 @@ impl App {
             self.store_gate.trip();
             Failure::Defer {
                 message: format!("PostgreSQL is unreachable: {e}"),
-                after: STORE_PROBE + spread(1_000),
+                after: STORE_PROBE + spread(jitter::STORE),
             }
         } else {
             Failure::Retry {
@@ -197,7 +197,7 @@ impl App {
         let now = Utc::now().timestamp_millis();
         let wait = |until: i64| Failure::Defer {
             message: "PostgreSQL is unreachable; waiting before calling any provider".into(),
-            after: Duration::from_millis((until - now).max(0) as u64) + spread(1_000),
+            after: Duration::from_millis((until - now).max(0) as u64) + spread(jitter::STORE),
         };
         if now < until {
             return Err(wait(until));
@@ -500,6 +500,23 @@ fn spread(max_ms: u64) -> Duration {
     Duration::from_millis(fastrand::u64(0..=max_ms))
 }
 
+/// The random spreads (ms, uniform from 0) added to waits, so jobs that wait for the same thing
+/// do not all come back in the same millisecond.
+mod jitter {
+    /// On PostgreSQL being unreachable, after the probe interval.
+    pub const STORE: u64 = 1_000;
+    /// On Redis failing before a call.
+    pub const REDIS: u64 = 1_000;
+    /// On an organisation's in-flight cap, after a second.
+    pub const ORG_CAP: u64 = 1_000;
+    /// On a paused provider, an open breaker, or a provider's requests or tokens per minute.
+    pub const PROVIDER: u64 = 500;
+    /// On a provider's own Retry-After inside a call's retries.
+    pub const RETRY_AFTER: u64 = 250;
+    /// On a budget window's reset: a whole window's waiting jobs wake together otherwise.
+    pub const WINDOW_RESET: u64 = 2_000;
+}
+
 /// May `target` be called now? Checks its breaker and pause (one check per call: a half-open
 /// breaker admits one probe), then counts the call against its requests and tokens per minute.
 async fn admit_call(app: &App, target: &Planned) -> Result<Result<(), Duration>, Failure> {
@@ -643,7 +660,7 @@ async fn run_in_span(app: &App, raw: &RawJob) -> Result<(), Failure> {
             return Err(Failure::Defer {
                 message: "PostgreSQL is unreachable: whether this job already ran is unknown"
                     .into(),
-                after: STORE_PROBE + spread(1_000),
+                after: STORE_PROBE + spread(jitter::STORE),
             });
         }
     }
@@ -659,7 +676,7 @@ async fn run_in_span(app: &App, raw: &RawJob) -> Result<(), Failure> {
             ),
             // Long enough that an organisation with many jobs over its cap does not keep the
             // process busy leasing and handing them back.
-            after: Duration::from_millis(1_000) + spread(1_000),
+            after: Duration::from_millis(1_000) + spread(jitter::ORG_CAP),
         });
     };
     // An earlier execution may have been answered while PostgreSQL was down: write what it
@@ -719,7 +736,7 @@ async fn run_in_span(app: &App, raw: &RawJob) -> Result<(), Failure> {
                 "{} is paused (rate limited, or its circuit breaker is open); trying again later",
                 chain[0].provider
             ),
-            after: held + spread(500),
+            after: held + spread(jitter::PROVIDER),
         });
     };
     // The organisation's rate: a job over it waits for the next minute, it does not fail.
@@ -745,7 +762,7 @@ async fn run_in_span(app: &App, raw: &RawJob) -> Result<(), Failure> {
                         "{} is at its requests or tokens per minute",
                         chain[first].provider
                     ),
-                    after: if w.is_zero() { wait } else { wait.min(w) } + spread(500),
+                    after: if w.is_zero() { wait } else { wait.min(w) } + spread(jitter::PROVIDER),
                 });
             }
         },
@@ -816,7 +833,7 @@ async fn run_in_span(app: &App, raw: &RawJob) -> Result<(), Failure> {
             (true, Some(r)) if r > app.call_retry.cap => None,
             (true, after) => backoff
                 .next()
-                .map(|d| after.map_or_else(|| full_jitter(d), |r| r + spread(250))),
+                .map(|d| after.map_or_else(|| full_jitter(d), |r| r + spread(jitter::RETRY_AFTER))),
         };
         let next = match again {
             Some(d) => Next::Again(d),
@@ -993,7 +1010,7 @@ fn redis_unavailable(what: &str, kind: &'static str, e: impl std::fmt::Display) 
     crate::observe::redis_deferral(kind);
     Failure::Defer {
         message: format!("{what}: {e}; waiting without spending an attempt"),
-        after: REDIS_WAIT + spread(1_000),
+        after: REDIS_WAIT + spread(jitter::REDIS),
     }
 }
 
@@ -1158,7 +1175,7 @@ async fn record_answer(
     tracing::warn!(error = %error, "PostgreSQL is unreachable: the answer is kept with the job and written when it is back");
     Err(Attempted::Done(Failure::Defer {
         message: format!("PostgreSQL is unreachable: the answer is kept with the job: {error}"),
-        after: STORE_PROBE + spread(1_000),
+        after: STORE_PROBE + spread(jitter::STORE),
     }))
 }
 
@@ -1172,7 +1189,7 @@ async fn write_kept_answer(app: &App, raw: &RawJob, job: &JobRef) -> Result<bool
             crate::observe::redis_deferral("kept_answer");
             return Err(Failure::Defer {
                 message: format!("reading the job's kept answer failed: {e}"),
-                after: STORE_PROBE + spread(1_000),
+                after: STORE_PROBE + spread(jitter::STORE),
             });
         }
     };
@@ -1354,7 +1371,7 @@ async fn over_budget(
     // A little spread, so a window's waiting jobs do not all wake in the same millisecond.
     Err(Failure::Defer {
         message,
-        after: until + spread(2_000),
+        after: until + spread(jitter::WINDOW_RESET),
     })
 }
 
