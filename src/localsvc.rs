@@ -683,7 +683,13 @@ impl Drop for LocalPostgres {
 /// as subjectAltName; also good as a client certificate, which Redis Cluster nodes present to
 /// each other), and a client certificate, each with its key. EC P-256, valid two days.
 pub struct TestPki {
-    dir: tempfile::TempDir,
+    dir: PathBuf,
+}
+
+impl Drop for TestPki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 impl TestPki {
@@ -693,8 +699,9 @@ impl TestPki {
             "the openssl command was not found; install it with `apt-get install -y openssl` \
              (scripts/ensure-deps does this for you)",
         )?;
-        let dir = tempfile::Builder::new().prefix("aiq-pki-").tempdir()?;
-        let d = dir.path();
+        // A run folder: one a killed run left is removed by the next (see `run_folder`).
+        let dir = run_folder("pki")?;
+        let d = dir.as_path();
         let run = |args: &[&str]| -> anyhow::Result<()> {
             let out = Command::new(&openssl)
                 .args(args)
@@ -771,22 +778,22 @@ impl TestPki {
     }
 
     pub fn ca(&self) -> PathBuf {
-        self.dir.path().join("ca.pem")
+        self.dir.join("ca.pem")
     }
 
     pub fn client_cert(&self) -> PathBuf {
-        self.dir.path().join("client.pem")
+        self.dir.join("client.pem")
     }
 
     pub fn client_key(&self) -> PathBuf {
-        self.dir.path().join("client.key")
+        self.dir.join("client.key")
     }
 
     /// The server side, for [`LocalRedis::start_tls`] and [`LocalPostgres::start_tls`].
     pub fn server(&self, auth_clients: &'static str) -> ServerTls {
         ServerTls {
-            cert: self.dir.path().join("server.pem"),
-            key: self.dir.path().join("server.key"),
+            cert: self.dir.join("server.pem"),
+            key: self.dir.join("server.key"),
             ca: self.ca(),
             auth_clients,
         }
