@@ -117,6 +117,20 @@ impl RetryPolicy {
     }
 }
 
+/// The providers' circuit breakers and fleet-wide rates (used by `providers::breaker`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BreakerSettings {
+    /// Consecutive faults that open a breaker.
+    pub failures: u32,
+    /// How long an open breaker holds calls back.
+    pub cooldown: Duration,
+    /// Requests per minute per provider, fleet-wide, indexed like [`crate::domain::PROVIDERS`];
+    /// 0: no limit.
+    pub rpm: [u64; 4],
+    /// Tokens per minute per provider (LLMs: the prompt bound plus max_tokens); 0: no limit.
+    pub tpm: [u64; 4],
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProviderSettings {
     pub base_url: String,
@@ -258,7 +272,7 @@ pub struct Settings {
     /// Whether Sentry events may carry what a job was asked (its payload: prompts, messages,
     /// image data). Off by default: events carry ids, tags and the failure only.
     pub sentry_send_payloads: bool,
-    pub breaker: crate::providers::breaker::BreakerSettings,
+    pub breaker: BreakerSettings,
 }
 
 /// Reads variables through `lookup`, so tests can load settings without touching the process
@@ -313,7 +327,7 @@ impl<F: Fn(&str) -> Option<String>> Env<F> {
     /// `provider=N,...` for any of the four providers; unnamed ones get 0 (no limit).
     fn per_provider(&self, name: &'static str) -> Result<[u64; 4], ConfigError> {
         let mut out = [0u64; 4];
-        let providers = crate::providers::breaker::PROVIDERS;
+        let providers = crate::domain::PROVIDERS;
         for part in self
             .get(name)
             .unwrap_or_default()
@@ -822,7 +836,7 @@ impl Settings {
         let q = &self.queue;
         let b = &self.budget;
         let per_provider = |v: &[u64; 4]| {
-            crate::providers::breaker::PROVIDERS
+            crate::domain::PROVIDERS
                 .iter()
                 .zip(v)
                 .map(|(p, n)| format!("{p}={n}"))
@@ -1103,7 +1117,7 @@ impl Settings {
                 false,
                 &[("false", false), ("0", false), ("true", true), ("1", true)],
             )?,
-            breaker: crate::providers::breaker::BreakerSettings {
+            breaker: BreakerSettings {
                 failures: env.int_in("AIQ_BREAKER_FAILURES", 5, 1..=1000)? as u32,
                 cooldown: env.millis("AIQ_BREAKER_COOLDOWN_MS", 30_000, 100..=3_600_000)?,
                 rpm: env.per_provider("AIQ_PROVIDER_RPM")?,

@@ -230,6 +230,10 @@ impl FromStr for JobKind {
     }
 }
 
+/// The providers aiq calls, by the names their rows, metrics and breakers use; per-provider
+/// settings (`AIQ_PROVIDER_RPM`, `AIQ_PROVIDER_TPM`) are indexed in this order.
+pub const PROVIDERS: [&str; 4] = ["google_vision", "openai", "anthropic", "gemini"];
+
 #[cfg(test)]
 mod tests {
     use super::*;

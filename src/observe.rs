@@ -934,7 +934,7 @@ mod tests {
     /// tier, per queue event, per budget window (day, month) and per provider.
     fn fleet_families() -> [(&'static str, usize); 10] {
         let tiers = crate::domain::Tier::ALL.len();
-        let providers = crate::providers::breaker::PROVIDERS.len();
+        let providers = crate::domain::PROVIDERS.len();
         [
             ("aiq_queue_waiting_jobs", tiers),
             ("aiq_queue_oldest_job_age_seconds", tiers),
@@ -995,7 +995,7 @@ mod tests {
         let fleet = Fleet {
             stats: Some(&stats),
             budget: &budget,
-            breakers: crate::providers::breaker::PROVIDERS
+            breakers: crate::domain::PROVIDERS
                 .iter()
                 .map(|p| (*p, false))
                 .collect(),

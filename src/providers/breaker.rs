@@ -16,20 +16,9 @@ use crate::redis_conn::Conn;
 static BREAKER: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("breaker.lua")));
 static THROTTLE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("throttle.lua")));
 
+pub use crate::config::BreakerSettings;
 /// The providers a breaker can guard.
-pub const PROVIDERS: [&str; 4] = ["google_vision", "openai", "anthropic", "gemini"];
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BreakerSettings {
-    /// Consecutive faults that open a breaker.
-    pub failures: u32,
-    /// How long an open breaker holds calls back.
-    pub cooldown: Duration,
-    /// Requests per minute per provider, fleet-wide, indexed like [`PROVIDERS`]; 0: no limit.
-    pub rpm: [u64; 4],
-    /// Tokens per minute per provider (LLMs: the prompt bound plus max_tokens); 0: no limit.
-    pub tpm: [u64; 4],
-}
+pub use crate::domain::PROVIDERS;
 
 /// Does this failure say the provider is unwell (rather than our request being wrong)?
 pub fn is_provider_fault(kind: ErrorKind) -> bool {

@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::process::Child;
 use std::time::{Duration, Instant};
 
-use aiq::domain::{JobKind, Tier};
+use aiq::domain::{JobKind, PROVIDERS, Tier};
 use aiq::fake::FakeOptions;
 use aiq::localsvc::{LocalPostgres, LocalRedis};
 
@@ -24,7 +24,6 @@ const JOBS: usize = 300;
 /// Jobs per process at once.
 const CONCURRENCY: u64 = 6;
 const DAEMONS: usize = 3;
-const PROVIDERS: [&str; 4] = ["google_vision", "openai", "anthropic", "gemini"];
 
 /// The settings of every run, then the run's own. Short provider timeouts and hold margin: the
 /// hold of a call whose worker died lives timeout + margin (3 s here) before the sweeper turns
