@@ -86,6 +86,9 @@ impl Drop for OrgSlot {
 /// How long a process waits before it probes an unreachable PostgreSQL again.
 const STORE_PROBE: Duration = Duration::from_secs(2);
 
+/// How long after a budget window's reset a job that waited for it comes back, at the least.
+const WINDOW_RESET_MARGIN: Duration = Duration::from_millis(50);
+
 /// How long an answer whose rows PostgreSQL could not take is kept with its job in Redis: far
 /// longer than any outage the job waits through.
 const KEPT_ANSWER_TTL: Duration = Duration::from_secs(7 * 86_400);
@@ -1368,10 +1371,12 @@ async fn over_budget(
     let until = (refusal.scope.window.resets_at - app.budget.now())
         .to_std()
         .unwrap_or_default();
-    // A little spread, so a window's waiting jobs do not all wake in the same millisecond.
+    // A little spread, so a window's waiting jobs do not all wake in the same millisecond, after
+    // a margin for the error of the budget's estimate of Redis's clock (a job woken a
+    // millisecond before the reset would only be refused again).
     Err(Failure::Defer {
         message,
-        after: until + spread(jitter::WINDOW_RESET),
+        after: until + WINDOW_RESET_MARGIN + spread(jitter::WINDOW_RESET),
     })
 }
 
