@@ -527,7 +527,7 @@ async fn admit_call(app: &App, target: &Planned) -> Result<Result<(), Duration>,
         Ok(admit) => {
             let throttled = throttle(app, target).await;
             if !matches!(throttled, Ok(Ok(()))) && admit == Admit::Probe {
-                release_probe(app, target.provider).await;
+                release_probe(&app.breakers, target.provider).await;
             }
             throttled
         }
@@ -537,8 +537,8 @@ async fn admit_call(app: &App, target: &Planned) -> Result<Result<(), Duration>,
 
 /// Gives back a half-open probe this job was granted but will not make, so recovery does not
 /// wait for the probe to time out. A failure only costs that wait.
-async fn release_probe(app: &App, provider: &'static str) {
-    if let Err(e) = app.breakers.release_probe(provider).await {
+async fn release_probe(breakers: &crate::providers::breaker::Breakers, provider: &'static str) {
+    if let Err(e) = breakers.release_probe(provider).await {
         tracing::warn!(error = %e, provider, "giving back an unused half-open probe failed");
     }
 }
@@ -563,11 +563,7 @@ impl Drop for ProbeGuard<'_> {
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
             let breakers = self.app.breakers.clone();
-            runtime.spawn(async move {
-                if let Err(e) = breakers.release_probe(provider).await {
-                    tracing::warn!(error = %e, provider, "giving back an unused half-open probe failed");
-                }
-            });
+            runtime.spawn(async move { release_probe(&breakers, provider).await });
         }
     }
 }
@@ -774,7 +770,7 @@ async fn run_in_span(app: &App, raw: &RawJob) -> Result<(), Failure> {
         && let Some(provider) = probe.provider.take()
     {
         // Throttled to a fallback: the first model's probe goes unmade.
-        release_probe(app, provider).await;
+        release_probe(&app.breakers, provider).await;
     }
     let (_, billing_date) = app.budget.scopes(org, limits, app.budget.now());
     let mut backoff = call_backoff(&app.call_retry);
