@@ -6,7 +6,6 @@
 
 use std::borrow::Cow;
 use std::io::Read;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -109,63 +108,6 @@ enum Command {
     Dlq {
         #[command(subcommand)]
         action: DlqAction,
-    },
-    /// Run the whole flow end to end with nothing set up.
-    ///
-    /// Starts its own redis-server and PostgreSQL in temporary folders on free ports, the fake
-    /// providers and a worker; enqueues a mixed batch over all six tiers and both job kinds;
-    /// prints a summary and, as the last line, one JSON object; stops everything it started.
-    Demo {
-        /// Jobs per tier (half Vision, half LLM).
-        #[arg(long, default_value_t = 10)]
-        jobs_per_tier: usize,
-        /// Give up after this many seconds.
-        #[arg(long, default_value_t = 120)]
-        timeout_s: u64,
-    },
-    /// Benchmarks that start their own Redis, PostgreSQL and fake providers and print figures:
-    /// queue, pipeline, inflight, priority, budget, or all. Build with --release for real figures.
-    Bench {
-        #[arg(value_enum)]
-        scenario: crate::bench::Scenario,
-        /// End with one JSON line per scenario on stdout (the text goes to stderr).
-        #[arg(long)]
-        json: bool,
-        /// Small sizes, to check that the scenarios work.
-        #[arg(long)]
-        quick: bool,
-        /// `queue` only: run against this Redis instead of starting one.
-        #[arg(long)]
-        redis_url: Option<String>,
-        /// Overrides the scenario's number of jobs.
-        #[arg(long)]
-        jobs: Option<usize>,
-    },
-    /// Serve fake Google Vision and OpenAI endpoints (real wire formats) for tests and demos.
-    FakeProviders {
-        /// Address to listen on.
-        #[arg(long, default_value = "127.0.0.1:8089")]
-        addr: SocketAddr,
-        /// Every call waits this long before it answers...
-        #[arg(long, default_value_t = 0)]
-        latency_ms: u64,
-        /// ...plus a uniform random extra of up to this many milliseconds.
-        #[arg(long, default_value_t = 0)]
-        latency_jitter_ms: u64,
-        /// The share of calls (0 to 1) that fail with a random fault: 429 with Retry-After, 500,
-        /// 503 (529 for Anthropic), a 5 s timeout, a garbage 200, a failed Vision image.
-        #[arg(long, default_value_t = 0.0)]
-        error_rate: f64,
-        /// Which faults the failing calls get, by weight: e.g. `429=3,500=1,timeout=1`. Kinds:
-        /// 429, 500, 503, timeout, image, garbage. Without it, every kind equally.
-        #[arg(long)]
-        error_mix: Option<String>,
-        /// Seed of the random draws: the same seed repeats the same answers in arrival order.
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        /// Every OpenAI answer is a valid one of about this many MB (0: normal answers).
-        #[arg(long, default_value_t = 0)]
-        answer_mb: u64,
     },
 }
 
@@ -342,10 +284,7 @@ pub fn main() -> ExitCode {
     // A report piped into `head` must end quietly when the pipe closes, not panic on the write:
     // the commands that print and exit take SIGPIPE's default (the shell sees status 141). The
     // daemon and the long-running tools keep Rust's default of ignoring it (sockets).
-    if !matches!(
-        cli.command,
-        Command::Run | Command::Demo { .. } | Command::Bench { .. } | Command::FakeProviders { .. }
-    ) {
+    if !matches!(cli.command, Command::Run) {
         // SAFETY: setting a signal's disposition to its default, before any thread is started.
         unsafe {
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
@@ -523,77 +462,11 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         }
         Command::Costs { org, days, json } => costs(org, days, json).await,
         Command::Budget { action } => budget(action).await,
-        Command::Demo {
-            jobs_per_tier,
-            timeout_s,
-        } => {
-            crate::telemetry::init(LogFormat::Text, "warn", Vec::new());
-            if jobs_per_tier == 0 {
-                bail!("--jobs-per-tier must be at least 1");
-            }
-            crate::demo::run(crate::demo::DemoOptions {
-                jobs_per_tier,
-                timeout: Duration::from_secs(timeout_s),
-            })
-            .await
-        }
-        Command::Bench {
-            scenario,
-            json,
-            quick,
-            redis_url,
-            jobs,
-        } => {
-            crate::telemetry::init(LogFormat::Text, "warn", Vec::new());
-            if jobs == Some(0) {
-                bail!("--jobs must be at least 1");
-            }
-            crate::bench::run(crate::bench::BenchOptions {
-                scenario,
-                json,
-                quick,
-                redis_url,
-                jobs,
-            })
-            .await
-        }
-        Command::FakeProviders {
-            addr,
-            latency_ms,
-            latency_jitter_ms,
-            error_rate,
-            error_mix,
-            seed,
-            answer_mb,
-        } => {
-            crate::telemetry::init(LogFormat::Text, "info", Vec::new());
-            if !(0.0..=1.0).contains(&error_rate) {
-                bail!("--error-rate must be between 0 and 1");
-            }
-            let mix = match error_mix {
-                Some(m) => {
-                    crate::fake::parse_mix(&m).map_err(|e| anyhow::anyhow!("--error-mix: {e}"))?
-                }
-                None => [0; 6],
-            };
-            let options = crate::fake::FakeOptions {
-                latency: Duration::from_millis(latency_ms),
-                latency_jitter: Duration::from_millis(latency_jitter_ms),
-                error_rate,
-                mix,
-                seed,
-                answer_bytes: answer_mb.min(4096) * 1024 * 1024,
-            };
-            let fake = crate::fake::FakeProviders::start_with(addr, options).await?;
-            println!("fake providers listening on {}", fake.base_url());
-            shutdown_signal().await;
-            Ok(())
-        }
     }
 }
 
 /// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
+pub async fn shutdown_signal() {
     let term = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut s) => {

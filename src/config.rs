@@ -1301,8 +1301,8 @@ mod tests {
 
     #[test]
     fn redis_tls_files_need_a_rediss_url_and_a_client_certificate_needs_its_own_key() {
-        let pki = crate::localsvc::TestPki::generate("config test CA").unwrap();
-        let other = crate::localsvc::TestPki::generate("another CA").unwrap();
+        let pki = aiq_testkit::localsvc::TestPki::generate("config test CA").unwrap();
+        let other = aiq_testkit::localsvc::TestPki::generate("another CA").unwrap();
         let (ca, cert, key) = (p(&pki.ca()), p(&pki.client_cert()), p(&pki.client_key()));
         let other_key = p(&other.client_key());
         let plain = ("AIQ_REDIS_URL", "redis://127.0.0.1:6379/");
@@ -1369,7 +1369,7 @@ mod tests {
 
     #[test]
     fn postgresql_tls_parameters_are_checked_and_the_ca_setting_fills_in_for_the_url() {
-        let pki = crate::localsvc::TestPki::generate("config test CA").unwrap();
+        let pki = aiq_testkit::localsvc::TestPki::generate("config test CA").unwrap();
         let ca = p(&pki.ca());
         let url = |q: &str| format!("postgres://u:pw@db.example:5432/aiq?{q}");
         let refused = [

@@ -1,16 +1,12 @@
 //! aiq: a daemon that runs paid AI jobs from Redis by subscription tier, calls Google Vision or an
 //! LLM, and records results, costs and errors in PostgreSQL. ARCHITECTURE.md has the map.
 
-pub mod bench;
 pub mod budget;
 pub mod cli;
 pub mod config;
-pub mod demo;
 pub mod domain;
-pub mod fake;
 pub mod http;
 pub mod jobs;
-pub mod localsvc;
 pub mod observe;
 pub mod providers;
 pub mod queue;

@@ -333,7 +333,7 @@ impl BodyLimits {
 }
 
 /// What one byte of a body costs in memory until its rows are written: the body as read, its
-/// parsed form, and its encoding for PostgreSQL (measured by `aiq bench bodies`).
+/// parsed form, and its encoding for PostgreSQL (measured by `aiq-dev bench bodies`).
 const HELD_PER_BODY_BYTE: u64 = 3;
 
 fn kib(bytes: u64) -> u64 {

@@ -320,9 +320,15 @@ async fn an_answer_costing_more_than_its_reservation_is_recorded_at_its_cost_and
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_received_while_postgres_is_down_is_kept_with_its_job_and_written_without_a_second_call()
  {
-    let mut pg = aiq::localsvc::LocalPostgres::start("kept-answer")
+    let mut pg = aiq_testkit::localsvc::LocalPostgres::start("kept-answer")
         .expect("a PostgreSQL of this test's own");
-    let ctx = TestCtx::build_on(None, Some(&pg), &[], aiq::fake::FakeOptions::default()).await;
+    let ctx = TestCtx::build_on(
+        None,
+        Some(&pg),
+        &[],
+        aiq_testkit::fake::FakeOptions::default(),
+    )
+    .await;
     let id = ctx
         .enqueue(
             JobKind::LlmComplete,
@@ -389,10 +395,16 @@ async fn an_answer_received_while_postgres_is_down_is_kept_with_its_job_and_writ
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_says_postgres_is_down_without_waiting_out_the_pools_connect_timeout() {
-    let mut pg =
-        aiq::localsvc::LocalPostgres::start("readyz-pg").expect("a PostgreSQL of this test's own");
-    let ctx = TestCtx::build_on(None, Some(&pg), &[], aiq::fake::FakeOptions::default()).await;
-    let addr = format!("127.0.0.1:{}", aiq::localsvc::free_port().unwrap());
+    let mut pg = aiq_testkit::localsvc::LocalPostgres::start("readyz-pg")
+        .expect("a PostgreSQL of this test's own");
+    let ctx = TestCtx::build_on(
+        None,
+        Some(&pg),
+        &[],
+        aiq_testkit::fake::FakeOptions::default(),
+    )
+    .await;
+    let addr = format!("127.0.0.1:{}", aiq_testkit::localsvc::free_port().unwrap());
     let daemon = ctx.spawn_daemon(&[("AIQ_ADMIN_ADDR", &addr)]);
     let readyz = || crate::harness::readyz(&addr);
     crate::harness::wait_until(

@@ -43,21 +43,24 @@ fn run_with_a_malformed_setting_exits_naming_it() {
 #[test]
 fn every_subcommand_prints_help() {
     for sub in [
-        "run",
-        "migrate",
-        "enqueue",
-        "stats",
-        "dlq",
-        "costs",
-        "budget",
-        "demo",
-        "fake-providers",
+        "run", "migrate", "enqueue", "stats", "dlq", "costs", "budget", "config",
     ] {
         let out = aiq().args([sub, "--help"]).output().unwrap();
         assert!(out.status.success(), "{sub} --help failed");
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(text.contains("Usage: aiq"), "{sub}: {text}");
         assert!(text.lines().count() > 3, "{sub} help is too thin: {text}");
+    }
+}
+
+/// The production binary carries no developer tool: they are `aiq-dev`'s (crates/aiq-dev).
+#[test]
+fn the_production_binary_has_no_demo_benchmark_or_fake() {
+    for sub in ["demo", "bench", "fake-providers"] {
+        let out = aiq().args([sub, "--help"]).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "`aiq {sub}` should not exist");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("unrecognized subcommand"), "{sub}: {err}");
     }
 }
 

@@ -633,12 +633,13 @@ async fn a_job_whose_bytes_are_not_utf8_is_buried_alone_and_its_batch_completes_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_out_of_memory_spends_no_attempt_and_every_job_completes_once_memory_is_freed() {
-    let redis = aiq::localsvc::LocalRedis::start("oom").expect("a redis-server of the test's own");
+    let redis =
+        aiq_testkit::localsvc::LocalRedis::start("oom").expect("a redis-server of the test's own");
     let ctx = TestCtx::build_on(
         Some(&redis.url()),
         None,
         &[("AIQ_MAX_ATTEMPTS", "2"), ("AIQ_LEASE_MS", "2000")],
-        aiq::fake::FakeOptions::default(),
+        aiq_testkit::fake::FakeOptions::default(),
     )
     .await;
     for i in 0..20 {
@@ -731,12 +732,12 @@ async fn redis_out_of_memory_spends_no_attempt_and_every_job_completes_once_memo
 async fn redis_losing_its_data_mid_run_keeps_ids_and_rows_apart_and_the_budget_closed_until_rebuilt()
  {
     let mut redis =
-        aiq::localsvc::LocalRedis::start("loss").expect("a redis-server of the test's own");
+        aiq_testkit::localsvc::LocalRedis::start("loss").expect("a redis-server of the test's own");
     let ctx = TestCtx::build_on(
         Some(&redis.url()),
         None,
         &[("AIQ_LEASE_MS", "2000"), ("AIQ_CONCURRENCY", "8")],
-        aiq::fake::FakeOptions::with_latency(Duration::from_millis(5)),
+        aiq_testkit::fake::FakeOptions::with_latency(Duration::from_millis(5)),
     )
     .await;
     let text = |i: usize| format!("caption photo {i:03}");
@@ -1044,13 +1045,13 @@ async fn the_dead_set_keeps_an_invalid_payload_truncated_and_holds_its_payload_b
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queue_whose_fetches_keep_failing_makes_readyz_unhealthy_within_a_lease_and_recovers() {
-    let redis =
-        aiq::localsvc::LocalRedis::start("readyz").expect("a redis-server of the test's own");
+    let redis = aiq_testkit::localsvc::LocalRedis::start("readyz")
+        .expect("a redis-server of the test's own");
     let ctx = TestCtx::build_on(
         Some(&redis.url()),
         None,
         &[("AIQ_LEASE_MS", "2000")],
-        aiq::fake::FakeOptions::default(),
+        aiq_testkit::fake::FakeOptions::default(),
     )
     .await;
     let port = std::net::TcpListener::bind("127.0.0.1:0")

@@ -13,8 +13,8 @@ use std::process::Child;
 use std::time::{Duration, Instant};
 
 use aiq::domain::{JobKind, PROVIDERS, Tier};
-use aiq::fake::FakeOptions;
-use aiq::localsvc::{LocalPostgres, LocalRedis};
+use aiq_testkit::fake::FakeOptions;
+use aiq_testkit::localsvc::{LocalPostgres, LocalRedis};
 
 use crate::harness::{
     ORG_A, ORG_B, TestCtx, llm_payload, signal_and_wait, vision_payload, wait_until,

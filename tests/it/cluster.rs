@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use aiq::domain::{JobKind, Tier};
-use aiq::localsvc::LocalRedisCluster;
+use aiq_testkit::localsvc::LocalRedisCluster;
 
 use crate::harness::{ORG_A, ORG_B, TestCtx};
 

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use aiq::domain::{JobKind, Tier};
-use aiq::fake::FakeOptions;
+use aiq_testkit::fake::FakeOptions;
 use redis::AsyncCommands;
 
 use crate::harness::{ORG_A, ORG_B, TestCtx, llm_payload, signal_and_wait, wait_until};

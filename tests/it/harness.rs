@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 
 use aiq::config::{Env, Settings};
 use aiq::domain::{JobKind, OrganizationId, Tier};
-use aiq::fake::{FakeOptions, FakeProviders};
-use aiq::localsvc::{LocalPostgres, LocalRedis};
 use aiq::queue::{NewJob, Queue};
 use aiq::store::Store;
+use aiq_testkit::fake::{FakeOptions, FakeProviders};
+use aiq_testkit::localsvc::{LocalPostgres, LocalRedis};
 use sqlx::Connection;
 use tokio_util::sync::CancellationToken;
 
@@ -307,7 +307,7 @@ impl TestCtx {
             .unwrap();
     }
 
-    /// What the fake providers counted (see `aiq::fake`).
+    /// What the fake providers counted (see `aiq_testkit::fake`).
     pub async fn fake_calls(&self) -> serde_json::Value {
         let url = format!("{}/_fake/calls", self.vars["AIQ_OPENAI_BASE_URL"]);
         reqwest::get(url)

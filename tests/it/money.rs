@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use aiq::budget::{OrgLimits, PriceCatalog};
 use aiq::domain::{JobKind, MicroUsd, Tier};
-use aiq::fake::FakeOptions;
+use aiq_testkit::fake::FakeOptions;
 use axum::http::StatusCode;
 use redis::AsyncCommands;
 use uuid::Uuid;

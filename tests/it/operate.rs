@@ -552,8 +552,8 @@ async fn under_systemd_the_daemon_says_ready_pings_the_watchdog_and_says_stoppin
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_boot_aiq_migrate_waits_for_postgres_keeping_systemd_waiting_and_then_migrates() {
-    let mut pg =
-        aiq::localsvc::LocalPostgres::start("boot-wait").expect("a PostgreSQL of this test's own");
+    let mut pg = aiq_testkit::localsvc::LocalPostgres::start("boot-wait")
+        .expect("a PostgreSQL of this test's own");
     let url = pg.url("postgres");
     pg.stop().expect("stopping PostgreSQL: the outage at boot");
     let dir = tempfile::tempdir().unwrap();

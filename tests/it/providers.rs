@@ -203,7 +203,7 @@ async fn each_provider_error_kind_gets_its_decision_and_its_error_rows() {
 async fn a_429_with_retry_after_5_seen_by_one_process_stops_all_three_for_about_5_s() {
     let ctx = crate::harness::TestCtx::build(
         &[("AIQ_CONCURRENCY", "2")],
-        aiq::fake::FakeOptions::with_latency(Duration::from_millis(40)),
+        aiq_testkit::fake::FakeOptions::with_latency(Duration::from_millis(40)),
     )
     .await;
     // The rate-limited call goes first (highest tier); its job has one attempt.
@@ -304,7 +304,7 @@ async fn under_a_20_percent_mixed_error_rate_every_job_ends_succeeded_or_dead_an
             // The daemon's default of two in-call retries.
             ("AIQ_CALL_RETRIES", "2"),
         ],
-        aiq::fake::FakeOptions {
+        aiq_testkit::fake::FakeOptions {
             latency: Duration::from_millis(10),
             latency_jitter: Duration::from_millis(20),
             error_rate: 0.2,

@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 
 use aiq::config::{Env, QueueSettings, Settings};
 use aiq::domain::{JobKind, Tier};
-use aiq::fake::FakeOptions;
-use aiq::localsvc::{LocalPostgres, LocalRedis, LocalRedisCluster, TestPki};
 use aiq::redis_conn::{Conn, ConnectError};
 use aiq::tls::TlsFailureKind;
+use aiq_testkit::fake::FakeOptions;
+use aiq_testkit::localsvc::{LocalPostgres, LocalRedis, LocalRedisCluster, TestPki};
 
 use crate::harness::{
     ORG_A, ORG_B, TestCtx, aiq_command, llm_payload, new_database, servers, start_for_the_run,

@@ -25,7 +25,7 @@ pub fn free_port() -> anyhow::Result<u16> {
 }
 
 /// Asks the kernel to send `signal` to the child when the thread that spawned it exits.
-pub(crate) fn die_with_parent(cmd: &mut Command, signal: libc::c_int) {
+pub fn die_with_parent(cmd: &mut Command, signal: libc::c_int) {
     // SAFETY: prctl is async-signal-safe and touches only the calling (child) process.
     unsafe {
         cmd.pre_exec(move || {

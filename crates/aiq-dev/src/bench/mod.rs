@@ -1,4 +1,4 @@
-//! `aiq bench <scenario>`: benchmarks that start their own redis-server, PostgreSQL and fake
+//! `aiq-dev bench <scenario>`: benchmarks that start their own redis-server, PostgreSQL and fake
 //! providers, print their figures and the machine they ran on, and with `--json` end with one
 //! JSON line per scenario. They check that the work was done (every job drained, every row
 //! written) and fail otherwise; how fast is a figure to print, never an assertion.
@@ -28,9 +28,9 @@ use std::time::Duration;
 use anyhow::Context;
 use serde_json::{Map, Value, json};
 
-use crate::config::{Env, Settings};
-use crate::domain::{JobKind, OrganizationId, Tier};
-use crate::queue::NewJob;
+use aiq::config::{Env, Settings};
+use aiq::domain::{JobKind, OrganizationId, Tier};
+use aiq::queue::NewJob;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Scenario {
@@ -252,7 +252,7 @@ pub(crate) fn new_job(kind: JobKind, tier: Tier, org: OrganizationId, payload: S
 /// (acknowledged or dead: the flusher has written their outcomes), looking every `poll`. Returns
 /// the most leases it saw held at once.
 pub(crate) async fn wait_drained(
-    q: &crate::queue::Queue,
+    q: &aiq::queue::Queue,
     n: u64,
     poll: Duration,
     timeout: Duration,

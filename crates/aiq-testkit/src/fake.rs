@@ -1,4 +1,4 @@
-//! `aiq fake-providers`: an HTTP server that answers like Google Vision and OpenAI, in their real
+//! `aiq-dev fake-providers`: an HTTP server that answers like Google Vision and OpenAI, in their real
 //! wire formats, so the demo, the tests and the benchmarks run with no network and no bill.
 //! Answers are deterministic: the same request always gets the same answer.
 //!

@@ -1,4 +1,4 @@
-//! `aiq demo`: the whole flow on this machine with nothing set up. It starts its own
+//! `aiq-dev demo`: the whole flow on this machine with nothing set up. It starts its own
 //! `redis-server` and PostgreSQL (temporary folders, free ports), the fake providers and a worker,
 //! enqueues a mixed batch over all six tiers and both job kinds, waits for every job to end,
 //! prints a summary and, as its last line, one JSON object; then stops everything it started.
@@ -12,11 +12,11 @@ use anyhow::{Context, bail};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Env, Settings};
-use crate::domain::{JobKind, MicroUsd, OrganizationId, Tier};
-use crate::fake::FakeProviders;
-use crate::localsvc::{LocalPostgres, LocalRedis};
-use crate::queue::{NewJob, Queue};
+use aiq::config::{Env, Settings};
+use aiq::domain::{JobKind, MicroUsd, OrganizationId, Tier};
+use aiq::queue::{NewJob, Queue};
+use aiq_testkit::fake::FakeProviders;
+use aiq_testkit::localsvc::{LocalPostgres, LocalRedis};
 
 /// A 1x1 PNG, base64: the demo's image.
 const PIXEL_PNG: &str = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==";
@@ -77,13 +77,13 @@ fn demo_job(tier: Tier, i: usize) -> NewJob {
 
 pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     let started = Instant::now();
-    println!("aiq demo: starting redis-server, PostgreSQL and the fake providers...");
+    println!("aiq-dev demo: starting redis-server, PostgreSQL and the fake providers...");
     // These run on the calling thread on purpose: the servers die with the thread that started
-    // them, and `aiq demo` calls this from the main thread.
+    // them, and `aiq-dev demo` calls this from the main thread.
     let redis = LocalRedis::start("demo")?;
     let pg = LocalPostgres::start("demo")?;
     let fake = FakeProviders::start(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
-    let admin_port = crate::localsvc::free_port()?;
+    let admin_port = aiq_testkit::localsvc::free_port()?;
 
     let vars: HashMap<&str, String> = HashMap::from([
         ("AIQ_REDIS_URL", redis.url()),
@@ -99,7 +99,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         ("AIQ_LOG_FORMAT", "text".into()),
     ]);
     let settings = Settings::load(&Env(|k| vars.get(k).cloned())).context("demo settings")?;
-    let (queue, store) = crate::worker::connect(&settings).await?;
+    let (queue, store) = aiq::worker::connect(&settings).await?;
     store
         .migrate()
         .await
@@ -112,8 +112,8 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     );
 
     let shutdown = CancellationToken::new();
-    let app = crate::worker::app(&settings, store.clone()).await?;
-    crate::http::serve(
+    let app = aiq::worker::app(&settings, store.clone()).await?;
+    aiq::http::serve(
         settings.admin_addr,
         queue.clone(),
         app.clone(),
@@ -123,7 +123,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     let budget = app.budget.clone();
     let worker = {
         let (settings, queue, shutdown) = (settings.clone(), queue.clone(), shutdown.clone());
-        tokio::spawn(async move { crate::worker::run(&settings, queue, app, shutdown).await })
+        tokio::spawn(async move { aiq::worker::run(&settings, queue, app, shutdown).await })
     };
 
     let mut enqueued = 0usize;

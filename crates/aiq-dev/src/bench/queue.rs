@@ -14,11 +14,11 @@ use futures::{StreamExt, TryStreamExt};
 use tokio_util::sync::CancellationToken;
 
 use super::{BenchOptions, Report, llm_job, rate, thousands, wait_drained};
-use crate::config::{Env, QueueSettings, RetryPolicy};
-use crate::domain::Tier;
-use crate::localsvc::LocalRedis;
-use crate::queue::backend::{RawJob, RedisBackend};
-use crate::queue::{NewJob, Queue};
+use aiq::config::{Env, QueueSettings, RetryPolicy};
+use aiq::domain::Tier;
+use aiq::queue::backend::{RawJob, RedisBackend};
+use aiq::queue::{NewJob, Queue};
+use aiq_testkit::localsvc::LocalRedis;
 
 const TIER_WEIGHTS: [usize; 6] = [32, 16, 8, 4, 2, 1];
 
@@ -47,7 +47,7 @@ fn prefix(name: &str) -> String {
 /// Deletes every key of a queue prefix (the benchmark may run on someone's Redis; `--redis-url`
 /// takes no certificate files, so a `rediss://` one is verified against the system's roots).
 async fn remove(url: &str, prefix: &str) -> anyhow::Result<()> {
-    let client = crate::redis_conn::client_for(url, &Default::default())?;
+    let client = aiq::redis_conn::client_for(url, &Default::default())?;
     let mut c = client.get_multiplexed_async_connection().await?;
     let pattern = format!("{{{prefix}}}*");
     let mut cursor: u64 = 0;

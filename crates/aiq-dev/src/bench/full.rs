@@ -12,13 +12,13 @@ use super::{
     BenchOptions, Report, daemon_vars, llm_job, new_job, org, rate, settings, thousands,
     wait_drained,
 };
-use crate::config::Settings;
-use crate::domain::{JobKind, MicroUsd, Tier};
-use crate::fake::{FakeOptions, FakeProviders};
-use crate::jobs::App;
-use crate::localsvc::{LocalPostgres, LocalRedis, free_port};
-use crate::queue::{NewJob, Queue};
-use crate::store::Store;
+use aiq::config::Settings;
+use aiq::domain::{JobKind, MicroUsd, Tier};
+use aiq::jobs::App;
+use aiq::queue::{NewJob, Queue};
+use aiq::store::Store;
+use aiq_testkit::fake::{FakeOptions, FakeProviders};
+use aiq_testkit::localsvc::{LocalPostgres, LocalRedis, free_port};
 
 /// Redis, PostgreSQL (migrated) and the settings of a daemon on them.
 struct World {
@@ -35,7 +35,7 @@ async fn world(fake_url: &str, extra: &[(&'static str, String)]) -> anyhow::Resu
     let mut vars = daemon_vars(&redis.url(), &pg.url("postgres"), fake_url);
     vars.extend(extra.iter().cloned());
     let settings = settings(&vars)?;
-    let (queue, store) = crate::worker::connect(&settings).await?;
+    let (queue, store) = aiq::worker::connect(&settings).await?;
     store.migrate().await.context("migrating")?;
     Ok(World {
         _redis: redis,
@@ -62,7 +62,7 @@ fn spawn_worker(
     stop: CancellationToken,
 ) -> tokio::task::JoinHandle<anyhow::Result<()>> {
     let (settings, queue) = (w.settings.clone(), w.queue.clone());
-    tokio::spawn(async move { crate::worker::run(&settings, queue, app, stop).await })
+    tokio::spawn(async move { aiq::worker::run(&settings, queue, app, stop).await })
 }
 
 /// Checks the rows of `n` succeeded jobs: one result, one cost row and one usage row each.
@@ -104,7 +104,7 @@ pub(crate) async fn pipeline(opts: &BenchOptions) -> anyhow::Result<Report> {
         (0..n).map(|i| llm_job(Tier::ALL[i % 6], i)).collect(),
     )
     .await?;
-    let app = crate::worker::app(&w.settings, w.store.clone()).await?;
+    let app = aiq::worker::app(&w.settings, w.store.clone()).await?;
     let stop = CancellationToken::new();
     let start = Instant::now();
     let worker = spawn_worker(&w, app, stop.clone());
@@ -163,7 +163,7 @@ fn peak_rss_mib(pid: u32) -> f64 {
         / 1024.0
 }
 
-/// `aiq fake-providers` in a process of its own, so its CPU and memory are not counted as aiq's.
+/// `aiq-dev fake-providers` in a process of its own, so its CPU and memory are not counted as aiq's.
 struct FakeProcess {
     child: Child,
     url: String,
@@ -178,7 +178,7 @@ impl FakeProcess {
         let port = free_port()?;
         let mut cmd = Command::new(std::env::current_exe()?);
         // It dies with the benchmark, even one killed with Ctrl-C or SIGKILL.
-        crate::localsvc::die_with_parent(&mut cmd, libc::SIGTERM);
+        aiq_testkit::localsvc::die_with_parent(&mut cmd, libc::SIGTERM);
         let child = cmd
             .args([
                 "fake-providers",
@@ -191,7 +191,7 @@ impl FakeProcess {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .context("starting aiq fake-providers")?;
+            .context("starting aiq-dev fake-providers")?;
         let deadline = Instant::now() + Duration::from_secs(10);
         while tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
@@ -359,10 +359,22 @@ async fn drain_in_daemon(
     })
 }
 
+/// The production `aiq` binary, which cargo builds next to `aiq-dev`: the benchmark measures the
+/// daemon as it ships, not the developer binary.
+fn daemon_binary() -> anyhow::Result<std::path::PathBuf> {
+    let aiq = std::env::current_exe()?.with_file_name("aiq");
+    ensure!(
+        aiq.is_file(),
+        "{} is missing: build it with `cargo build --release --bin aiq` (or without --release)",
+        aiq.display()
+    );
+    Ok(aiq)
+}
+
 /// An `aiq run` process on the given settings' variables.
 fn spawn_daemon(vars: &[(&'static str, String)]) -> anyhow::Result<Child> {
-    let mut cmd = Command::new(std::env::current_exe()?);
-    crate::localsvc::die_with_parent(&mut cmd, libc::SIGTERM);
+    let mut cmd = Command::new(daemon_binary()?);
+    aiq_testkit::localsvc::die_with_parent(&mut cmd, libc::SIGTERM);
     cmd.arg("run")
         .env_clear()
         .envs(vars.iter().map(|(k, v)| (k, v)))
@@ -395,7 +407,7 @@ pub(crate) async fn budget(opts: &BenchOptions) -> anyhow::Result<Report> {
     // Every job has the same estimate: the same text length and max_tokens.
     let text = |i: usize| format!("Caption photo {i:04}.");
     let input_bound = text(0).len() as u64 + "user".len() as u64 + 8;
-    let prices = crate::budget::PriceCatalog::builtin();
+    let prices = aiq::budget::PriceCatalog::builtin();
     let estimate = prices.llm_estimate("openai", "gpt-4o-mini", input_bound, 64)?;
     let limit = MicroUsd::from_micros(estimate.micros() * room);
     let billed = org(0);
