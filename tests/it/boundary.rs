@@ -9,7 +9,7 @@ use aiq::domain::{JobKind, OrganizationId, Tier};
 use aiq::queue::{ENQUEUE_LUA, NewJob};
 use redis::AsyncCommands;
 
-use crate::harness::{ORG_A, ORG_B, TestCtx, llm_payload, wait_until};
+use crate::harness::{ORG_A, ORG_B, TestCtx, llm_payload, wait_for, wait_until};
 
 fn own_job(org: &str, id: &str) -> NewJob {
     NewJob {
@@ -766,13 +766,10 @@ async fn redis_losing_its_data_mid_run_keeps_ids_and_rows_apart_and_the_budget_c
                 max_attempts: 0,
             };
             // Right after the restart the first command may meet the reset connection.
-            for _ in 0..50 {
-                match queue.enqueue(&job).await {
-                    Ok(e) => return e.job_id,
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-                }
-            }
-            panic!("enqueue kept failing")
+            wait_for(Duration::from_secs(60), "an enqueue to succeed", || async {
+                queue.enqueue(&job).await.ok().map(|e| e.job_id)
+            })
+            .await
         }
     };
     let sum_of = |org: &'static str| {

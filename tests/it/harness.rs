@@ -402,6 +402,16 @@ impl TestCtx {
         format!("{{{}}}:{suffix}", self.vars["AIQ_QUEUE_PREFIX"])
     }
 
+    /// Redis's clock minute: the per-minute limits count in its one-minute windows. A test of
+    /// one window compares it before and after its run instead of waiting for a quiet moment.
+    pub async fn redis_minute(&self) -> u64 {
+        let (secs, _): (u64, u64) = redis::cmd("TIME")
+            .query_async(&mut self.redis().await)
+            .await
+            .expect("TIME");
+        secs / 60
+    }
+
     pub async fn scalar_i64(&self, sql: &str) -> i64 {
         sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(sql.to_owned()))
             .fetch_one(self.store.pool())
@@ -442,6 +452,26 @@ where
     }
 }
 
+/// Polls `probe` until it gives a value, and returns that value; fails after `timeout`. For
+/// waits whose condition is also the thing the test goes on with (a fetch that leases a job).
+pub async fn wait_for<T, F, Fut>(timeout: Duration, what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The `aiq` binary with a clean environment (PATH only): settings come from the test.
 pub fn aiq_command() -> std::process::Command {
     let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_aiq"));
@@ -459,10 +489,20 @@ pub async fn signal_and_wait(
     unsafe {
         libc::kill(child.id() as libc::pid_t, signal);
     }
-    tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .expect("waiting for the child")
-        .expect("child status")
+    // A child that does not exit fails the test instead of hanging the run.
+    const EXIT_TIMEOUT: Duration = Duration::from_secs(120);
+    let deadline = Instant::now() + EXIT_TIMEOUT;
+    loop {
+        if let Some(status) = child.try_wait().expect("child status") {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the child did not exit within {EXIT_TIMEOUT:?} of signal {signal}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// `GET /readyz` of a daemon's admin address: its status and body, or None while it does not

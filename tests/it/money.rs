@@ -252,21 +252,21 @@ async fn redis_counters_equal_ai_cost_tracking_after_failures_retries_and_a_kill
     let b = ctx.spawn_daemon(&[]);
     ctx.wait_settled(Duration::from_secs(90)).await;
     // The dead worker's holds expire and the sweeper records them.
-    let mut redis = ctx.redis().await;
+    let redis = ctx.redis().await;
     let holds = format!("{{{}}}:res_expiry", ctx.vars["AIQ_BUDGET_PREFIX"]);
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let open: Vec<(String, f64)> = redis.zrange_withscores(&holds, 0, -1).await.unwrap();
-        if open.is_empty() {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "holds still open 20 s after the run (now {}): {open:?}",
-            chrono::Utc::now().timestamp_millis()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until(
+        Duration::from_secs(60),
+        "the dead worker's holds to be swept",
+        || {
+            let (mut redis, holds) = (redis.clone(), holds.clone());
+            async move {
+                let open: Vec<(String, f64)> =
+                    redis.zrange_withscores(&holds, 0, -1).await.unwrap();
+                open.is_empty()
+            }
+        },
+    )
+    .await;
     assert!(signal_and_wait(b, libc::SIGTERM).await.success());
 
     let statuses: Vec<(String, i64, i64)> = sqlx::query_as(
@@ -512,46 +512,19 @@ async fn costs_agree_with_get_cost_analysis_and_rebuild_restores_lost_redis_coun
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_over_an_organisations_rate_wait_for_the_next_minute_and_do_not_fail() {
-    let ctx = TestCtx::with(&[(
-        "AIQ_ORG_JOBS_PER_MINUTE",
-        "enterprise_plus=0,enterprise=0,professional_agency=0,growth_team=0,solo_professional=0,trial=3",
-    )])
-    .await;
-    // The limit counts per clock minute: start well inside one.
-    let second = chrono::Timelike::second(&chrono::Utc::now());
-    if second >= 50 {
-        tokio::time::sleep(Duration::from_secs(61 - second as u64)).await;
-    }
-    for i in 0..5 {
-        ctx.enqueue(
-            JobKind::LlmComplete,
-            Tier::Trial,
-            ORG_A,
-            &llm_payload(Tier::Trial, ORG_A, &format!("r{i}")),
-            0,
-        )
-        .await;
-    }
-    // Another organisation has its own allowance.
-    ctx.enqueue(
-        JobKind::LlmComplete,
-        Tier::Trial,
-        ORG_B,
-        &llm_payload(Tier::Trial, ORG_B, "b"),
-        0,
-    )
-    .await;
-    let worker = ctx.start_worker();
-    wait_until(
-        Duration::from_secs(30),
-        "the allowed jobs to run and the rest to wait",
-        || async {
-            let s = ctx.queue.stats().await.unwrap();
-            s.waiting.values().sum::<u64>() == 0 && s.inflight == 0 && s.delayed == 2
-        },
-    )
-    .await;
-    worker.stop().await;
+    // The limit counts per clock minute. A run that straddles a minute's end says nothing about
+    // one window: it is run again on a fresh queue (a run takes seconds, so the next one fits).
+    let mut runs = 0;
+    let ctx = loop {
+        runs += 1;
+        assert!(runs <= 3, "three runs in a row straddled a minute's end");
+        let (ctx, worker, minute) = rate_limited_run().await;
+        worker.stop().await;
+        if ctx.redis_minute().await == minute {
+            break ctx;
+        }
+        println!("run {runs} straddled a minute's end; once more on a fresh queue");
+    };
     assert_eq!(
         completed(&ctx).await,
         4,
@@ -578,6 +551,48 @@ async fn jobs_over_an_organisations_rate_wait_for_the_next_minute_and_do_not_fai
         0,
         "waiting is not an error"
     );
+}
+
+/// Five trial jobs of org A over a rate of three a minute, and one of org B, until the allowed
+/// ones ran and the rest wait, or until Redis's minute turned. Gives the minute it began in.
+async fn rate_limited_run() -> (TestCtx, crate::harness::Worker, u64) {
+    let ctx = TestCtx::with(&[(
+        "AIQ_ORG_JOBS_PER_MINUTE",
+        "enterprise_plus=0,enterprise=0,professional_agency=0,growth_team=0,solo_professional=0,trial=3",
+    )])
+    .await;
+    let minute = ctx.redis_minute().await;
+    for i in 0..5 {
+        ctx.enqueue(
+            JobKind::LlmComplete,
+            Tier::Trial,
+            ORG_A,
+            &llm_payload(Tier::Trial, ORG_A, &format!("r{i}")),
+            0,
+        )
+        .await;
+    }
+    // Another organisation has its own allowance.
+    ctx.enqueue(
+        JobKind::LlmComplete,
+        Tier::Trial,
+        ORG_B,
+        &llm_payload(Tier::Trial, ORG_B, "b"),
+        0,
+    )
+    .await;
+    let worker = ctx.start_worker();
+    wait_until(
+        Duration::from_secs(30),
+        "the allowed jobs to run and the rest to wait",
+        || async {
+            let s = ctx.queue.stats().await.unwrap();
+            (s.waiting.values().sum::<u64>() == 0 && s.inflight == 0 && s.delayed == 2)
+                || ctx.redis_minute().await != minute
+        },
+    )
+    .await;
+    (ctx, worker, minute)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -415,16 +415,42 @@ async fn under_a_20_percent_mixed_error_rate_every_job_ends_succeeded_or_dead_an
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_providers_requests_per_minute_hold_across_processes_and_the_rest_wait() {
+    // The limit counts per clock minute. A run that straddles a minute's end says nothing about
+    // one window: it is run again on a fresh queue (a run takes seconds, so the next one fits).
+    let mut runs = 0;
+    let ctx = loop {
+        runs += 1;
+        assert!(runs <= 3, "three runs in a row straddled a minute's end");
+        let (ctx, minute) = rpm_limited_run().await;
+        if ctx.redis_minute().await == minute {
+            break ctx;
+        }
+        println!("run {runs} straddled a minute's end; once more on a fresh queue");
+    };
+    let calls = ctx.fake_calls().await;
+    assert_eq!(
+        calls["openai"], 5,
+        "two processes together made five calls in the minute"
+    );
+    assert_eq!(calls["gemini"], 1, "other providers are not held back");
+    assert_eq!(
+        ctx.scalar_i64("SELECT count(*) FROM ai_processing_errors")
+            .await,
+        0,
+        "waiting is not an error"
+    );
+}
+
+/// Eight OpenAI jobs over 5 requests a minute and one Gemini job, in two processes, until five
+/// calls were made and three jobs wait, or until Redis's minute turned. Gives the minute it began
+/// in.
+async fn rpm_limited_run() -> (crate::harness::TestCtx, u64) {
     let ctx = crate::harness::TestCtx::with(&[
         ("AIQ_PROVIDER_RPM", "openai=5"),
         ("AIQ_PROVIDER_TPM", "gemini=100000"),
     ])
     .await;
-    // The limit counts per clock minute: start well inside one.
-    let second = chrono::Timelike::second(&chrono::Utc::now());
-    if second >= 45 {
-        tokio::time::sleep(Duration::from_secs(61 - second as u64)).await;
-    }
+    let minute = ctx.redis_minute().await;
     for i in 0..8 {
         ctx.enqueue(
             JobKind::LlmComplete,
@@ -449,7 +475,8 @@ async fn a_providers_requests_per_minute_hold_across_processes_and_the_rest_wait
         "five calls and three waiting jobs",
         || async {
             let s = ctx.queue.stats().await.unwrap();
-            s.waiting.values().sum::<u64>() == 0 && s.inflight == 0 && s.delayed == 3
+            (s.waiting.values().sum::<u64>() == 0 && s.inflight == 0 && s.delayed == 3)
+                || ctx.redis_minute().await != minute
         },
     )
     .await;
@@ -460,18 +487,7 @@ async fn a_providers_requests_per_minute_hold_across_processes_and_the_rest_wait
                 .success()
         );
     }
-    let calls = ctx.fake_calls().await;
-    assert_eq!(
-        calls["openai"], 5,
-        "two processes together made five calls in the minute"
-    );
-    assert_eq!(calls["gemini"], 1, "other providers are not held back");
-    assert_eq!(
-        ctx.scalar_i64("SELECT count(*) FROM ai_processing_errors")
-            .await,
-        0,
-        "waiting is not an error"
-    );
+    (ctx, minute)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,7 +6,7 @@ use std::time::Duration;
 use aiq::domain::{JobKind, OrganizationId, Tier};
 use aiq::queue::{NewJob, Outcome, Settlement};
 
-use crate::harness::{ORG_A, ORG_B, TestCtx, llm_payload};
+use crate::harness::{ORG_A, ORG_B, TestCtx, llm_payload, wait_for, wait_until};
 
 fn job(tier: Tier, org: &str) -> NewJob {
     NewJob {
@@ -75,7 +75,8 @@ async fn a_stale_fencing_token_cannot_settle_a_job() {
 
 #[tokio::test]
 async fn an_expired_lease_returns_the_job_without_spending_an_attempt() {
-    let ctx = TestCtx::with(&[("AIQ_LEASE_MS", "1000")]).await;
+    // A lease long enough that no stall of a busy machine between the two fetches outlasts it.
+    let ctx = TestCtx::with(&[("AIQ_LEASE_MS", "3000")]).await;
     let id = ctx
         .queue
         .enqueue(&job(Tier::Trial, ORG_A))
@@ -87,8 +88,12 @@ async fn an_expired_lease_returns_the_job_without_spending_an_attempt() {
         ctx.queue.fetch(1).await.unwrap().is_empty(),
         "a leased job is not handed out twice"
     );
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    let again = ctx.queue.fetch(1).await.unwrap();
+    // Each fetch first returns expired leases: wait for the one that hands the job out again.
+    let again = wait_for(Duration::from_secs(30), "the lease to expire", || async {
+        let got = ctx.queue.fetch(1).await.unwrap();
+        (!got.is_empty()).then_some(got)
+    })
+    .await;
     assert_eq!(again.len(), 1, "the reaper returned the job");
     assert_eq!(again[0].id, id);
     assert_eq!(again[0].attempts, 0, "an interruption spends no attempt");
@@ -120,13 +125,24 @@ async fn a_job_interrupted_too_often_goes_to_the_dead_set() {
         .unwrap()
         .job_id;
     assert_eq!(ctx.queue.fetch(1).await.unwrap().len(), 1);
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // Each fetch first returns expired leases; nothing else leases this queue's jobs, so the job
+    // comes back exactly once before it is dead.
+    let returned = std::sync::atomic::AtomicUsize::new(0);
+    wait_until(
+        Duration::from_secs(30),
+        "the second interruption",
+        || async {
+            let got = ctx.queue.fetch(1).await.unwrap().len();
+            returned.fetch_add(got, std::sync::atomic::Ordering::Relaxed);
+            !ctx.queue.dead_jobs(1).await.unwrap().is_empty()
+        },
+    )
+    .await;
     assert_eq!(
-        ctx.queue.fetch(1).await.unwrap().len(),
+        returned.into_inner(),
         1,
         "back after the first interruption"
     );
-    tokio::time::sleep(Duration::from_millis(1100)).await;
     assert!(
         ctx.queue.fetch(1).await.unwrap().is_empty(),
         "dead after the second"
@@ -155,15 +171,19 @@ async fn a_retry_waits_in_the_delayed_set_and_counts_an_attempt() {
         id: id.clone(),
         token: l.token,
         outcome: Outcome::Retry {
-            after: Duration::from_millis(300),
+            // Long enough that no stall of a busy machine makes it due before the next line.
+            after: Duration::from_millis(3000),
             error: "503".into(),
         },
     };
     assert_eq!(ctx.queue.settle(&[retry]).await.unwrap(), vec![true]);
     assert!(ctx.queue.fetch(1).await.unwrap().is_empty(), "not due yet");
     assert_eq!(ctx.queue.stats().await.unwrap().delayed, 1);
-    tokio::time::sleep(Duration::from_millis(350)).await;
-    let again = ctx.queue.fetch(1).await.unwrap();
+    let again = wait_for(Duration::from_secs(30), "the retry to be due", || async {
+        let got = ctx.queue.fetch(1).await.unwrap();
+        (!got.is_empty()).then_some(got)
+    })
+    .await;
     assert_eq!(again.len(), 1);
     assert_eq!(again[0].attempts, 1);
 }
@@ -328,14 +348,23 @@ async fn stats_show_each_tiers_oldest_waiting_job_and_the_running_totals() {
     let ctx = TestCtx::new().await;
     ctx.queue.enqueue(&job(Tier::Trial, ORG_A)).await.unwrap();
     ctx.queue.enqueue(&job(Tier::Trial, ORG_B)).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_until(
+        Duration::from_secs(30),
+        "the trial jobs to be 300 ms old",
+        || async { ctx.queue.stats().await.unwrap().oldest_age_ms["trial"] >= 300 },
+    )
+    .await;
     ctx.queue
         .enqueue(&job(Tier::Enterprise, ORG_A))
         .await
         .unwrap();
     let s = ctx.queue.stats().await.unwrap();
     assert!(s.oldest_age_ms["trial"] >= 300, "{s:?}");
-    assert!(s.oldest_age_ms["enterprise"] < 300, "{s:?}");
+    // The enterprise job came at least 300 ms after the trial ones, however slow the machine.
+    assert!(
+        s.oldest_age_ms["enterprise"] + 300 <= s.oldest_age_ms["trial"],
+        "{s:?}"
+    );
     assert_eq!(s.oldest_age_ms["growth_team"], 0);
     assert_eq!(s.counters["enqueued"], 3);
     // Taking the enterprise job leaves the trial ones as the oldest; taking both trial jobs

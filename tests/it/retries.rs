@@ -225,7 +225,10 @@ async fn a_retry_after_within_the_cap_is_waited_in_the_call_and_a_longer_one_goe
         ctx.fake_calls().await["openai"] == 1
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    crate::harness::wait_until(Duration::from_secs(10), "the job to be delayed", || async {
+        ctx.queue.stats().await.unwrap().delayed == 1
+    })
+    .await;
     let stats = ctx.queue.stats().await.unwrap();
     assert_eq!(
         (stats.delayed, ctx.fake_calls().await["openai"].as_u64()),
