@@ -1,0 +1,69 @@
+//! `aiq run` and `aiq migrate`.
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+
+use super::{process_env, shutdown_signal};
+use crate::config::{self, LogFormat, Settings};
+use crate::redact;
+
+/// `aiq migrate`: applies migrations/ to AIQ_DATABASE_URL, waiting for it at start like the
+/// daemon does.
+pub(super) async fn migrate() -> anyhow::Result<()> {
+    let db = config::DatabaseSettings::load(&process_env())?;
+    crate::telemetry::init(
+        LogFormat::Text,
+        "warn",
+        redact::url_passwords(db.url.expose()),
+    );
+    let wait = config::startup_wait(&process_env())?;
+    let store = crate::store::Store::connect(&db, 2, wait)
+        .await
+        .context("connecting to PostgreSQL (AIQ_DATABASE_URL)")?;
+    store.migrate().await?;
+    println!("migrations applied");
+    Ok(())
+}
+
+/// `aiq run`: the daemon, until SIGTERM or SIGINT.
+pub(super) async fn run_daemon() -> anyhow::Result<()> {
+    let settings = Settings::from_process_env()?;
+    crate::telemetry::init(settings.log_format, "info", settings.secrets());
+    let _sentry = match &settings.sentry_dsn {
+        Some(dsn) => Some(crate::observe::init_sentry(
+            dsn.expose(),
+            &settings.sentry_environment,
+            settings.secrets(),
+            settings.sentry_send_payloads,
+        )?),
+        None => None,
+    };
+    let (queue, store) = crate::worker::connect(&settings).await?;
+    let app = crate::worker::app(&settings, store).await?;
+    let shutdown = CancellationToken::new();
+    let admin = crate::http::serve(
+        settings.admin_addr,
+        queue.clone(),
+        app.clone(),
+        shutdown.clone(),
+    )
+    .await?;
+    tracing::info!(%admin, "admin port: /metrics /healthz /readyz");
+    {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            tracing::info!("shutdown requested: no new jobs; finishing the running ones");
+            crate::systemd::notify("STOPPING=1");
+            shutdown.cancel();
+        });
+    }
+    // Redis and PostgreSQL answered: ready.
+    crate::systemd::notify("READY=1");
+    crate::systemd::spawn_watchdog(shutdown.clone());
+    let result = crate::worker::run(&settings, queue, app, shutdown).await;
+    if let Err(e) = &result {
+        tracing::error!(error = %format!("{e:#}"), "the daemon stopped on an error");
+    }
+    result
+}

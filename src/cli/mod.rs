@@ -1,0 +1,227 @@
+//! The `aiq` command line: one binary, one subcommand per job, one file per group of commands
+//! (`daemon`: run, migrate; `jobs`: enqueue, stats; `dlq`; `money`: costs, budget; `settings`:
+//! config).
+//!
+//! What the commands print of Redis and PostgreSQL was written by apps (ids, reasons, payloads,
+//! provider names): every such value goes through [`shown`] in text output, and JSON output
+//! through [`print_json`], so no stored byte reaches the terminal as a control character.
+
+mod daemon;
+mod dlq;
+mod jobs;
+mod money;
+mod settings;
+
+use std::borrow::Cow;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{self, Env};
+use crate::redact;
+use dlq::DlqAction;
+use money::BudgetAction;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "aiq",
+    version,
+    about = "Runs paid AI jobs (Google Vision, LLMs) from Redis by subscription tier and records them in PostgreSQL",
+    long_about = "aiq takes AI jobs that apps put into Redis, in order of the customer's subscription tier, \
+calls Google Cloud Vision or an LLM, and writes results, costs and errors to PostgreSQL.\n\n\
+Settings come from AIQ_* environment variables; .env.example lists them all."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the daemon: take jobs from Redis by tier and process them until SIGTERM or SIGINT.
+    ///
+    /// Needs AIQ_REDIS_URL and AIQ_DATABASE_URL (and provider keys for the jobs you run).
+    /// On SIGTERM it stops fetching, lets running jobs finish within AIQ_SHUTDOWN_GRACE_MS and
+    /// returns the rest to the queue.
+    Run,
+    /// Apply the database migrations to AIQ_DATABASE_URL (safe to run again).
+    Migrate,
+    /// Put one job into the queue and print its id.
+    ///
+    /// The payload is a JSON document of the kind's schema (jobs/schema/); its `tier` and
+    /// `organization_id` decide where it queues. Needs AIQ_REDIS_URL.
+    Enqueue {
+        /// The job kind: vision.annotate or llm.complete.
+        #[arg(long)]
+        kind: String,
+        /// The payload JSON inline; without it and --file, the payload is read from stdin.
+        #[arg(long, conflicts_with = "file")]
+        payload: Option<String>,
+        /// A file holding the payload JSON.
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Your own job id; enqueueing the same id again does nothing.
+        #[arg(long)]
+        job_id: Option<String>,
+        /// Run no earlier than this many milliseconds from now.
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
+        /// A key that makes a repeated enqueue return the first job's id (kept AIQ_IDEMPOTENCY_TTL_S).
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        /// Executions before the dead set (0: AIQ_MAX_ATTEMPTS).
+        #[arg(long, default_value_t = 0)]
+        max_attempts: u32,
+    },
+    /// Print queue depth per tier, in-flight, delayed and dead jobs.
+    Stats {
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Refresh every N seconds until interrupted.
+        #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "2")]
+        watch: Option<u64>,
+    },
+    /// Spend per organisation, provider and day, and when each monthly budget runs out.
+    ///
+    /// Reads ai_cost_tracking (the same rows get_cost_analysis() sums). Needs AIQ_DATABASE_URL.
+    Costs {
+        /// Only this organisation.
+        #[arg(long)]
+        org: Option<uuid::Uuid>,
+        /// How many days back.
+        #[arg(long, default_value_t = 30)]
+        days: i32,
+        /// One JSON object instead of tables (amounts in integer micro-USD).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Look at and manage the budget counters and limits.
+    Budget {
+        #[command(subcommand)]
+        action: BudgetAction,
+    },
+    /// Print the effective settings (defaults filled in, secrets masked) and check them.
+    Config {
+        /// One JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Inspect and act on the dead set: jobs that failed for good, with their reasons.
+    Dlq {
+        #[command(subcommand)]
+        action: DlqAction,
+    },
+}
+
+/// One value of a text report, its control characters escaped (`redact::terminal`): a value
+/// must not move the cursor, recolour the terminal or start a line of its own. The report's own
+/// separators and line breaks are written around it.
+fn shown(value: &str) -> Cow<'_, str> {
+    redact::terminal(value)
+}
+
+/// Prints one JSON document on a line (`pretty`: indented), with DEL, C1 and the bidirectional
+/// controls escaped too (serde_json escapes only C0).
+fn print_json(value: &impl serde::Serialize, pretty: bool) -> anyhow::Result<()> {
+    let text = if pretty {
+        serde_json::to_string_pretty(value)?
+    } else {
+        serde_json::to_string(value)?
+    };
+    println!("{}", redact::json(text));
+    Ok(())
+}
+
+fn process_env() -> Env<impl Fn(&str) -> Option<String>> {
+    Env(|k: &str| std::env::var(k).ok())
+}
+
+/// Parses the command line and runs it. Errors print as one line naming what went wrong.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // One TLS stack for the whole process (Redis, PostgreSQL, the providers): see `tls`.
+    crate::tls::install_crypto_provider();
+    // A report piped into `head` must end quietly when the pipe closes, not panic on the write:
+    // the commands that print and exit take SIGPIPE's default (the shell sees status 141). The
+    // daemon and the long-running tools keep Rust's default of ignoring it (sockets).
+    if !matches!(cli.command, Command::Run) {
+        // SAFETY: setting a signal's disposition to its default, before any thread is started.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("aiq: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let code = if e.downcast_ref::<config::ConfigError>().is_some() {
+                2
+            } else {
+                1
+            };
+            // An error may quote a URL it could not reach, or a value read from Redis.
+            let text = format!("{e:#}");
+            eprintln!("aiq: {}", shown(&redact::url(&text)));
+            ExitCode::from(code)
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Run => daemon::run_daemon().await,
+        Command::Migrate => daemon::migrate().await,
+        Command::Enqueue {
+            kind,
+            payload,
+            file,
+            job_id,
+            delay_ms,
+            idempotency_key,
+            max_attempts,
+        } => {
+            jobs::enqueue(jobs::EnqueueArgs {
+                kind,
+                payload,
+                file,
+                job_id,
+                delay_ms,
+                idempotency_key,
+                max_attempts,
+            })
+            .await
+        }
+        Command::Stats { json, watch } => jobs::stats(json, watch).await,
+        Command::Dlq { action } => dlq::dlq(action).await,
+        Command::Config { json } => settings::print(json),
+        Command::Costs { org, days, json } => money::costs(org, days, json).await,
+        Command::Budget { action } => money::budget(action).await,
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = term => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
