@@ -11,14 +11,29 @@ use crate::config::QueueSettings;
 use crate::domain::{JobKind, OrganizationId, Tier};
 use crate::queue::{NewJob, Queue};
 
-/// What `aiq enqueue` was given.
+// What `aiq enqueue` takes (its help is the `Enqueue` command's).
+#[derive(Debug, clap::Args)]
 pub(super) struct EnqueueArgs {
+    /// The job kind: vision.annotate or llm.complete.
+    #[arg(long)]
     pub kind: String,
+    /// The payload JSON inline; without it and --file, the payload is read from stdin.
+    #[arg(long, conflicts_with = "file")]
     pub payload: Option<String>,
+    /// A file holding the payload JSON.
+    #[arg(long)]
     pub file: Option<PathBuf>,
+    /// Your own job id; enqueueing the same id again does nothing.
+    #[arg(long)]
     pub job_id: Option<String>,
+    /// Run no earlier than this many milliseconds from now.
+    #[arg(long, default_value_t = 0)]
     pub delay_ms: u64,
+    /// A key that makes a repeated enqueue return the first job's id (kept AIQ_IDEMPOTENCY_TTL_S).
+    #[arg(long)]
     pub idempotency_key: Option<String>,
+    /// Executions before the dead set (0: AIQ_MAX_ATTEMPTS).
+    #[arg(long, default_value_t = 0)]
     pub max_attempts: u32,
 }
 

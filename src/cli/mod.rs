@@ -13,7 +13,6 @@ mod money;
 mod settings;
 
 use std::borrow::Cow;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -51,29 +50,7 @@ enum Command {
     ///
     /// The payload is a JSON document of the kind's schema (jobs/schema/); its `tier` and
     /// `organization_id` decide where it queues. Needs AIQ_REDIS_URL.
-    Enqueue {
-        /// The job kind: vision.annotate or llm.complete.
-        #[arg(long)]
-        kind: String,
-        /// The payload JSON inline; without it and --file, the payload is read from stdin.
-        #[arg(long, conflicts_with = "file")]
-        payload: Option<String>,
-        /// A file holding the payload JSON.
-        #[arg(long)]
-        file: Option<PathBuf>,
-        /// Your own job id; enqueueing the same id again does nothing.
-        #[arg(long)]
-        job_id: Option<String>,
-        /// Run no earlier than this many milliseconds from now.
-        #[arg(long, default_value_t = 0)]
-        delay_ms: u64,
-        /// A key that makes a repeated enqueue return the first job's id (kept AIQ_IDEMPOTENCY_TTL_S).
-        #[arg(long)]
-        idempotency_key: Option<String>,
-        /// Executions before the dead set (0: AIQ_MAX_ATTEMPTS).
-        #[arg(long, default_value_t = 0)]
-        max_attempts: u32,
-    },
+    Enqueue(jobs::EnqueueArgs),
     /// Print queue depth per tier, in-flight, delayed and dead jobs.
     Stats {
         /// Print one JSON object instead of a table.
@@ -182,26 +159,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Run => daemon::run_daemon().await,
         Command::Migrate => daemon::migrate().await,
-        Command::Enqueue {
-            kind,
-            payload,
-            file,
-            job_id,
-            delay_ms,
-            idempotency_key,
-            max_attempts,
-        } => {
-            jobs::enqueue(jobs::EnqueueArgs {
-                kind,
-                payload,
-                file,
-                job_id,
-                delay_ms,
-                idempotency_key,
-                max_attempts,
-            })
-            .await
-        }
+        Command::Enqueue(args) => jobs::enqueue(args).await,
         Command::Stats { json, watch } => jobs::stats(json, watch).await,
         Command::Dlq { action } => dlq::dlq(action).await,
         Command::Config { json } => settings::print(json),
