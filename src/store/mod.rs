@@ -1,4 +1,5 @@
-//! PostgreSQL: every SQL statement of aiq lives here; the schema lives in `migrations/`.
+//! PostgreSQL: every SQL statement of aiq lives here (the hot path in this file and `batch`, the
+//! alerts' outbox in `alerts`, the operator's reports in `reports`); the schema lives in `migrations/`.
 //! Writes are idempotent: each table has a unique key per job (results), per call (costs, usage)
 //! or per attempt and call (errors), and inserts use `ON CONFLICT DO NOTHING`, so a replayed job changes
 //! nothing. Money is bound as integer micro-USD and stored as NUMERIC dollars.
@@ -7,15 +8,20 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use serde_json::Value;
+use sqlx::ConnectOptions;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::{ConnectOptions, Row};
 use uuid::Uuid;
 
 use crate::config::DatabaseSettings;
 use crate::domain::MicroUsd;
 use crate::tls::{Server, TlsFailure};
 
+mod alerts;
 mod batch;
+mod reports;
+
+pub use alerts::{AlertRow, NewAlert};
+pub use reports::{CostAnalysisRow, DailySpend, RowCounts, Spike};
 
 /// PostgreSQL's text and jsonb cannot hold U+0000, and a provider may send it: a row refused for
 /// it would fail its job on every attempt, each one a paid call. It is stored as U+FFFD.
@@ -200,62 +206,6 @@ pub struct ErrorRecord {
     pub http_status: Option<i32>,
     /// Which call of the execution failed (0 for errors before any call).
     pub call_seq: i32,
-}
-
-/// A budget alert to record.
-#[derive(Debug, Clone)]
-pub struct NewAlert {
-    pub scope: String,
-    pub organization_id: Option<Uuid>,
-    pub window_kind: String,
-    pub window_start: String,
-    pub threshold: String,
-    pub spent: MicroUsd,
-    pub limit: Option<MicroUsd>,
-    pub message: String,
-}
-
-/// An alert claimed for delivery.
-#[derive(Debug, Clone)]
-pub struct AlertRow {
-    pub id: Uuid,
-    pub message: String,
-    pub threshold: String,
-    pub delivery_attempts: i32,
-}
-
-/// An hour whose spend jumped.
-#[derive(Debug, Clone)]
-pub struct Spike {
-    /// None: the whole platform.
-    pub organization_id: Option<Uuid>,
-    pub last_hour: MicroUsd,
-    pub average_hour: MicroUsd,
-}
-
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct DailySpend {
-    pub organization_id: Option<Uuid>,
-    pub provider: String,
-    pub day: chrono::NaiveDate,
-    pub cost: MicroUsd,
-    pub requests: i64,
-}
-
-/// A row of the plan's `get_cost_analysis()`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct CostAnalysisRow {
-    pub service_name: String,
-    pub total_cost: MicroUsd,
-    pub request_count: i64,
-}
-
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct RowCounts {
-    pub ai_processing_results: i64,
-    pub ai_cost_tracking: i64,
-    pub ai_processing_errors: i64,
-    pub ai_usage: i64,
 }
 
 #[derive(Clone)]
@@ -697,240 +647,6 @@ impl Store {
             .into_iter()
             .map(|(k, v)| (k, v.max(0) as u64))
             .collect())
-    }
-
-    /// Records an alert unless the same (scope, window, threshold) already has one. Returns
-    /// whether this call created it: across every process, exactly one does.
-    pub async fn insert_alert(&self, a: &NewAlert) -> Result<bool, StoreError> {
-        let inserted = sqlx::query(
-            "INSERT INTO ai_cost_alerts (scope, organization_id, window_kind, window_start, threshold,
-                spent_usd, limit_usd, message)
-             VALUES ($1, $2, $3, $4, $5, $6::numeric / 1000000, $7::numeric / 1000000, $8)
-             ON CONFLICT ON CONSTRAINT ai_cost_alerts_once DO NOTHING",
-        )
-        .bind(&a.scope)
-        .bind(a.organization_id)
-        .bind(&a.window_kind)
-        .bind(&a.window_start)
-        .bind(&a.threshold)
-        .bind(a.spent.micros())
-        .bind(a.limit.map(MicroUsd::micros))
-        .bind(&a.message)
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
-        Ok(inserted == 1)
-    }
-
-    /// Claims up to `n` undelivered alerts that are due, for `lease`: no other process claims
-    /// them meanwhile, and a claim that is never finished comes due again after it.
-    pub async fn claim_alerts(&self, n: i64, lease: Duration) -> Result<Vec<AlertRow>, StoreError> {
-        let rows: Vec<(Uuid, String, String, i32)> = sqlx::query_as(
-            "UPDATE ai_cost_alerts SET next_attempt_at = now() + make_interval(secs => $2)
-             WHERE id IN (SELECT id FROM ai_cost_alerts
-                          WHERE delivered_at IS NULL AND next_attempt_at <= now()
-                          ORDER BY created_at LIMIT $1 FOR UPDATE SKIP LOCKED)
-             RETURNING id, message, threshold, delivery_attempts",
-        )
-        .bind(n)
-        .bind(lease.as_secs_f64())
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(id, message, threshold, attempts)| AlertRow {
-                id,
-                message,
-                threshold,
-                delivery_attempts: attempts,
-            })
-            .collect())
-    }
-
-    pub async fn alert_delivered(&self, id: Uuid) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE ai_cost_alerts SET delivered_at = now(), delivery_attempts = delivery_attempts + 1,
-                last_delivery_error = NULL WHERE id = $1",
-        )
-        .bind(id)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    pub async fn alert_failed(
-        &self,
-        id: Uuid,
-        error: &str,
-        retry_in: Duration,
-    ) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE ai_cost_alerts SET delivery_attempts = delivery_attempts + 1, last_delivery_error = $2,
-                next_attempt_at = now() + make_interval(secs => $3) WHERE id = $1",
-        )
-        .bind(id)
-        .bind(error)
-        .bind(retry_in.as_secs_f64())
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    /// Organisations (and the platform, with None) whose spend in the last hour is above
-    /// `multiple` times their average hourly spend over the 24 hours before it, and at least `min`.
-    pub async fn spend_spikes(
-        &self,
-        multiple: f64,
-        min: MicroUsd,
-    ) -> Result<Vec<Spike>, StoreError> {
-        let rows: Vec<(Option<Uuid>, i64, i64)> = sqlx::query_as(
-            "WITH per AS (
-               SELECT organization_id, GROUPING(organization_id) AS total,
-                      sum(cost_usd) FILTER (WHERE created_at >= now() - interval '1 hour') AS last_hour,
-                      sum(cost_usd) FILTER (WHERE created_at < now() - interval '1 hour'
-                                              AND created_at >= now() - interval '25 hours') / 24 AS avg_hour
-               FROM ai_cost_tracking WHERE created_at >= now() - interval '25 hours'
-               GROUP BY ROLLUP (organization_id))
-             SELECT organization_id, (coalesce(last_hour, 0) * 1000000)::bigint,
-                    (coalesce(avg_hour, 0) * 1000000)::bigint
-             FROM per
-             WHERE (organization_id IS NOT NULL OR total = 1)
-               AND coalesce(last_hour, 0) * 1000000 >= $2
-               AND coalesce(last_hour, 0) > $1 * coalesce(avg_hour, 0)
-               AND coalesce(avg_hour, 0) > 0",
-        )
-        .bind(multiple)
-        .bind(min.micros())
-        .fetch_all(&self.pool)
-        .await?;
-        // ROLLUP's grand total row (GROUPING = 1) is the platform; it has a NULL organization.
-        Ok(rows
-            .into_iter()
-            .map(|(org, last, avg)| Spike {
-                organization_id: org,
-                last_hour: MicroUsd::from_micros(last),
-                average_hour: MicroUsd::from_micros(avg),
-            })
-            .collect())
-    }
-
-    /// Spend per organisation, provider and day over the last `days` days (for `aiq costs`).
-    pub async fn spend_by_day(
-        &self,
-        org: Option<Uuid>,
-        days: i32,
-    ) -> Result<Vec<DailySpend>, StoreError> {
-        let rows: Vec<(Option<Uuid>, String, chrono::NaiveDate, i64, i64)> = sqlx::query_as(
-            "SELECT organization_id, service_name, billing_date, (sum(cost_usd) * 1000000)::bigint,
-                    sum(request_count)::bigint
-             FROM ai_cost_tracking
-             WHERE billing_date >= CURRENT_DATE - $1 AND ($2::uuid IS NULL OR organization_id = $2)
-             GROUP BY 1, 2, 3 ORDER BY 3, 1, 2",
-        )
-        .bind(days)
-        .bind(org)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .into_iter()
-            .map(
-                |(organization_id, provider, day, micros, requests)| DailySpend {
-                    organization_id,
-                    provider,
-                    day,
-                    cost: MicroUsd::from_micros(micros),
-                    requests,
-                },
-            )
-            .collect())
-    }
-
-    /// The latest tier each organisation's jobs ran under.
-    pub async fn org_tiers(&self) -> Result<BTreeMap<Uuid, String>, StoreError> {
-        let rows: Vec<(Uuid, String)> = sqlx::query_as(
-            "SELECT DISTINCT ON (organization_id) organization_id, tier FROM ai_cost_tracking
-             WHERE organization_id IS NOT NULL AND tier IS NOT NULL ORDER BY organization_id, created_at DESC",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows.into_iter().collect())
-    }
-
-    /// Runs the plan's `get_cost_analysis()`.
-    pub async fn cost_analysis(
-        &self,
-        org: Uuid,
-        days: i32,
-    ) -> Result<Vec<CostAnalysisRow>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT service_name, (total_cost * 1000000)::bigint AS micros, request_count
-             FROM get_cost_analysis($1, $2)",
-        )
-        .bind(org)
-        .bind(days)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(CostAnalysisRow {
-                    service_name: r.try_get("service_name")?,
-                    total_cost: MicroUsd::from_micros(r.try_get("micros")?),
-                    request_count: r.try_get("request_count")?,
-                })
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(Into::into)
-    }
-
-    /// Jobs per (tier, status) in ai_processing_results.
-    pub async fn outcomes_by_tier(&self) -> Result<Vec<(String, String, i64)>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT coalesce(tier, 'unknown') AS tier, status, count(*) AS n
-             FROM ai_processing_results GROUP BY 1, 2 ORDER BY 1, 2",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| Ok((r.try_get("tier")?, r.try_get("status")?, r.try_get("n")?)))
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(Into::into)
-    }
-
-    /// Spend and calls per provider in ai_cost_tracking.
-    pub async fn cost_by_provider(&self) -> Result<Vec<(String, MicroUsd, i64)>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT service_name, (sum(cost_usd) * 1000000)::bigint AS micros, count(*) AS calls
-             FROM ai_cost_tracking GROUP BY 1 ORDER BY 1",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok((
-                    r.try_get("service_name")?,
-                    MicroUsd::from_micros(r.try_get("micros")?),
-                    r.try_get("calls")?,
-                ))
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(Into::into)
-    }
-
-    pub async fn row_counts(&self) -> Result<RowCounts, StoreError> {
-        let r = sqlx::query(
-            "SELECT (SELECT count(*) FROM ai_processing_results) AS results,
-                    (SELECT count(*) FROM ai_cost_tracking) AS costs,
-                    (SELECT count(*) FROM ai_processing_errors) AS errors,
-                    (SELECT count(*) FROM ai_usage) AS usage",
-        )
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(RowCounts {
-            ai_processing_results: r.try_get("results")?,
-            ai_cost_tracking: r.try_get("costs")?,
-            ai_processing_errors: r.try_get("errors")?,
-            ai_usage: r.try_get("usage")?,
-        })
     }
 }
 
