@@ -85,8 +85,7 @@ async fn enqueue_mix(ctx: &TestCtx, n: usize) -> Vec<String> {
 }
 
 async fn completed(ctx: &TestCtx) -> i64 {
-    ctx.scalar_i64("SELECT count(*) FROM ai_processing_results WHERE status = 'completed'")
-        .await
+    ctx.completed().await
 }
 
 fn spawn_daemons(ctx: &TestCtx) -> Vec<Child> {

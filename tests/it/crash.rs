@@ -10,8 +10,7 @@ use redis::AsyncCommands;
 use crate::harness::{ORG_A, ORG_B, TestCtx, llm_payload, signal_and_wait, wait_until};
 
 async fn completed(ctx: &TestCtx) -> i64 {
-    ctx.scalar_i64("SELECT count(*) FROM ai_processing_results WHERE status = 'completed'")
-        .await
+    ctx.completed().await
 }
 
 async fn enqueue_llm_jobs(ctx: &TestCtx, n: usize) {

@@ -11,6 +11,7 @@ use aiq::domain::{JobKind, OrganizationId, Tier};
 use aiq::queue::{NewJob, Queue};
 use aiq::store::Store;
 use aiq_testkit::fake::{FakeOptions, FakeProviders};
+use aiq_testkit::local::{every_tier, provider_vars};
 use aiq_testkit::localsvc::{LocalPostgres, LocalRedis};
 use sqlx::Connection;
 use tokio_util::sync::CancellationToken;
@@ -121,17 +122,9 @@ impl TestCtx {
                 format!("b{}", uuid::Uuid::new_v4().simple()),
             ),
             // No rate limit unless a test sets one: tests enqueue many jobs per organisation.
-            (
-                "AIQ_ORG_JOBS_PER_MINUTE",
-                "enterprise_plus=0,enterprise=0,professional_agency=0,growth_team=0,solo_professional=0,trial=0"
-                    .into(),
-            ),
+            ("AIQ_ORG_JOBS_PER_MINUTE", every_tier("0")),
             // No per-organisation cap either, unless a test sets one.
-            (
-                "AIQ_ORG_MAX_IN_FLIGHT",
-                "enterprise_plus=0,enterprise=0,professional_agency=0,growth_team=0,solo_professional=0,trial=0"
-                    .into(),
-            ),
+            ("AIQ_ORG_MAX_IN_FLIGHT", every_tier("0")),
             ("AIQ_CONCURRENCY", "4".into()),
             ("AIQ_POLL_INTERVAL_MS", "10".into()),
             ("AIQ_RETRY_BASE_MS", "10".into()),
@@ -143,16 +136,9 @@ impl TestCtx {
             ("AIQ_SHUTDOWN_GRACE_MS", "5000".into()),
             ("AIQ_ADMIN_ADDR", "127.0.0.1:0".into()),
             ("AIQ_LOG_FORMAT", "text".into()),
-            ("AIQ_VISION_BASE_URL", fake.base_url()),
-            ("AIQ_VISION_API_KEY", "test-vision-key".into()),
-            ("AIQ_OPENAI_BASE_URL", fake.base_url()),
-            ("AIQ_OPENAI_API_KEY", "test-openai-key".into()),
-            ("AIQ_ANTHROPIC_BASE_URL", fake.base_url()),
-            ("AIQ_ANTHROPIC_API_KEY", "test-anthropic-key".into()),
-            ("AIQ_GEMINI_BASE_URL", fake.base_url()),
-            ("AIQ_GEMINI_API_KEY", "test-gemini-key".into()),
         ]
         .into_iter()
+        .chain(provider_vars(&fake.base_url(), "test"))
         .map(|(k, v)| (k.to_owned(), v))
         .collect();
         for (k, v) in overrides {
@@ -410,6 +396,12 @@ impl TestCtx {
             .await
             .expect("TIME");
         secs / 60
+    }
+
+    /// Jobs with a completed result row.
+    pub async fn completed(&self) -> i64 {
+        self.scalar_i64("SELECT count(*) FROM ai_processing_results WHERE status = 'completed'")
+            .await
     }
 
     pub async fn scalar_i64(&self, sql: &str) -> i64 {

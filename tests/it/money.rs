@@ -16,8 +16,7 @@ use crate::harness::{
 };
 
 async fn completed(ctx: &TestCtx) -> i64 {
-    ctx.scalar_i64("SELECT count(*) FROM ai_processing_results WHERE status = 'completed'")
-        .await
+    ctx.completed().await
 }
 
 fn org(s: &str) -> Uuid {

@@ -85,19 +85,16 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     let fake = FakeProviders::start(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
     let admin_port = aiq_testkit::localsvc::free_port()?;
 
-    let vars: HashMap<&str, String> = HashMap::from([
+    let mut vars: HashMap<&str, String> = HashMap::from([
         ("AIQ_REDIS_URL", redis.url()),
         ("AIQ_DATABASE_URL", pg.url("postgres")),
         ("AIQ_QUEUE_PREFIX", "aiq-demo".into()),
         ("AIQ_CONCURRENCY", "8".into()),
         ("AIQ_POLL_INTERVAL_MS", "20".into()),
         ("AIQ_ADMIN_ADDR", format!("127.0.0.1:{admin_port}")),
-        ("AIQ_VISION_BASE_URL", fake.base_url()),
-        ("AIQ_VISION_API_KEY", "demo-vision-key".into()),
-        ("AIQ_OPENAI_BASE_URL", fake.base_url()),
-        ("AIQ_OPENAI_API_KEY", "demo-openai-key".into()),
         ("AIQ_LOG_FORMAT", "text".into()),
     ]);
+    vars.extend(aiq_testkit::local::provider_vars(&fake.base_url(), "demo"));
     let settings = Settings::load(&Env(|k| vars.get(k).cloned())).context("demo settings")?;
     let (queue, store) = aiq::worker::connect(&settings).await?;
     store

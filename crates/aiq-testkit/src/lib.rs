@@ -4,4 +4,5 @@
 //! the fake knows the providers' wire formats, not aiq's parsers.
 
 pub mod fake;
+pub mod local;
 pub mod localsvc;

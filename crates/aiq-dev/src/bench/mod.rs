@@ -25,6 +25,7 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::time::Duration;
 
+use aiq_testkit::local::{every_tier, provider_vars};
 use anyhow::Context;
 use serde_json::{Map, Value, json};
 
@@ -183,25 +184,15 @@ pub(crate) fn daemon_vars(
     database_url: &str,
     fake: &str,
 ) -> Vec<(&'static str, String)> {
-    vec![
+    let mut vars = vec![
         ("AIQ_REDIS_URL", redis_url.to_owned()),
         ("AIQ_DATABASE_URL", database_url.to_owned()),
-        (
-            "AIQ_ORG_JOBS_PER_MINUTE",
-            "enterprise_plus=0,enterprise=0,professional_agency=0,growth_team=0,solo_professional=0,trial=0"
-                .into(),
-        ),
+        ("AIQ_ORG_JOBS_PER_MINUTE", every_tier("0")),
         ("AIQ_LOG_FORMAT", "text".into()),
         ("AIQ_ADMIN_ADDR", "127.0.0.1:0".into()),
-        ("AIQ_VISION_BASE_URL", fake.to_owned()),
-        ("AIQ_VISION_API_KEY", "bench-key".into()),
-        ("AIQ_OPENAI_BASE_URL", fake.to_owned()),
-        ("AIQ_OPENAI_API_KEY", "bench-key".into()),
-        ("AIQ_ANTHROPIC_BASE_URL", fake.to_owned()),
-        ("AIQ_ANTHROPIC_API_KEY", "bench-key".into()),
-        ("AIQ_GEMINI_BASE_URL", fake.to_owned()),
-        ("AIQ_GEMINI_API_KEY", "bench-key".into()),
-    ]
+    ];
+    vars.extend(provider_vars(fake, "bench"));
+    vars
 }
 
 /// The organisation a benchmark job bills: 50 of them, so the budget's keys spread.
