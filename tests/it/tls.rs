@@ -19,9 +19,10 @@ use crate::harness::{
     ORG_A, ORG_B, TestCtx, aiq_command, llm_payload, new_database, servers, start_for_the_run,
 };
 
-/// Far below the retries a network failure gets at start (about 6 s for Redis, 10 s for
-/// PostgreSQL): a refusal must not wait for them.
-const FAST: Duration = Duration::from_secs(3);
+/// Start-up here waits up to an hour (`AIQ_STARTUP_WAIT_S`, the default, set explicitly below)
+/// for a server that may still come: a refusal that waited would take that hour. Reaching this
+/// timeout fails the test; nothing tighter is asserted, so a busy machine cannot fail it.
+const TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The TLS servers of this run, shared by the tests of this file (none changes them).
 struct TlsServers {
@@ -96,6 +97,7 @@ fn settings(vars: &[(&str, String)]) -> Settings {
         ("AIQ_DATABASE_URL".into(), (servers().pg_url)("postgres")),
         ("AIQ_ADMIN_ADDR".into(), "127.0.0.1:0".into()),
         ("AIQ_LOG_FORMAT".into(), "text".into()),
+        ("AIQ_STARTUP_WAIT_S".into(), "3600".into()),
     ];
     for (k, v) in vars {
         all.retain(|(n, _)| n != k);
@@ -107,15 +109,19 @@ fn settings(vars: &[(&str, String)]) -> Settings {
     .expect("settings")
 }
 
-/// What `aiq::worker::connect` (the start of `aiq run`) says when it fails, and how long it took.
-async fn start_failure(settings: &Settings) -> (String, Duration) {
+/// What `aiq::worker::connect` (the start of `aiq run`) says when it fails; how long it took is
+/// printed (a refusal returns at once, a wait would last `AIQ_STARTUP_WAIT_S`).
+async fn start_failure(settings: &Settings) -> String {
     aiq::tls::install_crypto_provider();
     let started = Instant::now();
-    let err = match aiq::worker::connect(settings).await {
-        Ok(_) => panic!("start-up connected, but TLS should have refused"),
-        Err(e) => e,
+    let err = match tokio::time::timeout(TIMEOUT, aiq::worker::connect(settings)).await {
+        Err(_) => panic!("start-up still waiting after {TIMEOUT:?}: a refusal must not wait"),
+        Ok(Ok(_)) => panic!("start-up connected, but TLS should have refused"),
+        Ok(Err(e)) => e,
     };
-    (format!("{err:#}"), started.elapsed())
+    let took = started.elapsed();
+    println!("start-up refused in {} ms", took.as_millis());
+    format!("{err:#}")
 }
 
 /// Runs `aiq run` with `vars` and returns its exit code and standard error.
@@ -206,7 +212,7 @@ async fn a_redis_certificate_another_ca_signed_stops_start_up_at_once_naming_the
         ("AIQ_REDIS_URL", t.redis_url.clone()),
         ("AIQ_REDIS_CA_FILE", path(&t.wrong_ca)),
     ];
-    let (message, took) = start_failure(&settings(&vars)).await;
+    let message = start_failure(&settings(&vars)).await;
     assert!(
         message.contains("TLS verification failed: the server's certificate is not trusted"),
         "{message}"
@@ -217,10 +223,9 @@ async fn a_redis_certificate_another_ca_signed_stops_start_up_at_once_naming_the
         "{message}"
     );
     assert!(message.contains("check AIQ_REDIS_CA_FILE"), "{message}");
-    assert!(took < FAST, "took {took:?}: {message}");
 
     // Without AIQ_REDIS_CA_FILE the system's roots are used, and they do not know the test CA.
-    let (message, _) = start_failure(&settings(&vars[..1])).await;
+    let message = start_failure(&settings(&vars[..1])).await;
     assert!(message.contains("TLS verification failed"), "{message}");
 
     // The daemon stops with the same message (exit 1: the settings parse, the server refuses).
@@ -253,7 +258,7 @@ async fn a_postgresql_certificate_another_ca_signed_stops_start_up_at_once_namin
             ("AIQ_DATABASE_CA_FILE", wrong.clone()),
         ],
     ] {
-        let (message, took) = start_failure(&settings(&vars)).await;
+        let message = start_failure(&settings(&vars)).await;
         assert!(
             message.contains("connecting to PostgreSQL (AIQ_DATABASE_URL): TLS verification failed: the server's certificate is not trusted"),
             "{message}"
@@ -263,7 +268,6 @@ async fn a_postgresql_certificate_another_ca_signed_stops_start_up_at_once_namin
             message.contains("sslrootcert in AIQ_DATABASE_URL or AIQ_DATABASE_CA_FILE"),
             "{message}"
         );
-        assert!(took < FAST, "took {took:?}: {message}");
     }
 
     // AIQ_DATABASE_CA_FILE with the right CA verifies the server.
@@ -278,10 +282,9 @@ async fn a_postgresql_certificate_another_ca_signed_stops_start_up_at_once_namin
 
     // sslmode=require against a server without TLS (the shared one) is refused at once too.
     let plain = format!("{}?sslmode=require", (servers().pg_url)("postgres"));
-    let (message, took) = start_failure(&settings(&[("AIQ_DATABASE_URL", plain)])).await;
+    let message = start_failure(&settings(&[("AIQ_DATABASE_URL", plain)])).await;
     assert!(message.contains("TLS handshake failed"), "{message}");
     assert!(message.contains("sslmode in AIQ_DATABASE_URL"), "{message}");
-    assert!(took < FAST, "took {took:?}: {message}");
 
     // The daemon stops with the message.
     let (code, stderr) = aiq_run(&[
@@ -323,12 +326,11 @@ async fn redis_with_tls_auth_clients_yes_refuses_a_client_without_its_certificat
         ],
     ];
     for vars in cases {
-        let started = Instant::now();
-        let err = match Conn::connect(&redis_settings(&vars)).await {
-            Ok(_) => panic!("connected without an acceptable client certificate: {vars:?}"),
-            Err(e) => e,
+        let err = match tokio::time::timeout(TIMEOUT, Conn::connect(&redis_settings(&vars))).await {
+            Err(_) => panic!("still connecting after {TIMEOUT:?}: {vars:?}"),
+            Ok(Ok(_)) => panic!("connected without an acceptable client certificate: {vars:?}"),
+            Ok(Err(e)) => e,
         };
-        let took = started.elapsed();
         let ConnectError::Tls(failure) = &err else {
             panic!("not a TLS refusal: {err}");
         };
@@ -340,7 +342,6 @@ async fn redis_with_tls_auth_clients_yes_refuses_a_client_without_its_certificat
             "{message}"
         );
         assert!(message.contains("AIQ_REDIS_CLIENT_CERT_FILE"), "{message}");
-        assert!(took < FAST, "took {took:?}: {message}");
     }
 
     // With the certificate the CA signed: the queue works.
@@ -416,14 +417,13 @@ async fn the_queue_and_the_worker_run_on_a_three_master_redis_cluster_over_tls()
         ("AIQ_REDIS_CLUSTER", "true".to_owned()),
         ("AIQ_REDIS_CA_FILE", path(&other.ca())),
     ];
-    let started = Instant::now();
-    let err = match Conn::connect(&redis_settings(&vars)).await {
-        Ok(_) => panic!("connected to the cluster with another CA's bundle"),
-        Err(e) => e,
+    let err = match tokio::time::timeout(TIMEOUT, Conn::connect(&redis_settings(&vars))).await {
+        Err(_) => panic!("still connecting to the cluster after {TIMEOUT:?}"),
+        Ok(Ok(_)) => panic!("connected to the cluster with another CA's bundle"),
+        Ok(Err(e)) => e,
     };
     let message = err.to_string();
     assert!(matches!(err, ConnectError::Tls(_)), "{message}");
     assert!(message.contains("TLS verification failed"), "{message}");
     assert!(message.contains("AIQ_REDIS_CA_FILE"), "{message}");
-    assert!(started.elapsed() < FAST, "{message}");
 }
