@@ -1,7 +1,8 @@
 //! aiq's queue engine: its own Redis layout and every Lua script that touches it, plus the apalis
 //! backend over it (`backend`). Nothing else in aiq knows a queue key. It knows nothing of money
-//! or AI: a job's kind is a name it stores, the daemon's `Precheck` and `Liveness` callbacks
-//! stand for the store and the watchdog, and the daemon loads its settings ([`settings::Load`]).
+//! or AI: a job's kind is a name it stores (enqueue.lua, the apps' contract, checks it against the
+//! kinds the apps may send), the daemon's `Precheck` and `Liveness` callbacks stand for the store
+//! and the watchdog, and the daemon loads its settings ([`settings::Load`]).
 //! With it live what a queue needs around it: the one Redis connection type (`conn`) and the
 //! Redis side of TLS (`tls`), the tier and organisation it schedules by (`tenant`), and bounded
 //! log fields (`redact`).
