@@ -9,6 +9,11 @@ use std::time::Duration;
 use crate::domain::{MicroUsd, Tier};
 use crate::tls::PemFile;
 
+/// The queue's settings are defined by the queue crate (`aiq_queue::settings`) and loaded here.
+pub use aiq_queue::settings::{
+    QueueSettings, RedisSettings, RedisTls, RetryPolicy, Scheduling, SecretUrl,
+};
+
 /// A secret (API key, password-bearing URL). It never prints.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
@@ -28,31 +33,6 @@ impl fmt::Debug for Secret {
     }
 }
 
-/// A URL that may carry a password (`AIQ_REDIS_URL`): it prints, with Debug and Display, with
-/// the password masked ([`crate::redact::url`]), and dereferences to the whole URL for the one
-/// thing that needs it, connecting.
-#[derive(Clone, PartialEq, Eq)]
-pub struct SecretUrl(String);
-
-impl std::ops::Deref for SecretUrl {
-    type Target = str;
-    fn deref(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for SecretUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&crate::redact::url(&self.0))
-    }
-}
-
-impl fmt::Debug for SecretUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:?}", crate::redact::url(&self.0))
-    }
-}
-
 /// A setting that is missing or malformed. The message names the variable.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("setting {name}: {problem}")]
@@ -68,26 +48,6 @@ fn bad(name: &'static str, problem: impl Into<String>) -> ConfigError {
     }
 }
 
-/// How the fetch script chooses between tiers that have work.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Scheduling {
-    /// Each backlogged tier gets capacity in proportion to its weight.
-    Fair,
-    /// The highest tier with work always goes first (BullMQ-like; lower tiers can starve).
-    Strict,
-}
-
-/// When and how often a failed job is tried again. Printed by `aiq config`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RetryPolicy {
-    /// Executions a job gets before it goes to the dead set (the first run counts).
-    pub max_attempts: u32,
-    /// The delay before the first retry; it doubles with each failure.
-    pub base: Duration,
-    /// No retry waits longer than this.
-    pub cap: Duration,
-}
-
 /// Retries of a failed provider call inside one attempt, before the job goes back to the queue.
 /// Printed by `aiq config`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,22 +59,6 @@ pub struct CallRetryPolicy {
     /// The longest wait inside a call, also for a provider's Retry-After. A longer wait is
     /// served in the queue's delayed set, where it holds no worker slot.
     pub cap: Duration,
-}
-
-impl RetryPolicy {
-    /// The delay before retry number `failures` (1 for the first), with full jitter:
-    /// uniform in [0, min(cap, base * 2^(failures-1))]. `jitter` is in [0, 1).
-    pub fn delay(&self, failures: u32, jitter: f64) -> Duration {
-        let exp = failures.saturating_sub(1).min(30);
-        let ceiling = self
-            .base
-            .saturating_mul(1u32 << exp)
-            .min(self.cap)
-            .max(Duration::from_millis(1));
-        ceiling
-            .mul_f64(jitter.clamp(0.0, 1.0))
-            .max(Duration::from_millis(1))
-    }
 }
 
 /// The providers' circuit breakers and fleet-wide rates (used by `providers::breaker`).
@@ -144,33 +88,6 @@ pub enum LogFormat {
     Text,
 }
 
-/// Where Redis is and how to reach it. Every Redis connection of aiq (the queue's, the budget's,
-/// the breakers', the command line's) is opened with these, through `redis_conn`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RedisSettings {
-    /// One URL, or with `cluster` several seed nodes separated by commas. Printed masked.
-    pub url: SecretUrl,
-    /// Talk to a Redis Cluster (the queue's keys share one hash tag, so one slot).
-    pub cluster: bool,
-    pub tls: RedisTls,
-}
-
-/// Certificates for a `rediss://` URL, read and checked when the settings load. Without any,
-/// a `rediss://` URL verifies the server against the system's roots.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct RedisTls {
-    /// The CA bundle that verifies the server, in place of the system's roots.
-    pub ca: Option<PemFile>,
-    /// A certificate and its key, for a server that asks clients for one (mutual TLS).
-    pub client: Option<(PemFile, PemFile)>,
-}
-
-impl RedisTls {
-    pub fn is_empty(&self) -> bool {
-        self.ca.is_none() && self.client.is_none()
-    }
-}
-
 /// PostgreSQL: the URL (whose `sslmode`, `sslrootcert`, `sslcert` and `sslkey` parameters set
 /// TLS) and a CA bundle for a URL that names none.
 #[derive(Debug, Clone, PartialEq)]
@@ -178,28 +95,6 @@ pub struct DatabaseSettings {
     pub url: Secret,
     /// `AIQ_DATABASE_CA_FILE`: the root certificates when the URL has no `sslrootcert`.
     pub ca: Option<PemFile>,
-}
-
-/// The queue's settings: everything the Redis backend needs.
-#[derive(Debug, Clone, PartialEq)]
-pub struct QueueSettings {
-    pub redis: RedisSettings,
-    /// Key prefix; every key of the queue lives under the hash tag `{prefix}`.
-    pub prefix: String,
-    pub concurrency: usize,
-    pub fetch_batch: usize,
-    pub poll_interval: Duration,
-    pub lease: Duration,
-    /// A job whose lease expired this many times (its worker died each time) goes to the dead set.
-    pub max_interrupts: u32,
-    pub scheduling: Scheduling,
-    /// Weights of the six tiers, highest tier first.
-    pub tier_weights: [u32; 6],
-    pub dead_max_jobs: u64,
-    /// Payload bytes the dead set may keep; the oldest dead jobs beyond it are dropped.
-    pub dead_max_bytes: u64,
-    pub dead_max_age: Duration,
-    pub idempotency_ttl: Duration,
 }
 
 /// What happens to a job whose call the budget refuses.
@@ -581,9 +476,11 @@ fn parse_weights(name: &'static str, v: &str) -> Result<[u32; 6], ConfigError> {
     Ok(out)
 }
 
-impl RedisSettings {
+impl<F: Fn(&str) -> Option<String>> aiq_queue::settings::Load<RedisSettings> for Env<F> {
+    type Error = ConfigError;
+
     /// `AIQ_REDIS_URL`, `AIQ_REDIS_CLUSTER` and the TLS files.
-    pub fn load<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> Result<Self, ConfigError> {
+    fn load(env: &Self) -> Result<RedisSettings, ConfigError> {
         let url = env.required(
             "AIQ_REDIS_URL",
             "the Redis URL, e.g. redis://127.0.0.1:6379/",
@@ -650,17 +547,19 @@ impl RedisSettings {
                  use a rediss:// URL (the server's TLS port) or unset it",
             ));
         }
-        Ok(Self {
-            url: SecretUrl(url),
+        Ok(RedisSettings {
+            url: SecretUrl::new(url),
             cluster,
             tls,
         })
     }
 }
 
-impl QueueSettings {
+impl<F: Fn(&str) -> Option<String>> aiq_queue::settings::Load<QueueSettings> for Env<F> {
+    type Error = ConfigError;
+
     /// Loads only what the queue needs (used by `aiq enqueue`, `aiq stats` and `run`).
-    pub fn load<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> Result<Self, ConfigError> {
+    fn load(env: &Self) -> Result<QueueSettings, ConfigError> {
         let redis = RedisSettings::load(env)?;
         let prefix = env.prefix("AIQ_QUEUE_PREFIX", "aiq")?;
         let scheduling = env.choice(

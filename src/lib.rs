@@ -11,10 +11,12 @@ pub mod observe;
 pub mod providers;
 pub mod queue;
 pub mod redact;
-pub mod redis_conn;
 pub mod startup;
 pub mod store;
 pub mod systemd;
 pub mod telemetry;
 pub mod tls;
 pub mod worker;
+
+/// The one Redis connection type lives with the queue engine (`aiq_queue::conn`).
+pub use aiq_queue::conn as redis_conn;

@@ -109,6 +109,8 @@ fn describe() {
         "aiq_fallbacks_total",
         "LLM jobs that moved from one provider to the next of their fallback chain."
     );
+    // The queue crate counts aiq_jobs_corrupt_total and aiq_queue_repairs_total itself, through
+    // the same `metrics` recorder.
     describe_counter!(
         "aiq_jobs_corrupt_total",
         "Leased jobs whose fields in Redis were not what enqueue.lua writes; each went to the dead set as corrupt."
@@ -135,16 +137,6 @@ fn describe() {
 /// loading, masterdown, cluster, busy, connection, protocol or other).
 pub fn redis_deferral(kind: &'static str) {
     metrics::counter!("aiq_redis_deferrals_total", "kind" => kind).increment(1);
-}
-
-/// A repair scan put back the jobs of corrupt queue keys.
-pub fn queue_repaired() {
-    metrics::counter!("aiq_queue_repairs_total").increment(1);
-}
-
-/// Leased jobs that could not be read were buried as corrupt.
-pub fn jobs_corrupt(n: usize) {
-    metrics::counter!("aiq_jobs_corrupt_total").increment(n as u64);
 }
 
 /// A fetched job already had its outcome in PostgreSQL and was acknowledged without a call.

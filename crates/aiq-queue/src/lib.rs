@@ -1,5 +1,11 @@
-//! The queue: aiq's own Redis layout and every Lua script that touches it, plus the apalis
-//! backend over it (`backend`). Nothing else in aiq knows a Redis key.
+//! aiq's queue engine: its own Redis layout and every Lua script that touches it, plus the apalis
+//! backend over it (`backend`). Nothing else in aiq knows a queue key. It knows nothing of money
+//! or AI: a job's kind is a name it stores (enqueue.lua, the apps' contract, checks it against the
+//! kinds the apps may send), the daemon's `Precheck` and `Liveness` callbacks stand for the store
+//! and the watchdog, and the daemon loads its settings ([`settings::Load`]).
+//! With it live what a queue needs around it: the one Redis connection type (`conn`) and the
+//! Redis side of TLS (`tls`), the tier and organisation it schedules by (`tenant`), and bounded
+//! log fields (`redact`).
 //!
 //! Layout, every key under the hash tag `{prefix}` so one queue lives in one Cluster slot:
 //!
@@ -19,7 +25,12 @@
 //! | `{p}:seq` | string | counter for queue-assigned job ids |
 
 pub mod backend;
+pub mod conn;
+pub mod redact;
+pub mod settings;
 mod stats;
+pub mod tenant;
+pub mod tls;
 
 pub use stats::{COUNTER_EVENTS, SkippedValues};
 
@@ -29,13 +40,12 @@ use std::time::Duration;
 
 use redis::{AsyncCommands, Script};
 
-use crate::redis_conn::Conn;
-
-use crate::config::{QueueSettings, Scheduling};
-use crate::domain::{JobKind, OrganizationId, Tier};
+use crate::conn::Conn;
+use crate::settings::{QueueSettings, Scheduling};
+use crate::tenant::{OrganizationId, Tier};
 
 /// The enqueue script that apps in every language run; Rust uses it too.
-pub const ENQUEUE_LUA: &str = include_str!("../../jobs/enqueue.lua");
+pub const ENQUEUE_LUA: &str = include_str!("../../../jobs/enqueue.lua");
 
 static ENQUEUE: LazyLock<Script> = LazyLock::new(|| Script::new(ENQUEUE_LUA));
 /// The helpers every daemon script starts with (see its header): a key of the wrong type, a
@@ -74,19 +84,20 @@ pub enum QueueError {
     Protocol(String),
 }
 
-impl From<crate::redis_conn::ConnectError> for QueueError {
-    fn from(e: crate::redis_conn::ConnectError) -> Self {
+impl From<crate::conn::ConnectError> for QueueError {
+    fn from(e: crate::conn::ConnectError) -> Self {
         match e {
-            crate::redis_conn::ConnectError::Tls(t) => QueueError::Tls(t),
-            crate::redis_conn::ConnectError::Redis(r) => QueueError::Redis(r),
+            crate::conn::ConnectError::Tls(t) => QueueError::Tls(t),
+            crate::conn::ConnectError::Redis(r) => QueueError::Redis(r),
         }
     }
 }
 
-/// A job to enqueue.
+/// A job to enqueue. `K` is the job's kind as the daemon types it (aiq's `JobKind`); the queue
+/// only stores its name, which enqueue.lua checks.
 #[derive(Debug, Clone)]
-pub struct NewJob {
-    pub kind: JobKind,
+pub struct NewJob<K> {
+    pub kind: K,
     pub tier: Tier,
     pub organization_id: OrganizationId,
     /// The JSON document of the job kind's schema.
@@ -261,9 +272,9 @@ impl Queue {
 
     /// enqueue.lua's ARGV for a job (see the script's header).
     #[allow(clippy::type_complexity)]
-    fn enqueue_args<'a>(
+    fn enqueue_args<'a, K: AsRef<str>>(
         &self,
-        job: &'a NewJob,
+        job: &'a NewJob<K>,
     ) -> (
         &'a str,
         &'a str,
@@ -276,7 +287,7 @@ impl Queue {
         u32,
     ) {
         (
-            job.kind.as_str(),
+            job.kind.as_ref(),
             job.tier.as_str(),
             job.organization_id.to_string(),
             &job.payload,
@@ -288,7 +299,7 @@ impl Queue {
         )
     }
 
-    pub async fn enqueue(&self, job: &NewJob) -> Result<Enqueued, QueueError> {
+    pub async fn enqueue<K: AsRef<str>>(&self, job: &NewJob<K>) -> Result<Enqueued, QueueError> {
         let mut conn = self.conn.clone();
         let reply: Result<Vec<String>, redis::RedisError> = ENQUEUE
             .key(&self.base)
@@ -313,9 +324,9 @@ impl Queue {
 
     /// Enqueues many jobs in one round trip: the same script as [`Queue::enqueue`], once per job,
     /// pipelined. Each job gets its own answer, in order; a refused job refuses only itself.
-    pub async fn enqueue_batch(
+    pub async fn enqueue_batch<K: AsRef<str>>(
         &self,
-        jobs: &[NewJob],
+        jobs: &[NewJob<K>],
     ) -> Result<Vec<Result<Enqueued, QueueError>>, QueueError> {
         if jobs.is_empty() {
             return Ok(Vec::new());
@@ -412,7 +423,7 @@ impl Queue {
                 .arg(format!("corrupt: {why}"));
         }
         let _: Vec<i64> = inv.invoke_async(&mut conn).await?;
-        crate::observe::jobs_corrupt(jobs.len());
+        metrics::counter!("aiq_jobs_corrupt_total").increment(jobs.len() as u64);
         Ok(())
     }
 
@@ -687,7 +698,7 @@ impl Queue {
             return Ok(false);
         }
         let lock = self.key("repairing");
-        if !crate::redis_conn::try_lock(&mut conn, &lock, 120_000).await? {
+        if !crate::conn::try_lock(&mut conn, &lock, 120_000).await? {
             return Ok(false);
         }
         let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await?;
@@ -721,7 +732,7 @@ impl Queue {
             flags_left = left,
             "queue repaired: jobs put back, depth recounted"
         );
-        crate::observe::queue_repaired();
+        metrics::counter!("aiq_queue_repairs_total").increment(1);
         Ok(true)
     }
 

@@ -1,7 +1,7 @@
-//! One Redis connection type for the queue and the budget: a single server or a Redis Cluster,
-//! multiplexed and reconnecting either way, over TLS for `rediss://` URLs. Every Redis
-//! connection of aiq is opened here, from the settings' `RedisSettings`, so each one uses the
-//! same certificates.
+//! One Redis connection type for the queue and the daemon's other Redis users (the budget, the
+//! breakers): a single server or a Redis Cluster, multiplexed and reconnecting either way, over
+//! TLS for `rediss://` URLs. Every Redis connection of aiq is opened here, from the settings'
+//! `RedisSettings`, so each one uses the same certificates (aiq re-exports it as `redis_conn`).
 
 use std::time::Duration;
 
@@ -9,7 +9,7 @@ use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, Value};
 
-use crate::config::{RedisSettings, RedisTls};
+use crate::settings::{RedisSettings, RedisTls};
 use crate::tls::{Server, TlsFailure};
 
 /// A connection to one Redis server or to a Redis Cluster. Both multiplex and reconnect.

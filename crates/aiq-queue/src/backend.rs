@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 use tower::{Layer, Service};
 
 use super::{LeasedJob, Outcome, Queue, QueueError, Settlement};
-use crate::config::{QueueSettings, RetryPolicy};
+use crate::settings::{QueueSettings, RetryPolicy};
 
 /// A job as the handler receives it: still raw, so that a payload that does not decode is the
 /// handler's error (it goes to the dead set with the reason), never the worker's.

@@ -395,7 +395,7 @@ mod tests {
     /// new way of counting has to be taught here rather than slip past.
     fn counters_written_by_scripts() -> BTreeSet<String> {
         let scripts = [
-            ("enqueue.lua", super::super::ENQUEUE_LUA),
+            ("enqueue.lua", crate::ENQUEUE_LUA),
             ("fetch.lua", include_str!("fetch.lua")),
             ("settle.lua", include_str!("settle.lua")),
             ("renew.lua", include_str!("renew.lua")),
@@ -440,7 +440,7 @@ mod tests {
         let known: BTreeSet<String> = COUNTER_EVENTS.iter().map(|s| (*s).to_owned()).collect();
         assert_eq!(written, known);
         // The layout table in the module docs names the same list.
-        let docs = include_str!("mod.rs")
+        let docs = include_str!("lib.rs")
             .lines()
             .find(|l| l.starts_with("//! | `{p}:counters`"))
             .expect("the counters row of the layout table");
