@@ -1,0 +1,1414 @@
+//! The one table of settings. Each `AIQ_*` variable is declared here once: its area, its default,
+//! the values it admits (a range for every number), how it parses, whether it is a secret, and
+//! its description, which is its comment in `.env.example`. Loading (`Env::value`), what
+//! `aiq config` prints ([`Settings::effective`]) and `.env.example` ([`env_example`]) all come
+//! from this table; the load functions only put the parsed values together and check the
+//! settings that depend on each other.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use super::{ConfigError, DEFAULT_ORG_DAILY_USD, Settings, bad, check_url};
+use super::{DEFAULT_ORG_JOBS_PER_MINUTE, DEFAULT_ORG_MAX_IN_FLIGHT, DEFAULT_ORG_MONTHLY_USD};
+use crate::domain::{MicroUsd, PROVIDERS, Tier};
+use crate::tls::PemFile;
+
+/// Where a setting belongs: its section of `.env.example`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Area {
+    Redis,
+    Database,
+    Queue,
+    Retries,
+    Lifecycle,
+    Admin,
+    Telemetry,
+    Breakers,
+    Budget,
+    Providers,
+}
+
+impl Area {
+    /// Every area, in the order of `.env.example` and `aiq config`.
+    pub const ALL: [Area; 10] = [
+        Area::Redis,
+        Area::Database,
+        Area::Queue,
+        Area::Retries,
+        Area::Lifecycle,
+        Area::Admin,
+        Area::Telemetry,
+        Area::Breakers,
+        Area::Budget,
+        Area::Providers,
+    ];
+
+    /// The section's header in `.env.example`.
+    pub fn title(self) -> &'static str {
+        match self {
+            Area::Redis => "Redis",
+            Area::Database => "PostgreSQL",
+            Area::Queue => "Queue",
+            Area::Retries => "Retries",
+            Area::Lifecycle => "Start-up and shutdown",
+            Area::Admin => "Admin port",
+            Area::Telemetry => "Logs and Sentry",
+            Area::Breakers => "Circuit breakers and provider rates",
+            Area::Budget => "Money",
+            Area::Providers => "Providers",
+        }
+    }
+
+    /// What the section's settings share, said once under its header; empty when nothing is.
+    pub fn about(self) -> &'static str {
+        match self {
+            Area::Redis => {
+                "Redis holds the queue, the budget's counters and the breakers. All TLS is rustls \
+                 (aws-lc-rs). A file that is missing or not PEM stops start-up naming its setting; a \
+                 server whose certificate does not verify stops it at once, naming the server and \
+                 the setting to check."
+            }
+            Area::Budget => {
+                "Every provider call first reserves its most possible cost in four scopes \
+                 (organisation per day and month, platform per day and month); a call that does \
+                 not fit is not made. Amounts in USD, at most 1000000000 each."
+            }
+            Area::Providers => {
+                "Base URLs default to the real providers; point them at `aiq-dev fake-providers` \
+                 for tests."
+            }
+            _ => "",
+        }
+    }
+}
+
+/// What a setting is when its variable is unset or blank.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fallback {
+    /// This text, parsed like a value the operator gave.
+    Value(&'static str),
+    /// Nothing: the feature it names is off, or a built-in is used.
+    Unset,
+    /// The setting must be given. `example` is its line in `.env.example`, `hint` what the
+    /// refusal asks for.
+    Required {
+        example: &'static str,
+        hint: &'static str,
+    },
+}
+
+/// How `aiq config` prints a setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Secrecy {
+    Public,
+    /// Printed as `***` when set; listed by [`Settings::secrets`] for the scrubbers.
+    Secret,
+    /// A URL whose passwords are masked; the passwords are listed by [`Settings::secrets`].
+    UrlPassword,
+}
+
+/// Which PEM file a setting names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pem {
+    Certificates,
+    PrivateKey,
+}
+
+/// How a setting's text parses, and the values it admits. Every number has its bounds here.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Kind {
+    /// A whole number in `min..=max`.
+    Int { min: u64, max: u64 },
+    /// A finite decimal number above `above`.
+    Number { above: f64 },
+    /// A dollar amount, at most `max` dollars.
+    Usd { max: i64 },
+    /// `tier=amount,...` naming all six tiers, each at most `max` dollars.
+    TierUsd { max: i64 },
+    /// `tier=n,...` naming all six tiers, each at most `max`.
+    TierCount { max: u32 },
+    /// Six weights separated by commas, highest tier first, each in `min..=max`.
+    Weights { min: u32, max: u32 },
+    /// `provider=n,...` naming any of the providers (the others get 0), each at most `max`.
+    PerProvider { max: u64 },
+    /// One of these words.
+    Words(&'static [&'static str]),
+    /// A URL with one of these schemes; `trim_slash` drops trailing slashes (base URLs).
+    Url {
+        schemes: &'static [&'static str],
+        trim_slash: bool,
+    },
+    /// One Redis URL, or several seed nodes separated by commas, all with TLS or none.
+    RedisUrls,
+    /// A Redis key prefix: 1-64 characters of letters, digits, `_ - . :`.
+    Prefix,
+    /// An IANA time zone.
+    TimeZone,
+    /// A socket address like 127.0.0.1:9464.
+    Addr,
+    /// A PEM file, read and checked.
+    PemFile(Pem),
+    /// A file path, read later.
+    Path,
+    /// Any text.
+    Text,
+}
+
+/// The words of an on/off setting.
+const FLAG: &[&str] = &["false", "0", "true", "1"];
+const REDIS_SCHEMES: &[&str] = &["redis", "rediss", "unix", "redis+unix"];
+const HTTP: &[&str] = &["http", "https"];
+/// The largest dollar amount a limit may be: micro-dollars stay below 2^53, so the budget's Lua
+/// scripts, whose numbers are doubles, count them exactly.
+const MAX_USD: i64 = 1_000_000_000;
+/// The largest requests or tokens per minute, for the same reason.
+const MAX_PER_MINUTE: u64 = 1_000_000_000_000;
+
+/// A parsed setting, before the load functions put it into its struct.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    Unset,
+    Int(u64),
+    Number(f64),
+    Usd(MicroUsd),
+    TierUsd([MicroUsd; 6]),
+    TierCount([u32; 6]),
+    Weights([u32; 6]),
+    PerProvider([u64; 4]),
+    /// The word as the table spells it.
+    Word(&'static str),
+    Text(String),
+    TimeZone(chrono_tz::Tz),
+    Addr(SocketAddr),
+    Pem(PemFile),
+}
+
+/// A kind and a value that do not go together: the load functions asked a setting for the
+/// wrong type, a mistake in this module that the unit tests, which load every setting, find.
+fn mismatch(v: &Value, wanted: &str) -> ! {
+    panic!("a setting parsed to {v:?} was read as {wanted}")
+}
+
+impl Value {
+    pub fn int(self) -> u64 {
+        match self {
+            Value::Int(n) => n,
+            v => mismatch(&v, "a whole number"),
+        }
+    }
+    pub fn millis(self) -> Duration {
+        Duration::from_millis(self.int())
+    }
+    pub fn number(self) -> f64 {
+        match self {
+            Value::Number(n) => n,
+            v => mismatch(&v, "a number"),
+        }
+    }
+    pub fn usd(self) -> MicroUsd {
+        match self {
+            Value::Usd(m) => m,
+            v => mismatch(&v, "a dollar amount"),
+        }
+    }
+    pub fn tier_usd(self) -> [MicroUsd; 6] {
+        match self {
+            Value::TierUsd(m) => m,
+            v => mismatch(&v, "dollars per tier"),
+        }
+    }
+    pub fn tier_count(self) -> [u32; 6] {
+        match self {
+            Value::TierCount(n) | Value::Weights(n) => n,
+            v => mismatch(&v, "numbers per tier"),
+        }
+    }
+    pub fn per_provider(self) -> [u64; 4] {
+        match self {
+            Value::PerProvider(n) => n,
+            v => mismatch(&v, "numbers per provider"),
+        }
+    }
+    pub fn word(self) -> &'static str {
+        match self {
+            Value::Word(w) => w,
+            v => mismatch(&v, "a word"),
+        }
+    }
+    /// An on/off setting's value.
+    pub fn flag(self) -> bool {
+        matches!(self.word(), "true" | "1")
+    }
+    /// Text, or None for a setting that is unset.
+    pub fn text(self) -> Option<String> {
+        match self {
+            Value::Unset => None,
+            Value::Text(t) => Some(t),
+            v => mismatch(&v, "text"),
+        }
+    }
+    pub fn time_zone(self) -> chrono_tz::Tz {
+        match self {
+            Value::TimeZone(tz) => tz,
+            v => mismatch(&v, "a time zone"),
+        }
+    }
+    pub fn addr(self) -> SocketAddr {
+        match self {
+            Value::Addr(a) => a,
+            v => mismatch(&v, "a socket address"),
+        }
+    }
+    pub fn pem(self) -> Option<PemFile> {
+        match self {
+            Value::Unset => None,
+            Value::Pem(p) => Some(p),
+            v => mismatch(&v, "a PEM file"),
+        }
+    }
+}
+
+/// One setting: everything aiq knows about one `AIQ_*` variable.
+pub struct Setting {
+    pub name: &'static str,
+    pub area: Area,
+    pub fallback: Fallback,
+    pub kind: Kind,
+    pub secrecy: Secrecy,
+    /// Its comment in `.env.example`: one paragraph, wrapped when written.
+    pub doc: &'static str,
+    /// Its effective value, before masking (`aiq config`, and the secrets the scrubbers hide).
+    pub show: fn(&Settings) -> String,
+}
+
+impl Setting {
+    /// The value of the variable as read (`None`: unset), parsed and checked. Blank means unset;
+    /// text that is not UTF-8 is refused (see [`super::process_lookup`]).
+    pub fn read(&self, raw: Option<&str>) -> Result<Value, ConfigError> {
+        match raw.filter(|v| !v.trim().is_empty()) {
+            Some(v) if v.contains('\0') => Err(bad(
+                self.name,
+                "holds bytes that are not UTF-8 text (or a NUL byte)",
+            )),
+            Some(v) => self.kind.parse(self.name, v),
+            None => match self.fallback {
+                Fallback::Value(text) => self.kind.parse(self.name, text),
+                Fallback::Unset => Ok(Value::Unset),
+                Fallback::Required { hint, .. } => {
+                    Err(bad(self.name, format!("is missing; set it to {hint}")))
+                }
+            },
+        }
+    }
+
+    /// The value `.env.example` gives it: its default, or an example for a required one.
+    pub fn example(&self) -> &'static str {
+        match self.fallback {
+            Fallback::Value(text) => text,
+            Fallback::Unset => "",
+            Fallback::Required { example, .. } => example,
+        }
+    }
+
+    /// What `aiq config` prints: secrets masked.
+    pub fn shown(&self, settings: &Settings) -> String {
+        let value = (self.show)(settings);
+        match self.secrecy {
+            Secrecy::Public => value,
+            Secrecy::Secret if value.is_empty() => value,
+            Secrecy::Secret => "***".to_owned(),
+            Secrecy::UrlPassword => crate::redact::url(&value).into_owned(),
+        }
+    }
+}
+
+impl Kind {
+    /// Parses `v` (not blank) for the setting `name`; a refusal names it.
+    pub fn parse(&self, name: &'static str, v: &str) -> Result<Value, ConfigError> {
+        match *self {
+            Kind::Int { min, max } => {
+                let n: u64 = v
+                    .trim()
+                    .parse()
+                    .map_err(|_| bad(name, format!("{v:?} is not a whole number")))?;
+                if !(min..=max).contains(&n) {
+                    return Err(bad(name, format!("{n} is out of range {min}..={max}")));
+                }
+                Ok(Value::Int(n))
+            }
+            Kind::Number { above } => {
+                let n: f64 = v
+                    .trim()
+                    .parse()
+                    .map_err(|_| bad(name, format!("{v:?} is not a number like 3 or 2.5")))?;
+                if !(n.is_finite() && n > above) {
+                    return Err(bad(name, format!("must be a number above {above}")));
+                }
+                Ok(Value::Number(n))
+            }
+            Kind::Usd { max } => usd(v, max).map(Value::Usd).map_err(|e| bad(name, e)),
+            Kind::TierUsd { max } => {
+                per_tier(name, v, |s| usd(s, max).map_err(|_| usd_problem(s, max)))
+                    .map(Value::TierUsd)
+            }
+            Kind::TierCount { max } => per_tier(name, v, |s| match s.parse::<u32>() {
+                Ok(n) if n <= max => Ok(n),
+                Ok(_) => Err(format!("is more than {max}")),
+                Err(_) => Err("is not a whole number".to_owned()),
+            })
+            .map(Value::TierCount),
+            Kind::Weights { min, max } => weights(name, v, min, max).map(Value::Weights),
+            Kind::PerProvider { max } => per_provider(name, v, max).map(Value::PerProvider),
+            Kind::Words(words) => words
+                .iter()
+                .find(|w| **w == v.trim())
+                .map(|w| Value::Word(w))
+                .ok_or_else(|| bad(name, format!("{v:?} must be one of {}", words.join(", ")))),
+            Kind::Url {
+                schemes,
+                trim_slash,
+            } => {
+                check_url(name, v, schemes)?;
+                let v = if trim_slash {
+                    v.trim_end_matches('/')
+                } else {
+                    v
+                };
+                Ok(Value::Text(v.to_owned()))
+            }
+            Kind::RedisUrls => {
+                let urls: Vec<&str> = v.split(',').map(str::trim).collect();
+                for u in &urls {
+                    check_url(name, u, REDIS_SCHEMES)?;
+                }
+                let tls = urls.iter().filter(|u| u.starts_with("rediss://")).count();
+                if tls != 0 && tls != urls.len() {
+                    return Err(bad(
+                        name,
+                        "mixes rediss:// and plain nodes; a cluster's seed nodes all use TLS or none does",
+                    ));
+                }
+                Ok(Value::Text(v.to_owned()))
+            }
+            Kind::Prefix => {
+                let ok = v.len() <= 64
+                    && v.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "_-.:".contains(c));
+                if !ok {
+                    return Err(bad(
+                        name,
+                        format!("{v:?} must be 1-64 characters of letters, digits, _ - . :"),
+                    ));
+                }
+                Ok(Value::Text(v.to_owned()))
+            }
+            Kind::TimeZone => v.trim().parse().map(Value::TimeZone).map_err(|_| {
+                bad(
+                    name,
+                    format!("{v:?} is not an IANA time zone like UTC or Europe/Berlin"),
+                )
+            }),
+            Kind::Addr => v.trim().parse().map(Value::Addr).map_err(|_| {
+                bad(
+                    name,
+                    format!("{v:?} is not a socket address like 127.0.0.1:9464"),
+                )
+            }),
+            Kind::PemFile(pem) => {
+                let read = match pem {
+                    Pem::Certificates => PemFile::certificates,
+                    Pem::PrivateKey => PemFile::private_key,
+                };
+                read(Path::new(v.trim()))
+                    .map(Value::Pem)
+                    .map_err(|e| bad(name, e))
+            }
+            Kind::Path | Kind::Text => Ok(Value::Text(v.to_owned())),
+        }
+    }
+
+    /// The bounds of a numeric kind, as `.env.example` and the tests say them; None for the
+    /// kinds that are not numbers.
+    pub fn range(&self) -> Option<String> {
+        Some(match *self {
+            Kind::Int { min, max } => format!("{min}..={max}"),
+            Kind::Number { above } => format!("above {above}, finite"),
+            Kind::Usd { max } | Kind::TierUsd { max } => format!("0..={max} dollars"),
+            Kind::TierCount { max } => format!("0..={max} per tier"),
+            Kind::Weights { min, max } => format!("{min}..={max} per tier"),
+            Kind::PerProvider { max } => format!("0..={max} per provider"),
+            _ => return None,
+        })
+    }
+}
+
+fn usd_problem(s: &str, max: i64) -> String {
+    match MicroUsd::parse_usd(s) {
+        Ok(_) => format!("is more than {max} dollars"),
+        Err(_) => "is not a dollar amount".to_owned(),
+    }
+}
+
+/// A dollar amount of at most `max` dollars.
+fn usd(v: &str, max: i64) -> Result<MicroUsd, String> {
+    let m = MicroUsd::parse_usd(v).map_err(|e| e.to_string())?;
+    if m.micros() > max * 1_000_000 {
+        return Err(format!("{v:?} is more than {max} dollars"));
+    }
+    Ok(m)
+}
+
+/// Parses `tier=value,...` naming all six tiers; `parse` says what is wrong with one value.
+fn per_tier<T: Copy + Default>(
+    name: &'static str,
+    v: &str,
+    parse: impl Fn(&str) -> Result<T, String>,
+) -> Result<[T; 6], ConfigError> {
+    let mut out = [T::default(); 6];
+    let mut seen = [false; 6];
+    for part in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (tier, value) = part
+            .split_once('=')
+            .ok_or_else(|| bad(name, format!("{part:?} must look like tier=value")))?;
+        let tier: Tier = tier
+            .trim()
+            .parse()
+            .map_err(|e: crate::domain::UnknownTier| bad(name, e.to_string()))?;
+        out[tier.index()] = parse(value.trim())
+            .map_err(|problem| bad(name, format!("{:?} for {tier} {problem}", value.trim())))?;
+        seen[tier.index()] = true;
+    }
+    if let Some(i) = seen.iter().position(|s| !s) {
+        return Err(bad(
+            name,
+            format!(
+                "must give a value for every tier; {} is missing",
+                Tier::ALL[i]
+            ),
+        ));
+    }
+    Ok(out)
+}
+
+fn weights(name: &'static str, v: &str, min: u32, max: u32) -> Result<[u32; 6], ConfigError> {
+    let parts: Vec<&str> = v.split(',').map(str::trim).collect();
+    if parts.len() != 6 {
+        return Err(bad(
+            name,
+            format!(
+                "{v:?} must list six weights, highest tier first ({})",
+                Tier::ALL.map(|t| t.as_str()).join(",")
+            ),
+        ));
+    }
+    let mut out = [0u32; 6];
+    for (i, p) in parts.iter().enumerate() {
+        out[i] = match p.parse::<u32>() {
+            Ok(w) if (min..=max).contains(&w) => w,
+            _ => {
+                return Err(bad(
+                    name,
+                    format!("weight {p:?} must be a whole number from {min} to {max}"),
+                ));
+            }
+        };
+    }
+    Ok(out)
+}
+
+/// `provider=N,...` for any of the providers; unnamed ones get 0 (no limit).
+fn per_provider(name: &'static str, v: &str, max: u64) -> Result<[u64; 4], ConfigError> {
+    let mut out = [0u64; 4];
+    for part in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (p, n) = part
+            .split_once('=')
+            .ok_or_else(|| bad(name, format!("{part:?} must look like provider=number")))?;
+        let i = PROVIDERS
+            .iter()
+            .position(|x| *x == p.trim())
+            .ok_or_else(|| {
+                bad(
+                    name,
+                    format!("unknown provider {p:?}: expected {}", PROVIDERS.join(", ")),
+                )
+            })?;
+        out[i] = match n.trim().parse::<u64>() {
+            Ok(n) if n <= max => n,
+            Ok(_) => return Err(bad(name, format!("{n:?} for {p} is more than {max}"))),
+            Err(_) => return Err(bad(name, format!("{n:?} for {p} is not a whole number"))),
+        };
+    }
+    Ok(out)
+}
+
+/// The setting named `name`. Asking for one the table lacks is a mistake in this module, which
+/// the unit tests find.
+pub fn find(name: &str) -> &'static Setting {
+    SETTINGS
+        .iter()
+        .find(|s| s.name == name)
+        .unwrap_or_else(|| panic!("{name} is not in the table of settings"))
+}
+
+/// The text of `.env.example`: the table, by area, each setting under its description.
+pub fn env_example() -> String {
+    let mut out = String::new();
+    wrap(&mut out, ENV_EXAMPLE_HEADER);
+    for area in Area::ALL {
+        let title = format!("# --- {} ", area.title());
+        out.push('\n');
+        out.push_str(&format!("{title:-<WIDTH$}\n"));
+        wrap(&mut out, area.about());
+        for s in SETTINGS.iter().filter(|s| s.area == area) {
+            wrap(&mut out, s.doc);
+            out.push_str(&format!("{}={}\n", s.name, s.example()));
+        }
+    }
+    out
+}
+
+/// The width of `.env.example`'s comments.
+const WIDTH: usize = 99;
+
+const ENV_EXAMPLE_HEADER: &str = "aiq settings. systemd reads this file through \
+    EnvironmentFile=; `aiq run` reads the process environment. Every variable starts with AIQ_. \
+    A missing or malformed value stops start-up with a message naming it; so does a value that \
+    is not UTF-8. A blank value is the same as none. Durations are in milliseconds unless the name says \
+    otherwise. This file is written from the table in \
+    src/config/table.rs (a unit test checks it).";
+
+/// Appends `text` as comment lines of at most [`WIDTH`] characters.
+fn wrap(out: &mut String, text: &str) {
+    let mut line = String::from("#");
+    for word in text.split_whitespace() {
+        if line.len() > 1 && line.len() + 1 + word.len() > WIDTH {
+            out.push_str(&line);
+            out.push('\n');
+            line = String::from("#");
+        }
+        line.push(' ');
+        line.push_str(word);
+    }
+    if line.len() > 1 {
+        out.push_str(&line);
+        out.push('\n');
+    }
+}
+
+fn ms(d: Duration) -> String {
+    d.as_millis().to_string()
+}
+
+fn mib(bytes: u64) -> String {
+    (bytes / (1024 * 1024)).to_string()
+}
+
+fn tiers_usd(v: &[MicroUsd; 6]) -> String {
+    let parts: Vec<String> = Tier::ALL
+        .iter()
+        .zip(v)
+        .map(|(t, m)| format!("{t}={}", m.as_usd_f64()))
+        .collect();
+    parts.join(",")
+}
+
+fn tier_counts(v: &[u32; 6]) -> String {
+    let parts: Vec<String> = Tier::ALL
+        .iter()
+        .zip(v)
+        .map(|(t, n)| format!("{t}={n}"))
+        .collect();
+    parts.join(",")
+}
+
+fn providers(v: &[u64; 4]) -> String {
+    let parts: Vec<String> = PROVIDERS
+        .iter()
+        .zip(v)
+        .map(|(p, n)| format!("{p}={n}"))
+        .collect();
+    parts.join(",")
+}
+
+fn path(f: Option<&PemFile>) -> String {
+    f.map(|f| f.path().display().to_string())
+        .unwrap_or_default()
+}
+
+fn secret(s: &Option<super::Secret>) -> String {
+    s.as_ref()
+        .map(|s| s.expose().to_owned())
+        .unwrap_or_default()
+}
+
+/// Every setting, by area in the order of [`Area::ALL`]: the one place a setting is declared.
+pub static SETTINGS: &[Setting] = &[
+    // Redis.
+    Setting {
+        name: "AIQ_REDIS_URL",
+        area: Area::Redis,
+        fallback: Fallback::Required {
+            example: "redis://127.0.0.1:6379/",
+            hint: "the Redis URL, e.g. redis://127.0.0.1:6379/",
+        },
+        kind: Kind::RedisUrls,
+        secrecy: Secrecy::UrlPassword,
+        doc: "Redis holding the queue (redis://, rediss:// or unix://). For a Redis Cluster: \
+              several seed nodes separated by commas, and AIQ_REDIS_CLUSTER=true. A password in \
+              it (redis://:PASSWORD@host, percent-encoded) is never printed: logs, errors and \
+              `aiq config` show it as ***.",
+        show: |s| String::from(&*s.queue.redis.url),
+    },
+    Setting {
+        name: "AIQ_REDIS_CLUSTER",
+        area: Area::Redis,
+        fallback: Fallback::Value("false"),
+        kind: Kind::Words(FLAG),
+        secrecy: Secrecy::Public,
+        doc: "true (or 1): AIQ_REDIS_URL names the seed nodes of a Redis Cluster; false (or 0): \
+              one server.",
+        show: |s| s.queue.redis.cluster.to_string(),
+    },
+    Setting {
+        name: "AIQ_REDIS_CA_FILE",
+        area: Area::Redis,
+        fallback: Fallback::Unset,
+        kind: Kind::PemFile(Pem::Certificates),
+        secrecy: Secrecy::Public,
+        doc: "Redis over TLS: a rediss:// URL (the server's --tls-port). The PEM CA bundle that \
+              verifies the server; empty: the system's roots. Refused with a redis:// URL, where \
+              it would not be used.",
+        show: |s| path(s.queue.redis.tls.ca.as_ref()),
+    },
+    Setting {
+        name: "AIQ_REDIS_CLIENT_CERT_FILE",
+        area: Area::Redis,
+        fallback: Fallback::Unset,
+        kind: Kind::PemFile(Pem::Certificates),
+        secrecy: Secrecy::Public,
+        doc: "Mutual TLS, for a server with tls-auth-clients yes: a PEM client certificate and \
+              (next) its key, both or neither.",
+        show: |s| path(s.queue.redis.tls.client.as_ref().map(|(c, _)| c)),
+    },
+    Setting {
+        name: "AIQ_REDIS_CLIENT_KEY_FILE",
+        area: Area::Redis,
+        fallback: Fallback::Unset,
+        kind: Kind::PemFile(Pem::PrivateKey),
+        secrecy: Secrecy::Public,
+        doc: "The client certificate's PEM private key. The key is a secret: make it readable \
+              by the service only (only its path prints).",
+        show: |s| path(s.queue.redis.tls.client.as_ref().map(|(_, k)| k)),
+    },
+    // PostgreSQL.
+    Setting {
+        name: "AIQ_DATABASE_URL",
+        area: Area::Database,
+        fallback: Fallback::Required {
+            example: "postgres://aiq:change-me@127.0.0.1:5432/aiq",
+            hint: "the PostgreSQL URL, e.g. postgres://aiq:secret@127.0.0.1:5432/aiq",
+        },
+        kind: Kind::Url {
+            schemes: &["postgres", "postgresql"],
+            trim_slash: false,
+        },
+        secrecy: Secrecy::UrlPassword,
+        doc: "PostgreSQL for results, costs and errors. Its password (in the userinfo or a \
+              password= parameter) is never printed: `aiq config` shows the URL with *** in its \
+              place. TLS comes from the URL's parameters: \
+              sslmode=disable|prefer|require|verify-ca|verify-full (default prefer: TLS when the \
+              server offers it, unverified) and sslrootcert=/path/ca.pem (only with verify-ca or \
+              verify-full, which check the server against it; verify-full checks the host name \
+              too).",
+        show: |s| s.database.url.expose().to_owned(),
+    },
+    Setting {
+        name: "AIQ_DATABASE_CA_FILE",
+        area: Area::Database,
+        fallback: Fallback::Unset,
+        kind: Kind::PemFile(Pem::Certificates),
+        secrecy: Secrecy::Public,
+        doc: "The PEM CA bundle that verifies PostgreSQL when AIQ_DATABASE_URL has no \
+              sslrootcert (the URL's wins). Needs sslmode=verify-full or verify-ca in the URL. \
+              Without either, verify-full trusts the Mozilla roots built into aiq \
+              (webpki-roots), not the system's.",
+        show: |s| path(s.database.ca.as_ref()),
+    },
+    // Queue.
+    Setting {
+        name: "AIQ_QUEUE_PREFIX",
+        area: Area::Queue,
+        fallback: Fallback::Value("aiq"),
+        kind: Kind::Prefix,
+        secrecy: Secrecy::Public,
+        doc: "Key prefix: every key lives under the hash tag {prefix}. Letters, digits, _ - . : \
+              only.",
+        show: |s| s.queue.prefix.clone(),
+    },
+    Setting {
+        name: "AIQ_CONCURRENCY",
+        area: Area::Queue,
+        fallback: Fallback::Value("16"),
+        kind: Kind::Int {
+            min: 1,
+            max: 50_000,
+        },
+        secrecy: Secrecy::Public,
+        doc: "Jobs this process runs at once (1-50000). Each holds a connection to its provider \
+              while it calls: above a few thousand, raise the open-files limit (LimitNOFILE in \
+              the unit) to match.",
+        show: |s| s.queue.concurrency.to_string(),
+    },
+    Setting {
+        name: "AIQ_FETCH_BATCH",
+        area: Area::Queue,
+        fallback: Fallback::Value("32"),
+        kind: Kind::Int { min: 1, max: 1000 },
+        secrecy: Secrecy::Public,
+        doc: "Most jobs leased per fetch round trip (1-1000); never more than free slots.",
+        show: |s| s.queue.fetch_batch.to_string(),
+    },
+    Setting {
+        name: "AIQ_POLL_INTERVAL_MS",
+        area: Area::Queue,
+        fallback: Fallback::Value("100"),
+        kind: Kind::Int {
+            min: 1,
+            max: 60_000,
+        },
+        secrecy: Secrecy::Public,
+        doc: "How long an idle worker waits before asking Redis again (1-60000).",
+        show: |s| ms(s.queue.poll_interval),
+    },
+    Setting {
+        name: "AIQ_LEASE_MS",
+        area: Area::Queue,
+        fallback: Fallback::Value("10000"),
+        kind: Kind::Int {
+            min: 1_000,
+            max: 3_600_000,
+        },
+        secrecy: Secrecy::Public,
+        doc: "Lease length. A running job's lease is renewed every third of it; a crashed \
+              worker's jobs come back to the queue once their lease expires (1000-3600000).",
+        show: |s| ms(s.queue.lease),
+    },
+    Setting {
+        name: "AIQ_MAX_INTERRUPTS",
+        area: Area::Queue,
+        fallback: Fallback::Value("5"),
+        kind: Kind::Int { min: 1, max: 1000 },
+        secrecy: Secrecy::Public,
+        doc: "A job whose lease expired this many times (its worker kept dying) goes to the dead \
+              set (1-1000).",
+        show: |s| s.queue.max_interrupts.to_string(),
+    },
+    Setting {
+        name: "AIQ_SCHEDULING",
+        area: Area::Queue,
+        fallback: Fallback::Value("fair"),
+        kind: Kind::Words(&["fair", "strict"]),
+        secrecy: Secrecy::Public,
+        doc: "fair: each backlogged tier gets capacity in proportion to its weight (no tier \
+              starves). strict: the highest tier with work always goes first (lower tiers can \
+              starve).",
+        show: |s| {
+            match s.queue.scheduling {
+                super::Scheduling::Fair => "fair",
+                super::Scheduling::Strict => "strict",
+            }
+            .to_owned()
+        },
+    },
+    Setting {
+        name: "AIQ_TIER_WEIGHTS",
+        area: Area::Queue,
+        fallback: Fallback::Value("32,16,8,4,2,1"),
+        kind: Kind::Weights {
+            min: 1,
+            max: 1_000_000,
+        },
+        secrecy: Secrecy::Public,
+        doc: "Weights of enterprise_plus, enterprise, professional_agency, growth_team, \
+              solo_professional, trial (1-1000000 each).",
+        show: |s| s.queue.tier_weights.map(|w| w.to_string()).join(","),
+    },
+    Setting {
+        name: "AIQ_DEAD_MAX_JOBS",
+        area: Area::Queue,
+        fallback: Fallback::Value("100000"),
+        kind: Kind::Int {
+            min: 1,
+            max: 100_000_000,
+        },
+        secrecy: Secrecy::Public,
+        doc: "Dead set caps: the oldest dead jobs beyond any of them are dropped. This one \
+              counts jobs (1-100000000).",
+        show: |s| s.queue.dead_max_jobs.to_string(),
+    },
+    Setting {
+        name: "AIQ_DEAD_MAX_MB",
+        area: Area::Queue,
+        fallback: Fallback::Value("256"),
+        kind: Kind::Int {
+            min: 1,
+            max: 1_048_576,
+        },
+        secrecy: Secrecy::Public,
+        doc: "The payloads the dead jobs keep, in MB (1-1048576); an invalid payload is kept as \
+              its first 4 KiB, with its length and SHA-1.",
+        show: |s| mib(s.queue.dead_max_bytes),
+    },
+    Setting {
+        name: "AIQ_DEAD_MAX_AGE_DAYS",
+        area: Area::Queue,
+        fallback: Fallback::Value("30"),
+        kind: Kind::Int { min: 1, max: 3650 },
+        secrecy: Secrecy::Public,
+        doc: "The age of the oldest dead job kept, in days (1-3650).",
+        show: |s| (s.queue.dead_max_age.as_secs() / 86_400).to_string(),
+    },
+    Setting {
+        name: "AIQ_IDEMPOTENCY_TTL_S",
+        area: Area::Queue,
+        fallback: Fallback::Value("86400"),
+        kind: Kind::Int {
+            min: 1,
+            max: 31_536_000,
+        },
+        secrecy: Secrecy::Public,
+        doc: "How long an idempotency key is remembered, in seconds (1-31536000).",
+        show: |s| s.queue.idempotency_ttl.as_secs().to_string(),
+    },
+    // Retries.
+    Setting {
+        name: "AIQ_MAX_ATTEMPTS",
+        area: Area::Retries,
+        fallback: Fallback::Value("5"),
+        kind: Kind::Int { min: 1, max: 100 },
+        secrecy: Secrecy::Public,
+        doc: "Executions a job gets before the dead set (the first run counts; 1-100).",
+        show: |s| s.retry.max_attempts.to_string(),
+    },
+    Setting {
+        name: "AIQ_RETRY_BASE_MS",
+        area: Area::Retries,
+        fallback: Fallback::Value("2000"),
+        kind: Kind::Int {
+            min: 1,
+            max: 3_600_000,
+        },
+        secrecy: Secrecy::Public,
+        doc: "Retry delays: full jitter over base * 2^(failures-1), capped; a provider's \
+              Retry-After wins. The base (1-3600000).",
+        show: |s| ms(s.retry.base),
+    },
+    Setting {
+        name: "AIQ_RETRY_CAP_MS",
+        area: Area::Retries,
+        fallback: Fallback::Value("600000"),
+        kind: Kind::Int {
+            min: 1,
+            max: 86_400_000,
+        },
+        secrecy: Secrecy::Public,
+        doc: "The cap (1-86400000, at least the base).",
+        show: |s| ms(s.retry.cap),
+    },
+    Setting {
+        name: "AIQ_CALL_RETRIES",
+        area: Area::Retries,
+        fallback: Fallback::Value("2"),
+        kind: Kind::Int { min: 0, max: 10 },
+        secrecy: Secrecy::Public,
+        doc: "In-call retries: a retryable provider failure (429, 5xx, 529, timeout, broken \
+              connection, garbage body) is called again up to this many times inside the \
+              attempt (0-10), with full jitter over base * 2^(retry-1). A Retry-After longer \
+              than the cap goes back to the queue's delayed set. Each call has its own budget \
+              hold, cost row and error row. 0 turns them off.",
+        show: |s| s.call_retry.retries.to_string(),
+    },
+    Setting {
+        name: "AIQ_CALL_RETRY_BASE_MS",
+        area: Area::Retries,
+        fallback: Fallback::Value("250"),
+        kind: Kind::Int {
+            min: 1,
+            max: 60_000,
+        },
+        secrecy: Secrecy::Public,
+        doc: "The in-call retries' base (1-60000).",
+        show: |s| ms(s.call_retry.base),
+    },
+    Setting {
+        name: "AIQ_CALL_RETRY_CAP_MS",
+        area: Area::Retries,
+        fallback: Fallback::Value("5000"),
+        kind: Kind::Int {
+            min: 1,
+            max: 300_000,
+        },
+        secrecy: Secrecy::Public,
+        doc: "The in-call retries' cap (1-300000, at least their base).",
+        show: |s| ms(s.call_retry.cap),
+    },
+    // Start-up and shutdown.
+    Setting {
+        name: "AIQ_STARTUP_WAIT_S",
+        area: Area::Lifecycle,
+        fallback: Fallback::Value("3600"),
+        kind: Kind::Int {
+            min: 0,
+            max: 86_400,
+        },
+        secrecy: Secrecy::Public,
+        doc: "How long `aiq migrate` and `aiq run` wait for Redis and PostgreSQL at start-up \
+              (0-86400 s), telling systemd to extend the start timeout meanwhile; an outage at \
+              boot shorter than this costs no restart. A wrong password, a missing database or \
+              a certificate that does not verify ends the start at once.",
+        show: |s| s.startup_wait.as_secs().to_string(),
+    },
+    Setting {
+        name: "AIQ_SHUTDOWN_GRACE_MS",
+        area: Area::Lifecycle,
+        fallback: Fallback::Value("20000"),
+        kind: Kind::Int {
+            min: 0,
+            max: 3_600_000,
+        },
+        secrecy: Secrecy::Public,
+        doc: "On SIGTERM: running jobs get this long to finish (0-3600000; keep it below \
+              systemd's TimeoutStopSec).",
+        show: |s| ms(s.shutdown_grace),
+    },
+    // Admin port.
+    Setting {
+        name: "AIQ_ADMIN_ADDR",
+        area: Area::Admin,
+        fallback: Fallback::Value("127.0.0.1:9464"),
+        kind: Kind::Addr,
+        secrecy: Secrecy::Public,
+        doc: "Admin port: GET /metrics, /healthz (alive) and /readyz (Redis and PostgreSQL \
+              answer).",
+        show: |s| s.admin_addr.to_string(),
+    },
+    // Logs and Sentry.
+    Setting {
+        name: "AIQ_LOG_FORMAT",
+        area: Area::Telemetry,
+        fallback: Fallback::Value("auto"),
+        kind: Kind::Words(&["auto", "json", "text"]),
+        secrecy: Secrecy::Public,
+        doc: "json, text, or auto (text on a terminal, JSON otherwise). RUST_LOG overrides the \
+              level.",
+        show: |s| {
+            match s.log_format {
+                super::LogFormat::Json => "json",
+                super::LogFormat::Text => "text",
+            }
+            .to_owned()
+        },
+    },
+    Setting {
+        name: "AIQ_SENTRY_DSN",
+        area: Area::Telemetry,
+        fallback: Fallback::Unset,
+        kind: Kind::Url {
+            schemes: HTTP,
+            trim_slash: false,
+        },
+        secrecy: Secrecy::Secret,
+        doc: "Sentry DSN for job failures that end a job (dead) and daemon errors; empty = off. \
+              A secret. Events are scrubbed of API keys, tokens, e-mail addresses and image \
+              bytes before they leave.",
+        show: |s| secret(&s.sentry_dsn),
+    },
+    Setting {
+        name: "AIQ_SENTRY_ENVIRONMENT",
+        area: Area::Telemetry,
+        fallback: Fallback::Value("production"),
+        kind: Kind::Text,
+        secrecy: Secrecy::Public,
+        doc: "The environment Sentry files the events under.",
+        show: |s| s.sentry_environment.clone(),
+    },
+    Setting {
+        name: "AIQ_SENTRY_SEND_PAYLOADS",
+        area: Area::Telemetry,
+        fallback: Fallback::Value("false"),
+        kind: Kind::Words(FLAG),
+        secrecy: Secrecy::Public,
+        doc: "true: an event about a dead job also carries its payload (prompts, messages, image \
+              data; its first 8 KiB). false: ids, tags, the failure and the payload's size only. \
+              Either way each event carries the breadcrumbs of its own job alone, and every text \
+              in it is scrubbed and cut short.",
+        show: |s| s.sentry_send_payloads.to_string(),
+    },
+    // Circuit breakers and provider rates.
+    Setting {
+        name: "AIQ_BREAKER_FAILURES",
+        area: Area::Breakers,
+        fallback: Fallback::Value("5"),
+        kind: Kind::Int { min: 1, max: 1000 },
+        secrecy: Secrecy::Public,
+        doc: "Circuit breaker per provider, shared by every process: this many provider faults \
+              in a row (5xx, 529, timeouts, broken connections; 1-1000) open it; its jobs then \
+              wait, spending no attempt, for the cooldown, after which one probe call decides.",
+        show: |s| s.breaker.failures.to_string(),
+    },
+    Setting {
+        name: "AIQ_BREAKER_COOLDOWN_MS",
+        area: Area::Breakers,
+        fallback: Fallback::Value("30000"),
+        kind: Kind::Int {
+            min: 100,
+            max: 3_600_000,
+        },
+        secrecy: Secrecy::Public,
+        doc: "How long an open breaker holds calls back (100-3600000).",
+        show: |s| ms(s.breaker.cooldown),
+    },
+    Setting {
+        name: "AIQ_PROVIDER_RPM",
+        area: Area::Breakers,
+        fallback: Fallback::Value(""),
+        kind: Kind::PerProvider {
+            max: MAX_PER_MINUTE,
+        },
+        secrecy: Secrecy::Public,
+        doc: "Requests per minute per provider, held across every process (unnamed = no limit), \
+              e.g. openai=500,anthropic=50. A job over a limit waits for the next minute; it \
+              does not fail.",
+        show: |s| providers(&s.breaker.rpm),
+    },
+    Setting {
+        name: "AIQ_PROVIDER_TPM",
+        area: Area::Breakers,
+        fallback: Fallback::Value(""),
+        kind: Kind::PerProvider {
+            max: MAX_PER_MINUTE,
+        },
+        secrecy: Secrecy::Public,
+        doc: "Tokens per minute per provider, likewise; LLM tokens count the prompt bound plus \
+              max_tokens.",
+        show: |s| providers(&s.breaker.tpm),
+    },
+    // Money.
+    Setting {
+        name: "AIQ_GLOBAL_DAILY_LIMIT_USD",
+        area: Area::Budget,
+        fallback: Fallback::Value("1000"),
+        kind: Kind::Usd { max: MAX_USD },
+        secrecy: Secrecy::Public,
+        doc: "The platform's spend per day.",
+        show: |s| s.budget.global_daily.as_usd_f64().to_string(),
+    },
+    Setting {
+        name: "AIQ_GLOBAL_MONTHLY_LIMIT_USD",
+        area: Area::Budget,
+        fallback: Fallback::Value("25000"),
+        kind: Kind::Usd { max: MAX_USD },
+        secrecy: Secrecy::Public,
+        doc: "The platform's spend per month.",
+        show: |s| s.budget.global_monthly.as_usd_f64().to_string(),
+    },
+    Setting {
+        name: "AIQ_ORG_DAILY_LIMIT_USD",
+        area: Area::Budget,
+        fallback: Fallback::Value(DEFAULT_ORG_DAILY_USD),
+        kind: Kind::TierUsd { max: MAX_USD },
+        secrecy: Secrecy::Public,
+        doc: "Per-organisation defaults by tier (all six tiers), per day; ai_cost_limits \
+              overrides them per organisation (`aiq budget set-limit ORG --daily-usd X \
+              --monthly-usd Y`).",
+        show: |s| tiers_usd(&s.budget.org_daily),
+    },
+    Setting {
+        name: "AIQ_ORG_MONTHLY_LIMIT_USD",
+        area: Area::Budget,
+        fallback: Fallback::Value(DEFAULT_ORG_MONTHLY_USD),
+        kind: Kind::TierUsd { max: MAX_USD },
+        secrecy: Secrecy::Public,
+        doc: "The same, per month.",
+        show: |s| tiers_usd(&s.budget.org_monthly),
+    },
+    Setting {
+        name: "AIQ_ORG_JOBS_PER_MINUTE",
+        area: Area::Budget,
+        fallback: Fallback::Value(DEFAULT_ORG_JOBS_PER_MINUTE),
+        kind: Kind::TierCount { max: u32::MAX },
+        secrecy: Secrecy::Public,
+        doc: "Jobs per minute per organisation by tier, across all processes (0 = no limit). A \
+              job over the rate waits for the next minute; it does not fail.",
+        show: |s| tier_counts(&s.budget.org_jobs_per_minute),
+    },
+    Setting {
+        name: "AIQ_ORG_MAX_IN_FLIGHT",
+        area: Area::Budget,
+        fallback: Fallback::Value(DEFAULT_ORG_MAX_IN_FLIGHT),
+        kind: Kind::TierCount { max: u32::MAX },
+        secrecy: Secrecy::Public,
+        doc: "Per tier, the most jobs of one organisation one process runs at once (0: no cap, \
+              the default), so one tenant's slow or hanging calls cannot take every slot; its \
+              other jobs wait without spending an attempt. A job over its cap is leased and \
+              handed back every second or so: set caps well above an organisation's usual share \
+              (e.g. trial=4 at AIQ_CONCURRENCY=16).",
+        show: |s| tier_counts(&s.budget.org_max_in_flight),
+    },
+    Setting {
+        name: "AIQ_BUDGET_EXCEEDED",
+        area: Area::Budget,
+        fallback: Fallback::Value("defer"),
+        kind: Kind::Words(&["defer", "fail"]),
+        secrecy: Secrecy::Public,
+        doc: "defer: a refused job waits in the delayed set until the window resets; fail: it \
+              goes to the dead set. Either way an ai_processing_errors row of type \
+              budget_exceeded records it.",
+        show: |s| {
+            match s.budget.on_exceeded {
+                super::OnBudgetExceeded::Defer => "defer",
+                super::OnBudgetExceeded::Fail => "fail",
+            }
+            .to_owned()
+        },
+    },
+    Setting {
+        name: "AIQ_BUDGET_TIMEZONE",
+        area: Area::Budget,
+        fallback: Fallback::Value("UTC"),
+        kind: Kind::TimeZone,
+        secrecy: Secrecy::Public,
+        doc: "Day and month windows follow this IANA time zone's calendar.",
+        show: |s| s.budget.timezone.name().to_owned(),
+    },
+    Setting {
+        name: "AIQ_BUDGET_PREFIX",
+        area: Area::Budget,
+        fallback: Fallback::Value("aiq-budget"),
+        kind: Kind::Prefix,
+        secrecy: Secrecy::Public,
+        doc: "Key prefix of the budget's Redis keys (shared by every queue of the platform).",
+        show: |s| s.budget.prefix.clone(),
+    },
+    Setting {
+        name: "AIQ_BUDGET_HOLD_MARGIN_MS",
+        area: Area::Budget,
+        fallback: Fallback::Value("60000"),
+        kind: Kind::Int {
+            min: 500,
+            max: 3_600_000,
+        },
+        secrecy: Secrecy::Public,
+        doc: "A hold outlives its provider's timeout by this much (500-3600000) before the \
+              sweeper counts it as the call of a dead worker (at its estimate).",
+        show: |s| ms(s.budget.hold_margin),
+    },
+    Setting {
+        name: "AIQ_ALERT_WEBHOOK_URL",
+        area: Area::Budget,
+        fallback: Fallback::Unset,
+        kind: Kind::Url {
+            schemes: HTTP,
+            trim_slash: false,
+        },
+        secrecy: Secrecy::Secret,
+        doc: "Slack-compatible webhook for alerts at 80%, 95% and 100% of every limit and for \
+              spend spikes (retried with backoff while it fails). A secret. Without it, alerts \
+              go to the log only.",
+        show: |s| secret(&s.budget.alert_webhook),
+    },
+    Setting {
+        name: "AIQ_SPIKE_MULTIPLE",
+        area: Area::Budget,
+        fallback: Fallback::Value("3"),
+        kind: Kind::Number { above: 1.0 },
+        secrecy: Secrecy::Public,
+        doc: "A spike: the last hour's spend above this multiple (a number above 1) of the \
+              trailing 24 hours' hourly average, and at least AIQ_SPIKE_MIN_USD.",
+        show: |s| s.budget.spike_multiple.to_string(),
+    },
+    Setting {
+        name: "AIQ_SPIKE_MIN_USD",
+        area: Area::Budget,
+        fallback: Fallback::Value("1"),
+        kind: Kind::Usd { max: MAX_USD },
+        secrecy: Secrecy::Public,
+        doc: "Spikes below this hourly spend are not worth an alert.",
+        show: |s| s.budget.spike_min.as_usd_f64().to_string(),
+    },
+    Setting {
+        name: "AIQ_PRICE_CATALOG",
+        area: Area::Budget,
+        fallback: Fallback::Unset,
+        kind: Kind::Path,
+        secrecy: Secrecy::Public,
+        doc: "A price catalog file (JSON, the shape of src/budget/catalog.json) instead of the \
+              built-in one. An unknown model or Vision feature is refused, never priced at zero.",
+        show: |s| {
+            s.budget
+                .price_catalog
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
+        },
+    },
+    // Providers.
+    Setting {
+        name: "AIQ_VISION_BASE_URL",
+        area: Area::Providers,
+        fallback: Fallback::Value("https://vision.googleapis.com"),
+        kind: Kind::Url {
+            schemes: HTTP,
+            trim_slash: true,
+        },
+        secrecy: Secrecy::Public,
+        doc: "Google Cloud Vision.",
+        show: |s| s.vision.base_url.clone(),
+    },
+    Setting {
+        name: "AIQ_VISION_API_KEY",
+        area: Area::Providers,
+        fallback: Fallback::Unset,
+        kind: Kind::Text,
+        secrecy: Secrecy::Secret,
+        doc: "Google Cloud Vision API key (sent as x-goog-api-key). A secret.",
+        show: |s| secret(&s.vision.api_key),
+    },
+    Setting {
+        name: "AIQ_VISION_TIMEOUT_MS",
+        area: Area::Providers,
+        fallback: Fallback::Value("60000"),
+        kind: Kind::Int {
+            min: 100,
+            max: 600_000,
+        },
+        secrecy: Secrecy::Public,
+        doc: "How long one Vision call may take (100-600000).",
+        show: |s| ms(s.vision.timeout),
+    },
+    Setting {
+        name: "AIQ_OPENAI_BASE_URL",
+        area: Area::Providers,
+        fallback: Fallback::Value("https://api.openai.com"),
+        kind: Kind::Url {
+            schemes: HTTP,
+            trim_slash: true,
+        },
+        secrecy: Secrecy::Public,
+        doc: "OpenAI.",
+        show: |s| s.openai.base_url.clone(),
+    },
+    Setting {
+        name: "AIQ_OPENAI_API_KEY",
+        area: Area::Providers,
+        fallback: Fallback::Unset,
+        kind: Kind::Text,
+        secrecy: Secrecy::Secret,
+        doc: "OpenAI API key (sent as a bearer token). A secret.",
+        show: |s| secret(&s.openai.api_key),
+    },
+    Setting {
+        name: "AIQ_OPENAI_TIMEOUT_MS",
+        area: Area::Providers,
+        fallback: Fallback::Value("60000"),
+        kind: Kind::Int {
+            min: 100,
+            max: 600_000,
+        },
+        secrecy: Secrecy::Public,
+        doc: "How long one OpenAI call may take (100-600000).",
+        show: |s| ms(s.openai.timeout),
+    },
+    Setting {
+        name: "AIQ_ANTHROPIC_BASE_URL",
+        area: Area::Providers,
+        fallback: Fallback::Value("https://api.anthropic.com"),
+        kind: Kind::Url {
+            schemes: HTTP,
+            trim_slash: true,
+        },
+        secrecy: Secrecy::Public,
+        doc: "Anthropic.",
+        show: |s| s.anthropic.base_url.clone(),
+    },
+    Setting {
+        name: "AIQ_ANTHROPIC_API_KEY",
+        area: Area::Providers,
+        fallback: Fallback::Unset,
+        kind: Kind::Text,
+        secrecy: Secrecy::Secret,
+        doc: "Anthropic API key (sent as x-api-key). A secret.",
+        show: |s| secret(&s.anthropic.api_key),
+    },
+    Setting {
+        name: "AIQ_ANTHROPIC_TIMEOUT_MS",
+        area: Area::Providers,
+        fallback: Fallback::Value("60000"),
+        kind: Kind::Int {
+            min: 100,
+            max: 600_000,
+        },
+        secrecy: Secrecy::Public,
+        doc: "How long one Anthropic call may take (100-600000).",
+        show: |s| ms(s.anthropic.timeout),
+    },
+    Setting {
+        name: "AIQ_GEMINI_BASE_URL",
+        area: Area::Providers,
+        fallback: Fallback::Value("https://generativelanguage.googleapis.com"),
+        kind: Kind::Url {
+            schemes: HTTP,
+            trim_slash: true,
+        },
+        secrecy: Secrecy::Public,
+        doc: "Gemini.",
+        show: |s| s.gemini.base_url.clone(),
+    },
+    Setting {
+        name: "AIQ_GEMINI_API_KEY",
+        area: Area::Providers,
+        fallback: Fallback::Unset,
+        kind: Kind::Text,
+        secrecy: Secrecy::Secret,
+        doc: "Gemini API key (sent as x-goog-api-key). A secret.",
+        show: |s| secret(&s.gemini.api_key),
+    },
+    Setting {
+        name: "AIQ_GEMINI_TIMEOUT_MS",
+        area: Area::Providers,
+        fallback: Fallback::Value("60000"),
+        kind: Kind::Int {
+            min: 100,
+            max: 600_000,
+        },
+        secrecy: Secrecy::Public,
+        doc: "How long one Gemini call may take (100-600000).",
+        show: |s| ms(s.gemini.timeout),
+    },
+    Setting {
+        name: "AIQ_MAX_RESPONSE_MB",
+        area: Area::Providers,
+        fallback: Fallback::Value("64"),
+        kind: Kind::Int { min: 1, max: 1024 },
+        secrecy: Secrecy::Public,
+        doc: "The longest answer body aiq reads from a provider, in MB (1-1024): a longer \
+              success answer is read no further and recorded as an `oversize` call at its \
+              estimate. 64 fits a 16-image Vision batch with full text annotations.",
+        show: |s| mib(s.max_response_bytes),
+    },
+    Setting {
+        name: "AIQ_RESPONSE_MEMORY_MB",
+        area: Area::Providers,
+        fallback: Fallback::Value("512"),
+        kind: Kind::Int {
+            min: 1,
+            max: 65_536,
+        },
+        secrecy: Secrecy::Public,
+        doc: "How much of the answers being read or held one process keeps at once, in MB \
+              (1-65536, at least AIQ_MAX_RESPONSE_MB): a call waits for room before it reads its \
+              body.",
+        show: |s| mib(s.response_memory_bytes),
+    },
+];
