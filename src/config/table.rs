@@ -370,12 +370,13 @@ impl Kind {
                 trim_slash,
             } => {
                 check_url(name, v, schemes)?;
-                let v = if trim_slash {
-                    v.trim_end_matches('/')
-                } else {
-                    v
-                };
-                Ok(Value::Text(v.to_owned()))
+                if !trim_slash {
+                    return Ok(Value::Text(v.to_owned()));
+                }
+                // `http:///` is not a base URL once its slashes are gone.
+                let base = v.trim_end_matches('/');
+                check_url(name, base, schemes)?;
+                Ok(Value::Text(base.to_owned()))
             }
             Kind::RedisUrls => {
                 let urls: Vec<&str> = v.split(',').map(str::trim).collect();
@@ -654,7 +655,7 @@ pub static SETTINGS: &[Setting] = &[
         },
         kind: Kind::RedisUrls,
         secrecy: Secrecy::UrlPassword,
-        doc: "Redis holding the queue (redis://, rediss:// or unix://). For a Redis Cluster: \
+        doc: "Where Redis is (redis://, rediss:// or unix://). For a Redis Cluster: \
               several seed nodes separated by commas, and AIQ_REDIS_CLUSTER=true. A password in \
               it (redis://:PASSWORD@host, percent-encoded) is never printed: logs, errors and \
               `aiq config` show it as ***.",
@@ -989,7 +990,7 @@ pub static SETTINGS: &[Setting] = &[
         fallback: Fallback::Value("127.0.0.1:9464"),
         kind: Kind::Addr,
         secrecy: Secrecy::Public,
-        doc: "Admin port: GET /metrics, /healthz (alive) and /readyz (Redis and PostgreSQL \
+        doc: "The address of GET /metrics, /healthz (alive) and /readyz (Redis and PostgreSQL \
               answer).",
         show: |s| s.admin_addr.to_string(),
     },
@@ -1412,3 +1413,341 @@ pub static SETTINGS: &[Setting] = &[
         show: |s| mib(s.response_memory_bytes),
     },
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::{HashMap, HashSet};
+    use std::sync::Mutex;
+
+    /// Whether `value` is one the table says `kind` admits: the check the parsers must keep,
+    /// written from the bounds, not from the parsers.
+    fn admits(kind: &Kind, value: &Value) -> bool {
+        let usd_ok = |m: &MicroUsd, max: i64| (0..=max * 1_000_000).contains(&m.micros());
+        match (kind, value) {
+            (Kind::Int { min, max }, Value::Int(n)) => min <= n && n <= max,
+            (Kind::Number { above }, Value::Number(n)) => n.is_finite() && n > above,
+            (Kind::Usd { max }, Value::Usd(m)) => usd_ok(m, *max),
+            (Kind::TierUsd { max }, Value::TierUsd(ms)) => ms.iter().all(|m| usd_ok(m, *max)),
+            (Kind::TierCount { max }, Value::TierCount(ns)) => ns.iter().all(|n| n <= max),
+            (Kind::Weights { min, max }, Value::Weights(ws)) => {
+                ws.iter().all(|w| min <= w && w <= max)
+            }
+            (Kind::PerProvider { max }, Value::PerProvider(ns)) => ns.iter().all(|n| n <= max),
+            (Kind::Words(words), Value::Word(w)) => words.contains(w),
+            (Kind::Url { schemes, .. }, Value::Text(t)) => {
+                schemes.iter().any(|s| t.starts_with(&format!("{s}://")))
+            }
+            (Kind::RedisUrls, Value::Text(t)) => {
+                let urls: Vec<&str> = t.split(',').map(str::trim).collect();
+                let tls = urls.iter().filter(|u| u.starts_with("rediss://")).count();
+                (tls == 0 || tls == urls.len())
+                    && urls.iter().all(|u| {
+                        REDIS_SCHEMES
+                            .iter()
+                            .any(|s| u.starts_with(&format!("{s}://")))
+                    })
+            }
+            (Kind::Prefix, Value::Text(t)) => {
+                (1..=64).contains(&t.len())
+                    && t.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "_-.:".contains(c))
+            }
+            (Kind::TimeZone, Value::TimeZone(_)) => true,
+            (Kind::Addr, Value::Addr(_)) => true,
+            (Kind::PemFile(_), Value::Pem(_)) => true,
+            (Kind::Path | Kind::Text, Value::Text(t)) => !t.trim().is_empty(),
+            _ => false,
+        }
+    }
+
+    /// A setting's text either parses to a value its kind admits, or is refused naming it.
+    fn check(s: &Setting, raw: &str) -> Result<(), TestCaseError> {
+        match s.read(Some(raw)) {
+            Ok(Value::Unset) => prop_assert!(
+                raw.trim().is_empty() && s.fallback == Fallback::Unset,
+                "{}={raw:?} read as unset",
+                s.name
+            ),
+            Ok(v) => prop_assert!(admits(&s.kind, &v), "{}={raw:?} gave {v:?}", s.name),
+            Err(e) => {
+                prop_assert_eq!(e.name, s.name);
+                let prefix = format!("setting {}: ", s.name);
+                prop_assert!(e.to_string().starts_with(&prefix), "{}", e);
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn every_setting_is_named_once_with_a_description_and_a_default_in_its_range() {
+        let mut names = HashSet::new();
+        for s in SETTINGS {
+            assert!(s.name.starts_with("AIQ_"), "{}", s.name);
+            assert!(names.insert(s.name), "{} is in the table twice", s.name);
+            assert!(!s.doc.trim().is_empty(), "{} has no description", s.name);
+            match s.fallback {
+                Fallback::Required { example, .. } => {
+                    let err = s.read(None).unwrap_err();
+                    assert_eq!(err.name, s.name);
+                    assert!(err.problem.contains("is missing"), "{err}");
+                    let v = s.kind.parse(s.name, example).unwrap();
+                    assert!(admits(&s.kind, &v), "{}'s example {example:?}", s.name);
+                }
+                Fallback::Unset => assert_eq!(s.read(None).unwrap(), Value::Unset),
+                Fallback::Value(_) => {
+                    let v = s.read(None).unwrap();
+                    assert!(admits(&s.kind, &v), "{}'s default gave {v:?}", s.name);
+                }
+            }
+        }
+        let order: Vec<usize> = SETTINGS
+            .iter()
+            .map(|s| Area::ALL.iter().position(|a| *a == s.area).unwrap())
+            .collect();
+        assert!(order.is_sorted(), "the table lists its settings by area");
+    }
+
+    #[test]
+    fn every_numeric_setting_has_a_range_and_its_description_gives_it() {
+        let numeric = |text: &str| {
+            text.split(',')
+                .map(|part| part.rsplit('=').next().unwrap_or(part))
+                .any(|v| v.trim().parse::<f64>().is_ok())
+        };
+        for s in SETTINGS {
+            if numeric(s.example()) {
+                assert!(
+                    s.kind.range().is_some(),
+                    "{} is a number with no range",
+                    s.name
+                );
+            }
+            if let Kind::Int { min, max } = s.kind {
+                assert!(min <= max, "{}", s.name);
+                assert!(
+                    s.doc.contains(&format!("{min}-{max}")),
+                    "{}'s description does not give its range {min}-{max}",
+                    s.name
+                );
+            }
+        }
+        assert!(SETTINGS.iter().filter(|s| s.kind.range().is_some()).count() > 30);
+    }
+
+    #[test]
+    fn the_defaults_are_the_named_constants() {
+        let weights = find("AIQ_TIER_WEIGHTS").read(None).unwrap().tier_count();
+        assert_eq!(weights, super::super::DEFAULT_TIER_WEIGHTS);
+        let wait = find("AIQ_STARTUP_WAIT_S").read(None).unwrap().int();
+        assert_eq!(wait, crate::startup::DEFAULT_WAIT.as_secs());
+    }
+
+    #[test]
+    fn loading_reads_every_setting_of_the_table_and_no_other_variable() {
+        let asked = Mutex::new(Vec::<String>::new());
+        let vars: HashMap<&str, &str> = [
+            ("AIQ_DATABASE_URL", "postgres://u@localhost/aiq"),
+            ("AIQ_REDIS_URL", "redis://127.0.0.1:6379/"),
+        ]
+        .into();
+        let env = super::super::Env(|k: &str| {
+            asked.lock().unwrap().push(k.to_owned());
+            vars.get(k).map(|v| v.to_string())
+        });
+        Settings::load(&env).unwrap();
+        let asked = asked.into_inner().unwrap();
+        for s in SETTINGS {
+            let times = asked.iter().filter(|k| *k == s.name).count();
+            assert_eq!(times, 1, "{} was read {times} times", s.name);
+        }
+        assert_eq!(asked.len(), SETTINGS.len());
+    }
+
+    #[test]
+    fn a_value_that_is_not_utf8_is_refused_naming_its_setting() {
+        for s in SETTINGS {
+            let err = s.read(Some("\0")).unwrap_err();
+            assert_eq!(err.name, s.name);
+            assert!(err.problem.contains("not UTF-8"), "{err}");
+        }
+    }
+
+    const ENV_EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/.env.example");
+
+    /// `.env.example` lines: (area title, variable, value), in order; comments and blank lines
+    /// left out.
+    fn env_example_file() -> Vec<(String, String, String)> {
+        let mut area = String::new();
+        let mut out = Vec::new();
+        for line in std::fs::read_to_string(ENV_EXAMPLE).unwrap().lines() {
+            if let Some(title) = line.strip_prefix("# --- ") {
+                area = title.trim_end_matches(['-', ' ']).to_owned();
+            } else if !line.starts_with('#') && !line.trim().is_empty() {
+                let (k, v) = line.split_once('=').expect("NAME=value");
+                out.push((area.clone(), k.to_owned(), v.to_owned()));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn env_example_holds_every_setting_once_under_its_area_with_its_default_and_nothing_else() {
+        let file = env_example_file();
+        for s in SETTINGS {
+            let lines: Vec<_> = file.iter().filter(|(_, k, _)| k == s.name).collect();
+            assert_eq!(
+                lines.len(),
+                1,
+                "{} is in .env.example {} times",
+                s.name,
+                lines.len()
+            );
+            let (area, _, value) = lines[0];
+            assert_eq!(area, s.area.title(), "{}'s section", s.name);
+            assert_eq!(value, s.example(), "{}'s value in .env.example", s.name);
+        }
+        for (_, k, _) in &file {
+            assert!(
+                SETTINGS.iter().any(|s| s.name == k),
+                "{k} in .env.example is not a setting"
+            );
+        }
+    }
+
+    /// `.env.example` is written from the table; to write it again after changing the table:
+    /// `AIQ_WRITE_ENV_EXAMPLE=1 cargo test --lib config::table`.
+    #[test]
+    fn env_example_is_the_table_written_out() {
+        let text = env_example();
+        if std::env::var_os("AIQ_WRITE_ENV_EXAMPLE").is_some() {
+            std::fs::write(ENV_EXAMPLE, &text).unwrap();
+        }
+        let file = std::fs::read_to_string(ENV_EXAMPLE).unwrap();
+        for (i, (want, got)) in text.lines().zip(file.lines()).enumerate() {
+            assert_eq!(got, want, ".env.example line {}", i + 1);
+        }
+        assert_eq!(text.lines().count(), file.lines().count());
+        assert!(
+            text.lines()
+                .all(|l| l.len() <= WIDTH || !l.starts_with('#'))
+        );
+    }
+
+    /// Text for the parsers: anything, and the shapes the settings take, near their edges.
+    fn setting_text() -> impl Strategy<Value = String> {
+        let number = "[-+ ]?[0-9]{0,24}(\\.[0-9]{0,9})?(e[0-9]{1,3})? ?";
+        let special = prop::sample::select(vec![
+            "NaN",
+            "nan",
+            "inf",
+            "-inf",
+            "infinity",
+            "1e309",
+            "-0",
+            "0x10",
+            "1_000",
+            "",
+            " ",
+            "\u{0}",
+            "\u{FFFD}",
+            "\u{7f}",
+            "4294967296",
+            "18446744073709551616",
+            "1000000000.000001",
+            "1000000000",
+            "9007199254740993",
+        ]);
+        let mut words: Vec<&str> = SETTINGS
+            .iter()
+            .flat_map(|s| match s.kind {
+                Kind::Words(w) => w.to_vec(),
+                _ => vec![],
+            })
+            .collect();
+        words.extend(Tier::ALL.map(|t| t.as_str()));
+        words.extend(PROVIDERS);
+        words.extend([
+            "gold",
+            "",
+            "UTC",
+            "Europe/Berlin",
+            "127.0.0.1:9464",
+            "[::1]:0",
+        ]);
+        let word = prop::sample::select(words);
+        let pair = (
+            word.clone(),
+            prop_oneof![
+                number.prop_map(|n| n),
+                special.clone().prop_map(String::from)
+            ],
+        );
+        let list = prop::collection::vec(pair, 0..9).prop_map(|pairs| {
+            let parts: Vec<String> = pairs.into_iter().map(|(k, v)| format!("{k}={v}")).collect();
+            parts.join(",")
+        });
+        let weights = prop::collection::vec(number, 0..9).prop_map(|ws| ws.join(","));
+        let url = "(https?|redis|rediss|unix|redis\\+unix|postgres|postgresql|ftp|)(://)?[a-z0-9.:@/,?=&-]{0,24}";
+        prop_oneof![
+            any::<String>(),
+            "[ -~]{0,70}",
+            number.prop_map(|n| n),
+            special.prop_map(String::from),
+            word.prop_map(|w| format!(" {w} ")),
+            list,
+            weights,
+            url.prop_map(|u| u),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(3_000))]
+
+        /// Every setting's parser, on generated text: it never panics, and either gives a value
+        /// in the setting's range or refuses naming the setting.
+        #[test]
+        fn every_setting_either_takes_a_value_in_its_range_or_refuses_naming_itself(
+            raw in setting_text(),
+        ) {
+            for s in SETTINGS {
+                check(s, &raw)?;
+            }
+        }
+    }
+
+    #[test]
+    fn numbers_are_refused_just_outside_their_ranges_and_taken_at_their_edges() {
+        for s in SETTINGS {
+            let Kind::Int { min, max } = s.kind else {
+                continue;
+            };
+            assert!(
+                s.read(Some(&min.to_string())).is_ok(),
+                "{} at {min}",
+                s.name
+            );
+            assert!(
+                s.read(Some(&max.to_string())).is_ok(),
+                "{} at {max}",
+                s.name
+            );
+            for bad in [max + 1, u64::MAX].into_iter().chain(min.checked_sub(1)) {
+                let err = s.read(Some(&bad.to_string())).unwrap_err();
+                assert_eq!(err.name, s.name);
+                assert!(err.problem.contains("out of range"), "{err}");
+            }
+        }
+        let usd = find("AIQ_GLOBAL_DAILY_LIMIT_USD");
+        assert!(usd.read(Some("1000000000")).is_ok());
+        let err = usd.read(Some("1000000000.000001")).unwrap_err();
+        assert!(
+            err.problem.contains("more than 1000000000 dollars"),
+            "{err}"
+        );
+        let rpm = find("AIQ_PROVIDER_RPM");
+        let err = rpm.read(Some("openai=1000000000001")).unwrap_err();
+        assert!(err.problem.contains("more than"), "{err}");
+    }
+}
