@@ -87,7 +87,7 @@ impl QueueSettings {
             "strict" => Scheduling::Strict,
             _ => Scheduling::Fair,
         };
-        let tier_weights = env.value("AIQ_TIER_WEIGHTS")?.tier_count();
+        let tier_weights = env.value("AIQ_TIER_WEIGHTS")?.weights();
         Ok(QueueSettings {
             redis,
             prefix,

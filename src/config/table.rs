@@ -220,8 +220,14 @@ impl Value {
     }
     pub fn tier_count(self) -> [u32; 6] {
         match self {
-            Value::TierCount(n) | Value::Weights(n) => n,
+            Value::TierCount(n) => n,
             v => mismatch(&v, "numbers per tier"),
+        }
+    }
+    pub fn weights(self) -> [u32; 6] {
+        match self {
+            Value::Weights(w) => w,
+            v => mismatch(&v, "weights"),
         }
     }
     pub fn per_provider(self) -> [u64; 4] {
@@ -1538,7 +1544,7 @@ mod tests {
 
     #[test]
     fn the_defaults_are_the_named_constants() {
-        let weights = find("AIQ_TIER_WEIGHTS").read(None).unwrap().tier_count();
+        let weights = find("AIQ_TIER_WEIGHTS").read(None).unwrap().weights();
         assert_eq!(weights, super::super::DEFAULT_TIER_WEIGHTS);
         let wait = find("AIQ_STARTUP_WAIT_S").read(None).unwrap().int();
         assert_eq!(wait, crate::startup::DEFAULT_WAIT.as_secs());
@@ -1633,6 +1639,34 @@ mod tests {
             text.lines()
                 .all(|l| l.len() <= WIDTH || !l.starts_with('#'))
         );
+    }
+
+    #[test]
+    fn the_systemd_template_names_only_settings_of_the_table_with_values_they_take() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/aiq.env.example");
+        let text = std::fs::read_to_string(path).unwrap();
+        let mut named = 0;
+        for line in text.lines() {
+            let commented = line.starts_with('#');
+            let line = line.trim_start_matches(['#', ' ']);
+            let Some((name, value)) = line.split_once('=') else {
+                continue;
+            };
+            if !name.starts_with("AIQ_") || name.contains(' ') {
+                continue;
+            }
+            let s = SETTINGS.iter().find(|s| s.name == name);
+            let s = s.unwrap_or_else(|| panic!("{name} in the systemd template is not a setting"));
+            named += 1;
+            // The commented lines name files that exist only on a server.
+            if !commented {
+                assert!(
+                    s.read(Some(value)).is_ok(),
+                    "{name}={value} in the systemd template"
+                );
+            }
+        }
+        assert!(named > 20, "{named} settings in the systemd template");
     }
 
     /// Text for the parsers: anything, and the shapes the settings take, near their edges.
