@@ -399,7 +399,7 @@ impl Kind {
                 Ok(Value::Text(v.to_owned()))
             }
             Kind::Prefix => {
-                let ok = v.len() <= 64
+                let ok = (1..=64).contains(&v.len())
                     && v.chars()
                         .all(|c| c.is_ascii_alphanumeric() || "_-.:".contains(c));
                 if !ok {
