@@ -3,14 +3,16 @@
 //! with an error that names the variable. Nothing else in aiq reads the environment.
 //!
 //! Each variable is declared once, in [`table::SETTINGS`]: its area, default, range, parser,
-//! secrecy and description. Loading (`load.rs`), [`Settings::effective`] (`aiq config`) and
-//! `.env.example` come from that table.
+//! secrecy and description ([`setting`] says what those are and holds the parsers). Loading
+//! (`load.rs`), [`Settings::effective`] (`aiq config`) and `.env.example` come from that table.
 
 mod load;
+pub mod setting;
 pub mod table;
 
 pub use load::startup_wait;
-use table::{SETTINGS, Secrecy, Value};
+use setting::{Secrecy, Value};
+use table::SETTINGS;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -297,8 +299,8 @@ impl<F: Fn(&str) -> Option<String>> Env<F> {
 }
 
 /// Looks a variable up in the process environment. A value that is not UTF-8 comes back as a
-/// NUL byte, which no environment variable can hold, so that [`Setting::read`] refuses it,
-/// naming the variable, instead of taking it for unset.
+/// NUL byte, which no environment variable can hold, so that [`setting::Setting::read`]
+/// refuses it, naming the variable, instead of taking it for unset.
 pub fn process_lookup(name: &str) -> Option<String> {
     match std::env::var(name) {
         Ok(v) => Some(v),
