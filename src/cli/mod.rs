@@ -112,7 +112,7 @@ fn print_json(value: &impl serde::Serialize, pretty: bool) -> anyhow::Result<()>
 }
 
 fn process_env() -> Env<impl Fn(&str) -> Option<String>> {
-    Env(|k: &str| std::env::var(k).ok())
+    Env(config::process_lookup)
 }
 
 /// Parses the command line and runs it. Errors print as one line naming what went wrong.
