@@ -131,6 +131,22 @@ impl Breakers {
         })
     }
 
+    /// [`Breakers::admit_call`] without taking anything: `Ok(Admit::Probe)` says the half-open
+    /// probe is free to take. A job checks every other gate and reserves its budget first, then
+    /// takes it with `admit_call`, so no probe is handed to a job that something else then holds
+    /// back.
+    pub async fn peek_call(
+        &self,
+        provider: &str,
+        org: &str,
+    ) -> redis::RedisResult<Result<Admit, Duration>> {
+        Ok(match self.op("peek", provider, org).await?.as_slice() {
+            [0, wait] => Err(Duration::from_millis((*wait).max(1) as u64)),
+            [1, 1] => Ok(Admit::Probe),
+            _ => Ok(Admit::Closed),
+        })
+    }
+
     /// Gives back a half-open probe that was granted but not made: the next job may probe.
     pub async fn release_probe(&self, provider: &str) -> redis::RedisResult<()> {
         self.op("release", provider, "").await.map(|_| ())
