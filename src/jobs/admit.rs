@@ -16,7 +16,7 @@ use super::App;
 use super::plan::Planned;
 use super::policy::{ORG_CAP_WAIT, jitter, spread, throttled_wait};
 use super::ports::{Gate, Gates};
-use crate::domain::Tier;
+use crate::domain::{Provider, Tier};
 use crate::queue::backend::Failure;
 
 /// May a job's call go now?
@@ -35,11 +35,11 @@ pub enum Admission {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Held {
     /// Every model's provider is paused, or its breaker (or the organisation's) is open.
-    Paused { provider: &'static str },
+    Paused { provider: Provider },
     /// The organisation is over its tier's jobs per minute.
     OrgRate { org: Uuid, tier: Tier },
     /// The model's provider, and every fallback, is at its requests or tokens per minute.
-    Throttled { provider: &'static str },
+    Throttled { provider: Provider },
     /// After a failed call: no model of the rest of the chain may be called now.
     Chain,
 }
@@ -221,9 +221,9 @@ mod tests {
     async fn a_half_open_probe_is_left_for_the_next_job_when_the_organisations_rate_defers_this_one()
      {
         let gates = MemoryGates::default();
-        gates.set_breaker("openai", Breaker::ProbeFree);
+        gates.set_breaker(Provider::OpenAi, Breaker::ProbeFree);
         *gates.org_wait.lock().unwrap() = Some(Duration::from_secs(20));
-        let chain = [planned("openai", 1_000)];
+        let chain = [planned(Provider::OpenAi, 1_000)];
         match admit_job(&gates, &chain, org(), Tier::GrowthTeam).await {
             Admission::Wait { after, why } => {
                 assert_eq!(after, Duration::from_secs(20));
@@ -237,7 +237,7 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert_eq!(gates.breaker_of("openai"), Breaker::ProbeFree);
+        assert_eq!(gates.breaker_of(Provider::OpenAi), Breaker::ProbeFree);
         // The next job, within its rate, is the one told it may probe.
         *gates.org_wait.lock().unwrap() = None;
         match admit_job(&gates, &chain, org(), Tier::GrowthTeam).await {
@@ -253,33 +253,42 @@ mod tests {
     #[tokio::test]
     async fn a_half_open_probe_is_left_for_the_next_job_when_every_model_is_throttled() {
         let gates = MemoryGates::default();
-        gates.set_breaker("openai", Breaker::ProbeFree);
+        gates.set_breaker(Provider::OpenAi, Breaker::ProbeFree);
         gates
             .throttled
             .lock()
             .unwrap()
-            .insert("openai", Duration::from_millis(700));
-        let chain = [planned("openai", 1_000)];
+            .insert(Provider::OpenAi, Duration::from_millis(700));
+        let chain = [planned(Provider::OpenAi, 1_000)];
         match admit_job(&gates, &chain, org(), Tier::GrowthTeam).await {
             Admission::Wait {
                 after,
-                why: Held::Throttled { provider: "openai" },
+                why:
+                    Held::Throttled {
+                        provider: Provider::OpenAi,
+                    },
             } => assert_eq!(after, Duration::from_millis(700)),
             other => panic!("{other:?}"),
         }
-        assert_eq!(gates.breaker_of("openai"), Breaker::ProbeFree);
+        assert_eq!(gates.breaker_of(Provider::OpenAi), Breaker::ProbeFree);
     }
 
     #[tokio::test]
     async fn an_open_breaker_defers_the_job_before_the_rate_or_the_throttle_counts_it() {
         let gates = MemoryGates::default();
-        gates.set_breaker("openai", Breaker::Open(Duration::from_secs(9)));
-        gates.set_breaker("anthropic", Breaker::Open(Duration::from_secs(4)));
-        let chain = [planned("openai", 1_000), planned("anthropic", 1_000)];
+        gates.set_breaker(Provider::OpenAi, Breaker::Open(Duration::from_secs(9)));
+        gates.set_breaker(Provider::Anthropic, Breaker::Open(Duration::from_secs(4)));
+        let chain = [
+            planned(Provider::OpenAi, 1_000),
+            planned(Provider::Anthropic, 1_000),
+        ];
         match admit_job(&gates, &chain, org(), Tier::GrowthTeam).await {
             Admission::Wait {
                 after,
-                why: Held::Paused { provider: "openai" },
+                why:
+                    Held::Paused {
+                        provider: Provider::OpenAi,
+                    },
             } => assert_eq!(after, Duration::from_secs(4)),
             other => panic!("{other:?}"),
         }
@@ -293,9 +302,12 @@ mod tests {
             .throttled
             .lock()
             .unwrap()
-            .insert("openai", Duration::from_millis(700));
-        gates.set_breaker("anthropic", Breaker::ProbeFree);
-        let chain = [planned("openai", 1_000), planned("anthropic", 1_000)];
+            .insert(Provider::OpenAi, Duration::from_millis(700));
+        gates.set_breaker(Provider::Anthropic, Breaker::ProbeFree);
+        let chain = [
+            planned(Provider::OpenAi, 1_000),
+            planned(Provider::Anthropic, 1_000),
+        ];
         match admit_job(&gates, &chain, org(), Tier::GrowthTeam).await {
             Admission::Go {
                 idx: 1,
@@ -318,16 +330,16 @@ mod tests {
     #[tokio::test]
     async fn after_a_failed_call_the_rest_of_the_chain_waits_for_its_shortest_wait() {
         let gates = MemoryGates::default();
-        gates.set_breaker("anthropic", Breaker::Open(Duration::from_secs(3)));
+        gates.set_breaker(Provider::Anthropic, Breaker::Open(Duration::from_secs(3)));
         gates
             .throttled
             .lock()
             .unwrap()
-            .insert("gemini", Duration::from_secs(2));
+            .insert(Provider::Gemini, Duration::from_secs(2));
         let chain = [
-            planned("openai", 1),
-            planned("anthropic", 1),
-            planned("gemini", 1),
+            planned(Provider::OpenAi, 1),
+            planned(Provider::Anthropic, 1),
+            planned(Provider::Gemini, 1),
         ];
         match admit_from(&gates, &chain, 1).await {
             Admission::Wait {

@@ -18,13 +18,13 @@ use super::record::{call_record, failed_call, failed_result, record_answer};
 use super::reserve::{self, Hold};
 use super::settle::settle;
 use crate::budget::{CallMeta, Reservation};
-use crate::domain::MicroUsd;
+use crate::domain::{MicroUsd, Provider};
 use crate::providers::breaker::Opened;
 use crate::providers::vision::{self, ImageResult};
-use crate::providers::{ErrorKind, ProviderError, anthropic, gemini, openai};
+use crate::providers::{ErrorKind, ProviderError};
 use crate::queue::backend::{Failure, RawJob};
 use crate::redact::Field;
-use crate::store::{CallStatus, ErrorRecord, JobRef, ResultRecord};
+use crate::store::{CallStatus, ErrorRecord, ErrorType, JobRef, ResultRecord};
 
 /// Calls the chain from the model `start` names on (`(index, probe)`: with the half-open probe
 /// when `probe`) until a call succeeds or the job's outcome is decided; each call reserves,
@@ -57,7 +57,7 @@ pub async fn call_chain(
             call_seq,
             organization_id: common.organization_id.as_uuid(),
             tier: common.tier.as_str().into(),
-            provider: target.provider.into(),
+            provider: target.provider.as_str().into(),
             operation: target.operation.into(),
             model: target.model.clone(),
             billing_date,
@@ -80,7 +80,7 @@ pub async fn call_chain(
         let e = match call_one(app, raw, job, input, target, &reservation).await {
             Ok(()) => {
                 tracing::info!(
-                    provider = target.provider,
+                    provider = target.provider.as_str(),
                     calls = call_seq + 1,
                     "job succeeded"
                 );
@@ -93,7 +93,7 @@ pub async fn call_chain(
             Err(Attempted::Failed(e)) => e,
         };
         let next = policy::next_step(
-            (&e).into(),
+            policy::CallFailure::from(&e),
             app.call_retry.cap,
             &mut backoff,
             idx + 1 < chain.len(),
@@ -109,9 +109,9 @@ pub async fn call_chain(
                 return Err(give_up);
             }
             NextStep::Again(delay) => {
-                tracing::info!(provider = target.provider, error = %Field::message(&e), delay_ms = delay.as_millis() as u64,
+                tracing::info!(provider = target.provider.as_str(), error = %Field::message(&e), delay_ms = delay.as_millis() as u64,
                     "calling the provider again");
-                crate::observe::call_retried(target.provider, e.kind.as_str());
+                crate::observe::call_retried(target.provider.as_str(), e.kind.as_str());
                 tokio::time::sleep(delay).await;
                 match admit::admit_call(gates, target).await? {
                     Gate::Pass => {
@@ -129,9 +129,9 @@ pub async fn call_chain(
         };
         match admit::admit_from(gates, chain, idx + 1).await {
             Admission::Go { idx: i, probe: p } => {
-                tracing::info!(from = target.provider, to = chain[i].provider, error = %Field::message(&e),
+                tracing::info!(from = target.provider.as_str(), to = chain[i].provider.as_str(), error = %Field::message(&e),
                     "falling back to the next model of the chain");
-                crate::observe::fell_back(target.provider, chain[i].provider);
+                crate::observe::fell_back(target.provider.as_str(), chain[i].provider.as_str());
                 (idx, probe) = (i, p);
                 backoff = policy::call_backoff(&app.call_retry);
             }
@@ -142,7 +142,8 @@ pub async fn call_chain(
                     "{e}; then no model of the chain could be called (paused, circuit breaker open, or at its per-minute limits)"
                 );
                 if policy::attempts_used(raw.attempt, raw.max_attempts) {
-                    let result = failed_result(target.provider, target.model.clone(), &message);
+                    let result =
+                        failed_result(target.provider.as_str(), target.model.clone(), &message);
                     app.record(
                         app.store
                             .record_failure(job, &err, None, Some(&result))
@@ -203,7 +204,11 @@ async fn run_vision(
     let features: Vec<String> = v.features.iter().map(|f| f.kind.clone()).collect();
     let started = Instant::now();
     let resp = app.clients.vision.annotate(&v.images, &v.features).await;
-    crate::observe::provider_call(vision::PROVIDER, call_status(&resp), started.elapsed());
+    crate::observe::provider_call(
+        vision::PROVIDER.as_str(),
+        call_status(&resp),
+        started.elapsed(),
+    );
     breaker_record(app, vision::PROVIDER, &raw.organization_id, &resp).await;
     let resp = resp.map_err(Attempted::Failed)?;
     let elapsed = started.elapsed().as_millis() as i64;
@@ -271,18 +276,17 @@ async fn run_vision(
         let last = !retryable || policy::attempts_used(raw.attempt, raw.max_attempts);
         let err = ErrorRecord {
             error_type: if retryable {
-                "image_failed"
+                ErrorType::ImageFailed
             } else {
-                "invalid_image"
-            }
-            .into(),
+                ErrorType::InvalidImage
+            },
             message: message.clone(),
             details: json!({ "failed_images": failed_images }),
-            provider: Some(vision::PROVIDER.into()),
+            provider: Some(vision::PROVIDER.as_str().into()),
             http_status: Some(200),
             call_seq: reservation.meta.call_seq,
         };
-        let result = last.then(|| failed_result(vision::PROVIDER, None, &message));
+        let result = last.then(|| failed_result(vision::PROVIDER.as_str(), None, &message));
         let recorded = app.record(
             app.store
                 .record_failure(job, &err, Some(&call), result.as_ref())
@@ -299,7 +303,7 @@ async fn run_vision(
         }));
     }
     let result = ResultRecord {
-        provider: vision::PROVIDER.into(),
+        provider: vision::PROVIDER.as_str().into(),
         model: None,
         raw_response: resp.raw,
         confidence_scores: confidence,
@@ -318,7 +322,8 @@ async fn run_vision(
 }
 
 /// Tells the provider's breaker, and the organisation's own, how a call went.
-async fn breaker_record<T>(app: &App, provider: &str, org: &str, r: &Result<T, ProviderError>) {
+async fn breaker_record<T>(app: &App, provider: Provider, org: &str, r: &Result<T, ProviderError>) {
+    let provider = provider.as_str();
     // A 429 with the provider's own delay pauses it for the whole fleet.
     if let Err(ProviderError {
         kind: ErrorKind::RateLimited,
@@ -392,38 +397,39 @@ async fn run_llm(
 ) -> Result<(), Attempted> {
     let provider = target.provider;
     let model = target.model.as_deref().unwrap_or_default();
-    if ![openai::PROVIDER, anthropic::PROVIDER, gemini::PROVIDER].contains(&provider) {
-        return Err(Attempted::Failed(ProviderError {
-            provider: "aiq",
-            kind: ErrorKind::Invalid,
-            status: None,
-            message: format!("unknown provider {}", l.provider),
-            retry_after: None,
-        }));
-    }
     let started = Instant::now();
     let user = l.common.organization_id.to_string();
     let c = match provider {
-        "anthropic" => {
+        // The plan gives an LLM job only LLM providers (the payload allows no other).
+        Provider::GoogleVision => {
+            return Err(Attempted::Failed(ProviderError {
+                provider,
+                kind: ErrorKind::Invalid,
+                status: None,
+                message: format!("{provider} is not an LLM provider"),
+                retry_after: None,
+            }));
+        }
+        Provider::Anthropic => {
             app.clients
                 .anthropic
                 .complete(model, &l.messages, l.max_tokens)
                 .await
         }
-        "gemini" => {
+        Provider::Gemini => {
             app.clients
                 .gemini
                 .complete(model, &l.messages, l.max_tokens)
                 .await
         }
-        _ => {
+        Provider::OpenAi => {
             app.clients
                 .openai
                 .complete(model, &l.messages, l.max_tokens, &user, &raw.id)
                 .await
         }
     };
-    crate::observe::provider_call(provider, call_status(&c), started.elapsed());
+    crate::observe::provider_call(provider.as_str(), call_status(&c), started.elapsed());
     breaker_record(app, provider, &raw.organization_id, &c).await;
     let c = c.map_err(Attempted::Failed)?;
     let elapsed = started.elapsed().as_millis() as i64;
@@ -432,7 +438,7 @@ async fn run_llm(
     let cost = app
         .prices
         .llm_cost(
-            provider,
+            provider.as_str(),
             model,
             c.usage.prompt_tokens,
             c.usage.cached_tokens,
@@ -447,7 +453,7 @@ async fn run_llm(
     call.output_tokens = Some(c.usage.completion_tokens as i64);
     call.metadata = json!({ "finish_reason": c.finish_reason, "response_model": c.model });
     let result = ResultRecord {
-        provider: provider.into(),
+        provider: provider.as_str().into(),
         model: Some(model.into()),
         raw_response: c.raw,
         confidence_scores: json!({}),

@@ -12,7 +12,7 @@ use super::policy::{STORE_PROBE, jitter, spread};
 use super::record::failed_result;
 use crate::queue::backend::{Failure, Prior, RawJob};
 use crate::redact::Field;
-use crate::store::{ErrorRecord, JobRef};
+use crate::store::{ErrorRecord, ErrorType, JobRef};
 
 /// The job's payload as domain types, or its `invalid_payload` record and a permanent failure.
 pub async fn decode_job(app: &App, raw: &RawJob) -> Result<JobInput, Failure> {
@@ -23,7 +23,7 @@ pub async fn decode_job(app: &App, raw: &RawJob) -> Result<JobInput, Failure> {
     // A payload that can never run: record why and send it to the dead set.
     let job = job_ref(raw, None);
     let err = ErrorRecord {
-        error_type: "invalid_payload".into(),
+        error_type: ErrorType::InvalidPayload,
         message: e.to_string(),
         details: json!({ "payload_bytes": raw.payload.len() }),
         provider: None,

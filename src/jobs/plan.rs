@@ -12,11 +12,11 @@ use super::payload::JobInput;
 use super::policy::LIMITS_CACHE;
 use super::record::failed_result;
 use crate::budget::OrgLimits;
-use crate::domain::{MicroUsd, Tier};
-use crate::providers::{anthropic, gemini, openai, vision};
+use crate::domain::{MicroUsd, Provider, Tier};
+use crate::providers::vision;
 use crate::queue::backend::Failure;
 use crate::redact::Field;
-use crate::store::{ErrorRecord, JobRef};
+use crate::store::{ErrorRecord, ErrorType, JobRef};
 
 /// What a job may call, and within which limits.
 pub struct Plan {
@@ -56,7 +56,7 @@ pub async fn plan_job(app: &App, job: &JobRef, input: &JobInput) -> Result<Plan,
 /// A call a job may make, priced at the most it can cost. An LLM job's fallback chain is a list
 /// of these, its own model first.
 pub struct Planned {
-    pub provider: &'static str,
+    pub provider: Provider,
     pub operation: &'static str,
     pub model: Option<String>,
     pub estimate: MicroUsd,
@@ -124,7 +124,7 @@ fn never_fits(app: &App, target: &Planned, org: Uuid, limits: OrgLimits) -> Opti
 async fn never_fit(app: &App, job: &JobRef, why: &[String]) -> Failure {
     let message = format!("this job can never run: {}", why.join("; "));
     let err = ErrorRecord {
-        error_type: "budget_exceeded".into(),
+        error_type: ErrorType::BudgetExceeded,
         message: message.clone(),
         details: json!({ "never_fits": true, "reasons": why }),
         provider: None,
@@ -173,21 +173,24 @@ fn chain(app: &App, input: &JobInput) -> Result<Vec<Planned>, crate::budget::Pri
             l.chain()
                 .into_iter()
                 .map(|m| {
+                    let estimate = app.prices.llm_estimate(
+                        &m.provider,
+                        &m.model,
+                        input_bound,
+                        l.max_tokens as u64,
+                    )?;
+                    // The catalog prices only providers aiq calls.
+                    let provider = Provider::parse(&m.provider).ok_or_else(|| {
+                        crate::budget::PriceError::UnknownModel {
+                            provider: m.provider.clone(),
+                            model: m.model.clone(),
+                        }
+                    })?;
                     Ok(Planned {
-                        provider: match m.provider.as_str() {
-                            "openai" => openai::PROVIDER,
-                            "anthropic" => anthropic::PROVIDER,
-                            "gemini" => gemini::PROVIDER,
-                            _ => "unknown",
-                        },
+                        provider,
                         operation: "chat.completions",
-                        estimate: app.prices.llm_estimate(
-                            &m.provider,
-                            &m.model,
-                            input_bound,
-                            l.max_tokens as u64,
-                        )?,
-                        hold_ttl: app.hold_ttl.for_provider(&m.provider),
+                        estimate,
+                        hold_ttl: app.hold_ttl.for_provider(provider),
                         tokens: input_bound + l.max_tokens as u64,
                         org: l.common.organization_id.to_string(),
                         model: Some(m.model),
@@ -206,11 +209,11 @@ async fn unpriced(
     e: crate::budget::PriceError,
 ) -> Failure {
     let provider = match input {
-        JobInput::Vision(_) => vision::PROVIDER.to_owned(),
+        JobInput::Vision(_) => vision::PROVIDER.as_str().to_owned(),
         JobInput::Llm(l) => l.provider.clone(),
     };
     let err = ErrorRecord {
-        error_type: "unpriced".into(),
+        error_type: ErrorType::Unpriced,
         message: e.to_string(),
         details: json!({}),
         provider: Some(provider.clone()),

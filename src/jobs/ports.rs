@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use super::policy::{REDIS_WAIT, jitter, spread};
 use crate::budget::{Budget, BudgetError, CallMeta, OrgLimits, Refusal, Reservation};
-use crate::domain::{MicroUsd, Tier};
+use crate::domain::{MicroUsd, Provider, Tier};
 use crate::providers::breaker::{Admit, Breakers};
 use crate::queue::backend::Failure;
 
@@ -33,7 +33,7 @@ pub trait Gates: Sync {
     /// taking anything: [`Gate::Probe`] when the half-open probe is free to take.
     fn breaker(
         &self,
-        provider: &'static str,
+        provider: Provider,
         org: &str,
     ) -> impl Future<Output = Result<Gate, Failure>> + Send;
 
@@ -41,7 +41,7 @@ pub trait Gates: Sync {
     /// [`Gate::Pass`] when the breaker closed meanwhile, [`Gate::Wait`] when another job took it.
     fn take_probe(
         &self,
-        provider: &'static str,
+        provider: Provider,
         org: &str,
     ) -> impl Future<Output = Result<Gate, Failure>> + Send;
 
@@ -52,7 +52,7 @@ pub trait Gates: Sync {
     /// Counts one call against the provider's requests and tokens per minute.
     fn throttle(
         &self,
-        provider: &'static str,
+        provider: Provider,
         tokens: u64,
     ) -> impl Future<Output = Result<Gate, Failure>> + Send;
 }
@@ -88,7 +88,7 @@ pub struct RedisGates<'a> {
 }
 
 fn breaker_gate(
-    provider: &'static str,
+    provider: Provider,
     r: redis::RedisResult<Result<Admit, Duration>>,
 ) -> Result<Gate, Failure> {
     match r {
@@ -111,12 +111,18 @@ fn wait_gate(r: Result<(), Duration>) -> Gate {
 }
 
 impl Gates for RedisGates<'_> {
-    async fn breaker(&self, provider: &'static str, org: &str) -> Result<Gate, Failure> {
-        breaker_gate(provider, self.breakers.peek_call(provider, org).await)
+    async fn breaker(&self, provider: Provider, org: &str) -> Result<Gate, Failure> {
+        breaker_gate(
+            provider,
+            self.breakers.peek_call(provider.as_str(), org).await,
+        )
     }
 
-    async fn take_probe(&self, provider: &'static str, org: &str) -> Result<Gate, Failure> {
-        breaker_gate(provider, self.breakers.admit_call(provider, org).await)
+    async fn take_probe(&self, provider: Provider, org: &str) -> Result<Gate, Failure> {
+        breaker_gate(
+            provider,
+            self.breakers.admit_call(provider.as_str(), org).await,
+        )
     }
 
     async fn org_rate(&self, org: Uuid, tier: Tier) -> Result<Gate, Failure> {
@@ -127,7 +133,7 @@ impl Gates for RedisGates<'_> {
             .map_err(redis_down)
     }
 
-    async fn throttle(&self, provider: &'static str, tokens: u64) -> Result<Gate, Failure> {
+    async fn throttle(&self, provider: Provider, tokens: u64) -> Result<Gate, Failure> {
         self.breakers
             .throttle(provider, tokens)
             .await
@@ -158,7 +164,7 @@ impl Ledger for Budget {
     }
 }
 
-fn redis_down_provider(provider: &str, e: redis::RedisError) -> Failure {
+fn redis_down_provider(provider: Provider, e: redis::RedisError) -> Failure {
     redis_unavailable(
         &format!("checking {provider}'s fleet-wide limits failed"),
         crate::redis_conn::error_kind(&e),
@@ -217,11 +223,11 @@ pub mod memory {
 
     #[derive(Default)]
     pub struct MemoryGates {
-        pub breakers: Mutex<HashMap<&'static str, Breaker>>,
+        pub breakers: Mutex<HashMap<Provider, Breaker>>,
         /// Set: the organisation is over its rate for this long.
         pub org_wait: Mutex<Option<Duration>>,
         /// Per provider: at its requests or tokens per minute for this long.
-        pub throttled: Mutex<HashMap<&'static str, Duration>>,
+        pub throttled: Mutex<HashMap<Provider, Duration>>,
         /// Every gate call, in order: "breaker:<provider>", "take_probe:<provider>", "org_rate",
         /// "throttle:<provider>".
         pub log: Mutex<Vec<String>>,
@@ -239,22 +245,22 @@ pub mod memory {
             self.log.lock().unwrap().clone()
         }
 
-        pub fn set_breaker(&self, provider: &'static str, b: Breaker) {
+        pub fn set_breaker(&self, provider: Provider, b: Breaker) {
             self.breakers.lock().unwrap().insert(provider, b);
         }
 
-        pub fn breaker_of(&self, provider: &'static str) -> Breaker {
+        pub fn breaker_of(&self, provider: Provider) -> Breaker {
             *self
                 .breakers
                 .lock()
                 .unwrap()
-                .get(provider)
+                .get(&provider)
                 .unwrap_or(&Breaker::Closed)
         }
     }
 
     impl Gates for MemoryGates {
-        async fn breaker(&self, provider: &'static str, _org: &str) -> Result<Gate, Failure> {
+        async fn breaker(&self, provider: Provider, _org: &str) -> Result<Gate, Failure> {
             self.note(&format!("breaker:{provider}"));
             let answer = match self.breaker_of(provider) {
                 Breaker::Closed => Gate::Pass,
@@ -269,7 +275,7 @@ pub mod memory {
             Ok(answer)
         }
 
-        async fn take_probe(&self, provider: &'static str, _org: &str) -> Result<Gate, Failure> {
+        async fn take_probe(&self, provider: Provider, _org: &str) -> Result<Gate, Failure> {
             self.note(&format!("take_probe:{provider}"));
             let mut breakers = self.breakers.lock().unwrap();
             let b = breakers.entry(provider).or_insert(Breaker::Closed);
@@ -289,13 +295,13 @@ pub mod memory {
             Ok(self.org_wait.lock().unwrap().map_or(Gate::Pass, Gate::Wait))
         }
 
-        async fn throttle(&self, provider: &'static str, _tokens: u64) -> Result<Gate, Failure> {
+        async fn throttle(&self, provider: Provider, _tokens: u64) -> Result<Gate, Failure> {
             self.note(&format!("throttle:{provider}"));
             Ok(self
                 .throttled
                 .lock()
                 .unwrap()
-                .get(provider)
+                .get(&provider)
                 .map_or(Gate::Pass, |w| Gate::Wait(*w)))
         }
     }
@@ -363,7 +369,7 @@ pub mod memory {
     }
 
     /// A planned call of `provider` at `estimate`, for the stages' tests.
-    pub fn planned(provider: &'static str, estimate: i64) -> crate::jobs::plan::Planned {
+    pub fn planned(provider: Provider, estimate: i64) -> crate::jobs::plan::Planned {
         crate::jobs::plan::Planned {
             provider,
             operation: "chat.completions",
@@ -386,7 +392,7 @@ pub mod memory {
             call_seq,
             organization_id: Uuid::parse_str(ORG).unwrap(),
             tier: "growth_team".into(),
-            provider: target.provider.into(),
+            provider: target.provider.as_str().into(),
             operation: target.operation.into(),
             model: target.model.clone(),
             billing_date: chrono::NaiveDate::from_ymd_opt(2026, 12, 2).unwrap(),

@@ -17,7 +17,7 @@ use crate::budget::Reservation;
 use crate::domain::MicroUsd;
 use crate::providers::{ErrorKind, ProviderError};
 use crate::queue::backend::{Failure, RawJob};
-use crate::store::{CallRecord, CallStatus, ErrorRecord, JobRef, ResultRecord};
+use crate::store::{CallRecord, CallStatus, ErrorRecord, ErrorType, JobRef, ResultRecord};
 
 /// A paid answer whose rows PostgreSQL could not take, kept with its job until it can: the rows
 /// as they were to be written (with the execution that made the call), so the next execution
@@ -277,7 +277,7 @@ async fn above_estimate(app: &App, job: &JobRef, reservation: &Reservation, cost
     );
     tracing::error!(job.id = %job.job_id, provider, model = ?reservation.meta.model, "{message}");
     let err = ErrorRecord {
-        error_type: "cost_above_estimate".into(),
+        error_type: ErrorType::CostAboveEstimate,
         message,
         details: json!({ "estimate_usd": reservation.estimate.as_usd_f64(), "cost_usd": cost.as_usd_f64(),
             "model": reservation.meta.model, "price_version": app.prices.version }),
@@ -302,11 +302,11 @@ pub(super) async fn failed_call(
     last: bool,
 ) -> Result<ErrorRecord, Failure> {
     let err = ErrorRecord {
-        error_type: e.kind.as_str().into(),
+        error_type: ErrorType::Provider(e.kind),
         message: e.message.clone(),
         details: json!({ "retryable": e.is_retryable(), "retry_after_ms": e.retry_after.map(|d| d.as_millis() as u64),
             "model": reservation.meta.model }),
-        provider: Some(e.provider.into()),
+        provider: Some(e.provider.as_str().into()),
         http_status: e.status.map(i32::from),
         call_seq: reservation.meta.call_seq,
     };
@@ -321,8 +321,13 @@ pub(super) async fn failed_call(
     };
     let mut call = call_record(app, reservation, cost, status);
     call.metadata = json!({ "http_status": e.status, "error": e.kind.as_str() });
-    let result =
-        last.then(|| failed_result(e.provider, reservation.meta.model.clone(), &e.to_string()));
+    let result = last.then(|| {
+        failed_result(
+            e.provider.as_str(),
+            reservation.meta.model.clone(),
+            &e.to_string(),
+        )
+    });
     let recorded = app.record(
         app.store
             .record_failure(job, &err, Some(&call), result.as_ref())

@@ -17,7 +17,7 @@ use crate::budget::{CallMeta, OrgLimits, Refusal, Reservation};
 use crate::config::OnBudgetExceeded;
 use crate::queue::backend::{Failure, RawJob};
 use crate::redact::Field;
-use crate::store::{ErrorRecord, JobRef};
+use crate::store::{ErrorRecord, ErrorType, JobRef};
 
 /// What the reserve stage gives a call.
 #[derive(Debug)]
@@ -81,7 +81,7 @@ pub(super) async fn over_budget(
     app.alerts.limit_reached(&refusal).await;
     let fail = app.budget.settings().on_exceeded == OnBudgetExceeded::Fail;
     let err = ErrorRecord {
-        error_type: "budget_exceeded".into(),
+        error_type: ErrorType::BudgetExceeded,
         message: message.clone(),
         details: json!({
             "scope": refusal.scope.suffix(),
@@ -91,11 +91,12 @@ pub(super) async fn over_budget(
             "estimate_usd": refusal.estimate.as_usd_f64(),
             "resets_at": refusal.scope.window.resets_at.to_rfc3339(),
         }),
-        provider: Some(planned.provider.into()),
+        provider: Some(planned.provider.as_str().into()),
         http_status: None,
         call_seq,
     };
-    let result = fail.then(|| failed_result(planned.provider, planned.model.clone(), &message));
+    let result =
+        fail.then(|| failed_result(planned.provider.as_str(), planned.model.clone(), &message));
     app.record(
         app.store
             .record_failure(job, &err, None, result.as_ref())
@@ -117,7 +118,7 @@ pub(super) async fn over_budget(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::{MicroUsd, Tier};
+    use crate::domain::{MicroUsd, Provider, Tier};
     use crate::jobs::admit::{Admission, admit_job};
     use crate::jobs::ports::memory::{
         Breaker, MemoryGates, MemoryLedger, ORG, PROBE_OUT_WAIT, limits, meta, planned,
@@ -125,7 +126,7 @@ mod tests {
 
     /// Admission then reservation, as `run_in_span` and `call::call_chain` run them.
     async fn admit_and_hold(gates: &MemoryGates, ledger: &MemoryLedger, estimate: i64) -> Hold {
-        let chain = [planned("openai", estimate)];
+        let chain = [planned(Provider::OpenAi, estimate)];
         let org = uuid::Uuid::parse_str(ORG).unwrap();
         let Admission::Go { idx, probe } = admit_job(gates, &chain, org, Tier::GrowthTeam).await
         else {
@@ -145,7 +146,7 @@ mod tests {
     #[tokio::test]
     async fn a_half_open_probe_is_left_for_the_next_job_when_the_budget_refuses_this_one() {
         let gates = MemoryGates::default();
-        gates.set_breaker("openai", Breaker::ProbeFree);
+        gates.set_breaker(Provider::OpenAi, Breaker::ProbeFree);
         let ledger = MemoryLedger::with_room(MicroUsd::from_micros(500));
         match admit_and_hold(&gates, &ledger, 1_000).await {
             Hold::OverBudget(refusal) => {
@@ -153,14 +154,14 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert_eq!(gates.breaker_of("openai"), Breaker::ProbeFree);
+        assert_eq!(gates.breaker_of(Provider::OpenAi), Breaker::ProbeFree);
         assert_eq!(ledger.held(), MicroUsd::ZERO);
         // A job that fits is given the probe, and holds its estimate.
         match admit_and_hold(&gates, &ledger, 400).await {
             Hold::Held(r) => assert_eq!(r.estimate, MicroUsd::from_micros(400)),
             other => panic!("{other:?}"),
         }
-        assert_eq!(gates.breaker_of("openai"), Breaker::ProbeTaken);
+        assert_eq!(gates.breaker_of(Provider::OpenAi), Breaker::ProbeTaken);
         assert_eq!(
             gates.calls().last().map(String::as_str),
             Some("take_probe:openai")
@@ -170,9 +171,9 @@ mod tests {
     #[tokio::test]
     async fn a_probe_another_job_took_after_the_breaker_was_read_gives_the_hold_back() {
         let gates = MemoryGates::default();
-        gates.set_breaker("openai", Breaker::ProbeFree);
+        gates.set_breaker(Provider::OpenAi, Breaker::ProbeFree);
         *gates.after_read.lock().unwrap() = Some(Box::new(|g: &MemoryGates| {
-            g.set_breaker("openai", Breaker::ProbeTaken)
+            g.set_breaker(Provider::OpenAi, Breaker::ProbeTaken)
         }));
         let ledger = MemoryLedger::with_room(MicroUsd::from_micros(5_000));
         match admit_and_hold(&gates, &ledger, 1_000).await {
@@ -201,9 +202,9 @@ mod tests {
     #[tokio::test]
     async fn a_breaker_that_closed_while_the_job_reserved_lets_the_call_go_without_a_probe() {
         let gates = MemoryGates::default();
-        gates.set_breaker("openai", Breaker::ProbeFree);
+        gates.set_breaker(Provider::OpenAi, Breaker::ProbeFree);
         *gates.after_read.lock().unwrap() = Some(Box::new(|g: &MemoryGates| {
-            g.set_breaker("openai", Breaker::Closed)
+            g.set_breaker(Provider::OpenAi, Breaker::Closed)
         }));
         let ledger = MemoryLedger::with_room(MicroUsd::from_micros(5_000));
         assert!(matches!(
