@@ -354,4 +354,33 @@ mod tests {
             other => panic!("{other:?}"),
         }
     }
+
+    #[test]
+    fn a_held_job_is_deferred_for_its_wait_spread_only_where_many_jobs_wait_for_the_same_thing() {
+        let after = Duration::from_secs(3);
+        let defer = |held: Held| match held.deferral(after) {
+            Failure::Defer { after, .. } => after,
+            other => panic!("{other:?}"),
+        };
+        // The organisation's rate names the next minute's start: no spread.
+        assert_eq!(
+            defer(Held::OrgRate {
+                org: org(),
+                tier: Tier::Trial
+            }),
+            after
+        );
+        let most = after + Duration::from_millis(jitter::PROVIDER);
+        for held in [
+            Held::Paused {
+                provider: Provider::Gemini,
+            },
+            Held::Throttled {
+                provider: Provider::Gemini,
+            },
+        ] {
+            let d = defer(held);
+            assert!(d >= after && d <= most, "{held:?}: {d:?}");
+        }
+    }
 }
