@@ -132,13 +132,73 @@ impl FromStr for JobKind {
     }
 }
 
+/// A provider aiq calls: a closed list, so a provider's name is spelled once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Provider {
+    GoogleVision,
+    OpenAi,
+    Anthropic,
+    Gemini,
+}
+
+impl Provider {
+    /// Every provider, in the order of [`PROVIDERS`] and of the per-provider settings.
+    pub const ALL: [Provider; 4] = [
+        Provider::GoogleVision,
+        Provider::OpenAi,
+        Provider::Anthropic,
+        Provider::Gemini,
+    ];
+
+    /// The name rows, metrics, breakers and payloads use.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Provider::GoogleVision => "google_vision",
+            Provider::OpenAi => "openai",
+            Provider::Anthropic => "anthropic",
+            Provider::Gemini => "gemini",
+        }
+    }
+
+    /// Position in [`Provider::ALL`], the index of the per-provider settings' arrays.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The provider of this name, if aiq calls one.
+    pub fn parse(name: &str) -> Option<Provider> {
+        Provider::ALL.into_iter().find(|p| p.as_str() == name)
+    }
+}
+
+impl fmt::Display for Provider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The providers aiq calls, by the names their rows, metrics and breakers use; per-provider
 /// settings (`AIQ_PROVIDER_RPM`, `AIQ_PROVIDER_TPM`) are indexed in this order.
-pub const PROVIDERS: [&str; 4] = ["google_vision", "openai", "anthropic", "gemini"];
+pub const PROVIDERS: [&str; 4] = [
+    Provider::GoogleVision.as_str(),
+    Provider::OpenAi.as_str(),
+    Provider::Anthropic.as_str(),
+    Provider::Gemini.as_str(),
+];
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_provider_round_trips_through_its_name_at_its_settings_index() {
+        for (i, p) in Provider::ALL.into_iter().enumerate() {
+            assert_eq!(p.index(), i);
+            assert_eq!(PROVIDERS[i], p.as_str());
+            assert_eq!(Provider::parse(p.as_str()), Some(p));
+        }
+        assert_eq!(Provider::parse("aiq"), None);
+    }
 
     #[test]
     fn micro_usd_prints_as_dollars_with_six_decimals() {

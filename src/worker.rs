@@ -145,7 +145,13 @@ fn spawn_budget_tasks(settings: &Settings, app: Arc<App>, stop: CancellationToke
         let (app, stop) = (app.clone(), stop.clone());
         tokio::spawn(async move {
             loop {
-                crate::jobs::sweep_expired(&app).await;
+                crate::budget::sweeper::sweep_expired(
+                    &app.budget,
+                    &app.store,
+                    &app.prices.version,
+                    &app.alerts,
+                )
+                .await;
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(Duration::from_secs(2)) => {}

@@ -22,6 +22,7 @@
 pub mod alerts;
 pub mod catalog;
 pub mod report;
+pub mod sweeper;
 
 use std::collections::BTreeMap;
 use std::sync::LazyLock;

@@ -1,4 +1,5 @@
-//! `aiq config`: the effective settings, secrets masked.
+//! `aiq config`: the effective settings, secrets masked, then the job policy's fixed constants
+//! (`jobs::policy`), which no setting changes.
 
 use super::{print_json, shown};
 use crate::config::Settings;
@@ -6,11 +7,18 @@ use crate::config::Settings;
 pub(super) fn print(json: bool) -> anyhow::Result<()> {
     let settings = Settings::from_process_env()?;
     let eff = settings.effective();
+    let policy = crate::jobs::policy_constants();
     if json {
-        let map: serde_json::Map<String, serde_json::Value> = eff
+        let mut map: serde_json::Map<String, serde_json::Value> = eff
             .into_iter()
             .map(|(k, v)| (k.to_owned(), v.into()))
             .collect();
+        // Not a variable: the constants, under one key of their own.
+        let constants: serde_json::Map<String, serde_json::Value> = policy
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.into()))
+            .collect();
+        map.insert("policy".to_owned(), constants.into());
         print_json(&serde_json::Value::Object(map), false)?;
     } else {
         for (k, v) in eff {
@@ -22,6 +30,9 @@ pub(super) fn print(json: bool) -> anyhow::Result<()> {
             settings.retry.cap.as_millis(),
             settings.retry.base.as_millis()
         );
+        for (k, v) in policy {
+            println!("# policy constant {k}: {v}");
+        }
     }
     Ok(())
 }

@@ -10,7 +10,7 @@
 use serde_json::{Map, Value};
 
 use crate::budget::PriceCatalog;
-use crate::domain::{JobKind, OrganizationId, Tier};
+use crate::domain::{JobKind, OrganizationId, Provider, Tier};
 use crate::providers::openai::Message;
 use crate::providers::vision::{Feature, ImageSource, MAX_IMAGES};
 use crate::queue::backend::RawJob;
@@ -39,7 +39,11 @@ pub const MAX_RESULTS: u64 = i32::MAX as u64;
 /// The most fallbacks a job may name.
 pub const MAX_FALLBACKS: usize = 3;
 
-const LLM_PROVIDERS: [&str; 3] = ["openai", "anthropic", "gemini"];
+const LLM_PROVIDERS: [&str; 3] = [
+    Provider::OpenAi.as_str(),
+    Provider::Anthropic.as_str(),
+    Provider::Gemini.as_str(),
+];
 const LLM_ROLES: [&str; 4] = ["system", "developer", "user", "assistant"];
 const TIERS: [&str; 6] = [
     "enterprise_plus",

@@ -11,8 +11,9 @@ const FORMAT: ErrorFormat = ErrorFormat {
     body_delay: no_body_delay,
 };
 use crate::config::ProviderSettings;
+use crate::domain::Provider;
 
-pub const PROVIDER: &str = "anthropic";
+pub const PROVIDER: Provider = Provider::Anthropic;
 const API_VERSION: &str = "2023-06-01";
 
 #[derive(Clone)]

@@ -8,6 +8,8 @@
 --               the organisation's own first (so a probe is never handed to a job that its
 --               organisation's breaker then holds back), then the provider's. Open past its
 --               cooldown, the provider's turns half-open and admits one probe call.
+-- op "peek":    "admit" without taking anything: {1, 1} when the half-open probe is free to
+--               take (a job checks every other gate and its budget first, then admits).
 -- op "release": a probe that was granted but never made: the next admit may probe at once.
 -- op "success": closes the provider's breaker and the organisation's. Returns {1}.
 -- op "failure": counts a provider fault. The organisation's breaker opens at the threshold;
@@ -32,7 +34,7 @@ if op == "pause" then
   if now + probe > paused then redis.call("HSET", key, "paused_until", now + probe) end
   return { 1 }
 end
-if op == "admit" then
+if op == "admit" or op == "peek" then
   if paused > now then return { 0, paused - now } end
   if org ~= "" then
     local own = tonumber(redis.call("HGET", key, "ou:" .. org) or "0") or 0
@@ -43,6 +45,7 @@ if op == "admit" then
   if now < untl and state == "half_open" then return { 0, math.min(untl - now, 1000) } end
   if now < untl then return { 0, untl - now } end
   -- Cooldown over (or a probe that never reported): let one probe through.
+  if op == "peek" then return { 1, 1 } end
   redis.call("HSET", key, "state", "half_open", "until", now + probe)
   return { 1, 1 }
 elseif op == "release" then

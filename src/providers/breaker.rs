@@ -11,6 +11,7 @@ use std::time::Duration;
 use redis::{AsyncCommands, Script};
 
 use super::ErrorKind;
+use crate::domain::Provider;
 use crate::redis_conn::Conn;
 
 static BREAKER: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("breaker.lua")));
@@ -131,6 +132,22 @@ impl Breakers {
         })
     }
 
+    /// [`Breakers::admit_call`] without taking anything: `Ok(Admit::Probe)` says the half-open
+    /// probe is free to take. A job checks every other gate and reserves its budget first, then
+    /// takes it with `admit_call`, so no probe is handed to a job that something else then holds
+    /// back.
+    pub async fn peek_call(
+        &self,
+        provider: &str,
+        org: &str,
+    ) -> redis::RedisResult<Result<Admit, Duration>> {
+        Ok(match self.op("peek", provider, org).await?.as_slice() {
+            [0, wait] => Err(Duration::from_millis((*wait).max(1) as u64)),
+            [1, 1] => Ok(Admit::Probe),
+            _ => Ok(Admit::Closed),
+        })
+    }
+
     /// Gives back a half-open probe that was granted but not made: the next job may probe.
     pub async fn release_probe(&self, provider: &str) -> redis::RedisResult<()> {
         self.op("release", provider, "").await.map(|_| ())
@@ -163,27 +180,26 @@ impl Breakers {
     /// every process; `Err(wait)` when it would pass one (the job waits for the next minute).
     /// The provider's fleet-wide tokens-per-minute limit, when one is set: a call that needs
     /// more can never be admitted.
-    pub fn tokens_per_minute(&self, provider: &str) -> Option<u64> {
-        let i = PROVIDERS.iter().position(|p| *p == provider)?;
-        Some(self.settings.tpm[i]).filter(|t| *t > 0)
+    pub fn tokens_per_minute(&self, provider: Provider) -> Option<u64> {
+        Some(self.settings.tpm[provider.index()]).filter(|t| *t > 0)
     }
 
     pub async fn throttle(
         &self,
-        provider: &str,
+        provider: Provider,
         tokens: u64,
     ) -> redis::RedisResult<Result<(), Duration>> {
-        let Some(i) = PROVIDERS.iter().position(|p| *p == provider) else {
-            return Ok(Ok(()));
-        };
-        let (rpm, tpm) = (self.settings.rpm[i], self.settings.tpm[i]);
+        let (rpm, tpm) = (
+            self.settings.rpm[provider.index()],
+            self.settings.tpm[provider.index()],
+        );
         if rpm == 0 && tpm == 0 {
             return Ok(Ok(()));
         }
         let mut conn = self.conn.clone();
         let wait: u64 = THROTTLE
             .key(&self.base)
-            .arg(provider)
+            .arg(provider.as_str())
             .arg(rpm)
             .arg(tpm)
             .arg(tokens)

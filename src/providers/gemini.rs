@@ -11,8 +11,9 @@ const FORMAT: ErrorFormat = ErrorFormat {
     body_delay: retry_info,
 };
 use crate::config::ProviderSettings;
+use crate::domain::Provider;
 
-pub const PROVIDER: &str = "gemini";
+pub const PROVIDER: Provider = Provider::Gemini;
 
 /// A RetryInfo delay longer than this means a quota that will not come back soon: fail, as
 /// gemini-cli does.

@@ -23,6 +23,8 @@ use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::domain::Provider;
+
 /// What went wrong with a provider call, as far as retrying is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
@@ -79,7 +81,7 @@ impl ErrorKind {
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{provider} {}: {message}", kind.as_str())]
 pub struct ProviderError {
-    pub provider: &'static str,
+    pub provider: Provider,
     pub kind: ErrorKind,
     pub status: Option<u16>,
     pub message: String,
@@ -99,7 +101,7 @@ impl ProviderError {
     /// An error from reqwest before any response: a timeout or a connection problem, or a
     /// request aiq could not even build (a header value it may not send, say). That last one is
     /// this job's own fault: permanent, and never a failure of the provider's breaker.
-    pub(crate) fn transport(provider: &'static str, e: &reqwest::Error) -> Self {
+    pub(crate) fn transport(provider: Provider, e: &reqwest::Error) -> Self {
         let kind = if e.is_builder() {
             ErrorKind::Invalid
         } else if e.is_timeout() {
@@ -118,11 +120,7 @@ impl ProviderError {
     }
 
     /// A success status whose body was longer than the cap: read no further.
-    pub(crate) fn oversize(
-        provider: &'static str,
-        status: u16,
-        what: impl std::fmt::Display,
-    ) -> Self {
+    pub(crate) fn oversize(provider: Provider, status: u16, what: impl std::fmt::Display) -> Self {
         Self::unusable_answer(
             provider,
             ErrorKind::Oversize,
@@ -131,12 +129,7 @@ impl ProviderError {
         )
     }
 
-    fn unusable_answer(
-        provider: &'static str,
-        kind: ErrorKind,
-        status: u16,
-        message: String,
-    ) -> Self {
+    fn unusable_answer(provider: Provider, kind: ErrorKind, status: u16, message: String) -> Self {
         ProviderError {
             provider,
             kind,
@@ -152,11 +145,7 @@ impl ProviderError {
         self.status.is_some_and(|s| (200..300).contains(&s))
     }
 
-    pub(crate) fn malformed(
-        provider: &'static str,
-        status: u16,
-        what: impl std::fmt::Display,
-    ) -> Self {
+    pub(crate) fn malformed(provider: Provider, status: u16, what: impl std::fmt::Display) -> Self {
         Self::unusable_answer(
             provider,
             ErrorKind::Malformed,
@@ -220,7 +209,7 @@ pub const MAX_REPORTED_TOKENS: u64 = 50_000_000;
 pub(crate) fn usage_count(
     usage: &serde_json::Value,
     pointer: &str,
-    provider: &'static str,
+    provider: Provider,
     status: u16,
 ) -> Result<Option<u64>, ProviderError> {
     match usage.pointer(pointer) {
@@ -255,7 +244,7 @@ pub(crate) fn snippet(body: &str) -> String {
 /// How one wire format reads its errors: its status-and-body classification, and a delay its
 /// error body may carry (Google's RetryInfo) when there is no Retry-After header.
 pub(crate) struct ErrorFormat {
-    pub provider: &'static str,
+    pub provider: Provider,
     pub classify: fn(u16, &str) -> ErrorKind,
     pub body_delay: fn(&str) -> Option<Duration>,
 }
@@ -433,7 +422,7 @@ pub(crate) fn no_body_delay(_: &str) -> Option<Duration> {
 /// The provider's API key, or the error that says which setting is missing.
 pub(crate) fn api_key<'a>(
     settings: &'a crate::config::ProviderSettings,
-    provider: &'static str,
+    provider: Provider,
     setting: &str,
 ) -> Result<&'a crate::config::Secret, ProviderError> {
     settings.api_key.as_ref().ok_or_else(|| ProviderError {

@@ -11,8 +11,9 @@ const FORMAT: ErrorFormat = ErrorFormat {
     body_delay: no_body_delay,
 };
 use crate::config::ProviderSettings;
+use crate::domain::Provider;
 
-pub const PROVIDER: &str = "openai";
+pub const PROVIDER: Provider = Provider::OpenAi;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {

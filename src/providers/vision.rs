@@ -12,8 +12,9 @@ const FORMAT: ErrorFormat = ErrorFormat {
     body_delay: retry_info,
 };
 use crate::config::ProviderSettings;
+use crate::domain::Provider;
 
-pub const PROVIDER: &str = "google_vision";
+pub const PROVIDER: Provider = Provider::GoogleVision;
 /// Images per request, the API's limit.
 pub const MAX_IMAGES: usize = 16;
 

@@ -196,10 +196,67 @@ pub struct Unwritten {
     pub rows: Option<(CallRecord, ResultRecord)>,
 }
 
+/// What `ai_processing_errors.error_type` holds: a closed list, documented in jobs/README.md
+/// (a unit test holds the two together). Every error row is written with one of these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorType {
+    /// The payload can never run.
+    InvalidPayload,
+    /// The catalog cannot price a model or feature of the job.
+    Unpriced,
+    /// No room in a budget scope, or a model that can never fit one.
+    BudgetExceeded,
+    /// A call cost more than its reservation's estimate.
+    CostAboveEstimate,
+    /// Every image of a Vision call failed, with an error a retry can fix.
+    ImageFailed,
+    /// Every image of a Vision call failed, one of them as bad input.
+    InvalidImage,
+    /// A provider call failed, of this kind.
+    Provider(crate::providers::ErrorKind),
+}
+
+impl ErrorType {
+    /// Every error type, each once.
+    pub const ALL: [ErrorType; 15] = {
+        use crate::providers::ErrorKind as K;
+        [
+            ErrorType::InvalidPayload,
+            ErrorType::Unpriced,
+            ErrorType::BudgetExceeded,
+            ErrorType::CostAboveEstimate,
+            ErrorType::ImageFailed,
+            ErrorType::InvalidImage,
+            ErrorType::Provider(K::RateLimited),
+            ErrorType::Provider(K::Unavailable),
+            ErrorType::Provider(K::Timeout),
+            ErrorType::Provider(K::Connection),
+            ErrorType::Provider(K::Malformed),
+            ErrorType::Provider(K::Oversize),
+            ErrorType::Provider(K::Invalid),
+            ErrorType::Provider(K::Unauthorized),
+            ErrorType::Provider(K::QuotaExhausted),
+        ]
+    };
+
+    /// The name written to the column.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorType::InvalidPayload => "invalid_payload",
+            ErrorType::Unpriced => "unpriced",
+            ErrorType::BudgetExceeded => "budget_exceeded",
+            ErrorType::CostAboveEstimate => "cost_above_estimate",
+            ErrorType::ImageFailed => "image_failed",
+            ErrorType::InvalidImage => "invalid_image",
+            ErrorType::Provider(kind) => kind.as_str(),
+        }
+    }
+}
+
 /// A failed attempt, for ai_processing_errors.
 #[derive(Debug, Clone)]
 pub struct ErrorRecord {
-    pub error_type: String,
+    pub error_type: ErrorType,
     pub message: String,
     pub details: Value,
     pub provider: Option<String>,
@@ -408,7 +465,7 @@ impl Store {
         )
         .bind(job.subject_id)
         .bind(job.organization_id)
-        .bind(&err.error_type)
+        .bind(err.error_type.as_str())
         .bind(&*pg_text(&err.message))
         .bind(&*pg_json(&err.details))
         .bind(job.attempt.saturating_sub(1) as i32)
@@ -667,5 +724,62 @@ mod tests {
         assert!(!refused.is_unavailable());
         let migration = StoreError::Migrate(sqlx::migrate::MigrateError::VersionMissing(1));
         assert!(!migration.is_unavailable());
+    }
+}
+
+#[cfg(test)]
+mod error_type_tests {
+    use super::ErrorType;
+    use crate::providers::ErrorKind;
+
+    /// Fails to compile when a variant is added without a place in [`ErrorType::ALL`]'s list
+    /// below.
+    fn listed(t: ErrorType) -> bool {
+        match t {
+            ErrorType::InvalidPayload
+            | ErrorType::Unpriced
+            | ErrorType::BudgetExceeded
+            | ErrorType::CostAboveEstimate
+            | ErrorType::ImageFailed
+            | ErrorType::InvalidImage => ErrorType::ALL.contains(&t),
+            ErrorType::Provider(
+                ErrorKind::RateLimited
+                | ErrorKind::Unavailable
+                | ErrorKind::Timeout
+                | ErrorKind::Connection
+                | ErrorKind::Malformed
+                | ErrorKind::Oversize
+                | ErrorKind::Invalid
+                | ErrorKind::Unauthorized
+                | ErrorKind::QuotaExhausted,
+            ) => ErrorType::ALL.contains(&t),
+        }
+    }
+
+    /// `ai_processing_errors.error_type` is a closed list, documented in jobs/README.md: every
+    /// type the handlers can write (an [`ErrorType`]) is in it, and it names nothing else.
+    #[test]
+    fn every_error_type_written_is_documented_and_every_documented_one_is_written() {
+        assert!(ErrorType::ALL.into_iter().all(listed));
+        let mut written: Vec<&str> = ErrorType::ALL.iter().map(|t| t.as_str()).collect();
+        written.sort();
+        let before = written.len();
+        written.dedup();
+        assert_eq!(written.len(), before, "two error types share a name");
+        let readme = include_str!("../../jobs/README.md");
+        let section = readme
+            .split("### Error types")
+            .nth(1)
+            .expect("jobs/README.md has an Error types section");
+        let section = section.split("\n#").next().unwrap_or(section);
+        let mut documented: Vec<&str> = section
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .filter(|t| t.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+            .filter(|t| *t != "error_type")
+            .collect();
+        documented.sort();
+        assert_eq!(documented, written, "the README's list");
     }
 }

@@ -26,6 +26,36 @@ fn run_without_a_database_url_exits_non_zero_naming_the_setting() {
     );
 }
 
+/// `aiq config` ends with the job policy's constants (`jobs::policy`), in text and in JSON.
+#[test]
+fn config_prints_the_job_policys_constants() {
+    let config = |json: bool| {
+        let mut c = aiq();
+        c.arg("config")
+            .env("AIQ_REDIS_URL", "redis://127.0.0.1:1/")
+            .env("AIQ_DATABASE_URL", "postgres://x@127.0.0.1:1/x");
+        if json {
+            c.arg("--json");
+        }
+        let out = c.output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let text = config(false);
+    for (name, value) in aiq::jobs::policy_constants() {
+        assert!(
+            text.contains(&format!("# policy constant {name}: {value}")),
+            "{name} missing: {text}"
+        );
+    }
+    let json: serde_json::Value = serde_json::from_str(&config(true)).unwrap();
+    assert_eq!(json["policy"]["WINDOW_RESET_MARGIN"], "50 ms", "{json}");
+    assert_eq!(
+        json["policy"].as_object().unwrap().len(),
+        aiq::jobs::policy_constants().len()
+    );
+}
+
 #[test]
 fn run_with_a_malformed_setting_exits_naming_it() {
     let out = aiq()
