@@ -15,13 +15,20 @@ use axum::routing::get;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::jobs::App;
+use crate::budget::Budget;
+use crate::providers::breaker::Breakers;
 use crate::queue::Queue;
+use crate::store::Store;
 
+/// What the admin port reads: the queue's depth, PostgreSQL's health, the platform budget and
+/// the breakers. It is handed these parts, not the job pipeline (`worker::admin_sources`
+/// builds them from the daemon's `App`).
 #[derive(Clone)]
-struct Deps {
-    queue: Queue,
-    app: Arc<App>,
+pub struct Sources {
+    pub queue: Queue,
+    pub store: Store,
+    pub budget: Budget,
+    pub breakers: Breakers,
 }
 
 /// An error as /readyz shows it: with the password of any URL in it masked (a connection error
@@ -38,23 +45,21 @@ async fn healthz() -> &'static str {
 
 /// The platform's budget state in today's and this month's windows.
 async fn global_budget(
-    app: &App,
+    budget: &Budget,
 ) -> Result<Vec<crate::budget::ScopeState>, crate::budget::BudgetError> {
     let any = crate::budget::OrgLimits {
         daily: crate::domain::MicroUsd::ZERO,
         monthly: crate::domain::MicroUsd::ZERO,
     };
-    let (scopes, _) = app
-        .budget
-        .scopes(uuid::Uuid::nil(), any, chrono::Utc::now());
+    let (scopes, _) = budget.scopes(uuid::Uuid::nil(), any, chrono::Utc::now());
     let global: Vec<_> = scopes
         .into_iter()
         .filter(|s| s.owner == crate::budget::Owner::Global)
         .collect();
-    app.budget.state(&global).await
+    budget.state(&global).await
 }
 
-async fn metrics(State(d): State<Deps>) -> impl IntoResponse {
+async fn metrics(State(d): State<Arc<Sources>>) -> impl IntoResponse {
     let stats = match d.queue.stats().await {
         Ok(s) => {
             crate::observe::bad_redis_values(&s.skipped);
@@ -65,9 +70,8 @@ async fn metrics(State(d): State<Deps>) -> impl IntoResponse {
             None
         }
     };
-    let budget = global_budget(&d.app).await.unwrap_or_default();
+    let budget = global_budget(&d.budget).await.unwrap_or_default();
     let breakers = d
-        .app
         .breakers
         .states()
         .await
@@ -98,7 +102,7 @@ async fn metrics(State(d): State<Deps>) -> impl IntoResponse {
 /// comes within 2 s.
 const READY_PART_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(1_500);
 
-async fn readyz(State(d): State<Deps>) -> (StatusCode, Json<serde_json::Value>) {
+async fn readyz(State(d): State<Arc<Sources>>) -> (StatusCode, Json<serde_json::Value>) {
     let part = |r: Result<(), String>| match r {
         Ok(()) => json!({ "status": "healthy" }),
         Err(e) => json!({ "status": "unhealthy", "error": e }),
@@ -115,7 +119,7 @@ async fn readyz(State(d): State<Deps>) -> (StatusCode, Json<serde_json::Value>) 
     // Bounded: with PostgreSQL gone, the pool would try to connect for its whole acquire
     // timeout (10 s) before failing.
     let postgres = part(
-        match tokio::time::timeout(READY_PART_TIMEOUT, d.app.store.ping()).await {
+        match tokio::time::timeout(READY_PART_TIMEOUT, d.store.ping()).await {
             Ok(r) => r.map_err(shown),
             Err(_) => Err(format!(
                 "PostgreSQL did not answer within {} ms",
@@ -123,7 +127,7 @@ async fn readyz(State(d): State<Deps>) -> (StatusCode, Json<serde_json::Value>) 
             )),
         },
     );
-    let budget = match global_budget(&d.app).await {
+    let budget = match global_budget(&d.budget).await {
         Err(e) => json!({ "status": "unhealthy", "error": shown(e) }),
         Ok(states) => {
             let tight: Vec<String> = states
@@ -148,7 +152,7 @@ async fn readyz(State(d): State<Deps>) -> (StatusCode, Json<serde_json::Value>) 
             }
         }
     };
-    let providers = match d.app.breakers.states().await {
+    let providers = match d.breakers.states().await {
         Err(e) => json!({ "status": "unhealthy", "error": shown(e) }),
         Ok(states) => {
             use crate::providers::breaker::BreakerState;
@@ -194,8 +198,7 @@ async fn readyz(State(d): State<Deps>) -> (StatusCode, Json<serde_json::Value>) 
 /// the bound address (port 0 picks a free one).
 pub async fn serve(
     addr: SocketAddr,
-    queue: Queue,
-    app: Arc<App>,
+    sources: Sources,
     stop: CancellationToken,
 ) -> anyhow::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr)
@@ -207,7 +210,7 @@ pub async fn serve(
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .with_state(Deps { queue, app });
+        .with_state(Arc::new(sources));
     tokio::spawn(async move {
         let _ = axum::serve(listener, router)
             .with_graceful_shutdown(async move { stop.cancelled().await })

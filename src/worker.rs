@@ -74,6 +74,17 @@ fn redis_may_come(e: &crate::queue::QueueError) -> bool {
     }
 }
 
+/// What the admin port reads, taken from the daemon's parts: the port sees the queue, the
+/// store, the budget and the breakers, never the job pipeline.
+pub fn admin_sources(queue: &Queue, app: &App) -> crate::http::Sources {
+    crate::http::Sources {
+        queue: queue.clone(),
+        store: app.store.clone(),
+        budget: app.budget.clone(),
+        breakers: app.breakers.clone(),
+    }
+}
+
 /// Builds what the handlers need: the budget's Redis connection, the price catalog (a bad
 /// catalog file stops start-up), the provider clients.
 pub async fn app(settings: &Settings, store: Store) -> anyhow::Result<Arc<App>> {

@@ -43,8 +43,7 @@ pub(super) async fn run_daemon() -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let admin = crate::http::serve(
         settings.admin_addr,
-        queue.clone(),
-        app.clone(),
+        crate::worker::admin_sources(&queue, &app),
         shutdown.clone(),
     )
     .await?;

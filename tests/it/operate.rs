@@ -67,8 +67,7 @@ async fn metrics_show_queue_depth_per_tier_pass_promtool_and_readyz_reports_each
     let stop = CancellationToken::new();
     let addr = aiq::http::serve(
         "127.0.0.1:0".parse().unwrap(),
-        ctx.queue.clone(),
-        app.clone(),
+        aiq::worker::admin_sources(&ctx.queue, &app),
         stop.clone(),
     )
     .await
@@ -223,8 +222,7 @@ async fn metrics_leave_out_and_count_what_a_corrupted_redis_holds_and_still_pass
     let stop = CancellationToken::new();
     let addr = aiq::http::serve(
         "127.0.0.1:0".parse().unwrap(),
-        ctx.queue.clone(),
-        app,
+        aiq::worker::admin_sources(&ctx.queue, &app),
         stop.clone(),
     )
     .await
@@ -428,8 +426,7 @@ async fn a_provider_outage_opens_its_breaker_jobs_wait_without_spending_attempts
     let stop = CancellationToken::new();
     let addr = aiq::http::serve(
         "127.0.0.1:0".parse().unwrap(),
-        ctx.queue.clone(),
-        app.clone(),
+        aiq::worker::admin_sources(&ctx.queue, &app),
         stop.clone(),
     )
     .await

@@ -112,8 +112,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     let app = aiq::worker::app(&settings, store.clone()).await?;
     aiq::http::serve(
         settings.admin_addr,
-        queue.clone(),
-        app.clone(),
+        aiq::worker::admin_sources(&queue, &app),
         shutdown.clone(),
     )
     .await?;
