@@ -1,7 +1,9 @@
 //! Chaos runs (issue #7): a few hundred jobs of every kind, several tiers and two organisations,
 //! run by three `aiq run` processes against a fake with some latency, and a fault in the middle:
 //! a `kill -9` of one process, redis-server killed and restarted (append-only file on),
-//! PostgreSQL stopped for 20 s, every provider failing for 30 s. After each, one checker
+//! PostgreSQL stopped, every provider failing for 30 s. A server stays down until the fault has
+//! been seen to bite (a call answered with Redis gone, an answer kept because PostgreSQL could
+//! not take it), not for a fixed time. After each, one checker
 //! ([`check_invariants`]): every job is a result row or a dead job with a reason, no job has two
 //! result rows, every call the fake answered has its cost row, and the budget's Redis counters
 //! equal the cost rows.
@@ -86,6 +88,18 @@ async fn enqueue_mix(ctx: &TestCtx, n: usize) -> Vec<String> {
 
 async fn completed(ctx: &TestCtx) -> i64 {
     ctx.completed().await
+}
+
+/// One of the queue's running totals (`{p}:counters`).
+async fn counter(ctx: &TestCtx, name: &str) -> u64 {
+    ctx.queue
+        .stats()
+        .await
+        .expect("stats")
+        .counters
+        .get(name)
+        .copied()
+        .unwrap_or(0)
 }
 
 fn spawn_daemons(ctx: &TestCtx) -> Vec<Child> {
@@ -352,9 +366,18 @@ async fn chaos_redis_killed_and_restarted_mid_load_with_its_append_only_file_los
     let ids = enqueue_mix(&ctx, JOBS).await;
     let daemons = spawn_daemons(&ctx);
     let at = wait_mid_load(&ctx, JOBS).await;
+    let down = Instant::now();
     redis.kill().expect("killing redis-server");
-    // The outage itself: Redis stays down this long.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // The outage lasts until every call that was under way has been answered with Redis gone
+    // (its settle, and the next fetches, fail), which is the fault this test is about; no new
+    // call can start, since each needs a reservation from Redis.
+    wait_until(
+        Duration::from_secs(30),
+        "every call under way to be answered while Redis is down",
+        || async { ctx.fake_calls().await["running"].as_u64() == Some(0) },
+    )
+    .await;
+    let outage = down.elapsed();
     redis.restart().expect("restarting redis-server");
     let back = Instant::now();
     // Our own connection reconnects too (the first command after the restart may fail).
@@ -375,7 +398,10 @@ async fn chaos_redis_killed_and_restarted_mid_load_with_its_append_only_file_los
     let f = check_invariants(
         &ctx,
         &ids,
-        &format!("redis-server killed (SIGKILL) for 2.5 s and restarted from its AOF ({at})"),
+        &format!(
+            "redis-server killed (SIGKILL) for {:.1} s and restarted from its AOF ({at})",
+            outage.as_secs_f64()
+        ),
         drained,
         DAEMONS as u64 * CONCURRENCY,
     )
@@ -384,15 +410,37 @@ async fn chaos_redis_killed_and_restarted_mid_load_with_its_append_only_file_los
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn chaos_postgres_stopped_for_20_s_mid_load_no_job_dead_and_every_call_costed() {
+async fn chaos_postgres_stopped_mid_load_no_job_dead_and_every_call_costed() {
     let mut pg = LocalPostgres::start("chaos-pg").expect("a PostgreSQL of this test's own");
     let ctx = TestCtx::build_on(None, Some(&pg), &settings(&[]), fake()).await;
     let ids = enqueue_mix(&ctx, JOBS).await;
     let daemons = spawn_daemons(&ctx);
     let at = wait_mid_load(&ctx, JOBS).await;
+    let down = Instant::now();
     pg.stop().expect("stopping PostgreSQL");
-    // The outage itself.
-    tokio::time::sleep(Duration::from_secs(20)).await;
+    // The outage lasts until every call under way has been answered with PostgreSQL gone, an
+    // answer that could not be written was kept with its job (`{p}:kept:<id>`), the path this
+    // test is about, and jobs have been deferred for it (the processes hold calls back while
+    // PostgreSQL is unreachable).
+    let deferred_before = counter(&ctx, "deferred").await;
+    let kept = ctx.key("kept:*");
+    wait_until(
+        Duration::from_secs(60),
+        "the calls under way answered, one kept with its job, and jobs deferred, with PostgreSQL down",
+        || async {
+            let mut redis = ctx.redis().await;
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(&kept)
+                .query_async(&mut redis)
+                .await
+                .expect("KEYS");
+            !keys.is_empty()
+                && counter(&ctx, "deferred").await >= deferred_before + DAEMONS as u64
+                && ctx.fake_calls().await["running"].as_u64() == Some(0)
+        },
+    )
+    .await;
+    let outage = down.elapsed();
     pg.start_again().expect("starting PostgreSQL again");
     let back = Instant::now();
     wait_until(
@@ -412,7 +460,10 @@ async fn chaos_postgres_stopped_for_20_s_mid_load_no_job_dead_and_every_call_cos
     let f = check_invariants(
         &ctx,
         &ids,
-        &format!("PostgreSQL stopped for 20 s ({at})"),
+        &format!(
+            "PostgreSQL stopped for {:.1} s ({at})",
+            outage.as_secs_f64()
+        ),
         drained,
         0,
     )

@@ -17,7 +17,7 @@
 //! OpenAI with a valid 200 MB body (`[fake:bigchunked=200]`: the same without a Content-Length);
 //! `[fake:error-bytes=1000000]` makes OpenAI's injected error message that many bytes long.
 //! `GET /_fake/calls` returns how many calls
-//! each provider answered, a log of OpenAI calls (start and end ms, status) and, from OpenAI's
+//! each provider answered, how many calls are being answered now (`running`), a log of OpenAI calls (start and end ms, status) and, from OpenAI's
 //! `x-client-request-id` header (aiq sends the job id), how many distinct jobs called, the most
 //! calls one job made, and how often a job called while its previous call was still running.
 //! A fixed latency (`--latency-ms`) makes calls take time, for load and crash tests, and
@@ -59,6 +59,8 @@ struct Counters {
     /// Per job id: (calls in flight now, calls in all).
     jobs: Mutex<HashMap<String, (u32, u32)>>,
     overlaps: AtomicU64,
+    /// Calls of any provider being answered now (arrived, not yet answered).
+    running: AtomicU64,
     /// Calls seen per (provider, text) carrying a `[fake:flaky=N]` marker.
     flaky: Mutex<HashMap<(&'static str, u64), u32>>,
     /// `[fake:hold]` calls wait until `POST /_fake/release` sets this.
@@ -154,6 +156,22 @@ impl InFlight {
     }
 }
 
+/// One call being answered, of any provider, counted in `running` while it lives.
+struct Running(Arc<Counters>);
+
+impl Running {
+    fn start(counters: &Arc<Counters>) -> Self {
+        counters.running.fetch_add(1, Ordering::Relaxed);
+        Self(counters.clone())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl Drop for InFlight {
     fn drop(&mut self) {
         if let Some(entry) = self
@@ -238,6 +256,7 @@ async fn calls(State(c): State<Arc<Counters>>) -> Json<Value> {
         "jobs": jobs.len(),
         "max_calls_per_job": jobs.values().map(|(_, n)| *n).max().unwrap_or(0),
         "overlaps": c.overlaps.load(Ordering::Relaxed),
+        "running": c.running.load(Ordering::Relaxed),
         "log": c.log.lock().expect("fake call log").iter()
             .map(|(p, start, end, status)| json!([p, start, end, status])).collect::<Vec<_>>(),
     }))
@@ -407,6 +426,7 @@ fn annotate_one(seed: u64, features: &[Value]) -> Value {
 
 async fn vision(State(c): State<Arc<Counters>>, headers: HeaderMap, body: String) -> Response {
     c.vision.fetch_add(1, Ordering::Relaxed);
+    let _running = Running::start(&c);
     let fail_one_image = match chaos(&c, Wire::Vision).await {
         Some(Some(r)) => return r,
         Some(None) => true,
@@ -524,6 +544,7 @@ async fn openai(State(c): State<Arc<Counters>>, headers: HeaderMap, body: String
 
 async fn openai_answer(c: &Arc<Counters>, headers: HeaderMap, body: String) -> Response {
     c.openai.fetch_add(1, Ordering::Relaxed);
+    let _running = Running::start(c);
     let _in_flight = headers
         .get("x-client-request-id")
         .and_then(|v| v.to_str().ok())
@@ -784,6 +805,7 @@ fn anthropic_error(status: StatusCode, kind: &str, message: &str) -> Response {
 
 async fn anthropic(State(c): State<Arc<Counters>>, headers: HeaderMap, body: String) -> Response {
     c.anthropic.fetch_add(1, Ordering::Relaxed);
+    let _running = Running::start(&c);
     if let Some(Some(r)) = chaos(&c, Wire::Anthropic).await {
         return r;
     }
@@ -887,6 +909,7 @@ async fn gemini(
     body: String,
 ) -> Response {
     c.gemini.fetch_add(1, Ordering::Relaxed);
+    let _running = Running::start(&c);
     if let Some(Some(r)) = chaos(&c, Wire::Gemini).await {
         return r;
     }
