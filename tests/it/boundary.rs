@@ -9,7 +9,7 @@ use aiq::domain::{JobKind, OrganizationId, Tier};
 use aiq::queue::{ENQUEUE_LUA, NewJob};
 use redis::AsyncCommands;
 
-use crate::harness::{ORG_A, ORG_B, TestCtx, llm_payload, wait_for, wait_until};
+use crate::harness::{LlmJob, ORG_A, ORG_B, TestCtx, llm_payload, wait_for, wait_until};
 
 fn own_job(org: &str, id: &str) -> NewJob {
     NewJob {
@@ -882,12 +882,9 @@ async fn a_job_whose_estimate_exceeds_a_whole_limit_is_dead_at_once_and_raises_n
         )
         .await;
     // B's job needs more tokens than its provider's whole minute (the prompt and max_tokens 50).
-    let b = serde_json::json!({
-        "version": 1, "organization_id": ORG_B, "tier": "trial", "provider": "anthropic",
-        "model": "claude-haiku-4-5", "messages": [{ "role": "user", "content": "hello" }],
-        "max_tokens": 50
-    })
-    .to_string();
+    let b = LlmJob::new(Tier::Trial, ORG_B, "hello")
+        .model("anthropic", "claude-haiku-4-5")
+        .json();
     let over_tpm = ctx
         .enqueue(JobKind::LlmComplete, Tier::Trial, ORG_B, &b, 0)
         .await;

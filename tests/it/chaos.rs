@@ -19,7 +19,7 @@ use aiq_testkit::fake::FakeOptions;
 use aiq_testkit::localsvc::{LocalPostgres, LocalRedis};
 
 use crate::harness::{
-    ORG_A, ORG_B, TestCtx, llm_payload, signal_and_wait, vision_payload, wait_until,
+    LlmJob, ORG_A, ORG_B, TestCtx, llm_payload, signal_and_wait, vision_payload, wait_until,
 };
 
 const JOBS: usize = 300;
@@ -52,11 +52,7 @@ fn fake() -> FakeOptions {
 
 /// An LLM job for `provider`'s model, from the harness's OpenAI payload.
 fn llm(tier: Tier, org: &str, provider: &str, model: &str, text: &str) -> String {
-    let mut v: serde_json::Value =
-        serde_json::from_str(&llm_payload(tier, org, text)).expect("the harness's payload");
-    v["provider"] = provider.into();
-    v["model"] = model.into();
-    v.to_string()
+    LlmJob::new(tier, org, text).model(provider, model).json()
 }
 
 /// Enqueues `n` jobs: Vision, OpenAI, Anthropic and Gemini, across the six tiers and both

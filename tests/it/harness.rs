@@ -1,7 +1,6 @@
 //! Test harness: shared servers, a fresh database and queue per test, and waiting on conditions.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -13,6 +12,7 @@ use aiq::store::Store;
 use aiq_testkit::fake::{FakeOptions, FakeProviders};
 use aiq_testkit::local::{every_tier, provider_vars};
 use aiq_testkit::localsvc::{LocalPostgres, LocalRedis};
+pub use aiq_testkit::world::{LlmJob, VisionJob, wait_for, wait_until};
 use sqlx::Connection;
 use tokio_util::sync::CancellationToken;
 
@@ -428,42 +428,6 @@ impl Worker {
     }
 }
 
-/// Polls `cond` until it holds; panics naming `what` after `timeout`.
-pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    while !cond().await {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Polls `probe` until it gives a value, and returns that value; fails after `timeout`. For
-/// waits whose condition is also the thing the test goes on with (a fetch that leases a job).
-pub async fn wait_for<T, F, Fut>(timeout: Duration, what: &str, mut probe: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = probe().await {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// The `aiq` binary with a clean environment (PATH only): settings come from the test.
 pub fn aiq_command() -> std::process::Command {
     let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_aiq"));
@@ -506,22 +470,11 @@ pub async fn readyz(addr: &str) -> Option<(u16, serde_json::Value)> {
 }
 
 pub fn vision_payload(tier: Tier, org: &str, images: usize) -> String {
-    let imgs: Vec<serde_json::Value> = (0..images)
-        .map(|i| serde_json::json!({ "content": format!("aW1hZ2Ug{:04}", i) }))
-        .collect();
-    serde_json::json!({
-        "version": 1, "organization_id": org, "tier": tier.as_str(), "images": imgs,
-        "features": [{ "type": "LABEL_DETECTION", "maxResults": 3 }, { "type": "SAFE_SEARCH_DETECTION" }]
-    })
-    .to_string()
+    VisionJob::new(tier, org, images).json()
 }
 
 pub fn llm_payload(tier: Tier, org: &str, text: &str) -> String {
-    serde_json::json!({
-        "version": 1, "organization_id": org, "tier": tier.as_str(), "provider": "openai",
-        "model": "gpt-4o-mini", "messages": [{ "role": "user", "content": text }], "max_tokens": 50
-    })
-    .to_string()
+    LlmJob::new(tier, org, text).json()
 }
 
 /// A job of ORG_A as the worker hands it to the handler on its first attempt (of three), for

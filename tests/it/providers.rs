@@ -5,15 +5,14 @@ use std::time::Duration;
 
 use aiq::domain::{JobKind, Tier};
 
-use crate::harness::{ORG_A, TestCtx, llm_payload};
+use crate::harness::{LlmJob, ORG_A, TestCtx, llm_payload};
 
 fn payload(provider: &str, model: &str, text: &str) -> String {
-    serde_json::json!({
-        "version": 1, "organization_id": ORG_A, "tier": "enterprise", "provider": provider, "model": model,
-        "messages": [{ "role": "system", "content": "Be brief." }, { "role": "user", "content": text }],
-        "max_tokens": 40
-    })
-    .to_string()
+    LlmJob::new(Tier::Enterprise, ORG_A, text)
+        .system("Be brief.")
+        .model(provider, model)
+        .max_tokens(40)
+        .json()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,15 +6,15 @@ use std::time::Duration;
 use aiq::budget::PriceCatalog;
 use aiq::domain::{JobKind, MicroUsd, Tier};
 
-use crate::harness::{ORG_A, TestCtx};
+use crate::harness::{LlmJob, ORG_A, TestCtx};
 use crate::money::assert_redis_agrees_with_postgres;
 
 fn llm(provider: &str, model: &str, text: &str, fallback: serde_json::Value) -> String {
-    serde_json::json!({
-        "version": 1, "organization_id": ORG_A, "tier": "enterprise", "provider": provider, "model": model,
-        "messages": [{ "role": "user", "content": text }], "max_tokens": 40, "fallback": fallback
-    })
-    .to_string()
+    LlmJob::new(Tier::Enterprise, ORG_A, text)
+        .model(provider, model)
+        .max_tokens(40)
+        .set("fallback", fallback)
+        .json()
 }
 
 /// A job's calls in order: (attempt, call_seq, provider, model, call_status, cost micro-USD,
