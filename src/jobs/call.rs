@@ -323,7 +323,6 @@ async fn run_vision(
 
 /// Tells the provider's breaker, and the organisation's own, how a call went.
 async fn breaker_record<T>(app: &App, provider: Provider, org: &str, r: &Result<T, ProviderError>) {
-    let provider = provider.as_str();
     // A 429 with the provider's own delay pauses it for the whole fleet.
     if let Err(ProviderError {
         kind: ErrorKind::RateLimited,
@@ -333,27 +332,29 @@ async fn breaker_record<T>(app: &App, provider: Provider, org: &str, r: &Result<
     {
         match app.breakers.pause(provider, *wait).await {
             Ok(()) => tracing::warn!(
-                provider,
+                provider = provider.as_str(),
                 wait_ms = wait.as_millis() as u64,
                 "rate limited: pausing the provider for every process"
             ),
-            Err(e) => tracing::warn!(error = %e, provider, "pausing the provider failed"),
+            Err(e) => {
+                tracing::warn!(error = %e, provider = provider.as_str(), "pausing the provider failed")
+            }
         }
     }
     let outcome = r.as_ref().map(|_| ()).map_err(|e| e.kind);
     match app.breakers.record(provider, org, outcome).await {
         Ok(Opened::Provider) => tracing::error!(
-            provider,
+            provider = provider.as_str(),
             "circuit breaker opened: the provider keeps failing for several organisations; its jobs wait"
         ),
         Ok(Opened::Organization) => tracing::warn!(
-            provider,
+            provider = provider.as_str(),
             organization_id = %crate::redact::Field::new(org),
             "this organisation's calls keep failing: its own breaker opened; its jobs wait, other organisations' go on"
         ),
         Ok(Opened::No) => {}
         Err(e) => {
-            tracing::warn!(error = %e, provider, "recording a call in the circuit breaker failed")
+            tracing::warn!(error = %e, provider = provider.as_str(), "recording a call in the circuit breaker failed")
         }
     }
 }

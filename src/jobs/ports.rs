@@ -112,17 +112,11 @@ fn wait_gate(r: Result<(), Duration>) -> Gate {
 
 impl Gates for RedisGates<'_> {
     async fn breaker(&self, provider: Provider, org: &str) -> Result<Gate, Failure> {
-        breaker_gate(
-            provider,
-            self.breakers.peek_call(provider.as_str(), org).await,
-        )
+        breaker_gate(provider, self.breakers.peek_call(provider, org).await)
     }
 
     async fn take_probe(&self, provider: Provider, org: &str) -> Result<Gate, Failure> {
-        breaker_gate(
-            provider,
-            self.breakers.admit_call(provider.as_str(), org).await,
-        )
+        breaker_gate(provider, self.breakers.admit_call(provider, org).await)
     }
 
     async fn org_rate(&self, org: Uuid, tier: Tier) -> Result<Gate, Failure> {

@@ -111,7 +111,7 @@ impl Breakers {
     /// provider is paused, or its breaker or the organisation's own is open.
     pub async fn admit(
         &self,
-        provider: &str,
+        provider: Provider,
         org: &str,
     ) -> redis::RedisResult<Result<(), Duration>> {
         Ok(self.admit_call(provider, org).await?.map(|_| ()))
@@ -122,14 +122,16 @@ impl Breakers {
     /// waits a whole probe timeout.
     pub async fn admit_call(
         &self,
-        provider: &str,
+        provider: Provider,
         org: &str,
     ) -> redis::RedisResult<Result<Admit, Duration>> {
-        Ok(match self.op("admit", provider, org).await?.as_slice() {
-            [0, wait] => Err(Duration::from_millis((*wait).max(1) as u64)),
-            [1, 1] => Ok(Admit::Probe),
-            _ => Ok(Admit::Closed),
-        })
+        Ok(
+            match self.op("admit", provider.as_str(), org).await?.as_slice() {
+                [0, wait] => Err(Duration::from_millis((*wait).max(1) as u64)),
+                [1, 1] => Ok(Admit::Probe),
+                _ => Ok(Admit::Closed),
+            },
+        )
     }
 
     /// [`Breakers::admit_call`] without taking anything: `Ok(Admit::Probe)` says the half-open
@@ -138,19 +140,21 @@ impl Breakers {
     /// back.
     pub async fn peek_call(
         &self,
-        provider: &str,
+        provider: Provider,
         org: &str,
     ) -> redis::RedisResult<Result<Admit, Duration>> {
-        Ok(match self.op("peek", provider, org).await?.as_slice() {
-            [0, wait] => Err(Duration::from_millis((*wait).max(1) as u64)),
-            [1, 1] => Ok(Admit::Probe),
-            _ => Ok(Admit::Closed),
-        })
+        Ok(
+            match self.op("peek", provider.as_str(), org).await?.as_slice() {
+                [0, wait] => Err(Duration::from_millis((*wait).max(1) as u64)),
+                [1, 1] => Ok(Admit::Probe),
+                _ => Ok(Admit::Closed),
+            },
+        )
     }
 
     /// Gives back a half-open probe that was granted but not made: the next job may probe.
-    pub async fn release_probe(&self, provider: &str) -> redis::RedisResult<()> {
-        self.op("release", provider, "").await.map(|_| ())
+    pub async fn release_probe(&self, provider: Provider) -> redis::RedisResult<()> {
+        self.op("release", provider.as_str(), "").await.map(|_| ())
     }
 
     /// Records a call's outcome: a success closes the provider's breaker and the
@@ -159,19 +163,22 @@ impl Breakers {
     /// which breaker this call opened, if any.
     pub async fn record(
         &self,
-        provider: &str,
+        provider: Provider,
         org: &str,
         outcome: Result<(), ErrorKind>,
     ) -> redis::RedisResult<Opened> {
         match outcome {
-            Ok(()) => self.op("success", provider, org).await.map(|_| Opened::No),
-            Err(kind) if is_provider_fault(kind) => {
-                Ok(match self.op("failure", provider, org).await?.as_slice() {
+            Ok(()) => self
+                .op("success", provider.as_str(), org)
+                .await
+                .map(|_| Opened::No),
+            Err(kind) if is_provider_fault(kind) => Ok(
+                match self.op("failure", provider.as_str(), org).await?.as_slice() {
                     [1] => Opened::Provider,
                     [2] => Opened::Organization,
                     _ => Opened::No,
-                })
-            }
+                },
+            ),
             Err(_) => Ok(Opened::No),
         }
     }
@@ -213,10 +220,15 @@ impl Breakers {
     }
 
     /// A provider said "too many requests, come back in `wait`": no process calls it until then.
-    pub async fn pause(&self, provider: &str, wait: Duration) -> redis::RedisResult<()> {
-        self.op_with("pause", provider, wait.as_millis().max(1) as u64, "")
-            .await
-            .map(|_| ())
+    pub async fn pause(&self, provider: Provider, wait: Duration) -> redis::RedisResult<()> {
+        self.op_with(
+            "pause",
+            provider.as_str(),
+            wait.as_millis().max(1) as u64,
+            "",
+        )
+        .await
+        .map(|_| ())
     }
 
     /// Every provider's breaker.

@@ -104,6 +104,7 @@ async fn pause_of(ctx: &TestCtx, provider: &str) -> Option<Duration> {
     let app = aiq::worker::app(&ctx.settings, ctx.store.clone())
         .await
         .unwrap();
+    let provider = aiq::domain::Provider::parse(provider).expect("a provider's name");
     let wait = app.breakers.admit(provider, ORG_A).await.unwrap().err();
     if let Some(w) = wait {
         assert!(

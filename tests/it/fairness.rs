@@ -88,11 +88,18 @@ async fn one_organisations_hanging_calls_open_only_its_own_breaker_and_another_o
         .await
         .unwrap();
     assert!(
-        app.breakers.admit("gemini", ORG_A).await.unwrap().is_err(),
+        app.breakers
+            .admit(aiq::domain::Provider::Gemini, ORG_A)
+            .await
+            .unwrap()
+            .is_err(),
         "the failing organisation's own breaker is open"
     );
     assert_eq!(
-        app.breakers.admit("gemini", ORG_B).await.unwrap(),
+        app.breakers
+            .admit(aiq::domain::Provider::Gemini, ORG_B)
+            .await
+            .unwrap(),
         Ok(()),
         "the provider's breaker stays closed for the others"
     );

@@ -762,7 +762,7 @@ async fn a_half_open_probe_given_to_a_job_its_rate_then_holds_back_is_given_back
         "the unused probe to be given back",
         || async {
             app.breakers
-                .admit("openai", crate::harness::ORG_B)
+                .admit(aiq::domain::Provider::OpenAi, crate::harness::ORG_B)
                 .await
                 .unwrap()
                 .is_ok()
