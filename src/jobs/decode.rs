@@ -6,17 +6,17 @@
 use serde_json::json;
 use uuid::Uuid;
 
-use super::App;
 use super::payload::{JobInput, decode};
 use super::policy::{STORE_PROBE, jitter, spread};
+use super::ports::{Ports, Results};
 use super::record::failed_result;
 use crate::queue::backend::{Failure, Prior, RawJob};
 use crate::redact::Field;
 use crate::store::{ErrorRecord, ErrorType, JobRef};
 
 /// The job's payload as domain types, or its `invalid_payload` record and a permanent failure.
-pub async fn decode_job(app: &App, raw: &RawJob) -> Result<JobInput, Failure> {
-    let e = match decode(raw, &app.prices) {
+pub async fn decode_job(app: &impl Ports, raw: &RawJob) -> Result<JobInput, Failure> {
+    let e = match decode(raw, app.prices()) {
         Ok(input) => return Ok(input),
         Err(e) => e,
     };
@@ -32,7 +32,7 @@ pub async fn decode_job(app: &App, raw: &RawJob) -> Result<JobInput, Failure> {
     };
     let result = failed_result("none", None, &e.to_string());
     app.record(
-        app.store
+        app.results()
             .record_failure(&job, &err, None, Some(&result))
             .await,
     )?;
@@ -46,7 +46,7 @@ pub async fn decode_job(app: &App, raw: &RawJob) -> Result<JobInput, Failure> {
 /// failed for good, or when whether it ran is unknown (PostgreSQL was unreachable). A worker
 /// that stopped mid-job may have recorded it without acknowledging it, or the app reused an id
 /// that finished.
-pub fn already_done(app: &App, raw: &RawJob) -> Result<bool, Failure> {
+pub fn already_done(app: &impl Ports, raw: &RawJob) -> Result<bool, Failure> {
     match raw.prior {
         Prior::Nothing => Ok(false),
         Prior::Completed => {
@@ -61,7 +61,7 @@ pub fn already_done(app: &App, raw: &RawJob) -> Result<bool, Failure> {
             })
         }
         Prior::Unknown => {
-            app.store_gate.trip();
+            app.store_gate().trip();
             Err(Failure::Defer {
                 message: "PostgreSQL is unreachable: whether this job already ran is unknown"
                     .into(),

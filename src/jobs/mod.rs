@@ -52,7 +52,7 @@ use crate::queue::backend::{Failure, RawJob};
 use crate::redact::Field;
 use crate::store::Store;
 use admit::Admission;
-use ports::RedisGates;
+use ports::Ports;
 use record::StoreGate;
 
 /// What the handlers need, built once at start.
@@ -89,14 +89,6 @@ pub struct AppParts {
 }
 
 impl App {
-    /// The gates of the admission policy, as this process's Redis holds them.
-    fn gates(&self) -> RedisGates<'_> {
-        RedisGates {
-            breakers: &self.breakers,
-            budget: &self.budget,
-        }
-    }
-
     pub fn new(p: AppParts) -> Self {
         Self {
             alerts: Arc::new(Alerts::new(p.store.clone())),
@@ -222,7 +214,7 @@ pub async fn run(app: &App, raw: &RawJob) -> Result<(), Failure> {
 
 /// The stages of one job, in order; each returns early with the job's outcome when it ends it.
 async fn run_in_span(app: &App, raw: &RawJob) -> Result<(), Failure> {
-    app.store_reachable().await?;
+    record::store_reachable(app).await?;
     let input = decode::decode_job(app, raw).await?;
     let job = decode::job_ref(raw, Some(&input));
     if decode::already_done(app, raw)? {
@@ -239,13 +231,12 @@ async fn run_in_span(app: &App, raw: &RawJob) -> Result<(), Failure> {
         return Ok(());
     }
     let plan = plan::plan_job(app, &job, &input).await?;
-    let gates = app.gates();
-    let start = match admit::admit_job(&gates, &plan.chain, org, tier).await {
+    let start = match admit::admit_job(&app.gates(), &plan.chain, org, tier).await {
         Admission::Go { idx, probe } => (idx, probe),
         Admission::Wait { after, why } => return Err(why.deferral(after)),
         Admission::Down(f) => return Err(f),
     };
-    call::call_chain(app, &gates, raw, &job, &input, &plan, start).await
+    call::call_chain(app, raw, &job, &input, &plan, start).await
 }
 
 /// A top-level string field of the payload, without decoding it (for labels and logs; the
