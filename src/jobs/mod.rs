@@ -6,10 +6,10 @@
 //! probe last: a [`reserve::Hold`]), [`call`] (the provider call, and what follows a failed one:
 //! a [`policy::NextStep`]), [`record`] (the rows in PostgreSQL, in one transaction) and
 //! [`settle`] (the budget at the cost the row holds, and alerts). The rules those answers follow
-//! are pure functions in [`policy`]; the admission stages talk to the breakers and the budget
-//! through [`ports`]. The outcome goes back to the queue as a [`Failure`] kind (retry,
-//! permanent, defer) that the backend's ack layer turns into a retry, a dead job, a deferral or
-//! an ack. Handlers read no environment variables: everything comes in through [`App`].
+//! are pure functions in [`policy`]; the stages talk to the breakers, the budget, the results
+//! store and the providers through [`ports`] (`App` wires the daemon's, tests in-memory ones).
+//! The outcome goes back to the queue as a [`Failure`] kind (retry, permanent, defer) that the
+//! backend's ack layer turns into a retry, a dead job, a deferral or an ack. Handlers read no environment variables: everything comes in through [`App`].
 
 pub mod admit;
 pub mod call;
