@@ -376,6 +376,10 @@ async fn run_llm(
     let model = target.model.as_deref().unwrap_or_default();
     let started = Instant::now();
     let user = l.common.organization_id.to_string();
+    if provider == Provider::GoogleVision {
+        // Never a call, nor a breaker's failure.
+        return Err(Attempted::Failed(super::ports::not_an_llm(provider)));
+    }
     let c = app
         .providers()
         .complete(provider, model, &l.messages, l.max_tokens, &user, &raw.id)

@@ -475,6 +475,18 @@ impl Ledger for Budget {
     }
 }
 
+/// The refusal of an LLM call to a provider that is not an LLM's. The plan gives an LLM job only
+/// LLM providers (the payload allows no other); the call stage refuses it before the call.
+pub(super) fn not_an_llm(provider: Provider) -> ProviderError {
+    ProviderError {
+        provider,
+        kind: ErrorKind::Invalid,
+        status: None,
+        message: format!("{provider} is not an LLM provider"),
+        retry_after: None,
+    }
+}
+
 /// The daemon's results store: PostgreSQL's rows, the queue's kept answers, the alerts' outbox.
 pub struct PgResults<'a> {
     pub store: &'a Store,
@@ -550,14 +562,7 @@ impl Providers for Clients {
         request_id: &str,
     ) -> Result<Completion, ProviderError> {
         match provider {
-            // The plan gives an LLM job only LLM providers (the payload allows no other).
-            Provider::GoogleVision => Err(ProviderError {
-                provider,
-                kind: ErrorKind::Invalid,
-                status: None,
-                message: format!("{provider} is not an LLM provider"),
-                retry_after: None,
-            }),
+            Provider::GoogleVision => Err(not_an_llm(provider)),
             Provider::Anthropic => self.anthropic.complete(model, messages, max_tokens).await,
             Provider::Gemini => self.gemini.complete(model, messages, max_tokens).await,
             Provider::OpenAi => {
