@@ -398,3 +398,62 @@ async fn a_breaker_open_for_the_first_model_skips_to_the_fallback() {
     assert_eq!(p.providers.called(), [Provider::OpenAi, Provider::Gemini]);
     assert_eq!(rows(&p).last().unwrap(), "result true gemini-2.5-flash");
 }
+
+#[tokio::test(start_paused = true)]
+async fn with_no_in_call_retries_a_retryable_failure_falls_back_or_gives_up_at_once() {
+    let none = CallRetryPolicy {
+        retries: 0,
+        ..RETRY
+    };
+    let p = MemoryPorts::new(
+        none,
+        MicroUsd::from_micros(100_000),
+        [fail(ErrorKind::Unavailable), answer(10, 5)],
+    );
+    let j = job(1, 3, &[OPENAI, ANTHROPIC]);
+    assert!(run(&p, &j, (0, false)).await.is_ok());
+    assert_eq!(
+        p.providers.called(),
+        [Provider::OpenAi, Provider::Anthropic]
+    );
+    assert_eq!(gaps(&p), [Duration::ZERO]);
+    let p = MemoryPorts::new(
+        none,
+        MicroUsd::from_micros(100_000),
+        [fail(ErrorKind::Unavailable)],
+    );
+    let j = job(1, 3, &[OPENAI]);
+    assert!(matches!(
+        run(&p, &j, (0, false)).await,
+        Err(Failure::Retry { .. })
+    ));
+    assert_eq!(p.providers.called(), [Provider::OpenAi]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_call_with_the_rest_of_the_chain_held_back_goes_back_to_the_queue_and_only_the_last_attempt_writes_its_result()
+ {
+    for (attempt, results) in [(1, 0), (3, 1)] {
+        let p = ports([fail(ErrorKind::QuotaExhausted), answer(10, 5)]);
+        p.gates
+            .set_breaker(Provider::Anthropic, Breaker::Open(Duration::from_secs(3)));
+        let j = job(attempt, 3, &[OPENAI, ANTHROPIC]);
+        match run(&p, &j, (0, false)).await {
+            // The breaker's wait, spread by at least a second: not the cooldown's end exactly.
+            Err(Failure::Retry {
+                after: Some(after), ..
+            }) => assert!(
+                after >= Duration::from_secs(3) && after <= Duration::from_secs(4),
+                "{after:?}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(p.providers.called(), [Provider::OpenAi]);
+        assert_eq!(rows(&p)[..2], failed(0, ErrorKind::QuotaExhausted));
+        assert_eq!(p.results.results().len(), results, "attempt {attempt}");
+        assert_eq!(
+            *p.ledger.settled.lock().unwrap(),
+            [(hold(0), MicroUsd::ZERO)]
+        );
+    }
+}
