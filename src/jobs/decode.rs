@@ -86,3 +86,65 @@ pub fn job_ref(raw: &RawJob, input: Option<&JobInput>) -> JobRef {
         execution: raw.token as i64,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::CallRetryPolicy;
+    use crate::domain::MicroUsd;
+    use crate::jobs::ports::memory::{MemoryPorts, Row, raw_job};
+    use crate::queue::backend::Prior;
+
+    fn ports() -> MemoryPorts {
+        let retry = CallRetryPolicy {
+            retries: 0,
+            base: std::time::Duration::from_millis(100),
+            cap: std::time::Duration::from_secs(1),
+        };
+        MemoryPorts::new(retry, MicroUsd::ZERO, [])
+    }
+
+    fn raw(payload: &str, prior: Prior) -> RawJob {
+        RawJob {
+            prior,
+            ..raw_job(payload, 1, 3)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_payload_that_can_never_run_gets_its_error_and_failed_result_rows_once_and_is_dead() {
+        let p = ports();
+        let outcome = decode_job(&p, &raw("{\"version\": 1}", Prior::Nothing)).await;
+        assert!(matches!(outcome, Err(Failure::Permanent { .. })));
+        let rows = p.results.rows();
+        assert_eq!(rows.len(), 2, "{rows:?}");
+        assert!(matches!(
+            rows[0],
+            Row::Error {
+                call_seq: 0,
+                error_type: ErrorType::InvalidPayload
+            }
+        ));
+        assert!(matches!(
+            rows[1],
+            Row::Result {
+                completed: false,
+                model: None
+            }
+        ));
+    }
+
+    #[tokio::test]
+    async fn an_unknown_earlier_outcome_holds_this_process_s_calls_back_until_postgres_answers() {
+        let p = ports();
+        assert!(crate::jobs::record::store_reachable(&p).await.is_ok());
+        assert!(matches!(
+            already_done(&p, &raw("{}", Prior::Unknown)),
+            Err(Failure::Defer { .. })
+        ));
+        // The store gate is down: the next jobs wait before any call, until one probe answers.
+        assert!(p.store_gate.is_down());
+        assert!(p.results.rows().is_empty());
+        assert!(already_done(&p, &raw("{}", Prior::Completed)).unwrap());
+    }
+}

@@ -43,6 +43,12 @@ impl StoreGate {
         let until = Utc::now().timestamp_millis() + STORE_PROBE.as_millis() as i64;
         self.down_until_ms.fetch_max(until, Ordering::AcqRel);
     }
+
+    /// Whether calls are held back (or one job probes PostgreSQL now).
+    #[cfg(test)]
+    pub(super) fn is_down(&self) -> bool {
+        self.down_until_ms.load(Ordering::Acquire) != 0
+    }
 }
 
 /// A store error as the queue's failure kind ([`Ports::record`]). PostgreSQL unreachable: the

@@ -14,13 +14,14 @@ use crate::jobs::decode::job_ref;
 use crate::jobs::payload::{JobInput, decode};
 use crate::jobs::plan::{Plan, Planned};
 use crate::jobs::ports::memory::{
-    Breaker, MemoryPorts, Row, answer, fail, limits, planned, rate_limited,
+    Breaker, MemoryPorts, Row, answer, fail, limits, planned, rate_limited, raw_job,
 };
 use crate::providers::{ErrorKind, ProviderError};
 use crate::queue::backend::{Failure, RawJob};
 use crate::store::{CallStatus, ErrorType, JobRef};
 
 const LLM: &str = include_str!("../../../jobs/examples/llm.complete.json");
+/// The example's organisation.
 const ORG: &str = "0b6f1b3e-2a55-4a6e-9a43-2f6f6f1b2c3d";
 /// The most a call is held at: far above what the scripted answers cost.
 const ESTIMATE: i64 = 1_000;
@@ -41,19 +42,7 @@ struct Job {
 
 /// The example LLM job at `attempt` of `max_attempts`, calling `chain` in order.
 fn job(attempt: u32, max_attempts: u32, chain: &[(Provider, &str)]) -> Job {
-    let raw = RawJob {
-        id: "j-1".into(),
-        kind: "llm.complete".into(),
-        tier: "growth_team".into(),
-        organization_id: ORG.into(),
-        payload: LLM.into(),
-        token: 1,
-        attempt,
-        max_attempts,
-        enqueued_at_ms: 0,
-        interrupts: 0,
-        prior: Default::default(),
-    };
+    let raw = raw_job(LLM, attempt, max_attempts);
     let ports_prices = crate::budget::PriceCatalog::builtin();
     let input = decode(&raw, &ports_prices).expect("the example decodes");
     let job = job_ref(&raw, Some(&input));

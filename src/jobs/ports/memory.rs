@@ -586,3 +586,20 @@ pub fn limits() -> OrgLimits {
         monthly: MicroUsd::from_micros(100_000_000),
     }
 }
+
+/// A test job as the queue hands it over: execution 1 of `j-1`, of the example's organisation.
+pub fn raw_job(payload: &str, attempt: u32, max_attempts: u32) -> crate::queue::backend::RawJob {
+    crate::queue::backend::RawJob {
+        id: "j-1".into(),
+        kind: "llm.complete".into(),
+        tier: "growth_team".into(),
+        organization_id: "0b6f1b3e-2a55-4a6e-9a43-2f6f6f1b2c3d".into(),
+        payload: payload.into(),
+        token: 1,
+        attempt,
+        max_attempts,
+        enqueued_at_ms: 0,
+        interrupts: 0,
+        prior: Default::default(),
+    }
+}
