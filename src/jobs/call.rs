@@ -8,18 +8,16 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use super::App;
 use super::admit::{self, Admission, Held};
 use super::payload::{JobInput, LlmPayload, VisionPayload};
 use super::plan::{Plan, Planned};
 use super::policy::{self, NextStep};
-use super::ports::{Gate, Gates};
+use super::ports::{Gate, Gates, Ledger, Ports, Providers, Results};
 use super::record::{call_record, failed_call, failed_result, record_answer};
 use super::reserve::{self, Hold};
 use super::settle::settle;
 use crate::budget::{CallMeta, Reservation};
 use crate::domain::{MicroUsd, Provider};
-use crate::providers::breaker::Opened;
 use crate::providers::vision::{self, ImageResult};
 use crate::providers::{ErrorKind, ProviderError};
 use crate::queue::backend::{Failure, RawJob};
@@ -30,8 +28,7 @@ use crate::store::{CallStatus, ErrorRecord, ErrorType, JobRef, ResultRecord};
 /// when `probe`) until a call succeeds or the job's outcome is decided; each call reserves,
 /// records and settles on its own.
 pub async fn call_chain(
-    app: &App,
-    gates: &impl Gates,
+    app: &impl Ports,
     raw: &RawJob,
     job: &JobRef,
     input: &JobInput,
@@ -40,12 +37,9 @@ pub async fn call_chain(
 ) -> Result<(), Failure> {
     let chain = &plan.chain;
     let common = input.common();
-    let (_, billing_date) = app.budget.scopes(
-        common.organization_id.as_uuid(),
-        plan.limits,
-        app.budget.now(),
-    );
-    let mut backoff = policy::call_backoff(&app.call_retry);
+    let gates = &app.gates();
+    let billing_date = app.ledger().billing_date(app.ledger().now());
+    let mut backoff = policy::call_backoff(app.call_retry());
     let (mut idx, mut probe) = start;
     let mut call_seq = 0i32;
     loop {
@@ -64,7 +58,7 @@ pub async fn call_chain(
         };
         // Every call holds its own estimate: a fallback is priced at its model's rates.
         let reservation =
-            match reserve::hold(&app.budget, gates, meta, plan.limits, target, probe).await {
+            match reserve::hold(app.ledger(), gates, meta, plan.limits, target, probe).await {
                 Hold::Held(r) => r,
                 Hold::OverBudget(refusal) => {
                     return reserve::over_budget(app, raw, job, target, refusal, call_seq).await;
@@ -94,7 +88,7 @@ pub async fn call_chain(
         };
         let next = policy::next_step(
             policy::CallFailure::from(&e),
-            app.call_retry.cap,
+            app.call_retry().cap,
             &mut backoff,
             idx + 1 < chain.len(),
             fastrand::f64(),
@@ -133,7 +127,7 @@ pub async fn call_chain(
                     "falling back to the next model of the chain");
                 crate::observe::fell_back(target.provider.as_str(), chain[i].provider.as_str());
                 (idx, probe) = (i, p);
-                backoff = policy::call_backoff(&app.call_retry);
+                backoff = policy::call_backoff(app.call_retry());
             }
             Admission::Down(f) => return Err(f),
             Admission::Wait { after: w, .. } => {
@@ -145,7 +139,7 @@ pub async fn call_chain(
                     let result =
                         failed_result(target.provider.as_str(), target.model.clone(), &message);
                     app.record(
-                        app.store
+                        app.results()
                             .record_failure(job, &err, None, Some(&result))
                             .await,
                     )?;
@@ -181,7 +175,7 @@ impl From<Failure> for Attempted {
 
 /// One call to the target's provider.
 async fn call_one(
-    app: &App,
+    app: &impl Ports,
     raw: &RawJob,
     job: &JobRef,
     input: &JobInput,
@@ -195,7 +189,7 @@ async fn call_one(
 }
 
 async fn run_vision(
-    app: &App,
+    app: &impl Ports,
     raw: &RawJob,
     job: &JobRef,
     v: &VisionPayload,
@@ -203,18 +197,18 @@ async fn run_vision(
 ) -> Result<(), Attempted> {
     let features: Vec<String> = v.features.iter().map(|f| f.kind.clone()).collect();
     let started = Instant::now();
-    let resp = app.clients.vision.annotate(&v.images, &v.features).await;
+    let resp = app.providers().annotate(&v.images, &v.features).await;
     crate::observe::provider_call(
         vision::PROVIDER.as_str(),
         call_status(&resp),
         started.elapsed(),
     );
-    breaker_record(app, vision::PROVIDER, &raw.organization_id, &resp).await;
+    breaker_record(&app.gates(), vision::PROVIDER, &raw.organization_id, &resp).await;
     let resp = resp.map_err(Attempted::Failed)?;
     let elapsed = started.elapsed().as_millis() as i64;
     let billable = resp.billable_images() as u64;
     let billed = app
-        .prices
+        .prices()
         .billed_features(&features)
         .map_err(|e| Failure::Permanent {
             message: e.to_string(),
@@ -222,12 +216,12 @@ async fn run_vision(
     // The month's units so far decide the price (the first 1,000 of each feature are free).
     let month = reservation.meta.billing_date.format("%Y-%m").to_string();
     let units: Vec<(&str, u64)> = billed.iter().map(|f| (*f, billable)).collect();
-    let cost = match app.budget.claim_vision_units(&month, &units).await {
+    let cost = match app.ledger().claim_vision_units(&month, &units).await {
         Ok(before) => {
             let mut total = MicroUsd::ZERO;
             for ((feature, n), b) in units.iter().zip(before) {
                 let c = app
-                    .prices
+                    .prices()
                     .vision_feature_cost(feature, b, *n)
                     .map_err(|e| Failure::Permanent {
                         message: e.to_string(),
@@ -288,7 +282,7 @@ async fn run_vision(
         };
         let result = last.then(|| failed_result(vision::PROVIDER.as_str(), None, &message));
         let recorded = app.record(
-            app.store
+            app.results()
                 .record_failure(job, &err, Some(&call), result.as_ref())
                 .await,
         )?;
@@ -321,42 +315,24 @@ async fn run_vision(
     Box::pin(record_answer(app, raw, job, reservation, call, result)).await
 }
 
-/// Tells the provider's breaker, and the organisation's own, how a call went.
-async fn breaker_record<T>(app: &App, provider: Provider, org: &str, r: &Result<T, ProviderError>) {
-    // A 429 with the provider's own delay pauses it for the whole fleet.
+/// Tells the provider's breaker, and the organisation's own, how a call went; a 429 with the
+/// provider's own delay pauses it for the whole fleet.
+async fn breaker_record<T>(
+    gates: &impl Gates,
+    provider: Provider,
+    org: &str,
+    r: &Result<T, ProviderError>,
+) {
     if let Err(ProviderError {
         kind: ErrorKind::RateLimited,
         retry_after: Some(wait),
         ..
     }) = r
     {
-        match app.breakers.pause(provider, *wait).await {
-            Ok(()) => tracing::warn!(
-                provider = provider.as_str(),
-                wait_ms = wait.as_millis() as u64,
-                "rate limited: pausing the provider for every process"
-            ),
-            Err(e) => {
-                tracing::warn!(error = %e, provider = provider.as_str(), "pausing the provider failed")
-            }
-        }
+        gates.pause(provider, *wait).await;
     }
     let outcome = r.as_ref().map(|_| ()).map_err(|e| e.kind);
-    match app.breakers.record(provider, org, outcome).await {
-        Ok(Opened::Provider) => tracing::error!(
-            provider = provider.as_str(),
-            "circuit breaker opened: the provider keeps failing for several organisations; its jobs wait"
-        ),
-        Ok(Opened::Organization) => tracing::warn!(
-            provider = provider.as_str(),
-            organization_id = %crate::redact::Field::new(org),
-            "this organisation's calls keep failing: its own breaker opened; its jobs wait, other organisations' go on"
-        ),
-        Ok(Opened::No) => {}
-        Err(e) => {
-            tracing::warn!(error = %e, provider = provider.as_str(), "recording a call in the circuit breaker failed")
-        }
-    }
+    gates.record_call(provider, org, outcome).await;
 }
 
 fn call_status<T>(r: &Result<T, ProviderError>) -> &'static str {
@@ -389,7 +365,7 @@ fn confidence_scores(raw: &Value) -> Value {
 }
 
 async fn run_llm(
-    app: &App,
+    app: &impl Ports,
     raw: &RawJob,
     job: &JobRef,
     l: &LlmPayload,
@@ -400,44 +376,22 @@ async fn run_llm(
     let model = target.model.as_deref().unwrap_or_default();
     let started = Instant::now();
     let user = l.common.organization_id.to_string();
-    let c = match provider {
-        // The plan gives an LLM job only LLM providers (the payload allows no other).
-        Provider::GoogleVision => {
-            return Err(Attempted::Failed(ProviderError {
-                provider,
-                kind: ErrorKind::Invalid,
-                status: None,
-                message: format!("{provider} is not an LLM provider"),
-                retry_after: None,
-            }));
-        }
-        Provider::Anthropic => {
-            app.clients
-                .anthropic
-                .complete(model, &l.messages, l.max_tokens)
-                .await
-        }
-        Provider::Gemini => {
-            app.clients
-                .gemini
-                .complete(model, &l.messages, l.max_tokens)
-                .await
-        }
-        Provider::OpenAi => {
-            app.clients
-                .openai
-                .complete(model, &l.messages, l.max_tokens, &user, &raw.id)
-                .await
-        }
-    };
+    if provider == Provider::GoogleVision {
+        // Never a call, nor a breaker's failure.
+        return Err(Attempted::Failed(super::ports::not_an_llm(provider)));
+    }
+    let c = app
+        .providers()
+        .complete(provider, model, &l.messages, l.max_tokens, &user, &raw.id)
+        .await;
     crate::observe::provider_call(provider.as_str(), call_status(&c), started.elapsed());
-    breaker_record(app, provider, &raw.organization_id, &c).await;
+    breaker_record(&app.gates(), provider, &raw.organization_id, &c).await;
     let c = c.map_err(Attempted::Failed)?;
     let elapsed = started.elapsed().as_millis() as i64;
     // A response is priced from its usage; should that exceed what max_tokens allowed, the
     // provider's count wins (it is what they bill).
     let cost = app
-        .prices
+        .prices()
         .llm_cost(
             provider.as_str(),
             model,
@@ -465,3 +419,6 @@ async fn run_llm(
     };
     Box::pin(record_answer(app, raw, job, reservation, call, result)).await
 }
+
+#[cfg(test)]
+mod tests;

@@ -6,17 +6,17 @@
 use serde_json::json;
 use uuid::Uuid;
 
-use super::App;
 use super::payload::{JobInput, decode};
 use super::policy::{STORE_PROBE, jitter, spread};
+use super::ports::{Ports, Results};
 use super::record::failed_result;
 use crate::queue::backend::{Failure, Prior, RawJob};
 use crate::redact::Field;
 use crate::store::{ErrorRecord, ErrorType, JobRef};
 
 /// The job's payload as domain types, or its `invalid_payload` record and a permanent failure.
-pub async fn decode_job(app: &App, raw: &RawJob) -> Result<JobInput, Failure> {
-    let e = match decode(raw, &app.prices) {
+pub async fn decode_job(app: &impl Ports, raw: &RawJob) -> Result<JobInput, Failure> {
+    let e = match decode(raw, app.prices()) {
         Ok(input) => return Ok(input),
         Err(e) => e,
     };
@@ -32,7 +32,7 @@ pub async fn decode_job(app: &App, raw: &RawJob) -> Result<JobInput, Failure> {
     };
     let result = failed_result("none", None, &e.to_string());
     app.record(
-        app.store
+        app.results()
             .record_failure(&job, &err, None, Some(&result))
             .await,
     )?;
@@ -46,7 +46,7 @@ pub async fn decode_job(app: &App, raw: &RawJob) -> Result<JobInput, Failure> {
 /// failed for good, or when whether it ran is unknown (PostgreSQL was unreachable). A worker
 /// that stopped mid-job may have recorded it without acknowledging it, or the app reused an id
 /// that finished.
-pub fn already_done(app: &App, raw: &RawJob) -> Result<bool, Failure> {
+pub fn already_done(app: &impl Ports, raw: &RawJob) -> Result<bool, Failure> {
     match raw.prior {
         Prior::Nothing => Ok(false),
         Prior::Completed => {
@@ -61,7 +61,7 @@ pub fn already_done(app: &App, raw: &RawJob) -> Result<bool, Failure> {
             })
         }
         Prior::Unknown => {
-            app.store_gate.trip();
+            app.store_gate().trip();
             Err(Failure::Defer {
                 message: "PostgreSQL is unreachable: whether this job already ran is unknown"
                     .into(),
@@ -84,5 +84,67 @@ pub fn job_ref(raw: &RawJob, input: Option<&JobInput>) -> JobRef {
         correlation_id: common.and_then(|c| c.correlation_id.clone()),
         attempt: raw.attempt,
         execution: raw.token as i64,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::CallRetryPolicy;
+    use crate::domain::MicroUsd;
+    use crate::jobs::ports::memory::{MemoryPorts, Row, raw_job};
+    use crate::queue::backend::Prior;
+
+    fn ports() -> MemoryPorts {
+        let retry = CallRetryPolicy {
+            retries: 0,
+            base: std::time::Duration::from_millis(100),
+            cap: std::time::Duration::from_secs(1),
+        };
+        MemoryPorts::new(retry, MicroUsd::ZERO, [])
+    }
+
+    fn raw(payload: &str, prior: Prior) -> RawJob {
+        RawJob {
+            prior,
+            ..raw_job(payload, 1, 3)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_payload_that_can_never_run_gets_its_error_and_failed_result_rows_once_and_is_dead() {
+        let p = ports();
+        let outcome = decode_job(&p, &raw("{\"version\": 1}", Prior::Nothing)).await;
+        assert!(matches!(outcome, Err(Failure::Permanent { .. })));
+        let rows = p.results.rows();
+        assert_eq!(rows.len(), 2, "{rows:?}");
+        assert!(matches!(
+            rows[0],
+            Row::Error {
+                call_seq: 0,
+                error_type: ErrorType::InvalidPayload
+            }
+        ));
+        assert!(matches!(
+            rows[1],
+            Row::Result {
+                completed: false,
+                model: None
+            }
+        ));
+    }
+
+    #[tokio::test]
+    async fn an_unknown_earlier_outcome_holds_this_process_s_calls_back_until_postgres_answers() {
+        let p = ports();
+        assert!(crate::jobs::record::store_reachable(&p).await.is_ok());
+        assert!(matches!(
+            already_done(&p, &raw("{}", Prior::Unknown)),
+            Err(Failure::Defer { .. })
+        ));
+        // The store gate is down: the next jobs wait before any call, until one probe answers.
+        assert!(p.store_gate.is_down());
+        assert!(p.results.rows().is_empty());
+        assert!(already_done(&p, &raw("{}", Prior::Completed)).unwrap());
     }
 }

@@ -6,10 +6,10 @@
 //! probe last: a [`reserve::Hold`]), [`call`] (the provider call, and what follows a failed one:
 //! a [`policy::NextStep`]), [`record`] (the rows in PostgreSQL, in one transaction) and
 //! [`settle`] (the budget at the cost the row holds, and alerts). The rules those answers follow
-//! are pure functions in [`policy`]; the admission stages talk to the breakers and the budget
-//! through [`ports`]. The outcome goes back to the queue as a [`Failure`] kind (retry,
-//! permanent, defer) that the backend's ack layer turns into a retry, a dead job, a deferral or
-//! an ack. Handlers read no environment variables: everything comes in through [`App`].
+//! are pure functions in [`policy`]; the stages talk to the breakers, the budget, the results
+//! store and the providers through [`ports`] (`App` wires the daemon's, tests in-memory ones).
+//! The outcome goes back to the queue as a [`Failure`] kind (retry, permanent, defer) that the
+//! backend's ack layer turns into a retry, a dead job, a deferral or an ack. Handlers read no environment variables: everything comes in through [`App`].
 
 pub mod admit;
 pub mod call;
@@ -52,7 +52,7 @@ use crate::queue::backend::{Failure, RawJob};
 use crate::redact::Field;
 use crate::store::Store;
 use admit::Admission;
-use ports::RedisGates;
+use ports::Ports;
 use record::StoreGate;
 
 /// What the handlers need, built once at start.
@@ -89,14 +89,6 @@ pub struct AppParts {
 }
 
 impl App {
-    /// The gates of the admission policy, as this process's Redis holds them.
-    fn gates(&self) -> RedisGates<'_> {
-        RedisGates {
-            breakers: &self.breakers,
-            budget: &self.budget,
-        }
-    }
-
     pub fn new(p: AppParts) -> Self {
         Self {
             alerts: Arc::new(Alerts::new(p.store.clone())),
@@ -222,7 +214,7 @@ pub async fn run(app: &App, raw: &RawJob) -> Result<(), Failure> {
 
 /// The stages of one job, in order; each returns early with the job's outcome when it ends it.
 async fn run_in_span(app: &App, raw: &RawJob) -> Result<(), Failure> {
-    app.store_reachable().await?;
+    record::store_reachable(app).await?;
     let input = decode::decode_job(app, raw).await?;
     let job = decode::job_ref(raw, Some(&input));
     if decode::already_done(app, raw)? {
@@ -239,13 +231,12 @@ async fn run_in_span(app: &App, raw: &RawJob) -> Result<(), Failure> {
         return Ok(());
     }
     let plan = plan::plan_job(app, &job, &input).await?;
-    let gates = app.gates();
-    let start = match admit::admit_job(&gates, &plan.chain, org, tier).await {
+    let start = match admit::admit_job(&app.gates(), &plan.chain, org, tier).await {
         Admission::Go { idx, probe } => (idx, probe),
         Admission::Wait { after, why } => return Err(why.deferral(after)),
         Admission::Down(f) => return Err(f),
     };
-    call::call_chain(app, &gates, raw, &job, &input, &plan, start).await
+    call::call_chain(app, raw, &job, &input, &plan, start).await
 }
 
 /// A top-level string field of the payload, without decoding it (for labels and logs; the

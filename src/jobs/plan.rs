@@ -10,6 +10,7 @@ use uuid::Uuid;
 use super::App;
 use super::payload::JobInput;
 use super::policy::LIMITS_CACHE;
+use super::ports::Ports;
 use super::record::failed_result;
 use crate::budget::OrgLimits;
 use crate::domain::{MicroUsd, Provider, Tier};

@@ -9,9 +9,9 @@ use std::time::Duration;
 use chrono::Utc;
 use serde_json::json;
 
-use super::App;
 use super::call::Attempted;
 use super::policy::{KEPT_ANSWER_TTL, STORE_PROBE, jitter, spread};
+use super::ports::{Ledger, Ports, Results};
 use super::settle::settle;
 use crate::budget::Reservation;
 use crate::domain::MicroUsd;
@@ -33,7 +33,7 @@ struct KeptAnswer {
 
 /// Whether this process last found PostgreSQL unreachable, and until when it waits.
 #[derive(Default)]
-pub(super) struct StoreGate {
+pub struct StoreGate {
     /// Unix ms until which calls are held back; 0 while PostgreSQL answers.
     down_until_ms: AtomicI64,
 }
@@ -43,69 +43,69 @@ impl StoreGate {
         let until = Utc::now().timestamp_millis() + STORE_PROBE.as_millis() as i64;
         self.down_until_ms.fetch_max(until, Ordering::AcqRel);
     }
+
+    /// Whether calls are held back (or one job probes PostgreSQL now).
+    #[cfg(test)]
+    pub(super) fn is_down(&self) -> bool {
+        self.down_until_ms.load(Ordering::Acquire) != 0
+    }
 }
 
-impl App {
-    /// A store error as the queue's failure kind. PostgreSQL unreachable: the job waits without
-    /// spending an attempt, and this process holds its calls back until PostgreSQL answers again
-    /// (a call whose rows cannot be written would be paid for and then made again). Any other
-    /// store error spends an attempt. Either way the call's hold is left to expire: the sweeper
-    /// then records the call at its estimate, so a paid call whose row was lost is still counted.
-    pub(super) fn record<T>(&self, r: Result<T, crate::store::StoreError>) -> Result<T, Failure> {
-        r.map_err(|e| self.store_failure(e))
-    }
-
-    /// [`App::record`]'s answer for one store error.
-    fn store_failure(&self, e: crate::store::StoreError) -> Failure {
-        if e.is_unavailable() {
-            self.store_gate.trip();
-            Failure::Defer {
-                message: format!("PostgreSQL is unreachable: {e}"),
-                after: STORE_PROBE + spread(jitter::STORE),
-            }
-        } else {
-            Failure::Retry {
-                message: format!("recording the outcome failed: {e}"),
-                after: None,
-            }
+/// A store error as the queue's failure kind ([`Ports::record`]). PostgreSQL unreachable: the
+/// job waits without spending an attempt, and this process holds its calls back until
+/// PostgreSQL answers again (a call whose rows cannot be written would be paid for and then
+/// made again). Any other store error spends an attempt. Either way the call's hold is left to
+/// expire: the sweeper then records the call at its estimate, so a paid call whose row was lost
+/// is still counted.
+pub(super) fn store_failure(gate: &StoreGate, e: crate::store::StoreError) -> Failure {
+    if e.is_unavailable() {
+        gate.trip();
+        Failure::Defer {
+            message: format!("PostgreSQL is unreachable: {e}"),
+            after: STORE_PROBE + spread(jitter::STORE),
+        }
+    } else {
+        Failure::Retry {
+            message: format!("recording the outcome failed: {e}"),
+            after: None,
         }
     }
+}
 
-    /// Fails with a deferral while PostgreSQL is known to be unreachable. Once the wait is over,
-    /// one job probes it (`SELECT 1`) while the others keep waiting.
-    pub(super) async fn store_reachable(&self) -> Result<(), Failure> {
-        let until = self.store_gate.down_until_ms.load(Ordering::Acquire);
-        if until == 0 {
-            return Ok(());
+/// Fails with a deferral while PostgreSQL is known to be unreachable. Once the wait is over,
+/// one job probes it (`SELECT 1`) while the others keep waiting.
+pub(super) async fn store_reachable(app: &impl Ports) -> Result<(), Failure> {
+    let gate = app.store_gate();
+    let until = gate.down_until_ms.load(Ordering::Acquire);
+    if until == 0 {
+        return Ok(());
+    }
+    let now = Utc::now().timestamp_millis();
+    let wait = |until: i64| Failure::Defer {
+        message: "PostgreSQL is unreachable; waiting before calling any provider".into(),
+        after: Duration::from_millis((until - now).max(0) as u64) + spread(jitter::STORE),
+    };
+    if now < until {
+        return Err(wait(until));
+    }
+    let next = now + STORE_PROBE.as_millis() as i64;
+    if gate
+        .down_until_ms
+        .compare_exchange(until, next, Ordering::AcqRel, Ordering::Acquire)
+        .is_err()
+    {
+        // Another job is probing.
+        return Err(wait(next));
+    }
+    match app.results().ping().await {
+        Ok(()) => {
+            gate.down_until_ms.store(0, Ordering::Release);
+            tracing::info!("PostgreSQL answers again");
+            Ok(())
         }
-        let now = Utc::now().timestamp_millis();
-        let wait = |until: i64| Failure::Defer {
-            message: "PostgreSQL is unreachable; waiting before calling any provider".into(),
-            after: Duration::from_millis((until - now).max(0) as u64) + spread(jitter::STORE),
-        };
-        if now < until {
-            return Err(wait(until));
-        }
-        let next = now + STORE_PROBE.as_millis() as i64;
-        if self
-            .store_gate
-            .down_until_ms
-            .compare_exchange(until, next, Ordering::AcqRel, Ordering::Acquire)
-            .is_err()
-        {
-            // Another job is probing.
-            return Err(wait(next));
-        }
-        match self.store.ping().await {
-            Ok(()) => {
-                self.store_gate.down_until_ms.store(0, Ordering::Release);
-                tracing::info!("PostgreSQL answers again");
-                Ok(())
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "PostgreSQL is still unreachable");
-                Err(wait(next))
-            }
+        Err(e) => {
+            tracing::warn!(error = %e, "PostgreSQL is still unreachable");
+            Err(wait(next))
         }
     }
 }
@@ -124,7 +124,7 @@ pub(super) fn failed_result(provider: &str, model: Option<String>, message: &str
 }
 
 pub(super) fn call_record(
-    app: &App,
+    app: &impl Ports,
     r: &Reservation,
     cost: MicroUsd,
     status: CallStatus,
@@ -142,7 +142,7 @@ pub(super) fn call_record(
         output_tokens: None,
         cost,
         status,
-        price_version: app.prices.version.clone(),
+        price_version: app.prices().version.clone(),
         metadata: json!({}),
     }
 }
@@ -154,14 +154,18 @@ pub(super) fn call_record(
 /// cannot keep them either is the answer lost, as before: the hold then expires into a cost row
 /// at its estimate, and the job is run again.
 pub(super) async fn record_answer(
-    app: &App,
+    app: &impl Ports,
     raw: &RawJob,
     job: &JobRef,
     reservation: &Reservation,
     call: CallRecord,
     result: ResultRecord,
 ) -> Result<(), Attempted> {
-    let unwritten = match app.store.record_success_or_return(job, call, result).await {
+    let unwritten = match app
+        .results()
+        .record_success_or_return(job, call, result)
+        .await
+    {
         Ok(recorded) => {
             settle(app, reservation, recorded).await;
             Box::pin(above_estimate(app, job, reservation, recorded)).await;
@@ -171,9 +175,9 @@ pub(super) async fn record_answer(
     };
     let crate::store::Unwritten { error, rows } = unwritten;
     let (Some((call, result)), true) = (rows, error.is_unavailable()) else {
-        return Err(app.store_failure(error).into());
+        return Err(store_failure(app.store_gate(), error).into());
     };
-    app.store_gate.trip();
+    app.store_gate().trip();
     let kept = KeptAnswer {
         job: job.clone(),
         reservation: reservation.id.clone(),
@@ -184,19 +188,19 @@ pub(super) async fn record_answer(
         Ok(b) => b,
         Err(e) => {
             tracing::error!(error = %e, "an answer could not be serialised to keep it");
-            return Err(app.store_failure(error).into());
+            return Err(store_failure(app.store_gate(), error).into());
         }
     };
-    if let Err(e) = app.queue.keep(&raw.id, &bytes, KEPT_ANSWER_TTL).await {
+    if let Err(e) = app.results().keep(&raw.id, &bytes, KEPT_ANSWER_TTL).await {
         tracing::error!(error = %e, "PostgreSQL and Redis both failed: the answer is lost, and the job will call again");
-        return Err(app.store_failure(error).into());
+        return Err(store_failure(app.store_gate(), error).into());
     }
     // The hold stays, counted at its estimate, until the rows are written and settle it at the
     // cost they hold: the sweeper must not book it as expired meanwhile. (If it already has,
     // its row is the call's and both settle at it.)
     if let Err(e) = app
-        .budget
-        .extend_hold(&reservation.id, KEPT_ANSWER_TTL)
+        .ledger()
+        .keep_hold(&reservation.id, KEPT_ANSWER_TTL)
         .await
     {
         tracing::warn!(error = %e, "keeping the hold of a kept answer from the sweeper failed");
@@ -212,11 +216,11 @@ pub(super) async fn record_answer(
 /// Writes the rows an earlier execution kept ([`record_answer`]) and settles the call's hold at
 /// the cost its row holds; true when it did, and the job is done.
 pub(super) async fn write_kept_answer(
-    app: &App,
+    app: &impl Ports,
     raw: &RawJob,
     job: &JobRef,
 ) -> Result<bool, Failure> {
-    let bytes = match app.queue.kept(&raw.id).await {
+    let bytes = match app.results().kept(&raw.id).await {
         Ok(Some(b)) => b,
         Ok(None) => return Ok(false),
         Err(e) => {
@@ -231,27 +235,28 @@ pub(super) async fn write_kept_answer(
         Ok(k) => k,
         Err(e) => {
             tracing::error!(error = %e, "the job's kept answer cannot be read: calling again");
-            let _ = app.queue.forget_kept(&raw.id).await;
+            let _ = app.results().forget_kept(&raw.id).await;
             return Ok(false);
         }
     };
     if kept.job.job_id != job.job_id || kept.job.organization_id != job.organization_id {
         tracing::error!("a kept answer of another job or organisation under this id: ignored");
-        let _ = app.queue.forget_kept(&raw.id).await;
+        let _ = app.results().forget_kept(&raw.id).await;
         return Ok(false);
     }
     let recorded = app.record(
-        app.store
-            .record_success(&kept.job, kept.call, kept.result)
-            .await,
+        app.results()
+            .record_success_or_return(&kept.job, kept.call, kept.result)
+            .await
+            .map_err(|u| u.error),
     )?;
-    match app.budget.settle(&kept.reservation, recorded).await {
-        Ok(states) => app.alerts.check(&states).await,
+    match app.ledger().settle_hold(&kept.reservation, recorded).await {
+        Ok(states) => app.results().check_alerts(&states).await,
         Err(e) => {
             tracing::warn!(error = %e, reservation = %kept.reservation, "settling a kept answer's hold failed; the sweeper will")
         }
     }
-    if let Err(e) = app.queue.forget_kept(&raw.id).await {
+    if let Err(e) = app.results().forget_kept(&raw.id).await {
         // Harmless: writing the rows again changes nothing (one row per call and per job).
         tracing::warn!(error = %e, "forgetting a written kept answer failed");
     }
@@ -264,7 +269,7 @@ pub(super) async fn write_kept_answer(
 /// must be (a catalog without a rate the provider charges, or usage beyond what the request
 /// allowed). The actual cost stands (the provider bills it) and is settled; this adds an error
 /// row, a metric and an error event (Sentry), so the catalog gets fixed.
-async fn above_estimate(app: &App, job: &JobRef, reservation: &Reservation, cost: MicroUsd) {
+async fn above_estimate(app: &impl Ports, job: &JobRef, reservation: &Reservation, cost: MicroUsd) {
     if cost <= reservation.estimate {
         return;
     }
@@ -280,12 +285,12 @@ async fn above_estimate(app: &App, job: &JobRef, reservation: &Reservation, cost
         error_type: ErrorType::CostAboveEstimate,
         message,
         details: json!({ "estimate_usd": reservation.estimate.as_usd_f64(), "cost_usd": cost.as_usd_f64(),
-            "model": reservation.meta.model, "price_version": app.prices.version }),
+            "model": reservation.meta.model, "price_version": app.prices().version }),
         provider: Some(provider.to_owned()),
         http_status: Some(200),
         call_seq: reservation.meta.call_seq,
     };
-    if let Err(e) = app.store.record_error(job, &err).await {
+    if let Err(e) = app.results().record_error(job, &err).await {
         tracing::warn!(error = %e, job.id = %job.job_id, "writing the cost_above_estimate row failed");
     }
 }
@@ -295,7 +300,7 @@ async fn above_estimate(app: &App, job: &JobRef, reservation: &Reservation, cost
 /// sent may have been billed, so it costs its estimate; one the provider answered with an
 /// error, or that never connected, costs nothing. Returns the error row it wrote.
 pub(super) async fn failed_call(
-    app: &App,
+    app: &impl Ports,
     job: &JobRef,
     e: &ProviderError,
     reservation: &Reservation,
@@ -329,7 +334,7 @@ pub(super) async fn failed_call(
         )
     });
     let recorded = app.record(
-        app.store
+        app.results()
             .record_failure(job, &err, Some(&call), result.as_ref())
             .await,
     )?;

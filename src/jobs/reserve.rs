@@ -8,13 +8,11 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use super::App;
 use super::plan::Planned;
 use super::policy::window_reset_wait;
-use super::ports::{Gate, Gates, Ledger, Reserved};
+use super::ports::{Gate, Gates, Ledger, Ports, Reserved, Results};
 use super::record::failed_result;
 use crate::budget::{CallMeta, OrgLimits, Refusal, Reservation};
-use crate::config::OnBudgetExceeded;
 use crate::queue::backend::{Failure, RawJob};
 use crate::redact::Field;
 use crate::store::{ErrorRecord, ErrorType, JobRef};
@@ -70,7 +68,7 @@ pub async fn hold(
 
 /// No room in a budget: no call. The job waits for the window to reset (or fails, by setting).
 pub(super) async fn over_budget(
-    app: &App,
+    app: &impl Ports,
     raw: &RawJob,
     job: &JobRef,
     planned: &Planned,
@@ -78,8 +76,8 @@ pub(super) async fn over_budget(
     call_seq: i32,
 ) -> Result<(), Failure> {
     let message = refusal.message();
-    app.alerts.limit_reached(&refusal).await;
-    let fail = app.budget.settings().on_exceeded == OnBudgetExceeded::Fail;
+    app.results().limit_reached(&refusal).await;
+    let fail = app.ledger().fails_over_budget();
     let err = ErrorRecord {
         error_type: ErrorType::BudgetExceeded,
         message: message.clone(),
@@ -98,7 +96,7 @@ pub(super) async fn over_budget(
     let result =
         fail.then(|| failed_result(planned.provider.as_str(), planned.model.clone(), &message));
     app.record(
-        app.store
+        app.results()
             .record_failure(job, &err, None, result.as_ref())
             .await,
     )?;
@@ -106,7 +104,7 @@ pub(super) async fn over_budget(
     if fail {
         return Err(Failure::Permanent { message });
     }
-    let until = (refusal.scope.window.resets_at - app.budget.now())
+    let until = (refusal.scope.window.resets_at - app.ledger().now())
         .to_std()
         .unwrap_or_default();
     Err(Failure::Defer {
