@@ -180,6 +180,21 @@ pub struct Settings {
     /// image data). Off by default: events carry ids, tags and the failure only.
     pub sentry_send_payloads: bool,
     pub breaker: BreakerSettings,
+    pub webhooks: WebhookSettings,
+}
+
+/// Webhooks: retries, the failing mark, the addresses allowed, the callbacks' secret.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WebhookSettings {
+    pub retry_for: Duration,
+    pub retry_base: Duration,
+    pub failing_after: Duration,
+    pub timeout: Duration,
+    pub concurrency: usize,
+    /// Private networks webhooks may go to anyway (`AIQ_WEBHOOK_ALLOW_NETS`).
+    pub allow_nets: Vec<crate::webhooks::address::Net>,
+    /// The `whsec_` secrets that sign callback_url deliveries, newest first (checked at load).
+    pub callback_secrets: Vec<Secret>,
 }
 
 /// Reads variables through `lookup`, so tests can load settings without touching the process
