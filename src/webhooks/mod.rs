@@ -203,8 +203,9 @@ pub async fn deliver(
     stop: CancellationToken,
 ) {
     let batch = (settings.concurrency * 2) as i64;
-    // A claim outlives every try of the batch: tries run `concurrency` at a time.
-    let lease = settings.timeout * 3 + Duration::from_secs(30);
+    // A claim outlives every try of the batch: `2 * concurrency` messages, `concurrency` at a
+    // time, each at most a timeout; then a margin for recording them.
+    let lease = settings.timeout * 2 + Duration::from_secs(2);
     let mut gauge_at = tokio::time::Instant::now();
     loop {
         if tokio::time::Instant::now() >= gauge_at {
