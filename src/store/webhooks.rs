@@ -24,6 +24,9 @@ pub const ENDPOINT_CACHE_TTL: Duration = Duration::from_secs(3);
 /// The most secrets an endpoint keeps (the table's CHECK): a rotation adds one.
 pub const MAX_SECRETS: usize = 8;
 
+/// The most of a try's error kept in the outbox and on the endpoint, in characters.
+pub const MAX_ERROR_CHARS: usize = 1000;
+
 /// A job's final state, as its webhook's `type` names it. The call site that writes the final
 /// result row knows which: a permanent failure is `Failed`, attempts (or interruptions) that ran
 /// out are `Dead`.
@@ -184,6 +187,31 @@ impl Store {
                 None
             }
         }
+    }
+}
+
+impl Store {
+    /// [`enqueue_in`] for the events whose job has a receiver, as the cache of organisations
+    /// with endpoints knows (no query at all when none has). For a writer of final result rows
+    /// in a transaction of its own, such as the cancellation's.
+    pub async fn enqueue_webhooks_in(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        events: Vec<JobEvent>,
+    ) -> Result<u64, sqlx::Error> {
+        if events.is_empty() {
+            return Ok(0);
+        }
+        let orgs = if events.iter().all(|e| e.callback_url.is_some()) {
+            None
+        } else {
+            self.endpoint_orgs().await
+        };
+        let events: Vec<JobEvent> = events
+            .into_iter()
+            .filter(|e| has_receiver(&orgs, Some(e.organization_id), e.callback_url.is_some()))
+            .collect();
+        enqueue_in(tx, &events).await
     }
 }
 
@@ -477,7 +505,7 @@ impl Store {
                 false
             }
             Tried::Failed { status, error } => {
-                let error = pg_text(error);
+                let error = crate::redact::cut(&pg_text(error), MAX_ERROR_CHARS).into_owned();
                 let given_up: bool = sqlx::query_scalar(
                     "UPDATE webhook_outbox SET attempts = attempts + 1,
                         first_failed_at = coalesce(first_failed_at, now()),
@@ -525,5 +553,125 @@ impl Store {
         .bind(failing_after.as_secs_f64())
         .fetch_one(&self.pool)
         .await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::MicroUsd;
+    use crate::store::CallStatus;
+
+    fn job() -> JobRef {
+        JobRef {
+            job_id: "j-1".into(),
+            kind: "llm.complete".into(),
+            tier: Some("growth_team".into()),
+            organization_id: Some(Uuid::nil()),
+            subject_id: None,
+            subject_type: None,
+            correlation_id: None,
+            attempt: 2,
+            execution: 7,
+            callback_url: Some("https://app.example.com/h".into()),
+        }
+    }
+
+    #[test]
+    fn a_succeeded_jobs_body_carries_the_contracts_fields_and_its_result_summary() {
+        let call = CallRecord {
+            provider: "openai".into(),
+            operation: "chat".into(),
+            model: Some("gpt-4o-mini".into()),
+            call_seq: 0,
+            billing_date: chrono::NaiveDate::from_ymd_opt(2026, 12, 2).unwrap(),
+            estimate: None,
+            units: None,
+            input_tokens: Some(12),
+            cached_tokens: Some(0),
+            output_tokens: Some(30),
+            cost: MicroUsd::from_micros(123),
+            status: CallStatus::Succeeded,
+            price_version: "v".into(),
+            metadata: json!({}),
+        };
+        let result = ResultRecord {
+            provider: "openai".into(),
+            model: Some("gpt-4o-mini".into()),
+            raw_response: json!({}),
+            confidence_scores: json!({}),
+            processing_ms: 850,
+            cost: MicroUsd::from_micros(123),
+            completed: true,
+            error_message: None,
+        };
+        let e = JobEvent::succeeded(&job(), &call, &result).unwrap();
+        assert_eq!(e.callback_url.as_deref(), Some("https://app.example.com/h"));
+        let body: Value = serde_json::from_str(&e.body).unwrap();
+        assert_eq!(body["type"], "job.succeeded");
+        assert!(chrono::DateTime::parse_from_rfc3339(body["timestamp"].as_str().unwrap()).is_ok());
+        let d = &body["data"];
+        assert_eq!(d["job_id"], "j-1");
+        assert_eq!(d["organization_id"], Uuid::nil().to_string());
+        assert_eq!(
+            (&d["tier"], &d["kind"]),
+            (&json!("growth_team"), &json!("llm.complete"))
+        );
+        assert_eq!(
+            (&d["state"], &d["attempts"]),
+            (&json!("succeeded"), &json!(2))
+        );
+        assert_eq!(
+            d["result"],
+            json!({"provider": "openai", "model": "gpt-4o-mini", "cost_usd": "0.000123",
+                   "input_tokens": 12, "output_tokens": 30, "units": null, "duration_ms": 850})
+        );
+        assert_eq!(d["error"], Value::Null);
+    }
+
+    #[test]
+    fn each_ending_has_its_type_and_state_and_a_job_without_organisation_no_event() {
+        let names: Vec<(&str, &str)> = [
+            Ending::Succeeded,
+            Ending::Failed,
+            Ending::Dead,
+            Ending::Cancelled,
+        ]
+        .iter()
+        .map(|e| (e.event_type(), e.state()))
+        .collect();
+        assert_eq!(
+            names,
+            [
+                ("job.succeeded", "succeeded"),
+                ("job.failed", "failed"),
+                ("job.dead", "dead"),
+                ("job.cancelled", "cancelled")
+            ]
+        );
+        let mut orphan = job();
+        orphan.organization_id = None;
+        assert!(JobEvent::new(&orphan, Ending::Dead, Some("x"), None).is_none());
+        let dead = JobEvent::new(&job(), Ending::Dead, Some("bad\0byte"), None).unwrap();
+        let body: Value = serde_json::from_str(&dead.body).unwrap();
+        assert_eq!(body["data"]["error"], "bad\u{FFFD}byte");
+    }
+
+    #[test]
+    fn a_job_has_a_receiver_with_a_callback_or_an_organisation_with_endpoints() {
+        let org = Uuid::from_u128(5);
+        let known: EndpointOrgs = Some(Arc::new([org].into_iter().collect()));
+        let none: EndpointOrgs = Some(Arc::new(HashSet::new()));
+        assert!(has_receiver(&known, Some(org), false));
+        assert!(!has_receiver(&none, Some(org), false));
+        assert!(has_receiver(&none, Some(org), true));
+        assert!(
+            has_receiver(&None, Some(org), false),
+            "unknown: looked up by the insert"
+        );
+        assert!(
+            !has_receiver(&None, None, true),
+            "no organisation, no receiver"
+        );
     }
 }

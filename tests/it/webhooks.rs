@@ -222,7 +222,13 @@ async fn a_succeeded_and_a_failed_job_each_produce_exactly_one_delivery_whose_si
     let f = body_of(of(&bad));
     assert_eq!(f["type"], "job.failed");
     assert_eq!(f["data"]["state"], "failed");
-    assert!(f["data"]["error"].as_str().unwrap().contains("invalid_request"), "{f}");
+    assert!(
+        f["data"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("invalid_request"),
+        "{f}"
+    );
     assert_eq!(f["data"]["result"], Value::Null);
     assert_ne!(got[0].id, got[1].id, "one webhook-id per message");
 }
