@@ -576,3 +576,83 @@ async fn a_replayed_final_result_adds_no_second_message() {
         "two endpoints and the callback, once each"
     );
 }
+
+/// Runs `aiq webhooks ARGS` with the test's settings; returns (success, stdout, stderr).
+fn cli(ctx: &TestCtx, args: &[&str]) -> (bool, String, String) {
+    let out = crate::harness::aiq_command()
+        .envs(&ctx.vars)
+        .arg("webhooks")
+        .args(args)
+        .output()
+        .expect("running aiq webhooks");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aiq_webhooks_adds_lists_tests_rotates_and_removes_an_endpoint() {
+    let ctx = ctx_allowing_the_receiver(&[]).await;
+    let (r, port) = receiver(&[Reply::Status(204)]).await;
+    let url = format!("http://127.0.0.1:{port}/hooks");
+
+    let (ok, out, err) = cli(&ctx, &["add", "--org", ORG_A, "--url", &url]);
+    assert!(ok, "{err}");
+    let field = |out: &str, name: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in {out}"))
+            .to_owned()
+    };
+    let id = field(&out, "endpoint");
+    let secret = field(&out, "secret");
+    assert!(secret.starts_with("whsec_"), "{out}");
+
+    let (ok, out, err) = cli(&ctx, &["test", &id]);
+    assert!(ok, "{err}");
+    assert!(out.starts_with("HTTP 204"), "{out}");
+    let got = r.got();
+    assert_eq!(got.len(), 1);
+    verify(&got[0], &[&secret]);
+    assert_eq!(body_of(&got[0])["type"], "webhook.test");
+
+    let (ok, out, err) = cli(&ctx, &["rotate", &id]);
+    assert!(ok, "{err}");
+    let newer = field(&out, "secret");
+    assert_ne!(newer, secret);
+    let (ok, _, err) = cli(&ctx, &["test", &id]);
+    assert!(ok, "{err}");
+    verify(&r.got()[1], &[&newer, &secret]);
+
+    let (ok, out, err) = cli(&ctx, &["list", "--org", ORG_A, "--json"]);
+    assert!(ok, "{err}");
+    let listed: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(listed["id"], id.as_str());
+    assert_eq!(listed["secrets"], 2);
+    assert_eq!(listed["failing"], false);
+    assert!(!out.contains("whsec_"), "list never prints secrets: {out}");
+    let (ok, out, _) = cli(&ctx, &["list"]);
+    assert!(ok && out.contains(&id) && out.contains(" ok "), "{out}");
+
+    // Refused: a private address without an allow-list, and a secret that is not one.
+    let plain = TestCtx::new().await;
+    let (ok, _, err) = cli(
+        &plain,
+        &["add", "--org", ORG_A, "--url", "http://169.254.169.254/"],
+    );
+    assert!(!ok && err.contains("169.254.169.254"), "{err}");
+    let (ok, _, err) = cli(
+        &ctx,
+        &["add", "--org", ORG_A, "--url", &url, "--secret", "nope"],
+    );
+    assert!(!ok && err.contains("whsec_"), "{err}");
+
+    let (ok, _, err) = cli(&ctx, &["rm", &id]);
+    assert!(ok, "{err}");
+    let (ok, out, _) = cli(&ctx, &["list"]);
+    assert!(ok && out.contains("no endpoints"), "{out}");
+    let (ok, _, err) = cli(&ctx, &["rm", &id]);
+    assert!(!ok && err.contains("no endpoint"), "{err}");
+}
