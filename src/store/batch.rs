@@ -82,6 +82,13 @@ async fn writer(store: Store, mut rx: mpsc::Receiver<Pending>) {
 /// messages of the jobs whose result row it added (one statement, none without receivers),
 /// then the cost each call's row holds.
 async fn write(store: &Store, batch: &[Pending]) -> Result<Vec<MicroUsd>, StoreError> {
+    // Which organisations have endpoints: from the cache (read again every few seconds, before
+    // the transaction, so no batch holds its locks while it is read).
+    let endpoint_orgs = if batch.iter().all(|p| p.job.callback_url.is_some()) {
+        None
+    } else {
+        store.endpoint_orgs().await
+    };
     let mut tx = store.pool.begin().await?;
     let col = |f: &dyn Fn(&Pending) -> Option<String>| batch.iter().map(f).collect::<Vec<_>>();
     let ints = |f: &dyn Fn(&Pending) -> Option<i64>| batch.iter().map(f).collect::<Vec<_>>();
@@ -256,11 +263,6 @@ async fn write(store: &Store, batch: &[Pending]) -> Result<Vec<MicroUsd>, StoreE
     .await?;
     // Only jobs with a receiver get messages (no query for the others), and only those whose
     // row this transaction added: a replayed job's messages were written with its row.
-    let endpoint_orgs = if batch.iter().all(|p| p.job.callback_url.is_some()) {
-        None
-    } else {
-        store.endpoint_orgs().await
-    };
     let events: Vec<JobEvent> = batch
         .iter()
         .filter(|p| {
