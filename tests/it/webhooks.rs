@@ -656,3 +656,92 @@ async fn aiq_webhooks_adds_lists_tests_rotates_and_removes_an_endpoint() {
     let (ok, _, err) = cli(&ctx, &["rm", &id]);
     assert!(!ok && err.contains("no endpoint"), "{err}");
 }
+
+/// Writes `n` succeeded jobs' rows of ORG_A through the group-commit writer, all at once;
+/// returns the time taken.
+async fn write_succeeded(store: &aiq::store::Store, n: usize, tag: &str) -> Duration {
+    let org = uuid::Uuid::parse_str(ORG_A).unwrap();
+    let started = std::time::Instant::now();
+    let writes = (0..n).map(|i| {
+        let store = store.clone();
+        let job = aiq::store::JobRef {
+            job_id: format!("j-{tag}-{i}"),
+            kind: "llm.complete".into(),
+            tier: Some("trial".into()),
+            organization_id: Some(org),
+            subject_id: None,
+            subject_type: None,
+            correlation_id: None,
+            attempt: 1,
+            execution: 1,
+            callback_url: None,
+        };
+        async move {
+            let call = aiq::store::CallRecord {
+                provider: "openai".into(),
+                operation: "chat".into(),
+                model: Some("gpt-4o-mini".into()),
+                call_seq: 0,
+                billing_date: chrono::Utc::now().date_naive(),
+                estimate: None,
+                units: None,
+                input_tokens: Some(10),
+                cached_tokens: Some(0),
+                output_tokens: Some(20),
+                cost: aiq::domain::MicroUsd::from_micros(42),
+                status: aiq::store::CallStatus::Succeeded,
+                price_version: "test".into(),
+                metadata: serde_json::json!({}),
+            };
+            let result = aiq::store::ResultRecord {
+                provider: "openai".into(),
+                model: Some("gpt-4o-mini".into()),
+                raw_response: serde_json::json!({"ok": true}),
+                confidence_scores: serde_json::json!({}),
+                processing_ms: 5,
+                cost: aiq::domain::MicroUsd::from_micros(42),
+                completed: true,
+                error_message: None,
+            };
+            store.record_success(&job, call, result).await.unwrap();
+        }
+    });
+    futures::future::join_all(writes).await;
+    started.elapsed()
+}
+
+/// A figure, printed: the group commit's time for succeeded jobs without any endpoint (no
+/// outbox query) and with one endpoint for their organisation (one more multi-row insert per
+/// batch). The counts are asserted; the times are not (the machine is shared).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_group_commit_writes_one_message_per_job_with_an_endpoint_and_none_without() {
+    const N: usize = 1000;
+    let ctx = ctx_allowing_the_receiver(&[]).await;
+    let store = ctx.store.clone().batched();
+    let without = write_succeeded(&store, N, "plain").await;
+    assert_eq!(
+        ctx.scalar_i64("SELECT count(*) FROM webhook_outbox").await,
+        0
+    );
+    let org = uuid::Uuid::parse_str(ORG_A).unwrap();
+    ctx.store
+        .add_webhook_endpoint(org, "http://127.0.0.1:9/", CALLBACK_SECRET)
+        .await
+        .unwrap();
+    let with = write_succeeded(&store, N, "hooked").await;
+    assert_eq!(
+        ctx.scalar_i64("SELECT count(*) FROM webhook_outbox WHERE job_id LIKE 'j-hooked-%'")
+            .await,
+        N as i64
+    );
+    assert_eq!(
+        ctx.scalar_i64("SELECT count(*) FROM ai_processing_results")
+            .await,
+        2 * N as i64
+    );
+    println!(
+        "group commit, {N} succeeded jobs: {:.0} jobs/s without endpoints, {:.0} jobs/s with one endpoint",
+        N as f64 / without.as_secs_f64(),
+        N as f64 / with.as_secs_f64()
+    );
+}
