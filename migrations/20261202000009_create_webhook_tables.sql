@@ -43,7 +43,10 @@ CREATE TABLE webhook_outbox (
   CONSTRAINT webhook_outbox_one_per_target UNIQUE (organization_id, job_id, target),
   CONSTRAINT webhook_outbox_one_target CHECK ((endpoint_id IS NULL) <> (callback_url IS NULL))
 );
+-- The hot path adds a row per job and receiver: two indexes only (the key and the due messages;
+-- `aiq webhooks list` counts an endpoint's pending messages through the second). Finished
+-- messages are pruned after a week by the delivery loop, oldest first, in bounded steps.
 CREATE INDEX webhook_outbox_due ON webhook_outbox (next_attempt_at)
   WHERE delivered_at IS NULL AND given_up_at IS NULL;
-CREATE INDEX webhook_outbox_by_endpoint ON webhook_outbox (endpoint_id)
-  WHERE delivered_at IS NULL AND given_up_at IS NULL;
+CREATE INDEX webhook_outbox_finished ON webhook_outbox (created_at)
+  WHERE delivered_at IS NOT NULL OR given_up_at IS NOT NULL;

@@ -541,6 +541,23 @@ impl Store {
         Ok(given_up)
     }
 
+    /// Deletes up to `limit` finished (delivered or given up) messages created more than `age`
+    /// ago, oldest first; returns how many.
+    pub async fn prune_webhooks(&self, age: Duration, limit: i64) -> Result<u64, StoreError> {
+        Ok(sqlx::query(
+            "DELETE FROM webhook_outbox WHERE id IN (
+                 SELECT id FROM webhook_outbox
+                 WHERE (delivered_at IS NOT NULL OR given_up_at IS NOT NULL)
+                   AND created_at < now() - make_interval(secs => $1)
+                 ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
+        )
+        .bind(age.as_secs_f64())
+        .bind(limit)
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
+
     /// How many enabled endpoints have been failing for longer than `failing_after`.
     pub async fn failing_webhook_endpoints(
         &self,

@@ -28,8 +28,12 @@ pub const MAX_ANSWER_BYTES: usize = 4096;
 pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(3600);
 /// How often the loop looks for due messages when it found none.
 const IDLE_POLL: Duration = Duration::from_millis(250);
-/// How often the failing endpoints are counted for the gauge.
+/// How often the failing endpoints are counted for the gauge, and old messages pruned.
 const GAUGE_EVERY: Duration = Duration::from_secs(15);
+/// How long finished (delivered or given up) messages stay in the outbox.
+pub const KEEP_FINISHED: Duration = Duration::from_secs(7 * 86_400);
+/// The most finished messages one pruning step deletes.
+const PRUNE_STEP: i64 = 1000;
 
 /// The delay before try number `failures + 1`: `base * 2^(failures - 1)` up to
 /// [`MAX_RETRY_DELAY`], of which the upper half is jittered (`jitter` in [0, 1)), so delays grow
@@ -216,6 +220,9 @@ pub async fn deliver(
             {
                 Ok(n) => crate::observe::webhook_endpoints_failing(n),
                 Err(e) => tracing::debug!(error = %e, "counting failing webhook endpoints failed"),
+            }
+            if let Err(e) = store.prune_webhooks(KEEP_FINISHED, PRUNE_STEP).await {
+                tracing::debug!(error = %e, "pruning finished webhook messages failed");
             }
         }
         let claimed = match store.claim_webhooks(batch, lease).await {

@@ -747,3 +747,47 @@ async fn the_group_commit_writes_one_message_per_job_with_an_endpoint_and_none_w
         N as f64 / with.as_secs_f64()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_messages_older_than_a_week_are_pruned_and_pending_ones_are_kept() {
+    let ctx = ctx_allowing_the_receiver(&[]).await;
+    let (_r, port) = receiver(&[]).await;
+    let org = uuid::Uuid::parse_str(ORG_A).unwrap();
+    ctx.store
+        .add_webhook_endpoint(org, &format!("http://127.0.0.1:{port}/"), CALLBACK_SECRET)
+        .await
+        .unwrap();
+    for i in 0..3 {
+        enqueue_llm(&ctx, &format!("prune {i}"), 3).await;
+    }
+    let worker = ctx.start_worker();
+    wait_delivered(&ctx, 3).await;
+    worker.stop().await;
+    // Two delivered messages are old; one of them is made pending again (it must stay).
+    let pool = ctx.store.pool();
+    sqlx::query(
+        "UPDATE webhook_outbox SET created_at = now() - interval '8 days'
+         WHERE id IN (SELECT id FROM webhook_outbox ORDER BY id LIMIT 2)",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "UPDATE webhook_outbox SET delivered_at = NULL, next_attempt_at = now() + interval '1 day'
+         WHERE id = (SELECT id FROM webhook_outbox ORDER BY id LIMIT 1)",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    let pruned = ctx
+        .store
+        .prune_webhooks(aiq::webhooks::KEEP_FINISHED, 1000)
+        .await
+        .unwrap();
+    assert_eq!(pruned, 1, "the old delivered message only");
+    assert_eq!(
+        ctx.scalar_i64("SELECT count(*) FROM webhook_outbox").await,
+        2
+    );
+    assert_eq!(undelivered(&ctx).await, 1, "the pending one stays");
+}
