@@ -24,7 +24,8 @@ pub const ENDPOINT_CACHE_TTL: Duration = Duration::from_secs(3);
 /// The most secrets an endpoint keeps (the table's CHECK): a rotation adds one.
 pub const MAX_SECRETS: usize = 8;
 
-/// The most of a try's error kept in the outbox and on the endpoint, in characters.
+/// The most of a try's error kept in the outbox and on the endpoint, in characters; also the
+/// most of a job's error its event carries.
 pub const MAX_ERROR_CHARS: usize = 1000;
 
 /// A job's final state, as its webhook's `type` names it. The call site that writes the final
@@ -91,7 +92,7 @@ impl JobEvent {
                 "kind": job.kind,
                 "state": ending.state(),
                 "attempts": job.attempt,
-                "error": error.map(|e| pg_text(e).into_owned()),
+                "error": error.map(|e| crate::redact::cut(&pg_text(e), MAX_ERROR_CHARS).into_owned()),
                 "result": result,
             }
         });

@@ -421,5 +421,28 @@ mod tests {
         fn network_lists_never_panic(s in "[0-9a-f:./, ]{0,40}") {
             let _ = parse_nets(&s);
         }
+
+        /// Any text as a URL: checked without a panic, and never allowed when its host is a
+        /// literal address the policy refuses.
+        #[test]
+        fn any_url_is_checked_without_panicking(
+            scheme in prop::sample::select(vec!["http://", "https://", "ftp://", ""]),
+            host in prop_oneof![
+                any_ip().prop_map(|ip| match ip { IpAddr::V6(v) => format!("[{v}]"), v => v.to_string() }),
+                "[a-z0-9.@:\\[\\]%-]{0,30}",
+            ],
+            rest in "[ -~]{0,20}",
+        ) {
+            let url = format!("{scheme}{host}{rest}");
+            let verdict = AddressPolicy::default().check_url(&url);
+            let literal = url::Url::parse(&url).ok().and_then(|u| match u.host() {
+                Some(url::Host::Ipv4(v)) => Some(IpAddr::V4(v)),
+                Some(url::Host::Ipv6(v)) => Some(IpAddr::V6(v)),
+                _ => None,
+            });
+            if let Some(ip) = literal.filter(|ip| is_forbidden(*ip)) {
+                prop_assert!(verdict.is_err(), "{} ({}) was allowed", url, ip);
+            }
+        }
     }
 }

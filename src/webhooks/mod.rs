@@ -28,6 +28,8 @@ pub const MAX_ANSWER_BYTES: usize = 4096;
 pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(3600);
 /// How often the loop looks for due messages when it found none.
 const IDLE_POLL: Duration = Duration::from_millis(250);
+/// How long the loop waits after PostgreSQL failed to answer a claim.
+const UNAVAILABLE_WAIT: Duration = Duration::from_secs(5);
 /// How often the failing endpoints are counted for the gauge, and old messages pruned.
 const GAUGE_EVERY: Duration = Duration::from_secs(15);
 /// How long finished (delivered or given up) messages stay in the outbox.
@@ -228,8 +230,13 @@ pub async fn deliver(
         let claimed = match store.claim_webhooks(batch, lease).await {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!(error = %e, "claiming webhooks to deliver failed");
-                Vec::new()
+                // PostgreSQL away: one line per wait, not one per poll.
+                tracing::warn!(error = %e, "claiming webhooks to deliver failed; trying again in a few seconds");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(UNAVAILABLE_WAIT) => {}
+                }
+                continue;
             }
         };
         let found = !claimed.is_empty();
