@@ -383,8 +383,31 @@ async fn kill_9_after_the_result_row_and_before_the_delivery_still_delivers_with
     assert_eq!(undelivered(&ctx).await, 1);
     assert!(!signal_and_wait(a, libc::SIGKILL).await.success());
 
-    let b = ctx.spawn_daemon(&[]);
+    let admin = format!("127.0.0.1:{}", aiq_testkit::localsvc::free_port().unwrap());
+    let b = ctx.spawn_daemon(&[("AIQ_ADMIN_ADDR", &admin)]);
     wait_delivered(&ctx, 1).await;
+    // The second process counts the delivery it made, and no endpoint is failing.
+    let metrics = reqwest::get(format!("http://{admin}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let line = |name: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("no {name} in /metrics"))
+            .to_owned()
+    };
+    assert!(
+        line("aiq_webhook_deliveries_total{outcome=\"delivered\"}").ends_with(" 1"),
+        "{metrics}"
+    );
+    assert!(
+        line("aiq_webhook_endpoints_failing").ends_with(" 0"),
+        "{metrics}"
+    );
     assert!(signal_and_wait(b, libc::SIGTERM).await.success());
     let got = r.got();
     assert!(got.len() >= 2, "{got:?}");
