@@ -87,7 +87,7 @@ async fn write(store: &Store, batch: &[Pending]) -> Result<Vec<MicroUsd>, StoreE
     let endpoint_orgs = if batch.iter().all(|p| p.job.callback_url.is_some()) {
         None
     } else {
-        store.endpoint_orgs().await
+        store.webhook_receivers().await
     };
     let mut tx = store.pool.begin().await?;
     let col = |f: &dyn Fn(&Pending) -> Option<String>| batch.iter().map(f).collect::<Vec<_>>();

@@ -470,26 +470,30 @@ impl Store {
     }
 
     /// The webhook messages of a job whose final result row this transaction added, unless it
-    /// has no receiver (then no query, and no body is built).
+    /// has no receiver as `orgs` (read before the transaction began) knows: then no query, and
+    /// no body is built.
     async fn enqueue_event(
-        &self,
         tx: &mut sqlx::PgConnection,
+        orgs: &webhooks::EndpointOrgs,
         job: &JobRef,
         event: impl FnOnce() -> Option<JobEvent>,
     ) -> Result<(), sqlx::Error> {
-        if job.organization_id.is_none() {
-            return Ok(());
-        }
-        let orgs = match job.callback_url {
-            Some(_) => None,
-            None => self.endpoint_orgs().await,
-        };
-        if !webhooks::has_receiver(&orgs, job.organization_id, job.callback_url.is_some()) {
+        if !webhooks::has_receiver(orgs, job.organization_id, job.callback_url.is_some()) {
             return Ok(());
         }
         let events: Vec<JobEvent> = event().into_iter().collect();
         webhooks::enqueue_in(tx, &events).await?;
         Ok(())
+    }
+
+    /// What [`Store::enqueue_event`] needs to know of `job`'s organisation, read before a
+    /// transaction so that none holds a connection while it waits for another: nothing for a job
+    /// with a callback_url or without an organisation.
+    async fn receivers_of(&self, job: &JobRef) -> webhooks::EndpointOrgs {
+        match (job.organization_id, &job.callback_url) {
+            (Some(_), None) => self.webhook_receivers().await,
+            _ => None,
+        }
     }
 
     async fn insert_error(
@@ -582,11 +586,14 @@ impl Store {
     ) -> Result<MicroUsd, StoreError> {
         // Boxed, like record_failure: the transaction's future is several KiB.
         Box::pin(async move {
+            let orgs = self.receivers_of(job).await;
             let mut tx = self.pool.begin().await?;
             let cost = Self::insert_call(&mut tx, job, call).await?;
             if Self::insert_result(&mut tx, job, result).await? {
-                self.enqueue_event(&mut tx, job, || JobEvent::succeeded(job, call, result))
-                    .await?;
+                Self::enqueue_event(&mut tx, &orgs, job, || {
+                    JobEvent::succeeded(job, call, result)
+                })
+                .await?;
             }
             // See batch::write: the connection must not keep a large answer's capacity.
             sqlx::Connection::shrink_buffers(&mut *tx);
@@ -627,6 +634,10 @@ impl Store {
         // Boxed: the transaction's future is several KiB, and every running job's future would
         // otherwise reserve room for it while it waits on its provider.
         Box::pin(async move {
+            let orgs = match final_result {
+                Some(_) => self.receivers_of(job).await,
+                None => None,
+            };
             let mut tx = self.pool.begin().await?;
             let cost = match call {
                 Some(call) => Some(Self::insert_call(&mut tx, job, call).await?),
@@ -636,8 +647,10 @@ impl Store {
             if let Some((result, ending)) = final_result
                 && Self::insert_result(&mut tx, job, result).await?
             {
-                self.enqueue_event(&mut tx, job, || JobEvent::failed(job, ending, result))
-                    .await?;
+                Self::enqueue_event(&mut tx, &orgs, job, || {
+                    JobEvent::failed(job, ending, result)
+                })
+                .await?;
             }
             tx.commit().await?;
             Ok(cost)

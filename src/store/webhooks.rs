@@ -159,10 +159,10 @@ impl EndpointCache {
 }
 
 /// Which organisations have endpoints, when known: `None` means every organisation may have.
-pub(super) type EndpointOrgs = Option<Arc<HashSet<Uuid>>>;
+pub type EndpointOrgs = Option<Arc<HashSet<Uuid>>>;
 
 /// Whether a job of `org` (with a callback_url or not) has a receiver, as far as `orgs` knows.
-pub(super) fn has_receiver(orgs: &EndpointOrgs, org: Option<Uuid>, callback: bool) -> bool {
+pub fn has_receiver(orgs: &EndpointOrgs, org: Option<Uuid>, callback: bool) -> bool {
     let Some(org) = org else {
         return false;
     };
@@ -170,9 +170,11 @@ pub(super) fn has_receiver(orgs: &EndpointOrgs, org: Option<Uuid>, callback: boo
 }
 
 impl Store {
-    /// The organisations with endpoints: no query while the cache is fresh. When they cannot be
-    /// read, `None`: every job is then taken to have receivers (the insert finds them itself).
-    pub(super) async fn endpoint_orgs(&self) -> EndpointOrgs {
+    /// The organisations with endpoints: no query while the cache is fresh (it is read again
+    /// every [`ENDPOINT_CACHE_TTL`]). When they cannot be read, `None`: every job is then taken
+    /// to have receivers (the insert finds them itself). Call it before beginning the
+    /// transaction that writes the messages, so that it never waits for a second connection.
+    pub async fn webhook_receivers(&self) -> EndpointOrgs {
         if let Some(set) = self.webhook_orgs.fresh() {
             return Some(set);
         }
@@ -191,29 +193,20 @@ impl Store {
     }
 }
 
-impl Store {
-    /// [`enqueue_in`] for the events whose job has a receiver, as the cache of organisations
-    /// with endpoints knows (no query at all when none has). For a writer of final result rows
-    /// in a transaction of its own, such as the cancellation's.
-    pub async fn enqueue_webhooks_in(
-        &self,
-        tx: &mut sqlx::PgConnection,
-        events: Vec<JobEvent>,
-    ) -> Result<u64, sqlx::Error> {
-        if events.is_empty() {
-            return Ok(0);
-        }
-        let orgs = if events.iter().all(|e| e.callback_url.is_some()) {
-            None
-        } else {
-            self.endpoint_orgs().await
-        };
-        let events: Vec<JobEvent> = events
-            .into_iter()
-            .filter(|e| has_receiver(&orgs, Some(e.organization_id), e.callback_url.is_some()))
-            .collect();
-        enqueue_in(tx, &events).await
-    }
+/// [`enqueue_in`] for the events whose job has a receiver as `orgs` knows
+/// ([`Store::webhook_receivers`], read before the transaction): no statement at all when none
+/// has. For the writers of final result rows in transactions of their own, such as the
+/// cancellation's.
+pub async fn enqueue_with_receivers_in(
+    tx: &mut sqlx::PgConnection,
+    orgs: &EndpointOrgs,
+    events: Vec<JobEvent>,
+) -> Result<u64, sqlx::Error> {
+    let events: Vec<JobEvent> = events
+        .into_iter()
+        .filter(|e| has_receiver(orgs, Some(e.organization_id), e.callback_url.is_some()))
+        .collect();
+    enqueue_in(tx, &events).await
 }
 
 /// Writes the outbox messages of `events` in the caller's transaction: one per endpoint of the

@@ -814,3 +814,63 @@ async fn finished_messages_older_than_a_week_are_pruned_and_pending_ones_are_kep
     );
     assert_eq!(undelivered(&ctx).await, 1, "the pending one stays");
 }
+
+/// The hook for writers of final rows in transactions of their own (the cancellation's): a
+/// `job.cancelled` event of an organisation with an endpoint is one message, one of an
+/// organisation without any is none, and the transaction's rollback takes it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_event_written_in_a_callers_transaction_reaches_the_outbox_only_with_it() {
+    use aiq::store::webhooks::enqueue_with_receivers_in;
+    let ctx = ctx_allowing_the_receiver(&[]).await;
+    let org = uuid::Uuid::parse_str(ORG_A).unwrap();
+    ctx.store
+        .add_webhook_endpoint(org, "http://127.0.0.1:9/", CALLBACK_SECRET)
+        .await
+        .unwrap();
+    let job = |id: &str, org: &str| aiq::store::JobRef {
+        job_id: id.into(),
+        kind: "vision.annotate".into(),
+        tier: Some("trial".into()),
+        organization_id: Some(uuid::Uuid::parse_str(org).unwrap()),
+        subject_id: None,
+        subject_type: None,
+        correlation_id: None,
+        attempt: 0,
+        execution: 0,
+        callback_url: None,
+    };
+    let cancelled = |id: &str, org: &str| {
+        aiq::store::JobEvent::new(&job(id, org), aiq::store::Ending::Cancelled, None, None).unwrap()
+    };
+    let orgs = ctx.store.webhook_receivers().await;
+    let mut tx = ctx.store.pool().begin().await.unwrap();
+    let events = vec![
+        cancelled("j-c1", ORG_A),
+        cancelled("j-c2", crate::harness::ORG_B),
+    ];
+    assert_eq!(
+        enqueue_with_receivers_in(&mut tx, &orgs, events)
+            .await
+            .unwrap(),
+        1
+    );
+    tx.rollback().await.unwrap();
+    assert_eq!(
+        ctx.scalar_i64("SELECT count(*) FROM webhook_outbox").await,
+        0
+    );
+
+    let mut tx = ctx.store.pool().begin().await.unwrap();
+    enqueue_with_receivers_in(&mut tx, &orgs, vec![cancelled("j-c1", ORG_A)])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let (job_id, kind, body): (String, String, String) =
+        sqlx::query_as("SELECT job_id, event_type, body FROM webhook_outbox")
+            .fetch_one(ctx.store.pool())
+            .await
+            .unwrap();
+    assert_eq!((job_id.as_str(), kind.as_str()), ("j-c1", "job.cancelled"));
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["data"]["state"], "cancelled");
+}
