@@ -91,11 +91,6 @@ impl Sender {
         })
     }
 
-    /// The address policy, for the decode stage's check of literal callback addresses.
-    pub fn policy(&self) -> Arc<AddressPolicy> {
-        self.policy.clone()
-    }
-
     /// Posts one message signed by `keys`, now. The error names what failed, without secrets.
     pub async fn post(
         &self,
