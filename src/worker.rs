@@ -215,6 +215,10 @@ fn spawn_budget_tasks(settings: &Settings, app: Arc<App>, stop: CancellationToke
             }
         });
     }
+    {
+        let (store, stop) = (app.store.clone(), stop.clone());
+        tokio::spawn(async move { store.follow_endpoint_changes(stop).await });
+    }
     match crate::webhooks::Sender::new(&settings.webhooks) {
         Ok(sender) => {
             let (store, webhooks, stop) =

@@ -4,8 +4,9 @@
 //! `ai_processing_results` row (every writer of one calls it, and only when its result insert
 //! added the row), so a job with an outcome has its deliveries and a replay adds none. The hot
 //! path asks PostgreSQL nothing for an organisation without endpoints and a job without a
-//! `callback_url`: [`EndpointCache`] knows which organisations have endpoints, refreshed every
-//! [`ENDPOINT_CACHE_TTL`]. The delivery loop (`crate::webhooks`) claims due messages with
+//! `callback_url`: [`EndpointCache`] knows which organisations have endpoints, forgotten when
+//! any process adds or removes one (`pg_notify`, followed by [`Store::follow_endpoint_changes`])
+//! and at the latest after [`ENDPOINT_CACHE_TTL`]. The delivery loop (`crate::webhooks`) claims due messages with
 //! `FOR UPDATE SKIP LOCKED` under a lease, so several processes share the table.
 
 use std::collections::HashSet;
@@ -17,9 +18,13 @@ use uuid::Uuid;
 
 use super::{CallRecord, JobRef, ResultRecord, Store, StoreError, pg_text};
 
-/// How long the set of organisations with endpoints is trusted before it is read again. An
-/// endpoint added in another process starts receiving within this time.
-pub const ENDPOINT_CACHE_TTL: Duration = Duration::from_secs(3);
+/// How long the set of organisations with endpoints is trusted before it is read again. Adding
+/// or removing an endpoint notifies every process at once ([`Store::follow_endpoint_changes`]);
+/// this bounds what a lost notification costs.
+pub const ENDPOINT_CACHE_TTL: Duration = Duration::from_secs(30);
+
+/// The channel `aiq webhooks add` and `rm` notify (`pg_notify`).
+const ENDPOINTS_CHANNEL: &str = "aiq_webhook_endpoints";
 
 /// The most secrets an endpoint keeps (the table's CHECK): a rotation adds one.
 pub const MAX_SECRETS: usize = 8;
@@ -314,8 +319,51 @@ impl Store {
         .bind(secret)
         .fetch_one(&self.pool)
         .await?;
-        self.webhook_orgs.invalidate();
+        self.endpoints_changed().await;
         Ok(id)
+    }
+
+    /// Tells every process (and this one) that the set of endpoints changed.
+    async fn endpoints_changed(&self) {
+        self.webhook_orgs.invalidate();
+        if let Err(e) = sqlx::query("SELECT pg_notify($1, '')")
+            .bind(ENDPOINTS_CHANNEL)
+            .execute(&self.pool)
+            .await
+        {
+            tracing::warn!(error = %e, "notifying the other processes of an endpoint change failed; they see it within {ENDPOINT_CACHE_TTL:?}");
+        }
+    }
+
+    /// Forgets the cached set of organisations with endpoints whenever an endpoint is added or
+    /// removed by any process (LISTEN on one pooled connection), until `stop`. A lost connection
+    /// is opened again; the cache's TTL covers what was missed meanwhile.
+    pub async fn follow_endpoint_changes(&self, stop: tokio_util::sync::CancellationToken) {
+        loop {
+            let e = tokio::select! {
+                _ = stop.cancelled() => return,
+                r = self.listen_for_endpoint_changes() => match r {
+                    Err(e) => e,
+                },
+            };
+            self.webhook_orgs.invalidate();
+            tracing::warn!(error = %e, "listening for webhook endpoint changes failed; listening again shortly");
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            }
+        }
+    }
+
+    async fn listen_for_endpoint_changes(&self) -> Result<std::convert::Infallible, sqlx::Error> {
+        let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
+        listener.listen(ENDPOINTS_CHANNEL).await?;
+        // Changes made before the LISTEN took effect are in the next read.
+        self.webhook_orgs.invalidate();
+        loop {
+            listener.recv().await?;
+            self.webhook_orgs.invalidate();
+        }
     }
 
     /// Endpoints (of one organisation, or all), with their pending messages; `failing_after`
@@ -375,7 +423,7 @@ impl Store {
             .execute(&self.pool)
             .await?
             .rows_affected();
-        self.webhook_orgs.invalidate();
+        self.endpoints_changed().await;
         Ok(n == 1)
     }
 

@@ -874,3 +874,49 @@ async fn a_cancelled_event_written_in_a_callers_transaction_reaches_the_outbox_o
     let body: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(body["data"]["state"], "cancelled");
 }
+
+/// `aiq webhooks add` in another process reaches a running daemon through a notification: its
+/// jobs get messages well before the cache's TTL (30 s) would have it read the endpoints again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_added_by_another_process_is_used_before_the_cache_would_expire() {
+    let ctx = ctx_allowing_the_receiver(&[]).await;
+    let (r, port) = receiver(&[]).await;
+    let worker = ctx.start_worker();
+    // A first job: the worker now holds "no organisation has endpoints".
+    enqueue_llm(&ctx, "before", 3).await;
+    ctx.wait_settled(Duration::from_secs(30)).await;
+    assert_eq!(
+        ctx.scalar_i64("SELECT count(*) FROM webhook_outbox").await,
+        0
+    );
+
+    let (ok, _, err) = cli(
+        &ctx,
+        &[
+            "add",
+            "--org",
+            ORG_A,
+            "--url",
+            &format!("http://127.0.0.1:{port}/"),
+        ],
+    );
+    assert!(ok, "{err}");
+    // The notification arrives within moments; jobs enqueued one after another until one has a
+    // message, well inside the TTL (the wait's timeout is the bound).
+    let deadline = aiq::store::webhooks::ENDPOINT_CACHE_TTL / 2;
+    crate::harness::wait_for(
+        deadline,
+        "a job with a message for the new endpoint",
+        || async {
+            enqueue_llm(&ctx, "after", 3).await;
+            ctx.wait_settled(Duration::from_secs(30)).await;
+            (ctx.scalar_i64("SELECT count(*) FROM webhook_outbox").await > 0).then_some(())
+        },
+    )
+    .await;
+    wait_until(Duration::from_secs(30), "the delivery", || async {
+        !r.got().is_empty()
+    })
+    .await;
+    worker.stop().await;
+}
