@@ -26,8 +26,8 @@ use sign::Key;
 pub const MAX_ANSWER_BYTES: usize = 4096;
 /// The longest delay between two tries.
 pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(3600);
-/// How often the loop looks for due messages when it found none.
-const IDLE_POLL: Duration = Duration::from_millis(250);
+/// How often the loop looks for due messages when it found none (the alerts' loop's pace).
+const IDLE_POLL: Duration = Duration::from_millis(500);
 /// How long the loop waits after PostgreSQL failed to answer a claim.
 const UNAVAILABLE_WAIT: Duration = Duration::from_secs(5);
 /// How often the failing endpoints are counted for the gauge, and old messages pruned.
@@ -208,7 +208,7 @@ pub async fn deliver(
     // time, each at most a timeout; then a margin for recording them.
     let lease = settings.timeout * 2 + Duration::from_secs(2);
     let mut gauge_at = tokio::time::Instant::now();
-    loop {
+    while !stop.is_cancelled() {
         if tokio::time::Instant::now() >= gauge_at {
             gauge_at = tokio::time::Instant::now() + GAUGE_EVERY;
             match store
