@@ -180,6 +180,21 @@ pub struct Settings {
     /// image data). Off by default: events carry ids, tags and the failure only.
     pub sentry_send_payloads: bool,
     pub breaker: BreakerSettings,
+    pub webhooks: WebhookSettings,
+}
+
+/// Webhooks: retries, the failing mark, the addresses allowed, the callbacks' secret.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WebhookSettings {
+    pub retry_for: Duration,
+    pub retry_base: Duration,
+    pub failing_after: Duration,
+    pub timeout: Duration,
+    pub concurrency: usize,
+    /// Private networks webhooks may go to anyway (`AIQ_WEBHOOK_ALLOW_NETS`).
+    pub allow_nets: Vec<crate::webhooks::address::Net>,
+    /// The `whsec_` secrets that sign callback_url deliveries, newest first (checked at load).
+    pub callback_secrets: Vec<Secret>,
 }
 
 /// Reads variables through `lookup`, so tests can load settings without touching the process
@@ -269,6 +284,43 @@ mod tests {
         ("AIQ_DATABASE_URL", "postgres://u@localhost/aiq"),
         ("AIQ_REDIS_URL", "redis://127.0.0.1:6379/"),
     ];
+
+    #[test]
+    fn webhook_networks_and_secrets_are_checked_at_load_naming_their_setting() {
+        let with = |k: &'static str, v: &'static str| {
+            let mut pairs = BASE.to_vec();
+            pairs.push((k, v));
+            Settings::load(&env(&pairs))
+        };
+        let s = with("AIQ_WEBHOOK_ALLOW_NETS", "127.0.0.1/32, 10.1.0.0/16").unwrap();
+        let nets: Vec<String> = s
+            .webhooks
+            .allow_nets
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(nets, ["127.0.0.1/32", "10.1.0.0/16"]);
+        let e = with("AIQ_WEBHOOK_ALLOW_NETS", "10.0.0.0/33").unwrap_err();
+        assert_eq!(e.name, "AIQ_WEBHOOK_ALLOW_NETS");
+        let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+        let s = with("AIQ_WEBHOOK_CALLBACK_SECRET", secret).unwrap();
+        assert_eq!(s.webhooks.callback_secrets.len(), 1);
+        assert!(
+            !format!("{s:?}").contains(secret),
+            "the secret never prints"
+        );
+        assert!(
+            s.secrets().iter().any(|v| v.contains(secret)),
+            "and is scrubbed"
+        );
+        let e = with("AIQ_WEBHOOK_CALLBACK_SECRET", "whsec_short").unwrap_err();
+        assert_eq!(e.name, "AIQ_WEBHOOK_CALLBACK_SECRET");
+        assert!(!e.to_string().contains("whsec_short"), "{e}");
+        let d = Settings::load(&env(&BASE)).unwrap().webhooks;
+        assert_eq!(d.retry_for, Duration::from_secs(86_400));
+        assert_eq!(d.failing_after, Duration::from_secs(3600));
+        assert!(d.allow_nets.is_empty() && d.callback_secrets.is_empty());
+    }
 
     #[test]
     fn a_missing_database_url_names_the_setting() {

@@ -16,6 +16,7 @@ pub mod store;
 pub mod systemd;
 pub mod telemetry;
 pub mod tls;
+pub mod webhooks;
 pub mod worker;
 
 /// The one Redis connection type lives with the queue engine (`aiq_queue::conn`).

@@ -128,6 +128,18 @@ fn describe() {
         "Fetched jobs whose id already had a result row: acknowledged without a provider call."
     );
     describe_counter!(
+        "aiq_webhooks_enqueued_total",
+        "Webhook messages written to the outbox with jobs' final result rows (one per endpoint and callback_url)."
+    );
+    describe_counter!(
+        "aiq_webhook_deliveries_total",
+        "Webhook tries by this process, by outcome: delivered (2xx), retried (a failure tried again later) or given_up (AIQ_WEBHOOK_RETRY_FOR_S after its first failed try)."
+    );
+    describe_gauge!(
+        "aiq_webhook_endpoints_failing",
+        "Webhook endpoints failing for longer than AIQ_WEBHOOK_FAILING_AFTER_S (fleet-wide, from PostgreSQL)."
+    );
+    describe_counter!(
         "aiq_metrics_bad_redis_values_total",
         "Values in the queue's Redis keys that a scrape left out, by key, counted again by each scrape while they stay: fields aiq does not write, counts that are not integers, scores that are not times."
     );
@@ -173,6 +185,21 @@ pub fn answer_kept() {
 /// A kept answer's rows were written by a later execution, with no second call.
 pub fn kept_answer_written() {
     metrics::counter!("aiq_kept_answers_written_total").increment(1);
+}
+
+/// Webhook messages written to the outbox.
+pub fn webhooks_enqueued(n: u64) {
+    metrics::counter!("aiq_webhooks_enqueued_total").increment(n);
+}
+
+/// One webhook try ended: `outcome` is delivered, retried or given_up.
+pub fn webhook_delivery(outcome: &'static str) {
+    metrics::counter!("aiq_webhook_deliveries_total", "outcome" => outcome).increment(1);
+}
+
+/// Endpoints failing for longer than the setting's threshold, as PostgreSQL counts them.
+pub fn webhook_endpoints_failing(n: i64) {
+    metrics::gauge!("aiq_webhook_endpoints_failing").set(n.max(0) as f64);
 }
 
 /// A job waited because its organisation had its tier's most jobs running in this process.

@@ -146,11 +146,14 @@ pub async fn app(settings: &Settings, store: Store) -> anyhow::Result<Arc<App>> 
         prices,
         hold_ttl,
         call_retry: settings.call_retry,
+        callbacks: Arc::new(crate::webhooks::address::AddressPolicy::new(
+            settings.webhooks.allow_nets.clone(),
+        )),
     })))
 }
 
-/// The budget's background work, until `stop`: the sweeper of dead workers' reservations, the
-/// alert delivery loop and the spike check.
+/// The background work, until `stop`: the sweeper of dead workers' reservations, the alert
+/// delivery loop, the webhook delivery loop and the spike check.
 fn spawn_budget_tasks(settings: &Settings, app: Arc<App>, stop: CancellationToken) {
     {
         let (app, stop) = (app.clone(), stop.clone());
@@ -222,6 +225,20 @@ fn spawn_budget_tasks(settings: &Settings, app: Arc<App>, stop: CancellationToke
                 }
             }
         });
+    }
+    {
+        let (store, stop) = (app.store.clone(), stop.clone());
+        tokio::spawn(async move { store.follow_endpoint_changes(stop).await });
+    }
+    match crate::webhooks::Sender::new(&settings.webhooks) {
+        Ok(sender) => {
+            let (store, webhooks, stop) =
+                (app.store.clone(), settings.webhooks.clone(), stop.clone());
+            tokio::spawn(async move {
+                crate::webhooks::deliver(store, Arc::new(sender), webhooks, stop).await
+            });
+        }
+        Err(e) => tracing::error!(error = %e, "webhooks cannot be delivered by this process"),
     }
     let (multiple, min) = (settings.budget.spike_multiple, settings.budget.spike_min);
     tokio::spawn(async move {

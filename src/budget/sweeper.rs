@@ -38,6 +38,7 @@ pub async fn sweep_expired(
                     correlation_id: None,
                     attempt: m.attempt,
                     execution: m.execution,
+                    callback_url: None,
                 };
                 let call = CallRecord {
                     provider: m.provider.clone(),

@@ -1,6 +1,6 @@
 //! The `aiq` command line: one binary, one subcommand per job, one file per group of commands
 //! (`daemon`: run, migrate; `jobs`: enqueue, stats; `dlq`; `money`: costs, budget; `settings`:
-//! config).
+//! config; `webhooks`).
 //!
 //! What the commands print of Redis and PostgreSQL was written by apps (ids, reasons, payloads,
 //! provider names): every such value goes through [`shown`] in text output, and JSON output
@@ -11,6 +11,7 @@ mod dlq;
 mod jobs;
 mod money;
 mod settings;
+mod webhooks;
 
 use std::borrow::Cow;
 use std::process::ExitCode;
@@ -21,6 +22,7 @@ use crate::config::{self, Env};
 use crate::redact;
 use dlq::DlqAction;
 use money::BudgetAction;
+use webhooks::WebhooksAction;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -89,6 +91,12 @@ enum Command {
     Dlq {
         #[command(subcommand)]
         action: DlqAction,
+    },
+    /// Manage an organisation's webhook endpoints (signed Standard Webhooks of jobs' final
+    /// states). Needs AIQ_DATABASE_URL.
+    Webhooks {
+        #[command(subcommand)]
+        action: WebhooksAction,
     },
 }
 
@@ -165,6 +173,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Config { json } => settings::print(json),
         Command::Costs { org, days, json } => money::costs(org, days, json).await,
         Command::Budget { action } => money::budget(action).await,
+        Command::Webhooks { action } => webhooks::webhooks(action).await,
     }
 }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 use super::{BreakerSettings, BudgetSettings, CallRetryPolicy, DatabaseSettings, LogFormat};
 use super::{ConfigError, Env, Secret, SecretUrl, bad};
 use super::{OnBudgetExceeded, ProviderSettings, QueueSettings, RedisSettings, RedisTls};
-use super::{RetryPolicy, Scheduling, Settings};
+use super::{RetryPolicy, Scheduling, Settings, WebhookSettings};
 use crate::tls::PemFile;
 
 /// `AIQ_STARTUP_WAIT_S` (0 to 86,400; an hour by default); also for `aiq migrate`, which loads
@@ -341,6 +341,44 @@ impl Settings {
                 rpm: env.value("AIQ_PROVIDER_RPM")?.per_provider(),
                 tpm: env.value("AIQ_PROVIDER_TPM")?.per_provider(),
             },
+            webhooks: WebhookSettings::load(env)?,
+        })
+    }
+}
+
+impl WebhookSettings {
+    /// The `AIQ_WEBHOOK_*` settings (what `aiq webhooks` needs too). The networks and the
+    /// secrets are parsed here, each refusal naming its setting.
+    pub fn load<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> Result<Self, ConfigError> {
+        let int = |name| env.value(name).map(|v| v.int());
+        let secs = |name| int(name).map(Duration::from_secs);
+        const NETS: &str = "AIQ_WEBHOOK_ALLOW_NETS";
+        let allow_nets = match env.value(NETS)?.text() {
+            None => Vec::new(),
+            Some(t) => crate::webhooks::address::parse_nets(&t).map_err(|e| bad(NETS, e))?,
+        };
+        const SECRET: &str = "AIQ_WEBHOOK_CALLBACK_SECRET";
+        let callback_secrets = match env.value(SECRET)?.text() {
+            None => Vec::new(),
+            Some(t) => t
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| {
+                    crate::webhooks::sign::Key::parse(s)
+                        .map(|_| Secret::new(s.to_owned()))
+                        .map_err(|e| bad(SECRET, e))
+                })
+                .collect::<Result<_, _>>()?,
+        };
+        Ok(Self {
+            retry_for: secs("AIQ_WEBHOOK_RETRY_FOR_S")?,
+            retry_base: env.value("AIQ_WEBHOOK_RETRY_BASE_MS")?.millis(),
+            failing_after: secs("AIQ_WEBHOOK_FAILING_AFTER_S")?,
+            timeout: env.value("AIQ_WEBHOOK_TIMEOUT_MS")?.millis(),
+            concurrency: int("AIQ_WEBHOOK_CONCURRENCY")? as usize,
+            allow_nets,
+            callback_secrets,
         })
     }
 }

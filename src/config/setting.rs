@@ -22,11 +22,12 @@ pub enum Area {
     Breakers,
     Budget,
     Providers,
+    Webhooks,
 }
 
 impl Area {
     /// Every area, in the order of `.env.example` and `aiq config`.
-    pub const ALL: [Area; 10] = [
+    pub const ALL: [Area; 11] = [
         Area::Redis,
         Area::Database,
         Area::Queue,
@@ -37,6 +38,7 @@ impl Area {
         Area::Breakers,
         Area::Budget,
         Area::Providers,
+        Area::Webhooks,
     ];
 
     /// The section's header in `.env.example`.
@@ -52,6 +54,7 @@ impl Area {
             Area::Breakers => "Circuit breakers and provider rates",
             Area::Budget => "Money",
             Area::Providers => "Providers",
+            Area::Webhooks => "Webhooks",
         }
     }
 
@@ -72,6 +75,11 @@ impl Area {
             Area::Providers => {
                 "Base URLs default to the real providers; point them at `aiq-dev fake-providers` \
                  for tests."
+            }
+            Area::Webhooks => {
+                "Jobs' final events are posted, signed (Standard Webhooks), to the organisations' \
+                 endpoints (`aiq webhooks add`) and to a job's callback_url, from an outbox in \
+                 PostgreSQL."
             }
             _ => "",
         }

@@ -884,6 +884,107 @@ pub static SETTINGS: &[Setting] = &[
               body.",
         show: |s| mib(s.response_memory_bytes),
     },
+    // Webhooks.
+    Setting {
+        name: "AIQ_WEBHOOK_RETRY_FOR_S",
+        area: Area::Webhooks,
+        fallback: Fallback::Value("86400"),
+        kind: Kind::Int {
+            min: 1,
+            max: 2_592_000,
+        },
+        secrecy: Secrecy::Public,
+        doc: "A message the receiver does not take (no 2xx answer) is tried again with growing \
+              delays for this many seconds after its first failed try (1-2592000), then given up \
+              and counted.",
+        show: |s| s.webhooks.retry_for.as_secs().to_string(),
+    },
+    Setting {
+        name: "AIQ_WEBHOOK_RETRY_BASE_MS",
+        area: Area::Webhooks,
+        fallback: Fallback::Value("5000"),
+        kind: Kind::Int {
+            min: 1,
+            max: 3_600_000,
+        },
+        secrecy: Secrecy::Public,
+        doc: "The first retry's delay (1-3600000); each further one doubles it, up to an hour, \
+              with jitter.",
+        show: |s| ms(s.webhooks.retry_base),
+    },
+    Setting {
+        name: "AIQ_WEBHOOK_FAILING_AFTER_S",
+        area: Area::Webhooks,
+        fallback: Fallback::Value("3600"),
+        kind: Kind::Int {
+            min: 1,
+            max: 2_592_000,
+        },
+        secrecy: Secrecy::Public,
+        doc: "An endpoint whose tries have failed for this many seconds (1-2592000) is shown \
+              failing in `aiq webhooks list` and counted by aiq_webhook_endpoints_failing; a \
+              delivery clears it.",
+        show: |s| s.webhooks.failing_after.as_secs().to_string(),
+    },
+    Setting {
+        name: "AIQ_WEBHOOK_TIMEOUT_MS",
+        area: Area::Webhooks,
+        fallback: Fallback::Value("10000"),
+        kind: Kind::Int {
+            min: 100,
+            max: 120_000,
+        },
+        secrecy: Secrecy::Public,
+        doc: "How long one try may take, connecting and answering (100-120000).",
+        show: |s| ms(s.webhooks.timeout),
+    },
+    Setting {
+        name: "AIQ_WEBHOOK_CONCURRENCY",
+        area: Area::Webhooks,
+        fallback: Fallback::Value("16"),
+        kind: Kind::Int { min: 1, max: 1024 },
+        secrecy: Secrecy::Public,
+        doc: "Tries one process makes at once (1-1024).",
+        show: |s| s.webhooks.concurrency.to_string(),
+    },
+    Setting {
+        name: "AIQ_WEBHOOK_ALLOW_NETS",
+        area: Area::Webhooks,
+        fallback: Fallback::Unset,
+        kind: Kind::Text,
+        secrecy: Secrecy::Public,
+        doc: "Networks webhooks may go to although they are private, loopback, link-local or \
+              reserved, as CIDRs separated by commas (e.g. 10.20.0.0/16). Without it, every such \
+              address is refused: the address checked is the one connected to.",
+        show: |s| {
+            let nets: Vec<String> = s
+                .webhooks
+                .allow_nets
+                .iter()
+                .map(|n| n.to_string())
+                .collect();
+            nets.join(",")
+        },
+    },
+    Setting {
+        name: "AIQ_WEBHOOK_CALLBACK_SECRET",
+        area: Area::Webhooks,
+        fallback: Fallback::Unset,
+        kind: Kind::Text,
+        secrecy: Secrecy::Secret,
+        doc: "The whsec_ secret that signs deliveries to jobs' callback_url (several separated \
+              by commas, newest first, while rotating: each signs). A secret. Without it, \
+              callback deliveries wait, failing, until it is set or they are given up.",
+        show: |s| {
+            let secrets: Vec<&str> = s
+                .webhooks
+                .callback_secrets
+                .iter()
+                .map(|k| k.expose())
+                .collect();
+            secrets.join(",")
+        },
+    },
 ];
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ use crate::providers::vision::{self, ImageResult};
 use crate::providers::{ErrorKind, ProviderError};
 use crate::queue::backend::{Failure, RawJob};
 use crate::redact::Field;
-use crate::store::{CallStatus, ErrorRecord, ErrorType, JobRef, ResultRecord};
+use crate::store::{CallStatus, Ending, ErrorRecord, ErrorType, JobRef, ResultRecord};
 
 /// Calls the chain from the model `start` names on (`(index, probe)`: with the half-open probe
 /// when `probe`) until a call succeeds or the job's outcome is decided; each call reserves,
@@ -140,7 +140,7 @@ pub async fn call_chain(
                         failed_result(target.provider.as_str(), target.model.clone(), &message);
                     app.record(
                         app.results()
-                            .record_failure(job, &err, None, Some(&result))
+                            .record_failure(job, &err, None, Some((&result, Ending::Dead)))
                             .await,
                     )?;
                 }
@@ -281,9 +281,15 @@ async fn run_vision(
             call_seq: reservation.meta.call_seq,
         };
         let result = last.then(|| failed_result(vision::PROVIDER.as_str(), None, &message));
+        // Bad input fails the job; images that kept failing with the attempts spent, dead.
+        let ending = if retryable {
+            Ending::Dead
+        } else {
+            Ending::Failed
+        };
         let recorded = app.record(
             app.results()
-                .record_failure(job, &err, Some(&call), result.as_ref())
+                .record_failure(job, &err, Some(&call), result.as_ref().map(|r| (r, ending)))
                 .await,
         )?;
         settle(app, reservation, recorded.unwrap_or(cost)).await;

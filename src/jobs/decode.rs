@@ -12,34 +12,41 @@ use super::ports::{Ports, Results};
 use super::record::failed_result;
 use crate::queue::backend::{Failure, Prior, RawJob};
 use crate::redact::Field;
-use crate::store::{ErrorRecord, ErrorType, JobRef};
+use crate::store::{Ending, ErrorRecord, ErrorType, JobRef};
 
 /// The job's payload as domain types, or its `invalid_payload` record and a permanent failure.
 pub async fn decode_job(app: &impl Ports, raw: &RawJob) -> Result<JobInput, Failure> {
     let e = match decode(raw, app.prices()) {
-        Ok(input) => return Ok(input),
-        Err(e) => e,
+        Ok(input) => match input
+            .common()
+            .callback_url
+            .as_deref()
+            .map(|u| app.callbacks().check_url(u))
+        {
+            // A literal address is checked here; a name, when it is resolved for delivery.
+            Some(Err(why)) => format!("invalid payload: callback_url: {why}"),
+            _ => return Ok(input),
+        },
+        Err(e) => e.to_string(),
     };
     // A payload that can never run: record why and send it to the dead set.
     let job = job_ref(raw, None);
     let err = ErrorRecord {
         error_type: ErrorType::InvalidPayload,
-        message: e.to_string(),
+        message: e.clone(),
         details: json!({ "payload_bytes": raw.payload.len() }),
         provider: None,
         http_status: None,
         call_seq: 0,
     };
-    let result = failed_result("none", None, &e.to_string());
+    let result = failed_result("none", None, &e);
     app.record(
         app.results()
-            .record_failure(&job, &err, None, Some(&result))
+            .record_failure(&job, &err, None, Some((&result, Ending::Failed)))
             .await,
     )?;
     tracing::warn!(error = %Field::message(&e), "dead: invalid payload");
-    Err(Failure::Permanent {
-        message: e.to_string(),
-    })
+    Err(Failure::Permanent { message: e })
 }
 
 /// True when this job id already succeeded (acknowledged without a call); a failure when it
@@ -84,6 +91,7 @@ pub fn job_ref(raw: &RawJob, input: Option<&JobInput>) -> JobRef {
         correlation_id: common.and_then(|c| c.correlation_id.clone()),
         attempt: raw.attempt,
         execution: raw.token as i64,
+        callback_url: common.and_then(|c| c.callback_url.clone()),
     }
 }
 

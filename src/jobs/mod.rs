@@ -70,6 +70,8 @@ pub struct App {
     pub call_retry: CallRetryPolicy,
     /// The queue, where an answer whose rows PostgreSQL could not take is kept with its job.
     pub queue: crate::queue::Queue,
+    /// The addresses a job's callback_url may name (`AIQ_WEBHOOK_ALLOW_NETS`).
+    pub callbacks: Arc<crate::webhooks::address::AddressPolicy>,
     limits: Mutex<HashMap<Uuid, (Instant, OrgLimits)>>,
     store_gate: StoreGate,
     /// Jobs of each organisation running in this process, against `AIQ_ORG_MAX_IN_FLIGHT`.
@@ -86,6 +88,7 @@ pub struct AppParts {
     pub prices: PriceCatalog,
     pub hold_ttl: HoldTtl,
     pub call_retry: CallRetryPolicy,
+    pub callbacks: Arc<crate::webhooks::address::AddressPolicy>,
 }
 
 impl App {
@@ -100,6 +103,7 @@ impl App {
             prices: p.prices,
             hold_ttl: p.hold_ttl,
             call_retry: p.call_retry,
+            callbacks: p.callbacks,
             limits: Mutex::new(HashMap::new()),
             store_gate: StoreGate::default(),
             in_flight: Arc::default(),

@@ -79,6 +79,9 @@ pub struct Common {
     /// What the job is about (a photo, a document...), recorded with the results.
     pub subject_id: Option<uuid::Uuid>,
     pub subject_type: Option<String>,
+    /// Where the job's final event is also posted (a signed webhook); its address is checked
+    /// after decoding (`crate::webhooks::address`).
+    pub callback_url: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -247,6 +250,10 @@ fn common(obj: &mut Object) -> Result<Common, DecodeError> {
         .take("subject_type")
         .map(|(f, v)| text(&f, v, Text::line(0, MAX_SUBJECT_TYPE_CHARS)))
         .transpose()?;
+    let callback_url = obj
+        .take("callback_url")
+        .map(|(f, v)| callback_url(&f, v))
+        .transpose()?;
     Ok(Common {
         version: PAYLOAD_VERSION,
         organization_id,
@@ -255,7 +262,24 @@ fn common(obj: &mut Object) -> Result<Common, DecodeError> {
         correlation_id,
         subject_id,
         subject_type,
+        callback_url,
     })
+}
+
+/// `callback_url`: the schema's `^https?://[^\u0000-\u0020\u007f]+$`, at most
+/// [`MAX_URI_CHARS`] characters.
+fn callback_url(field: &str, v: Value) -> Result<String, DecodeError> {
+    let s = check_text(field, &v, Text::line(1, MAX_URI_CHARS))?;
+    let rest = s
+        .strip_prefix("https://")
+        .or_else(|| s.strip_prefix("http://"));
+    if !rest.is_some_and(|r| !r.is_empty() && !r.contains(' ')) {
+        return Err(refuse(
+            field,
+            "must be an http:// or https:// URL, without spaces",
+        ));
+    }
+    Ok(into_string(v))
 }
 
 fn vision(mut obj: Object, common: Common) -> Result<VisionPayload, DecodeError> {

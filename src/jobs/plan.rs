@@ -135,7 +135,12 @@ async fn never_fit(app: &App, job: &JobRef, why: &[String]) -> Failure {
     let result = failed_result("none", None, &message);
     if let Err(f) = app.record(
         app.store
-            .record_failure(job, &err, None, Some(&result))
+            .record_failure(
+                job,
+                &err,
+                None,
+                Some((&result, crate::store::Ending::Failed)),
+            )
             .await,
     ) {
         return f;
@@ -224,7 +229,12 @@ async fn unpriced(
     let result = failed_result(&provider, None, &e.to_string());
     if let Err(f) = app.record(
         app.store
-            .record_failure(job, &err, None, Some(&result))
+            .record_failure(
+                job,
+                &err,
+                None,
+                Some((&result, crate::store::Ending::Failed)),
+            )
             .await,
     ) {
         return f;

@@ -30,7 +30,10 @@ use crate::providers::vision::{Feature, ImageSource, VisionResponse};
 use crate::providers::{ErrorKind, ProviderError};
 use crate::queue::backend::Failure;
 use crate::queue::{Queue, QueueError};
-use crate::store::{CallRecord, ErrorRecord, JobRef, ResultRecord, Store, StoreError, Unwritten};
+use crate::store::{
+    CallRecord, Ending, ErrorRecord, JobRef, ResultRecord, Store, StoreError, Unwritten,
+};
+use crate::webhooks::address::AddressPolicy;
 
 /// One gate's answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -154,7 +157,7 @@ pub trait Results: Sync {
         job: &JobRef,
         err: &ErrorRecord,
         call: Option<&CallRecord>,
-        result: Option<&ResultRecord>,
+        result: Option<(&ResultRecord, Ending)>,
     ) -> impl Future<Output = Result<Option<MicroUsd>, StoreError>> + Send;
 
     /// A succeeded call's rows; the rows back when they could not be written.
@@ -223,6 +226,8 @@ pub struct Rules<'a> {
     pub prices: &'a PriceCatalog,
     pub call_retry: &'a CallRetryPolicy,
     pub store_gate: &'a StoreGate,
+    /// The addresses a payload's `callback_url` may name.
+    pub callbacks: &'a AddressPolicy,
 }
 
 /// What the stages of a job reach: the ports and the values they price and retry by. Every
@@ -256,6 +261,11 @@ pub trait Ports: Sync {
     /// Whether this process last found PostgreSQL unreachable.
     fn store_gate(&self) -> &StoreGate {
         self.rules().store_gate
+    }
+
+    /// The addresses a payload's `callback_url` may name.
+    fn callbacks(&self) -> &AddressPolicy {
+        self.rules().callbacks
     }
 
     /// A store error as the queue's failure kind (see [`store_failure`]).
@@ -298,6 +308,7 @@ impl Ports for App {
             prices: &self.prices,
             call_retry: &self.call_retry,
             store_gate: &self.store_gate,
+            callbacks: &self.callbacks,
         }
     }
 }
@@ -494,7 +505,7 @@ impl Results for PgResults<'_> {
         job: &JobRef,
         err: &ErrorRecord,
         call: Option<&CallRecord>,
-        result: Option<&ResultRecord>,
+        result: Option<(&ResultRecord, Ending)>,
     ) -> Result<Option<MicroUsd>, StoreError> {
         self.store.record_failure(job, err, call, result).await
     }

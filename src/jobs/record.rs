@@ -17,7 +17,7 @@ use crate::budget::Reservation;
 use crate::domain::MicroUsd;
 use crate::providers::{ErrorKind, ProviderError};
 use crate::queue::backend::{Failure, RawJob};
-use crate::store::{CallRecord, CallStatus, ErrorRecord, ErrorType, JobRef, ResultRecord};
+use crate::store::{CallRecord, CallStatus, Ending, ErrorRecord, ErrorType, JobRef, ResultRecord};
 
 /// A paid answer whose rows PostgreSQL could not take, kept with its job until it can: the rows
 /// as they were to be written (with the execution that made the call), so the next execution
@@ -333,9 +333,15 @@ pub(super) async fn failed_call(
             &e.to_string(),
         )
     });
+    // A failure no attempt can fix fails the job; a retryable one on its last attempt, dead.
+    let ending = if e.is_retryable() {
+        Ending::Dead
+    } else {
+        Ending::Failed
+    };
     let recorded = app.record(
         app.results()
-            .record_failure(job, &err, Some(&call), result.as_ref())
+            .record_failure(job, &err, Some(&call), result.as_ref().map(|r| (r, ending)))
             .await,
     )?;
     settle(app, reservation, recorded.unwrap_or(cost)).await;

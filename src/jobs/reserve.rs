@@ -97,7 +97,12 @@ pub(super) async fn over_budget(
         fail.then(|| failed_result(planned.provider.as_str(), planned.model.clone(), &message));
     app.record(
         app.results()
-            .record_failure(job, &err, None, result.as_ref())
+            .record_failure(
+                job,
+                &err,
+                None,
+                result.as_ref().map(|r| (r, crate::store::Ending::Failed)),
+            )
             .await,
     )?;
     tracing::info!(job.id = %Field::new(&raw.id), "{}", Field::message(&message));

@@ -9,11 +9,10 @@
 //! batch fails for any reason but a lost connection, its jobs are written one by one, so one bad
 //! row fails only its own job.
 
-use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use super::{CallRecord, JobRef, ResultRecord, Store, StoreError, Unwritten};
+use super::{CallRecord, JobEvent, JobRef, ResultRecord, Store, StoreError, Unwritten};
 use crate::domain::MicroUsd;
 
 /// The most jobs one transaction carries.
@@ -27,17 +26,18 @@ pub(super) struct Pending {
     pub reply: oneshot::Sender<Result<MicroUsd, Box<Unwritten>>>,
 }
 
-/// Starts the writer; it ends when every sender is gone.
-pub(super) fn start(pool: PgPool) -> mpsc::Sender<Pending> {
+/// Starts the writer over `store` (one without a writer of its own); it ends when every sender
+/// is gone.
+pub(super) fn start(store: Store) -> mpsc::Sender<Pending> {
     let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
-    tokio::spawn(writer(pool, rx));
+    tokio::spawn(writer(store, rx));
     tx
 }
 
-async fn writer(pool: PgPool, mut rx: mpsc::Receiver<Pending>) {
+async fn writer(store: Store, mut rx: mpsc::Receiver<Pending>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        match write(&pool, &batch).await {
+        match write(&store, &batch).await {
             Ok(costs) => {
                 for (p, cost) in batch.drain(..).zip(costs) {
                     let _ = p.reply.send(Ok(cost));
@@ -63,7 +63,6 @@ async fn writer(pool: PgPool, mut rx: mpsc::Receiver<Pending>) {
             }
             Err(e) => {
                 tracing::warn!(error = %e, jobs = batch.len(), "a batch of result rows failed; writing them one by one");
-                let store = Store::from_pool(pool.clone());
                 for p in batch.drain(..) {
                     let r = match store.record_success_now(&p.job, &p.call, &p.result).await {
                         Ok(cost) => Ok(cost),
@@ -79,10 +78,18 @@ async fn writer(pool: PgPool, mut rx: mpsc::Receiver<Pending>) {
     }
 }
 
-/// One transaction: the cost rows, the usage rows of LLM calls, the result rows, then the cost
-/// each call's row holds.
-async fn write(pool: &PgPool, batch: &[Pending]) -> Result<Vec<MicroUsd>, StoreError> {
-    let mut tx = pool.begin().await?;
+/// One transaction: the cost rows, the usage rows of LLM calls, the result rows, the webhook
+/// messages of the jobs whose result row it added (one statement, none without receivers),
+/// then the cost each call's row holds.
+async fn write(store: &Store, batch: &[Pending]) -> Result<Vec<MicroUsd>, StoreError> {
+    // Which organisations have endpoints: from the cache (read again every few seconds, before
+    // the transaction, so no batch holds its locks while it is read).
+    let endpoint_orgs = if batch.iter().all(|p| p.job.callback_url.is_some()) {
+        None
+    } else {
+        store.webhook_receivers().await
+    };
+    let mut tx = store.pool.begin().await?;
     let col = |f: &dyn Fn(&Pending) -> Option<String>| batch.iter().map(f).collect::<Vec<_>>();
     let ints = |f: &dyn Fn(&Pending) -> Option<i64>| batch.iter().map(f).collect::<Vec<_>>();
     let orgs: Vec<Option<Uuid>> = batch.iter().map(|p| p.job.organization_id).collect();
@@ -196,7 +203,7 @@ async fn write(pool: &PgPool, batch: &[Pending]) -> Result<Vec<MicroUsd>, StoreE
         .await?;
     }
 
-    sqlx::query(
+    let added: Vec<(Option<Uuid>, String)> = sqlx::query_as(
         "INSERT INTO ai_processing_results (subject_id, subject_type, organization_id, processing_type,
             ai_provider, raw_response, confidence_scores, processing_time_ms, api_cost_usd,
             error_message, status, processed_at, job_id, job_kind, tier, model, correlation_id, attempts)
@@ -209,7 +216,8 @@ async fn write(pool: &PgPool, batch: &[Pending]) -> Result<Vec<MicroUsd>, StoreE
            AS t(subject_id, subject_type, org, provider, raw_response, confidence_scores,
             processing_ms, cost, error_message, status, job_id, job_kind, tier, model,
             correlation_id, attempts)
-         ON CONFLICT ON CONSTRAINT ai_processing_results_one_per_job DO NOTHING",
+         ON CONFLICT ON CONSTRAINT ai_processing_results_one_per_job DO NOTHING
+         RETURNING organization_id, job_id",
     )
     .bind(batch.iter().map(|p| p.job.subject_id).collect::<Vec<_>>())
     .bind(col(&|p| p.job.subject_type.clone()))
@@ -251,8 +259,27 @@ async fn write(pool: &PgPool, batch: &[Pending]) -> Result<Vec<MicroUsd>, StoreE
     .bind(col(&|p| p.result.model.clone()))
     .bind(col(&|p| p.job.correlation_id.clone()))
     .bind(&attempts)
-    .execute(&mut *tx)
+    .fetch_all(&mut *tx)
     .await?;
+    // Only jobs with a receiver get messages (no query for the others), and only those whose
+    // row this transaction added: a replayed job's messages were written with its row.
+    let events: Vec<JobEvent> = batch
+        .iter()
+        .filter(|p| {
+            super::webhooks::has_receiver(
+                &endpoint_orgs,
+                p.job.organization_id,
+                p.job.callback_url.is_some(),
+            )
+        })
+        .filter(|p| {
+            added
+                .iter()
+                .any(|(o, j)| *o == p.job.organization_id && *j == p.job.job_id)
+        })
+        .filter_map(|p| JobEvent::succeeded(&p.job, &p.call, &p.result))
+        .collect();
+    super::webhooks::enqueue_in(&mut tx, &events).await?;
 
     let stored: Vec<(Option<Uuid>, String, i64, i32, i64)> = sqlx::query_as(
         "SELECT c.organization_id, c.job_id, c.execution, c.call_seq,

@@ -19,9 +19,11 @@ use crate::tls::{Server, TlsFailure};
 mod alerts;
 mod batch;
 mod reports;
+pub mod webhooks;
 
 pub use alerts::{AlertRow, NewAlert};
 pub use reports::{CostAnalysisRow, DailySpend, RowCounts, Spike};
+pub use webhooks::{Ending, JobEvent};
 
 /// PostgreSQL's text and jsonb cannot hold U+0000, and a provider may send it: a row refused for
 /// it would fail its job on every attempt, each one a paid call. It is stored as U+FFFD.
@@ -126,6 +128,9 @@ pub struct JobRef {
     pub attempt: u32,
     /// The queue's lease token for this execution: a re-run after a crash is a new execution.
     pub execution: i64,
+    /// The payload's `callback_url`: the job's final event is also delivered there.
+    #[serde(default)]
+    pub callback_url: Option<String>,
 }
 
 /// How a provider call ended, as ai_cost_tracking.call_status records it.
@@ -270,6 +275,8 @@ pub struct Store {
     pool: PgPool,
     /// The group-commit writer of succeeded jobs' rows, when started ([`Store::batched`]).
     batch: Option<tokio::sync::mpsc::Sender<batch::Pending>>,
+    /// Which organisations have webhook endpoints, shared by every clone.
+    webhook_orgs: std::sync::Arc<webhooks::EndpointCache>,
 }
 
 impl Store {
@@ -316,13 +323,21 @@ impl Store {
     }
 
     pub fn from_pool(pool: PgPool) -> Self {
-        Self { pool, batch: None }
+        Self {
+            pool,
+            batch: None,
+            webhook_orgs: Default::default(),
+        }
     }
 
     /// This store with its succeeded jobs' rows written by one group-commit task (see
     /// [`batch`]). Call it inside the runtime the store will be used in.
     pub fn batched(self) -> Self {
-        let batch = Some(batch::start(self.pool.clone()));
+        let writer = Self {
+            batch: None,
+            ..self.clone()
+        };
+        let batch = Some(batch::start(writer));
         Self { batch, ..self }
     }
 
@@ -418,12 +433,13 @@ impl Store {
         Ok(MicroUsd::from_micros(stored))
     }
 
+    /// Inserts the job's result row unless it has one; true when this call added it.
     async fn insert_result(
         tx: &mut sqlx::PgConnection,
         job: &JobRef,
         result: &ResultRecord,
-    ) -> Result<(), sqlx::Error> {
-        sqlx::query(
+    ) -> Result<bool, sqlx::Error> {
+        let added = sqlx::query(
             "INSERT INTO ai_processing_results (subject_id, subject_type, organization_id, processing_type,
                 ai_provider, raw_response, confidence_scores, processing_time_ms, api_cost_usd,
                 error_message, status, processed_at, job_id, job_kind, tier, model, correlation_id, attempts)
@@ -448,8 +464,36 @@ impl Store {
         .bind(&job.correlation_id)
         .bind(job.attempt as i32)
         .execute(&mut *tx)
-        .await?;
+        .await?
+        .rows_affected();
+        Ok(added == 1)
+    }
+
+    /// The webhook messages of a job whose final result row this transaction added, unless it
+    /// has no receiver as `orgs` (read before the transaction began) knows: then no query, and
+    /// no body is built.
+    async fn enqueue_event(
+        tx: &mut sqlx::PgConnection,
+        orgs: &webhooks::EndpointOrgs,
+        job: &JobRef,
+        event: impl FnOnce() -> Option<JobEvent>,
+    ) -> Result<(), sqlx::Error> {
+        if !webhooks::has_receiver(orgs, job.organization_id, job.callback_url.is_some()) {
+            return Ok(());
+        }
+        let events: Vec<JobEvent> = event().into_iter().collect();
+        webhooks::enqueue_in(tx, &events).await?;
         Ok(())
+    }
+
+    /// What [`Store::enqueue_event`] needs to know of `job`'s organisation, read before a
+    /// transaction so that none holds a connection while it waits for another: nothing for a job
+    /// with a callback_url or without an organisation.
+    async fn receivers_of(&self, job: &JobRef) -> webhooks::EndpointOrgs {
+        match (job.organization_id, &job.callback_url) {
+            (Some(_), None) => self.webhook_receivers().await,
+            _ => None,
+        }
     }
 
     async fn insert_error(
@@ -542,9 +586,15 @@ impl Store {
     ) -> Result<MicroUsd, StoreError> {
         // Boxed, like record_failure: the transaction's future is several KiB.
         Box::pin(async move {
+            let orgs = self.receivers_of(job).await;
             let mut tx = self.pool.begin().await?;
             let cost = Self::insert_call(&mut tx, job, call).await?;
-            Self::insert_result(&mut tx, job, result).await?;
+            if Self::insert_result(&mut tx, job, result).await? {
+                Self::enqueue_event(&mut tx, &orgs, job, || {
+                    JobEvent::succeeded(job, call, result)
+                })
+                .await?;
+            }
             // See batch::write: the connection must not keep a large answer's capacity.
             sqlx::Connection::shrink_buffers(&mut *tx);
             tx.commit().await?;
@@ -572,26 +622,35 @@ impl Store {
     }
 
     /// A failed attempt: the error, the call if one was made, and the failed result when this
-    /// was the job's last attempt, in one transaction.
+    /// was the job's last attempt (with how it ended, for its webhooks), in one transaction.
     /// Returns the call's recorded cost when there was a call.
     pub async fn record_failure(
         &self,
         job: &JobRef,
         err: &ErrorRecord,
         call: Option<&CallRecord>,
-        final_result: Option<&ResultRecord>,
+        final_result: Option<(&ResultRecord, Ending)>,
     ) -> Result<Option<MicroUsd>, StoreError> {
         // Boxed: the transaction's future is several KiB, and every running job's future would
         // otherwise reserve room for it while it waits on its provider.
         Box::pin(async move {
+            let orgs = match final_result {
+                Some(_) => self.receivers_of(job).await,
+                None => None,
+            };
             let mut tx = self.pool.begin().await?;
             let cost = match call {
                 Some(call) => Some(Self::insert_call(&mut tx, job, call).await?),
                 None => None,
             };
             Self::insert_error(&mut tx, job, err).await?;
-            if let Some(result) = final_result {
-                Self::insert_result(&mut tx, job, result).await?;
+            if let Some((result, ending)) = final_result
+                && Self::insert_result(&mut tx, job, result).await?
+            {
+                Self::enqueue_event(&mut tx, &orgs, job, || {
+                    JobEvent::failed(job, ending, result)
+                })
+                .await?;
             }
             tx.commit().await?;
             Ok(cost)

@@ -21,3 +21,4 @@ mod providers;
 mod queue;
 mod retries;
 mod tls;
+mod webhooks;

@@ -985,3 +985,23 @@ proptest! {
         check(kind, mangled)?;
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(3_000))]
+
+    /// `callback_url` set to generated text near the pattern's edges (schemes in other cases,
+    /// spaces and controls, lengths around 2,048): the decoder agrees with the schema.
+    #[test]
+    fn a_generated_callback_url_is_refused_exactly_when_the_schema_refuses_it(
+        scheme in prop::sample::select(vec!["https://", "http://", "HTTPS://", "ftp://", "https:/", "", "http://"]),
+        rest in prop_oneof![
+            "[ -~\u{80}-\u{10FFFF}]{0,40}",
+            "[a-z.]{1,10}[\t\n\r \u{7f}\u{0}\u{1f}][a-z]{0,5}",
+            (2030usize..2060).prop_map(|n| "a".repeat(n)),
+        ],
+    ) {
+        let mut v = example("llm.complete");
+        v["callback_url"] = format!("{scheme}{rest}").into();
+        check("llm.complete", v.to_string())?;
+    }
+}

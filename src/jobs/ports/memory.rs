@@ -304,13 +304,13 @@ impl Results for &MemoryResults {
         _job: &JobRef,
         err: &ErrorRecord,
         call: Option<&CallRecord>,
-        result: Option<&ResultRecord>,
+        result: Option<(&ResultRecord, Ending)>,
     ) -> Result<Option<MicroUsd>, StoreError> {
         if let Some(call) = call {
             self.push_call(call);
         }
         self.push_error(err);
-        if let Some(result) = result {
+        if let Some((result, _)) = result {
             self.push_result(result);
         }
         Ok(call.map(|c| c.cost))
@@ -497,6 +497,7 @@ pub struct MemoryPorts {
     pub prices: PriceCatalog,
     pub call_retry: CallRetryPolicy,
     pub store_gate: StoreGate,
+    pub callbacks: AddressPolicy,
 }
 
 impl MemoryPorts {
@@ -514,6 +515,7 @@ impl MemoryPorts {
             prices: PriceCatalog::builtin(),
             call_retry,
             store_gate: StoreGate::default(),
+            callbacks: AddressPolicy::new(Vec::new()),
         }
     }
 }
@@ -545,6 +547,7 @@ impl Ports for MemoryPorts {
             prices: &self.prices,
             call_retry: &self.call_retry,
             store_gate: &self.store_gate,
+            callbacks: &self.callbacks,
         }
     }
 }
