@@ -166,6 +166,14 @@ pub fn cost_above_estimate(provider: &str) {
 }
 
 /// An answer whose rows PostgreSQL could not take was kept with its job in Redis.
+/// A cancelled job's row was written by this process.
+pub fn job_cancelled(tier: &str) {
+    let tier = tier
+        .parse::<crate::domain::Tier>()
+        .map_or("unknown", |t| t.as_str());
+    metrics::counter!("aiq_jobs_cancelled_total", "tier" => tier).increment(1);
+}
+
 pub fn answer_kept() {
     metrics::counter!("aiq_answers_kept_total").increment(1);
 }

@@ -214,9 +214,13 @@ impl Disposition {
 }
 
 /// The disposition of an execution that ended in `outcome`.
-pub fn disposition(outcome: &Result<(), Failure>, attempt: u32, max_attempts: u32) -> Disposition {
+pub fn disposition<T>(
+    outcome: &Result<T, Failure>,
+    attempt: u32,
+    max_attempts: u32,
+) -> Disposition {
     match outcome {
-        Ok(()) => Disposition::Succeeded,
+        Ok(_) => Disposition::Succeeded,
         Err(Failure::Defer { .. }) => Disposition::Deferred,
         Err(f) if is_last_attempt(f, attempt, max_attempts) => Disposition::Dead,
         Err(_) => Disposition::Retried,
@@ -389,6 +393,7 @@ mod tests {
         let defer = Failure::Defer {
             message: String::new(),
             after: Duration::ZERO,
+            reason: crate::queue::events::DelayReason::Other,
         };
         assert!(!is_last_attempt(&retry, 1, 3));
         assert!(is_last_attempt(&retry, 3, 3));
@@ -413,6 +418,7 @@ mod tests {
         let defer = Err(Failure::Defer {
             message: String::new(),
             after: Duration::ZERO,
+            reason: crate::queue::events::DelayReason::Other,
         });
         assert_eq!(disposition(&defer, 3, 3), Disposition::Deferred);
         let permanent = Err(Failure::Permanent {

@@ -15,6 +15,7 @@ use crate::budget::{Budget, BudgetError, CallMeta, OrgLimits, Refusal, Reservati
 use crate::domain::{MicroUsd, Provider, Tier};
 use crate::providers::breaker::{Admit, Breakers};
 use crate::queue::backend::Failure;
+use crate::queue::events::DelayReason;
 
 /// One gate's answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -195,6 +196,7 @@ fn redis_unavailable(what: &str, kind: &'static str, e: impl std::fmt::Display) 
     Failure::Defer {
         message: format!("{what}: {e}; waiting without spending an attempt"),
         after: REDIS_WAIT + spread(jitter::REDIS),
+        reason: DelayReason::Unavailable,
     }
 }
 

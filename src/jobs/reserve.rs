@@ -16,6 +16,7 @@ use super::record::failed_result;
 use crate::budget::{CallMeta, OrgLimits, Refusal, Reservation};
 use crate::config::OnBudgetExceeded;
 use crate::queue::backend::{Failure, RawJob};
+use crate::queue::events::DelayReason;
 use crate::redact::Field;
 use crate::store::{ErrorRecord, ErrorType, JobRef};
 
@@ -112,6 +113,7 @@ pub(super) async fn over_budget(
     Err(Failure::Defer {
         message,
         after: window_reset_wait(until, fastrand::f64()),
+        reason: DelayReason::Budget,
     })
 }
 

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use super::{BenchOptions, Report, llm_job, rate, thousands, wait_drained};
 use aiq::config::{Env, QueueSettings, RetryPolicy};
 use aiq::domain::Tier;
-use aiq::queue::backend::{RawJob, RedisBackend};
+use aiq::queue::backend::{Completed, RawJob, RedisBackend};
 use aiq::queue::{NewJob, Queue};
 use aiq_testkit::localsvc::LocalRedis;
 
@@ -92,7 +92,7 @@ async fn enqueue_batched(
 /// Runs an apalis worker over aiq's backend with `service` until `stop` fires.
 async fn run_worker<S>(q: Queue, concurrency: usize, service: S, stop: CancellationToken)
 where
-    S: tower::Service<Task<RawJob>, Response = (), Error = BoxDynError> + Send + 'static,
+    S: tower::Service<Task<RawJob>, Response = Completed, Error = BoxDynError> + Send + 'static,
     S::Future: Send + 'static,
 {
     let retry = RetryPolicy {
@@ -173,7 +173,7 @@ pub(crate) async fn queue(opts: &BenchOptions) -> anyhow::Result<Report> {
             let ran = ran.clone();
             async move {
                 ran.fetch_add(1, Ordering::Relaxed);
-                Ok::<(), BoxDynError>(())
+                Ok::<Completed, BoxDynError>(Completed::default())
             }
         })
     };
@@ -240,7 +240,7 @@ pub(crate) async fn priority(opts: &BenchOptions) -> anyhow::Result<Report> {
                     let wait = base.elapsed().saturating_sub(Duration::from_micros(sent));
                     waits.lock().expect("waits").push(wait);
                 }
-                Ok::<(), BoxDynError>(())
+                Ok::<Completed, BoxDynError>(Completed::default())
             }
         })
     };
@@ -318,7 +318,7 @@ pub(crate) async fn priority(opts: &BenchOptions) -> anyhow::Result<Report> {
                 if ran.len() >= n {
                     stop.cancel();
                 }
-                Ok::<(), BoxDynError>(())
+                Ok::<Completed, BoxDynError>(Completed::default())
             }
         })
     };
