@@ -11,7 +11,7 @@ import {
   parseEvent,
   statusFromSnapshot,
 } from "../src";
-import { TestRedis, startRedis } from "./redis-server";
+import { TestRedis, evalCalls, redisNowMs as redisNowMsOf, startTestRedis, stopTestRedis } from "./redis-server";
 
 const ORG = "0b6f1b3e-2a55-4a6e-9a43-2f6f6f1b2c3d";
 
@@ -85,20 +85,10 @@ async function writeOutcome(q: AiqQueue, id: string, state: string, extra: Recor
   });
 }
 
-async function redisNowMs(): Promise<number> {
-  const [s, us] = await redis.time();
-  return Number(s) * 1000 + Math.floor(Number(us) / 1000);
-}
+const redisNowMs = () => redisNowMsOf(redis);
 
-before(async () => {
-  server = await startRedis();
-  redis = new Redis(server.url);
-});
-
-after(async () => {
-  redis?.disconnect();
-  await server?.stop();
-});
+before(async () => ({ server, redis } = await startTestRedis()));
+after(() => stopTestRedis({ server, redis }));
 
 describe("AiqQueue.getJob", () => {
   it("reports a waiting job with its organisation, tier, kind and attempts", async () => {
@@ -260,9 +250,15 @@ describe("AiqQueue.cancel", () => {
 
   it("recovers from NOSCRIPT after SCRIPT FLUSH", async () => {
     const q = newQueue();
+    await q.add("llm.complete", llm());
     assert.equal(await q.cancel("a"), "not_found");
     await redis.script("FLUSH");
+    const evals = await evalCalls(redis);
+    const { id } = await q.add("llm.complete", llm());
+    assert.equal(await q.cancel(id), "cancelled");
+    assert.equal(await evalCalls(redis), evals + 2, "enqueue and cancel should each fall back to EVAL once");
     assert.equal(await q.cancel("b"), "not_found");
+    assert.equal(await evalCalls(redis), evals + 2);
   });
 
   it("reports a missing cancel.lua when cancel is called", async () => {
