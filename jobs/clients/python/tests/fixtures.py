@@ -1,6 +1,8 @@
 """Payloads and helpers shared by the tests."""
 
 import itertools
+import json
+import time
 import os
 
 ORG = "0b6f1b3e-2a55-4a6e-9a43-2f6f6f1b2c3d"
@@ -45,3 +47,51 @@ def command_calls(r, *names):
 def redis_now_ms(r):
     s, us = r.time()
     return s * 1000 + us // 1000
+
+
+RESULT = {
+    "provider": "openai",
+    "model": "gpt-4o-mini",
+    "cost_usd": "0.000123",
+    "input_tokens": 12,
+    "output_tokens": 30,
+    "units": None,
+    "duration_ms": 850,
+}
+
+
+def wait_until(what, cond, timeout=10.0):
+    """Polls a condition until it holds (never a fixed sleep to order events)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting until {what}")
+        time.sleep(0.01)
+
+
+def blocked_readers(r):
+    """The ids of the clients blocked in XREAD right now (r decodes responses)."""
+    return [str(c["id"]) for c in r.client_list() if c.get("cmd") == "xread" and "b" in c.get("flags", "")]
+
+
+def xadd_event(r, q, **fields):
+    """Appends an event as the daemon's scripts do (the contract's fields, all strings)."""
+    entry = {"org": ORG, "tier": "growth_team", "kind": "llm.complete", "at": "1764626400123", "attempts": "1"}
+    entry.update(fields)
+    return r.xadd(q.key("events"), entry)
+
+
+def write_outcome(r, q, job_id, state, **extra):
+    """Writes a finished job's outcome hash as the daemon does."""
+    fields = {
+        "state": state,
+        "org": ORG,
+        "tier": "growth_team",
+        "kind": "llm.complete",
+        "attempts": "1",
+        "finished_at": "1764626400999",
+        "error": "",
+        "result": json.dumps(RESULT) if state == "succeeded" else "",
+    }
+    fields.update(extra)
+    r.hset(q.key("outcome:" + job_id), mapping=fields)
