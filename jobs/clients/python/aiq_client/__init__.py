@@ -16,6 +16,7 @@ The scripts are read from their files at run time, never copied into this client
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -261,6 +262,15 @@ def _parse_reply(reply: Any) -> AddResult:
 _READ_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
+@contextlib.contextmanager
+def _reading_status(job_id: str) -> Iterator[None]:
+    """Names the job in a reply error of its status's MULTI (e.g. WRONGTYPE on a hand-written key)."""
+    try:
+        yield
+    except ResponseError as e:
+        raise ResponseError(f"aiq: reading the status of {job_id!r}: {e}") from e
+
+
 class _QueueBase:
     def __init__(
         self,
@@ -304,14 +314,14 @@ class _QueueBase:
             self._cancel_script = self.connection.register_script(source)
         return self._cancel_script
 
-    def _snapshot_pipeline(self, pipe: Any, job_id: str, with_position: bool) -> Any:
-        for name, args in snapshot_commands(self.base, job_id, with_position):
+    def _snapshot_pipeline(self, pipe: Any, step: Snapshot) -> Any:
+        for name, args in snapshot_commands(self.base, step.job_id, step.with_position):
             getattr(pipe, name)(*args)
         return pipe
 
-    def _snapshot_result(self, job_id: str, replies: Any, with_position: bool) -> Tuple[Optional[JobStatus], str]:
-        snap, position = snapshot_from_replies(replies, with_position)
-        return status_from_snapshot(job_id, snap), position
+    def _snapshot_result(self, step: Snapshot, replies: Any) -> Tuple[Optional[JobStatus], str]:
+        snap, position = snapshot_from_replies(replies, step.with_position)
+        return status_from_snapshot(step.job_id, snap), position
 
     def _block_ms(self, block_ms: int) -> int:
         """A block that ends before the client's socket_timeout, if it has one."""
@@ -499,12 +509,9 @@ class AiqQueue(_QueueBase):
 
     def _step(self, step: Step) -> Any:
         if isinstance(step, Snapshot):
-            pipe = self._snapshot_pipeline(self.connection.pipeline(transaction=True), step.job_id, step.with_position)
-            try:
-                replies = pipe.execute()
-            except ResponseError as e:
-                raise ResponseError(f"aiq: reading the status of {step.job_id!r}: {e}") from e
-            return self._snapshot_result(step.job_id, replies, step.with_position)
+            with _reading_status(step.job_id):
+                replies = self._snapshot_pipeline(self.connection.pipeline(transaction=True), step).execute()
+            return self._snapshot_result(step, replies)
         if isinstance(step, XRead):
             try:
                 reply = self.connection.xread({self.key("events"): step.after}, count=step.count, block=self._block_ms(step.block_ms))
@@ -611,12 +618,9 @@ class AsyncAiqQueue(_QueueBase):
     async def _step(self, step: Step) -> Any:
         if isinstance(step, Snapshot):
             async with self.connection.pipeline(transaction=True) as pipe:
-                self._snapshot_pipeline(pipe, step.job_id, step.with_position)
-                try:
-                    replies = await pipe.execute()
-                except ResponseError as e:
-                    raise ResponseError(f"aiq: reading the status of {step.job_id!r}: {e}") from e
-            return self._snapshot_result(step.job_id, replies, step.with_position)
+                with _reading_status(step.job_id):
+                    replies = await self._snapshot_pipeline(pipe, step).execute()
+            return self._snapshot_result(step, replies)
         if isinstance(step, XRead):
             try:
                 reply = await self.connection.xread(

@@ -325,19 +325,7 @@ def _status_from_job_hash(job_id: str, s: StatusSnapshot) -> JobStatus:
             state = "failed"
         elif outcome is not None and outcome != "dead":
             f.problems.append(f"job.outcome: unknown value {_clip(outcome)}")
-    status: JobStatus = {
-        "id": job_id,
-        "state": state,  # type: ignore[typeddict-item]
-        "organization_id": f.str("org", True),
-        "tier": f.str("tier", True),
-        "kind": f.str("kind", True),
-        "attempts": f.int("attempts", True),
-        "due_at": None,
-        "delay_reason": None,
-        "last_error": f.str("last_error") or f.str("dead_reason"),
-        "finished_at": None,
-        "result": None,
-    }
+    status = _status(job_id, state, f, last_error=f.str("last_error") or f.str("dead_reason"))
     if state == "delayed":
         if f.has("due_at"):
             status["due_at"] = f.int("due_at")
@@ -354,21 +342,29 @@ def _status_from_job_hash(job_id: str, s: StatusSnapshot) -> JobStatus:
 def _status_from_outcome(job_id: str, outcome: Dict[str, str]) -> JobStatus:
     f = _Fields(outcome, "outcome")
     state = f.one_of("state", TERMINAL_STATES, True)
-    status: JobStatus = {
+    # An outcome hash is only written for a finished job; a bad state still means it ended.
+    status = _status(job_id, state or "dead", f)
+    status.update(last_error=f.str("error"), finished_at=f.int("finished_at", True), result=f.result("result"))
+    return _with_problems(status, f.problems)
+
+
+def _status(job_id: str, state: str, f: _Fields, **rest: Any) -> JobStatus:
+    """A status with the fields both hashes hold (in this order, so problems read in it too)."""
+    status: Any = {
         "id": job_id,
-        # An outcome hash is only written for a finished job; a bad state still means it ended.
-        "state": state or "dead",
+        "state": state,
         "organization_id": f.str("org", True),
         "tier": f.str("tier", True),
         "kind": f.str("kind", True),
         "attempts": f.int("attempts", True),
         "due_at": None,
         "delay_reason": None,
-        "last_error": f.str("error"),
-        "finished_at": f.int("finished_at", True),
-        "result": f.result("result"),
+        "last_error": None,
+        "finished_at": None,
+        "result": None,
     }
-    return _with_problems(status, f.problems)
+    status.update(rest)
+    return status
 
 
 def parse_event(event_id: str, fields: Any) -> AiqEvent:

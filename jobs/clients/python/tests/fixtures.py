@@ -4,6 +4,11 @@ import itertools
 import json
 import time
 import os
+import unittest
+
+import redis
+
+from aiq_client import AiqQueue
 
 ORG = "0b6f1b3e-2a55-4a6e-9a43-2f6f6f1b2c3d"
 OTHER_ORG = "7c2d0a4e-1b3f-4c5d-8e6f-a7b8c9d0e1f2"
@@ -95,3 +100,20 @@ def write_outcome(r, q, job_id, state, **extra):
     }
     fields.update(extra)
     r.hset(q.key("outcome:" + job_id), mapping=fields)
+
+
+class QueueCase(unittest.TestCase):
+    """A test with a fresh queue: ``self.r`` (decoded replies), ``self.conn`` (bytes replies) and
+    ``self.q``. A module sets ``server`` (its ModuleServer) and ``tag`` in a subclass."""
+
+    server = None
+    tag = "t"
+
+    def setUp(self):
+        self.r = self.server.client(decode_responses=True)
+        self.conn = redis.Redis.from_url(self.server.url)  # bytes replies, as from_url gives by default
+        self.q = AiqQueue(self.conn, prefix=fresh_prefix(self.tag))
+
+    def tearDown(self):
+        self.r.close()
+        self.conn.close()

@@ -7,18 +7,10 @@ import redis.asyncio
 from aiq_client import AddResult, AiqBulkEnqueueError, AiqEnqueueError, AsyncAiqQueue
 
 from .fixtures import ORG, command_calls, fresh_prefix, llm, vision
-from .redis_server import RedisServer
+from .redis_server import ModuleServer
 
-server = None
-
-
-def setUpModule():
-    global server
-    server = RedisServer()
-
-
-def tearDownModule():
-    server.stop()
+server = ModuleServer()
+setUpModule, tearDownModule = server.start, server.stop
 
 
 class AsyncQueueTest(unittest.IsolatedAsyncioTestCase):

@@ -10,30 +10,16 @@ from aiq_client import AiqJobNotFound, AiqQueue, AiqTimeout, JOB_STATES
 from aiq_client.outcomes import StatusSnapshot, _hash, parse_event, status_from_snapshot
 
 from .fixtures import ORG, RESULT, blocked_readers, command_calls, fresh_prefix, llm, redis_now_ms, wait_until
-from .fixtures import write_outcome, xadd_event
-from .redis_server import RedisServer
+from .fixtures import QueueCase, write_outcome, xadd_event
+from .redis_server import ModuleServer
 
-server = None
-
-
-def setUpModule():
-    global server
-    server = RedisServer()
+server = ModuleServer()
+setUpModule, tearDownModule = server.start, server.stop
 
 
-def tearDownModule():
-    server.stop()
-
-
-class OutcomesCase(unittest.TestCase):
-    def setUp(self):
-        self.r = server.client(decode_responses=True)
-        self.conn = redis.Redis.from_url(server.url)  # bytes replies, as from_url gives by default
-        self.q = AiqQueue(self.conn, prefix=fresh_prefix("o"))
-
-    def tearDown(self):
-        self.r.close()
-        self.conn.close()
+class OutcomesCase(QueueCase):
+    server = server
+    tag = "o"
 
 
 class GetJobTest(OutcomesCase):
