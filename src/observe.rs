@@ -1008,7 +1008,7 @@ mod tests {
             total += n;
         }
         // Two per tier, the three set sizes, one per event, three per budget window, one per provider.
-        assert_eq!(total, 2 * 6 + 3 + 10 + 3 * 2 + 4);
+        assert_eq!(total, 2 * 6 + 3 + 12 + 3 * 2 + 4);
     }
 
     #[test]
