@@ -340,6 +340,19 @@ describe("AiqQueue.events", () => {
     await it.return();
   });
 
+  it("throws when Redis stays unreachable past reconnectTimeoutMs", async () => {
+    const down = new Redis({ port: 1, lazyConnect: true, maxRetriesPerRequest: 0 });
+    down.on("error", () => undefined);
+    const q = new AiqQueue({ connection: down, prefix: "down" });
+    await assert.rejects(
+      (async () => {
+        for await (const _ of q.events({ from: "0", blockMs: 100, reconnectTimeoutMs: 300 })) break;
+      })(),
+      /ECONNREFUSED|Connection is closed|Reached the max retries/,
+    );
+    down.disconnect();
+  });
+
   it("refuses a position that is not one", async () => {
     const q = newQueue();
     await assert.rejects(q.events({ from: "yesterday" }).next(), TypeError);
@@ -375,6 +388,18 @@ describe("AiqQueue.waitUntilFinished", () => {
     assert.equal(status.state, "succeeded");
     assert.deepEqual(status.result, RESULT);
     await waitUntil("the waiter's connection is closed", async () => (await blockedReaders()).length === 0);
+  });
+
+  it("ends by reading the status when a job finishes without an event (events off)", async () => {
+    const q = newQueue();
+    const { id } = await q.add("llm.complete", llm());
+    const waiting = q.waitUntilFinished(id, { timeoutMs: 30_000, blockMs: 100 });
+    await waitUntil("the waiter blocks", async () => (await blockedReaders()).length === 1);
+    await redis.del(q.key(`job:${id}`));
+    await writeOutcome(q, id, "failed", { error: "invalid payload: model" });
+    const status = await waiting;
+    assert.equal(status.state, "failed");
+    assert.equal(status.last_error, "invalid payload: model");
   });
 
   it("times out cleanly for a job still waiting", async () => {

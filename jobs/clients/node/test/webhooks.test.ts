@@ -101,6 +101,26 @@ describe("verifyWebhook", () => {
     }
   });
 
+  it("throws nothing but AiqWebhookError on any headers and body", () => {
+    let seed = 11;
+    const rnd = () => (seed = (seed * 1103515245 + 12345) % 2 ** 31) / 2 ** 31;
+    const pick = <T>(xs: T[]): T => xs[Math.floor(rnd() * xs.length)];
+    const pieces = ["", " ", ",", "v1", "v1,", "v2,", "=", "==", "msg_1", String(NOW), "-1", "1e9", "\u0000", "é", "AAAA", independentSignature(KEY, "msg_1", NOW, BODY)];
+    const text = () => Array.from({ length: Math.floor(rnd() * 4) }, () => pick(pieces)).join(pick(["", " ", ","]));
+    for (let i = 0; i < 3000; i++) {
+      const h: Record<string, string | string[]> = {};
+      for (const name of ["webhook-id", "webhook-timestamp", "webhook-signature"]) {
+        if (rnd() < 0.9) h[name] = rnd() < 0.1 ? [text(), text()] : text();
+      }
+      const secret = rnd() < 0.7 ? SECRET : text();
+      try {
+        verifyWebhook(secret, h, rnd() < 0.5 ? BODY : text(), { nowSeconds: NOW });
+      } catch (e) {
+        assert.ok(e instanceof AiqWebhookError, `${JSON.stringify(h)}: ${e}`);
+      }
+    }
+  });
+
   it("refuses a signed body that is not JSON, and oversized headers", () => {
     const sig = independentSignature(KEY, "msg_1", NOW, "not json");
     rejectsWith("bad_body", () => verifyWebhook(SECRET, headers(sig), "not json", { nowSeconds: NOW }));

@@ -5,6 +5,8 @@ import unittest
 from concurrent.futures import ThreadPoolExecutor
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from aiq_client import AiqJobNotFound, AiqQueue, AiqTimeout, JOB_STATES
 from aiq_client.outcomes import StatusSnapshot, _hash, parse_event, status_from_snapshot
@@ -231,6 +233,14 @@ class EventsTest(OutcomesCase):
             xadd_event(self.r, self.q, type="created", job_id="new", state="waiting")
             self.assertEqual(first.result(timeout=10)["job_id"], "new")
 
+    def test_it_raises_when_redis_stays_unreachable_past_reconnect_timeout(self):
+        """events raises when Redis stays unreachable past reconnect_timeout."""
+        down = redis.Redis(port=1, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))  # fail fast
+        q = AiqQueue(down, prefix=fresh_prefix())
+        with self.assertRaises(redis.ConnectionError):
+            next(q.events(from_id="0", block_ms=100, reconnect_timeout=0.3))
+        down.close()
+
     def test_a_position_that_is_not_one_is_refused(self):
         """events refuses a position that is not one."""
         with self.assertRaises(ValueError):
@@ -262,6 +272,17 @@ class WaitTest(OutcomesCase):
             xadd_event(self.r, self.q, type="succeeded", job_id=job_id, state="succeeded")
             status = waiting.result(timeout=30)
         self.assertEqual((status["state"], status["result"]), ("succeeded", RESULT))
+
+    def test_it_ends_by_reading_the_status_when_a_job_finishes_without_an_event(self):
+        """wait ends by reading the status when a job finishes without an event (events off)."""
+        job_id, _ = self.q.add("llm.complete", llm())
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(self.q.wait, job_id, 30, 100)
+            wait_until("the waiter blocks", lambda: len(blocked_readers(self.r)) == 1)
+            self.r.delete(self.q.key("job:" + job_id))
+            write_outcome(self.r, self.q, job_id, "failed", error="invalid payload: model")
+            status = waiting.result(timeout=30)
+        self.assertEqual((status["state"], status["last_error"]), ("failed", "invalid payload: model"))
 
     def test_a_job_still_waiting_times_out_cleanly(self):
         """wait raises AiqTimeout for a job still waiting, with its last status."""

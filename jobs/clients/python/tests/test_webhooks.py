@@ -102,6 +102,29 @@ class VerifyWebhookTest(unittest.TestCase):
             with self.subTest(secret=bad):
                 self.refused("bad_secret", lambda: verify_webhook(bad, headers(sig), BODY, now=NOW))
 
+    def test_any_headers_and_body_raise_nothing_but_aiq_webhook_error(self):
+        """Any headers, secret and body raise nothing but AiqWebhookError."""
+        import random
+
+        rnd = random.Random(11)
+        pieces = ["", " ", ",", "v1", "v1,", "v2,", "=", "==", "msg_1", str(NOW), "-1", "1e9", "\x00", "\udcff", "é", "AAAA",
+                  independent_signature(KEY, "msg_1", NOW, BODY)]
+
+        def text():
+            return rnd.choice(["", " ", ","]).join(rnd.choice(pieces) for _ in range(rnd.randrange(4)))
+
+        for _ in range(3000):
+            h = {}
+            for name in ("webhook-id", "webhook-timestamp", "webhook-signature"):
+                if rnd.random() < 0.9:
+                    h[name] = [text(), text()] if rnd.random() < 0.1 else (text().encode("utf-8", "surrogatepass") if rnd.random() < 0.1 else text())
+            secret = SECRET if rnd.random() < 0.7 else text()
+            body = BODY if rnd.random() < 0.5 else text().encode("utf-8", "surrogatepass")
+            try:
+                verify_webhook(secret, h, body, now=NOW)
+            except AiqWebhookError:
+                pass
+
     def test_a_body_that_is_not_json_and_oversized_headers_are_refused(self):
         """A signed body that is not JSON, and oversized headers, are refused."""
         sig = independent_signature(KEY, "msg_1", NOW, "not json")
