@@ -654,3 +654,35 @@ fn cancel_lua_answers_not_found_or_refuses_generated_ids_and_changes_nothing() {
         panic!("{e}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outcomes_are_trimmed_oldest_first_and_show_falls_back_to_postgresql() {
+    let ctx = TestCtx::with(&[("AIQ_OUTCOMES_MAX_JOBS", "2")]).await;
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        ids.push(enqueue_llm(&ctx, &format!("caption {i}"), Duration::ZERO, 3).await);
+    }
+    ctx.run_until_settled().await;
+    let mut redis = ctx.redis().await;
+    let kept: Vec<String> = redis.zrange(ctx.key("outcomes"), 0, -1).await.unwrap();
+    assert!(kept.len() <= 2, "{kept:?}");
+    let mut from_pg = 0;
+    for id in &ids {
+        let hash: bool = redis
+            .exists(ctx.key(&format!("outcome:{id}")))
+            .await
+            .unwrap();
+        assert_eq!(
+            hash,
+            kept.contains(id),
+            "{id}: its hash goes with its index entry"
+        );
+        // Forgotten by Redis, the job is still known: from its row, with its summary.
+        let s = show(&ctx, id);
+        assert_eq!(s["state"], "succeeded", "{s}");
+        assert_eq!(s["result"]["provider"], "openai", "{s}");
+        assert_eq!(s["organization_id"], ORG_A, "{s}");
+        from_pg += usize::from(!hash);
+    }
+    assert!(from_pg >= 4, "{from_pg} of 6 read from PostgreSQL alone");
+}
