@@ -126,7 +126,7 @@ async fn jobs_enqueued_by_the_python_client_are_processed() {
 // events) against jobs a real aiq worker runs, defers and cancels.
 
 /// One of the reference clients' outcome programs.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 enum Client {
     Node,
     Python,
@@ -361,6 +361,7 @@ async fn sees_every_event_once_across_a_dropped_connection(client: Client) {
         .await
         .unwrap();
     assert_eq!(n, 1);
+    let before_kill = lines.lock().unwrap().len();
     ctx.wait_settled(Duration::from_secs(60)).await;
     worker.stop().await;
     let all = stream_ids(&ctx).await;
@@ -384,6 +385,10 @@ async fn sees_every_event_once_across_a_dropped_connection(client: Client) {
     reader.join().unwrap();
 
     let lines = lines.lock().unwrap();
+    println!(
+        "{client:?}: {before_kill} of {} events read before its connection was killed",
+        all.len()
+    );
     let got: Vec<String> = lines
         .iter()
         .map(|e| e["id"].as_str().unwrap().to_owned())
