@@ -115,7 +115,8 @@ function decodeSecret(secret: string): Buffer {
     throw new AiqWebhookError("bad_secret", "the webhook secret is empty");
   }
   if (secret.length > MAX_SECRET) throw new AiqWebhookError("bad_secret", "the webhook secret is too long");
-  const b64 = secret.startsWith(SECRET_PREFIX) ? secret.slice(SECRET_PREFIX.length) : secret;
+  const text = secret.trim(); // as copied from an environment file, with its newline
+  const b64 = text.startsWith(SECRET_PREFIX) ? text.slice(SECRET_PREFIX.length) : text;
   if (b64.length === 0 || !BASE64_RE.test(b64)) {
     throw new AiqWebhookError("bad_secret", "the webhook secret is not whsec_ followed by base64");
   }

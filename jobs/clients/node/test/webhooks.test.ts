@@ -43,6 +43,7 @@ describe("verifyWebhook", () => {
     assert.equal(signWebhook(SPEC.secret, SPEC.id, SPEC.timestamp, SPEC.body), SPEC.signature);
     // The secret without its prefix is the same key, as in the reference libraries.
     verifyWebhook(SPEC.secret.slice("whsec_".length), h, SPEC.body, { nowSeconds: SPEC.timestamp });
+    verifyWebhook(`${SPEC.secret}\n`, h, SPEC.body, { nowSeconds: SPEC.timestamp });
   });
 
   it("accepts a signature computed independently, from a string or the raw bytes", () => {

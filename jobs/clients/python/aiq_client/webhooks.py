@@ -49,7 +49,8 @@ def _key(secret: Any) -> bytes:
         raise AiqWebhookError("bad_secret", "the webhook secret is empty")
     if len(secret) > _MAX_SECRET:
         raise AiqWebhookError("bad_secret", "the webhook secret is too long")
-    b64 = secret[len(_PREFIX):] if secret.startswith(_PREFIX) else secret
+    text = secret.strip()  # as copied from an environment file, with its newline
+    b64 = text[len(_PREFIX):] if text.startswith(_PREFIX) else text
     if not b64 or not _BASE64_RE.match(b64):
         raise AiqWebhookError("bad_secret", "the webhook secret is not whsec_ followed by base64")
     return base64.b64decode(b64)

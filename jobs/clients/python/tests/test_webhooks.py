@@ -44,6 +44,7 @@ class VerifyWebhookTest(unittest.TestCase):
         self.assertEqual(verify_webhook(SPEC_SECRET, h, SPEC_BODY, now=SPEC_TS), (SPEC_ID, SPEC_TS, {"test": 2432232314}))
         self.assertEqual(sign_webhook(SPEC_SECRET, SPEC_ID, SPEC_TS, SPEC_BODY), SPEC_SIGNATURE)
         verify_webhook(SPEC_SECRET[len("whsec_"):], h, SPEC_BODY.encode(), now=SPEC_TS)
+        verify_webhook(SPEC_SECRET + "\n", h, SPEC_BODY, now=SPEC_TS)
 
     def test_a_signature_computed_independently_verifies_from_text_or_bytes(self):
         """A signature computed independently verifies, for the body as text or as bytes."""
