@@ -241,6 +241,19 @@ class EventsTest(OutcomesCase):
             next(q.events(from_id="0", block_ms=100, reconnect_timeout=0.3))
         down.close()
 
+    def test_a_resp3_client_reads_status_and_events_alike(self):
+        """A client speaking RESP3 (protocol=3) reads the same status and events."""
+        conn = redis.Redis.from_url(server.url, protocol=3)
+        q = AiqQueue(conn, prefix=self.q.prefix)
+        job_id, _ = q.add("llm.complete", llm(), delay_ms=60_000)
+        self.assertEqual(q.get_job(job_id), self.q.get_job(job_id))
+        it = q.events(from_id="0")
+        event = next(it)
+        it.close()
+        self.assertEqual(event, next(iter(self.q.events(from_id="0"))))
+        self.assertEqual((event["type"], event["job_id"], event["state"]), ("created", job_id, "delayed"))
+        conn.close()
+
     def test_a_position_that_is_not_one_is_refused(self):
         """events refuses a position that is not one."""
         with self.assertRaises(ValueError):
