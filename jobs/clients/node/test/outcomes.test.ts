@@ -312,18 +312,21 @@ describe("AiqQueue.events", () => {
     const consumer = (async () => {
       for await (const e of q.events({ from: "0", blockMs: 1000, signal: controller.signal })) seen.push(e.id);
     })();
-    await waitUntil("the first events are read", async () => seen.length === 3);
-    await waitUntil("the reader blocks", async () => (await blockedReaders()).length === 1);
-    const [killed] = await blockedReaders();
-    assert.equal(await redis.client("KILL", "ID", killed), 1);
-    for (let i = 0; i < 3; i++) written.push(await xaddEvent(q, { type: "created", job_id: `b${i}`, state: "waiting" }));
-    await waitUntil("the later events are read", async () => seen.length >= 6);
-    await waitUntil("a new connection reads", async () => {
-      const now = await blockedReaders();
-      return now.length === 1 && now[0] !== killed;
-    });
-    controller.abort();
-    await consumer;
+    try {
+      await waitUntil("the first events are read", async () => seen.length === 3);
+      await waitUntil("the reader blocks", async () => (await blockedReaders()).length === 1);
+      const [killed] = await blockedReaders();
+      assert.equal(await redis.client("KILL", "ID", killed), 1);
+      for (let i = 0; i < 3; i++) written.push(await xaddEvent(q, { type: "created", job_id: `b${i}`, state: "waiting" }));
+      await waitUntil("the later events are read", async () => seen.length >= 6);
+      await waitUntil("a new connection reads", async () => {
+        const now = await blockedReaders();
+        return now.length === 1 && now[0] !== killed;
+      });
+    } finally {
+      controller.abort(); // the test ends the reader even when it fails
+      await consumer;
+    }
     assert.deepEqual(seen, written);
     assert.deepEqual(await blockedReaders(), []);
   });
@@ -331,13 +334,19 @@ describe("AiqQueue.events", () => {
   it("starts after the stream's last event by default", async () => {
     const q = newQueue();
     await xaddEvent(q, { type: "created", job_id: "old", state: "waiting" });
-    const it = q.events({ blockMs: 100 });
+    const controller = new AbortController();
+    const it = q.events({ blockMs: 100, signal: controller.signal });
     const next = it.next();
-    await waitUntil("the reader blocks", async () => (await blockedReaders()).length === 1);
-    await xaddEvent(q, { type: "created", job_id: "new", state: "waiting" });
-    const first = await next;
-    assert.equal((first.value as AiqEvent).job_id, "new");
-    await it.return();
+    try {
+      await waitUntil("the reader blocks", async () => (await blockedReaders()).length === 1);
+      await xaddEvent(q, { type: "created", job_id: "new", state: "waiting" });
+      const first = await next;
+      assert.equal((first.value as AiqEvent).job_id, "new");
+    } finally {
+      controller.abort();
+      await next;
+      await it.return();
+    }
   });
 
   it("throws when Redis stays unreachable past reconnectTimeoutMs", async () => {

@@ -1,7 +1,9 @@
 """Payloads and helpers shared by the tests."""
 
+import concurrent.futures
 import itertools
 import json
+import threading
 import time
 import os
 import unittest
@@ -117,3 +119,18 @@ class QueueCase(unittest.TestCase):
     def tearDown(self):
         self.r.close()
         self.conn.close()
+
+
+def in_background(fn, *args):
+    """Runs fn(*args) on a daemon thread, so a call that hangs never keeps the tests from ending;
+    returns a Future of its result."""
+    future = concurrent.futures.Future()
+
+    def run():
+        try:
+            future.set_result(fn(*args))
+        except BaseException as e:  # noqa: B902 - handed to the test through the future
+            future.set_exception(e)
+
+    threading.Thread(target=run, daemon=True).start()
+    return future

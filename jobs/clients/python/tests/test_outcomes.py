@@ -2,7 +2,6 @@ import random
 import threading
 import time
 import unittest
-from concurrent.futures import ThreadPoolExecutor
 
 import redis
 from redis.backoff import NoBackoff
@@ -12,7 +11,7 @@ from aiq_client import AiqJobNotFound, AiqQueue, AiqTimeout, JOB_STATES
 from aiq_client.outcomes import StatusSnapshot, _hash, parse_event, status_from_snapshot
 
 from .fixtures import ORG, RESULT, blocked_readers, command_calls, fresh_prefix, llm, redis_now_ms, wait_until
-from .fixtures import QueueCase, write_outcome, xadd_event
+from .fixtures import QueueCase, in_background, write_outcome, xadd_event
 from .redis_server import ModuleServer
 
 server = ModuleServer()
@@ -182,8 +181,7 @@ class EventsTest(OutcomesCase):
     def test_an_added_job_gives_a_created_event_with_its_position(self):
         """events yields the created event of an added job, with its position."""
         job_id, _ = self.q.add("llm.complete", llm())
-        with ThreadPoolExecutor(1) as pool:
-            event = pool.submit(lambda: next(iter(self.q.events(from_id="0", block_ms=100)))).result(timeout=10)
+        event = in_background(lambda: next(iter(self.q.events(from_id="0", block_ms=100)))).result(timeout=10)
         self.assertEqual((event["type"], event["job_id"], event["state"], event["organization_id"]), ("created", job_id, "waiting", ORG))
         self.assertRegex(event["id"], r"^\d+-\d+$")
         self.assertNotIn("problems", event)
@@ -227,11 +225,10 @@ class EventsTest(OutcomesCase):
     def test_by_default_it_starts_after_the_streams_last_event(self):
         """events starts after the stream's last event by default."""
         xadd_event(self.r, self.q, type="created", job_id="old", state="waiting")
-        with ThreadPoolExecutor(1) as pool:
-            first = pool.submit(lambda: next(iter(self.q.events(block_ms=100))))
-            wait_until("the reader blocks", lambda: len(blocked_readers(self.r)) == 1)
-            xadd_event(self.r, self.q, type="created", job_id="new", state="waiting")
-            self.assertEqual(first.result(timeout=10)["job_id"], "new")
+        first = in_background(lambda: next(iter(self.q.events(block_ms=100))))
+        wait_until("the reader blocks", lambda: len(blocked_readers(self.r)) == 1)
+        xadd_event(self.r, self.q, type="created", job_id="new", state="waiting")
+        self.assertEqual(first.result(timeout=10)["job_id"], "new")
 
     def test_it_raises_when_redis_stays_unreachable_past_reconnect_timeout(self):
         """events raises when Redis stays unreachable past reconnect_timeout."""
@@ -276,25 +273,23 @@ class WaitTest(OutcomesCase):
     def test_it_returns_when_the_jobs_terminal_event_arrives(self):
         """wait returns when the job's terminal event arrives."""
         job_id, _ = self.q.add("llm.complete", llm())
-        with ThreadPoolExecutor(1) as pool:
-            waiting = pool.submit(self.q.wait, job_id, 30)
-            wait_until("the waiter blocks", lambda: len(blocked_readers(self.r)) == 1)
-            # What settle does in one script: the job leaves, its outcome is kept, the event is written.
-            self.r.delete(self.q.key("job:" + job_id))
-            write_outcome(self.r, self.q, job_id, "succeeded")
-            xadd_event(self.r, self.q, type="succeeded", job_id=job_id, state="succeeded")
-            status = waiting.result(timeout=30)
+        waiting = in_background(self.q.wait, job_id, 30)
+        wait_until("the waiter blocks", lambda: len(blocked_readers(self.r)) == 1)
+        # What settle does in one script: the job leaves, its outcome is kept, the event is written.
+        self.r.delete(self.q.key("job:" + job_id))
+        write_outcome(self.r, self.q, job_id, "succeeded")
+        xadd_event(self.r, self.q, type="succeeded", job_id=job_id, state="succeeded")
+        status = waiting.result(timeout=30)
         self.assertEqual((status["state"], status["result"]), ("succeeded", RESULT))
 
     def test_it_ends_by_reading_the_status_when_a_job_finishes_without_an_event(self):
         """wait ends by reading the status when a job finishes without an event (events off)."""
         job_id, _ = self.q.add("llm.complete", llm())
-        with ThreadPoolExecutor(1) as pool:
-            waiting = pool.submit(self.q.wait, job_id, 30, 100)
-            wait_until("the waiter blocks", lambda: len(blocked_readers(self.r)) == 1)
-            self.r.delete(self.q.key("job:" + job_id))
-            write_outcome(self.r, self.q, job_id, "failed", error="invalid payload: model")
-            status = waiting.result(timeout=30)
+        waiting = in_background(self.q.wait, job_id, 30, 100)
+        wait_until("the waiter blocks", lambda: len(blocked_readers(self.r)) == 1)
+        self.r.delete(self.q.key("job:" + job_id))
+        write_outcome(self.r, self.q, job_id, "failed", error="invalid payload: model")
+        status = waiting.result(timeout=30)
         self.assertEqual((status["state"], status["last_error"]), ("failed", "invalid payload: model"))
 
     def test_a_job_still_waiting_times_out_cleanly(self):
