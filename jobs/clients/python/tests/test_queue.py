@@ -1,7 +1,6 @@
 import json
 import unittest
 
-import redis
 
 from aiq_client import AddResult, AiqBulkEnqueueError, AiqEnqueueError, AiqQueue, default_script_path
 
