@@ -1,7 +1,6 @@
 import json
 import unittest
 
-
 from aiq_client import AddResult, AiqBulkEnqueueError, AiqEnqueueError, AiqQueue, default_script_path
 
 from .fixtures import ORG, OTHER_ORG, QueueCase, command_calls, fresh_prefix, llm, redis_now_ms, vision
