@@ -9,6 +9,7 @@ import {
   JobStatus,
   LlmCompletePayload,
   parseEvent,
+  parseXRead,
   statusFromSnapshot,
 } from "../src";
 import { TestRedis, evalCalls, redisNowMs as redisNowMsOf, startTestRedis, stopTestRedis } from "./redis-server";
@@ -156,6 +157,8 @@ describe("AiqQueue.getJob", () => {
     const dead = (await q.getJob("d1"))!;
     assert.equal(dead.state, "dead");
     assert.equal(dead.last_error, "attempts exhausted");
+    await redis.hset(q.key("job:r1"), { ...base, state: "inflight" });
+    assert.equal((await q.getJob("r1"))!.state, "running");
   });
 
   it("names the fields Redis holds wrong and still answers", async () => {
@@ -209,6 +212,9 @@ describe("AiqQueue.getJob", () => {
       assert.equal(event.id, "1-0");
     }
     assert.deepEqual(parseEvent("1-0", "garbage").problems?.[0], "event: the entry's fields are not a list");
+    const reply = [["k", [["not-an-id", []], "x", ["1-0", ["type", "created", "job_id", "j"]], null]], "junk"];
+    assert.deepEqual(parseXRead(reply).map((e) => [e.id, e.type, e.job_id]), [["1-0", "created", "j"]]);
+    assert.deepEqual(parseXRead(null), []);
   });
 });
 

@@ -8,7 +8,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from aiq_client import AiqJobNotFound, AiqQueue, AiqTimeout, JOB_STATES
-from aiq_client.outcomes import StatusSnapshot, _hash, parse_event, status_from_snapshot
+from aiq_client.outcomes import StatusSnapshot, _hash, parse_event, parse_xread, status_from_snapshot
 
 from .fixtures import ORG, RESULT, blocked_readers, command_calls, fresh_prefix, llm, redis_now_ms, wait_until
 from .fixtures import QueueCase, in_background, write_outcome, xadd_event
@@ -78,6 +78,8 @@ class GetJobTest(OutcomesCase):
         self.assertEqual((failed["state"], failed["last_error"], failed["finished_at"]), ("failed", "invalid payload: model", 1764626400500))
         dead = self.q.get_job("d1")
         self.assertEqual((dead["state"], dead["last_error"]), ("dead", "attempts exhausted"))
+        self.r.hset(self.q.key("job:r1"), mapping=dict(base, state="inflight"))
+        self.assertEqual(self.q.get_job("r1")["state"], "running")
 
     def test_fields_redis_holds_wrong_are_named_and_the_status_still_given(self):
         """Fields Redis holds wrong are named in problems, and the status is still given."""
@@ -128,6 +130,9 @@ class GetJobTest(OutcomesCase):
             self.assertIn(status["state"], JOB_STATES)
             self.assertEqual(parse_event("1-0", fields)["id"], "1-0")
         self.assertEqual(parse_event("1-0", "garbage")["problems"][0], "event: the entry's fields are not a mapping")
+        reply = [["k", [["not-an-id", []], "x", ["1-0", {"type": "created", "job_id": "j"}], None]], "junk"]
+        self.assertEqual([(e["id"], e["type"], e["job_id"]) for e in parse_xread(reply)], [("1-0", "created", "j")])
+        self.assertEqual(parse_xread(None), [])
 
 
 class CancelTest(OutcomesCase):
