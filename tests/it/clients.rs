@@ -156,10 +156,10 @@ impl Client {
     }
 
     /// A wait's timeout argument: ms for Node, seconds for Python.
-    fn timeout(self, secs: u64) -> String {
+    fn timeout(self, ms: u64) -> String {
         match self {
-            Client::Node => (secs * 1000).to_string(),
-            Client::Python => secs.to_string(),
+            Client::Node => ms.to_string(),
+            Client::Python => format!("{}", ms as f64 / 1000.0),
         }
     }
 
@@ -214,9 +214,13 @@ async fn waits_for_a_job_the_daemon_runs(client: Client) {
         .await;
     let before = client.json(&ctx, &["get", &id]).await;
     assert_eq!(before["state"], "waiting", "{before}");
+    // No worker yet: a wait times out cleanly.
+    let (code, _, err) = client.run(&ctx, &["wait", &id, &client.timeout(300)]).await;
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("did not finish within"), "{err}");
 
     // The wait starts (and blocks on the events) before the worker runs the job.
-    let timeout = client.timeout(60);
+    let timeout = client.timeout(60000);
     let waiter = client
         .command(&ctx, &["wait", &id, &timeout])
         .spawn()
@@ -264,12 +268,14 @@ async fn waits_for_a_job_the_daemon_runs(client: Client) {
     // Finished before the call: get and wait answer at once with the same status.
     assert_eq!(client.json(&ctx, &["get", &id]).await, status);
     assert_eq!(
-        client.json(&ctx, &["wait", &id, &client.timeout(60)]).await,
+        client
+            .json(&ctx, &["wait", &id, &client.timeout(60000)])
+            .await,
         status
     );
     // An unknown id is not found at once, never waited for.
     let (code, _, err) = client
-        .run(&ctx, &["wait", "no-such-job", &client.timeout(600)])
+        .run(&ctx, &["wait", "no-such-job", &client.timeout(600000)])
         .await;
     assert_eq!(code, 3, "{err}");
     assert!(err.contains("not found"), "{err}");
@@ -558,7 +564,9 @@ async fn jobs_cancelled_by_the_clients_never_run_and_get_a_cancelled_result_row(
             .await;
         assert_eq!(n, 1, "{id}");
         for client in [Client::Node, Client::Python] {
-            let status = client.json(&ctx, &["wait", id, &client.timeout(60)]).await;
+            let status = client
+                .json(&ctx, &["wait", id, &client.timeout(60000)])
+                .await;
             assert_eq!(status["state"], "cancelled", "{status}");
         }
     }
