@@ -279,19 +279,8 @@ function statusFromJobHash(id: string, s: StatusSnapshot): JobStatus {
     if (outcome === "failed") state = "failed";
     else if (outcome !== null && outcome !== "dead") f.problems.push(`job.outcome: unknown value ${clip(outcome)}`);
   }
-  const status: JobStatus = {
-    id,
-    state,
-    organization_id: f.str("org", true),
-    tier: f.str("tier", true),
-    kind: f.str("kind", true),
-    attempts: f.int("attempts", true),
-    due_at: null,
-    delay_reason: null,
-    last_error: f.str("last_error") ?? f.str("dead_reason"),
-    finished_at: null,
-    result: null,
-  };
+  const status = baseStatus(id, state, f);
+  status.last_error = f.str("last_error") ?? f.str("dead_reason");
   if (state === "delayed") {
     status.due_at = f.has("due_at") ? f.int("due_at") : score(s.delayedScore);
     if (status.due_at === null && !f.has("due_at")) f.problems.push("job.due_at: missing");
@@ -306,21 +295,29 @@ function statusFromJobHash(id: string, s: StatusSnapshot): JobStatus {
 function statusFromOutcome(id: string, outcome: Fields): JobStatus {
   const f = new FieldReader(outcome, "outcome");
   const state = f.oneOf("state", TERMINAL_STATES, true);
-  const status: JobStatus = {
+  // An outcome hash is only written for a finished job; a bad state still means it ended.
+  const status = baseStatus(id, state ?? "dead", f);
+  status.last_error = f.str("error");
+  status.finished_at = f.int("finished_at", true);
+  status.result = f.result("result");
+  return withProblems(status, f.problems);
+}
+
+/** A status with the fields both hashes hold (read in this order, so problems read in it too). */
+function baseStatus(id: string, state: JobState, f: FieldReader): JobStatus {
+  return {
     id,
-    // An outcome hash is only written for a finished job; a bad state still means it ended.
-    state: state ?? "dead",
+    state,
     organization_id: f.str("org", true),
     tier: f.str("tier", true),
     kind: f.str("kind", true),
     attempts: f.int("attempts", true),
     due_at: null,
     delay_reason: null,
-    last_error: f.str("error"),
-    finished_at: f.int("finished_at", true),
-    result: f.result("result"),
+    last_error: null,
+    finished_at: null,
+    result: null,
   };
-  return withProblems(status, f.problems);
 }
 
 function withProblems<T extends { problems?: string[] }>(value: T, problems: string[]): T {

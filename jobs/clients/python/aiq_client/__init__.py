@@ -496,16 +496,13 @@ class AiqQueue(_QueueBase):
     def _drive(self, machine: Generator[Step, Any, Any]) -> Generator[AiqEvent, None, Any]:
         """Runs a machine's steps; yields the events it emits, returns what it returns."""
         answer: Any = None
-        while True:
-            try:
-                step = machine.send(answer)
-            except StopIteration as done:
-                return done.value
+        while not isinstance(step := _advance(machine, answer), _Done):
             if isinstance(step, Emit):
                 answer = None
                 yield step.event
             else:
                 answer = self._step(step)
+        return step.value
 
     def _step(self, step: Step) -> Any:
         if isinstance(step, Snapshot):
@@ -589,12 +586,9 @@ class AsyncAiqQueue(_QueueBase):
         """See AiqQueue.wait."""
         machine = wait_machine(job_id, timeout, block_ms)
         answer: Any = None
-        while True:
-            try:
-                step = machine.send(answer)
-            except StopIteration as done:
-                return done.value
+        while not isinstance(step := _advance(machine, answer), _Done):
             answer = await self._step(step)
+        return step.value
 
     async def events(
         self, from_id: Optional[str] = None, block_ms: int = 5000, count: int = 100, reconnect_timeout: float = 60.0
@@ -644,3 +638,17 @@ def _run_to_end(gen: Generator[Any, None, Any]) -> Any:
             next(gen)
     except StopIteration as done:
         return done.value
+
+
+class _Done(NamedTuple):
+    """A machine's end and its return value."""
+
+    value: Any
+
+
+def _advance(machine: Generator[Step, Any, Any], answer: Any) -> Union[Step, _Done]:
+    """Sends a machine the answer to its last step; its next step, or _Done when it returned."""
+    try:
+        return machine.send(answer)
+    except StopIteration as done:
+        return _Done(done.value)
