@@ -512,7 +512,7 @@ def wait_machine(job_id: str, timeout: Optional[float], block_ms: int) -> Genera
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0):
         raise ValueError("aiq: timeout must be a number of seconds >= 0, or None")
     block_ms = check_block_ms(block_ms)
-    deadline = None if timeout is None else time.monotonic() + timeout
+    deadline = None if timeout is None or timeout == float("inf") else time.monotonic() + timeout
     # The stream's position is read with the status, so an event written after it is seen.
     status, position = yield Snapshot(job_id, True)
     if status is None:

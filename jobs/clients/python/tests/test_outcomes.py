@@ -290,7 +290,7 @@ class WaitTest(OutcomesCase):
     def test_it_ends_by_reading_the_status_when_a_job_finishes_without_an_event(self):
         """wait ends by reading the status when a job finishes without an event (events off)."""
         job_id, _ = self.q.add("llm.complete", llm())
-        waiting = in_background(self.q.wait, job_id, 30, 100)
+        waiting = in_background(self.q.wait, job_id, float("inf"), 100)  # no limit
         wait_until("the waiter blocks", lambda: len(blocked_readers(self.r)) == 1)
         self.r.delete(self.q.key("job:" + job_id))
         write_outcome(self.r, self.q, job_id, "failed", error="invalid payload: model")
@@ -306,6 +306,12 @@ class WaitTest(OutcomesCase):
         self.assertLess(time.monotonic() - t0, 10)
         self.assertIsInstance(cm.exception, TimeoutError)
         self.assertEqual((cm.exception.job_id, cm.exception.status["state"]), (job_id, "waiting"))
+
+    def test_a_timeout_or_block_that_is_not_one_is_refused(self):
+        """wait refuses a negative or NaN timeout and a bad block_ms."""
+        for bad in ({"timeout": -1}, {"timeout": float("nan")}, {"timeout": "5"}, {"block_ms": 0}, {"block_ms": 1.5}):
+            with self.subTest(**{k: repr(v) for k, v in bad.items()}), self.assertRaises(ValueError):
+                self.q.wait("x", **bad)
 
     def test_an_unknown_id_is_not_found_at_once(self):
         """wait raises AiqJobNotFound at once for an unknown id."""
