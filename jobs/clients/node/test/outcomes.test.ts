@@ -429,6 +429,14 @@ describe("AiqQueue.waitUntilFinished", () => {
     await waitUntil("the waiter's connection is closed", async () => (await blockedReaders()).length === 0);
   });
 
+  it("refuses a timeout or a block that is not one", async () => {
+    const q = newQueue();
+    for (const bad of [{ timeoutMs: -1 }, { timeoutMs: NaN }, { blockMs: 0 }, { blockMs: 1.5 }, { blockMs: 600_001 }]) {
+      await assert.rejects(q.waitUntilFinished("x", bad), TypeError, JSON.stringify(bad));
+    }
+    await assert.rejects(q.events({ count: 0 }).next(), TypeError);
+  });
+
   it("says not found at once for an unknown id", async () => {
     const q = newQueue();
     await assert.rejects(q.waitUntilFinished("nobody", { timeoutMs: 60_000 }), (e: unknown) => {
