@@ -210,6 +210,15 @@ if idem_key ~= "" then
   end
 end
 
+-- Events (README.md, "Outcomes"): on unless the daemon's {p}:config says off, the stream
+-- bounded as it says (every value checked; anything else means the default).
+local cfg, cfg_err = read("HMGET", base .. ":config", "events", "events_max_len", "events_max_age_ms")
+if cfg_err then return cfg_err end
+cfg = cfg or {}
+local events_on = cfg[1] ~= "off"
+local events_max_len = int_in(cfg[2], 1, 100000000000) or 1000000
+local events_max_age = int_in(cfg[3], 1000, 1000000000000) or 86400000
+
 local own = job_id ~= ""
 local r, err
 if not own then
@@ -257,10 +266,25 @@ else
   if type(r) == "table" then r, err = mend(r, "HINCRBY", depth, tier, 1) end
   if err then return err end
 end
+if events_on then
+  local stream = base .. ":events"
+  local ev = { "XADD", stream, "MAXLEN", "~", events_max_len, "*", "type", "created",
+    "job_id", job_id, "org", org, "tier", tier, "kind", kind, "state", state, "at", now,
+    "attempts", 0 }
+  if delay_ms > 0 then ev[#ev + 1] = "until"; ev[#ev + 1] = now + delay_ms end
+  r = redis.pcall(unpack(ev))
+  if type(r) == "table" and r.err then r, err = mend(r, unpack(ev)) end
+  if err then return err end
+  redis.pcall("XTRIM", stream, "MINID", "~", now - events_max_age)
+  redis.pcall("HINCRBY", counters, "events", 1)
+end
 -- The job's own hash is new (EXISTS said so) and the idempotency key is a plain SET: neither
 -- can be refused, so they come last.
 redis.call("HSET", base .. ":job:" .. job_id, "kind", kind, "tier", tier, "org", org,
   "payload", payload, "attempts", 0, "interrupts", 0, "max_attempts", max_attempts, "token", 0,
   "enqueued_at", now, "idem", idem_key, "state", state, "ready_at", now)
+if delay_ms > 0 then
+  redis.call("HSET", base .. ":job:" .. job_id, "due_at", now + delay_ms, "delay_reason", "scheduled")
+end
 if idem then redis.call("SET", idem, job_id, "EX", idem_ttl) end
 return { job_id, "created" }

@@ -85,6 +85,36 @@ impl fmt::Display for MicroUsd {
     }
 }
 
+impl MicroUsd {
+    /// Dollars as a plain decimal string with six places, e.g. `0.000123` (the outcome
+    /// contract's `cost_usd`).
+    pub fn decimal(self) -> String {
+        let sign = if self.0 < 0 { "-" } else { "" };
+        let abs = self.0.unsigned_abs();
+        format!("{sign}{}.{:06}", abs / 1_000_000, abs % 1_000_000)
+    }
+}
+
+/// What a job that succeeded cost and took: the `result` of its `succeeded` event and outcome
+/// and of its status (jobs/README.md, "Outcomes"). Tokens for LLM jobs, units for Vision.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResultSummary {
+    pub provider: String,
+    pub model: Option<String>,
+    pub cost_usd: String,
+    pub input_tokens: Option<i64>,
+    pub output_tokens: Option<i64>,
+    pub units: Option<i64>,
+    pub duration_ms: i64,
+}
+
+impl ResultSummary {
+    /// The summary as the JSON text the queue stores.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|_| "null".to_owned())
+    }
+}
+
 /// The kinds of job aiq runs. The wire names are part of the cross-language contract.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum JobKind {

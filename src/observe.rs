@@ -178,6 +178,14 @@ pub fn cost_above_estimate(provider: &str) {
 }
 
 /// An answer whose rows PostgreSQL could not take was kept with its job in Redis.
+/// A cancelled job's row was written by this process.
+pub fn job_cancelled(tier: &str) {
+    let tier = tier
+        .parse::<crate::domain::Tier>()
+        .map_or("unknown", |t| t.as_str());
+    metrics::counter!("aiq_jobs_cancelled_total", "tier" => tier).increment(1);
+}
+
 pub fn answer_kept() {
     metrics::counter!("aiq_answers_kept_total").increment(1);
 }
@@ -1027,7 +1035,7 @@ mod tests {
             total += n;
         }
         // Two per tier, the three set sizes, one per event, three per budget window, one per provider.
-        assert_eq!(total, 2 * 6 + 3 + 10 + 3 * 2 + 4);
+        assert_eq!(total, 2 * 6 + 3 + 12 + 3 * 2 + 4);
     }
 
     #[test]

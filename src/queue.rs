@@ -6,7 +6,7 @@ use crate::domain::JobKind;
 
 pub use aiq_queue::{
     COUNTER_EVENTS, DeadJob, ENQUEUE_LUA, Enqueued, LeasedJob, Outcome, Queue, QueueError,
-    QueueStats, Settlement, SkippedValues, backend,
+    QueueStats, Settlement, SkippedValues, backend, events,
 };
 
 /// A job to enqueue, of one of aiq's kinds.

@@ -263,6 +263,14 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let background = CancellationToken::new();
     spawn_budget_tasks(settings, app.clone(), background.clone());
+    // The scripts apps run (enqueue.lua, cancel.lua) take no settings: they read these.
+    if let Err(e) = queue.write_config().await {
+        tracing::warn!(error = %e, "writing the queue's settings for the scripts ({{prefix}}:config) failed; they use their defaults");
+    }
+    {
+        let (queue, store, stop) = (queue.clone(), app.store.clone(), background.clone());
+        tokio::spawn(async move { drain_cancelled(queue, store, stop).await });
+    }
     let _stop_background = background.drop_guard();
     let name = format!("aiq-{}-{}", hostname(), std::process::id());
     let store = app.store.clone();
@@ -297,4 +305,55 @@ pub async fn run(
     }
     tracing::info!(worker = %name, "worker stopped");
     Ok(())
+}
+
+/// Jobs cancelled in a batch: their rows are written, then Redis forgets them.
+const CANCELLED_BATCH: usize = 100;
+
+/// Writes the result rows of jobs that cancel.lua took out of the queue (status `cancelled`,
+/// cost 0), then removes their hashes and `{p}:cancelled` entries. Every process runs it; the
+/// rows are idempotent, so two that drain the same job write one row.
+async fn drain_cancelled(queue: Queue, store: Store, stop: CancellationToken) {
+    loop {
+        let mut pause = Duration::from_millis(500);
+        match drain_cancelled_once(&queue, &store).await {
+            Ok(n) if n >= CANCELLED_BATCH => pause = Duration::ZERO,
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "writing cancelled jobs' rows failed; trying again");
+                pause = Duration::from_secs(2);
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
+}
+
+/// One batch of [`drain_cancelled`]; returns how many jobs it looked at.
+async fn drain_cancelled_once(queue: &Queue, store: &Store) -> anyhow::Result<usize> {
+    let jobs = queue.cancelled_jobs(CANCELLED_BATCH).await?;
+    let mut done = Vec::with_capacity(jobs.len());
+    for job in &jobs {
+        match uuid::Uuid::parse_str(&job.organization_id) {
+            Ok(org) => {
+                let row = crate::store::CancelledRow {
+                    organization_id: org,
+                    job_id: job.id.clone(),
+                    kind: job.kind.clone(),
+                    tier: job.tier.clone(),
+                    attempts: job.attempts.min(i32::MAX as u32) as i32,
+                };
+                store.record_cancelled(&row).await?;
+                crate::observe::job_cancelled(&job.tier);
+            }
+            // enqueue.lua refuses such an organisation: a hash written by hand has no row.
+            Err(_) => tracing::warn!(job.id = %crate::redact::Field::new(&job.id),
+                "a cancelled job has no organisation UUID: no row is written"),
+        }
+        done.push(job.id.clone());
+    }
+    queue.forget_cancelled(&done).await?;
+    Ok(jobs.len())
 }

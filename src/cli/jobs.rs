@@ -1,4 +1,4 @@
-//! `aiq enqueue` and `aiq stats`: the queue as an operator sees it.
+//! `aiq enqueue`, `aiq stats` and `aiq job show|cancel`: the queue as an operator sees it.
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use super::{print_json, process_env, shown, shutdown_signal};
-use crate::config::QueueSettings;
+use super::{NotFound, print_json, process_env, shown, shutdown_signal};
+use crate::config::{self, QueueSettings};
 use crate::domain::{JobKind, OrganizationId, Tier};
+use crate::queue::events::{Cancel, JobState, JobStatus};
 use crate::queue::{NewJob, Queue};
 
 // What `aiq enqueue` takes (its help is the `Enqueue` command's).
@@ -143,5 +144,158 @@ pub(super) async fn stats(json: bool, watch: Option<u64>) -> anyhow::Result<()> 
                 }
             }
         }
+    }
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub(super) enum JobAction {
+    /// A job's status: its state (waiting, delayed with when and why, running, succeeded,
+    /// failed, dead, cancelled), attempts, last error and, once finished, what it cost and took.
+    ///
+    /// Reads Redis, then PostgreSQL's result row (which outlives Redis's outcomes). An id
+    /// known to neither prints "not found" and exits with status 3.
+    Show {
+        id: String,
+        /// The job's organisation, for a job Redis no longer knows whose id two organisations
+        /// used.
+        #[arg(long)]
+        org: Option<uuid::Uuid>,
+        /// One JSON object, the shape of the clients' getJob / get_job.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a waiting or delayed job (jobs/cancel.lua): it never runs and costs nothing.
+    ///
+    /// Prints cancelled, running (a worker has it: it finishes), finished or not found (exit
+    /// status 3).
+    Cancel { id: String },
+}
+
+pub(super) async fn job(action: JobAction) -> anyhow::Result<()> {
+    let settings = QueueSettings::load(&process_env())?;
+    let queue = Queue::connect(&settings)
+        .await
+        .context("connecting to Redis (AIQ_REDIS_URL)")?;
+    match action {
+        JobAction::Cancel { id } => match queue.cancel(&id).await? {
+            Cancel::NotFound => Err(NotFound(id).into()),
+            answer => {
+                println!("{}", answer.as_str());
+                Ok(())
+            }
+        },
+        JobAction::Show { id, org, json } => {
+            let status = show(&queue, &id, org).await?.ok_or(NotFound(id))?;
+            if json {
+                print_json(&status, false)
+            } else {
+                print_status(&status);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The status Redis holds, completed from PostgreSQL's row for a finished job (or made from it
+/// alone once Redis has forgotten the job).
+async fn show(
+    queue: &Queue,
+    id: &str,
+    org: Option<uuid::Uuid>,
+) -> anyhow::Result<Option<JobStatus>> {
+    let status = queue.status(id).await?;
+    if status.as_ref().is_some_and(|s| !s.state.is_terminal()) {
+        return Ok(status);
+    }
+    let org = org.or_else(|| {
+        status
+            .as_ref()
+            .and_then(|s| uuid::Uuid::parse_str(&s.organization_id).ok())
+    });
+    let rows = match store().await {
+        Ok(store) => store.result_rows(org, id).await?,
+        // Redis answered for the job: print what it knows, and say what is missing.
+        Err(e) if status.is_some() => {
+            eprintln!("aiq: PostgreSQL not read ({e:#}): the result summary is Redis's");
+            return Ok(status);
+        }
+        Err(e) => return Err(e),
+    };
+    if rows.len() > 1 && status.is_none() {
+        anyhow::bail!(
+            "two organisations have a job {}: name one with --org",
+            shown(id)
+        );
+    }
+    let Some((row_org, row)) = rows.into_iter().next() else {
+        return Ok(status);
+    };
+    let summary = row
+        .summary
+        .as_ref()
+        .and_then(|s| serde_json::to_value(s).ok());
+    Ok(Some(match status {
+        Some(mut s) => {
+            s.result = summary.or(s.result);
+            s
+        }
+        None => JobStatus {
+            id: id.to_owned(),
+            state: match row.status.as_str() {
+                "completed" => JobState::Succeeded,
+                "cancelled" => JobState::Cancelled,
+                _ => JobState::Failed,
+            },
+            organization_id: row_org.to_string(),
+            tier: row.tier.unwrap_or_default(),
+            kind: row.kind,
+            attempts: row.attempts.max(0) as u32,
+            due_at: None,
+            delay_reason: None,
+            last_error: row.error_message.filter(|_| row.status != "completed"),
+            finished_at: row.processed_at.map(|t| t.timestamp_millis()),
+            result: summary,
+        },
+    }))
+}
+
+async fn store() -> anyhow::Result<crate::store::Store> {
+    let db = config::DatabaseSettings::load(&process_env())?;
+    crate::store::Store::connect(&db, 1, Duration::from_secs(5))
+        .await
+        .context("connecting to PostgreSQL (AIQ_DATABASE_URL)")
+}
+
+fn print_status(s: &JobStatus) {
+    let opt = |v: &Option<String>| {
+        v.as_deref()
+            .map_or("-".to_owned(), |t| shown(t).into_owned())
+    };
+    println!("job {}: {}", shown(&s.id), s.state.as_str());
+    println!(
+        "organization {}, tier {}, kind {}, attempts {}",
+        shown(&s.organization_id),
+        shown(&s.tier),
+        shown(&s.kind),
+        s.attempts
+    );
+    if s.state == JobState::Delayed {
+        let due = s
+            .due_at
+            .and_then(chrono::DateTime::from_timestamp_millis)
+            .map_or_else(|| "-".to_owned(), |t| t.to_rfc3339());
+        println!("due at {due}, because: {}", opt(&s.delay_reason));
+    }
+    if let Some(at) = s
+        .finished_at
+        .and_then(chrono::DateTime::from_timestamp_millis)
+    {
+        println!("finished at {}", at.to_rfc3339());
+    }
+    if s.last_error.is_some() {
+        println!("last error: {}", opt(&s.last_error));
+    }
+    if let Some(r) = &s.result {
+        println!("result: {}", shown(&r.to_string()));
     }
 }

@@ -1,6 +1,6 @@
 //! The `aiq` command line: one binary, one subcommand per job, one file per group of commands
-//! (`daemon`: run, migrate; `jobs`: enqueue, stats; `dlq`; `money`: costs, budget; `settings`:
-//! config; `webhooks`).
+//! (`daemon`: run, migrate; `jobs`: enqueue, stats, job show|cancel; `dlq`; `money`: costs,
+//! budget; `settings`: config; `webhooks`).
 //!
 //! What the commands print of Redis and PostgreSQL was written by apps (ids, reasons, payloads,
 //! provider names): every such value goes through [`shown`] in text output, and JSON output
@@ -98,7 +98,17 @@ enum Command {
         #[command(subcommand)]
         action: WebhooksAction,
     },
+    /// One job: its status, or cancel it.
+    Job {
+        #[command(subcommand)]
+        action: jobs::JobAction,
+    },
 }
+
+/// An id that names no job: the commands print "not found" and exit with status 3.
+#[derive(Debug, thiserror::Error)]
+#[error("not found: {}", shown(.0))]
+struct NotFound(String);
 
 /// One value of a text report, its control characters escaped (`redact::terminal`): a value
 /// must not move the cursor, recolour the terminal or start a line of its own. The report's own
@@ -152,6 +162,8 @@ pub fn main() -> ExitCode {
         Err(e) => {
             let code = if e.downcast_ref::<config::ConfigError>().is_some() {
                 2
+            } else if e.downcast_ref::<NotFound>().is_some() {
+                3
             } else {
                 1
             };
@@ -170,6 +182,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Enqueue(args) => jobs::enqueue(args).await,
         Command::Stats { json, watch } => jobs::stats(json, watch).await,
         Command::Dlq { action } => dlq::dlq(action).await,
+        Command::Job { action } => jobs::job(action).await,
         Command::Config { json } => settings::print(json),
         Command::Costs { org, days, json } => money::costs(org, days, json).await,
         Command::Budget { action } => money::budget(action).await,

@@ -106,6 +106,13 @@ impl<F: Fn(&str) -> Option<String>> aiq_queue::settings::Load<QueueSettings> for
             dead_max_bytes: int("AIQ_DEAD_MAX_MB")? * 1024 * 1024,
             dead_max_age: Duration::from_secs(int("AIQ_DEAD_MAX_AGE_DAYS")? * 86_400),
             idempotency_ttl: Duration::from_secs(int("AIQ_IDEMPOTENCY_TTL_S")?),
+            events: aiq_queue::settings::EventSettings {
+                on: env.value("AIQ_EVENTS")?.word() == "on",
+                max_len: int("AIQ_EVENTS_MAX_LEN")?,
+                max_age: Duration::from_secs(int("AIQ_EVENTS_MAX_AGE_S")?),
+                outcomes_max_age: Duration::from_secs(int("AIQ_OUTCOMES_MAX_AGE_S")?),
+                outcomes_max_jobs: int("AIQ_OUTCOMES_MAX_JOBS")?,
+            },
         })
     }
 }

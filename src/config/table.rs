@@ -354,6 +354,66 @@ pub static SETTINGS: &[Setting] = &[
         doc: "How long an idempotency key is remembered, in seconds (1-31536000).",
         show: |s| s.queue.idempotency_ttl.as_secs().to_string(),
     },
+    Setting {
+        name: "AIQ_EVENTS",
+        area: Area::Queue,
+        fallback: Fallback::Value("on"),
+        kind: Kind::Words(&["on", "off"]),
+        secrecy: Secrecy::Public,
+        doc: "on: every change of a job's state is appended to the stream {p}:events by the \
+              script that makes it (jobs/README.md, Outcomes). off: no events are written.",
+        show: |s| if s.queue.events.on { "on" } else { "off" }.to_owned(),
+    },
+    Setting {
+        name: "AIQ_EVENTS_MAX_LEN",
+        area: Area::Queue,
+        fallback: Fallback::Value("1000000"),
+        kind: Kind::Int {
+            min: 1000,
+            max: 100_000_000,
+        },
+        secrecy: Secrecy::Public,
+        doc: "The events stream is trimmed to about this many entries (1000-100000000).",
+        show: |s| s.queue.events.max_len.to_string(),
+    },
+    Setting {
+        name: "AIQ_EVENTS_MAX_AGE_S",
+        area: Area::Queue,
+        fallback: Fallback::Value("86400"),
+        kind: Kind::Int {
+            min: 60,
+            max: 31_536_000,
+        },
+        secrecy: Secrecy::Public,
+        doc: "Events older than this many seconds are trimmed from the stream (60-31536000).",
+        show: |s| s.queue.events.max_age.as_secs().to_string(),
+    },
+    Setting {
+        name: "AIQ_OUTCOMES_MAX_AGE_S",
+        area: Area::Queue,
+        fallback: Fallback::Value("86400"),
+        kind: Kind::Int {
+            min: 60,
+            max: 31_536_000,
+        },
+        secrecy: Secrecy::Public,
+        doc: "How long a finished job's outcome is kept in Redis ({p}:outcome:<id>) for the \
+              clients' status and wait, in seconds (60-31536000); PostgreSQL keeps its row.",
+        show: |s| s.queue.events.outcomes_max_age.as_secs().to_string(),
+    },
+    Setting {
+        name: "AIQ_OUTCOMES_MAX_JOBS",
+        area: Area::Queue,
+        fallback: Fallback::Value("100000"),
+        kind: Kind::Int {
+            min: 1,
+            max: 100_000_000,
+        },
+        secrecy: Secrecy::Public,
+        doc: "At most this many finished jobs' outcomes are kept in Redis, the oldest dropped \
+              first (1-100000000).",
+        show: |s| s.queue.events.outcomes_max_jobs.to_string(),
+    },
     // Retries.
     Setting {
         name: "AIQ_MAX_ATTEMPTS",

@@ -18,6 +18,7 @@ use super::policy::{ORG_CAP_WAIT, jitter, spread, throttled_wait};
 use super::ports::{Gate, Gates};
 use crate::domain::{Provider, Tier};
 use crate::queue::backend::Failure;
+use crate::queue::events::DelayReason;
 
 /// May a job's call go now?
 #[derive(Debug)]
@@ -47,6 +48,7 @@ pub enum Held {
 impl Held {
     /// The deferral of a job held back for `after`, with its spread.
     pub fn deferral(self, after: Duration) -> Failure {
+        let reason = self.reason();
         let (message, after) = match self {
             Held::Paused { provider } => (
                 format!(
@@ -67,7 +69,22 @@ impl Held {
                 after + spread(jitter::PROVIDER),
             ),
         };
-        Failure::Defer { message, after }
+        Failure::Defer {
+            message,
+            after,
+            reason,
+        }
+    }
+
+    /// The delay reason of the job's `deferred` event. A paused provider and an open breaker
+    /// answer through one gate, so both read as `provider_paused`.
+    pub fn reason(self) -> DelayReason {
+        match self {
+            Held::Paused { .. } => DelayReason::ProviderPaused,
+            Held::OrgRate { .. } => DelayReason::OrgRate,
+            Held::Throttled { .. } => DelayReason::ProviderRate,
+            Held::Chain => DelayReason::Other,
+        }
     }
 }
 
@@ -203,6 +220,7 @@ impl App {
                     self.budget.settings().org_max_in_flight[tier.index()]
                 ),
                 after: ORG_CAP_WAIT + spread(jitter::ORG_CAP),
+                reason: DelayReason::OrgInFlight,
             }
         })
     }

@@ -17,10 +17,10 @@ use super::record::{call_record, failed_call, failed_result, record_answer};
 use super::reserve::{self, Hold};
 use super::settle::settle;
 use crate::budget::{CallMeta, Reservation};
-use crate::domain::{MicroUsd, Provider};
+use crate::domain::{MicroUsd, Provider, ResultSummary};
 use crate::providers::vision::{self, ImageResult};
 use crate::providers::{ErrorKind, ProviderError};
-use crate::queue::backend::{Failure, RawJob};
+use crate::queue::backend::{Completed, Failure, RawJob};
 use crate::redact::Field;
 use crate::store::{CallStatus, Ending, ErrorRecord, ErrorType, JobRef, ResultRecord};
 
@@ -34,7 +34,7 @@ pub async fn call_chain(
     input: &JobInput,
     plan: &Plan,
     start: (usize, bool),
-) -> Result<(), Failure> {
+) -> Result<Completed, Failure> {
     let chain = &plan.chain;
     let common = input.common();
     let gates = &app.gates();
@@ -61,7 +61,9 @@ pub async fn call_chain(
             match reserve::hold(app.ledger(), gates, meta, plan.limits, target, probe).await {
                 Hold::Held(r) => r,
                 Hold::OverBudget(refusal) => {
-                    return reserve::over_budget(app, raw, job, target, refusal, call_seq).await;
+                    return reserve::over_budget(app, raw, job, target, refusal, call_seq)
+                        .await
+                        .map(|()| Completed::default());
                 }
                 Hold::ProbeGone(wait) => {
                     return Err(Held::Paused {
@@ -72,13 +74,15 @@ pub async fn call_chain(
                 Hold::Down(f) => return Err(f),
             };
         let e = match call_one(app, raw, job, input, target, &reservation).await {
-            Ok(()) => {
+            Ok(summary) => {
                 tracing::info!(
                     provider = target.provider.as_str(),
                     calls = call_seq + 1,
                     "job succeeded"
                 );
-                return Ok(());
+                return Ok(Completed {
+                    result: Some(summary.to_json()),
+                });
             }
             Err(Attempted::Done(f)) => {
                 tracing::warn!(error = %Field::message(&f), "job attempt failed");
@@ -181,7 +185,7 @@ async fn call_one(
     input: &JobInput,
     target: &Planned,
     reservation: &Reservation,
-) -> Result<(), Attempted> {
+) -> Result<ResultSummary, Attempted> {
     match input {
         JobInput::Vision(v) => run_vision(app, raw, job, v, reservation).await,
         JobInput::Llm(l) => run_llm(app, raw, job, l, target, reservation).await,
@@ -194,7 +198,7 @@ async fn run_vision(
     job: &JobRef,
     v: &VisionPayload,
     reservation: &Reservation,
-) -> Result<(), Attempted> {
+) -> Result<ResultSummary, Attempted> {
     let features: Vec<String> = v.features.iter().map(|f| f.kind.clone()).collect();
     let started = Instant::now();
     let resp = app.providers().annotate(&v.images, &v.features).await;
@@ -302,6 +306,15 @@ async fn run_vision(
             Failure::Permanent { message }
         }));
     }
+    let summary = ResultSummary {
+        provider: vision::PROVIDER.as_str().into(),
+        model: None,
+        cost_usd: cost.decimal(),
+        input_tokens: None,
+        output_tokens: None,
+        units: call.units,
+        duration_ms: elapsed,
+    };
     let result = ResultRecord {
         provider: vision::PROVIDER.as_str().into(),
         model: None,
@@ -318,7 +331,9 @@ async fn run_vision(
             )
         }),
     };
-    Box::pin(record_answer(app, raw, job, reservation, call, result)).await
+    Box::pin(record_answer(app, raw, job, reservation, call, result))
+        .await
+        .map(|()| summary)
 }
 
 /// Tells the provider's breaker, and the organisation's own, how a call went; a 429 with the
@@ -377,7 +392,7 @@ async fn run_llm(
     l: &LlmPayload,
     target: &Planned,
     reservation: &Reservation,
-) -> Result<(), Attempted> {
+) -> Result<ResultSummary, Attempted> {
     let provider = target.provider;
     let model = target.model.as_deref().unwrap_or_default();
     let started = Instant::now();
@@ -413,6 +428,15 @@ async fn run_llm(
     call.cached_tokens = Some(c.usage.cached_tokens as i64);
     call.output_tokens = Some(c.usage.completion_tokens as i64);
     call.metadata = json!({ "finish_reason": c.finish_reason, "response_model": c.model });
+    let summary = ResultSummary {
+        provider: provider.as_str().into(),
+        model: Some(model.into()),
+        cost_usd: cost.decimal(),
+        input_tokens: call.input_tokens,
+        output_tokens: call.output_tokens,
+        units: None,
+        duration_ms: elapsed,
+    };
     let result = ResultRecord {
         provider: provider.as_str().into(),
         model: Some(model.into()),
@@ -423,7 +447,9 @@ async fn run_llm(
         completed: true,
         error_message: None,
     };
-    Box::pin(record_answer(app, raw, job, reservation, call, result)).await
+    Box::pin(record_answer(app, raw, job, reservation, call, result))
+        .await
+        .map(|()| summary)
 }
 
 #[cfg(test)]

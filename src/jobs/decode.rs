@@ -11,6 +11,7 @@ use super::policy::{STORE_PROBE, jitter, spread};
 use super::ports::{Ports, Results};
 use super::record::failed_result;
 use crate::queue::backend::{Failure, Prior, RawJob};
+use crate::queue::events::DelayReason;
 use crate::redact::Field;
 use crate::store::{Ending, ErrorRecord, ErrorType, JobRef};
 
@@ -73,6 +74,7 @@ pub fn already_done(app: &impl Ports, raw: &RawJob) -> Result<bool, Failure> {
                 message: "PostgreSQL is unreachable: whether this job already ran is unknown"
                     .into(),
                 after: STORE_PROBE + spread(jitter::STORE),
+                reason: DelayReason::Unavailable,
             })
         }
     }

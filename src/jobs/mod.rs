@@ -48,7 +48,7 @@ use crate::providers::anthropic::AnthropicClient;
 use crate::providers::gemini::GeminiClient;
 use crate::providers::openai::OpenAiClient;
 use crate::providers::vision::{self, VisionClient};
-use crate::queue::backend::{Failure, RawJob};
+use crate::queue::backend::{Completed, Failure, RawJob};
 use crate::redact::Field;
 use crate::store::Store;
 use admit::Admission;
@@ -111,6 +111,22 @@ impl App {
     }
 }
 
+impl App {
+    /// The result summary of a job whose row is already written, as its row holds it (for the
+    /// `succeeded` event of a job acknowledged without a call); `None` when it cannot be read.
+    async fn summary_of(&self, raw: &RawJob) -> Option<String> {
+        let org = Uuid::parse_str(&raw.organization_id).ok()?;
+        match self.store.result_summary(org, &raw.id).await {
+            Ok(Some(row)) => row.summary.map(|s| s.to_json()),
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the job's result summary failed");
+                None
+            }
+        }
+    }
+}
+
 /// How long budget holds live, per provider: its timeout plus a margin.
 #[derive(Debug, Clone, Copy)]
 pub struct HoldTtl {
@@ -161,9 +177,9 @@ impl JobService {
 }
 
 impl Service<Task<RawJob>> for JobService {
-    type Response = ();
+    type Response = Completed;
     type Error = BoxDynError;
-    type Future = BoxFuture<'static, Result<(), BoxDynError>>;
+    type Future = BoxFuture<'static, Result<Completed, BoxDynError>>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxDynError>> {
         Poll::Ready(Ok(()))
@@ -188,7 +204,7 @@ impl Service<Task<RawJob>> for JobService {
 }
 
 /// Runs one job. Public so tests can replay a job exactly as the worker runs it.
-pub async fn run(app: &App, raw: &RawJob) -> Result<(), Failure> {
+pub async fn run(app: &App, raw: &RawJob) -> Result<Completed, Failure> {
     let correlation_id = peek(raw, "correlation_id");
     // Every field comes from Redis, where an app (or anyone) wrote it: bounded and escaped, or
     // one megabyte correlation id would be written again on every line of the job.
@@ -217,12 +233,16 @@ pub async fn run(app: &App, raw: &RawJob) -> Result<(), Failure> {
 }
 
 /// The stages of one job, in order; each returns early with the job's outcome when it ends it.
-async fn run_in_span(app: &App, raw: &RawJob) -> Result<(), Failure> {
+async fn run_in_span(app: &App, raw: &RawJob) -> Result<Completed, Failure> {
     record::store_reachable(app).await?;
     let input = decode::decode_job(app, raw).await?;
     let job = decode::job_ref(raw, Some(&input));
     if decode::already_done(app, raw)? {
-        return Ok(());
+        // Its row was written by an execution whose outcome never reached Redis: its summary
+        // comes from that row.
+        return Ok(Completed {
+            result: app.summary_of(raw).await,
+        });
     }
     let org = input.common().organization_id.as_uuid();
     let tier = input.common().tier;
@@ -232,7 +252,9 @@ async fn run_in_span(app: &App, raw: &RawJob) -> Result<(), Failure> {
     // Boxed, like the store's transactions: every running job's future would otherwise reserve
     // room for this rarely taken path while it waits on its provider.
     if raw.token > 1 && Box::pin(record::write_kept_answer(app, raw, &job)).await? {
-        return Ok(());
+        return Ok(Completed {
+            result: app.summary_of(raw).await,
+        });
     }
     let plan = plan::plan_job(app, &job, &input).await?;
     let start = match admit::admit_job(&app.gates(), &plan.chain, org, tier).await {

@@ -214,9 +214,13 @@ impl Disposition {
 }
 
 /// The disposition of an execution that ended in `outcome`.
-pub fn disposition(outcome: &Result<(), Failure>, attempt: u32, max_attempts: u32) -> Disposition {
+pub fn disposition<T>(
+    outcome: &Result<T, Failure>,
+    attempt: u32,
+    max_attempts: u32,
+) -> Disposition {
     match outcome {
-        Ok(()) => Disposition::Succeeded,
+        Ok(_) => Disposition::Succeeded,
         Err(Failure::Defer { .. }) => Disposition::Deferred,
         Err(f) if is_last_attempt(f, attempt, max_attempts) => Disposition::Dead,
         Err(_) => Disposition::Retried,
@@ -389,6 +393,7 @@ mod tests {
         let defer = Failure::Defer {
             message: String::new(),
             after: Duration::ZERO,
+            reason: crate::queue::events::DelayReason::Other,
         };
         assert!(!is_last_attempt(&retry, 1, 3));
         assert!(is_last_attempt(&retry, 3, 3));
@@ -403,19 +408,20 @@ mod tests {
 
     #[test]
     fn a_job_is_dead_on_a_permanent_failure_or_its_last_retry_and_deferred_without_spending() {
-        let retry = Err(Failure::Retry {
+        let retry: Result<(), _> = Err(Failure::Retry {
             message: String::new(),
             after: None,
         });
         assert_eq!(disposition(&Ok(()), 1, 3), Disposition::Succeeded);
         assert_eq!(disposition(&retry, 1, 3), Disposition::Retried);
         assert_eq!(disposition(&retry, 3, 3), Disposition::Dead);
-        let defer = Err(Failure::Defer {
+        let defer: Result<(), _> = Err(Failure::Defer {
             message: String::new(),
             after: Duration::ZERO,
+            reason: crate::queue::events::DelayReason::Other,
         });
         assert_eq!(disposition(&defer, 3, 3), Disposition::Deferred);
-        let permanent = Err(Failure::Permanent {
+        let permanent: Result<(), _> = Err(Failure::Permanent {
             message: String::new(),
         });
         assert_eq!(disposition(&permanent, 1, 3).as_str(), "dead");

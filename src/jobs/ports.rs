@@ -29,6 +29,7 @@ use crate::providers::openai::{Completion, Message};
 use crate::providers::vision::{Feature, ImageSource, VisionResponse};
 use crate::providers::{ErrorKind, ProviderError};
 use crate::queue::backend::Failure;
+use crate::queue::events::DelayReason;
 use crate::queue::{Queue, QueueError};
 use crate::store::{
     CallRecord, Ending, ErrorRecord, JobRef, ResultRecord, Store, StoreError, Unwritten,
@@ -610,6 +611,7 @@ fn redis_unavailable(what: &str, kind: &'static str, e: impl std::fmt::Display) 
     Failure::Defer {
         message: format!("{what}: {e}; waiting without spending an attempt"),
         after: REDIS_WAIT + spread(jitter::REDIS),
+        reason: DelayReason::Unavailable,
     }
 }
 

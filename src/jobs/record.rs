@@ -17,6 +17,7 @@ use crate::budget::Reservation;
 use crate::domain::MicroUsd;
 use crate::providers::{ErrorKind, ProviderError};
 use crate::queue::backend::{Failure, RawJob};
+use crate::queue::events::DelayReason;
 use crate::store::{CallRecord, CallStatus, Ending, ErrorRecord, ErrorType, JobRef, ResultRecord};
 
 /// A paid answer whose rows PostgreSQL could not take, kept with its job until it can: the rows
@@ -63,6 +64,7 @@ pub(super) fn store_failure(gate: &StoreGate, e: crate::store::StoreError) -> Fa
         Failure::Defer {
             message: format!("PostgreSQL is unreachable: {e}"),
             after: STORE_PROBE + spread(jitter::STORE),
+            reason: DelayReason::Unavailable,
         }
     } else {
         Failure::Retry {
@@ -84,6 +86,7 @@ pub(super) async fn store_reachable(app: &impl Ports) -> Result<(), Failure> {
     let wait = |until: i64| Failure::Defer {
         message: "PostgreSQL is unreachable; waiting before calling any provider".into(),
         after: Duration::from_millis((until - now).max(0) as u64) + spread(jitter::STORE),
+        reason: DelayReason::Unavailable,
     };
     if now < until {
         return Err(wait(until));
@@ -210,6 +213,7 @@ pub(super) async fn record_answer(
     Err(Attempted::Done(Failure::Defer {
         message: format!("PostgreSQL is unreachable: the answer is kept with the job: {error}"),
         after: STORE_PROBE + spread(jitter::STORE),
+        reason: DelayReason::Unavailable,
     }))
 }
 
@@ -228,6 +232,7 @@ pub(super) async fn write_kept_answer(
             return Err(Failure::Defer {
                 message: format!("reading the job's kept answer failed: {e}"),
                 after: STORE_PROBE + spread(jitter::STORE),
+                reason: DelayReason::Unavailable,
             });
         }
     };

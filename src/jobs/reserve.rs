@@ -14,6 +14,7 @@ use super::ports::{Gate, Gates, Ledger, Ports, Reserved, Results};
 use super::record::failed_result;
 use crate::budget::{CallMeta, OrgLimits, Refusal, Reservation};
 use crate::queue::backend::{Failure, RawJob};
+use crate::queue::events::DelayReason;
 use crate::redact::Field;
 use crate::store::{ErrorRecord, ErrorType, JobRef};
 
@@ -115,6 +116,7 @@ pub(super) async fn over_budget(
     Err(Failure::Defer {
         message,
         after: window_reset_wait(until, fastrand::f64()),
+        reason: DelayReason::Budget,
     })
 }
 

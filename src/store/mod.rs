@@ -18,6 +18,8 @@ use crate::tls::{Server, TlsFailure};
 
 mod alerts;
 mod batch;
+mod outcomes;
+pub use outcomes::{CancelledRow, ResultRow};
 mod reports;
 pub mod webhooks;
 

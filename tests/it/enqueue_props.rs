@@ -14,7 +14,7 @@ use crate::harness::{ORG_A, TestCtx, llm_payload};
 /// Every key under the pattern with its DUMP, in one round trip. A key about to expire (a
 /// generated idempotency TTL of a second or two) is left out: it may vanish between two
 /// snapshots by itself.
-const SNAPSHOT: &str = r#"
+pub(crate) const SNAPSHOT: &str = r#"
 local out, cursor = {}, "0"
 repeat
   local r = redis.call("SCAN", cursor, "MATCH", ARGV[1], "COUNT", 1000)
@@ -51,7 +51,7 @@ const TIERS: [&str; 6] = [
 ];
 
 /// Values that have broken, or could break, a script that trusts its arguments.
-fn nasty() -> impl Strategy<Value = Vec<u8>> {
+pub(crate) fn nasty() -> impl Strategy<Value = Vec<u8>> {
     let specials: Vec<Vec<u8>> = [
         &b""[..],
         b"0",
@@ -140,8 +140,26 @@ fn args() -> impl Strategy<Value = Vec<Vec<u8>>> {
         .prop_map(|(a, b, c, d, e, f, g, h, i)| vec![a, b, c, d, e, f, g, h, i])
 }
 
+/// The queue's keys (a [`SNAPSHOT`] of `pattern`) before and after `inv` runs, and its reply.
+pub(crate) async fn around<T: redis::FromRedisValue>(
+    conn: &mut redis::aio::MultiplexedConnection,
+    snapshot: &redis::Script,
+    pattern: &str,
+    inv: &redis::ScriptInvocation<'_>,
+) -> (Vec<Vec<u8>>, redis::RedisResult<T>, Vec<Vec<u8>>) {
+    let before: Vec<Vec<u8>> = snapshot.arg(pattern).invoke_async(conn).await.unwrap();
+    let reply = inv.invoke_async(conn).await;
+    let after: Vec<Vec<u8>> = snapshot.arg(pattern).invoke_async(conn).await.unwrap();
+    (before, reply, after)
+}
+
+/// A script's refusal as the contract words it: an `ERR aiq: ...` reply.
+pub(crate) fn is_aiq_refusal(e: &redis::RedisError) -> bool {
+    e.code() == Some("ERR") && e.detail().unwrap_or_default().starts_with("aiq: ")
+}
+
 /// The keys of two snapshots (flat key, dump lists) whose values differ or that only one has.
-fn differing(a: &[Vec<u8>], b: &[Vec<u8>]) -> Vec<String> {
+pub(crate) fn differing(a: &[Vec<u8>], b: &[Vec<u8>]) -> Vec<String> {
     let map = |v: &[Vec<u8>]| -> std::collections::BTreeMap<Vec<u8>, Vec<u8>> {
         v.chunks(2).map(|c| (c[0].clone(), c[1].clone())).collect()
     };
@@ -235,21 +253,12 @@ fn enqueue_takes_exactly_the_good_arguments_and_a_refusal_changes_nothing() {
     let result = runner.run(&args(), |a| {
         let mut conn = conn.clone();
         rt.block_on(async {
-            let before: Vec<Vec<u8>> = snapshot
-                .arg(&pattern)
-                .invoke_async(&mut conn)
-                .await
-                .unwrap();
             let mut inv = enqueue.key(&base);
             for v in &a {
                 inv.arg(v.as_slice());
             }
-            let reply: redis::RedisResult<Vec<String>> = inv.invoke_async(&mut conn).await;
-            let after: Vec<Vec<u8>> = snapshot
-                .arg(&pattern)
-                .invoke_async(&mut conn)
-                .await
-                .unwrap();
+            let (before, reply, after) =
+                around::<Vec<String>>(&mut conn, &snapshot, &pattern, &inv).await;
             let good = model_accepts(&a);
             let shown: Vec<String> = a
                 .iter()
@@ -286,9 +295,8 @@ fn enqueue_takes_exactly_the_good_arguments_and_a_refusal_changes_nothing() {
                 Ok(r) => return Err(TestCaseError::fail(format!("reply {r:?} to {shown:?}"))),
                 Err(e) => {
                     count(&refused);
-                    let detail = e.detail().unwrap_or_default();
                     prop_assert!(
-                        e.code() == Some("ERR") && detail.starts_with("aiq: "),
+                        is_aiq_refusal(&e),
                         "not an ERR aiq: reply to {shown:?}: {e}"
                     );
                     prop_assert!(!good, "refused good arguments {shown:?}: {e}");

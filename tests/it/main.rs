@@ -5,6 +5,7 @@
 mod harness;
 mod money;
 mod operate;
+mod outcomes;
 
 mod answers;
 mod binary;

@@ -264,6 +264,8 @@ async fn metrics_leave_out_and_count_what_a_corrupted_redis_holds_and_still_pass
     assert_eq!(event("enqueued"), Some(5.0), "{text}");
     assert_eq!(event("leased"), Some(2.0), "{text}");
     assert_eq!(event("dead"), Some(1.0), "{text}");
+    // Job events appended: five created, two started, one dead.
+    assert_eq!(event("events"), Some(8.0), "{text}");
     // The -inf head is not the oldest job: its age would be 56 years.
     let age = sample(
         &text,
@@ -289,7 +291,7 @@ async fn metrics_leave_out_and_count_what_a_corrupted_redis_holds_and_still_pass
         .lines()
         .filter(|l| l.starts_with("aiq_queue_events_total{"))
         .count();
-    assert_eq!(events, 3, "{text}");
+    assert_eq!(events, 4, "{text}");
 
     // Every scrape counts what it left out.
     for (key, n) in [("depth", 3.0), ("counters", 204.0), ("heads", 2.0)] {

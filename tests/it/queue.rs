@@ -36,7 +36,7 @@ async fn a_stale_fencing_token_cannot_settle_a_job() {
     let wrong = Settlement {
         id: id.clone(),
         token: "999".into(),
-        outcome: Outcome::Done,
+        outcome: Outcome::Done { result: None },
     };
     assert_eq!(ctx.queue.settle(&[wrong]).await.unwrap(), vec![false]);
     // Retry and dead-letter with a stale token are refused too.
@@ -59,7 +59,7 @@ async fn a_stale_fencing_token_cannot_settle_a_job() {
     let right = Settlement {
         id,
         token: leased[0].token.clone(),
-        outcome: Outcome::Done,
+        outcome: Outcome::Done { result: None },
     };
     assert_eq!(
         ctx.queue
@@ -102,13 +102,13 @@ async fn an_expired_lease_returns_the_job_without_spending_an_attempt() {
     let late = Settlement {
         id: id.clone(),
         token: first.token,
-        outcome: Outcome::Done,
+        outcome: Outcome::Done { result: None },
     };
     assert_eq!(ctx.queue.settle(&[late]).await.unwrap(), vec![false]);
     let ok = Settlement {
         id,
         token: again[0].token.clone(),
-        outcome: Outcome::Done,
+        outcome: Outcome::Done { result: None },
     };
     assert_eq!(ctx.queue.settle(&[ok]).await.unwrap(), vec![true]);
     // A finished job leaves Redis.

@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 use tower::{Layer, Service};
 
 use super::{LeasedJob, Outcome, Queue, QueueError, Settlement};
+use crate::events::DelayReason;
 use crate::settings::{QueueSettings, RetryPolicy};
 
 /// A job as the handler receives it: still raw, so that a payload that does not decode is the
@@ -145,8 +146,20 @@ pub enum Failure {
     #[error("{message}")]
     Permanent { message: String },
     /// Not run at all (budget window, open breaker): try again later without spending an attempt.
+    /// `reason` is the machine's word for it, in the job's `deferred` event and status.
     #[error("{message}")]
-    Defer { message: String, after: Duration },
+    Defer {
+        message: String,
+        after: Duration,
+        reason: DelayReason,
+    },
+}
+
+/// A handler's success: the result summary its `succeeded` event and outcome carry, JSON text
+/// the queue stores without reading (`None`: the handler has none, written as `null`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Completed {
+    pub result: Option<String>,
 }
 
 struct AckRequest {
@@ -197,21 +210,34 @@ impl Shared {
 }
 
 /// Decides what happens to a job after a run.
-pub fn outcome_of(result: &Result<(), BoxDynError>, lease: &Lease, retry: &RetryPolicy) -> Outcome {
+pub fn outcome_of(
+    result: &Result<Completed, BoxDynError>,
+    lease: &Lease,
+    retry: &RetryPolicy,
+) -> Outcome {
     let err = match result {
-        Ok(()) => return Outcome::Done,
+        Ok(done) => {
+            return Outcome::Done {
+                result: done.result.clone(),
+            };
+        }
         Err(e) => e,
     };
     let (message, after) = match err.downcast_ref::<Failure>() {
         Some(Failure::Permanent { message }) => {
-            return Outcome::Dead {
+            return Outcome::Failed {
                 reason: message.clone(),
             };
         }
-        Some(Failure::Defer { message, after }) => {
+        Some(Failure::Defer {
+            message,
+            after,
+            reason,
+        }) => {
             return Outcome::Defer {
                 after: *after,
                 reason: message.clone(),
+                why: *reason,
             };
         }
         Some(Failure::Retry { message, after }) => (message.clone(), *after),
@@ -633,7 +659,7 @@ pub struct AckService<S> {
 
 impl<S> Service<Task<RawJob>> for AckService<S>
 where
-    S: Service<Task<RawJob>, Response = ()>,
+    S: Service<Task<RawJob>, Response = Completed>,
     S::Error: Into<BoxDynError>,
     S::Future: Send + 'static,
 {
@@ -655,7 +681,7 @@ where
                 let outcome = outcome_of(&result, &lease, &shared.retry);
                 shared.settle(&lease, outcome).await;
             }
-            result
+            result.map(|_| ())
         }
         .boxed()
     }
@@ -680,19 +706,27 @@ mod tests {
         cap: Duration::from_secs(60),
     };
 
-    fn err(f: Failure) -> Result<(), BoxDynError> {
+    fn err(f: Failure) -> Result<Completed, BoxDynError> {
         Err(Box::new(f))
     }
 
     #[test]
     fn outcomes_follow_the_failure_kind_and_the_attempt_count() {
-        assert_eq!(outcome_of(&Ok(()), &lease(1), &POLICY), Outcome::Done);
+        let done = Completed {
+            result: Some("{}".into()),
+        };
+        assert_eq!(
+            outcome_of(&Ok(done), &lease(1), &POLICY),
+            Outcome::Done {
+                result: Some("{}".into())
+            }
+        );
         let permanent = err(Failure::Permanent {
             message: "bad payload".into(),
         });
         assert_eq!(
             outcome_of(&permanent, &lease(1), &POLICY),
-            Outcome::Dead {
+            Outcome::Failed {
                 reason: "bad payload".into()
             }
         );
@@ -716,12 +750,16 @@ mod tests {
         let defer = err(Failure::Defer {
             message: "budget".into(),
             after: Duration::from_secs(30),
+            reason: DelayReason::Budget,
         });
         assert!(matches!(
             outcome_of(&defer, &lease(3), &POLICY),
-            Outcome::Defer { .. }
+            Outcome::Defer {
+                why: DelayReason::Budget,
+                ..
+            }
         ));
-        let other: Result<(), BoxDynError> = Err("task panicked".into());
+        let other: Result<Completed, BoxDynError> = Err("task panicked".into());
         match outcome_of(&other, &lease(1), &POLICY) {
             Outcome::Retry { after, error } => {
                 assert!(after <= Duration::from_secs(1));

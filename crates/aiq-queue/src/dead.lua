@@ -3,6 +3,8 @@
 -- retry: the job becomes waiting again at the tail of its tier with its attempts reset; a job
 --        buried as corrupt whose hash lacks a known tier or organisation stays dead.
 -- purge: the job is deleted.
+-- A retried job's outcome ({p}:outcome:<id>) is removed and a `retried` event appended (state
+-- waiting, until now).
 -- Returns one integer per id: 1 done, 0 not in the dead set (or not retryable).
 -- guard.lua is prepended.
 local base = KEYS[1]
@@ -33,7 +35,12 @@ for i = 2, #ARGV do
       redis.call("HSET", job, "token", now)
     end
     redis.call("HSET", job, "attempts", 0, "interrupts", 0, "state", "waiting", "ready_at", now)
-    redis.call("HDEL", job, "dead_reason", "dead_at")
+    redis.call("HDEL", job, "dead_reason", "dead_at", "outcome", "due_at", "delay_reason")
+    -- It is not finished any more: its outcome goes, and its event says it runs again.
+    redis.pcall("DEL", base .. ":outcome:" .. id)
+    put("ZREM", base .. ":outcomes", id)
+    event("retried", id, org, tier, redis.call("HGET", job, "kind"), "waiting", 0, "until", now,
+      "error", "requeued from the dead set")
     local list = base .. ":wait:" .. tier .. ":" .. org
     if put("RPUSH", list, id) == 1 then
       put("RPUSH", base .. ":orgs:" .. tier, org)
@@ -44,4 +51,5 @@ for i = 2, #ARGV do
     out[#out + 1] = 1
   end
 end
+g_finish()
 return out

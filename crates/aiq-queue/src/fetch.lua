@@ -48,6 +48,8 @@ local function push(id, at_head)
   end
   put("HINCRBY", base .. ":depth", tier, 1)
   redis.call("HSET", job, "state", "waiting", "ready_at", ready)
+  if not at_head then redis.call("HDEL", job, "due_at", "delay_reason") end
+  return tier, org
 end
 
 -- 1. Leases whose deadline passed: the worker died or stalled. The job goes back to the head of
@@ -63,14 +65,18 @@ for _, id in ipairs(get("ZRANGEBYSCORE", inflight, "-inf", now, "LIMIT", 0, reap
       bury(id, "its token or interrupt count is not a number: " .. err)
     else
       put("HINCRBY", counters, "interrupted", 1)
+      local f = redis.call("HMGET", job, "org", "tier", "kind", "attempts")
       if n >= max_interrupts then
         local reason = "interrupted " .. n .. " times: its worker stopped before finishing it"
-        redis.call("HSET", job, "state", "dead", "dead_at", now, "dead_reason", reason)
+        redis.call("HSET", job, "state", "dead", "dead_at", now, "dead_reason", reason,
+          "outcome", "dead")
         dead_enter(job, reason)
         put("ZADD", dead, now, id)
         put("HINCRBY", counters, "dead", 1)
-      else
-        push(id, true)
+        event("dead", id, f[1], f[2], f[3], "dead", f[4], "error", reason)
+        outcome(id, "dead", f[1], f[2], f[3], f[4], reason, "")
+      elseif push(id, true) then
+        event("interrupted", id, f[1], f[2], f[3], "waiting", f[4])
       end
     end
   end
@@ -82,7 +88,10 @@ for _, id in ipairs(get("ZRANGEBYSCORE", delayed, "-inf", now, "LIMIT", 0, promo
   push(id, false)
 end
 
-if want <= 0 then return {} end
+if want <= 0 then
+  g_finish()
+  return {}
+end
 
 -- 3. Pick. Fair mode is stride scheduling: each tier has a pass value; the non-empty tier with
 --    the smallest pass goes next and its pass grows by STRIDE / weight. A tier that was idle
@@ -165,6 +174,7 @@ while #out < want and guard > 0 do
         leases[#leases + 1] = id
         out[#out + 1] = { id, tostring(token), f[1] or "", f[2] or "", f[3] or "", f[4] or "",
           tostring(f[5] or "0"), tostring(f[6] or "0"), tostring(f[7] or "0"), tostring(f[8] or "0") }
+        event("started", id, f[3], f[2], f[1], "running", f[5])
       end
     end
   end
@@ -179,4 +189,5 @@ if not strict then
     "pass:" .. TIERS[6], pass[6])
 end
 if #out > 0 then put("HINCRBY", counters, "leased", #out) end
+g_finish()
 return out

@@ -98,6 +98,89 @@ local function dead_leave(job)
   end
 end
 
+-- Job events and outcomes (jobs/README.md, "Outcomes"). Each state change appends one entry to
+-- the stream {p}:events in the script that makes the change; a job that reaches a final state
+-- leaves its outcome in {p}:outcome:<id>, indexed by {p}:outcomes. {p}:config (written by the
+-- daemon at start; an app may have written anything) is read once per call, on the first event
+-- or outcome, each value bounded; without it events are on with the defaults.
+local G_cfg = nil
+local G_events, G_outcomes = 0, 0
+
+local function g_int(v, default, lo, hi)
+  local n = tonumber(v)
+  if not n or n ~= math.floor(n) or n < lo or n > hi then return default end
+  return n
+end
+
+local function g_config()
+  if not G_cfg then
+    local c = redis.pcall("HMGET", G_base .. ":config", "events", "events_max_len",
+      "events_max_age_ms", "outcomes_max_age_ms", "outcomes_max_jobs")
+    if g_failed(c) then c = {} end
+    G_cfg = { on = c[1] ~= "off",
+              max_len = g_int(c[2], 1000000, 1, 1e11),
+              max_age = g_int(c[3], 86400000, 1000, 1e12),
+              out_age = g_int(c[4], 86400000, 1000, 1e12),
+              out_max = g_int(c[5], 100000, 1, 1e11) }
+  end
+  return G_cfg
+end
+
+-- Appends one event: its type, the job, the state after the change, then the type's own
+-- fields (name, value, ...). One XADD, trimmed by length on the way; by age in g_finish.
+local function event(etype, id, org, tier, kind, state, attempts, ...)
+  local c = g_config()
+  if not c.on then return end
+  local stream = G_base .. ":events"
+  local args = { "XADD", stream, "MAXLEN", "~", c.max_len, "*", "type", etype, "job_id", id,
+    "org", org or "", "tier", tier or "", "kind", kind or "", "state", state, "at", G_now,
+    "attempts", attempts or 0, ... }
+  local r = redis.pcall(unpack(args))
+  if g_failed(r) and string.find(r.err, "WRONGTYPE", 1, true) then
+    g_aside(stream)
+    r = redis.pcall(unpack(args))
+  end
+  if not g_failed(r) then G_events = G_events + 1 end
+end
+
+-- Keeps a finished job's outcome for the clients' status and wait.
+local function outcome(id, state, org, tier, kind, attempts, err, result)
+  local key = G_base .. ":outcome:" .. id
+  local args = { "HSET", key, "state", state, "org", org or "", "tier", tier or "",
+    "kind", kind or "", "attempts", attempts or 0, "finished_at", G_now, "error", err or "",
+    "result", result or "" }
+  if g_failed(redis.pcall(unpack(args))) then
+    redis.pcall("DEL", key)
+    redis.pcall(unpack(args))
+  end
+  put("ZADD", G_base .. ":outcomes", G_now, id)
+  G_outcomes = G_outcomes + 1
+end
+
+-- What every script runs before it returns: counts the events written, trims the stream by
+-- age and the outcomes by age and count, oldest first, at most as many as this call added plus
+-- 100 (bounded, and never falling behind).
+local function g_finish()
+  if G_events > 0 then
+    put("HINCRBY", G_base .. ":counters", "events", G_events)
+    redis.pcall("XTRIM", G_base .. ":events", "MINID", "~", G_now - g_config().max_age)
+  end
+  if G_outcomes > 0 then
+    local c, z = g_config(), G_base .. ":outcomes"
+    local limit = G_outcomes + 100
+    local function drop(ids)
+      for _, id in ipairs(ids or {}) do
+        redis.pcall("DEL", G_base .. ":outcome:" .. id)
+        put("ZREM", z, id)
+        limit = limit - 1
+      end
+    end
+    drop(get("ZRANGEBYSCORE", z, "-inf", G_now - c.out_age, "LIMIT", 0, limit))
+    local excess = (get("ZCARD", z) or 0) - c.out_max
+    if excess > 0 and limit > 0 then drop(get("ZRANGE", z, 0, math.min(excess, limit) - 1)) end
+  end
+end
+
 -- A job that cannot be handled as enqueue.lua wrote it goes to the dead set with the reason. A
 -- job key of the wrong type is moved aside first; the fresh hash gets a token above any an old
 -- lease could hold, so no late settle or renew of that lease applies.
@@ -109,8 +192,15 @@ local function bury(id, why)
   put("ZREM", G_base .. ":inflight", id)
   put("ZREM", G_base .. ":delayed", id)
   redis.call("HSET", job, "state", "dead", "dead_reason", "corrupt: " .. why,
-    "last_error", "corrupt: " .. why, "dead_at", G_now, "token", G_now)
+    "last_error", "corrupt: " .. why, "dead_at", G_now, "token", G_now, "outcome", "dead")
   if not get("ZSCORE", G_base .. ":dead", id) then dead_enter(job, "corrupt") end
   put("ZADD", G_base .. ":dead", G_now, id)
   put("HINCRBY", G_base .. ":counters", "dead", 1)
+  -- Whatever of the job's fields can still be read names it in its event.
+  local f = redis.pcall("HMGET", job, "org", "tier", "kind", "attempts")
+  if g_failed(f) then f = {} end
+  local function text(v) return type(v) == "string" and v or "" end
+  event("dead", id, text(f[1]), text(f[2]), text(f[3]), "dead", tonumber(f[4]) or 0,
+    "error", "corrupt: " .. why)
+  outcome(id, "dead", text(f[1]), text(f[2]), text(f[3]), tonumber(f[4]) or 0, "corrupt: " .. why, "")
 end

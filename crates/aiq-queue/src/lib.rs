@@ -16,16 +16,22 @@
 //! | `{p}:wait:<tier>:<org>` | list | waiting job ids of one organisation, FIFO |
 //! | `{p}:heads:<tier>` | zset | organisations of the tier, scored by when their oldest waiting job became ready |
 //! | `{p}:depth` | hash | waiting jobs per tier |
-//! | `{p}:counters` | hash | running totals: enqueued, leased, done, retried, dead, released, deferred, interrupted, revived, purged |
+//! | `{p}:counters` | hash | running totals: enqueued, leased, done, retried, dead, released, deferred, interrupted, revived, purged, cancelled, events |
 //! | `{p}:inflight` | zset | leased job ids, scored by lease deadline (ms) |
 //! | `{p}:delayed` | zset | job ids waiting for a retry or a deferral, scored by due time (ms) |
 //! | `{p}:dead` | zset | dead job ids, scored by time of death (ms) |
 //! | `{p}:idem:<key>` | string | first job id for an idempotency key, with a TTL |
 //! | `{p}:sched` | hash | stride-scheduling pass values per tier |
 //! | `{p}:seq` | string | counter for queue-assigned job ids |
+//! | `{p}:events` | stream | one entry per change of a job's state (`events`) |
+//! | `{p}:outcome:<id>` | hash | a finished job's state, attempts, error, result summary |
+//! | `{p}:outcomes` | zset | finished jobs' ids, scored by finish time (ms) |
+//! | `{p}:cancelled` | zset | jobs cancel.lua took out, until the daemon wrote their rows |
+//! | `{p}:config` | hash | the settings the scripts read (events on/off, the stream's and outcomes' bounds) |
 
 pub mod backend;
 pub mod conn;
+pub mod events;
 pub mod redact;
 pub mod settings;
 mod stats;
@@ -202,11 +208,29 @@ fn leased_job(row: Vec<Vec<u8>>) -> Result<LeasedJob, (Vec<u8>, Vec<u8>, String)
 /// What to do with a leased job.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
-    Done,
-    Retry { after: Duration, error: String },
-    Dead { reason: String },
+    /// Succeeded, with the result summary for its event and outcome (JSON text; `None`: null).
+    Done {
+        result: Option<String>,
+    },
+    Retry {
+        after: Duration,
+        error: String,
+    },
+    /// Failed for good because its attempts or interrupts ran out (state `dead`).
+    Dead {
+        reason: String,
+    },
+    /// Failed for good because no attempt can succeed (state `failed`; in the dead set too).
+    Failed {
+        reason: String,
+    },
     Release,
-    Defer { after: Duration, reason: String },
+    /// Not run; `reason` says why in words, `why` is the delay reason of its event.
+    Defer {
+        after: Duration,
+        reason: String,
+        why: events::DelayReason,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -420,7 +444,8 @@ impl Queue {
                 .arg(token.as_slice())
                 .arg("dead")
                 .arg(0)
-                .arg(format!("corrupt: {why}"));
+                .arg(format!("corrupt: {why}"))
+                .arg("");
         }
         let _: Vec<i64> = inv.invoke_async(&mut conn).await?;
         metrics::counter!("aiq_jobs_corrupt_total").increment(jobs.len() as u64);
@@ -441,18 +466,29 @@ impl Queue {
             let mut conn = self.conn.clone();
             let mut inv = self.settle_script();
             for it in chunk {
-                let (op, delay, msg) = match &it.outcome {
-                    Outcome::Done => ("done", 0, ""),
+                let (op, delay, msg, why) = match &it.outcome {
+                    Outcome::Done { result } => {
+                        ("done", 0, result.as_deref().unwrap_or("null"), "")
+                    }
                     Outcome::Retry { after, error } => {
-                        ("retry", after.as_millis() as u64, error.as_str())
+                        ("retry", after.as_millis() as u64, error.as_str(), "")
                     }
-                    Outcome::Dead { reason } => ("dead", 0, reason.as_str()),
-                    Outcome::Release => ("release", 0, ""),
-                    Outcome::Defer { after, reason } => {
-                        ("defer", after.as_millis() as u64, reason.as_str())
-                    }
+                    Outcome::Dead { reason } => ("dead", 0, reason.as_str(), ""),
+                    Outcome::Failed { reason } => ("failed", 0, reason.as_str(), ""),
+                    Outcome::Release => ("release", 0, "", ""),
+                    Outcome::Defer { after, reason, why } => (
+                        "defer",
+                        after.as_millis() as u64,
+                        reason.as_str(),
+                        why.as_str(),
+                    ),
                 };
-                inv.arg(&it.id).arg(&it.token).arg(op).arg(delay).arg(msg);
+                inv.arg(&it.id)
+                    .arg(&it.token)
+                    .arg(op)
+                    .arg(delay)
+                    .arg(msg)
+                    .arg(why);
             }
             let statuses: Vec<i64> = inv.invoke_async(&mut conn).await?;
             if statuses.len() != chunk.len() {

@@ -81,9 +81,13 @@ for _, key in ipairs(r[2]) do
       if flags["inflight"] then put("ZADD", base .. ":inflight", "NX", now, id) end
     elseif state == "dead" then
       if flags["dead"] then put("ZADD", base .. ":dead", "NX", tonumber(dead_at) or now, id) end
+    elseif state == "cancelled" then
+      -- Cancelled by cancel.lua, waiting for the daemon to write its row.
+      if flags["cancelled"] then put("ZADD", base .. ":cancelled", "NX", now, id) end
     else
       bury(id, "its state is " .. tostring(state))
     end
   end
 end
+g_finish()
 return r[1]

@@ -136,6 +136,36 @@ pub struct QueueSettings {
     pub dead_max_bytes: u64,
     pub dead_max_age: Duration,
     pub idempotency_ttl: Duration,
+    /// The job events stream and the finished jobs' outcomes (written into `{p}:config`).
+    pub events: EventSettings,
+}
+
+/// What the scripts read from `{p}:config`: whether they append job events to `{p}:events`, how
+/// the stream is bounded, and how long finished jobs' outcomes are kept (`{p}:outcome:<id>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventSettings {
+    pub on: bool,
+    /// The stream is trimmed to about this many entries (`MAXLEN ~`).
+    pub max_len: u64,
+    /// Entries older than this are trimmed (`MINID ~`).
+    pub max_age: Duration,
+    /// Outcomes older than this are dropped, oldest first, a bounded number per script call.
+    pub outcomes_max_age: Duration,
+    /// At most this many outcomes are kept.
+    pub outcomes_max_jobs: u64,
+}
+
+impl Default for EventSettings {
+    /// The scripts' own defaults when `{p}:config` is missing.
+    fn default() -> Self {
+        Self {
+            on: true,
+            max_len: 1_000_000,
+            max_age: Duration::from_secs(86_400),
+            outcomes_max_age: Duration::from_secs(86_400),
+            outcomes_max_jobs: 100_000,
+        }
+    }
 }
 
 impl QueueSettings {

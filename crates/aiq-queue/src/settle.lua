@@ -1,16 +1,20 @@
 -- Settle leased jobs in one round trip. An item whose fencing token no longer matches (its lease
 -- expired and the job went to another worker) is refused and changes nothing. guard.lua is
--- prepended: a corrupt key never stops the script half-way.
+-- prepended: a corrupt key never stops the script half-way. Each applied item appends its event
+-- to {p}:events (see guard.lua); a job that ends keeps its outcome in {p}:outcome:<id>.
 --
--- ARGV: dead_max_jobs, dead_max_age_ms, done_ttl_s, dead_max_bytes, then groups of five: id,
---       token, op, delay_ms, message.
--- op: done    - finished; the job leaves Redis (results live in PostgreSQL). A job enqueued with
+-- ARGV: dead_max_jobs, dead_max_age_ms, done_ttl_s, dead_max_bytes, then groups of six: id,
+--       token, op, delay_ms, message, reason.
+-- op: done    - succeeded; the job leaves Redis (results live in PostgreSQL). A job enqueued with
 --               the app's own id leaves a marker `{p}:done:<id>` for done_ttl_s, so enqueueing
---               that id again is a duplicate, not a second paid run.
+--               that id again is a duplicate, not a second paid run. message: the result
+--               summary (JSON text, stored as given) for the event and the outcome.
 --     retry   - failed; one attempt spent; runs again after delay_ms
---     dead    - failed for good; one attempt spent; kept in the dead set with the message
+--     dead    - failed for good (attempts ran out); one attempt spent; kept in the dead set
+--     failed  - no attempt can succeed; one attempt spent; kept in the dead set like dead
 --     release - not started or interrupted by shutdown; back to the head of its tier, no attempt
---     defer   - not run (budget window, open breaker); runs again after delay_ms, no attempt
+--     defer   - not run (budget window, open breaker); runs again after delay_ms, no attempt;
+--               reason: the delay reason (jobs/README.md), message: why, in words
 -- Returns one integer per item: 1 applied, 0 refused (stale token or no lease; or the job's hash
 -- was corrupt, and it was buried instead).
 
@@ -20,7 +24,7 @@ local dead_max_bytes = tonumber(ARGV[4])
 local now = G_now
 local inflight, delayed, dead = base .. ":inflight", base .. ":delayed", base .. ":dead"
 local counters = base .. ":counters"
-local COUNTER = { done = "done", retry = "retried", dead = "dead", release = "released", defer = "deferred" }
+local COUNTER = { done = "done", retry = "retried", dead = "dead", failed = "dead", release = "released", defer = "deferred" }
 local TIER = { enterprise_plus = true, enterprise = true, professional_agency = true,
                growth_team = true, solo_professional = true, trial = true }
 
@@ -38,8 +42,9 @@ end
 
 local out = {}
 local counts = {}
-for i = 5, #ARGV, 5 do
+for i = 5, #ARGV, 6 do
   local id, token, op, delay_ms, msg = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3]), ARGV[i + 4]
+  local reason = ARGV[i + 5]
   local job = base .. ":job:" .. id
   -- The hot path calls redis.pcall itself; guard.lua's helpers take over when a reply is an
   -- error.
@@ -53,30 +58,47 @@ for i = 5, #ARGV, 5 do
     out[#out + 1] = 0
   else
     local ok = true
+    local f
     if op == "done" then
+      f = redis.call("HMGET", job, "org", "tier", "kind", "attempts")
       redis.call("DEL", job)
       -- The app chose the id (the queue's own start with "j-"): remember that it finished.
       if string.byte(id, 1) ~= 106 or string.byte(id, 2) ~= 45 then
         redis.call("SET", base .. ":done:" .. id, 1, "EX", done_ttl)
       end
+      event("succeeded", id, f[1], f[2], f[3], "succeeded", f[4], "result", msg)
+      outcome(id, "succeeded", f[1], f[2], f[3], f[4], "", msg)
     elseif op == "retry" then
       ok = bump(job, id, "attempts", "token")
       if ok then
-        redis.call("HSET", job, "state", "delayed", "last_error", msg)
-        put("ZADD", delayed, now + delay_ms, id)
+        local due = now + delay_ms
+        redis.call("HSET", job, "state", "delayed", "last_error", msg, "due_at", due,
+          "delay_reason", "retry")
+        put("ZADD", delayed, due, id)
+        f = redis.call("HMGET", job, "org", "tier", "kind", "attempts")
+        event("retried", id, f[1], f[2], f[3], "delayed", f[4], "until", due, "error", msg)
       end
     elseif op == "defer" then
       ok = bump(job, id, "token")
       if ok then
-        redis.call("HSET", job, "state", "delayed", "deferred_reason", msg)
-        put("ZADD", delayed, now + delay_ms, id)
+        local due = now + delay_ms
+        redis.call("HSET", job, "state", "delayed", "deferred_reason", msg, "due_at", due,
+          "delay_reason", reason)
+        put("ZADD", delayed, due, id)
+        f = redis.call("HMGET", job, "org", "tier", "kind", "attempts")
+        event("deferred", id, f[1], f[2], f[3], "delayed", f[4], "reason", reason, "until", due,
+          "message", msg)
       end
-    elseif op == "dead" then
+    elseif op == "dead" or op == "failed" then
       ok = bump(job, id, "attempts", "token")
       if ok then
-        redis.call("HSET", job, "state", "dead", "dead_reason", msg, "last_error", msg, "dead_at", now)
+        redis.call("HSET", job, "state", "dead", "dead_reason", msg, "last_error", msg, "dead_at", now,
+          "outcome", op)
         dead_enter(job, msg)
         put("ZADD", dead, now, id)
+        f = redis.call("HMGET", job, "org", "tier", "kind", "attempts")
+        event(op, id, f[1], f[2], f[3], op, f[4], "error", msg)
+        outcome(id, op, f[1], f[2], f[3], f[4], msg, "")
       end
     else -- release: back to the head of its organisation's list, keeping its place
       op = "release"
@@ -93,6 +115,8 @@ for i = 5, #ARGV, 5 do
         put("ZADD", base .. ":heads:" .. tier, tonumber(ready) or now, org)
         put("HINCRBY", base .. ":depth", tier, 1)
         redis.call("HSET", job, "state", "waiting")
+        f = redis.call("HMGET", job, "kind", "attempts")
+        event("released", id, org, tier, f[1], "waiting", f[2])
       end
     end
     if ok then
@@ -128,4 +152,5 @@ while removed < 100 and (tonumber(get("GET", base .. ":dead_bytes")) or 0) > dea
   drop(oldest)
   removed = removed + 1
 end
+g_finish()
 return out

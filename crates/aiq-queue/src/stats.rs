@@ -11,7 +11,7 @@ use redis::Value;
 
 /// Every event the queue scripts count in `{p}:counters`: exactly the fields their `HINCRBY`s
 /// write (a unit test reads the scripts to keep it so). Nothing else is read from the hash.
-pub const COUNTER_EVENTS: [&str; 10] = [
+pub const COUNTER_EVENTS: [&str; 12] = [
     "enqueued",
     "leased",
     "done",
@@ -22,6 +22,8 @@ pub const COUNTER_EVENTS: [&str; 10] = [
     "interrupted",
     "revived",
     "purged",
+    "cancelled",
+    "events",
 ];
 
 /// How many of the skipped values a log line shows; the counts are always complete.
@@ -400,6 +402,10 @@ mod tests {
             ("settle.lua", include_str!("settle.lua")),
             ("renew.lua", include_str!("renew.lua")),
             ("dead.lua", include_str!("dead.lua")),
+            ("guard.lua", include_str!("guard.lua")),
+            ("repair.lua", include_str!("repair.lua")),
+            ("cancelled.lua", include_str!("cancelled.lua")),
+            ("cancel.lua", crate::events::CANCEL_LUA),
         ];
         let quoted = |s: &str| -> Vec<String> {
             s.split('"').skip(1).step_by(2).map(str::to_owned).collect()
@@ -414,6 +420,7 @@ mod tests {
                 let Some(field) = call
                     .strip_prefix("counters,")
                     .or_else(|| call.strip_prefix("base .. \":counters\","))
+                    .or_else(|| call.strip_prefix("G_base .. \":counters\","))
                 else {
                     continue;
                 };

@@ -17,7 +17,10 @@
 //! 6. `bodies`: 100 OpenAI jobs at once, each answered with a valid 20 MB body, through one
 //!    `aiq run` process with a 256 MB budget for answers (and with one large enough for all):
 //!    peak RSS.
+//! 7. `events`: the time from a no-op job's settle to its `succeeded` event being read by a
+//!    blocked XREAD reader (p50, p99), and the no-op processing rate with events off and on.
 
+mod events;
 mod full;
 mod queue;
 
@@ -41,6 +44,7 @@ pub enum Scenario {
     Priority,
     Budget,
     Bodies,
+    Events,
     /// Every scenario, one after the other.
     All,
 }
@@ -125,6 +129,7 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
             Scenario::Inflight,
             Scenario::Budget,
             Scenario::Bodies,
+            Scenario::Events,
         ],
         s => vec![s],
     };
@@ -136,6 +141,7 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
             Scenario::Inflight => ("inflight", full::inflight(&opts).await),
             Scenario::Budget => ("budget", full::budget(&opts).await),
             Scenario::Bodies => ("bodies", full::bodies(&opts).await),
+            Scenario::Events => ("events", events::events(&opts).await),
             Scenario::All => unreachable!("expanded above"),
         };
         report

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use super::{BenchOptions, Report, llm_job, rate, thousands, wait_drained};
 use aiq::config::{Env, QueueSettings, RetryPolicy};
 use aiq::domain::Tier;
-use aiq::queue::backend::{RawJob, RedisBackend};
+use aiq::queue::backend::{Completed, RawJob, RedisBackend};
 use aiq::queue::{NewJob, Queue};
 use aiq_testkit::localsvc::LocalRedis;
 
@@ -24,12 +24,23 @@ const TIER_WEIGHTS: [usize; 6] = [32, 16, 8, 4, 2, 1];
 
 /// A queue on `url` under a prefix of its own, with this concurrency and fetch batch.
 async fn queue_at(url: &str, prefix: &str, concurrency: usize) -> anyhow::Result<Queue> {
+    queue_with_events(url, prefix, concurrency, true).await
+}
+
+/// [`queue_at`] with job events on or off (`AIQ_EVENTS`); the caller writes `{p}:config`.
+pub(crate) async fn queue_with_events(
+    url: &str,
+    prefix: &str,
+    concurrency: usize,
+    events: bool,
+) -> anyhow::Result<Queue> {
     let vars = [
         ("AIQ_REDIS_URL", url.to_owned()),
         ("AIQ_QUEUE_PREFIX", prefix.to_owned()),
         ("AIQ_CONCURRENCY", concurrency.to_string()),
         ("AIQ_FETCH_BATCH", concurrency.min(1000).to_string()),
         ("AIQ_POLL_INTERVAL_MS", "5".to_owned()),
+        ("AIQ_EVENTS", if events { "on" } else { "off" }.to_owned()),
     ];
     let settings = QueueSettings::load(&Env(|k: &str| {
         vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone())
@@ -40,13 +51,13 @@ async fn queue_at(url: &str, prefix: &str, concurrency: usize) -> anyhow::Result
 }
 
 /// A prefix no other run uses.
-fn prefix(name: &str) -> String {
+pub(crate) fn prefix(name: &str) -> String {
     format!("bench-{name}-{}", uuid::Uuid::new_v4().simple())
 }
 
 /// Deletes every key of a queue prefix (the benchmark may run on someone's Redis; `--redis-url`
 /// takes no certificate files, so a `rediss://` one is verified against the system's roots).
-async fn remove(url: &str, prefix: &str) -> anyhow::Result<()> {
+pub(crate) async fn remove(url: &str, prefix: &str) -> anyhow::Result<()> {
     let client = aiq::redis_conn::client_for(url, &Default::default())?;
     let mut c = client.get_multiplexed_async_connection().await?;
     let pattern = format!("{{{prefix}}}*");
@@ -71,7 +82,7 @@ async fn remove(url: &str, prefix: &str) -> anyhow::Result<()> {
 }
 
 /// `n` jobs over the six tiers, in batches of 1,000, each batch one round trip.
-async fn enqueue_batched(
+pub(crate) async fn enqueue_batched(
     q: &Queue,
     n: usize,
     tier_of: impl Fn(usize) -> Tier,
@@ -90,9 +101,9 @@ async fn enqueue_batched(
 }
 
 /// Runs an apalis worker over aiq's backend with `service` until `stop` fires.
-async fn run_worker<S>(q: Queue, concurrency: usize, service: S, stop: CancellationToken)
+pub(crate) async fn run_worker<S>(q: Queue, concurrency: usize, service: S, stop: CancellationToken)
 where
-    S: tower::Service<Task<RawJob>, Response = (), Error = BoxDynError> + Send + 'static,
+    S: tower::Service<Task<RawJob>, Response = Completed, Error = BoxDynError> + Send + 'static,
     S::Future: Send + 'static,
 {
     let retry = RetryPolicy {
@@ -111,6 +122,34 @@ where
     if let Err(e) = worker.run_until(signal).await {
         tracing::warn!(error = %e, "the benchmark worker stopped");
     }
+}
+
+/// Runs a worker with `service` over `q` until its `n` jobs have drained; returns how long it
+/// took.
+pub(crate) async fn drain_with<S>(
+    q: &Queue,
+    n: usize,
+    concurrency: usize,
+    service: S,
+) -> anyhow::Result<Duration>
+where
+    S: tower::Service<Task<RawJob>, Response = Completed, Error = BoxDynError> + Send + 'static,
+    S::Future: Send + 'static,
+{
+    let stop = CancellationToken::new();
+    let start = Instant::now();
+    let worker = tokio::spawn(run_worker(q.clone(), concurrency, service, stop.clone()));
+    wait_drained(
+        q,
+        n as u64,
+        Duration::from_millis(5),
+        Duration::from_secs(600),
+    )
+    .await?;
+    let took = start.elapsed();
+    stop.cancel();
+    worker.await?;
+    Ok(took)
 }
 
 pub(crate) async fn queue(opts: &BenchOptions) -> anyhow::Result<Report> {
@@ -165,7 +204,6 @@ pub(crate) async fn queue(opts: &BenchOptions) -> anyhow::Result<Report> {
     r.figure("enqueue_batched_per_s", batched);
 
     // No-op processing of that backlog by one worker.
-    let stop = CancellationToken::new();
     let ran = Arc::new(AtomicUsize::new(0));
     let service = {
         let ran = ran.clone();
@@ -173,22 +211,11 @@ pub(crate) async fn queue(opts: &BenchOptions) -> anyhow::Result<Report> {
             let ran = ran.clone();
             async move {
                 ran.fetch_add(1, Ordering::Relaxed);
-                Ok::<(), BoxDynError>(())
+                Ok::<Completed, BoxDynError>(Completed::default())
             }
         })
     };
-    let start = Instant::now();
-    let worker = tokio::spawn(run_worker(q.clone(), concurrency, service, stop.clone()));
-    wait_drained(
-        &q,
-        n as u64,
-        Duration::from_millis(5),
-        Duration::from_secs(600),
-    )
-    .await?;
-    let took = start.elapsed();
-    stop.cancel();
-    worker.await?;
+    let took = drain_with(&q, n, concurrency, service).await?;
     let stats = q.stats().await?;
     ensure!(
         stats.waiting.values().sum::<u64>() + stats.inflight + stats.delayed + stats.dead == 0,
@@ -240,7 +267,7 @@ pub(crate) async fn priority(opts: &BenchOptions) -> anyhow::Result<Report> {
                     let wait = base.elapsed().saturating_sub(Duration::from_micros(sent));
                     waits.lock().expect("waits").push(wait);
                 }
-                Ok::<(), BoxDynError>(())
+                Ok::<Completed, BoxDynError>(Completed::default())
             }
         })
     };
@@ -318,7 +345,7 @@ pub(crate) async fn priority(opts: &BenchOptions) -> anyhow::Result<Report> {
                 if ran.len() >= n {
                     stop.cancel();
                 }
-                Ok::<(), BoxDynError>(())
+                Ok::<Completed, BoxDynError>(Completed::default())
             }
         })
     };

@@ -12,7 +12,7 @@ import {
   VisionAnnotatePayload,
   defaultScriptPath,
 } from "../src";
-import { TestRedis, startRedis } from "./redis-server";
+import { TestRedis, evalCalls as evalCallsOf, startTestRedis, stopTestRedis, redisNowMs as redisNowMsOf } from "./redis-server";
 
 const ORG = "0b6f1b3e-2a55-4a6e-9a43-2f6f6f1b2c3d";
 const OTHER_ORG = "7c2d0a4e-1b3f-4c5d-8e6f-a7b8c9d0e1f2";
@@ -62,25 +62,11 @@ async function scriptCalls(): Promise<number> {
   return total;
 }
 
-async function evalCalls(): Promise<number> {
-  const m = /^cmdstat_eval:calls=(\d+)/m.exec(await redis.info("commandstats"));
-  return m ? Number(m[1]) : 0;
-}
+const evalCalls = () => evalCallsOf(redis);
+const redisNowMs = () => redisNowMsOf(redis);
 
-async function redisNowMs(): Promise<number> {
-  const [s, us] = await redis.time();
-  return Number(s) * 1000 + Math.floor(Number(us) / 1000);
-}
-
-before(async () => {
-  server = await startRedis();
-  redis = new Redis(server.url);
-});
-
-after(async () => {
-  redis?.disconnect();
-  await server?.stop();
-});
+before(async () => ({ server, redis } = await startTestRedis()));
+after(() => stopTestRedis({ server, redis }));
 
 describe("AiqQueue.add", () => {
   it("returns a new id and stores kind, tier, organization and payload in the job hash", async () => {

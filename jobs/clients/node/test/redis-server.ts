@@ -87,3 +87,26 @@ export async function startRedis(): Promise<TestRedis> {
     };
   }
 }
+
+/** A redis-server and a connection to it, for one test file. */
+export async function startTestRedis(): Promise<{ server: TestRedis; redis: Redis }> {
+  const server = await startRedis();
+  return { server, redis: new Redis(server.url) };
+}
+
+export async function stopTestRedis(t: { server?: TestRedis; redis?: Redis }): Promise<void> {
+  t.redis?.disconnect();
+  await t.server?.stop();
+}
+
+/** Redis's clock in ms. */
+export async function redisNowMs(redis: Redis): Promise<number> {
+  const [s, us] = await redis.time();
+  return Number(s) * 1000 + Math.floor(Number(us) / 1000);
+}
+
+/** How many times the server ran EVAL (the NOSCRIPT fallback). */
+export async function evalCalls(redis: Redis): Promise<number> {
+  const m = /^cmdstat_eval:calls=(\d+)/m.exec(await redis.info("commandstats"));
+  return m ? Number(m[1]) : 0;
+}

@@ -1,26 +1,80 @@
-"""aiq_client: puts jobs into an aiq queue by running jobs/enqueue.lua (see jobs/README.md).
+"""aiq_client: puts jobs into an aiq queue by running jobs/enqueue.lua (see jobs/README.md), and
+tells their outcomes: status, waiting, the events stream, cancel (jobs/cancel.lua).
 
-The script is read from its file at run time, never copied into this client::
+The scripts are read from their files at run time, never copied into this client::
 
     import redis
     from aiq_client import AiqQueue
 
     q = AiqQueue(redis.Redis.from_url(url), prefix="aiq")
     job_id, duplicate = q.add("llm.complete", payload, idempotency_key="caption-photo-42")
+    status = q.wait(job_id, timeout=60)
 
 ``AsyncAiqQueue`` is the same API for ``redis.asyncio`` clients, with ``await``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import math
 import os
 import re
+import time
 from pathlib import Path
-from typing import Any, Iterable, List, Literal, Mapping, NamedTuple, Optional, Tuple, TypedDict, Union
+from typing import (
+    Any,
+    AsyncIterator,
+    Generator,
+    Iterable,
+    Iterator,
+    List,
+    Literal,
+    Mapping,
+    NamedTuple,
+    Optional,
+    Tuple,
+    TypedDict,
+    Union,
+)
 
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .outcomes import (
+    CANCEL_RESULTS,
+    DELAY_REASONS,
+    EVENT_TYPES,
+    JOB_STATES,
+    TERMINAL_STATES,
+    AiqEvent,
+    AiqJobNotFound,
+    AiqTimeout,
+    CancelResult,
+    DelayReason,
+    Emit,
+    JobResult,
+    JobState,
+    JobStatus,
+    LastPosition,
+    Pause,
+    ReadFailed,
+    Snapshot,
+    Step,
+    XRead,
+    check_job_id,
+    events_machine,
+    first_stream_id,
+    parse_cancel_reply,
+    parse_xread,
+    snapshot_commands,
+    snapshot_from_replies,
+    status_from_snapshot,
+    wait_machine,
+)
+from .webhooks import AiqWebhookError, VerifiedWebhook, sign_webhook, verify_webhook
 
 __all__ = [
     "TIERS",
@@ -39,6 +93,23 @@ __all__ = [
     "AiqQueue",
     "AsyncAiqQueue",
     "default_script_path",
+    "JobState",
+    "JOB_STATES",
+    "TERMINAL_STATES",
+    "DelayReason",
+    "DELAY_REASONS",
+    "EVENT_TYPES",
+    "CancelResult",
+    "CANCEL_RESULTS",
+    "JobResult",
+    "JobStatus",
+    "AiqEvent",
+    "AiqJobNotFound",
+    "AiqTimeout",
+    "AiqWebhookError",
+    "VerifiedWebhook",
+    "verify_webhook",
+    "sign_webhook",
 ]
 
 # --- Types that mirror jobs/schema/*.json (version 1); the schemas are the source of truth. ---
@@ -188,8 +259,27 @@ def _parse_reply(reply: Any) -> AddResult:
     raise ResponseError(f"aiq: enqueue.lua returned an unexpected reply: {reply!r}")
 
 
+_READ_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+@contextlib.contextmanager
+def _reading_status(job_id: str) -> Iterator[None]:
+    """Names the job in a reply error of its status's MULTI (e.g. WRONGTYPE on a hand-written key)."""
+    try:
+        yield
+    except ResponseError as e:
+        raise ResponseError(f"aiq: reading the status of {job_id!r}: {e}") from e
+
+
 class _QueueBase:
-    def __init__(self, connection: Any, prefix: str, idempotency_ttl_s: int, script_path: Union[str, os.PathLike, None]):
+    def __init__(
+        self,
+        connection: Any,
+        prefix: str,
+        idempotency_ttl_s: int,
+        script_path: Union[str, os.PathLike, None],
+        cancel_script_path: Union[str, os.PathLike, None] = None,
+    ):
         if connection is None:
             raise TypeError("AiqQueue: connection is required")
         if not isinstance(prefix, str) or not _PREFIX_RE.match(prefix):
@@ -207,6 +297,39 @@ class _QueueBase:
             raise FileNotFoundError(f"AiqQueue: cannot read enqueue.lua at {self.script_path} (pass script_path): {e}") from e
         # EVALSHA by the script's SHA; on NOSCRIPT redis-py loads it (SCRIPT LOAD) and retries.
         self._script = connection.register_script(self.script_source)
+        self.cancel_script_path = (
+            Path(cancel_script_path).resolve() if cancel_script_path is not None else self.script_path.parent / "cancel.lua"
+        )
+        self._cancel_script: Any = None
+
+    def _cancel(self) -> Any:
+        """cancel.lua, read and registered at the first cancel."""
+        if self._cancel_script is None:
+            try:
+                source = self.cancel_script_path.read_text(encoding="utf-8")
+            except OSError as e:
+                raise FileNotFoundError(
+                    f"AiqQueue: cannot read cancel.lua at {self.cancel_script_path} (pass cancel_script_path): {e}"
+                ) from e
+            self._cancel_script = self.connection.register_script(source)
+        return self._cancel_script
+
+    def _snapshot_pipeline(self, pipe: Any, step: Snapshot) -> Any:
+        for name, args in snapshot_commands(self.base, step.job_id, step.with_position):
+            getattr(pipe, name)(*args)
+        return pipe
+
+    def _snapshot_result(self, step: Snapshot, replies: Any) -> Tuple[Optional[JobStatus], str]:
+        snap, position = snapshot_from_replies(replies, step.with_position)
+        return status_from_snapshot(step.job_id, snap), position
+
+    def _block_ms(self, block_ms: int) -> int:
+        """A block that ends before the client's socket_timeout, if it has one."""
+        kwargs = getattr(getattr(self.connection, "connection_pool", None), "connection_kwargs", None) or {}
+        timeout = kwargs.get("socket_timeout")
+        if isinstance(timeout, (int, float)) and timeout > 0:
+            block_ms = min(block_ms, max(1, int(timeout * 1000) - 250))
+        return block_ms
 
     def key(self, suffix: str) -> str:
         """The full key of a queue key suffix, e.g. key("job:j1") is "{aiq}:job:j1"."""
@@ -273,8 +396,9 @@ class AiqQueue(_QueueBase):
         prefix: str = "aiq",
         idempotency_ttl_s: int = 86400,
         script_path: Union[str, os.PathLike, None] = None,
+        cancel_script_path: Union[str, os.PathLike, None] = None,
     ):
-        super().__init__(connection, prefix, idempotency_ttl_s, script_path)
+        super().__init__(connection, prefix, idempotency_ttl_s, script_path, cancel_script_path)
 
     def add(
         self,
@@ -330,6 +454,74 @@ class AiqQueue(_QueueBase):
             raise AiqBulkEnqueueError(results)
         return results  # type: ignore[return-value]
 
+    def get_job(self, job_id: str) -> Optional[JobStatus]:
+        """The job's status, or None when the id exists nowhere in Redis (never "waiting").
+
+        Reads ``{p}:job:<id>`` and then ``{p}:outcome:<id>`` in one MULTI, so the answer is one
+        moment's. A field Redis holds wrong is named in ``status["problems"]``.
+        """
+        return self._step(Snapshot(check_job_id(job_id), False))[0]
+
+    def wait(self, job_id: str, timeout: Optional[float] = None, block_ms: int = 5000) -> JobStatus:
+        """Waits for the job to finish and returns its final status (at once if it already has).
+
+        Raises AiqJobNotFound at once for an id that exists nowhere, and AiqTimeout when
+        ``timeout`` seconds pass first (None: no limit). It blocks on the events stream (XREAD
+        BLOCK on a connection of the client's pool) in slices of ``block_ms``, reading the status
+        again between them, so it also ends when events are off.
+        """
+        return _run_to_end(self._drive(wait_machine(job_id, timeout, block_ms)))
+
+    def events(
+        self, from_id: Optional[str] = None, block_ms: int = 5000, count: int = 100, reconnect_timeout: float = 60.0
+    ) -> Iterator[AiqEvent]:
+        """Every event after ``from_id`` (an earlier event's ``id``; "0" for all the stream keeps;
+        None or "$" for those written from now on), parsed, with its position in ``id``.
+
+        When the connection drops it reconnects and goes on after the last event it yielded, so a
+        consumer sees each event once; it raises when Redis stays unreachable for
+        ``reconnect_timeout`` seconds. Stop it by breaking out of the loop.
+        """
+        return self._drive(events_machine(from_id, block_ms, count, reconnect_timeout))
+
+    def cancel(self, job_id: str) -> CancelResult:
+        """Cancels a waiting or delayed job (jobs/cancel.lua).
+
+        Returns "cancelled" (it left its queue and will never run), "running" (a worker holds it:
+        it finishes), "finished" (it had ended already) or "not_found".
+        """
+        script = self._cancel()
+        return parse_cancel_reply(script(keys=[self.base], args=[check_job_id(job_id)]))
+
+    def _drive(self, machine: Generator[Step, Any, Any]) -> Generator[AiqEvent, None, Any]:
+        """Runs a machine's steps; yields the events it emits, returns what it returns."""
+        answer: Any = None
+        while not isinstance(step := _advance(machine, answer), _Done):
+            if isinstance(step, Emit):
+                answer = None
+                yield step.event
+            else:
+                answer = self._step(step)
+        return step.value
+
+    def _step(self, step: Step) -> Any:
+        if isinstance(step, Snapshot):
+            with _reading_status(step.job_id):
+                replies = self._snapshot_pipeline(self.connection.pipeline(transaction=True), step).execute()
+            return self._snapshot_result(step, replies)
+        if isinstance(step, XRead):
+            try:
+                reply = self.connection.xread({self.key("events"): step.after}, count=step.count, block=self._block_ms(step.block_ms))
+            except _READ_ERRORS as e:
+                return ReadFailed(e)
+            return parse_xread(reply)
+        if isinstance(step, LastPosition):
+            return first_stream_id(self.connection.xrevrange(self.key("events"), "+", "-", 1)) or "0-0"
+        if isinstance(step, Pause):
+            time.sleep(step.seconds)
+            return None
+        raise TypeError(f"aiq: unknown step {step!r}")
+
 
 class AsyncAiqQueue(_QueueBase):
     """``AiqQueue`` for ``redis.asyncio`` clients: ``await q.add(...)``, ``await q.add_bulk(...)``."""
@@ -340,8 +532,9 @@ class AsyncAiqQueue(_QueueBase):
         prefix: str = "aiq",
         idempotency_ttl_s: int = 86400,
         script_path: Union[str, os.PathLike, None] = None,
+        cancel_script_path: Union[str, os.PathLike, None] = None,
     ):
-        super().__init__(connection, prefix, idempotency_ttl_s, script_path)
+        super().__init__(connection, prefix, idempotency_ttl_s, script_path, cancel_script_path)
 
     async def add(
         self,
@@ -385,3 +578,77 @@ class AsyncAiqQueue(_QueueBase):
             raise AiqBulkEnqueueError(results)
         return results  # type: ignore[return-value]
 
+    async def get_job(self, job_id: str) -> Optional[JobStatus]:
+        """See AiqQueue.get_job."""
+        return (await self._step(Snapshot(check_job_id(job_id), False)))[0]
+
+    async def wait(self, job_id: str, timeout: Optional[float] = None, block_ms: int = 5000) -> JobStatus:
+        """See AiqQueue.wait."""
+        machine = wait_machine(job_id, timeout, block_ms)
+        answer: Any = None
+        while not isinstance(step := _advance(machine, answer), _Done):
+            answer = await self._step(step)
+        return step.value
+
+    async def events(
+        self, from_id: Optional[str] = None, block_ms: int = 5000, count: int = 100, reconnect_timeout: float = 60.0
+    ) -> AsyncIterator[AiqEvent]:
+        """See AiqQueue.events: ``async for event in q.events(...)``."""
+        machine = events_machine(from_id, block_ms, count, reconnect_timeout)
+        answer: Any = None
+        while True:
+            step = machine.send(answer)  # the machine never returns
+            answer = None
+            if isinstance(step, Emit):
+                yield step.event
+            else:
+                answer = await self._step(step)
+
+    async def cancel(self, job_id: str) -> CancelResult:
+        """See AiqQueue.cancel."""
+        script = self._cancel()
+        return parse_cancel_reply(await script(keys=[self.base], args=[check_job_id(job_id)]))
+
+    async def _step(self, step: Step) -> Any:
+        if isinstance(step, Snapshot):
+            async with self.connection.pipeline(transaction=True) as pipe:
+                with _reading_status(step.job_id):
+                    replies = await self._snapshot_pipeline(pipe, step).execute()
+            return self._snapshot_result(step, replies)
+        if isinstance(step, XRead):
+            try:
+                reply = await self.connection.xread(
+                    {self.key("events"): step.after}, count=step.count, block=self._block_ms(step.block_ms)
+                )
+            except _READ_ERRORS as e:
+                return ReadFailed(e)
+            return parse_xread(reply)
+        if isinstance(step, LastPosition):
+            return first_stream_id(await self.connection.xrevrange(self.key("events"), "+", "-", 1)) or "0-0"
+        if isinstance(step, Pause):
+            await asyncio.sleep(step.seconds)
+            return None
+        raise TypeError(f"aiq: unknown step {step!r}")
+
+
+def _run_to_end(gen: Generator[Any, None, Any]) -> Any:
+    """A generator's return value (it yields nothing on the way)."""
+    try:
+        while True:
+            next(gen)
+    except StopIteration as done:
+        return done.value
+
+
+class _Done(NamedTuple):
+    """A machine's end and its return value."""
+
+    value: Any
+
+
+def _advance(machine: Generator[Step, Any, Any], answer: Any) -> Union[Step, _Done]:
+    """Sends a machine the answer to its last step; its next step, or _Done when it returned."""
+    try:
+        return machine.send(answer)
+    except StopIteration as done:
+        return _Done(done.value)

@@ -67,3 +67,28 @@ class RedisServer:
                 self.proc.kill()
                 self.proc.wait()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class ModuleServer:
+    """One RedisServer for a test module, started by its setUpModule::
+
+        server = ModuleServer()
+        setUpModule, tearDownModule = server.start, server.stop
+    """
+
+    def __init__(self):
+        self.server = None
+
+    def start(self):
+        self.server = RedisServer()
+
+    def stop(self):
+        if self.server is not None:
+            self.server.stop()
+
+    @property
+    def url(self):
+        return self.server.url
+
+    def client(self, **kwargs):
+        return self.server.client(**kwargs)

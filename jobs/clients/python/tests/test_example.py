@@ -6,21 +6,13 @@ import unittest
 from pathlib import Path
 
 from .fixtures import llm, vision
-from .redis_server import RedisServer
+from .redis_server import ModuleServer
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "enqueue.py"
 EXAMPLES_DIR = Path(__file__).resolve().parents[3] / "examples"
 
-server = None
-
-
-def setUpModule():
-    global server
-    server = RedisServer()
-
-
-def tearDownModule():
-    server.stop()
+server = ModuleServer()
+setUpModule, tearDownModule = server.start, server.stop
 
 
 def run_example(stdin, **env):

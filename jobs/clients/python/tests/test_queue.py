@@ -1,34 +1,17 @@
 import json
 import unittest
 
-import redis
-
 from aiq_client import AddResult, AiqBulkEnqueueError, AiqEnqueueError, AiqQueue, default_script_path
 
-from .fixtures import ORG, OTHER_ORG, command_calls, fresh_prefix, llm, redis_now_ms, vision
-from .redis_server import RedisServer
+from .fixtures import ORG, OTHER_ORG, QueueCase, command_calls, fresh_prefix, llm, redis_now_ms, vision
+from .redis_server import ModuleServer
 
-server = None
-
-
-def setUpModule():
-    global server
-    server = RedisServer()
+server = ModuleServer()
+setUpModule, tearDownModule = server.start, server.stop
 
 
-def tearDownModule():
-    server.stop()
-
-
-class AddTest(unittest.TestCase):
-    def setUp(self):
-        self.r = server.client(decode_responses=True)
-        self.conn = redis.Redis.from_url(server.url)  # bytes replies, as from_url gives by default
-        self.q = AiqQueue(self.conn, prefix=fresh_prefix())
-
-    def tearDown(self):
-        self.r.close()
-        self.conn.close()
+class AddTest(QueueCase):
+    server = server
 
     def queue_keys(self):
         return sorted(self.r.keys(self.q.base + "*"))
@@ -172,15 +155,9 @@ class AddTest(unittest.TestCase):
         self.assertFalse(duplicate)
 
 
-class AddBulkTest(unittest.TestCase):
-    def setUp(self):
-        self.r = server.client(decode_responses=True)
-        self.conn = redis.Redis.from_url(server.url)
-        self.q = AiqQueue(self.conn, prefix=fresh_prefix("b"))
-
-    def tearDown(self):
-        self.r.close()
-        self.conn.close()
+class AddBulkTest(QueueCase):
+    server = server
+    tag = "b"
 
     def test_add_bulk_queues_every_job_in_order(self):
         """add_bulk queues every job in order in one pipeline."""

@@ -1,0 +1,484 @@
+//! Outcomes as the apps see them (jobs/README.md, "Outcomes"): the delay reasons the scripts
+//! write into a job's `deferred` event and hash, a job's status read from Redis in the
+//! contract's one shape, `cancel.lua` (the apps' script) run from Rust, the cancelled jobs the
+//! daemon drains, and the settings the scripts read from `{p}:config`. The events themselves
+//! are appended by the scripts (`guard.lua`'s `event`, `enqueue.lua`, `cancel.lua`).
+
+use std::collections::BTreeMap;
+use std::sync::LazyLock;
+
+use redis::{AsyncCommands, Script};
+
+use crate::{Queue, QueueError};
+
+/// The cancel script that apps in every language run; Rust uses it too.
+pub const CANCEL_LUA: &str = include_str!("../../../jobs/cancel.lua");
+
+static CANCEL: LazyLock<Script> = LazyLock::new(|| Script::new(CANCEL_LUA));
+static FORGET_CANCELLED: LazyLock<Script> =
+    LazyLock::new(|| crate::guarded(include_str!("cancelled.lua")));
+
+/// Why a job is delayed: the `reason` of its `deferred` event and the `delay_reason` of its
+/// hash. One closed list, the contract's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DelayReason {
+    /// Enqueued with a delay.
+    Scheduled,
+    /// An attempt failed.
+    Retry,
+    /// A budget window is full; due when it resets.
+    Budget,
+    /// The organisation's jobs per minute.
+    OrgRate,
+    /// The provider's requests or tokens per minute.
+    ProviderRate,
+    /// The provider is paused after a 429.
+    ProviderPaused,
+    /// A circuit breaker is open.
+    Breaker,
+    /// The organisation's cap on running jobs.
+    OrgInFlight,
+    /// Redis or PostgreSQL is unreachable.
+    Unavailable,
+    Other,
+}
+
+impl DelayReason {
+    pub const ALL: [DelayReason; 10] = [
+        DelayReason::Scheduled,
+        DelayReason::Retry,
+        DelayReason::Budget,
+        DelayReason::OrgRate,
+        DelayReason::ProviderRate,
+        DelayReason::ProviderPaused,
+        DelayReason::Breaker,
+        DelayReason::OrgInFlight,
+        DelayReason::Unavailable,
+        DelayReason::Other,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DelayReason::Scheduled => "scheduled",
+            DelayReason::Retry => "retry",
+            DelayReason::Budget => "budget",
+            DelayReason::OrgRate => "org_rate",
+            DelayReason::ProviderRate => "provider_rate",
+            DelayReason::ProviderPaused => "provider_paused",
+            DelayReason::Breaker => "breaker",
+            DelayReason::OrgInFlight => "org_in_flight",
+            DelayReason::Unavailable => "unavailable",
+            DelayReason::Other => "other",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+}
+
+/// A job's state, as its status and events name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Waiting,
+    Delayed,
+    Running,
+    Succeeded,
+    Failed,
+    Dead,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Waiting => "waiting",
+            JobState::Delayed => "delayed",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Dead => "dead",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Dead | JobState::Cancelled
+        )
+    }
+
+    /// A state as an outcome hash or event writes it.
+    fn parse(s: &str) -> Option<Self> {
+        [
+            JobState::Waiting,
+            JobState::Delayed,
+            JobState::Running,
+            JobState::Succeeded,
+            JobState::Failed,
+            JobState::Dead,
+            JobState::Cancelled,
+        ]
+        .into_iter()
+        .find(|st| st.as_str() == s)
+    }
+}
+
+/// A job's status: the contract's one JSON shape (`aiq job show --json`, `getJob`, `get_job`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct JobStatus {
+    pub id: String,
+    pub state: JobState,
+    pub organization_id: String,
+    pub tier: String,
+    pub kind: String,
+    pub attempts: u32,
+    /// When a delayed job is due (ms, Redis time).
+    pub due_at: Option<i64>,
+    pub delay_reason: Option<String>,
+    pub last_error: Option<String>,
+    pub finished_at: Option<i64>,
+    /// The result summary of a job that succeeded.
+    pub result: Option<serde_json::Value>,
+}
+
+/// What `cancel.lua` answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cancel {
+    Cancelled,
+    Running,
+    Finished,
+    NotFound,
+}
+
+impl Cancel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cancel::Cancelled => "cancelled",
+            Cancel::Running => "running",
+            Cancel::Finished => "finished",
+            Cancel::NotFound => "not_found",
+        }
+    }
+}
+
+/// A job cancel.lua took out of the queue, waiting for the daemon to write its result row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CancelledJob {
+    pub id: String,
+    pub organization_id: String,
+    pub tier: String,
+    pub kind: String,
+    pub attempts: u32,
+    pub cancelled_at_ms: i64,
+}
+
+/// The longest result summary a status parses (a hand-written one could be megabytes).
+const MAX_RESULT_BYTES: usize = 64 * 1024;
+/// Text fields of a status are cut to this many bytes.
+const MAX_TEXT_BYTES: usize = 4096;
+
+fn cut(mut s: String) -> String {
+    if s.len() > MAX_TEXT_BYTES {
+        let mut end = MAX_TEXT_BYTES;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
+}
+
+/// Values of a hash as HMGET gives them: absent or not UTF-8 is `None`.
+fn fields(names: &[&'static str], values: Vec<Option<Vec<u8>>>) -> BTreeMap<&'static str, String> {
+    names
+        .iter()
+        .zip(values)
+        .filter_map(|(n, v)| Some((*n, String::from_utf8(v?).ok()?)))
+        .collect()
+}
+
+const JOB_FIELDS: [&str; 11] = [
+    "state",
+    "org",
+    "tier",
+    "kind",
+    "attempts",
+    "due_at",
+    "delay_reason",
+    "last_error",
+    "dead_reason",
+    "dead_at",
+    "outcome",
+];
+const OUTCOME_FIELDS: [&str; 8] = [
+    "state",
+    "org",
+    "tier",
+    "kind",
+    "attempts",
+    "finished_at",
+    "error",
+    "result",
+];
+
+/// A job's status from its hash (and the delayed set's score, for a job delayed before its hash
+/// carried `due_at`); `None` when the hash holds no state the contract knows.
+fn from_job(id: &str, f: &BTreeMap<&str, String>, due_score: Option<i64>) -> Option<JobStatus> {
+    let text = |k: &str| f.get(k).filter(|v| !v.is_empty()).cloned().map(cut);
+    let number = |k: &str| f.get(k).and_then(|v| v.parse::<i64>().ok());
+    let state = match f.get("state")?.as_str() {
+        "waiting" => JobState::Waiting,
+        "delayed" => JobState::Delayed,
+        "inflight" => JobState::Running,
+        "cancelled" => JobState::Cancelled,
+        "dead" => match f.get("outcome").map(String::as_str) {
+            Some("failed") => JobState::Failed,
+            _ => JobState::Dead,
+        },
+        _ => return None,
+    };
+    let delayed = state == JobState::Delayed;
+    Some(JobStatus {
+        id: id.to_owned(),
+        state,
+        organization_id: text("org").unwrap_or_default(),
+        tier: text("tier").unwrap_or_default(),
+        kind: text("kind").unwrap_or_default(),
+        attempts: f.get("attempts").and_then(|v| v.parse().ok()).unwrap_or(0),
+        due_at: delayed.then(|| number("due_at").or(due_score)).flatten(),
+        delay_reason: delayed.then(|| text("delay_reason")).flatten(),
+        last_error: text("last_error").or_else(|| text("dead_reason")),
+        finished_at: matches!(state, JobState::Dead | JobState::Failed)
+            .then(|| number("dead_at"))
+            .flatten(),
+        result: None,
+    })
+}
+
+fn from_outcome(id: &str, f: &BTreeMap<&str, String>) -> Option<JobStatus> {
+    let state = JobState::parse(f.get("state")?).filter(|s| s.is_terminal())?;
+    let text = |k: &str| f.get(k).filter(|v| !v.is_empty()).cloned().map(cut);
+    let result = f
+        .get("result")
+        .filter(|r| r.len() <= MAX_RESULT_BYTES)
+        .and_then(|r| serde_json::from_str::<serde_json::Value>(r).ok())
+        .filter(|v| !v.is_null());
+    Some(JobStatus {
+        id: id.to_owned(),
+        state,
+        organization_id: text("org").unwrap_or_default(),
+        tier: text("tier").unwrap_or_default(),
+        kind: text("kind").unwrap_or_default(),
+        attempts: f.get("attempts").and_then(|v| v.parse().ok()).unwrap_or(0),
+        due_at: None,
+        delay_reason: None,
+        last_error: text("error"),
+        finished_at: f.get("finished_at").and_then(|v| v.parse().ok()),
+        result,
+    })
+}
+
+impl Queue {
+    /// Writes the settings the scripts read (`{p}:config`): the daemon does it at start, so
+    /// apps' enqueue.lua and cancel.lua, which take no settings, follow them too.
+    pub async fn write_config(&self) -> Result<(), QueueError> {
+        let e = &self.settings.events;
+        let mut conn = self.conn.clone();
+        let _: () = conn
+            .hset_multiple(
+                self.key("config"),
+                &[
+                    ("events", if e.on { "on" } else { "off" }.to_owned()),
+                    ("events_max_len", e.max_len.to_string()),
+                    ("events_max_age_ms", e.max_age.as_millis().to_string()),
+                    (
+                        "outcomes_max_age_ms",
+                        e.outcomes_max_age.as_millis().to_string(),
+                    ),
+                    ("outcomes_max_jobs", e.outcomes_max_jobs.to_string()),
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// A job's status as Redis knows it: its hash (waiting, delayed, running, dead or failed,
+    /// cancelled), else its kept outcome; `None` when Redis knows neither.
+    pub async fn status(&self, id: &str) -> Result<Option<JobStatus>, QueueError> {
+        let mut conn = self.conn.clone();
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        pipe.cmd("HMGET")
+            .arg(self.key(&format!("job:{id}")))
+            .arg(&JOB_FIELDS)
+            .cmd("HMGET")
+            .arg(self.key(&format!("outcome:{id}")))
+            .arg(&OUTCOME_FIELDS)
+            .zscore(self.key("delayed"), id);
+        let replies: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
+        let [job, outcome, score] = <[redis::Value; 3]>::try_from(replies)
+            .map_err(|r| QueueError::Protocol(format!("status: {} replies", r.len())))?;
+        // A key of the wrong type (written by hand) reads as nothing.
+        let values = |v: &redis::Value, n: usize| {
+            redis::from_redis_value_ref::<Vec<Option<Vec<u8>>>>(v).unwrap_or_else(|_| vec![None; n])
+        };
+        let score = redis::from_redis_value_ref::<Option<f64>>(&score)
+            .ok()
+            .flatten()
+            .map(|s| s as i64);
+        let job = fields(&JOB_FIELDS, values(&job, JOB_FIELDS.len()));
+        if let Some(s) = from_job(id, &job, score) {
+            return Ok(Some(s));
+        }
+        let outcome = fields(&OUTCOME_FIELDS, values(&outcome, OUTCOME_FIELDS.len()));
+        Ok(from_outcome(id, &outcome))
+    }
+
+    /// Runs `cancel.lua` for `id` (see its header).
+    pub async fn cancel(&self, id: &str) -> Result<Cancel, QueueError> {
+        let mut conn = self.conn.clone();
+        let reply: Result<String, redis::RedisError> =
+            CANCEL.key(&self.base).arg(id).invoke_async(&mut conn).await;
+        match reply {
+            Ok(s) => match s.as_str() {
+                "cancelled" => Ok(Cancel::Cancelled),
+                "running" => Ok(Cancel::Running),
+                "finished" => Ok(Cancel::Finished),
+                "not_found" => Ok(Cancel::NotFound),
+                other => Err(QueueError::Protocol(format!("cancel returned {other:?}"))),
+            },
+            Err(e) if e.to_string().contains("aiq:") => Err(QueueError::Refused(e.to_string())),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The oldest jobs cancel.lua took out, at most `limit`, for the daemon to write their rows.
+    /// A job whose hash is gone or not cancelled any more is left out (and forgotten by
+    /// [`Queue::forget_cancelled`]).
+    pub async fn cancelled_jobs(&self, limit: usize) -> Result<Vec<CancelledJob>, QueueError> {
+        let mut conn = self.conn.clone();
+        let ids: Vec<(Vec<u8>, f64)> = conn
+            .zrange_withscores(self.key("cancelled"), 0, limit.max(1) as isize - 1)
+            .await?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let names = ["state", "org", "tier", "kind", "attempts"];
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for (id, _) in &ids {
+            let mut key = self.key("job:").into_bytes();
+            key.extend_from_slice(id);
+            pipe.cmd("HMGET").arg(key).arg(&names);
+        }
+        let replies: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
+        let mut out = Vec::with_capacity(ids.len());
+        for ((id, score), reply) in ids.into_iter().zip(replies) {
+            let values =
+                redis::from_redis_value_ref::<Vec<Option<Vec<u8>>>>(&reply).unwrap_or_default();
+            let f = fields(&names, values);
+            let (Ok(id), Some("cancelled")) =
+                (String::from_utf8(id), f.get("state").map(String::as_str))
+            else {
+                continue;
+            };
+            out.push(CancelledJob {
+                id,
+                organization_id: f.get("org").cloned().unwrap_or_default(),
+                tier: f.get("tier").cloned().unwrap_or_default(),
+                kind: f.get("kind").cloned().unwrap_or_default(),
+                attempts: f.get("attempts").and_then(|v| v.parse().ok()).unwrap_or(0),
+                cancelled_at_ms: score as i64,
+            });
+        }
+        Ok(out)
+    }
+
+    /// After their rows are written: removes cancelled jobs' hashes and their `{p}:cancelled`
+    /// entries (an app's own id keeps its `{p}:done:<id>` marker, as a finished job does), and
+    /// drops entries whose job is gone. Returns how many were removed.
+    pub async fn forget_cancelled(&self, ids: &[String]) -> Result<usize, QueueError> {
+        let mut n = 0;
+        for chunk in ids.chunks(crate::SCRIPT_CHUNK) {
+            let mut conn = self.conn.clone();
+            let mut inv = FORGET_CANCELLED.key(&self.base);
+            inv.arg(self.settings.idempotency_ttl.as_secs());
+            for id in chunk {
+                inv.arg(id);
+            }
+            let removed: i64 = inv.invoke_async(&mut conn).await?;
+            n += removed.max(0) as usize;
+        }
+        Ok(n)
+    }
+
+    /// Every cancelled job not yet forgotten (0 once the daemon drained them).
+    pub async fn cancelled_count(&self) -> Result<u64, QueueError> {
+        let mut conn = self.conn.clone();
+        Ok(conn.zcard(self.key("cancelled")).await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_delay_reason_parses_back_from_its_word() {
+        for r in DelayReason::ALL {
+            assert_eq!(DelayReason::parse(r.as_str()), Some(r));
+        }
+        assert_eq!(DelayReason::parse("Budget"), None);
+        assert_eq!(DelayReason::parse(""), None);
+    }
+
+    fn map(pairs: &[(&'static str, &str)]) -> BTreeMap<&'static str, String> {
+        pairs.iter().map(|(k, v)| (*k, (*v).to_owned())).collect()
+    }
+
+    #[test]
+    fn a_dead_hash_says_failed_or_dead_by_its_outcome_field() {
+        let failed = map(&[("state", "dead"), ("outcome", "failed"), ("dead_at", "5")]);
+        let s = from_job("j", &failed, None).expect("a status");
+        assert_eq!((s.state, s.finished_at), (JobState::Failed, Some(5)));
+        let dead = map(&[("state", "dead")]);
+        assert_eq!(
+            from_job("j", &dead, None).map(|s| s.state),
+            Some(JobState::Dead)
+        );
+        assert_eq!(from_job("j", &map(&[("state", "bogus")]), None), None);
+    }
+
+    #[test]
+    fn only_a_delayed_job_has_a_due_time_and_a_reason() {
+        let delayed = map(&[("state", "delayed"), ("delay_reason", "budget")]);
+        let s = from_job("j", &delayed, Some(42)).expect("a status");
+        assert_eq!(
+            (s.due_at, s.delay_reason.as_deref()),
+            (Some(42), Some("budget"))
+        );
+        let waiting = map(&[
+            ("state", "waiting"),
+            ("due_at", "9"),
+            ("delay_reason", "retry"),
+        ]);
+        let s = from_job("j", &waiting, None).expect("a status");
+        assert_eq!((s.due_at, s.delay_reason), (None, None));
+    }
+
+    #[test]
+    fn an_outcome_needs_a_terminal_state_and_its_result_must_be_json() {
+        let ok = map(&[
+            ("state", "succeeded"),
+            ("result", r#"{"provider":"openai"}"#),
+        ]);
+        let s = from_outcome("j", &ok).expect("a status");
+        assert_eq!(s.result, Some(serde_json::json!({"provider": "openai"})));
+        let junk = map(&[("state", "succeeded"), ("result", "{not json")]);
+        assert_eq!(from_outcome("j", &junk).and_then(|s| s.result), None);
+        assert_eq!(from_outcome("j", &map(&[("state", "waiting")])), None);
+    }
+}
