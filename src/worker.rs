@@ -269,7 +269,8 @@ pub async fn run(
     }
     {
         let (queue, store, stop) = (queue.clone(), app.store.clone(), background.clone());
-        tokio::spawn(async move { drain_cancelled(queue, store, stop).await });
+        let callbacks = app.callbacks.clone();
+        tokio::spawn(async move { drain_cancelled(queue, store, callbacks, stop).await });
     }
     let _stop_background = background.drop_guard();
     let name = format!("aiq-{}-{}", hostname(), std::process::id());
@@ -313,10 +314,15 @@ const CANCELLED_BATCH: usize = 100;
 /// Writes the result rows of jobs that cancel.lua took out of the queue (status `cancelled`,
 /// cost 0), then removes their hashes and `{p}:cancelled` entries. Every process runs it; the
 /// rows are idempotent, so two that drain the same job write one row.
-async fn drain_cancelled(queue: Queue, store: Store, stop: CancellationToken) {
+async fn drain_cancelled(
+    queue: Queue,
+    store: Store,
+    callbacks: Arc<crate::webhooks::address::AddressPolicy>,
+    stop: CancellationToken,
+) {
     loop {
         let mut pause = Duration::from_millis(500);
-        match drain_cancelled_once(&queue, &store).await {
+        match drain_cancelled_once(&queue, &store, &callbacks).await {
             Ok(n) if n >= CANCELLED_BATCH => pause = Duration::ZERO,
             Ok(_) => {}
             Err(e) => {
@@ -331,8 +337,40 @@ async fn drain_cancelled(queue: Queue, store: Store, stop: CancellationToken) {
     }
 }
 
+/// A cancelled job's `callback_url`, when its payload names one that decode would take (the
+/// job never ran, so its payload was never decoded): a string of at most 2,048 characters that
+/// the callback policy accepts. Anything else is left out (the organisation's own endpoints are
+/// still told) and logged.
+async fn cancelled_callback(
+    queue: &Queue,
+    id: &str,
+    callbacks: &crate::webhooks::address::AddressPolicy,
+) -> Option<String> {
+    let fields = match queue.job_fields(id).await {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::warn!(error = %e, "reading a cancelled job's payload failed: no callback");
+            return None;
+        }
+    };
+    let payload: serde_json::Value = serde_json::from_str(fields.get("payload")?).ok()?;
+    let url = payload.get("callback_url")?.as_str()?;
+    match callbacks.check_url(url) {
+        Ok(()) if url.chars().count() <= 2048 => Some(url.to_owned()),
+        Ok(()) => None,
+        Err(why) => {
+            tracing::warn!(job.id = %crate::redact::Field::new(id), "a cancelled job's callback_url {why}: not told");
+            None
+        }
+    }
+}
+
 /// One batch of [`drain_cancelled`]; returns how many jobs it looked at.
-async fn drain_cancelled_once(queue: &Queue, store: &Store) -> anyhow::Result<usize> {
+async fn drain_cancelled_once(
+    queue: &Queue,
+    store: &Store,
+    callbacks: &crate::webhooks::address::AddressPolicy,
+) -> anyhow::Result<usize> {
     let jobs = queue.cancelled_jobs(CANCELLED_BATCH).await?;
     let mut done = Vec::with_capacity(jobs.len());
     for job in &jobs {
@@ -344,6 +382,7 @@ async fn drain_cancelled_once(queue: &Queue, store: &Store) -> anyhow::Result<us
                     kind: job.kind.clone(),
                     tier: job.tier.clone(),
                     attempts: job.attempts.min(i32::MAX as u32) as i32,
+                    callback_url: cancelled_callback(queue, &job.id, callbacks).await,
                 };
                 store.record_cancelled(&row).await?;
                 crate::observe::job_cancelled(&job.tier);

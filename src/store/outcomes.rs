@@ -5,7 +5,8 @@
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::{Store, StoreError, pg_text};
+use super::webhooks::{JobEvent, enqueue_with_receivers_in};
+use super::{Ending, JobRef, Store, StoreError, pg_text};
 use crate::domain::{MicroUsd, ResultSummary};
 
 /// A job's row in ai_processing_results, with the answering call's tokens or units.
@@ -30,6 +31,8 @@ pub struct CancelledRow {
     pub kind: String,
     pub tier: String,
     pub attempts: i32,
+    /// The payload's `callback_url`, already checked: the `job.cancelled` event goes there too.
+    pub callback_url: Option<String>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -99,7 +102,10 @@ impl Store {
     /// The result row of a job cancelled while it waited: status `cancelled`, cost 0, no
     /// provider. One transaction, idempotent (a second drain of the same job writes nothing);
     /// returns whether the row is new.
+    /// The organisation's webhook endpoints (and the job's `callback_url`) get its
+    /// `job.cancelled` message in the same transaction, like every final result.
     pub async fn record_cancelled(&self, job: &CancelledRow) -> Result<bool, StoreError> {
+        let receivers = self.webhook_receivers().await;
         let mut tx = self.pool().begin().await?;
         let inserted = sqlx::query(
             "INSERT INTO ai_processing_results (organization_id, processing_type, ai_provider,
@@ -118,6 +124,27 @@ impl Store {
         .await?
         .rows_affected()
             == 1;
+        if inserted {
+            let job_ref = JobRef {
+                job_id: job.job_id.clone(),
+                kind: job.kind.clone(),
+                tier: Some(job.tier.clone()),
+                organization_id: Some(job.organization_id),
+                subject_id: None,
+                subject_type: None,
+                correlation_id: None,
+                attempt: job.attempts.max(0) as u32,
+                execution: 0,
+                callback_url: job.callback_url.clone(),
+            };
+            let event = JobEvent::new(
+                &job_ref,
+                Ending::Cancelled,
+                Some("cancelled before it ran"),
+                None,
+            );
+            enqueue_with_receivers_in(&mut tx, &receivers, event.into_iter().collect()).await?;
+        }
         tx.commit().await?;
         Ok(inserted)
     }

@@ -920,3 +920,54 @@ async fn an_endpoint_added_by_another_process_is_used_before_the_cache_would_exp
     .await;
     worker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_cancelled_while_it_waits_is_delivered_as_cancelled_to_its_endpoint_and_its_callback()
+{
+    let ctx = ctx_allowing_the_receiver(&[]).await;
+    let (r, port) = receiver(&[]).await;
+    let secret = "whsec_dGhpcnR5LXR3by1ieXRlcy1vZi1hLXRlc3Qta2V5IQ==";
+    let org = uuid::Uuid::parse_str(ORG_A).unwrap();
+    ctx.store
+        .add_webhook_endpoint(org, &format!("http://127.0.0.1:{port}/hooks"), secret)
+        .await
+        .unwrap();
+    let plain = enqueue_llm(&ctx, "never run", 3).await;
+    let called_back = enqueue_with_callback(&ctx, &format!("http://127.0.0.1:{port}/cb")).await;
+    for id in [&plain, &called_back] {
+        assert_eq!(
+            ctx.queue.cancel(id).await.unwrap(),
+            aiq::queue::events::Cancel::Cancelled
+        );
+    }
+    let worker = ctx.start_worker();
+    // Two for the endpoint, one for the callback.
+    wait_delivered(&ctx, 3).await;
+    worker.stop().await;
+
+    let got = r.got();
+    assert_eq!(got.len(), 3, "{got:?}");
+    for g in &got {
+        let b = body_of(g);
+        assert_eq!(b["type"], "job.cancelled", "{b}");
+        assert_eq!(b["data"]["state"], "cancelled", "{b}");
+        assert_eq!(b["data"]["result"], Value::Null, "{b}");
+        if g.signature == expected_signature(CALLBACK_SECRET, g) {
+            verify(g, &[CALLBACK_SECRET]);
+            assert_eq!(b["data"]["job_id"], called_back.as_str(), "{b}");
+        } else {
+            verify(g, &[secret]);
+        }
+    }
+    let to = |job: &str| {
+        got.iter()
+            .filter(|g| body_of(g)["data"]["job_id"] == job)
+            .count()
+    };
+    assert_eq!((to(&plain), to(&called_back)), (1, 2), "{got:?}");
+    assert_eq!(
+        ctx.fake_calls().await["openai"],
+        0,
+        "a cancelled job is never called"
+    );
+}
