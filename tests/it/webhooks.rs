@@ -124,6 +124,21 @@ async fn ctx_allowing_the_receiver(extra: &[(&str, &str)]) -> TestCtx {
     TestCtx::with(&o).await
 }
 
+const ENDPOINT_SECRET: &str = "whsec_dGhpcnR5LXR3by1ieXRlcy1vZi1hLXRlc3Qta2V5IQ==";
+
+/// A test whose organisation A has one endpoint (a receiver answering with its default) signed
+/// with `secret`.
+async fn with_an_endpoint(secret: &str) -> (TestCtx, Arc<Receiver>, u16) {
+    let ctx = ctx_allowing_the_receiver(&[]).await;
+    let (r, port) = receiver(&[]).await;
+    let org = uuid::Uuid::parse_str(ORG_A).unwrap();
+    ctx.store
+        .add_webhook_endpoint(org, &format!("http://127.0.0.1:{port}/hooks"), secret)
+        .await
+        .unwrap();
+    (ctx, r, port)
+}
+
 async fn enqueue_llm(ctx: &TestCtx, text: &str, max_attempts: u32) -> String {
     let payload = llm_payload(Tier::GrowthTeam, ORG_A, text);
     ctx.enqueue(
@@ -172,14 +187,8 @@ fn body_of(got: &Got) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_succeeded_and_a_failed_job_each_produce_exactly_one_delivery_whose_signature_verifies() {
-    let ctx = ctx_allowing_the_receiver(&[]).await;
-    let (r, port) = receiver(&[]).await;
-    let secret = "whsec_dGhpcnR5LXR3by1ieXRlcy1vZi1hLXRlc3Qta2V5IQ==";
-    let org = uuid::Uuid::parse_str(ORG_A).unwrap();
-    ctx.store
-        .add_webhook_endpoint(org, &format!("http://127.0.0.1:{port}/hooks"), secret)
-        .await
-        .unwrap();
+    let (ctx, r, _port) = with_an_endpoint(ENDPOINT_SECRET).await;
+    let secret = ENDPOINT_SECRET;
     let ok = enqueue_llm(&ctx, "a caption please", 3).await;
     let bad = enqueue_llm(&ctx, "refused [fake:status=400]", 3).await;
     let worker = ctx.start_worker();
@@ -924,14 +933,8 @@ async fn an_endpoint_added_by_another_process_is_used_before_the_cache_would_exp
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_cancelled_while_it_waits_is_delivered_as_cancelled_to_its_endpoint_and_its_callback()
 {
-    let ctx = ctx_allowing_the_receiver(&[]).await;
-    let (r, port) = receiver(&[]).await;
-    let secret = "whsec_dGhpcnR5LXR3by1ieXRlcy1vZi1hLXRlc3Qta2V5IQ==";
-    let org = uuid::Uuid::parse_str(ORG_A).unwrap();
-    ctx.store
-        .add_webhook_endpoint(org, &format!("http://127.0.0.1:{port}/hooks"), secret)
-        .await
-        .unwrap();
+    let (ctx, r, port) = with_an_endpoint(ENDPOINT_SECRET).await;
+    let secret = ENDPOINT_SECRET;
     let plain = enqueue_llm(&ctx, "never run", 3).await;
     let called_back = enqueue_with_callback(&ctx, &format!("http://127.0.0.1:{port}/cb")).await;
     for id in [&plain, &called_back] {
