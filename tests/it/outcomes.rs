@@ -40,6 +40,36 @@ fn pairs(kv: Vec<String>) -> Fields {
         .collect()
 }
 
+/// Every job's terminal events (types, in order), read from the whole stream a page at a time.
+pub(crate) async fn terminal_events(ctx: &TestCtx) -> HashMap<String, Vec<String>> {
+    let mut conn = ctx.redis().await;
+    let mut out: HashMap<String, Vec<String>> = HashMap::new();
+    let mut from = "-".to_owned();
+    loop {
+        let page: Vec<RawEntry> = redis::cmd("XRANGE")
+            .arg(ctx.key("events"))
+            .arg(&from)
+            .arg("+")
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await
+            .expect("XRANGE of the events stream");
+        let Some((last, _)) = page.last() else {
+            return out;
+        };
+        from = format!("({last}");
+        for (_, kv) in page {
+            let f = pairs(kv);
+            if TERMINAL.contains(&f["type"].as_str()) {
+                out.entry(f["job_id"].clone())
+                    .or_default()
+                    .push(f["type"].clone());
+            }
+        }
+    }
+}
+
 /// The events of one job, in order.
 fn of_job<'a>(all: &'a [(String, Fields)], id: &str) -> Vec<&'a Fields> {
     all.iter()
