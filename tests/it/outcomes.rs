@@ -716,3 +716,54 @@ async fn outcomes_are_trimmed_oldest_first_and_show_falls_back_to_postgresql() {
     }
     assert!(from_pg >= 4, "{from_pg} of 6 read from PostgreSQL alone");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stream_is_trimmed_to_about_its_length_and_every_event_is_counted() {
+    let ctx = TestCtx::with(&[("AIQ_EVENTS_MAX_LEN", "1000")]).await;
+    // The scripts follow the daemon's settings, enqueue.lua included.
+    ctx.queue.write_config().await.unwrap();
+    let n = 600;
+    let jobs: Vec<NewJob> = (0..n)
+        .map(|i| NewJob {
+            kind: JobKind::LlmComplete,
+            tier: Tier::Trial,
+            organization_id: OrganizationId::parse(ORG_A).unwrap(),
+            payload: llm_payload(Tier::Trial, ORG_A, &format!("caption {i}")),
+            job_id: None,
+            delay: Duration::ZERO,
+            idempotency_key: None,
+            max_attempts: 3,
+        })
+        .collect();
+    for r in ctx.queue.enqueue_batch(&jobs).await.unwrap() {
+        r.unwrap();
+    }
+    ctx.run_until_settled().await;
+    wait_until(Duration::from_secs(60), "every job to succeed", || async {
+        ctx.completed().await == n as i64
+    })
+    .await;
+    let mut redis = ctx.redis().await;
+    let len: u64 = redis::cmd("XLEN")
+        .arg(ctx.key("events"))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    // Trimming with `~` drops whole nodes of the stream (100 entries each) once per call.
+    assert!(
+        (1000..1500).contains(&len),
+        "{len} entries for a bound of about 1000"
+    );
+    let counted: Option<u64> = redis.hget(ctx.key("counters"), "events").await.unwrap();
+    assert_eq!(
+        counted,
+        Some(3 * n as u64),
+        "created, started, succeeded per job"
+    );
+    // What is left is the newest: the last job's end is there.
+    let all = events(&ctx).await;
+    assert_eq!(
+        all.last().map(|(_, f)| f["type"].as_str()),
+        Some("succeeded")
+    );
+}
