@@ -182,7 +182,8 @@ struct Figures {
 ///   reservation Redis applied but whose reply was lost when Redis died (the handler saw an
 ///   error and made no call; the hold expired and was swept). At most `unreached` of those, each
 ///   an 'expired' row;
-/// - the budget's Redis counters equal the cost rows, nothing held.
+/// - the budget's Redis counters equal the cost rows, nothing held;
+/// - every job has exactly one terminal event in `{p}:events`, the one its end says.
 ///
 /// Prints one line of figures; `drained` is the time from the fault to the drained queue.
 async fn check_invariants(
@@ -310,6 +311,20 @@ async fn check_invariants(
         cost_rows - answered
     );
     crate::money::assert_redis_agrees_with_postgres(ctx, &[ORG_A, ORG_B]).await;
+    // Events: each job created once and ended once, as its row and the dead set say.
+    let ends = crate::outcomes::terminal_events(ctx).await;
+    for id in ids {
+        let want = if dead.contains_key(id) {
+            ["dead", "failed"].as_slice()
+        } else {
+            ["succeeded"].as_slice()
+        };
+        let got = ends.get(id.as_str()).cloned().unwrap_or_default();
+        assert!(
+            got.len() == 1 && want.contains(&got[0].as_str()),
+            "{run}: job {id} has terminal events {got:?}, not one of {want:?}"
+        );
+    }
     Figures {
         jobs: ids.len(),
         succeeded,

@@ -40,6 +40,36 @@ fn pairs(kv: Vec<String>) -> Fields {
         .collect()
 }
 
+/// Every job's terminal events (types, in order), read from the whole stream a page at a time.
+pub(crate) async fn terminal_events(ctx: &TestCtx) -> HashMap<String, Vec<String>> {
+    let mut conn = ctx.redis().await;
+    let mut out: HashMap<String, Vec<String>> = HashMap::new();
+    let mut from = "-".to_owned();
+    loop {
+        let page: Vec<RawEntry> = redis::cmd("XRANGE")
+            .arg(ctx.key("events"))
+            .arg(&from)
+            .arg("+")
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await
+            .expect("XRANGE of the events stream");
+        let Some((last, _)) = page.last() else {
+            return out;
+        };
+        from = format!("({last}");
+        for (_, kv) in page {
+            let f = pairs(kv);
+            if TERMINAL.contains(&f["type"].as_str()) {
+                out.entry(f["job_id"].clone())
+                    .or_default()
+                    .push(f["type"].clone());
+            }
+        }
+    }
+}
+
 /// The events of one job, in order.
 fn of_job<'a>(all: &'a [(String, Fields)], id: &str) -> Vec<&'a Fields> {
     all.iter()
@@ -685,4 +715,55 @@ async fn outcomes_are_trimmed_oldest_first_and_show_falls_back_to_postgresql() {
         from_pg += usize::from(!hash);
     }
     assert!(from_pg >= 4, "{from_pg} of 6 read from PostgreSQL alone");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stream_is_trimmed_to_about_its_length_and_every_event_is_counted() {
+    let ctx = TestCtx::with(&[("AIQ_EVENTS_MAX_LEN", "1000")]).await;
+    // The scripts follow the daemon's settings, enqueue.lua included.
+    ctx.queue.write_config().await.unwrap();
+    let n = 600;
+    let jobs: Vec<NewJob> = (0..n)
+        .map(|i| NewJob {
+            kind: JobKind::LlmComplete,
+            tier: Tier::Trial,
+            organization_id: OrganizationId::parse(ORG_A).unwrap(),
+            payload: llm_payload(Tier::Trial, ORG_A, &format!("caption {i}")),
+            job_id: None,
+            delay: Duration::ZERO,
+            idempotency_key: None,
+            max_attempts: 3,
+        })
+        .collect();
+    for r in ctx.queue.enqueue_batch(&jobs).await.unwrap() {
+        r.unwrap();
+    }
+    ctx.run_until_settled().await;
+    wait_until(Duration::from_secs(60), "every job to succeed", || async {
+        ctx.completed().await == n as i64
+    })
+    .await;
+    let mut redis = ctx.redis().await;
+    let len: u64 = redis::cmd("XLEN")
+        .arg(ctx.key("events"))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    // Trimming with `~` drops whole nodes of the stream (100 entries each) once per call.
+    assert!(
+        (1000..1500).contains(&len),
+        "{len} entries for a bound of about 1000"
+    );
+    let counted: Option<u64> = redis.hget(ctx.key("counters"), "events").await.unwrap();
+    assert_eq!(
+        counted,
+        Some(3 * n as u64),
+        "created, started, succeeded per job"
+    );
+    // What is left is the newest: the last job's end is there.
+    let all = events(&ctx).await;
+    assert_eq!(
+        all.last().map(|(_, f)| f["type"].as_str()),
+        Some("succeeded")
+    );
 }

@@ -127,12 +127,13 @@ local function g_config()
 end
 
 -- Appends one event: its type, the job, the state after the change, then the type's own
--- fields (name, value, ...). One XADD, trimmed by length on the way; by age in g_finish.
+-- fields (name, value, ...). One XADD; the stream is trimmed by length and age once per call,
+-- in g_finish (a call appends at most a batch's events).
 local function event(etype, id, org, tier, kind, state, attempts, ...)
   local c = g_config()
   if not c.on then return end
   local stream = G_base .. ":events"
-  local args = { "XADD", stream, "MAXLEN", "~", c.max_len, "*", "type", etype, "job_id", id,
+  local args = { "XADD", stream, "*", "type", etype, "job_id", id,
     "org", org or "", "tier", tier or "", "kind", kind or "", "state", state, "at", G_now,
     "attempts", attempts or 0, ... }
   local r = redis.pcall(unpack(args))
@@ -162,8 +163,10 @@ end
 -- 100 (bounded, and never falling behind).
 local function g_finish()
   if G_events > 0 then
+    local c, stream = g_config(), G_base .. ":events"
     put("HINCRBY", G_base .. ":counters", "events", G_events)
-    redis.pcall("XTRIM", G_base .. ":events", "MINID", "~", G_now - g_config().max_age)
+    redis.pcall("XTRIM", stream, "MAXLEN", "~", c.max_len)
+    redis.pcall("XTRIM", stream, "MINID", "~", G_now - c.max_age)
   end
   if G_outcomes > 0 then
     local c, z = g_config(), G_base .. ":outcomes"
