@@ -27,6 +27,16 @@ pub(super) async fn migrate() -> anyhow::Result<()> {
 
 /// `aiq run`: the daemon, until SIGTERM or SIGINT.
 pub(super) async fn run_daemon() -> anyhow::Result<()> {
+    // The signals are taken first: a SIGTERM while start-up still waits for Redis or PostgreSQL
+    // (systemd stopping a unit that never became ready) ends the process cleanly, exit 0.
+    let requested = CancellationToken::new();
+    {
+        let (signalled, requested) = (shutdown_signal(), requested.clone());
+        tokio::spawn(async move {
+            signalled.await;
+            requested.cancel();
+        });
+    }
     let settings = Settings::from_process_env()?;
     crate::telemetry::init(settings.log_format, "info", settings.secrets());
     let _sentry = match &settings.sentry_dsn {
@@ -38,8 +48,18 @@ pub(super) async fn run_daemon() -> anyhow::Result<()> {
         )?),
         None => None,
     };
-    let (queue, store) = crate::worker::connect(&settings).await?;
-    let app = crate::worker::app(&settings, store).await?;
+    let started = async {
+        let (queue, store) = crate::worker::connect(&settings).await?;
+        let app = crate::worker::app(&settings, store).await?;
+        anyhow::Ok((queue, app))
+    };
+    let (queue, app) = tokio::select! {
+        r = started => r?,
+        _ = requested.cancelled() => {
+            tracing::info!("shutdown requested during start-up: stopped before any job was taken");
+            return Ok(());
+        }
+    };
     let shutdown = CancellationToken::new();
     let admin = crate::http::serve(
         settings.admin_addr,
@@ -51,7 +71,7 @@ pub(super) async fn run_daemon() -> anyhow::Result<()> {
     {
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            shutdown_signal().await;
+            requested.cancelled().await;
             tracing::info!("shutdown requested: no new jobs; finishing the running ones");
             crate::systemd::notify("STOPPING=1");
             shutdown.cancel();

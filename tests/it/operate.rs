@@ -614,3 +614,38 @@ fn a_database_that_does_not_exist_ends_the_start_at_once_instead_of_waiting() {
     assert!(err.contains("does not exist"), "{err}");
     assert!(!err.contains("waiting for PostgreSQL"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigterm_while_start_up_waits_for_redis_stops_the_daemon_cleanly() {
+    let ctx = TestCtx::new().await;
+    // A port nothing listens on: start-up waits for Redis (up to an hour here).
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("aiq.log");
+    let redis_url = format!("redis://127.0.0.1:{port}/");
+    let daemon = ctx.spawn_daemon_logging_to(
+        &[
+            ("AIQ_REDIS_URL", redis_url.as_str()),
+            ("AIQ_STARTUP_WAIT_S", "3600"),
+        ],
+        &log,
+    );
+    crate::harness::wait_until(
+        Duration::from_secs(60),
+        "the daemon to say it waits for Redis",
+        || async {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("waiting for")
+        },
+    )
+    .await;
+    let status = crate::harness::signal_and_wait(daemon, libc::SIGTERM).await;
+    assert!(
+        status.success(),
+        "a stop during start-up is a clean exit: {status}; log: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+}
