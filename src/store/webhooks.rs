@@ -167,6 +167,10 @@ impl EndpointCache {
 pub type EndpointOrgs = Option<Arc<HashSet<Uuid>>>;
 
 /// Whether a job of `org` (with a callback_url or not) has a receiver, as far as `orgs` knows.
+/// How long the read of which organisations have endpoints may take before every job is taken to
+/// have receivers (the transaction's insert then finds them itself).
+const RECEIVERS_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
+
 pub fn has_receiver(orgs: &EndpointOrgs, org: Option<Uuid>, callback: bool) -> bool {
     let Some(org) = org else {
         return false;
@@ -183,15 +187,20 @@ impl Store {
         if let Some(set) = self.webhook_orgs.fresh() {
             return Some(set);
         }
-        match sqlx::query_scalar::<_, Uuid>(
+        // Bounded: with PostgreSQL gone the pool would wait its whole acquire timeout here, and
+        // again for the transaction, delaying the answer's way to being kept with its job.
+        let read = sqlx::query_scalar::<_, Uuid>(
             "SELECT DISTINCT organization_id FROM webhook_endpoints WHERE NOT disabled",
         )
-        .fetch_all(&self.pool)
-        .await
-        {
-            Ok(rows) => Some(self.webhook_orgs.put(rows.into_iter().collect())),
-            Err(e) => {
+        .fetch_all(&self.pool);
+        match tokio::time::timeout(RECEIVERS_READ_TIMEOUT, read).await {
+            Ok(Ok(rows)) => Some(self.webhook_orgs.put(rows.into_iter().collect())),
+            Ok(Err(e)) => {
                 tracing::warn!(error = %e, "reading which organisations have webhook endpoints failed");
+                None
+            }
+            Err(_) => {
+                tracing::warn!("reading which organisations have webhook endpoints timed out");
                 None
             }
         }
