@@ -8,6 +8,7 @@ pub mod domain;
 pub mod http;
 pub mod jobs;
 pub mod observe;
+pub mod org_data;
 pub mod providers;
 pub mod queue;
 pub mod redact;

@@ -702,6 +702,69 @@ impl Budget {
     }
 }
 
+/// What [`Budget::purge_org`] did with an organisation's keys.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct OrgBudgetPurge {
+    /// Keys deleted: spend counters of past windows, the jobs-per-minute counters.
+    pub deleted: u64,
+    /// The current day's and month's spend counters, kept until their window resets.
+    pub kept_until_reset: u64,
+}
+
+impl Budget {
+    /// Removes an organisation's budget keys, for `aiq org purge`: its spend counters of past
+    /// windows (every window a key can still live in) and its jobs-per-minute counters. The
+    /// counters of the current day and month stay, set to expire when their window resets: a
+    /// job of the organisation still running settles into them, and the same organisation id
+    /// enqueueing again cannot spend a window's limit twice. The platform's counters are not
+    /// touched (the platform did spend that money). Holds are not touched either: a running
+    /// call's hold is settled by its job, an expired one swept as usual.
+    pub async fn purge_org(&self, org: Uuid) -> Result<OrgBudgetPurge, BudgetError> {
+        let mut conn = self.conn.clone();
+        let (secs, _): (i64, i64) = redis::cmd("TIME").query_async(&mut conn).await?;
+        self.set_redis_now(secs * 1000);
+        let now = self.now();
+        let tz = self.settings.timezone;
+        let (day, month, _) = windows_at(now, tz);
+        let owner = Owner::Org(org);
+        let scope = |window: Window| Scope {
+            owner: owner.clone(),
+            window,
+            limit: MicroUsd::ZERO,
+        };
+        let mut old = Vec::new();
+        // Past days a day key can still live in, and past months a month key can.
+        for back in 1..=(DAY_KEY_TTL_S / 86_400 + 1) as i64 {
+            let (d, _, _) = windows_at(now - chrono::Duration::days(back), tz);
+            old.push(self.key(&format!("spend:{}", scope(d).suffix())));
+        }
+        let mut seen = std::collections::BTreeSet::from([month.label.clone()]);
+        for back in 1..=(MONTH_KEY_TTL_S / 86_400 + 31) as i64 {
+            let (_, m, _) = windows_at(now - chrono::Duration::days(back), tz);
+            if seen.insert(m.label.clone()) {
+                old.push(self.key(&format!("spend:{}", scope(m).suffix())));
+            }
+        }
+        let minute = secs / 60;
+        for m in [minute - 1, minute, minute + 1] {
+            old.push(self.key(&format!("rate:{org}:{m}")));
+        }
+        let mut out = OrgBudgetPurge::default();
+        for chunk in old.chunks(100) {
+            let n: u64 = conn.del(chunk).await?;
+            out.deleted += n;
+        }
+        for w in [day, month] {
+            let key = self.key(&format!("spend:{}", scope(w.clone()).suffix()));
+            let set: bool = conn
+                .pexpire_at(&key, w.resets_at.timestamp_millis())
+                .await?;
+            out.kept_until_reset += u64::from(set);
+        }
+        Ok(out)
+    }
+}
+
 /// When a day window began (the day before it resets).
 fn windows_start(day: &Window, tz: chrono_tz::Tz) -> DateTime<Utc> {
     let (start, _, _) = windows_at(day.resets_at - chrono::Duration::hours(36), tz);

@@ -1,6 +1,6 @@
 //! The `aiq` command line: one binary, one subcommand per job, one file per group of commands
 //! (`daemon`: run, migrate; `jobs`: enqueue, stats, job show|cancel; `dlq`; `money`: costs,
-//! budget; `settings`: config; `webhooks`).
+//! budget; `settings`: config; `webhooks`; `org`: export, purge).
 //!
 //! What the commands print of Redis and PostgreSQL was written by apps (ids, reasons, payloads,
 //! provider names): every such value goes through [`shown`] in text output, and JSON output
@@ -10,6 +10,7 @@ mod daemon;
 mod dlq;
 mod jobs;
 mod money;
+mod org;
 mod settings;
 mod webhooks;
 
@@ -97,6 +98,11 @@ enum Command {
     Webhooks {
         #[command(subcommand)]
         action: WebhooksAction,
+    },
+    /// One organisation's data: export it, purge it.
+    Org {
+        #[command(subcommand)]
+        action: org::OrgAction,
     },
     /// One job: its status, or cancel it.
     Job {
@@ -187,6 +193,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Costs { org, days, json } => money::costs(org, days, json).await,
         Command::Budget { action } => money::budget(action).await,
         Command::Webhooks { action } => webhooks::webhooks(action).await,
+        Command::Org { action } => org::org(action).await,
     }
 }
 

@@ -24,7 +24,7 @@ use super::{CallRecord, JobRef, ResultRecord, Store, StoreError, pg_text};
 pub const ENDPOINT_CACHE_TTL: Duration = Duration::from_secs(30);
 
 /// The channel `aiq webhooks add` and `rm` notify (`pg_notify`).
-const ENDPOINTS_CHANNEL: &str = "aiq_webhook_endpoints";
+pub(super) const ENDPOINTS_CHANNEL: &str = "aiq_webhook_endpoints";
 
 /// The most secrets an endpoint keeps (the table's CHECK): a rotation adds one.
 pub const MAX_SECRETS: usize = 8;

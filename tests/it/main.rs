@@ -5,6 +5,7 @@
 mod harness;
 mod money;
 mod operate;
+mod org_data;
 mod outcomes;
 
 mod answers;

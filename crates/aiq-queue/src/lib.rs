@@ -32,6 +32,7 @@
 pub mod backend;
 pub mod conn;
 pub mod events;
+pub mod org;
 pub mod redact;
 pub mod settings;
 mod stats;

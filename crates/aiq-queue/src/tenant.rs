@@ -82,6 +82,15 @@ impl OrganizationId {
             .map_err(|_| InvalidOrganizationId(s.to_owned()))
     }
 
+    /// Only the canonical form enqueue.lua takes: 8-4-4-4-12 lower-case hex digits (the
+    /// operator's commands name an organisation exactly as its rows and keys hold it).
+    pub fn parse_canonical(s: &str) -> Result<Self, InvalidOrganizationId> {
+        match Self::parse(s) {
+            Ok(id) if id.to_string() == s => Ok(id),
+            _ => Err(InvalidOrganizationId(s.to_owned())),
+        }
+    }
+
     pub fn as_uuid(&self) -> uuid::Uuid {
         self.0
     }
@@ -134,5 +143,20 @@ mod tests {
         assert!(OrganizationId::parse("not-a-uuid").is_err());
         let id = OrganizationId::parse("0b6f1b3e-2a55-4a6e-9a43-2f6f6f1b2c3d").unwrap();
         assert_eq!(id.to_string(), "0b6f1b3e-2a55-4a6e-9a43-2f6f6f1b2c3d");
+    }
+
+    #[test]
+    fn a_canonical_organization_id_is_lower_case_with_hyphens_only() {
+        let s = "0b6f1b3e-2a55-4a6e-9a43-2f6f6f1b2c3d";
+        assert_eq!(OrganizationId::parse_canonical(s).unwrap().to_string(), s);
+        for bad in [
+            "0B6F1B3E-2A55-4A6E-9A43-2F6F6F1B2C3D",
+            "0b6f1b3e2a554a6e9a432f6f6f1b2c3d",
+            "{0b6f1b3e-2a55-4a6e-9a43-2f6f6f1b2c3d}",
+            "urn:uuid:0b6f1b3e-2a55-4a6e-9a43-2f6f6f1b2c3d",
+            "",
+        ] {
+            assert!(OrganizationId::parse_canonical(bad).is_err(), "{bad}");
+        }
     }
 }
