@@ -20,7 +20,8 @@
 //! | `{p}:inflight` | zset | leased job ids, scored by lease deadline (ms) |
 //! | `{p}:delayed` | zset | job ids waiting for a retry or a deferral, scored by due time (ms) |
 //! | `{p}:dead` | zset | dead job ids, scored by time of death (ms) |
-//! | `{p}:idem:<key>` | string | first job id for an idempotency key, with a TTL |
+//! | `{p}:idem:<org>:<key>` | string | first job id for an organisation's idempotency key, with a TTL |
+//! | `{p}:kept:<id>` | string | an answer kept with a job while PostgreSQL could not take its rows |
 //! | `{p}:sched` | hash | stride-scheduling pass values per tier |
 //! | `{p}:seq` | string | counter for queue-assigned job ids |
 //! | `{p}:events` | stream | one entry per change of a job's state (`events`) |
