@@ -128,6 +128,8 @@ pub struct MemoryLedger {
     pub given_back: Mutex<Vec<String>>,
     /// Every hold a made call settled, in order: (reservation id, cost).
     pub settled: Mutex<Vec<(String, MicroUsd)>>,
+    /// Every hold kept from the sweeper, in order: (reservation id, for how long).
+    pub kept: Mutex<Vec<(String, Duration)>>,
     /// Set: a job no budget has room for fails instead of waiting.
     pub fail_over_budget: bool,
 }
@@ -139,6 +141,7 @@ impl MemoryLedger {
             holds: Mutex::default(),
             given_back: Mutex::default(),
             settled: Mutex::default(),
+            kept: Mutex::default(),
             fail_over_budget: false,
         }
     }
@@ -206,7 +209,11 @@ impl Ledger for MemoryLedger {
         Ok(Vec::new())
     }
 
-    async fn keep_hold(&self, reservation_id: &str, _ttl: Duration) -> Result<bool, BudgetError> {
+    async fn keep_hold(&self, reservation_id: &str, ttl: Duration) -> Result<bool, BudgetError> {
+        self.kept
+            .lock()
+            .unwrap()
+            .push((reservation_id.to_owned(), ttl));
         Ok(self.holds.lock().unwrap().contains_key(reservation_id))
     }
 
@@ -257,6 +264,8 @@ pub enum Row {
 pub struct MemoryResults {
     pub rows: Mutex<Vec<Row>>,
     pub kept: Mutex<HashMap<String, Vec<u8>>>,
+    /// How long writing a succeeded call's rows takes (on tokio's clock): a slow PostgreSQL.
+    pub write_takes: Mutex<Duration>,
     /// Scopes whose 100% alert was raised, by their owner's name.
     pub limits_reached: Mutex<Vec<String>>,
 }
@@ -322,6 +331,10 @@ impl Results for &MemoryResults {
         call: CallRecord,
         result: ResultRecord,
     ) -> Result<MicroUsd, Box<Unwritten>> {
+        let takes = *self.write_takes.lock().unwrap();
+        if !takes.is_zero() {
+            tokio::time::sleep(takes).await;
+        }
         self.push_call(&call);
         self.push_result(&result);
         Ok(call.cost)
