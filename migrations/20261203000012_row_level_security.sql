@@ -19,8 +19,9 @@ BEGIN
       -- Another database's migration created it meanwhile.
       WHEN duplicate_object OR unique_violation THEN NULL;
       WHEN insufficient_privilege THEN
-        RAISE EXCEPTION 'the role aiq_reader does not exist and % may not create it', current_user
-          USING HINT = 'As a role with CREATEROLE, run CREATE ROLE aiq_reader NOLOGIN; then run aiq migrate again.';
+        RAISE EXCEPTION 'the role aiq_reader does not exist and % may not create it: as a role '
+          'with CREATEROLE, run CREATE ROLE aiq_reader NOLOGIN, then aiq migrate again', current_user
+          USING ERRCODE = 'insufficient_privilege';
     END;
   END IF;
 END

@@ -735,3 +735,79 @@ async fn get_ai_accuracy_metrics_returns_the_hand_computed_figures_of_an_organis
         assert!(err.contains("p_days must be 0 or more"), "{err}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migrating_role_that_may_not_create_aiq_reader_is_told_what_to_run_and_changes_nothing() {
+    // A server of the test's own: on the shared one another test's migrations made aiq_reader.
+    let pg = aiq_testkit::localsvc::LocalPostgres::start("no-createrole")
+        .expect("a PostgreSQL of this test's own");
+    let admin = pool(&pg.url("postgres")).await;
+    for sql in [
+        "CREATE ROLE aiq_plain LOGIN",
+        "CREATE DATABASE plain OWNER aiq_plain",
+    ] {
+        exec(&admin, sql).await;
+    }
+    let url = url_as(&pg.url("plain"), "aiq_plain");
+    let migrate = || {
+        let url = url.clone();
+        tokio::task::spawn_blocking(move || {
+            aiq_command()
+                .env("AIQ_DATABASE_URL", url)
+                .arg("migrate")
+                .output()
+                .unwrap()
+        })
+    };
+    let out = migrate().await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("the role aiq_reader does not exist and aiq_plain may not create it")
+            && stderr.contains("run CREATE ROLE aiq_reader NOLOGIN, then aiq migrate again"),
+        "{stderr}"
+    );
+    // The refused migration left nothing: no role, no row-level security, not recorded.
+    let db = pool(&pg.url("plain")).await;
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM pg_roles WHERE rolname = 'aiq_reader'"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM pg_class WHERE relrowsecurity AND relname LIKE 'ai\\_%'"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM _sqlx_migrations WHERE version = 20261203000012"
+        )
+        .await,
+        0
+    );
+    // Once an operator made the role, the same command finishes the work.
+    exec(&admin, "CREATE ROLE aiq_reader NOLOGIN").await;
+    let out = migrate().await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM pg_class WHERE relrowsecurity AND relforcerowsecurity
+             AND relkind = 'r' AND relname LIKE 'ai\\_%'"
+        )
+        .await,
+        TABLES.len() as i64
+    );
+}
