@@ -171,28 +171,33 @@ async fn assert_reader_sees_only_a(reader: &PgPool, admin: &PgPool, as_a: &str) 
 
 /// Rows an app or aiq would have written, straight into every table: `n` of each for `o`.
 async fn seed(admin: &PgPool, o: &str, n: i64) {
+    seed_rows(admin, &format!("'{o}'::uuid"), n).await;
+}
+
+/// `n` rows in every table, row `i` (from 1) of the organisation the SQL expression `o` gives.
+async fn seed_rows(admin: &PgPool, o: &str, n: i64) {
     exec(
         admin,
         &format!(
             "INSERT INTO ai_processing_results (organization_id, raw_response, job_id, job_kind)
-               SELECT '{o}', '{{}}', 'seed-' || i, 'llm.complete' FROM generate_series(1, {n}) i;
+               SELECT {o}, '{{}}', 'seed-' || i, 'llm.complete' FROM generate_series(1, {n}) i;
              INSERT INTO ai_cost_tracking (organization_id, service_name, operation_type, cost_usd,
                                            job_id, attempt)
-               SELECT '{o}', 'openai', 'llm.complete', 0.001, 'seed-' || i, 1
+               SELECT {o}, 'openai', 'llm.complete', 0.001, 'seed-' || i, 1
                FROM generate_series(1, {n}) i;
              INSERT INTO ai_usage (organization_id, model, endpoint, input_tokens, output_tokens,
                                    cost_usd, subscription_tier, job_id, attempt)
-               SELECT '{o}', 'gpt-4o-mini', 'chat', 10, 5, 0.001, 'trial', 'seed-' || i, 1
+               SELECT {o}, 'gpt-4o-mini', 'chat', 10, 5, 0.001, 'trial', 'seed-' || i, 1
                FROM generate_series(1, {n}) i;
              INSERT INTO ai_processing_errors (organization_id, error_type, error_message, job_id)
-               SELECT '{o}', 'provider_unavailable', '503', 'seed-' || i
+               SELECT {o}, 'provider_unavailable', '503', 'seed-' || i
                FROM generate_series(1, {n}) i;
              INSERT INTO ai_cost_alerts (scope, organization_id, window_kind, window_start,
                                          threshold, spent_usd, message)
-               SELECT 'org:{o}', '{o}', 'day', 'seed-' || i, '80', 1, 'seeded'
+               SELECT 'org:' || {o}, {o}, 'day', 'seed-' || i, '80', 1, 'seeded'
                FROM generate_series(1, {n}) i;
              INSERT INTO ai_corrections (organization_id, correction_type)
-               SELECT '{o}', 'tag_added' FROM generate_series(1, {n}) i;"
+               SELECT {o}, 'tag_added' FROM generate_series(1, {n}) i;"
         ),
     )
     .await;
@@ -476,6 +481,19 @@ async fn aiq_as_its_own_role_writes_and_reads_every_row_and_a_reader_sees_only_i
         .unwrap();
         assert_eq!(got, want, "get_cost_analysis({o}) as A's reader");
     }
+    // So does the accuracy function: A's 4 completed results (the refused call's failed) and
+    // 2 corrections; nothing of B's.
+    for (o, want) in [(ORG_A, (4, 2)), (ORG_B, (0, 0))] {
+        let got: (i64, i64) = sqlx::query_as(
+            "SELECT results_completed, total_corrections
+             FROM get_ai_accuracy_metrics($1)",
+        )
+        .bind(org(o))
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+        assert_eq!(got, want, "get_ai_accuracy_metrics({o}) as A's reader");
+    }
     tx.rollback().await.unwrap();
 
     // A setting that is not a UUID is an error for the reader, never a match.
@@ -495,19 +513,14 @@ async fn aiq_as_its_own_role_writes_and_reads_every_row_and_a_reader_sees_only_i
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_supabase_variant_shows_a_signed_in_user_only_its_organisations_rows() {
-    let ctx = TestCtx::new().await;
-    let admin_url = ctx.vars["AIQ_DATABASE_URL"].clone();
-    let admin = ctx.store.pool().clone();
-    seed(&admin, ORG_A, 3).await;
-    seed(&admin, ORG_B, 2).await;
-    platform_alert(&admin).await;
+/// Supabase's pieces, stood in for, then `migrations/optional/supabase_rls.sql` installed;
+/// returns the user of organisation A (`SET LOCAL request.jwt.claim.sub` names a user).
+async fn install_supabase_variant(admin: &PgPool) -> Uuid {
     // Supabase's pieces, stood in for: the `authenticated` role (the cluster's: created once),
     // auth.uid() from the request's JWT claim, and the app's users table.
     let (user_a, user_b) = (Uuid::new_v4(), Uuid::new_v4());
     exec(
-        &admin,
+        admin,
         &format!(
             "DO $$ BEGIN CREATE ROLE authenticated NOLOGIN;
              EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
@@ -528,8 +541,20 @@ async fn the_supabase_variant_shows_a_signed_in_user_only_its_organisations_rows
     let sql = std::fs::read_to_string(file).unwrap();
     // Installed twice: an operator may run it again.
     for _ in 0..2 {
-        exec(&admin, &sql).await;
+        exec(admin, &sql).await;
     }
+    user_a
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_supabase_variant_shows_a_signed_in_user_only_its_organisations_rows() {
+    let ctx = TestCtx::new().await;
+    let admin_url = ctx.vars["AIQ_DATABASE_URL"].clone();
+    let admin = ctx.store.pool().clone();
+    seed(&admin, ORG_A, 3).await;
+    seed(&admin, ORG_B, 2).await;
+    platform_alert(&admin).await;
+    let user_a = install_supabase_variant(&admin).await;
     let reader = pool(&login_role_in(&admin, &admin_url, "authenticated").await).await;
     let as_a = format!("SET LOCAL request.jwt.claim.sub = '{user_a}'");
     assert_reader_sees_only_a(&reader, &admin, &as_a).await;
@@ -562,22 +587,40 @@ async fn the_supabase_variant_shows_a_signed_in_user_only_its_organisations_rows
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_readers_query_uses_an_index_leading_with_organization_id_in_every_table() {
+async fn a_readers_query_uses_an_index_leading_with_organization_id_in_every_table_in_both_variants()
+ {
     let ctx = TestCtx::new().await;
     let admin_url = ctx.vars["AIQ_DATABASE_URL"].clone();
     let admin = ctx.store.pool().clone();
+    // A's 20 rows among 20,000 of 200 other organisations.
     seed(&admin, ORG_A, 20).await;
-    seed(&admin, ORG_B, 20_000).await;
+    seed_rows(
+        &admin,
+        "('00000000-0000-4000-8000-' || lpad(to_hex(i % 200), 12, '0'))::uuid",
+        20_000,
+    )
+    .await;
+    let user_a = install_supabase_variant(&admin).await;
     exec(&admin, "ANALYZE").await;
-    let reader = pool(&login_role_in(&admin, &admin_url, "aiq_reader").await).await;
-    for table in TABLES {
+    let readers = [
+        (
+            pool(&login_role_in(&admin, &admin_url, "aiq_reader").await).await,
+            format!("SET LOCAL aiq.organization_id = '{ORG_A}'"),
+        ),
+        (
+            pool(&login_role_in(&admin, &admin_url, "authenticated").await).await,
+            format!("SET LOCAL request.jwt.claim.sub = '{user_a}'"),
+        ),
+    ];
+    for ((reader, as_a), table) in readers
+        .iter()
+        .flat_map(|r| TABLES.iter().map(move |t| (r, *t)))
+    {
         let mut tx = reader.begin().await.unwrap();
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-            "SET LOCAL aiq.organization_id = '{ORG_A}'"
-        )))
-        .execute(&mut *tx)
-        .await
-        .unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(as_a.clone()))
+            .execute(&mut *tx)
+            .await
+            .unwrap();
         let plan: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
             "EXPLAIN SELECT * FROM {table}"
         )))
@@ -586,7 +629,7 @@ async fn a_readers_query_uses_an_index_leading_with_organization_id_in_every_tab
         .unwrap();
         tx.rollback().await.unwrap();
         let plan = plan.join("\n");
-        println!("{table}:\n{plan}");
+        println!("{table}, after {as_a}:\n{plan}");
         // The indexes of the table whose first column is organization_id.
         let indexes: Vec<String> = sqlx::query_scalar(
             "SELECT i.relname::text FROM pg_index x
@@ -599,7 +642,8 @@ async fn a_readers_query_uses_an_index_leading_with_organization_id_in_every_tab
         .await
         .unwrap();
         assert!(
-            !plan.contains("Seq Scan") && indexes.iter().any(|i| plan.contains(i.as_str())),
+            !plan.contains(&format!("Seq Scan on {table} "))
+                && indexes.iter().any(|i| plan.contains(&format!("{i} "))),
             "{table}: the policy's filter uses one of {indexes:?}:\n{plan}"
         );
     }
