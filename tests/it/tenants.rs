@@ -63,7 +63,7 @@ async fn login_role_in(admin: &PgPool, admin_url: &str, group: &str) -> String {
     url_as(admin_url, &role)
 }
 
-/// The SQLSTATE of the error `sql` ends with, run in one transaction after `set` (statements
+/// The SQLSTATE and message of the error `sql` ends with, run in one transaction after `set` (statements
 /// that name the organisation, or "" for none); `None` when it succeeds.
 async fn error_in_tx(pool: &PgPool, set: &str, sql: &str) -> Option<(String, String)> {
     let mut tx = pool.begin().await.unwrap();
@@ -114,6 +114,11 @@ async fn seen(pool: &PgPool, set: &str, table: &str) -> (i64, i64) {
 /// nothing set it sees no row; it can insert, update or delete nothing, and its tries change
 /// nothing. `admin` (the superuser) counts what is there.
 async fn assert_reader_sees_only_a(reader: &PgPool, admin: &PgPool, as_a: &str) {
+    let platform = "SELECT count(*) FROM ai_cost_alerts WHERE organization_id IS NULL";
+    assert!(
+        count(admin, platform).await > 0,
+        "the test needs a platform-wide alert"
+    );
     for table in TABLES {
         let of = |o: &str| format!("SELECT count(*) FROM {table} WHERE organization_id = '{o}'");
         let (a, b) = (
@@ -157,15 +162,6 @@ async fn assert_reader_sees_only_a(reader: &PgPool, admin: &PgPool, as_a: &str) 
             total,
             "{table}: the refusals changed nothing"
         );
-    }
-    if count(
-        admin,
-        "SELECT count(*) FROM ai_cost_alerts WHERE organization_id IS NULL",
-    )
-    .await
-        == 0
-    {
-        panic!("the test needs a platform-wide alert");
     }
 }
 
@@ -270,6 +266,12 @@ async fn aiq_as_its_own_role_writes_and_reads_every_row_and_a_reader_sees_only_i
             .await
             .unwrap();
     assert!(!superuser, "aiq must not run as a superuser here");
+    let setting: Option<String> =
+        sqlx::query_scalar("SELECT current_setting('aiq.organization_id', true)")
+            .fetch_one(ctx.store.pool())
+            .await
+            .unwrap();
+    assert_eq!(setting.as_deref(), Some("not-a-uuid"));
     // First the LLM jobs (usage rows, and a refused call's error row and failed result) and B's
     // Vision jobs.
     ctx.use_up_free_vision_units("LABEL_DETECTION").await;
