@@ -422,9 +422,9 @@ impl TestCtx {
     /// Direct access to Redis (the first seed node of a cluster), for assertions on the queue's
     /// keys; with the settings' certificates, as the daemon connects.
     pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
-        aiq::redis_conn::client(&self.settings.queue.redis)
-            .unwrap()
-            .get_multiplexed_async_connection()
+        // The queue's timeouts, not redis-rs' 500 ms: a busy machine's answers and the tests'
+        // blocking reads take longer.
+        aiq::redis_conn::multiplexed(&aiq::redis_conn::client(&self.settings.queue.redis).unwrap())
             .await
             .unwrap()
     }

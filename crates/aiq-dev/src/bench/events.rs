@@ -104,7 +104,7 @@ async fn latency(url: &str, samples: usize) -> anyhow::Result<(f64, f64, f64)> {
         })
     };
     let client = aiq::redis_conn::client_for(url, &Default::default())?;
-    let mut reader = client.get_multiplexed_async_connection().await?;
+    let mut reader = aiq::redis_conn::multiplexed(&client).await?;
     let key = format!("{{{p}}}:events");
     let read = {
         let (key, returned) = (key.clone(), returned.clone());
@@ -180,9 +180,9 @@ async fn processing(url: &str, n: usize, events: bool) -> anyhow::Result<(u64, f
             result: Some(r#"{"provider":"none"}"#.to_owned()),
         })
     });
-    let mut conn = aiq::redis_conn::client_for(url, &Default::default())?
-        .get_multiplexed_async_connection()
-        .await?;
+    let mut conn =
+        aiq::redis_conn::multiplexed(&aiq::redis_conn::client_for(url, &Default::default())?)
+            .await?;
     let scripts_before = script_usec(&mut conn).await?;
     let took = drain_with(&q, n, CONCURRENCY, service).await?;
     let scripts = script_usec(&mut conn).await? - scripts_before;
