@@ -23,7 +23,7 @@ type Fields = HashMap<String, String>;
 type RawEntry = (String, Vec<String>);
 
 /// Every entry of the events stream, oldest first: (stream id, fields).
-async fn events(ctx: &TestCtx) -> Vec<(String, Fields)> {
+pub(crate) async fn events(ctx: &TestCtx) -> Vec<(String, Fields)> {
     let raw: Vec<RawEntry> = redis::cmd("XRANGE")
         .arg(ctx.key("events"))
         .arg("-")

@@ -18,6 +18,8 @@ use crate::store::{CallStatus, ErrorType};
 pub enum Breaker {
     Closed,
     Open(Duration),
+    /// The provider is paused for this long (a 429's Retry-After), whatever its breaker says.
+    Paused(Duration),
     /// Past its cooldown: the next job to take the probe gets it.
     ProbeFree,
     /// A job holds the probe.
@@ -70,9 +72,10 @@ impl Gates for MemoryGates {
         self.note(&format!("breaker:{provider}"));
         let answer = match self.breaker_of(provider) {
             Breaker::Closed => Gate::Pass,
-            Breaker::Open(w) => Gate::Wait(w),
+            Breaker::Open(w) => Gate::Open(w),
+            Breaker::Paused(w) => Gate::Wait(w),
             Breaker::ProbeFree => Gate::Probe,
-            Breaker::ProbeTaken => Gate::Wait(PROBE_OUT_WAIT),
+            Breaker::ProbeTaken => Gate::Open(PROBE_OUT_WAIT),
         };
         let hook = self.after_read.lock().unwrap().take();
         if let Some(mut hook) = hook {
@@ -87,12 +90,13 @@ impl Gates for MemoryGates {
         let b = breakers.entry(provider).or_insert(Breaker::Closed);
         Ok(match *b {
             Breaker::Closed => Gate::Pass,
-            Breaker::Open(w) => Gate::Wait(w),
+            Breaker::Open(w) => Gate::Open(w),
+            Breaker::Paused(w) => Gate::Wait(w),
             Breaker::ProbeFree => {
                 *b = Breaker::ProbeTaken;
                 Gate::Probe
             }
-            Breaker::ProbeTaken => Gate::Wait(PROBE_OUT_WAIT),
+            Breaker::ProbeTaken => Gate::Open(PROBE_OUT_WAIT),
         })
     }
 
