@@ -373,7 +373,7 @@ pub static SETTINGS: &[Setting] = &[
             max: 100_000_000,
         },
         secrecy: Secrecy::Public,
-        doc: "The events stream is trimmed to about this many entries (1000-100000000).",
+        doc: "The events stream is trimmed to about this many entries (1000-100000000); an entry holds the events of one script call.",
         show: |s| s.queue.events.max_len.to_string(),
     },
     Setting {

@@ -35,8 +35,11 @@ pub enum Admission {
 /// Why a job was held back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Held {
-    /// Every model's provider is paused, or its breaker (or the organisation's) is open.
+    /// A model's provider is paused (a 429's Retry-After), and every other model is held back.
     Paused { provider: Provider },
+    /// Every model of the chain is held back by an open circuit breaker (its provider's, or
+    /// the organisation's own for it).
+    Breaker { provider: Provider },
     /// The organisation is over its tier's jobs per minute.
     OrgRate { org: Uuid, tier: Tier },
     /// The model's provider, and every fallback, is at its requests or tokens per minute.
@@ -51,9 +54,11 @@ impl Held {
         let reason = self.reason();
         let (message, after) = match self {
             Held::Paused { provider } => (
-                format!(
-                    "{provider} is paused (rate limited, or its circuit breaker is open); trying again later"
-                ),
+                format!("{provider} is paused (rate limited); trying again later"),
+                after + spread(jitter::PROVIDER),
+            ),
+            Held::Breaker { provider } => (
+                format!("{provider}'s circuit breaker is open; trying again later"),
                 after + spread(jitter::PROVIDER),
             ),
             Held::OrgRate { org, tier } => (
@@ -76,11 +81,11 @@ impl Held {
         }
     }
 
-    /// The delay reason of the job's `deferred` event. A paused provider and an open breaker
-    /// answer through one gate, so both read as `provider_paused`.
+    /// The delay reason of the job's `deferred` event.
     pub fn reason(self) -> DelayReason {
         match self {
             Held::Paused { .. } => DelayReason::ProviderPaused,
+            Held::Breaker { .. } => DelayReason::Breaker,
             Held::OrgRate { .. } => DelayReason::OrgRate,
             Held::Throttled { .. } => DelayReason::ProviderRate,
             Held::Chain => DelayReason::Other,
@@ -96,11 +101,17 @@ impl Held {
 pub async fn admit_job(gates: &impl Gates, chain: &[Planned], org: Uuid, tier: Tier) -> Admission {
     let mut first = None;
     let mut held = Duration::MAX;
+    // Whether every model was held back by a breaker (not one by a pause).
+    let mut breakers_only = true;
     for (i, target) in chain.iter().enumerate() {
         match gates.breaker(target.provider, &target.org).await {
             Ok(Gate::Pass) => first = Some((i, false)),
             Ok(Gate::Probe) => first = Some((i, true)),
-            Ok(Gate::Wait(wait)) => held = held.min(wait),
+            Ok(Gate::Open(wait)) => held = held.min(wait),
+            Ok(Gate::Wait(wait)) => {
+                held = held.min(wait);
+                breakers_only = false;
+            }
             Err(f) => return Admission::Down(f),
         }
         if first.is_some() {
@@ -108,16 +119,19 @@ pub async fn admit_job(gates: &impl Gates, chain: &[Planned], org: Uuid, tier: T
         }
     }
     let Some((first, probe)) = first else {
+        let provider = chain[0].provider;
         return Admission::Wait {
             after: held,
-            why: Held::Paused {
-                provider: chain[0].provider,
+            why: if breakers_only {
+                Held::Breaker { provider }
+            } else {
+                Held::Paused { provider }
             },
         };
     };
     match gates.org_rate(org, tier).await {
         Ok(Gate::Pass | Gate::Probe) => {}
-        Ok(Gate::Wait(after)) => {
+        Ok(Gate::Wait(after) | Gate::Open(after)) => {
             return Admission::Wait {
                 after,
                 why: Held::OrgRate { org, tier },
@@ -128,15 +142,17 @@ pub async fn admit_job(gates: &impl Gates, chain: &[Planned], org: Uuid, tier: T
     let target = &chain[first];
     match gates.throttle(target.provider, target.tokens).await {
         Ok(Gate::Pass | Gate::Probe) => Admission::Go { idx: first, probe },
-        Ok(Gate::Wait(wait)) => match admit_from(gates, chain, first + 1).await {
-            Admission::Wait { after, .. } => Admission::Wait {
-                after: throttled_wait(wait, after),
-                why: Held::Throttled {
-                    provider: target.provider,
+        Ok(Gate::Wait(wait) | Gate::Open(wait)) => {
+            match admit_from(gates, chain, first + 1).await {
+                Admission::Wait { after, .. } => Admission::Wait {
+                    after: throttled_wait(wait, after),
+                    why: Held::Throttled {
+                        provider: target.provider,
+                    },
                 },
-            },
-            other => other,
-        },
+                other => other,
+            }
+        }
         Err(f) => Admission::Down(f),
     }
 }
@@ -145,12 +161,12 @@ pub async fn admit_job(gates: &impl Gates, chain: &[Planned], org: Uuid, tier: T
 /// minute, counted.
 pub async fn admit_call(gates: &impl Gates, target: &Planned) -> Result<Gate, Failure> {
     let breaker = gates.breaker(target.provider, &target.org).await?;
-    if let Gate::Wait(_) = breaker {
+    if breaker.wait().is_some() {
         return Ok(breaker);
     }
     Ok(
         match gates.throttle(target.provider, target.tokens).await? {
-            Gate::Wait(wait) => Gate::Wait(wait),
+            Gate::Wait(wait) | Gate::Open(wait) => Gate::Wait(wait),
             Gate::Pass | Gate::Probe => breaker,
         },
     )
@@ -164,7 +180,7 @@ pub async fn admit_from(gates: &impl Gates, chain: &[Planned], from: usize) -> A
         match admit_call(gates, target).await {
             Ok(Gate::Pass) => return Admission::Go { idx, probe: false },
             Ok(Gate::Probe) => return Admission::Go { idx, probe: true },
-            Ok(Gate::Wait(w)) => wait = Some(wait.map_or(w, |x| x.min(w))),
+            Ok(Gate::Wait(w) | Gate::Open(w)) => wait = Some(wait.map_or(w, |x| x.min(w))),
             Err(f) => return Admission::Down(f),
         }
     }
@@ -304,13 +320,28 @@ mod tests {
             Admission::Wait {
                 after,
                 why:
-                    Held::Paused {
+                    why @ Held::Breaker {
                         provider: Provider::OpenAi,
                     },
-            } => assert_eq!(after, Duration::from_secs(4)),
+            } => {
+                assert_eq!(after, Duration::from_secs(4));
+                assert_eq!(why.reason(), DelayReason::Breaker);
+            }
             other => panic!("{other:?}"),
         }
         assert_eq!(gates.calls(), ["breaker:openai", "breaker:anthropic"]);
+        // One model paused by a 429, the other's breaker open: the job waits for the pause.
+        gates.set_breaker(Provider::OpenAi, Breaker::Paused(Duration::from_secs(6)));
+        match admit_job(&gates, &chain, org(), Tier::GrowthTeam).await {
+            Admission::Wait {
+                after,
+                why: why @ Held::Paused { .. },
+            } => {
+                assert_eq!(after, Duration::from_secs(4));
+                assert_eq!(why.reason(), DelayReason::ProviderPaused);
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[tokio::test]

@@ -66,7 +66,8 @@ pub async fn call_chain(
                         .map(|()| Completed::default());
                 }
                 Hold::ProbeGone(wait) => {
-                    return Err(Held::Paused {
+                    // Another job took the half-open breaker's one probe meanwhile.
+                    return Err(Held::Breaker {
                         provider: target.provider,
                     }
                     .deferral(wait));
@@ -120,7 +121,7 @@ pub async fn call_chain(
                         probe = true;
                         continue;
                     }
-                    Gate::Wait(wait) => wait,
+                    Gate::Wait(wait) | Gate::Open(wait) => wait,
                 }
             }
             NextStep::FallBack => Duration::ZERO,

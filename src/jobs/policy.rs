@@ -23,6 +23,14 @@ pub const WINDOW_RESET_MARGIN: Duration = Duration::from_millis(50);
 /// How long an answer whose rows PostgreSQL could not take is kept with its job in Redis: far
 /// longer than any outage the job waits through.
 pub const KEPT_ANSWER_TTL: Duration = Duration::from_secs(7 * 86_400);
+/// A paid answer's rows not written after this long (PostgreSQL slow or going away): its hold
+/// is kept from the sweeper while the write goes on. Below the least hold margin (500 ms), so a
+/// hold whose call took its provider's whole timeout still has time left when it is kept.
+pub const SLOW_WRITE: Duration = Duration::from_millis(200);
+/// For how long a slow write keeps its hold: longer than a write can wait for PostgreSQL (the
+/// pool's acquire timeout, twice), short enough that a process dying meanwhile leaves the hold
+/// to the sweeper soon.
+pub const HOLD_WHILE_WRITING: Duration = Duration::from_secs(120);
 
 /// How long a job waits when Redis could not answer one of its checks before a call.
 pub const REDIS_WAIT: Duration = Duration::from_secs(1);

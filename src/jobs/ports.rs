@@ -24,7 +24,7 @@ use crate::budget::catalog::PriceCatalog;
 use crate::budget::{Budget, BudgetError, CallMeta, OrgLimits, Refusal, Reservation, ScopeState};
 use crate::config::CallRetryPolicy;
 use crate::domain::{MicroUsd, Provider, Tier};
-use crate::providers::breaker::{Admit, Breakers, Opened};
+use crate::providers::breaker::{Admit, Breakers, HeldBy, Opened};
 use crate::providers::openai::{Completion, Message};
 use crate::providers::vision::{Feature, ImageSource, VisionResponse};
 use crate::providers::{ErrorKind, ProviderError};
@@ -45,6 +45,18 @@ pub enum Gate {
     Probe,
     /// Held back for this long: a deferral, never a failure.
     Wait(Duration),
+    /// Held back for this long by an open circuit breaker (only a breaker answers this).
+    Open(Duration),
+}
+
+impl Gate {
+    /// How long the call is held back, if it is.
+    pub fn wait(self) -> Option<Duration> {
+        match self {
+            Gate::Wait(w) | Gate::Open(w) => Some(w),
+            Gate::Pass | Gate::Probe => None,
+        }
+    }
 }
 
 /// The checks a call passes before its budget is reserved.
@@ -349,12 +361,13 @@ pub struct RedisGates<'a> {
 
 fn breaker_gate(
     provider: Provider,
-    r: redis::RedisResult<Result<Admit, Duration>>,
+    r: redis::RedisResult<Result<Admit, (Duration, HeldBy)>>,
 ) -> Result<Gate, Failure> {
     match r {
         Ok(Ok(Admit::Closed)) => Ok(Gate::Pass),
         Ok(Ok(Admit::Probe)) => Ok(Gate::Probe),
-        Ok(Err(wait)) => Ok(Gate::Wait(wait)),
+        Ok(Err((wait, HeldBy::Pause))) => Ok(Gate::Wait(wait)),
+        Ok(Err((wait, HeldBy::Breaker))) => Ok(Gate::Open(wait)),
         Err(e) => Err(redis_unavailable(
             &format!("checking {provider}'s circuit breaker failed"),
             crate::redis_conn::error_kind(&e),

@@ -10,7 +10,7 @@ use chrono::Utc;
 use serde_json::json;
 
 use super::call::Attempted;
-use super::policy::{KEPT_ANSWER_TTL, STORE_PROBE, jitter, spread};
+use super::policy::{self, KEPT_ANSWER_TTL, STORE_PROBE, jitter, spread};
 use super::ports::{Ledger, Ports, Results};
 use super::settle::settle;
 use crate::budget::Reservation;
@@ -164,11 +164,23 @@ pub(super) async fn record_answer(
     call: CallRecord,
     result: ResultRecord,
 ) -> Result<(), Attempted> {
-    let unwritten = match app
-        .results()
-        .record_success_or_return(job, call, result)
-        .await
-    {
+    let results = app.results();
+    let write = results.record_success_or_return(job, call, result);
+    tokio::pin!(write);
+    let written = tokio::select! {
+        biased;
+        w = &mut write => w,
+        () = tokio::time::sleep(policy::SLOW_WRITE) => {
+            // The hold expires at its provider's timeout plus the margin after the call began;
+            // a write that waits for PostgreSQL longer than what is left would let the sweeper
+            // book the call at its estimate while its answer is being written at its cost.
+            if let Err(e) = app.ledger().keep_hold(&reservation.id, policy::HOLD_WHILE_WRITING).await {
+                tracing::warn!(error = %e, "keeping the hold of a slow write from the sweeper failed");
+            }
+            write.await
+        }
+    };
+    let unwritten = match written {
         Ok(recorded) => {
             settle(app, reservation, recorded).await;
             Box::pin(above_estimate(app, job, reservation, recorded)).await;

@@ -56,7 +56,7 @@ pub async fn hold(
     match gates.take_probe(target.provider, &target.org).await {
         // Taken, or the breaker closed meanwhile (another job's probe succeeded).
         Ok(Gate::Probe | Gate::Pass) => Hold::Held(reservation),
-        Ok(Gate::Wait(wait)) => {
+        Ok(Gate::Wait(wait) | Gate::Open(wait)) => {
             ledger.give_back(&reservation).await;
             Hold::ProbeGone(wait)
         }

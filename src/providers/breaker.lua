@@ -4,7 +4,8 @@
 -- `ou:<org>` (open until, ms) and `ol:<org>` (its last failure, ms).
 -- KEYS[1] base. ARGV: op, provider, threshold, cooldown_ms, probe_ms, org ("" for none).
 -- op "admit":   returns {1} when a call may go ({1, 1} when it is the half-open probe), or
---               {0, wait_ms} when a breaker holds it back:
+--               {0, wait_ms} when the provider is paused (a 429's Retry-After), {0, wait_ms, 1}
+--               when a breaker holds it back:
 --               the organisation's own first (so a probe is never handed to a job that its
 --               organisation's breaker then holds back), then the provider's. Open past its
 --               cooldown, the provider's turns half-open and admits one probe call.
@@ -38,12 +39,12 @@ if op == "admit" or op == "peek" then
   if paused > now then return { 0, paused - now } end
   if org ~= "" then
     local own = tonumber(redis.call("HGET", key, "ou:" .. org) or "0") or 0
-    if own > now then return { 0, own - now } end
+    if own > now then return { 0, own - now, 1 } end
   end
   if state == "closed" then return { 1 } end
   -- While a probe is out, look again within a second: its success closes the breaker.
-  if now < untl and state == "half_open" then return { 0, math.min(untl - now, 1000) } end
-  if now < untl then return { 0, untl - now } end
+  if now < untl and state == "half_open" then return { 0, math.min(untl - now, 1000), 1 } end
+  if now < untl then return { 0, untl - now, 1 } end
   -- Cooldown over (or a probe that never reported): let one probe through.
   if op == "peek" then return { 1, 1 } end
   redis.call("HSET", key, "state", "half_open", "until", now + probe)

@@ -42,6 +42,26 @@ pub enum Admit {
     Probe,
 }
 
+/// What holds a call back: the provider's pause (a 429's Retry-After) or an open circuit
+/// breaker (the provider's, or the organisation's own for it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeldBy {
+    Pause,
+    Breaker,
+}
+
+/// The answer of breaker.lua's admit and peek: `{1}`, `{1, 1}` (the probe), `{0, wait}` (a
+/// pause) or `{0, wait, 1}` (a breaker).
+fn admitted(reply: &[i64]) -> Result<Admit, (Duration, HeldBy)> {
+    let wait = |ms: i64| Duration::from_millis(ms.max(1) as u64);
+    match reply {
+        [0, ms] => Err((wait(*ms), HeldBy::Pause)),
+        [0, ms, 1] => Err((wait(*ms), HeldBy::Breaker)),
+        [1, 1] => Ok(Admit::Probe),
+        _ => Ok(Admit::Closed),
+    }
+}
+
 /// Which breaker a recorded failure opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Opened {
@@ -114,7 +134,11 @@ impl Breakers {
         provider: Provider,
         org: &str,
     ) -> redis::RedisResult<Result<(), Duration>> {
-        Ok(self.admit_call(provider, org).await?.map(|_| ()))
+        Ok(self
+            .admit_call(provider, org)
+            .await?
+            .map(|_| ())
+            .map_err(|(wait, _)| wait))
     }
 
     /// [`Breakers::admit`], saying whether the call is the half-open breaker's one probe: a
@@ -124,14 +148,8 @@ impl Breakers {
         &self,
         provider: Provider,
         org: &str,
-    ) -> redis::RedisResult<Result<Admit, Duration>> {
-        Ok(
-            match self.op("admit", provider.as_str(), org).await?.as_slice() {
-                [0, wait] => Err(Duration::from_millis((*wait).max(1) as u64)),
-                [1, 1] => Ok(Admit::Probe),
-                _ => Ok(Admit::Closed),
-            },
-        )
+    ) -> redis::RedisResult<Result<Admit, (Duration, HeldBy)>> {
+        Ok(admitted(&self.op("admit", provider.as_str(), org).await?))
     }
 
     /// [`Breakers::admit_call`] without taking anything: `Ok(Admit::Probe)` says the half-open
@@ -142,14 +160,8 @@ impl Breakers {
         &self,
         provider: Provider,
         org: &str,
-    ) -> redis::RedisResult<Result<Admit, Duration>> {
-        Ok(
-            match self.op("peek", provider.as_str(), org).await?.as_slice() {
-                [0, wait] => Err(Duration::from_millis((*wait).max(1) as u64)),
-                [1, 1] => Ok(Admit::Probe),
-                _ => Ok(Admit::Closed),
-            },
-        )
+    ) -> redis::RedisResult<Result<Admit, (Duration, HeldBy)>> {
+        Ok(admitted(&self.op("peek", provider.as_str(), org).await?))
     }
 
     /// Gives back a half-open probe that was granted but not made: the next job may probe.
@@ -251,5 +263,21 @@ impl Breakers {
             out.push((p, s));
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod admitted_tests {
+    use super::*;
+
+    #[test]
+    fn breaker_lua_s_answers_tell_a_pause_from_an_open_breaker() {
+        let ms = Duration::from_millis;
+        assert_eq!(admitted(&[1]), Ok(Admit::Closed));
+        assert_eq!(admitted(&[1, 1]), Ok(Admit::Probe));
+        assert_eq!(admitted(&[0, 250]), Err((ms(250), HeldBy::Pause)));
+        assert_eq!(admitted(&[0, 900, 1]), Err((ms(900), HeldBy::Breaker)));
+        // A wait of zero or less is still a wait (one millisecond), never a pass.
+        assert_eq!(admitted(&[0, -5, 1]), Err((ms(1), HeldBy::Breaker)));
     }
 }

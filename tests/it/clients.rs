@@ -293,7 +293,7 @@ async fn the_python_client_waits_for_a_job_the_daemon_runs_and_reads_its_result(
     waits_for_a_job_the_daemon_runs(Client::Python).await;
 }
 
-/// The stream's event ids, oldest first.
+/// The stream's event positions, oldest first.
 async fn stream_ids(ctx: &TestCtx) -> Vec<String> {
     let entries: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
         .arg(ctx.key("events"))
@@ -302,7 +302,11 @@ async fn stream_ids(ctx: &TestCtx) -> Vec<String> {
         .query_async(&mut ctx.redis().await)
         .await
         .unwrap();
-    entries.into_iter().map(|(id, _)| id).collect()
+    entries
+        .into_iter()
+        .flat_map(|(id, kv)| crate::outcomes::read_entry(&id, kv))
+        .map(|(position, _)| position)
+        .collect()
 }
 
 async fn sees_every_event_once_across_a_dropped_connection(client: Client) {

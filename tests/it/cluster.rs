@@ -13,7 +13,7 @@ use crate::harness::{ORG_A, ORG_B, TestCtx};
 async fn prefixes_on_every_master(cluster: &LocalRedisCluster) -> BTreeMap<u16, String> {
     let ports = cluster.ports();
     let client = redis::Client::open(format!("redis://127.0.0.1:{}/", ports[0])).unwrap();
-    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let mut c = aiq::redis_conn::multiplexed(&client).await.unwrap();
     let slots: Vec<(i64, i64, (String, i64))> = {
         let raw: Vec<redis::Value> = redis::cmd("CLUSTER")
             .arg("SLOTS")

@@ -79,6 +79,51 @@ pub async fn new_database(admin_url: &str) -> String {
     db
 }
 
+/// A database of its own on the shared PostgreSQL, owned by a login role of its own that is not
+/// a superuser: aiq connecting as it is held to row-level security, which the harness's
+/// superuser bypasses. Roles are the whole cluster's, so the name is unique per call. The role
+/// may create roles (the migrations create `aiq_reader` when it is absent).
+pub struct OwnedDatabase {
+    pub role: String,
+    pub db: String,
+    /// The database's URL as the role.
+    pub url: String,
+    /// The database's URL as the superuser.
+    pub admin_url: String,
+}
+
+impl OwnedDatabase {
+    pub async fn create() -> Self {
+        let s = servers();
+        let id = uuid::Uuid::new_v4().simple();
+        let (role, db) = (format!("r_{id}"), format!("t_{id}"));
+        let mut admin = sqlx::PgConnection::connect(&(s.pg_url)("postgres"))
+            .await
+            .expect("admin connection");
+        for sql in [
+            format!("CREATE ROLE {role} LOGIN CREATEROLE"),
+            format!("CREATE DATABASE {db} OWNER {role}"),
+        ] {
+            sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
+                .execute(&mut admin)
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        }
+        let admin_url = (s.pg_url)(&db);
+        Self {
+            url: url_as(&admin_url, &role),
+            role,
+            db,
+            admin_url,
+        }
+    }
+}
+
+/// `url` (the harness's, as the superuser `postgres`) with `role` as its user.
+pub fn url_as(url: &str, role: &str) -> String {
+    url.replacen("//postgres@", &format!("//{role}@"), 1)
+}
+
 /// One test's world: its own database, queue prefix and fake providers.
 pub struct TestCtx {
     pub settings: Settings,
@@ -377,9 +422,9 @@ impl TestCtx {
     /// Direct access to Redis (the first seed node of a cluster), for assertions on the queue's
     /// keys; with the settings' certificates, as the daemon connects.
     pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
-        aiq::redis_conn::client(&self.settings.queue.redis)
-            .unwrap()
-            .get_multiplexed_async_connection()
+        // The queue's timeouts, not redis-rs' 500 ms: a busy machine's answers and the tests'
+        // blocking reads take longer.
+        aiq::redis_conn::multiplexed(&aiq::redis_conn::client(&self.settings.queue.redis).unwrap())
             .await
             .unwrap()
     }

@@ -22,5 +22,6 @@ mod pipeline;
 mod providers;
 mod queue;
 mod retries;
+mod tenants;
 mod tls;
 mod webhooks;

@@ -506,6 +506,19 @@ async fn a_provider_outage_opens_its_breaker_jobs_wait_without_spending_attempts
         stats.counters.get("retried").copied().unwrap_or(0) as i64,
         failed_calls
     );
+    // The jobs held back by the open breaker say so in their `deferred` events: `breaker`,
+    // not `provider_paused` (no 429 paused anything here).
+    let mut reasons: std::collections::BTreeMap<String, usize> = Default::default();
+    for (_, f) in crate::outcomes::events(&ctx).await {
+        if f["type"] == "deferred" {
+            *reasons.entry(f["reason"].clone()).or_default() += 1;
+        }
+    }
+    assert!(
+        reasons.get("breaker").copied().unwrap_or(0) >= 1,
+        "{reasons:?}"
+    );
+    assert_eq!(reasons.get("provider_paused"), None, "{reasons:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

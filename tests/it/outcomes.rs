@@ -23,7 +23,7 @@ type Fields = HashMap<String, String>;
 type RawEntry = (String, Vec<String>);
 
 /// Every entry of the events stream, oldest first: (stream id, fields).
-async fn events(ctx: &TestCtx) -> Vec<(String, Fields)> {
+pub(crate) async fn events(ctx: &TestCtx) -> Vec<(String, Fields)> {
     let raw: Vec<RawEntry> = redis::cmd("XRANGE")
         .arg(ctx.key("events"))
         .arg("-")
@@ -31,12 +31,22 @@ async fn events(ctx: &TestCtx) -> Vec<(String, Fields)> {
         .query_async(&mut ctx.redis().await)
         .await
         .expect("XRANGE of the events stream");
-    raw.into_iter().map(|(id, kv)| (id, pairs(kv))).collect()
+    raw.into_iter()
+        .flat_map(|(id, kv)| read_entry(&id, kv))
+        .collect()
 }
 
-fn pairs(kv: Vec<String>) -> Fields {
-    kv.chunks(2)
+/// The events of one stream entry (the contract's parser, `aiq_queue::events::entry_events`),
+/// each at its position. An entry the parser refuses fails the test: only aiq writes here.
+pub(crate) fn read_entry(id: &str, kv: Vec<String>) -> Vec<(String, Fields)> {
+    let fields: Vec<(String, String)> = kv
+        .chunks(2)
         .filter_map(|c| Some((c.first()?.clone(), c.get(1)?.clone())))
+        .collect();
+    aiq::queue::events::entry_events(id, &fields)
+        .unwrap_or_else(|e| panic!("stream entry {id}: {e}"))
+        .into_iter()
+        .map(|e| (e.position, e.fields.into_iter().collect()))
         .collect()
 }
 
@@ -59,12 +69,13 @@ pub(crate) async fn terminal_events(ctx: &TestCtx) -> HashMap<String, Vec<String
             return out;
         };
         from = format!("({last}");
-        for (_, kv) in page {
-            let f = pairs(kv);
-            if TERMINAL.contains(&f["type"].as_str()) {
-                out.entry(f["job_id"].clone())
-                    .or_default()
-                    .push(f["type"].clone());
+        for (id, kv) in page {
+            for (_, f) in read_entry(&id, kv) {
+                if TERMINAL.contains(&f["type"].as_str()) {
+                    out.entry(f["job_id"].clone())
+                        .or_default()
+                        .push(f["type"].clone());
+                }
             }
         }
     }
@@ -469,12 +480,13 @@ async fn an_id_that_exists_nowhere_is_not_found_never_waiting() {
     assert!(err.contains("job_id"), "{err}");
 }
 
-/// XREAD of up to `count` entries after `from`, blocking up to a second.
+/// XREAD of up to 7 entries after the entry `from`, blocking up to a second: each entry's id
+/// and its events.
 async fn xread(
     conn: &mut redis::aio::MultiplexedConnection,
     key: &str,
     from: &str,
-) -> Vec<(String, Fields)> {
+) -> Vec<(String, Vec<(String, Fields)>)> {
     let reply: Option<Vec<(String, Vec<RawEntry>)>> = redis::cmd("XREAD")
         .arg("COUNT")
         .arg(7)
@@ -490,7 +502,10 @@ async fn xread(
         .into_iter()
         .flatten()
         .flat_map(|(_, entries)| entries)
-        .map(|(id, kv)| (id, pairs(kv)))
+        .map(|(id, kv)| {
+            let events = read_entry(&id, kv);
+            (id, events)
+        })
         .collect()
 }
 
@@ -510,9 +525,9 @@ async fn a_reader_that_stops_mid_run_and_resumes_from_its_last_id_sees_every_eve
     {
         let mut conn = ctx.redis().await;
         while seen.len() < n + 10 {
-            for e in xread(&mut conn, &key, &last).await {
-                last = e.0.clone();
-                seen.push(e);
+            for (entry, events) in xread(&mut conn, &key, &last).await {
+                last = entry;
+                seen.extend(events);
             }
         }
     }
@@ -522,12 +537,13 @@ async fn a_reader_that_stops_mid_run_and_resumes_from_its_last_id_sees_every_eve
         Duration::from_secs(60),
         "more events while away",
         || async {
-            let len: usize = redis::cmd("XLEN")
-                .arg(&key)
-                .query_async(&mut ctx.redis().await)
+            let written: Option<usize> = ctx
+                .redis()
+                .await
+                .hget(ctx.key("counters"), "events")
                 .await
                 .unwrap();
-            len >= away + 10
+            written.unwrap_or(0) >= away + 10
         },
     )
     .await;
@@ -545,9 +561,9 @@ async fn a_reader_that_stops_mid_run_and_resumes_from_its_last_id_sees_every_eve
             "{} ended",
             ended(&seen)
         );
-        for e in xread(&mut conn, &key, &last).await {
-            last = e.0.clone();
-            seen.push(e);
+        for (entry, events) in xread(&mut conn, &key, &last).await {
+            last = entry;
+            seen.extend(events);
         }
     }
     worker.stop().await;
@@ -575,6 +591,50 @@ async fn a_reader_that_stops_mid_run_and_resumes_from_its_last_id_sees_every_eve
             Some(&vec!["created", "started", "succeeded"]),
             "{id}"
         );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_line_feed_written_into_a_job_hash_cannot_move_another_jobs_events() {
+    // One script call's events share an entry, one line per event: a value an attacker wrote
+    // with a line feed in it must stay in its own event.
+    let ctx = TestCtx::new().await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(enqueue_llm(&ctx, &format!("caption {i}"), Duration::ZERO, 1).await);
+    }
+    let bad = ids[2].clone();
+    let _: () = ctx
+        .redis()
+        .await
+        .hset(
+            ctx.key(&format!("job:{bad}")),
+            "kind",
+            "llm.complete\nsucceeded\nj-0",
+        )
+        .await
+        .unwrap();
+    ctx.run_until_settled().await;
+    let all = events(&ctx).await;
+    let started: Vec<&Fields> = all
+        .iter()
+        .map(|(_, f)| f)
+        .filter(|f| f["type"] == "started")
+        .collect();
+    assert_eq!(started.len(), 5, "{all:?}");
+    for f in &started {
+        assert!(ids.contains(&f["job_id"]), "{f:?}");
+        let want = if f["job_id"] == bad {
+            "llm.complete succeeded j-0"
+        } else {
+            "llm.complete"
+        };
+        assert_eq!(f["kind"], want, "{f:?}");
+    }
+    // Every job still has its one terminal event, the bad one's included.
+    let ends = terminal_events(&ctx).await;
+    for id in &ids {
+        assert_eq!(ends.get(id).map(Vec::len), Some(1), "{id}: {ends:?}");
     }
 }
 
@@ -722,7 +782,9 @@ async fn the_stream_is_trimmed_to_about_its_length_and_every_event_is_counted() 
     let ctx = TestCtx::with(&[("AIQ_EVENTS_MAX_LEN", "1000")]).await;
     // The scripts follow the daemon's settings, enqueue.lua included.
     ctx.queue.write_config().await.unwrap();
-    let n = 600;
+    // Each job's `created` entry is its own (one enqueue.lua call each); the daemon's calls write
+    // one entry for all of their events: more jobs than the bound, so that trimming happens.
+    let n = 1200;
     let jobs: Vec<NewJob> = (0..n)
         .map(|i| NewJob {
             kind: JobKind::LlmComplete,
@@ -749,7 +811,7 @@ async fn the_stream_is_trimmed_to_about_its_length_and_every_event_is_counted() 
         .query_async(&mut redis)
         .await
         .unwrap();
-    // Trimming with `~` drops whole nodes of the stream (100 entries each) once per call.
+    // Trimming with `~` drops whole nodes of the stream (at most 100 entries each).
     assert!(
         (1000..1500).contains(&len),
         "{len} entries for a bound of about 1000"

@@ -89,6 +89,19 @@ pub fn client(redis: &RedisSettings) -> redis::RedisResult<redis::Client> {
     client_for(first, &redis.tls)
 }
 
+/// A multiplexed connection to `client`'s server with this crate's timeouts, not redis-rs'
+/// 500 ms default (which fails a busy server's answers and any blocking read longer than it).
+pub async fn multiplexed(
+    client: &redis::Client,
+) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+        .set_response_timeout(Some(RESPONSE_TIMEOUT));
+    client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+}
+
 /// redis-rs' default 500 ms response timeout fails healthy calls under load
 /// (apalis-redis#76), so we set our own.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);

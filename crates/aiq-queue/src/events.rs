@@ -175,6 +175,83 @@ pub struct CancelledJob {
     pub cancelled_at_ms: i64,
 }
 
+/// The most events one stream entry may hold: a script call writes one entry, and no call
+/// changes more jobs than this (settle takes 200 items, fetch leases at most its batch).
+pub const MAX_EVENTS_PER_ENTRY: usize = 10_000;
+
+/// One event of `{p}:events` (jobs/README.md, "Events"): its position, and its fields by name
+/// (the common ones and its type's own; a field the event lacks is absent, never "").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamEvent {
+    /// The entry's stream id when the entry holds this one event, else `<stream id>/<index>`
+    /// (0-based): a reader that resumes after it sees every later event once.
+    pub position: String,
+    pub fields: BTreeMap<String, String>,
+}
+
+impl StreamEvent {
+    /// A field's value, or "" when the event lacks it.
+    pub fn get(&self, name: &str) -> &str {
+        self.fields.get(name).map_or("", String::as_str)
+    }
+}
+
+/// The events one stream entry holds, in the order they happened, from its id and its fields
+/// as XRANGE or XREAD give them. An entry of one event is that event's fields; an entry of
+/// n > 1 events has the field `n` and each field's n values joined by line feeds. An entry that
+/// is not that shape (an app may write anything to the stream) is refused with the reason.
+pub fn entry_events(id: &str, fields: &[(String, String)]) -> Result<Vec<StreamEvent>, String> {
+    let mut names = std::collections::BTreeSet::new();
+    for (name, _) in fields {
+        if !names.insert(name.as_str()) {
+            return Err(format!("field {name:?} appears twice"));
+        }
+    }
+    let n = match fields.iter().find(|(name, _)| name == "n") {
+        None => 1,
+        Some((_, v)) => match v.parse::<usize>() {
+            Ok(n) if (2..=MAX_EVENTS_PER_ENTRY).contains(&n) => n,
+            _ => {
+                return Err(format!(
+                    "n is {v:?}, not a count from 2 to {MAX_EVENTS_PER_ENTRY}"
+                ));
+            }
+        },
+    };
+    if n == 1 {
+        let fields = fields
+            .iter()
+            .filter(|(_, v)| !v.is_empty())
+            .cloned()
+            .collect();
+        return Ok(vec![StreamEvent {
+            position: id.to_owned(),
+            fields,
+        }]);
+    }
+    let mut events: Vec<StreamEvent> = (0..n)
+        .map(|i| StreamEvent {
+            position: format!("{id}/{i}"),
+            fields: BTreeMap::new(),
+        })
+        .collect();
+    for (name, value) in fields.iter().filter(|(name, _)| name != "n") {
+        let values: Vec<&str> = value.split('\n').collect();
+        if values.len() != n {
+            return Err(format!(
+                "field {name:?} has {} values, not {n}",
+                values.len()
+            ));
+        }
+        for (event, v) in events.iter_mut().zip(values) {
+            if !v.is_empty() {
+                event.fields.insert(name.clone(), v.to_owned());
+            }
+        }
+    }
+    Ok(events)
+}
+
 /// The longest result summary a status parses (a hand-written one could be megabytes).
 const MAX_RESULT_BYTES: usize = 64 * 1024;
 /// Text fields of a status are cut to this many bytes.
@@ -433,6 +510,149 @@ mod tests {
         }
         assert_eq!(DelayReason::parse("Budget"), None);
         assert_eq!(DelayReason::parse(""), None);
+    }
+
+    fn kv(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    /// How guard.lua writes a call's events: one entry, `n` and the columns when more than one.
+    fn encode(events: &[Vec<(String, String)>]) -> Vec<(String, String)> {
+        let flat = |v: &str| v.replace('\n', " ");
+        if let [one] = events {
+            return one.iter().map(|(k, v)| (k.clone(), flat(v))).collect();
+        }
+        let mut names: Vec<String> = Vec::new();
+        for e in events {
+            for (k, _) in e {
+                if !names.contains(k) {
+                    names.push(k.clone());
+                }
+            }
+        }
+        let mut out = vec![("n".to_owned(), events.len().to_string())];
+        for name in names {
+            let col: Vec<String> = events
+                .iter()
+                .map(|e| {
+                    e.iter()
+                        .find(|(k, _)| *k == name)
+                        .map_or(String::new(), |(_, v)| flat(v))
+                })
+                .collect();
+            out.push((name, col.join("\n")));
+        }
+        out
+    }
+
+    #[test]
+    fn an_entry_of_one_event_is_its_fields_at_the_entrys_id() {
+        let got = entry_events(
+            "1764626400123-0",
+            &kv(&[("type", "created"), ("job_id", "j-1"), ("until", "")]),
+        )
+        .unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].position, "1764626400123-0");
+        assert_eq!(got[0].get("type"), "created");
+        assert!(
+            !got[0].fields.contains_key("until"),
+            "an empty value is an absent field"
+        );
+    }
+
+    #[test]
+    fn an_entry_of_several_events_splits_each_field_by_line() {
+        let got = entry_events(
+            "5-1",
+            &kv(&[
+                ("n", "3"),
+                ("type", "started\nsucceeded\nfailed"),
+                ("job_id", "a\nb\nc"),
+                ("result", "\n{\"provider\":\"openai\"}\n"),
+                ("error", "\n\nquota exhausted"),
+            ]),
+        )
+        .unwrap();
+        let pos: Vec<&str> = got.iter().map(|e| e.position.as_str()).collect();
+        assert_eq!(pos, ["5-1/0", "5-1/1", "5-1/2"]);
+        assert_eq!((got[0].get("type"), got[0].get("job_id")), ("started", "a"));
+        assert_eq!(got[1].get("result"), "{\"provider\":\"openai\"}");
+        assert!(!got[1].fields.contains_key("error"));
+        assert_eq!(
+            (got[2].get("job_id"), got[2].get("error")),
+            ("c", "quota exhausted")
+        );
+    }
+
+    #[test]
+    fn entries_of_the_wrong_shape_are_refused_with_the_reason() {
+        for (fields, why) in [
+            (
+                kv(&[("n", "2"), ("job_id", "a\nb\nc")]),
+                "has 3 values, not 2",
+            ),
+            (kv(&[("n", "2"), ("job_id", "a")]), "has 1 values, not 2"),
+            (kv(&[("n", "1"), ("job_id", "a")]), "not a count"),
+            (kv(&[("n", "two"), ("job_id", "a")]), "not a count"),
+            (kv(&[("n", "99999999999999999999")]), "not a count"),
+            (kv(&[("type", "a"), ("type", "b")]), "appears twice"),
+        ] {
+            let err = entry_events("1-0", &fields).unwrap_err();
+            assert!(err.contains(why), "{fields:?}: {err}");
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(2000))]
+
+        /// What the scripts write reads back as the events they were given, in order, each
+        /// value with its line feeds as spaces; no value can move another event's fields.
+        #[test]
+        fn a_calls_events_read_back_as_written(
+            events in proptest::collection::vec(
+                proptest::collection::btree_map(
+                    proptest::sample::select(vec!["type", "job_id", "org", "tier", "attempts", "until", "error", "result"]),
+                    "(.|\n){1,12}",
+                    1..6,
+                ),
+                1..20,
+            )
+        ) {
+            let events: Vec<Vec<(String, String)>> = events
+                .into_iter()
+                .map(|e| e.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
+                .collect();
+            let got = entry_events("7-0", &encode(&events)).unwrap();
+            proptest::prop_assert_eq!(got.len(), events.len());
+            for (i, (g, want)) in got.iter().zip(&events).enumerate() {
+                if events.len() > 1 {
+                    proptest::prop_assert_eq!(&g.position, &format!("7-0/{i}"));
+                }
+                let want: BTreeMap<String, String> = want
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.replace('\n', " ")))
+                    .filter(|(_, v)| !v.is_empty())
+                    .collect();
+                proptest::prop_assert_eq!(&g.fields, &want);
+            }
+        }
+
+        /// Whatever an entry holds, reading it never panics, and what it gives is whole.
+        #[test]
+        fn any_entry_reads_as_events_or_a_reason(
+            fields in proptest::collection::vec(("(n|type|job_id|[a-z]{1,3})", "(\\PC|\n){0,24}"), 0..8)
+        ) {
+            if let Ok(events) = entry_events("1-0", &fields) {
+                proptest::prop_assert!(!events.is_empty());
+                for e in &events {
+                    proptest::prop_assert!(e.fields.values().all(|v| !v.is_empty()));
+                }
+            }
+        }
     }
 
     fn map(pairs: &[(&'static str, &str)]) -> BTreeMap<&'static str, String> {

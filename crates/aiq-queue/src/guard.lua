@@ -126,22 +126,79 @@ local function g_config()
   return G_cfg
 end
 
--- Appends one event: its type, the job, the state after the change, then the type's own
--- fields (name, value, ...). One XADD; the stream is trimmed by length and age once per call,
--- in g_finish (a call appends at most a batch's events).
+-- This call's events, as columns: one list of values per field, in the order the events
+-- happened. g_finish writes them as one stream entry (one XADD per call, whatever the batch):
+-- an entry of one event is that event's fields; an entry of n > 1 events has the field `n` and
+-- each field's n values joined by line feeds (a value's own line feeds become spaces), "" where
+-- an event lacks the field. jobs/README.md, "Events", is the contract.
+local G_ev, G_evn, G_evx = nil, 0, nil
+
+local function g_flat(v)
+  if v == nil then return "" end
+  if type(v) ~= "string" then return tostring(v) end
+  if string.find(v, "\n", 1, true) then return (string.gsub(v, "\n", " ")) end
+  return v
+end
+
+-- Adds one event: its type, the job, the state after the change, then the type's own fields
+-- (name, value, ...).
 local function event(etype, id, org, tier, kind, state, attempts, ...)
   local c = g_config()
   if not c.on then return end
+  if not G_ev then
+    G_ev = { type = {}, job_id = {}, org = {}, tier = {}, kind = {}, state = {}, at = {},
+             attempts = {} }
+    G_evx = {}
+  end
+  local n = G_evn + 1
+  G_evn = n
+  G_ev.type[n] = etype
+  G_ev.job_id[n] = g_flat(id)
+  G_ev.org[n] = g_flat(org)
+  G_ev.tier[n] = g_flat(tier)
+  G_ev.kind[n] = g_flat(kind)
+  G_ev.state[n] = state
+  G_ev.at[n] = G_now
+  G_ev.attempts[n] = g_flat(attempts or 0)
+  for i = 1, select("#", ...), 2 do
+    local name, value = select(i, ...)
+    local col = G_ev[name]
+    if not col then
+      col = {}
+      G_ev[name] = col
+      G_evx[#G_evx + 1] = name
+    end
+    col[n] = g_flat(value)
+  end
+end
+
+-- Writes this call's events as one entry of {p}:events; returns how many it wrote.
+local function g_write_events()
+  local n = G_evn
+  if n == 0 then return 0 end
   local stream = G_base .. ":events"
-  local args = { "XADD", stream, "*", "type", etype, "job_id", id,
-    "org", org or "", "tier", tier or "", "kind", kind or "", "state", state, "at", G_now,
-    "attempts", attempts or 0, ... }
+  local args = { "XADD", stream, "MAXLEN", "~", g_config().max_len, "*" }
+  if n > 1 then args[7] = "n"; args[8] = n end
+  local function field(name)
+    local col = G_ev[name]
+    args[#args + 1] = name
+    if n == 1 then
+      args[#args + 1] = col[1]
+    else
+      for i = 1, n do if col[i] == nil then col[i] = "" end end
+      args[#args + 1] = table.concat(col, "\n", 1, n)
+    end
+  end
+  field("type"); field("job_id"); field("org"); field("tier"); field("kind"); field("state")
+  field("at"); field("attempts")
+  for _, name in ipairs(G_evx) do field(name) end
   local r = redis.pcall(unpack(args))
   if g_failed(r) and string.find(r.err, "WRONGTYPE", 1, true) then
     g_aside(stream)
     r = redis.pcall(unpack(args))
   end
-  if not g_failed(r) then G_events = G_events + 1 end
+  if g_failed(r) then return 0 end
+  return n
 end
 
 -- Keeps a finished job's outcome for the clients' status and wait.
@@ -158,14 +215,14 @@ local function outcome(id, state, org, tier, kind, attempts, err, result)
   G_outcomes = G_outcomes + 1
 end
 
--- What every script runs before it returns: counts the events written, trims the stream by
--- age and the outcomes by age and count, oldest first, at most as many as this call added plus
+-- What every script runs before it returns: writes the call's events (trimming the stream by
+-- length), counts them, trims the stream by age and the outcomes by age and count, oldest first, at most as many as this call added plus
 -- 100 (bounded, and never falling behind).
 local function g_finish()
+  G_events = g_write_events()
   if G_events > 0 then
     local c, stream = g_config(), G_base .. ":events"
     put("HINCRBY", G_base .. ":counters", "events", G_events)
-    redis.pcall("XTRIM", stream, "MAXLEN", "~", c.max_len)
     redis.pcall("XTRIM", stream, "MINID", "~", G_now - c.max_age)
   end
   if G_outcomes > 0 then

@@ -449,3 +449,28 @@ async fn a_failed_call_with_the_rest_of_the_chain_held_back_goes_back_to_the_que
         );
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_write_keeps_its_hold_from_the_sweeper_and_a_quick_one_asks_nothing_more() {
+    // PostgreSQL takes 5 s to take the rows: the hold is kept before it could expire.
+    let p = ports([answer(10, 5)]);
+    *p.results.write_takes.lock().unwrap() = Duration::from_secs(5);
+    let j = job(1, 3, &[OPENAI]);
+    let started = Instant::now();
+    assert!(run(&p, &j, (0, false)).await.is_ok());
+    assert!(started.elapsed() >= Duration::from_secs(5));
+    assert_eq!(
+        *p.ledger.kept.lock().unwrap(),
+        [(hold(0), crate::jobs::policy::HOLD_WHILE_WRITING)]
+    );
+    // Then settled at the answer's cost, as any call.
+    assert_eq!(
+        *p.ledger.settled.lock().unwrap(),
+        [(hold(0), cost_of(&p, OPENAI))]
+    );
+    // A write that is quick makes no more calls to the budget.
+    let p = ports([answer(10, 5)]);
+    assert!(run(&p, &j, (0, false)).await.is_ok());
+    assert!(p.ledger.kept.lock().unwrap().is_empty());
+    assert_eq!(p.ledger.settled.lock().unwrap().len(), 1);
+}

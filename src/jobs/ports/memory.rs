@@ -18,6 +18,8 @@ use crate::store::{CallStatus, ErrorType};
 pub enum Breaker {
     Closed,
     Open(Duration),
+    /// The provider is paused for this long (a 429's Retry-After), whatever its breaker says.
+    Paused(Duration),
     /// Past its cooldown: the next job to take the probe gets it.
     ProbeFree,
     /// A job holds the probe.
@@ -70,9 +72,10 @@ impl Gates for MemoryGates {
         self.note(&format!("breaker:{provider}"));
         let answer = match self.breaker_of(provider) {
             Breaker::Closed => Gate::Pass,
-            Breaker::Open(w) => Gate::Wait(w),
+            Breaker::Open(w) => Gate::Open(w),
+            Breaker::Paused(w) => Gate::Wait(w),
             Breaker::ProbeFree => Gate::Probe,
-            Breaker::ProbeTaken => Gate::Wait(PROBE_OUT_WAIT),
+            Breaker::ProbeTaken => Gate::Open(PROBE_OUT_WAIT),
         };
         let hook = self.after_read.lock().unwrap().take();
         if let Some(mut hook) = hook {
@@ -87,12 +90,13 @@ impl Gates for MemoryGates {
         let b = breakers.entry(provider).or_insert(Breaker::Closed);
         Ok(match *b {
             Breaker::Closed => Gate::Pass,
-            Breaker::Open(w) => Gate::Wait(w),
+            Breaker::Open(w) => Gate::Open(w),
+            Breaker::Paused(w) => Gate::Wait(w),
             Breaker::ProbeFree => {
                 *b = Breaker::ProbeTaken;
                 Gate::Probe
             }
-            Breaker::ProbeTaken => Gate::Wait(PROBE_OUT_WAIT),
+            Breaker::ProbeTaken => Gate::Open(PROBE_OUT_WAIT),
         })
     }
 
@@ -128,6 +132,8 @@ pub struct MemoryLedger {
     pub given_back: Mutex<Vec<String>>,
     /// Every hold a made call settled, in order: (reservation id, cost).
     pub settled: Mutex<Vec<(String, MicroUsd)>>,
+    /// Every hold kept from the sweeper, in order: (reservation id, for how long).
+    pub kept: Mutex<Vec<(String, Duration)>>,
     /// Set: a job no budget has room for fails instead of waiting.
     pub fail_over_budget: bool,
 }
@@ -139,6 +145,7 @@ impl MemoryLedger {
             holds: Mutex::default(),
             given_back: Mutex::default(),
             settled: Mutex::default(),
+            kept: Mutex::default(),
             fail_over_budget: false,
         }
     }
@@ -206,7 +213,11 @@ impl Ledger for MemoryLedger {
         Ok(Vec::new())
     }
 
-    async fn keep_hold(&self, reservation_id: &str, _ttl: Duration) -> Result<bool, BudgetError> {
+    async fn keep_hold(&self, reservation_id: &str, ttl: Duration) -> Result<bool, BudgetError> {
+        self.kept
+            .lock()
+            .unwrap()
+            .push((reservation_id.to_owned(), ttl));
         Ok(self.holds.lock().unwrap().contains_key(reservation_id))
     }
 
@@ -257,6 +268,8 @@ pub enum Row {
 pub struct MemoryResults {
     pub rows: Mutex<Vec<Row>>,
     pub kept: Mutex<HashMap<String, Vec<u8>>>,
+    /// How long writing a succeeded call's rows takes (on tokio's clock): a slow PostgreSQL.
+    pub write_takes: Mutex<Duration>,
     /// Scopes whose 100% alert was raised, by their owner's name.
     pub limits_reached: Mutex<Vec<String>>,
 }
@@ -322,6 +335,10 @@ impl Results for &MemoryResults {
         call: CallRecord,
         result: ResultRecord,
     ) -> Result<MicroUsd, Box<Unwritten>> {
+        let takes = *self.write_takes.lock().unwrap();
+        if !takes.is_zero() {
+            tokio::time::sleep(takes).await;
+        }
         self.push_call(&call);
         self.push_result(&result);
         Ok(call.cost)

@@ -16,6 +16,7 @@ use super::queue::{drain_with, enqueue_batched, prefix, queue_with_events, remov
 use super::{BenchOptions, Report, llm_job, rate, thousands};
 use aiq::domain::Tier;
 use aiq::queue::backend::{Completed, RawJob};
+use aiq::queue::events::entry_events;
 use aiq_testkit::localsvc::LocalRedis;
 
 const CONCURRENCY: usize = 100;
@@ -103,7 +104,7 @@ async fn latency(url: &str, samples: usize) -> anyhow::Result<(f64, f64, f64)> {
         })
     };
     let client = aiq::redis_conn::client_for(url, &Default::default())?;
-    let mut reader = client.get_multiplexed_async_connection().await?;
+    let mut reader = aiq::redis_conn::multiplexed(&client).await?;
     let key = format!("{{{p}}}:events");
     let read = {
         let (key, returned) = (key.clone(), returned.clone());
@@ -127,19 +128,22 @@ async fn latency(url: &str, samples: usize) -> anyhow::Result<(f64, f64, f64)> {
                 };
                 let now = Instant::now();
                 for (id, fields) in reply.into_iter().flat_map(|(_, e)| e) {
-                    last = id;
-                    let f: HashMap<&str, &str> = fields
+                    let pairs: Vec<(String, String)> = fields
                         .chunks(2)
-                        .filter_map(|c| Some((c.first()?.as_str(), c.get(1)?.as_str())))
+                        .filter_map(|c| Some((c.first()?.clone(), c.get(1)?.clone())))
                         .collect();
-                    if f.get("type") != Some(&"succeeded") {
-                        continue;
-                    }
-                    let at = f
-                        .get("job_id")
-                        .and_then(|id| returned.lock().expect("returned").get(*id).copied());
-                    if let Some(at) = at {
-                        waits.push(now.saturating_duration_since(at));
+                    let events =
+                        entry_events(&id, &pairs).map_err(|e| anyhow::anyhow!("{id}: {e}"))?;
+                    last = id;
+                    for e in events.iter().filter(|e| e.get("type") == "succeeded") {
+                        let at = returned
+                            .lock()
+                            .expect("returned")
+                            .get(e.get("job_id"))
+                            .copied();
+                        if let Some(at) = at {
+                            waits.push(now.saturating_duration_since(at));
+                        }
                     }
                 }
             }
@@ -176,16 +180,18 @@ async fn processing(url: &str, n: usize, events: bool) -> anyhow::Result<(u64, f
             result: Some(r#"{"provider":"none"}"#.to_owned()),
         })
     });
-    let mut conn = aiq::redis_conn::client_for(url, &Default::default())?
-        .get_multiplexed_async_connection()
-        .await?;
+    let mut conn =
+        aiq::redis_conn::multiplexed(&aiq::redis_conn::client_for(url, &Default::default())?)
+            .await?;
     let scripts_before = script_usec(&mut conn).await?;
     let took = drain_with(&q, n, CONCURRENCY, service).await?;
     let scripts = script_usec(&mut conn).await? - scripts_before;
-    let written: u64 = redis::cmd("XLEN")
-        .arg(format!("{{{p}}}:events"))
+    let written: Option<u64> = redis::cmd("HGET")
+        .arg(format!("{{{p}}}:counters"))
+        .arg("events")
         .query_async(&mut conn)
         .await?;
+    let written = written.unwrap_or(0);
     // created, started, succeeded per job with events on; none with them off.
     let want = if events { 3 * n as u64 } else { 0 };
     ensure!(written == want, "{written} events written, not {want}");

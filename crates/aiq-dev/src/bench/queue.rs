@@ -59,7 +59,7 @@ pub(crate) fn prefix(name: &str) -> String {
 /// takes no certificate files, so a `rediss://` one is verified against the system's roots).
 pub(crate) async fn remove(url: &str, prefix: &str) -> anyhow::Result<()> {
     let client = aiq::redis_conn::client_for(url, &Default::default())?;
-    let mut c = client.get_multiplexed_async_connection().await?;
+    let mut c = aiq::redis_conn::multiplexed(&client).await?;
     let pattern = format!("{{{prefix}}}*");
     let mut cursor: u64 = 0;
     loop {

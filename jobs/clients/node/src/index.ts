@@ -13,6 +13,8 @@ import {
   TERMINAL_EVENT_TYPES,
   TERMINAL_STATES,
   parseXRead,
+  entryOf,
+  POSITION_RE,
   statusFromEvent,
   statusFromSnapshot,
   textOf,
@@ -282,7 +284,7 @@ export class AiqQueue {
         }
         failures = 0;
         for (const event of read.events) {
-          position = event.id;
+          position = entryOf(event.id);
           if (event.job_id === id && (TERMINAL_EVENT_TYPES as readonly string[]).includes(event.type)) {
             const final = await this.getJob(id);
             return final !== null && isFinished(final) ? final : statusFromEvent(event);
@@ -311,8 +313,10 @@ export class AiqQueue {
    */
   async *events(opts: EventsOptions = {}): AsyncGenerator<AiqEvent, void, undefined> {
     let position = opts.from ?? "$";
-    if (typeof position !== "string" || !(position === "$" || /^\d{1,20}(-\d{1,20})?$/.test(position))) {
-      throw new TypeError('events: from must be a stream position ("1764626400123-0"), "0" or "$"');
+    if (typeof position !== "string" || !(position === "$" || POSITION_RE.test(position))) {
+      throw new TypeError(
+        'events: from must be an event position ("1764626400123-0" or "1764626400123-0/3"), "0" or "$"',
+      );
     }
     const blockMs = checkBlockMs(opts.blockMs);
     const count = opts.count ?? 100;
@@ -324,6 +328,16 @@ export class AiqQueue {
     signal?.addEventListener("abort", stop);
     try {
       if (position === "$") position = await this.lastEventId();
+      if (position !== entryOf(position)) {
+        // After one event of an entry of several: the rest of that entry first.
+        const entry = entryOf(position);
+        const after = Number(position.slice(entry.length + 1));
+        const reply = (await this.connection.xrange(this.key("events"), entry, entry)) as unknown;
+        for (const event of parseXRead([["events", reply]])) {
+          if (Number(event.id.slice(entry.length + 1)) > after) yield event;
+        }
+        position = entry;
+      }
       let failingSince: number | undefined;
       let failures = 0;
       while (!signal?.aborted) {
@@ -339,7 +353,7 @@ export class AiqQueue {
         failingSince = undefined;
         failures = 0;
         for (const event of read.events) {
-          position = event.id;
+          position = entryOf(event.id);
           yield event;
         }
       }

@@ -104,7 +104,11 @@ export interface JobStatus {
 
 /** One entry of the `{p}:events` stream. */
 export interface AiqEvent {
-  /** The event's stream position (e.g. "1764626400123-0"): resume after it. */
+  /**
+   * The event's position: its stream entry's id ("1764626400123-0") when the entry holds this
+   * one event, else that id, "/" and the event's index in the entry ("1764626400123-0/3").
+   * Resume after it.
+   */
   id: string;
   /** One of EVENT_TYPES; an unknown type from a newer daemon is passed on (and named in problems). */
   type: EventType;
@@ -325,7 +329,53 @@ function withProblems<T extends { problems?: string[] }>(value: T, problems: str
   return value;
 }
 
-/** Builds an event from a stream entry's flat [field, value, ...] list. */
+/** The most events one stream entry may hold (the contract's bound). */
+export const MAX_EVENTS_PER_ENTRY = 10_000;
+
+/**
+ * Builds the events of one stream entry from its flat [field, value, ...] list: an entry of one
+ * event is that event's fields; an entry with the field `n` (2 or more) holds n events, each
+ * field's n values joined by line feeds. An entry of neither shape gives one event naming the
+ * problem.
+ */
+export function parseEntry(id: string, flat: unknown): AiqEvent[] {
+  const fields: Fields = {};
+  if (!Array.isArray(flat)) return [parseEvent(id, flat)];
+  for (let i = 0; i + 1 < flat.length; i += 2) {
+    const k = textOf(flat[i]);
+    const v = textOf(flat[i + 1]);
+    if (k !== null && v !== null) fields[k] = v;
+  }
+  if (!Object.prototype.hasOwnProperty.call(fields, "n")) return [parseEvent(id, flat)];
+  const n = parseCount(fields.n);
+  if (n === undefined || n < 2 || n > MAX_EVENTS_PER_ENTRY) {
+    return [withProblems(parseEvent(id, flat), [`event.n: not a count from 2 to ${MAX_EVENTS_PER_ENTRY}: ${clip(fields.n)}`])];
+  }
+  const columns: [string, string[]][] = [];
+  for (const [name, value] of Object.entries(fields)) {
+    if (name === "n") continue;
+    const values = value.split("\n");
+    if (values.length !== n) {
+      return [withProblems(parseEvent(id, flat), [`event.${name}: ${values.length} values, not ${n}`])];
+    }
+    columns.push([name, values]);
+  }
+  const out: AiqEvent[] = [];
+  for (let i = 0; i < n; i++) {
+    const one: string[] = [];
+    for (const [name, values] of columns) if (values[i] !== "") one.push(name, values[i]);
+    out.push(parseEvent(`${id}/${i}`, one));
+  }
+  return out;
+}
+
+/** The stream entry id of an event's position ("1764626400123-0/3" -> "1764626400123-0"). */
+export function entryOf(position: string): string {
+  const slash = position.indexOf("/");
+  return slash < 0 ? position : position.slice(0, slash);
+}
+
+/** Builds one event from its flat [field, value, ...] list. */
 export function parseEvent(id: string, flat: unknown): AiqEvent {
   const fields: Fields = {};
   const problems: string[] = [];
@@ -333,7 +383,7 @@ export function parseEvent(id: string, flat: unknown): AiqEvent {
     for (let i = 0; i + 1 < flat.length; i += 2) {
       const k = textOf(flat[i]);
       const v = textOf(flat[i + 1]);
-      if (k !== null && v !== null) fields[k] = v;
+      if (k !== null && v !== null && v !== "") fields[k] = v;
     }
   } else {
     problems.push("event: the entry's fields are not a list");
@@ -389,7 +439,7 @@ export function parseXRead(reply: unknown): AiqEvent[] {
       if (!Array.isArray(entry)) continue;
       const id = textOf(entry[0]);
       if (id === null || !STREAM_ID_RE.test(id)) continue;
-      out.push(parseEvent(id, entry[1]));
+      out.push(...parseEntry(id, entry[1]));
     }
   }
   return out;
@@ -397,6 +447,8 @@ export function parseXRead(reply: unknown): AiqEvent[] {
 
 /** A stream id as Redis writes it. */
 export const STREAM_ID_RE = /^\d{1,20}-\d{1,20}$/;
+/** An event's position: a stream id, with its index in the entry when the entry holds several. */
+export const POSITION_RE = /^\d{1,20}(-\d{1,20})?(\/\d{1,5})?$/;
 
 export function textOf(v: unknown): string | null {
   if (typeof v === "string") return v;

@@ -8,6 +8,7 @@ import {
   AiqTimeoutError,
   JobStatus,
   LlmCompletePayload,
+  parseEntry,
   parseEvent,
   parseXRead,
   statusFromSnapshot,
@@ -335,6 +336,43 @@ describe("AiqQueue.events", () => {
     }
     assert.deepEqual(seen, written);
     assert.deepEqual(await blockedReaders(), []);
+  });
+
+  it("reads an entry of several events as each event, in order, and resumes inside it", async () => {
+    const q = newQueue();
+    // One script call's events, as guard.lua writes them: `n` and each field's values by line.
+    const entry = (await redis.xadd(q.key("events"), "*", "n", "3",
+      "type", "started\nsucceeded\nfailed", "job_id", "a\nb\nc", "org", `${ORG}\n${ORG}\n${ORG}`,
+      "tier", "trial\ntrial\ntrial", "kind", "llm.complete\nllm.complete\nllm.complete",
+      "state", "running\nsucceeded\nfailed", "at", "5\n5\n5", "attempts", "0\n0\n1",
+      "result", `\n${JSON.stringify(RESULT)}\n`, "error", "\n\nquota exhausted")) as string;
+    const later = await xaddEvent(q, { type: "created", job_id: "d", state: "waiting" });
+    const all: AiqEvent[] = [];
+    for await (const e of q.events({ from: "0" })) {
+      all.push(e);
+      if (all.length === 4) break;
+    }
+    assert.deepEqual(all.map((e) => [e.id, e.type, e.job_id]), [
+      [`${entry}/0`, "started", "a"], [`${entry}/1`, "succeeded", "b"], [`${entry}/2`, "failed", "c"], [later, "created", "d"],
+    ]);
+    assert.deepEqual(all[1].result, RESULT);
+    assert.equal(all[1].error, null);
+    assert.equal(all[2].error, "quota exhausted");
+    assert.equal(all[2].attempts, 1);
+    assert.ok(all.every((e) => e.problems === undefined), JSON.stringify(all));
+    // From the middle of the entry: the rest of it, then what follows.
+    const rest: string[] = [];
+    for await (const e of q.events({ from: `${entry}/0` })) {
+      rest.push(e.id);
+      if (rest.length === 3) break;
+    }
+    assert.deepEqual(rest, [`${entry}/1`, `${entry}/2`, later]);
+    // Entries of the wrong shape give one event that names the problem; nothing throws.
+    for (const flat of [["n", "2", "job_id", "a\nb\nc"], ["n", "1", "job_id", "a"], ["n", "x"]]) {
+      const got = parseEntry("9-0", flat);
+      assert.equal(got.length, 1);
+      assert.match(got[0].problems?.join(" ") ?? "", /event\.(n|job_id)/);
+    }
   });
 
   it("starts after the stream's last event by default", async () => {

@@ -58,6 +58,7 @@ from .outcomes import (
     JobResult,
     JobState,
     JobStatus,
+    EntryEvents,
     LastPosition,
     Pause,
     ReadFailed,
@@ -515,6 +516,9 @@ class AiqQueue(_QueueBase):
             except _READ_ERRORS as e:
                 return ReadFailed(e)
             return parse_xread(reply)
+        if isinstance(step, EntryEvents):
+            reply = self.connection.xrange(self.key("events"), step.entry, step.entry)
+            return parse_xread([[self.key("events"), reply]])
         if isinstance(step, LastPosition):
             return first_stream_id(self.connection.xrevrange(self.key("events"), "+", "-", 1)) or "0-0"
         if isinstance(step, Pause):
@@ -623,6 +627,9 @@ class AsyncAiqQueue(_QueueBase):
             except _READ_ERRORS as e:
                 return ReadFailed(e)
             return parse_xread(reply)
+        if isinstance(step, EntryEvents):
+            reply = await self.connection.xrange(self.key("events"), step.entry, step.entry)
+            return parse_xread([[self.key("events"), reply]])
         if isinstance(step, LastPosition):
             return first_stream_id(await self.connection.xrevrange(self.key("events"), "+", "-", 1)) or "0-0"
         if isinstance(step, Pause):

@@ -74,7 +74,9 @@ class JobStatus(_JobStatusRequired, total=False):
 
 
 class _EventRequired(TypedDict):
-    id: str  # the stream position, e.g. "1764626400123-0": resume after it
+    # The event's position, resume after it: its stream entry's id ("1764626400123-0") when the
+    # entry holds this one event, else that id, "/" and its index in the entry ("...-0/3").
+    id: str
     type: str  # one of EVENT_TYPES (an unknown type from a newer daemon is passed on, in problems)
     job_id: str
     organization_id: Optional[str]
@@ -117,7 +119,8 @@ MAX_RESULT_BYTES = 64 * 1024
 MAX_JOB_ID_BYTES = 128
 _COUNT_RE = re.compile(r"^[0-9]{1,16}$")
 STREAM_ID_RE = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")
-_POSITION_RE = re.compile(r"^(\$|[0-9]{1,20}(-[0-9]{1,20})?)$")
+_POSITION_RE = re.compile(r"^(\$|[0-9]{1,20}(-[0-9]{1,20})?(/[0-9]{1,5})?)$")
+MAX_EVENTS_PER_ENTRY = 10_000  # the contract's bound on the events of one stream entry
 _MAX_SAFE = 2**53 - 1
 
 
@@ -375,7 +378,7 @@ def parse_event(event_id: str, fields: Any) -> AiqEvent:
     if not isinstance(fields, Mapping):
         problems.append("event: the entry's fields are not a mapping")
         fields = {}
-    f = _Fields(_hash(fields), "event")
+    f = _Fields({k: v for k, v in _hash(fields).items() if v != ""}, "event")
     raw_type = f.str("type", True)
     if raw_type is not None and raw_type not in EVENT_TYPES:
         f.problems.append(f"event.type: unknown value {_clip(raw_type)}")
@@ -398,6 +401,38 @@ def parse_event(event_id: str, fields: Any) -> AiqEvent:
     return _with_problems(event, problems + f.problems)
 
 
+def _fields_of(fields: Any) -> Optional[Dict[str, str]]:
+    if isinstance(fields, (list, tuple)):
+        fields = dict(zip(fields[0::2], fields[1::2]))
+    return _hash(fields) if isinstance(fields, Mapping) else None
+
+
+def parse_entry(entry_id: str, fields: Any) -> List[AiqEvent]:
+    """The events of one stream entry: an entry of one event is that event's fields; one with the
+    field ``n`` (2 or more) holds n events, each field's n values joined by line feeds. An entry
+    of neither shape gives one event naming the problem."""
+    flat = _fields_of(fields)
+    if flat is None or "n" not in flat:
+        return [parse_event(entry_id, fields)]
+    n = parse_count(flat["n"])
+    if n is None or not 2 <= n <= MAX_EVENTS_PER_ENTRY:
+        return [_with_problems(parse_event(entry_id, flat), [f"event.n: not a count from 2 to {MAX_EVENTS_PER_ENTRY}: {_clip(flat['n'])}"])]
+    columns = []
+    for name, value in flat.items():
+        if name == "n":
+            continue
+        values = value.split("\n")
+        if len(values) != n:
+            return [_with_problems(parse_event(entry_id, flat), [f"event.{name}: {len(values)} values, not {n}"])]
+        columns.append((name, values))
+    return [parse_event(f"{entry_id}/{i}", {name: values[i] for name, values in columns}) for i in range(n)]
+
+
+def entry_of(position: str) -> str:
+    """The stream entry id of an event's position ("1764626400123-0/3" -> "1764626400123-0")."""
+    return position.split("/", 1)[0]
+
+
 def parse_xread(reply: Any) -> List[AiqEvent]:
     """Events of an XREAD reply (RESP2 lists or RESP3 maps); anything unexpected is skipped."""
     if isinstance(reply, Mapping):
@@ -418,7 +453,7 @@ def parse_xread(reply: Any) -> List[AiqEvent]:
             eid = text(entry[0])
             if eid is None or not STREAM_ID_RE.match(eid):
                 continue
-            out.append(parse_event(eid, entry[1]))
+            out.extend(parse_entry(eid, entry[1]))
     return out
 
 
@@ -471,6 +506,12 @@ class XRead(NamedTuple):
     count: int
 
 
+class EntryEvents(NamedTuple):
+    """Ask: the events of one stream entry (XRANGE entry entry); answer: a list (empty when gone)."""
+
+    entry: str
+
+
 class LastPosition(NamedTuple):
     """Ask: the stream's last position; answer: it ("0-0" when the stream is empty)."""
 
@@ -493,7 +534,7 @@ class ReadFailed(NamedTuple):
     error: BaseException
 
 
-Step = Union[Snapshot, XRead, LastPosition, Pause, Emit]
+Step = Union[Snapshot, XRead, EntryEvents, LastPosition, Pause, Emit]
 
 
 def check_block_ms(block_ms: Any) -> int:
@@ -532,7 +573,7 @@ def wait_machine(job_id: str, timeout: Optional[float], block_ms: int) -> Genera
             continue
         failures = 0
         for event in read:
-            position = event["id"]
+            position = entry_of(event["id"])
             if event["job_id"] == job_id and event["type"] in TERMINAL_EVENT_TYPES:
                 final, _ = yield Snapshot(job_id, False)
                 return final if final is not None and final["state"] in TERMINAL_STATES else status_from_event(event)
@@ -550,12 +591,20 @@ def events_machine(from_id: Optional[str], block_ms: int, count: int, reconnect_
     """The steps of ``events``: emits every event after ``from_id``, reconnecting as needed."""
     position = "$" if from_id is None else from_id
     if not isinstance(position, str) or not _POSITION_RE.match(position):
-        raise ValueError('aiq: from_id must be a stream position ("1764626400123-0"), "0" or "$"')
+        raise ValueError('aiq: from_id must be an event position ("1764626400123-0" or "1764626400123-0/3"), "0" or "$"')
     block_ms = check_block_ms(block_ms)
     if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= 10_000:
         raise ValueError("aiq: count must be 1 to 10000")
     if position == "$":
         position = yield LastPosition()
+    if "/" in position:
+        # After one event of an entry of several: the rest of that entry first.
+        entry, after = position.split("/", 1)
+        for event in (yield EntryEvents(entry)):
+            index = event["id"].partition("/")[2]
+            if index and int(index) > int(after):
+                yield Emit(event)
+        position = entry
     failing_since: Optional[float] = None
     failures = 0
     while True:
@@ -570,5 +619,5 @@ def events_machine(from_id: Optional[str], block_ms: int, count: int, reconnect_
             continue
         failing_since, failures = None, 0
         for event in read:
-            position = event["id"]
+            position = entry_of(event["id"])
             yield Emit(event)

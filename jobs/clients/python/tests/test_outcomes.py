@@ -1,3 +1,4 @@
+import json
 import random
 import threading
 import time
@@ -8,7 +9,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from aiq_client import AiqJobNotFound, AiqQueue, AiqTimeout, JOB_STATES
-from aiq_client.outcomes import StatusSnapshot, _hash, parse_event, parse_xread, status_from_snapshot
+from aiq_client.outcomes import StatusSnapshot, _hash, parse_entry, parse_event, parse_xread, status_from_snapshot
 
 from .fixtures import ORG, RESULT, blocked_readers, command_calls, fresh_prefix, llm, redis_now_ms, wait_until
 from .fixtures import QueueCase, in_background, write_outcome, xadd_event
@@ -255,6 +256,31 @@ class EventsTest(OutcomesCase):
         self.assertEqual(event, next(iter(self.q.events(from_id="0"))))
         self.assertEqual((event["type"], event["job_id"], event["state"]), ("created", job_id, "delayed"))
         conn.close()
+
+    def test_an_entry_of_several_events_is_read_as_each_event_and_resumed_inside(self):
+        """One script call's entry (n and each field's values by line) gives each event, in order."""
+        entry = self.r.xadd(self.q.key("events"), {
+            "n": "3", "type": "started\nsucceeded\nfailed", "job_id": "a\nb\nc", "org": "\n".join([ORG] * 3),
+            "tier": "trial\ntrial\ntrial", "kind": "llm.complete\nllm.complete\nllm.complete",
+            "state": "running\nsucceeded\nfailed", "at": "5\n5\n5", "attempts": "0\n0\n1",
+            "result": "\n" + json.dumps(RESULT) + "\n", "error": "\n\nquota exhausted"})
+        later = xadd_event(self.r, self.q, type="created", job_id="d", state="waiting")
+        it = self.q.events(from_id="0")
+        got = [next(it) for _ in range(4)]
+        it.close()
+        self.assertEqual([(e["id"], e["type"], e["job_id"]) for e in got], [
+            (f"{entry}/0", "started", "a"), (f"{entry}/1", "succeeded", "b"), (f"{entry}/2", "failed", "c"),
+            (later, "created", "d")])
+        self.assertEqual(got[1]["result"], RESULT)
+        self.assertEqual((got[1]["error"], got[2]["error"], got[2]["attempts"]), (None, "quota exhausted", 1))
+        self.assertTrue(all("problems" not in e for e in got), got)
+        it = self.q.events(from_id=f"{entry}/0")
+        rest = [next(it)["id"] for _ in range(3)]
+        it.close()
+        self.assertEqual(rest, [f"{entry}/1", f"{entry}/2", later])
+        for flat in (["n", "2", "job_id", "a\nb\nc"], ["n", "1", "job_id", "a"], ["n", "x"]):
+            [bad] = parse_entry("9-0", flat)
+            self.assertRegex(" ".join(bad.get("problems", [])), r"event\.(n|job_id)")
 
     def test_a_position_that_is_not_one_is_refused(self):
         """events refuses a position that is not one."""
