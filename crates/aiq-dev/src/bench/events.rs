@@ -47,11 +47,18 @@ pub(crate) async fn events(opts: &BenchOptions) -> anyhow::Result<Report> {
     // Three rounds each, alternating, so a slow moment of the machine does not fall on one side
     // only; each side's median round is its figure.
     let mut rounds: [Vec<(u64, f64)>; 2] = [Vec::new(), Vec::new()];
+    let mut per_entry = Vec::new();
     for round in 0..6 {
         let on = round % 2 == 1;
-        let (per_s, us) = processing(&url, n, on).await?;
+        let (per_s, us, batch) = processing(&url, n, on).await?;
+        let batch = if on {
+            per_entry.push(batch);
+            format!(", {batch:.1} events per entry of the daemon's")
+        } else {
+            String::new()
+        };
         r.say(format!(
-            "  no-op processing, events {:<4} {:>9} jobs/s, Redis script time {us:.1} us per job ({} jobs, concurrency {CONCURRENCY})",
+            "  no-op processing, events {:<4} {:>9} jobs/s, Redis script time {us:.1} us per job ({} jobs, concurrency {CONCURRENCY}{batch})",
             if on { "on:" } else { "off:" },
             thousands(per_s),
             thousands(n as u64)
@@ -79,6 +86,8 @@ pub(crate) async fn events(opts: &BenchOptions) -> anyhow::Result<Report> {
         (off.1 * 10.0).round() / 10.0,
     );
     r.figure("script_us_per_job_events_on", (on.1 * 10.0).round() / 10.0);
+    let per_entry = per_entry.iter().sum::<f64>() / per_entry.len().max(1) as f64;
+    r.figure("events_per_daemon_entry", (per_entry * 10.0).round() / 10.0);
     r.figure("jobs", n);
     Ok(r)
 }
@@ -168,9 +177,10 @@ async fn latency(url: &str, samples: usize) -> anyhow::Result<(f64, f64, f64)> {
     Ok((pct(0.5), pct(0.99), pct(1.0)))
 }
 
-/// The no-op processing rate (jobs/s) of a backlog of `n` jobs, events on or off, and the time
-/// Redis spent in the queue's scripts per job (µs).
-async fn processing(url: &str, n: usize, events: bool) -> anyhow::Result<(u64, f64)> {
+/// The no-op processing rate (jobs/s) of a backlog of `n` jobs, events on or off, the time
+/// Redis spent in the queue's scripts per job (µs), and how many events the daemon's stream
+/// entries held on average (its fetches' and settles'; each job's `created` entry is its own).
+async fn processing(url: &str, n: usize, events: bool) -> anyhow::Result<(u64, f64, f64)> {
     let p = prefix(if events { "events-on" } else { "events-off" });
     let q = queue_with_events(url, &p, CONCURRENCY, events).await?;
     q.write_config().await?;
@@ -195,8 +205,14 @@ async fn processing(url: &str, n: usize, events: bool) -> anyhow::Result<(u64, f
     // created, started, succeeded per job with events on; none with them off.
     let want = if events { 3 * n as u64 } else { 0 };
     ensure!(written == want, "{written} events written, not {want}");
+    let entries: u64 = redis::cmd("XLEN")
+        .arg(format!("{{{p}}}:events"))
+        .query_async(&mut conn)
+        .await?;
+    let daemons = entries.saturating_sub(n as u64).max(1);
+    let per_entry = written.saturating_sub(n as u64) as f64 / daemons as f64;
     remove(url, &p).await?;
-    Ok((rate(n, took), scripts / n as f64))
+    Ok((rate(n, took), scripts / n as f64, per_entry))
 }
 
 /// Microseconds Redis has spent in scripts (EVALSHA and EVAL) since its start.
