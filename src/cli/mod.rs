@@ -1,6 +1,6 @@
 //! The `aiq` command line: one binary, one subcommand per job, one file per group of commands
 //! (`daemon`: run, migrate; `jobs`: enqueue, stats, job show|cancel; `dlq`; `money`: costs,
-//! budget; `settings`: config; `webhooks`).
+//! budget; `settings`: config; `webhooks`; `org`: set-limits, show).
 //!
 //! What the commands print of Redis and PostgreSQL was written by apps (ids, reasons, payloads,
 //! provider names): every such value goes through [`shown`] in text output, and JSON output
@@ -10,6 +10,7 @@ mod daemon;
 mod dlq;
 mod jobs;
 mod money;
+mod org;
 mod settings;
 mod webhooks;
 
@@ -103,6 +104,11 @@ enum Command {
         #[command(subcommand)]
         action: jobs::JobAction,
     },
+    /// An organisation's limits at run time: set them, or show them with its use now.
+    Org {
+        #[command(subcommand)]
+        action: org::OrgAction,
+    },
 }
 
 /// An id that names no job: the commands print "not found" and exit with status 3.
@@ -187,6 +193,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Costs { org, days, json } => money::costs(org, days, json).await,
         Command::Budget { action } => money::budget(action).await,
         Command::Webhooks { action } => webhooks::webhooks(action).await,
+        Command::Org { action } => org::org(action).await,
     }
 }
 
