@@ -444,3 +444,57 @@ async fn a_limit_changed_with_aiq_org_set_limits_holds_on_every_process_within_f
     let show = aiq_org(&ctx, &["show", ORG_A]);
     assert!(show.contains("jobs in flight"), "{show}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_organisations_own_jobs_per_minute_set_while_a_worker_runs_holds_its_jobs_to_it() {
+    // The tier's default (the harness's) is no limit.
+    let ctx = TestCtx::new().await;
+    let worker = ctx.start_worker();
+    let minute = ctx.redis_minute().await;
+    // The in-flight override comes in the same refresh, after the rate's: once the queue holds
+    // it, the worker's rate check holds the new rate too.
+    aiq_org(
+        &ctx,
+        &[
+            "set-limits",
+            ORG_A,
+            "--jobs-per-minute",
+            "3",
+            "--in-flight",
+            "0",
+        ],
+    );
+    wait_until(
+        Duration::from_secs(5),
+        "the worker to follow the change",
+        || async { ctx.queue.org_in_flight(&org(ORG_A)).await.unwrap().1 == Some(0) },
+    )
+    .await;
+    let ids = enqueue(&ctx, Tier::GrowthTeam, ORG_A, 10).await;
+    let rated = || async {
+        let mut n = 0;
+        for id in &ids {
+            let s = ctx.queue.status(id).await.unwrap();
+            if s.and_then(|s| s.delay_reason).as_deref() == Some("org_rate") {
+                n += 1;
+            }
+        }
+        n
+    };
+    wait_until(
+        Duration::from_secs(60),
+        "the jobs over the rate to wait",
+        || async { ctx.completed_of(ORG_A).await + rated().await == 10 },
+    )
+    .await;
+    worker.stop().await;
+    let done = ctx.completed_of(ORG_A).await;
+    if ctx.redis_minute().await == minute {
+        assert_eq!(
+            done, 3,
+            "three jobs in the minute, the rest wait for the next"
+        );
+    } else {
+        assert!(done <= 6, "two windows at most: {done}");
+    }
+}
