@@ -32,6 +32,8 @@ pub async fn refresh(store: &Store, queue: &Queue, budget: &Budget) -> anyhow::R
             rates.insert(org, n);
         }
     }
+    // The rates first: once the queue holds a refresh's caps, this process's rate check holds
+    // the same refresh's rates (a test waits on that).
     budget.set_rate_overrides(rates);
     queue.sync_org_limits(&caps).await?;
     Ok(())
@@ -39,9 +41,18 @@ pub async fn refresh(store: &Store, queue: &Queue, budget: &Budget) -> anyhow::R
 
 /// [`refresh`] every [`REFRESH`] until `stop`.
 pub async fn follow(store: Store, queue: Queue, budget: Budget, stop: CancellationToken) {
+    let mut failing = false;
     loop {
-        if let Err(e) = refresh(&store, &queue, &budget).await {
-            tracing::warn!(error = %format!("{e:#}"), "reading the organisations' limits failed; the last ones stay in force");
+        match refresh(&store, &queue, &budget).await {
+            Ok(()) => failing = false,
+            // Said once per outage, not every 2 s.
+            Err(e) if !failing => {
+                failing = true;
+                tracing::warn!(error = %format!("{e:#}"), "reading the organisations' limits failed; the last ones stay in force");
+            }
+            Err(e) => {
+                tracing::debug!(error = %format!("{e:#}"), "reading the organisations' limits failed again")
+            }
         }
         tokio::select! {
             _ = stop.cancelled() => return,

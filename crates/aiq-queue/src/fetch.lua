@@ -154,7 +154,8 @@ end
 -- use, and the next one is tried. A tier whose every organisation is at its cap has no work for
 -- this call, so the stride goes to the other tiers. At most MAX_SKIPS organisations are passed
 -- over per call (bounded work however many are at their caps); once they are used up, a tier
--- whose next organisation is at its cap has no work for this call either.
+-- whose next organisation is at its cap has no work for this call either, and that organisation
+-- keeps its place.
 local MAX_SKIPS = 32
 local skips = 0
 
@@ -182,6 +183,14 @@ while #out < want and guard > 0 do
   -- through guard.lua's helpers only when something is wrong.
   local org, passed = nil, 0
   while true do
+    if checking and skips >= MAX_SKIPS then
+      -- No passes left: an organisation at its cap keeps its place at the head.
+      local head = redis.pcall("LINDEX", ring, 0)
+      if type(head) == "string" and at_cap(best, head) then
+        org = false
+        break
+      end
+    end
     org = redis.pcall("LMOVE", ring, ring, "LEFT", "RIGHT")
     if type(org) == "table" then org = get("LMOVE", ring, ring, "LEFT", "RIGHT") end
     if not org or not checking or not at_cap(best, org) then break end
