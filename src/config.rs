@@ -132,9 +132,6 @@ pub struct BudgetSettings {
     pub org_monthly: [MicroUsd; 6],
     /// Jobs per minute per organisation by tier, across all processes; 0 means no limit.
     pub org_jobs_per_minute: [u32; 6],
-    /// Per tier: the most jobs of one organisation one process runs at once (0: no cap), so one
-    /// tenant's slow or hanging calls cannot take every slot (`AIQ_ORG_MAX_IN_FLIGHT`).
-    pub org_max_in_flight: [u32; 6],
     pub on_exceeded: OnBudgetExceeded,
     /// Slack-compatible webhook for alerts.
     pub alert_webhook: Option<Secret>,

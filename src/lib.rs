@@ -7,6 +7,7 @@ pub mod config;
 pub mod domain;
 pub mod http;
 pub mod jobs;
+pub mod limits;
 pub mod observe;
 pub mod org_data;
 pub mod providers;

@@ -210,11 +210,6 @@ pub fn webhook_endpoints_failing(n: i64) {
     metrics::gauge!("aiq_webhook_endpoints_failing").set(n.max(0) as f64);
 }
 
-/// A job waited because its organisation had its tier's most jobs running in this process.
-pub fn org_in_flight_deferral(tier: &'static str) {
-    metrics::counter!("aiq_org_in_flight_deferrals_total", "tier" => tier).increment(1);
-}
-
 /// A job moves to the next model of its fallback chain.
 pub fn fell_back(from: &str, to: &str) {
     metrics::counter!("aiq_fallbacks_total", "from" => from.to_owned(), "to" => to.to_owned())
@@ -1035,7 +1030,7 @@ mod tests {
             total += n;
         }
         // Two per tier, the three set sizes, one per event, three per budget window, one per provider.
-        assert_eq!(total, 2 * 6 + 3 + 12 + 3 * 2 + 4);
+        assert_eq!(total, 2 * 6 + 3 + 13 + 3 * 2 + 4);
     }
 
     #[test]

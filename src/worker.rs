@@ -153,7 +153,7 @@ pub async fn app(settings: &Settings, store: Store) -> anyhow::Result<Arc<App>> 
 }
 
 /// The background work, until `stop`: the sweeper of dead workers' reservations, the alert
-/// delivery loop, the webhook delivery loop and the spike check.
+/// delivery loop, the webhook delivery loop, the organisations' limits and the spike check.
 fn spawn_budget_tasks(settings: &Settings, app: Arc<App>, stop: CancellationToken) {
     {
         let (app, stop) = (app.clone(), stop.clone());
@@ -229,6 +229,16 @@ fn spawn_budget_tasks(settings: &Settings, app: Arc<App>, stop: CancellationToke
     {
         let (store, stop) = (app.store.clone(), stop.clone());
         tokio::spawn(async move { store.follow_endpoint_changes(stop).await });
+    }
+    {
+        // The organisations' own limits, from PostgreSQL into the queue and the budget.
+        let (store, queue, budget, stop) = (
+            app.store.clone(),
+            app.queue.clone(),
+            app.budget.clone(),
+            stop.clone(),
+        );
+        tokio::spawn(async move { crate::limits::follow(store, queue, budget, stop).await });
     }
     match crate::webhooks::Sender::new(&settings.webhooks) {
         Ok(sender) => {

@@ -24,7 +24,7 @@ pub mod catalog;
 pub mod report;
 pub mod sweeper;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::LazyLock;
 use std::time::Duration;
 
@@ -317,6 +317,9 @@ pub struct Budget {
     /// Redis's clock minus this host's (ms): windows are Redis's, whatever this host's clock
     /// says. Measured at connect, corrected by every reservation the script finds off.
     clock_offset_ms: std::sync::Arc<std::sync::atomic::AtomicI64>,
+    /// Organisations' own jobs per minute (0: no limit) over their tier's, as `aiq org
+    /// set-limits` stored them; refreshed every few seconds (`crate::limits`).
+    rate_overrides: std::sync::Arc<std::sync::RwLock<HashMap<Uuid, u32>>>,
 }
 
 impl Budget {
@@ -333,6 +336,7 @@ impl Budget {
             base: format!("{{{}}}", settings.prefix),
             settings: settings.clone(),
             clock_offset_ms: Default::default(),
+            rate_overrides: Default::default(),
         };
         let (secs, micros): (i64, i64) = redis::cmd("TIME")
             .query_async(&mut budget.conn.clone())
@@ -605,10 +609,41 @@ impl Budget {
             .collect())
     }
 
-    /// Admits one job of `org` under its tier's jobs-per-minute limit; `Err` holds how long to
-    /// wait for the next minute.
+    /// Replaces the organisations' own jobs-per-minute limits (the rest keep their tier's).
+    pub fn set_rate_overrides(&self, overrides: HashMap<Uuid, u32>) {
+        *self
+            .rate_overrides
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = overrides;
+    }
+
+    /// `org`'s jobs per minute in force (0: no limit): its own, else its tier's.
+    pub fn jobs_per_minute(&self, org: Uuid, tier: Tier) -> u32 {
+        self.rate_overrides
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&org)
+            .copied()
+            .unwrap_or(self.settings.org_jobs_per_minute[tier.index()])
+    }
+
+    /// The jobs of `org` counted in the current minute's window of its jobs per minute.
+    pub async fn jobs_this_minute(&self, org: Uuid) -> Result<u64, BudgetError> {
+        let (secs, _): (u64, u64) = redis::cmd("TIME")
+            .query_async(&mut self.conn.clone())
+            .await?;
+        let n: Option<String> = self
+            .conn
+            .clone()
+            .get(self.key(&format!("rate:{org}:{}", secs / 60)))
+            .await?;
+        Ok(n.and_then(|n| n.parse().ok()).unwrap_or(0))
+    }
+
+    /// Admits one job of `org` under its jobs-per-minute limit (its own, else its tier's); `Err`
+    /// holds how long to wait for the next minute.
     pub async fn admit(&self, org: Uuid, tier: Tier) -> Result<Result<(), Duration>, BudgetError> {
-        let limit = self.settings.org_jobs_per_minute[tier.index()];
+        let limit = self.jobs_per_minute(org, tier);
         if limit == 0 {
             return Ok(Ok(()));
         }

@@ -1,6 +1,6 @@
 //! The `aiq` command line: one binary, one subcommand per job, one file per group of commands
 //! (`daemon`: run, migrate; `jobs`: enqueue, stats, job show|cancel; `dlq`; `money`: costs,
-//! budget; `settings`: config; `webhooks`; `org`: export, purge).
+//! budget; `settings`: config; `webhooks`; `org`: export, purge, set-limits, show).
 //!
 //! What the commands print of Redis and PostgreSQL was written by apps (ids, reasons, payloads,
 //! provider names): every such value goes through [`shown`] in text output, and JSON output
@@ -11,6 +11,7 @@ mod dlq;
 mod jobs;
 mod money;
 mod org;
+mod org_limits;
 mod settings;
 mod webhooks;
 
@@ -99,7 +100,7 @@ enum Command {
         #[command(subcommand)]
         action: WebhooksAction,
     },
-    /// One organisation's data: export it, purge it.
+    /// One organisation: export or purge its data, set or show its limits at run time.
     Org {
         #[command(subcommand)]
         action: org::OrgAction,

@@ -169,7 +169,7 @@ pub(super) async fn budget(action: BudgetAction) -> anyhow::Result<()> {
             let (daily, monthly) = (parse(daily_usd)?, parse(monthly_usd)?);
             store.set_org_limits(org, daily, monthly).await?;
             println!(
-                "organization {org}: daily {}, monthly {} (running daemons pick this up within 30 s)",
+                "organization {org}: daily {}, monthly {} (running daemons follow within 5 s)",
                 daily.map_or("tier default".to_owned(), |d| d.to_string()),
                 monthly.map_or("tier default".to_owned(), |m| m.to_string())
             );

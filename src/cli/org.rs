@@ -1,5 +1,6 @@
-//! `aiq org`: one organisation's data as a whole: export it, purge it (`crate::org_data`).
-//! Each action takes `--by NAME`, recorded with it in the audit log.
+//! `aiq org`: one organisation's data as a whole: export it, purge it (`crate::org_data`), each
+//! with `--by NAME`, recorded with it in the audit log; and its limits at run time
+//! (`set-limits`, `show`: `org_limits.rs`).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -16,6 +17,15 @@ use crate::store::Store;
 
 #[derive(Debug, Subcommand)]
 pub(super) enum OrgAction {
+    #[command(flatten)]
+    Data(DataAction),
+    #[command(flatten)]
+    Limits(super::org_limits::LimitsAction),
+}
+
+/// The organisation's data as a whole.
+#[derive(Debug, Subcommand)]
+pub(super) enum DataAction {
     /// Write every row of the organisation, in every table, and its jobs in the queue to FILE
     /// as JSON lines.
     ///
@@ -65,6 +75,13 @@ fn actor(s: &str) -> Result<Actor, String> {
 }
 
 pub(super) async fn org(action: OrgAction) -> anyhow::Result<()> {
+    match action {
+        OrgAction::Data(action) => data(action).await,
+        OrgAction::Limits(action) => super::org_limits::limits(action).await,
+    }
+}
+
+async fn data(action: DataAction) -> anyhow::Result<()> {
     let env = process_env();
     let db = DatabaseSettings::load(&env)?;
     let qs = QueueSettings::load(&env)?;
@@ -75,7 +92,7 @@ pub(super) async fn org(action: OrgAction) -> anyhow::Result<()> {
         .await
         .context("connecting to Redis (AIQ_REDIS_URL)")?;
     match action {
-        OrgAction::Export { org, out, by } => {
+        DataAction::Export { org, out, by } => {
             let s = org_data::export(&store, &queue, &org, &out, &by).await?;
             let rows: u64 = s.rows.values().sum();
             let jobs: u64 = s.queue.values().sum();
@@ -85,7 +102,7 @@ pub(super) async fn org(action: OrgAction) -> anyhow::Result<()> {
                 if s.resumed { " (resumed)" } else { "" }
             );
         }
-        OrgAction::Purge {
+        DataAction::Purge {
             org,
             keep_ledger,
             by,

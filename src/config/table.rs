@@ -680,14 +680,16 @@ pub static SETTINGS: &[Setting] = &[
         name: "AIQ_ORG_MAX_IN_FLIGHT",
         area: Area::Budget,
         fallback: Fallback::Value(DEFAULT_ORG_MAX_IN_FLIGHT),
-        kind: Kind::TierCount { max: u32::MAX },
+        kind: Kind::TierCount { max: 1_000_000 },
         secrecy: Secrecy::Public,
-        doc: "Per tier, the most jobs of one organisation one process runs at once (0: no cap, \
-              the default), so one tenant's slow or hanging calls cannot take every slot; its \
-              other jobs wait without spending an attempt. A job over its cap is leased and \
-              handed back every second or so: set caps well above an organisation's usual share \
-              (e.g. trial=4 at AIQ_CONCURRENCY=16).",
-        show: |s| tier_counts(&s.budget.org_max_in_flight),
+        doc: "Per tier, the most jobs of one organisation leased at once across all processes \
+              (0: no cap, the default), so one tenant's slow or hanging calls cannot take every \
+              slot. A leased job makes at most one provider call at a time, so this caps its \
+              calls in flight. The queue keeps it when it leases: a job over the cap waits in \
+              its queue, not leased. `aiq org set-limits ORG --in-flight N` overrides it for one \
+              organisation (within about 2 s on every process). Until issue 14 it was a cap per \
+              process.",
+        show: |s| tier_counts(&s.queue.org_max_in_flight),
     },
     Setting {
         name: "AIQ_BUDGET_EXCEEDED",

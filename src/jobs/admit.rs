@@ -1,20 +1,17 @@
-//! The admission stage: may a job's call go now? First this process's cap on an organisation's
-//! running jobs; then, for the chain, the provider's pause and breakers (read only: a half-open
-//! probe is only noted, and taken by the reserve stage after every check that could hold the
-//! job back), the organisation's jobs per minute, and the provider's requests and tokens per
-//! minute, moving to the next model of the chain when one is throttled. Every answer is an
+//! The admission stage: may a job's call go now? For the chain, the provider's pause and
+//! breakers (read only: a half-open probe is only noted, and taken by the reserve stage after
+//! every check that could hold the job back), the organisation's jobs per minute, and the
+//! provider's requests and tokens per minute, moving to the next model of the chain when one is
+//! throttled. (An organisation's cap on jobs in flight is kept by the queue when it leases.) Every answer is an
 //! [`Admission`]: go (with the model, and whether it is a probe), wait, or Redis down (each of
 //! the last two a deferral that spends no attempt).
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use uuid::Uuid;
 
-use super::App;
 use super::plan::Planned;
-use super::policy::{ORG_CAP_WAIT, jitter, spread, throttled_wait};
+use super::policy::{jitter, spread, throttled_wait};
 use super::ports::{Gate, Gates};
 use crate::domain::{Provider, Tier};
 use crate::queue::backend::Failure;
@@ -189,59 +186,6 @@ pub async fn admit_from(gates: &impl Gates, chain: &[Planned], from: usize) -> A
         why: Held::Chain,
     }
 }
-/// One running job's place in its organisation's in-flight count; given back on drop.
-pub(super) struct OrgSlot {
-    org: Uuid,
-    counts: Arc<Mutex<HashMap<Uuid, u32>>>,
-}
-
-impl Drop for OrgSlot {
-    fn drop(&mut self) {
-        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = counts.get_mut(&self.org) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                counts.remove(&self.org);
-            }
-        }
-    }
-}
-
-impl App {
-    /// A place for one more job of `org` in this process, or None when its tier's cap
-    /// (`AIQ_ORG_MAX_IN_FLIGHT`, 0 for none) is reached.
-    fn org_slot(&self, org: Uuid, tier: Tier) -> Option<OrgSlot> {
-        let cap = self.budget.settings().org_max_in_flight[tier.index()];
-        let mut counts = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
-        let n = counts.entry(org).or_insert(0);
-        if cap > 0 && *n >= cap {
-            return None;
-        }
-        *n += 1;
-        Some(OrgSlot {
-            org,
-            counts: self.in_flight.clone(),
-        })
-    }
-
-    /// [`App::org_slot`], or the deferral of a job over its organisation's cap: one
-    /// organisation's jobs take at most its tier's share of this process, so its slow or hanging
-    /// calls cannot hold every slot; the rest wait without spending an attempt.
-    pub(super) fn org_slot_or_defer(&self, org: Uuid, tier: Tier) -> Result<OrgSlot, Failure> {
-        self.org_slot(org, tier).ok_or_else(|| {
-            crate::observe::org_in_flight_deferral(tier.as_str());
-            Failure::Defer {
-                message: format!(
-                    "this organisation has {} jobs running in this process, its tier's cap (AIQ_ORG_MAX_IN_FLIGHT)",
-                    self.budget.settings().org_max_in_flight[tier.index()]
-                ),
-                after: ORG_CAP_WAIT + spread(jitter::ORG_CAP),
-                reason: DelayReason::OrgInFlight,
-            }
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -74,8 +74,6 @@ pub struct App {
     pub callbacks: Arc<crate::webhooks::address::AddressPolicy>,
     limits: Mutex<HashMap<Uuid, (Instant, OrgLimits)>>,
     store_gate: StoreGate,
-    /// Jobs of each organisation running in this process, against `AIQ_ORG_MAX_IN_FLIGHT`.
-    in_flight: Arc<Mutex<HashMap<Uuid, u32>>>,
 }
 
 /// What an [`App`] is built from: its connections, clients and policies.
@@ -106,7 +104,6 @@ impl App {
             callbacks: p.callbacks,
             limits: Mutex::new(HashMap::new()),
             store_gate: StoreGate::default(),
-            in_flight: Arc::default(),
         }
     }
 }
@@ -246,7 +243,6 @@ async fn run_in_span(app: &App, raw: &RawJob) -> Result<Completed, Failure> {
     }
     let org = input.common().organization_id.as_uuid();
     let tier = input.common().tier;
-    let _slot = app.org_slot_or_defer(org, tier)?;
     // An earlier execution may have been answered while PostgreSQL was down: write what it
     // kept instead of calling again. Only a job leased before can have kept anything.
     // Boxed, like the store's transactions: every running job's future would otherwise reserve

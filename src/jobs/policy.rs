@@ -11,8 +11,9 @@ use crate::config::CallRetryPolicy;
 use crate::providers::ProviderError;
 use crate::queue::backend::Failure;
 
-/// How long an organisation's limit overrides are cached.
-pub const LIMITS_CACHE: Duration = Duration::from_secs(30);
+/// How long an organisation's dollar limit overrides are cached: short enough that a change made
+/// with `aiq org set-limits` holds on every process within 5 s.
+pub const LIMITS_CACHE: Duration = Duration::from_secs(2);
 
 /// How long a process waits before it probes an unreachable PostgreSQL again.
 pub const STORE_PROBE: Duration = Duration::from_secs(2);
@@ -35,11 +36,6 @@ pub const HOLD_WHILE_WRITING: Duration = Duration::from_secs(120);
 /// How long a job waits when Redis could not answer one of its checks before a call.
 pub const REDIS_WAIT: Duration = Duration::from_secs(1);
 
-/// How long a job over its organisation's in-flight cap waits, before its spread: long enough
-/// that an organisation with many jobs over its cap does not keep the process busy leasing and
-/// handing them back.
-pub const ORG_CAP_WAIT: Duration = Duration::from_secs(1);
-
 /// The least spread on the wait of a job that no model of its chain could take after a failed
 /// call; a longer wait is spread by a quarter of itself.
 pub const HELD_BACK_SPREAD_MIN: Duration = Duration::from_secs(1);
@@ -51,8 +47,6 @@ pub mod jitter {
     pub const STORE: u64 = 1_000;
     /// On Redis failing before a call.
     pub const REDIS: u64 = 1_000;
-    /// On an organisation's in-flight cap, after a second.
-    pub const ORG_CAP: u64 = 1_000;
     /// On a paused provider, an open breaker, or a provider's requests or tokens per minute.
     pub const PROVIDER: u64 = 500;
     /// On a provider's own Retry-After inside a call's retries.
@@ -71,11 +65,9 @@ pub fn policy_constants() -> Vec<(&'static str, String)> {
         ("WINDOW_RESET_MARGIN", ms(WINDOW_RESET_MARGIN)),
         ("KEPT_ANSWER_TTL", ms(KEPT_ANSWER_TTL)),
         ("REDIS_WAIT", ms(REDIS_WAIT)),
-        ("ORG_CAP_WAIT", ms(ORG_CAP_WAIT)),
         ("HELD_BACK_SPREAD_MIN", ms(HELD_BACK_SPREAD_MIN)),
         ("jitter::STORE", up_to(jitter::STORE)),
         ("jitter::REDIS", up_to(jitter::REDIS)),
-        ("jitter::ORG_CAP", up_to(jitter::ORG_CAP)),
         ("jitter::PROVIDER", up_to(jitter::PROVIDER)),
         ("jitter::RETRY_AFTER", up_to(jitter::RETRY_AFTER)),
         ("jitter::WINDOW_RESET", up_to(jitter::WINDOW_RESET)),

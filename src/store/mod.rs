@@ -18,6 +18,8 @@ use crate::tls::{Server, TlsFailure};
 
 mod alerts;
 mod batch;
+mod limits;
+pub use limits::{CountOverrides, MAX_OVERRIDE_USD, OrgOverrides, OverrideChange};
 mod outcomes;
 pub use outcomes::{CancelledRow, ResultRow};
 mod reports;

@@ -15,20 +15,9 @@ fn gemini(tier: Tier, org: &str, text: &str) -> String {
     v.to_string()
 }
 
-async fn completed(ctx: &TestCtx, org: &str) -> i64 {
-    sqlx::query_scalar(
-        "SELECT count(*) FROM ai_processing_results
-         WHERE status = 'completed' AND organization_id = $1::uuid",
-    )
-    .bind(org)
-    .fetch_one(ctx.store.pool())
-    .await
-    .unwrap()
-}
-
 /// Enqueues `n` jobs of ORG_B and waits for them all to complete: how long that took.
 async fn b_jobs_take(ctx: &TestCtx, n: usize, tag: &str, within: Duration) -> Duration {
-    let before = completed(ctx, ORG_B).await;
+    let before = ctx.completed_of(ORG_B).await;
     let started = Instant::now();
     for i in 0..n {
         ctx.enqueue(
@@ -43,7 +32,7 @@ async fn b_jobs_take(ctx: &TestCtx, n: usize, tag: &str, within: Duration) -> Du
     wait_until(
         within,
         "the other organisation's jobs to complete",
-        || async { completed(ctx, ORG_B).await == before + n as i64 },
+        || async { ctx.completed_of(ORG_B).await == before + n as i64 },
     )
     .await;
     started.elapsed()
@@ -161,7 +150,7 @@ async fn an_organisation_runs_at_most_its_tiers_share_of_a_process_and_the_rest_
     wait_until(
         Duration::from_secs(30),
         "the other organisation's jobs",
-        || async { completed(&ctx, ORG_B).await == 3 },
+        || async { ctx.completed_of(ORG_B).await == 3 },
     )
     .await;
     assert_eq!(
@@ -173,7 +162,7 @@ async fn an_organisation_runs_at_most_its_tiers_share_of_a_process_and_the_rest_
     reqwest::Client::new().post(release).send().await.unwrap();
     ctx.wait_settled(Duration::from_secs(60)).await;
     worker.stop().await;
-    assert_eq!(completed(&ctx, ORG_A).await, 6);
+    assert_eq!(ctx.completed_of(ORG_A).await, 6);
     assert_eq!(ctx.fake_calls().await["openai"], 9, "one call per job");
     let attempts: i64 = ctx
         .scalar_i64("SELECT coalesce(max(attempts), 0)::bigint FROM ai_processing_results")

@@ -449,6 +449,18 @@ impl TestCtx {
             .await
     }
 
+    /// Jobs of one organisation with a completed result row.
+    pub async fn completed_of(&self, org: &str) -> i64 {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM ai_processing_results
+             WHERE status = 'completed' AND organization_id = $1::uuid",
+        )
+        .bind(org)
+        .fetch_one(self.store.pool())
+        .await
+        .unwrap()
+    }
+
     pub async fn scalar_i64(&self, sql: &str) -> i64 {
         sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(sql.to_owned()))
             .fetch_one(self.store.pool())

@@ -18,6 +18,7 @@ mod crash;
 mod enqueue_props;
 mod exposure;
 mod fairness;
+mod org_limits;
 mod pipeline;
 mod providers;
 mod queue;

@@ -337,12 +337,28 @@ async fn renewer(
     stop: CancellationToken,
     liveness: Option<Liveness>,
 ) {
+    let mut ticks = 0u64;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
         let reaped = shared.queue.reap().await;
+        // Once a lease or so: the organisations' counts of leased jobs, recounted from the
+        // lease set, so a drift can neither block an organisation for good nor let it overshoot.
+        ticks += 1;
+        if ticks.is_multiple_of(3) {
+            match shared.queue.recount_org_in_flight().await {
+                Ok(Some(0)) | Ok(None) => {}
+                Ok(Some(n)) => tracing::warn!(
+                    organisations = n,
+                    "leased-job counts per organisation had drifted: recounted from the lease set"
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "recounting leased jobs per organisation failed")
+                }
+            }
+        }
         if let Err(e) = &reaped {
             tracing::warn!(error = %e, "returning expired leases failed");
         }

@@ -4,7 +4,12 @@
 -- type or a job hash that is not what enqueue.lua wrote never stops the script half-way.
 --
 -- ARGV: want, lease_ms, strict (0|1), max_interrupts, reap_limit, promote_limit,
---       then the six tier weights, highest tier first.
+--       then the six tier weights, highest tier first, then the six tiers' default caps on an
+--       organisation's leased jobs (0: no cap), in the same order.
+-- The cap is fleet-wide: {p}:org_inflight counts each organisation's leased jobs (up here when a
+-- job is leased, down by one wherever its lease ends: settle of any kind, the reaper below, a
+-- burial), and {p}:org_limits holds the operator's overrides (org -> cap, 0: none), written by
+-- the daemon from PostgreSQL. An organisation at its cap is passed over without leasing.
 -- Returns one array per leased job:
 --   { id, token, kind, tier, org, payload, attempts, max_attempts, enqueued_at, interrupts }
 -- Values are bytes as stored: the caller checks that they are UTF-8 and buries a job whose bytes
@@ -58,6 +63,8 @@ for _, id in ipairs(get("ZRANGEBYSCORE", inflight, "-inf", now, "LIMIT", 0, reap
   put("ZREM", inflight, id)
   local job = base .. ":job:" .. id
   if redis.call("EXISTS", job) == 1 then
+    -- Its lease ended: its organisation has one job fewer in flight.
+    g_leave(redis.pcall("HGET", job, "org"), 1)
     local token, err = job_op("HINCRBY", job, "token", 1)
     local n
     if token then n, err = job_op("HINCRBY", job, "interrupts", 1) end
@@ -105,15 +112,57 @@ local vt = tonumber(s[1]) or 0
 for i = 1, 6 do pass[i] = tonumber(s[i + 1]) or 0 end
 
 -- Which tiers have work: read once, then kept up to date as organisations leave their ring.
-local rings, has_work = {}, {}
+local rings, has_work, ring_len = {}, {}, {}
 for i = 1, 6 do
   rings[i] = base .. ":orgs:" .. TIERS[i]
-  has_work[i] = (get("LLEN", rings[i]) or 0) > 0
+  ring_len[i] = get("LLEN", rings[i]) or 0
+  has_work[i] = ring_len[i] > 0
 end
+
+-- The caps. With no tier default and no override there is nothing to check, only to count.
+local org_inflight, org_limits = base .. ":org_inflight", base .. ":org_limits"
+local caps, checking = {}, (get("HLEN", org_limits) or 0) > 0
+local overrides = checking
+for i = 1, 6 do
+  caps[i] = tonumber(ARGV[12 + i]) or 0
+  if caps[i] > 0 then checking = true end
+end
+local running = {}       -- org -> its leased jobs: Redis's count plus this call's leases
+local cap_of = {}        -- tier .. org -> its cap (0: none)
+local function count_of(org)
+  local n = running[org]
+  if n == nil then
+    n = tonumber(redis.pcall("HGET", org_inflight, org)) or 0
+    running[org] = n
+  end
+  return n
+end
+local function at_cap(i, org)
+  local k = i .. org
+  local cap = cap_of[k]
+  if cap == nil then
+    cap = caps[i]
+    if overrides then
+      local o = tonumber(redis.pcall("HGET", org_limits, org))
+      if o and o >= 0 then cap = math.floor(o) end
+    end
+    cap_of[k] = cap
+  end
+  return cap > 0 and count_of(org) >= cap
+end
+-- An organisation at its cap is moved to the back of its ring, as after a turn it could not
+-- use, and the next one is tried. A tier whose every organisation is at its cap has no work for
+-- this call, so the stride goes to the other tiers. At most MAX_SKIPS organisations are passed
+-- over per call (bounded work however many are at their caps); once they are used up, a tier
+-- whose next organisation is at its cap has no work for this call either, and that organisation
+-- keeps its place.
+local MAX_SKIPS = 32
+local skips = 0
 
 local out = {}
 local leases = {}        -- ZADD arguments for the in-flight set, written once at the end
 local taken = {}         -- jobs taken off each tier's depth
+local leased_by = {}     -- org -> jobs leased by this call
 local guard = want * 4 + 16
 while #out < want and guard > 0 do
   guard = guard - 1
@@ -126,22 +175,40 @@ while #out < want and guard > 0 do
     end
   end
   if best == nil then break end
-  if not strict then
-    pass[best] = best_pass + STRIDE / weights[best]
-    vt = best_pass
-  end
   local tier = TIERS[best]
   local ring, heads = rings[best], base .. ":heads:" .. tier
   -- Round-robin across organisations: take from the organisation at the head of the ring and
   -- move it to the back, or drop it when it has no more work.
   -- The hot path calls redis.pcall itself (a reply that is a table here is an error) and goes
   -- through guard.lua's helpers only when something is wrong.
-  local org = redis.pcall("LMOVE", ring, ring, "LEFT", "RIGHT")
-  if type(org) == "table" then org = get("LMOVE", ring, ring, "LEFT", "RIGHT") end
+  local org, passed = nil, 0
+  while true do
+    if checking and skips >= MAX_SKIPS then
+      -- No passes left: an organisation at its cap keeps its place at the head.
+      local head = redis.pcall("LINDEX", ring, 0)
+      if type(head) == "string" and at_cap(best, head) then
+        org = false
+        break
+      end
+    end
+    org = redis.pcall("LMOVE", ring, ring, "LEFT", "RIGHT")
+    if type(org) == "table" then org = get("LMOVE", ring, ring, "LEFT", "RIGHT") end
+    if not org or not checking or not at_cap(best, org) then break end
+    passed, skips = passed + 1, skips + 1
+    if passed >= ring_len[best] or skips >= MAX_SKIPS then
+      org = false
+      break
+    end
+  end
   if not org then
-    -- An empty ring (counted as having work by a stale LLEN), or one moved aside as corrupt.
+    -- An empty ring (counted as having work by a stale LLEN), one moved aside as corrupt, or
+    -- every organisation of the tier at its cap.
     has_work[best] = false
   else
+    if not strict then
+      pass[best] = best_pass + STRIDE / weights[best]
+      vt = best_pass
+    end
     local list = base .. ":wait:" .. tier .. ":" .. org
     local id = redis.pcall("LPOP", list)
     if type(id) == "table" then id = get("LPOP", list) end
@@ -154,7 +221,8 @@ while #out < want and guard > 0 do
     else
       redis.call("RPOP", ring)
       put("ZREM", heads, org)
-      has_work[best] = (get("LLEN", ring) or 0) > 0
+      ring_len[best] = get("LLEN", ring) or 0
+      has_work[best] = ring_len[best] > 0
     end
     if id then
       taken[tier] = (taken[tier] or 0) + 1
@@ -175,6 +243,10 @@ while #out < want and guard > 0 do
         out[#out + 1] = { id, tostring(token), f[1] or "", f[2] or "", f[3] or "", f[4] or "",
           tostring(f[5] or "0"), tostring(f[6] or "0"), tostring(f[7] or "0"), tostring(f[8] or "0") }
         event("started", id, f[3], f[2], f[1], "running", f[5])
+        -- Counted under the organisation its hash names, as every end of the lease is.
+        local o = f[3] or ""
+        leased_by[o] = (leased_by[o] or 0) + 1
+        if checking then running[o] = count_of(o) + 1 end
       end
     end
   end
@@ -189,5 +261,7 @@ if not strict then
     "pass:" .. TIERS[6], pass[6])
 end
 if #out > 0 then put("HINCRBY", counters, "leased", #out) end
+for o, n in pairs(leased_by) do put("HINCRBY", org_inflight, o, n) end
+if skips > 0 then put("HINCRBY", counters, "capped", skips) end
 g_finish()
 return out

@@ -241,6 +241,17 @@ local function g_finish()
   end
 end
 
+-- Leases that ended: `org` has n jobs fewer in flight ({p}:org_inflight, the fleet-wide cap that
+-- fetch.lua keeps). A count that reaches zero (or went below it) is removed. An org that is not a
+-- string (a job hash that could not be read) changes nothing: the renewer's recount (limits.lua)
+-- puts such a drift right.
+local function g_leave(org, n)
+  if type(org) ~= "string" then return end
+  local key = G_base .. ":org_inflight"
+  local left = tonumber(put("HINCRBY", key, org, -n))
+  if left and left <= 0 then redis.pcall("HDEL", key, org) end
+end
+
 -- A job that cannot be handled as enqueue.lua wrote it goes to the dead set with the reason. A
 -- job key of the wrong type is moved aside first; the fresh hash gets a token above any an old
 -- lease could hold, so no late settle or renew of that lease applies.
@@ -248,8 +259,10 @@ local function bury(id, why)
   local job = G_base .. ":job:" .. id
   local t = redis.call("TYPE", job)
   t = type(t) == "table" and t.ok or t
+  local org = t == "hash" and redis.pcall("HGET", job, "org") or nil
   if t ~= "hash" and t ~= "none" then g_aside(job) end
-  put("ZREM", G_base .. ":inflight", id)
+  -- A buried job that was leased ends its lease.
+  if put("ZREM", G_base .. ":inflight", id) == 1 then g_leave(org, 1) end
   put("ZREM", G_base .. ":delayed", id)
   redis.call("HSET", job, "state", "dead", "dead_reason", "corrupt: " .. why,
     "last_error", "corrupt: " .. why, "dead_at", G_now, "token", G_now, "outcome", "dead")

@@ -16,7 +16,7 @@
 //! | `{p}:wait:<tier>:<org>` | list | waiting job ids of one organisation, FIFO |
 //! | `{p}:heads:<tier>` | zset | organisations of the tier, scored by when their oldest waiting job became ready |
 //! | `{p}:depth` | hash | waiting jobs per tier |
-//! | `{p}:counters` | hash | running totals: enqueued, leased, done, retried, dead, released, deferred, interrupted, revived, purged, cancelled, events |
+//! | `{p}:counters` | hash | running totals: enqueued, leased, done, retried, dead, released, deferred, interrupted, revived, purged, cancelled, events, capped (organisations passed over at their cap) |
 //! | `{p}:inflight` | zset | leased job ids, scored by lease deadline (ms) |
 //! | `{p}:delayed` | zset | job ids waiting for a retry or a deferral, scored by due time (ms) |
 //! | `{p}:dead` | zset | dead job ids, scored by time of death (ms) |
@@ -29,6 +29,8 @@
 //! | `{p}:outcomes` | zset | finished jobs' ids, scored by finish time (ms) |
 //! | `{p}:cancelled` | zset | jobs cancel.lua took out, until the daemon wrote their rows |
 //! | `{p}:config` | hash | the settings the scripts read (events on/off, the stream's and outcomes' bounds) |
+//! | `{p}:org_inflight` | hash | leased jobs per organisation, for the fleet-wide cap fetch.lua keeps |
+//! | `{p}:org_limits` | hash | per-organisation caps on leased jobs (0: none), the daemon's copy of PostgreSQL's overrides |
 
 pub mod backend;
 pub mod conn;
@@ -70,6 +72,12 @@ static SETTLE: LazyLock<Script> = LazyLock::new(|| guarded(include_str!("settle.
 static RENEW: LazyLock<Script> = LazyLock::new(|| guarded(include_str!("renew.lua")));
 static DEAD: LazyLock<Script> = LazyLock::new(|| guarded(include_str!("dead.lua")));
 static REPAIR: LazyLock<Script> = LazyLock::new(|| guarded(include_str!("repair.lua")));
+static LIMITS: LazyLock<Script> = LazyLock::new(|| guarded(include_str!("limits.lua")));
+
+/// The most leased jobs the recount of `{p}:org_inflight` reads in one script call; with more in
+/// flight it is skipped (the counts are kept by every lease's start and end; the recount only
+/// puts drifts right).
+const RECOUNT_MAX: usize = 20_000;
 
 /// Job hashes the repair scan looks at per script call.
 const REPAIR_PAGE: usize = 500;
@@ -407,6 +415,9 @@ impl Queue {
             .arg(PROMOTE_LIMIT);
         for w in s.tier_weights {
             inv.arg(w);
+        }
+        for cap in s.org_max_in_flight {
+            inv.arg(cap);
         }
         let rows: Vec<Vec<Vec<u8>>> = inv.invoke_async(&mut conn).await?;
         let mut jobs = Vec::with_capacity(rows.len());
@@ -772,6 +783,60 @@ impl Queue {
         );
         metrics::counter!("aiq_queue_repairs_total").increment(1);
         Ok(true)
+    }
+
+    /// Makes `{p}:org_limits` hold exactly `caps` (organisation, its cap on leased jobs across
+    /// the fleet; 0: none): the organisations not named get their tier's default. Returns how
+    /// many entries changed.
+    pub async fn sync_org_limits(&self, caps: &[(OrganizationId, u32)]) -> Result<u64, QueueError> {
+        let mut conn = self.conn.clone();
+        let mut inv = LIMITS.key(&self.base);
+        inv.arg("sync");
+        for (org, cap) in caps {
+            inv.arg(org.to_string()).arg(cap);
+        }
+        Ok(inv.invoke_async(&mut conn).await?)
+    }
+
+    /// Recounts each organisation's leased jobs from the lease set and corrects the counts that
+    /// drifted. Returns how many organisations' counts changed, or `None` when more jobs are
+    /// leased than one script call reads ([`RECOUNT_MAX`]).
+    pub async fn recount_org_in_flight(&self) -> Result<Option<u64>, QueueError> {
+        let mut conn = self.conn.clone();
+        let n: i64 = LIMITS
+            .key(&self.base)
+            .arg("recount")
+            .arg(RECOUNT_MAX)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(u64::try_from(n).ok())
+    }
+
+    /// An organisation's jobs leased now across the fleet, and the cap `{p}:org_limits` holds
+    /// for it (`None`: its tier's default). A value that is not a number reads as 0 / `None`.
+    pub async fn org_in_flight(
+        &self,
+        org: &OrganizationId,
+    ) -> Result<(u64, Option<u32>), QueueError> {
+        let mut conn = self.conn.clone();
+        let org = org.to_string();
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        pipe.hget(self.key("org_inflight"), &org)
+            .hget(self.key("org_limits"), &org);
+        let replies: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
+        let num = |v: Option<&redis::Value>| {
+            v.and_then(|v| {
+                redis::from_redis_value_ref::<Option<String>>(v)
+                    .ok()
+                    .flatten()
+            })
+            .and_then(|s| s.parse::<u64>().ok())
+        };
+        Ok((
+            num(replies.first()).unwrap_or(0),
+            num(replies.get(1)).and_then(|n| u32::try_from(n).ok()),
+        ))
     }
 
     /// Checks that Redis answers.

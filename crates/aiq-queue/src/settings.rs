@@ -131,6 +131,9 @@ pub struct QueueSettings {
     pub scheduling: Scheduling,
     /// Weights of the six tiers, highest tier first.
     pub tier_weights: [u32; 6],
+    /// Per tier, highest first: the most jobs of one organisation leased at once across the
+    /// fleet (0: no cap), unless `{p}:org_limits` holds the organisation's own.
+    pub org_max_in_flight: [u32; 6],
     pub dead_max_jobs: u64,
     /// Payload bytes the dead set may keep; the oldest dead jobs beyond it are dropped.
     pub dead_max_bytes: u64,

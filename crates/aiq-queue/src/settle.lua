@@ -16,7 +16,8 @@
 --     defer   - not run (budget window, open breaker); runs again after delay_ms, no attempt;
 --               reason: the delay reason (jobs/README.md), message: why, in words
 -- Returns one integer per item: 1 applied, 0 refused (stale token or no lease; or the job's hash
--- was corrupt, and it was buried instead).
+-- was corrupt, and it was buried instead). Every item whose lease it ends takes one off its
+-- organisation's count of leased jobs ({p}:org_inflight); a refused one changes nothing.
 
 local base = KEYS[1]
 local dead_max, dead_age, done_ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -42,6 +43,7 @@ end
 
 local out = {}
 local counts = {}
+local left = {}          -- org -> leases this call ended, for {p}:org_inflight
 for i = 5, #ARGV, 6 do
   local id, token, op, delay_ms, msg = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3]), ARGV[i + 4]
   local reason = ARGV[i + 5]
@@ -57,6 +59,9 @@ for i = 5, #ARGV, 6 do
   elseif held ~= token or removed == 0 then
     out[#out + 1] = 0
   else
+    -- The lease ended (whatever the op, and even if the job is buried below).
+    local o = redis.pcall("HGET", job, "org")
+    if type(o) == "string" then left[o] = (left[o] or 0) + 1 end
     local ok = true
     local f
     if op == "done" then
@@ -128,6 +133,7 @@ for i = 5, #ARGV, 6 do
   end
 end
 for op, n in pairs(counts) do put("HINCRBY", counters, COUNTER[op], n) end
+for o, n in pairs(left) do g_leave(o, n) end
 
 -- Keep the dead set within its caps (age, count, payload bytes), a bounded number of removals
 -- per call: the oldest go first.

@@ -11,7 +11,7 @@ use redis::Value;
 
 /// Every event the queue scripts count in `{p}:counters`: exactly the fields their `HINCRBY`s
 /// write (a unit test reads the scripts to keep it so). Nothing else is read from the hash.
-pub const COUNTER_EVENTS: [&str; 12] = [
+pub const COUNTER_EVENTS: [&str; 13] = [
     "enqueued",
     "leased",
     "done",
@@ -24,6 +24,7 @@ pub const COUNTER_EVENTS: [&str; 12] = [
     "purged",
     "cancelled",
     "events",
+    "capped",
 ];
 
 /// How many of the skipped values a log line shows; the counts are always complete.
@@ -405,6 +406,7 @@ mod tests {
             ("guard.lua", include_str!("guard.lua")),
             ("repair.lua", include_str!("repair.lua")),
             ("cancelled.lua", include_str!("cancelled.lua")),
+            ("limits.lua", include_str!("limits.lua")),
             ("cancel.lua", crate::events::CANCEL_LUA),
         ];
         let quoted = |s: &str| -> Vec<String> {

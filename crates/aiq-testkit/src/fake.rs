@@ -19,7 +19,9 @@
 //! `GET /_fake/calls` returns how many calls
 //! each provider answered, how many calls are being answered now (`running`), a log of OpenAI calls (start and end ms, status) and, from OpenAI's
 //! `x-client-request-id` header (aiq sends the job id), how many distinct jobs called, the most
-//! calls one job made, and how often a job called while its previous call was still running.
+//! calls one job made, and how often a job called while its previous call was still running;
+//! OpenAI calls marked `[fake:group=NAME]` are counted per group (`groups`: running now, the most
+//! at once).
 //! A fixed latency (`--latency-ms`) makes calls take time, for load and crash tests, and
 //! `POST /_fake/outage?status=503&ms=3000` makes every call fail for a while.
 //! `[fake:flaky=2]` fails the first two calls carrying the same text (503; 529 for Anthropic),
@@ -68,6 +70,8 @@ struct Counters {
     release: tokio::sync::Notify,
     /// OpenAI calls: (provider, start ms, end ms, status), for tests that look at timing.
     log: Mutex<Vec<(&'static str, u64, u64, u16)>>,
+    /// Per `[fake:group=NAME]` of OpenAI calls: (calls being answered now, the most at once).
+    groups: Mutex<HashMap<String, (u32, u32)>>,
 }
 
 /// How the fake behaves.
@@ -152,6 +156,27 @@ impl InFlight {
         Self {
             counters: counters.clone(),
             job: job.to_owned(),
+        }
+    }
+}
+
+/// One OpenAI call of a `[fake:group=NAME]`, counted in its group while it lives.
+struct InGroup(Arc<Counters>, String);
+
+impl InGroup {
+    fn start(counters: &Arc<Counters>, group: &str) -> Self {
+        let mut groups = counters.groups.lock().expect("fake groups");
+        let (now, most) = groups.entry(group.to_owned()).or_default();
+        *now += 1;
+        *most = (*most).max(*now);
+        Self(counters.clone(), group.to_owned())
+    }
+}
+
+impl Drop for InGroup {
+    fn drop(&mut self) {
+        if let Some((now, _)) = self.0.groups.lock().expect("fake groups").get_mut(&self.1) {
+            *now -= 1;
         }
     }
 }
@@ -257,6 +282,9 @@ async fn calls(State(c): State<Arc<Counters>>) -> Json<Value> {
         "max_calls_per_job": jobs.values().map(|(_, n)| *n).max().unwrap_or(0),
         "overlaps": c.overlaps.load(Ordering::Relaxed),
         "running": c.running.load(Ordering::Relaxed),
+        "groups": c.groups.lock().expect("fake groups").iter()
+            .map(|(g, (now, most))| (g.clone(), json!({ "running": now, "max": most })))
+            .collect::<serde_json::Map<_, _>>(),
         "log": c.log.lock().expect("fake call log").iter()
             .map(|(p, start, end, status)| json!([p, start, end, status])).collect::<Vec<_>>(),
     }))
@@ -604,6 +632,11 @@ async fn openai_answer(c: &Arc<Counters>, headers: HeaderMap, body: String) -> R
         .collect::<Vec<_>>()
         .join("\n");
     let marks = faults_for(&text, "openai");
+    let _in_group = marks
+        .split("[fake:group=")
+        .nth(1)
+        .and_then(|rest| rest.split(']').next())
+        .map(|group| InGroup::start(c, group));
     if flaky(c, "openai", marks) {
         return openai_error(
             StatusCode::SERVICE_UNAVAILABLE,
