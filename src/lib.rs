@@ -11,6 +11,7 @@ pub mod observe;
 pub mod providers;
 pub mod queue;
 pub mod redact;
+pub mod retention;
 pub mod startup;
 pub mod store;
 pub mod systemd;

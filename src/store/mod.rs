@@ -21,6 +21,7 @@ mod batch;
 mod outcomes;
 pub use outcomes::{CancelledRow, ResultRow};
 mod reports;
+pub mod retention;
 pub mod webhooks;
 
 pub use alerts::{AlertRow, NewAlert};

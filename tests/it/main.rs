@@ -20,6 +20,7 @@ mod fairness;
 mod pipeline;
 mod providers;
 mod queue;
+mod retention;
 mod retries;
 mod tls;
 mod webhooks;
