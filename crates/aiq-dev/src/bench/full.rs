@@ -21,15 +21,18 @@ use aiq_testkit::fake::{FakeOptions, FakeProviders};
 use aiq_testkit::localsvc::{LocalPostgres, LocalRedis, free_port};
 
 /// Redis, PostgreSQL (migrated) and the settings of a daemon on them.
-struct World {
+pub(crate) struct World {
     _redis: LocalRedis,
     _pg: LocalPostgres,
-    settings: Settings,
-    queue: Queue,
-    store: Store,
+    pub(crate) settings: Settings,
+    pub(crate) queue: Queue,
+    pub(crate) store: Store,
 }
 
-async fn world(fake_url: &str, extra: &[(&'static str, String)]) -> anyhow::Result<World> {
+pub(crate) async fn world(
+    fake_url: &str,
+    extra: &[(&'static str, String)],
+) -> anyhow::Result<World> {
     let redis = LocalRedis::start("bench")?;
     let pg = LocalPostgres::start("bench")?;
     let mut vars = daemon_vars(&redis.url(), &pg.url("postgres"), fake_url);
@@ -46,7 +49,7 @@ async fn world(fake_url: &str, extra: &[(&'static str, String)]) -> anyhow::Resu
     })
 }
 
-async fn enqueue_all(q: &Queue, jobs: Vec<NewJob>) -> anyhow::Result<()> {
+pub(crate) async fn enqueue_all(q: &Queue, jobs: Vec<NewJob>) -> anyhow::Result<()> {
     for batch in jobs.chunks(1000) {
         for r in q.enqueue_batch(batch).await? {
             r?;
@@ -56,7 +59,7 @@ async fn enqueue_all(q: &Queue, jobs: Vec<NewJob>) -> anyhow::Result<()> {
 }
 
 /// Runs the daemon's worker in this process until `stop` fires.
-fn spawn_worker(
+pub(crate) fn spawn_worker(
     w: &World,
     app: Arc<App>,
     stop: CancellationToken,
