@@ -49,7 +49,7 @@ pub(crate) async fn world(
     })
 }
 
-pub(crate) async fn enqueue_all(q: &Queue, jobs: Vec<NewJob>) -> anyhow::Result<()> {
+async fn enqueue_all(q: &Queue, jobs: Vec<NewJob>) -> anyhow::Result<()> {
     for batch in jobs.chunks(1000) {
         for r in q.enqueue_batch(batch).await? {
             r?;
@@ -59,7 +59,7 @@ pub(crate) async fn enqueue_all(q: &Queue, jobs: Vec<NewJob>) -> anyhow::Result<
 }
 
 /// Runs the daemon's worker in this process until `stop` fires.
-pub(crate) fn spawn_worker(
+fn spawn_worker(
     w: &World,
     app: Arc<App>,
     stop: CancellationToken,
@@ -85,6 +85,35 @@ async fn check_rows(r: &Report, store: &Store, n: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Enqueues `n` LLM jobs (the `pipeline` load), runs the worker until they are done (`done`
+/// jobs ran before) and stops it: the jobs per second and the time it took.
+pub(crate) async fn run_llm_jobs(
+    w: &World,
+    n: usize,
+    done: usize,
+) -> anyhow::Result<(u64, Duration)> {
+    enqueue_all(
+        &w.queue,
+        (0..n).map(|i| llm_job(Tier::ALL[i % 6], done + i)).collect(),
+    )
+    .await?;
+    let app = aiq::worker::app(&w.settings, w.store.clone()).await?;
+    let stop = CancellationToken::new();
+    let start = Instant::now();
+    let worker = spawn_worker(w, app, stop.clone());
+    wait_drained(
+        &w.queue,
+        (done + n) as u64,
+        Duration::from_millis(10),
+        Duration::from_secs(900),
+    )
+    .await?;
+    let took = start.elapsed();
+    stop.cancel();
+    worker.await??;
+    Ok((rate(n, took), took))
+}
+
 pub(crate) async fn pipeline(opts: &BenchOptions) -> anyhow::Result<Report> {
     let mut r = Report::new("pipeline", opts.json);
     let n = opts.jobs.unwrap_or(if opts.quick { 2_000 } else { 30_000 });
@@ -102,26 +131,7 @@ pub(crate) async fn pipeline(opts: &BenchOptions) -> anyhow::Result<Report> {
         "pipeline: {} LLM jobs (openai, anthropic, gemini; six tiers; 50 organisations), fake providers at 0 ms, concurrency {concurrency}",
         thousands(n as u64)
     ));
-    enqueue_all(
-        &w.queue,
-        (0..n).map(|i| llm_job(Tier::ALL[i % 6], i)).collect(),
-    )
-    .await?;
-    let app = aiq::worker::app(&w.settings, w.store.clone()).await?;
-    let stop = CancellationToken::new();
-    let start = Instant::now();
-    let worker = spawn_worker(&w, app, stop.clone());
-    wait_drained(
-        &w.queue,
-        n as u64,
-        Duration::from_millis(10),
-        Duration::from_secs(900),
-    )
-    .await?;
-    let took = start.elapsed();
-    stop.cancel();
-    worker.await??;
-    let per_s = rate(n, took);
+    let (per_s, took) = run_llm_jobs(&w, n, 0).await?;
     r.say(format!(
         "  {} jobs/s through the whole path ({:.1} s): decode, budget reserve, provider call, rows in PostgreSQL, budget settle, ack",
         thousands(per_s),

@@ -8,10 +8,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, ensure};
 use tokio_util::sync::CancellationToken;
 
-use super::full::{World, enqueue_all, spawn_worker, world};
-use super::{BenchOptions, Report, llm_job, rate, thousands, wait_drained};
+use super::full::{World, run_llm_jobs, world};
+use super::{BenchOptions, Report, rate, thousands};
 use aiq::config::RetentionSettings;
-use aiq::domain::Tier;
 use aiq_testkit::fake::FakeProviders;
 
 /// The old rows' ages in whole days (plus an hour, so none sits on a cutoff): 1 to `SPREAD`.
@@ -60,32 +59,6 @@ async fn fill(w: &World, n: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs `n` more LLM jobs through the worker (the `pipeline` load); `done` jobs came before.
-async fn pipeline_rate(w: &World, n: usize, done: usize) -> anyhow::Result<(u64, Duration)> {
-    enqueue_all(
-        &w.queue,
-        (0..n)
-            .map(|i| llm_job(Tier::ALL[i % 6], done + i))
-            .collect(),
-    )
-    .await?;
-    let app = aiq::worker::app(&w.settings, w.store.clone()).await?;
-    let stop = CancellationToken::new();
-    let start = Instant::now();
-    let worker = spawn_worker(w, app, stop.clone());
-    wait_drained(
-        &w.queue,
-        (done + n) as u64,
-        Duration::from_millis(10),
-        Duration::from_secs(900),
-    )
-    .await?;
-    let took = start.elapsed();
-    stop.cancel();
-    worker.await??;
-    Ok((rate(n, took), took))
-}
-
 pub(crate) async fn prune(opts: &BenchOptions) -> anyhow::Result<Report> {
     let mut r = Report::new("prune", opts.json);
     let old: u64 = if opts.quick { 20_000 } else { 1_000_000 };
@@ -117,7 +90,7 @@ pub(crate) async fn prune(opts: &BenchOptions) -> anyhow::Result<Report> {
         .filter(|&g| (RAW_DAYS..ROWS_DAYS).contains(&age_of(g)))
         .count() as u64;
 
-    let (without, took) = pipeline_rate(&w, n, 0).await?;
+    let (without, took) = run_llm_jobs(&w, n, 0).await?;
     r.say(format!(
         "  without pruning: {} jobs/s ({:.1} s)",
         thousands(without),
@@ -137,7 +110,7 @@ pub(crate) async fn prune(opts: &BenchOptions) -> anyhow::Result<Report> {
         let done = aiq::retention::pass(&store, &retention, false, &CancellationToken::new()).await;
         (done, start.elapsed())
     });
-    let (with, took) = pipeline_rate(&w, n, n).await?;
+    let (with, took) = run_llm_jobs(&w, n, n).await?;
     let pass_running = !pass.is_finished();
     let (done, pass_took) = pass.await?;
     let done = done?.map_err(|e| anyhow::anyhow!(e))?;
