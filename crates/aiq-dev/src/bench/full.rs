@@ -94,7 +94,9 @@ pub(crate) async fn run_llm_jobs(
 ) -> anyhow::Result<(u64, Duration)> {
     enqueue_all(
         &w.queue,
-        (0..n).map(|i| llm_job(Tier::ALL[i % 6], done + i)).collect(),
+        (0..n)
+            .map(|i| llm_job(Tier::ALL[i % 6], done + i))
+            .collect(),
     )
     .await?;
     let app = aiq::worker::app(&w.settings, w.store.clone()).await?;
