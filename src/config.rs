@@ -178,6 +178,22 @@ pub struct Settings {
     pub sentry_send_payloads: bool,
     pub breaker: BreakerSettings,
     pub webhooks: WebhookSettings,
+    pub retention: RetentionSettings,
+}
+
+/// How long old data is kept (`AIQ_RETAIN_*`, in days, 0 = never pruned) and how the pruner
+/// works (`AIQ_PRUNE_*`). See `store::retention`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetentionSettings {
+    /// Raw provider answers, after which raw_response becomes a marker (the row stays).
+    pub raw_days: u32,
+    /// Result, error and usage rows, and delivered budget alerts.
+    pub rows_days: u32,
+    /// Cost rows (the ledger).
+    pub ledger_days: u32,
+    pub interval: Duration,
+    /// Rows per statement.
+    pub batch: u32,
 }
 
 /// Webhooks: retries, the failing mark, the addresses allowed, the callbacks' secret.
@@ -317,6 +333,48 @@ mod tests {
         assert_eq!(d.retry_for, Duration::from_secs(86_400));
         assert_eq!(d.failing_after, Duration::from_secs(3600));
         assert!(d.allow_nets.is_empty() && d.callback_secrets.is_empty());
+    }
+
+    #[test]
+    fn retention_defaults_keep_the_ledger_and_refuse_retentions_too_short_to_be_safe() {
+        let d = Settings::load(&env(&BASE)).unwrap().retention;
+        assert_eq!(
+            d,
+            RetentionSettings {
+                raw_days: 30,
+                rows_days: 400,
+                ledger_days: 0,
+                interval: Duration::from_secs(300),
+                batch: 2000,
+            }
+        );
+        let ok = load_with(&[
+            ("AIQ_RETAIN_RAW_DAYS", "0"),
+            ("AIQ_RETAIN_ROWS_DAYS", "32"),
+            ("AIQ_RETAIN_LEDGER_DAYS", "62"),
+        ])
+        .unwrap()
+        .retention;
+        assert_eq!((ok.raw_days, ok.rows_days, ok.ledger_days), (0, 32, 62));
+        assert_eq!(
+            load_with(&[("AIQ_RETAIN_RAW_DAYS", "1")])
+                .unwrap()
+                .retention
+                .raw_days,
+            1
+        );
+        let refusals: [(&str, &str, &str); 5] = [
+            ("AIQ_RETAIN_ROWS_DAYS", "31", "at least 32"),
+            ("AIQ_RETAIN_ROWS_DAYS", "1", "0 (never)"),
+            ("AIQ_RETAIN_LEDGER_DAYS", "61", "at least 62"),
+            ("AIQ_RETAIN_RAW_DAYS", "36501", "out of range"),
+            ("AIQ_PRUNE_BATCH", "0", "out of range"),
+        ];
+        for (name, value, words) in refusals {
+            let e = load_with(&[(name, value)]).unwrap_err();
+            assert_eq!(e.name, name, "{value}");
+            assert!(e.problem.contains(words), "{name}={value}: {e}");
+        }
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod org_data;
 pub mod providers;
 pub mod queue;
 pub mod redact;
+pub mod retention;
 pub mod startup;
 pub mod store;
 pub mod systemd;

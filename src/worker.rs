@@ -153,7 +153,7 @@ pub async fn app(settings: &Settings, store: Store) -> anyhow::Result<Arc<App>> 
 }
 
 /// The background work, until `stop`: the sweeper of dead workers' reservations, the alert
-/// delivery loop, the webhook delivery loop, the organisations' limits and the spike check.
+/// delivery loop, the webhook delivery loop, the organisations' limits, the pruner and the spike check.
 fn spawn_budget_tasks(settings: &Settings, app: Arc<App>, stop: CancellationToken) {
     {
         let (app, stop) = (app.clone(), stop.clone());
@@ -249,6 +249,10 @@ fn spawn_budget_tasks(settings: &Settings, app: Arc<App>, stop: CancellationToke
             });
         }
         Err(e) => tracing::error!(error = %e, "webhooks cannot be delivered by this process"),
+    }
+    {
+        let (store, retention, stop) = (app.store.clone(), settings.retention, stop.clone());
+        tokio::spawn(async move { crate::retention::run(store, retention, stop).await });
     }
     let (multiple, min) = (settings.budget.spike_multiple, settings.budget.spike_min);
     tokio::spawn(async move {

@@ -1,6 +1,6 @@
 //! The `aiq` command line: one binary, one subcommand per job, one file per group of commands
 //! (`daemon`: run, migrate; `jobs`: enqueue, stats, job show|cancel; `dlq`; `money`: costs,
-//! budget; `settings`: config; `webhooks`; `org`: export, purge, set-limits, show).
+//! budget; `settings`: config; `webhooks`; `org`: export, purge, set-limits, show; `prune`).
 //!
 //! What the commands print of Redis and PostgreSQL was written by apps (ids, reasons, payloads,
 //! provider names): every such value goes through [`shown`] in text output, and JSON output
@@ -12,6 +12,7 @@ mod jobs;
 mod money;
 mod org;
 mod org_limits;
+mod prune;
 mod settings;
 mod webhooks;
 
@@ -105,6 +106,16 @@ enum Command {
         #[command(subcommand)]
         action: org::OrgAction,
     },
+    /// Prune old data now, by the AIQ_RETAIN_* settings (one pass; skipped with an error
+    /// while another process prunes). Needs AIQ_DATABASE_URL.
+    Prune {
+        /// Count what would be removed; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// One JSON line of counts per table and action.
+        #[arg(long)]
+        json: bool,
+    },
     /// One job: its status, or cancel it.
     Job {
         #[command(subcommand)]
@@ -189,6 +200,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Enqueue(args) => jobs::enqueue(args).await,
         Command::Stats { json, watch } => jobs::stats(json, watch).await,
         Command::Dlq { action } => dlq::dlq(action).await,
+        Command::Prune { dry_run, json } => prune::prune(dry_run, json).await,
         Command::Job { action } => jobs::job(action).await,
         Command::Config { json } => settings::print(json),
         Command::Costs { org, days, json } => money::costs(org, days, json).await,

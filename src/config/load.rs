@@ -7,7 +7,7 @@ use std::time::Duration;
 use super::{BreakerSettings, BudgetSettings, CallRetryPolicy, DatabaseSettings, LogFormat};
 use super::{ConfigError, Env, Secret, SecretUrl, bad};
 use super::{OnBudgetExceeded, ProviderSettings, QueueSettings, RedisSettings, RedisTls};
-use super::{RetryPolicy, Scheduling, Settings, WebhookSettings};
+use super::{RetentionSettings, RetryPolicy, Scheduling, Settings, WebhookSettings};
 use crate::tls::PemFile;
 
 /// `AIQ_STARTUP_WAIT_S` (0 to 86,400; an hour by default); also for `aiq migrate`, which loads
@@ -349,6 +349,38 @@ impl Settings {
                 tpm: env.value("AIQ_PROVIDER_TPM")?.per_provider(),
             },
             webhooks: WebhookSettings::load(env)?,
+            retention: RetentionSettings::load(env)?,
+        })
+    }
+}
+
+impl RetentionSettings {
+    /// The fewest days rows and delivered alerts may be kept: a month's budget window and its
+    /// alerts (once per window) must outlive it.
+    pub const MIN_ROWS_DAYS: u64 = 32;
+    /// The fewest days cost rows may be kept: the budget rebuilds this month's counters from
+    /// them, and the reports compare months.
+    pub const MIN_LEDGER_DAYS: u64 = 62;
+
+    /// The `AIQ_RETAIN_*` and `AIQ_PRUNE_*` settings (what `aiq prune` needs too).
+    pub fn load<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> Result<Self, ConfigError> {
+        let int = |name| env.value(name).map(|v| v.int());
+        let days = |name: &'static str, min: u64| -> Result<u32, ConfigError> {
+            let n = int(name)?;
+            if n != 0 && n < min {
+                return Err(bad(
+                    name,
+                    format!("{n} days is too short: 0 (never) or at least {min}"),
+                ));
+            }
+            Ok(n as u32)
+        };
+        Ok(Self {
+            raw_days: days("AIQ_RETAIN_RAW_DAYS", 1)?,
+            rows_days: days("AIQ_RETAIN_ROWS_DAYS", Self::MIN_ROWS_DAYS)?,
+            ledger_days: days("AIQ_RETAIN_LEDGER_DAYS", Self::MIN_LEDGER_DAYS)?,
+            interval: Duration::from_secs(int("AIQ_PRUNE_INTERVAL_S")?),
+            batch: int("AIQ_PRUNE_BATCH")? as u32,
         })
     }
 }

@@ -23,11 +23,12 @@ pub enum Area {
     Budget,
     Providers,
     Webhooks,
+    Retention,
 }
 
 impl Area {
     /// Every area, in the order of `.env.example` and `aiq config`.
-    pub const ALL: [Area; 11] = [
+    pub const ALL: [Area; 12] = [
         Area::Redis,
         Area::Database,
         Area::Queue,
@@ -39,6 +40,7 @@ impl Area {
         Area::Budget,
         Area::Providers,
         Area::Webhooks,
+        Area::Retention,
     ];
 
     /// The section's header in `.env.example`.
@@ -55,6 +57,7 @@ impl Area {
             Area::Budget => "Money",
             Area::Providers => "Providers",
             Area::Webhooks => "Webhooks",
+            Area::Retention => "Retention",
         }
     }
 
@@ -80,6 +83,11 @@ impl Area {
                 "Jobs' final events are posted, signed (Standard Webhooks), to the organisations' \
                  endpoints (`aiq webhooks add`) and to a job's callback_url, from an outbox in \
                  PostgreSQL."
+            }
+            Area::Retention => {
+                "Old rows are pruned by one process at a time (a PostgreSQL advisory lock), in \
+                 batches of short transactions, every AIQ_PRUNE_INTERVAL_S; `aiq prune` runs one \
+                 pass now. A retention of 0 days means never: that data is kept forever."
             }
             _ => "",
         }

@@ -1047,6 +1047,76 @@ pub static SETTINGS: &[Setting] = &[
             secrets.join(",")
         },
     },
+    // Retention.
+    Setting {
+        name: "AIQ_RETAIN_RAW_DAYS",
+        area: Area::Retention,
+        fallback: Fallback::Value("30"),
+        kind: Kind::Int {
+            min: 0,
+            max: 36_500,
+        },
+        secrecy: Secrecy::Public,
+        doc: "Providers' raw answers (ai_processing_results.raw_response) older than this many \
+              days are replaced by {\"pruned\": true} and raw_pruned_at is set; the row stays, \
+              with its status, cost and summary (0-36500; 0: never).",
+        show: |s| s.retention.raw_days.to_string(),
+    },
+    Setting {
+        name: "AIQ_RETAIN_ROWS_DAYS",
+        area: Area::Retention,
+        fallback: Fallback::Value("400"),
+        kind: Kind::Int {
+            min: 0,
+            max: 36_500,
+        },
+        secrecy: Secrecy::Public,
+        doc: "Result, error and usage rows (ai_processing_results, ai_processing_errors, \
+              ai_usage) and delivered budget alerts older than this many days are deleted \
+              (0-36500: 0, never, or at least 32). A job id whose result row is gone is no longer recognised: an \
+              app that reuses it after this many days gets the job run, and paid, again.",
+        show: |s| s.retention.rows_days.to_string(),
+    },
+    Setting {
+        name: "AIQ_RETAIN_LEDGER_DAYS",
+        area: Area::Retention,
+        fallback: Fallback::Value("0"),
+        kind: Kind::Int {
+            min: 0,
+            max: 36_500,
+        },
+        secrecy: Secrecy::Public,
+        doc: "Cost rows (ai_cost_tracking, the ledger the budget and the reports read) older \
+              than this many days are deleted (0-36500: 0, the default, never: the ledger is \
+              kept; else at least 62).",
+        show: |s| s.retention.ledger_days.to_string(),
+    },
+    Setting {
+        name: "AIQ_PRUNE_INTERVAL_S",
+        area: Area::Retention,
+        fallback: Fallback::Value("300"),
+        kind: Kind::Int {
+            min: 10,
+            max: 86_400,
+        },
+        secrecy: Secrecy::Public,
+        doc: "How often aiq run tries a pruning pass, in seconds (10-86400); a pass runs only \
+              where no other process is pruning.",
+        show: |s| s.retention.interval.as_secs().to_string(),
+    },
+    Setting {
+        name: "AIQ_PRUNE_BATCH",
+        area: Area::Retention,
+        fallback: Fallback::Value("2000"),
+        kind: Kind::Int {
+            min: 1,
+            max: 100_000,
+        },
+        secrecy: Secrecy::Public,
+        doc: "Rows changed or deleted per statement while pruning (1-100000), each batch its \
+              own short transaction.",
+        show: |s| s.retention.batch.to_string(),
+    },
 ];
 
 #[cfg(test)]

@@ -23,6 +23,7 @@ pub use limits::{CountOverrides, MAX_OVERRIDE_USD, OrgOverrides, OverrideChange}
 mod outcomes;
 pub use outcomes::{CancelledRow, ResultRow};
 mod reports;
+pub mod retention;
 pub mod tenant;
 pub mod webhooks;
 

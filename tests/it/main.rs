@@ -22,6 +22,7 @@ mod org_limits;
 mod pipeline;
 mod providers;
 mod queue;
+mod retention;
 mod retries;
 mod tenants;
 mod tls;

@@ -21,15 +21,18 @@ use aiq_testkit::fake::{FakeOptions, FakeProviders};
 use aiq_testkit::localsvc::{LocalPostgres, LocalRedis, free_port};
 
 /// Redis, PostgreSQL (migrated) and the settings of a daemon on them.
-struct World {
+pub(crate) struct World {
     _redis: LocalRedis,
     _pg: LocalPostgres,
-    settings: Settings,
-    queue: Queue,
-    store: Store,
+    pub(crate) settings: Settings,
+    pub(crate) queue: Queue,
+    pub(crate) store: Store,
 }
 
-async fn world(fake_url: &str, extra: &[(&'static str, String)]) -> anyhow::Result<World> {
+pub(crate) async fn world(
+    fake_url: &str,
+    extra: &[(&'static str, String)],
+) -> anyhow::Result<World> {
     let redis = LocalRedis::start("bench")?;
     let pg = LocalPostgres::start("bench")?;
     let mut vars = daemon_vars(&redis.url(), &pg.url("postgres"), fake_url);
@@ -82,6 +85,37 @@ async fn check_rows(r: &Report, store: &Store, n: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Enqueues `n` LLM jobs (the `pipeline` load), runs the worker until they are done (`done`
+/// jobs ran before) and stops it: the jobs per second and the time it took.
+pub(crate) async fn run_llm_jobs(
+    w: &World,
+    n: usize,
+    done: usize,
+) -> anyhow::Result<(u64, Duration)> {
+    enqueue_all(
+        &w.queue,
+        (0..n)
+            .map(|i| llm_job(Tier::ALL[i % 6], done + i))
+            .collect(),
+    )
+    .await?;
+    let app = aiq::worker::app(&w.settings, w.store.clone()).await?;
+    let stop = CancellationToken::new();
+    let start = Instant::now();
+    let worker = spawn_worker(w, app, stop.clone());
+    wait_drained(
+        &w.queue,
+        (done + n) as u64,
+        Duration::from_millis(10),
+        Duration::from_secs(900),
+    )
+    .await?;
+    let took = start.elapsed();
+    stop.cancel();
+    worker.await??;
+    Ok((rate(n, took), took))
+}
+
 pub(crate) async fn pipeline(opts: &BenchOptions) -> anyhow::Result<Report> {
     let mut r = Report::new("pipeline", opts.json);
     let n = opts.jobs.unwrap_or(if opts.quick { 2_000 } else { 30_000 });
@@ -99,26 +133,7 @@ pub(crate) async fn pipeline(opts: &BenchOptions) -> anyhow::Result<Report> {
         "pipeline: {} LLM jobs (openai, anthropic, gemini; six tiers; 50 organisations), fake providers at 0 ms, concurrency {concurrency}",
         thousands(n as u64)
     ));
-    enqueue_all(
-        &w.queue,
-        (0..n).map(|i| llm_job(Tier::ALL[i % 6], i)).collect(),
-    )
-    .await?;
-    let app = aiq::worker::app(&w.settings, w.store.clone()).await?;
-    let stop = CancellationToken::new();
-    let start = Instant::now();
-    let worker = spawn_worker(&w, app, stop.clone());
-    wait_drained(
-        &w.queue,
-        n as u64,
-        Duration::from_millis(10),
-        Duration::from_secs(900),
-    )
-    .await?;
-    let took = start.elapsed();
-    stop.cancel();
-    worker.await??;
-    let per_s = rate(n, took);
+    let (per_s, took) = run_llm_jobs(&w, n, 0).await?;
     r.say(format!(
         "  {} jobs/s through the whole path ({:.1} s): decode, budget reserve, provider call, rows in PostgreSQL, budget settle, ack",
         thousands(per_s),

@@ -19,9 +19,13 @@
 //!    peak RSS.
 //! 7. `events`: the time from a no-op job's settle to its `succeeded` event being read by a
 //!    blocked XREAD reader (p50, p99), and the no-op processing rate with events off and on.
+//! 8. `prune`: the `pipeline` load without pruning, then while a retention pass works through
+//!    1,000,000 old result rows: both rates, their ratio, and the rows the pass removed against
+//!    the rows the settings say should go.
 
 mod events;
 mod full;
+mod prune;
 mod queue;
 
 use std::collections::HashMap;
@@ -45,6 +49,7 @@ pub enum Scenario {
     Budget,
     Bodies,
     Events,
+    Prune,
     /// Every scenario, one after the other.
     All,
 }
@@ -130,6 +135,7 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
             Scenario::Budget,
             Scenario::Bodies,
             Scenario::Events,
+            Scenario::Prune,
         ],
         s => vec![s],
     };
@@ -142,6 +148,7 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
             Scenario::Budget => ("budget", full::budget(&opts).await),
             Scenario::Bodies => ("bodies", full::bodies(&opts).await),
             Scenario::Events => ("events", events::events(&opts).await),
+            Scenario::Prune => ("prune", prune::prune(&opts).await),
             Scenario::All => unreachable!("expanded above"),
         };
         report
