@@ -194,6 +194,9 @@ pub struct RetentionSettings {
     pub interval: Duration,
     /// Rows per statement.
     pub batch: u32,
+    /// After each batch the pruner rests this percentage of the time the batch took, so a pass
+    /// gives the pipeline most of the database (100: it works at most half the time).
+    pub pause_pct: u32,
 }
 
 /// Webhooks: retries, the failing mark, the addresses allowed, the callbacks' secret.
@@ -346,6 +349,7 @@ mod tests {
                 ledger_days: 0,
                 interval: Duration::from_secs(300),
                 batch: 2000,
+                pause_pct: 100,
             }
         );
         let ok = load_with(&[

@@ -1,7 +1,10 @@
 //! Pruning old data by the `AIQ_RETAIN_*` settings: one pass (`aiq prune`, or every
 //! `AIQ_PRUNE_INTERVAL_S` in `aiq run`) under the pruner's advisory lock, so one process at a time
 //! prunes and the others skip. Each part of a pass takes its cutoff once, then removes batches of
-//! `AIQ_PRUNE_BATCH` rows until a batch comes back short. The statements are `store::retention`'s.
+//! `AIQ_PRUNE_BATCH` rows until a batch comes back short, resting `AIQ_PRUNE_PAUSE_PCT` of each
+//! batch's time between them. The statements are `store::retention`'s.
+
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
@@ -78,10 +81,16 @@ async fn parts(
                 rows = store.prune_count(part, cutoff, keep_after).await?;
             } else {
                 while !stop.is_cancelled() {
+                    let started = tokio::time::Instant::now();
                     let n = store.prune_batch(part, cutoff, keep_after, r.batch).await?;
                     rows += n;
                     if n < u64::from(r.batch) {
                         break;
+                    }
+                    let rest = rest_after(started.elapsed(), r.pause_pct);
+                    tokio::select! {
+                        _ = stop.cancelled() => {}
+                        _ = tokio::time::sleep(rest) => {}
                     }
                 }
             }
@@ -94,6 +103,15 @@ async fn parts(
         });
     }
     Ok(out)
+}
+
+/// How long the pruner rests after a batch that took `took`: `pct` percent of it, at most a
+/// minute (a batch stalled by a lock does not park the pass for long after).
+fn rest_after(took: Duration, pct: u32) -> Duration {
+    took.saturating_mul(pct)
+        .checked_div(100)
+        .unwrap_or_default()
+        .min(Duration::from_secs(60))
 }
 
 /// `aiq run`'s pruner: a pass every `interval` until `stop`, skipped while another process
@@ -124,5 +142,24 @@ pub async fn run(store: Store, r: RetentionSettings, stop: CancellationToken) {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(r.interval) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rest_is_a_share_of_the_batch_and_never_over_a_minute() {
+        let ms = Duration::from_millis;
+        assert_eq!(rest_after(ms(40), 100), ms(40));
+        assert_eq!(rest_after(ms(40), 50), ms(20));
+        assert_eq!(rest_after(ms(40), 0), Duration::ZERO);
+        assert_eq!(rest_after(ms(40), 1000), ms(400));
+        assert_eq!(
+            rest_after(Duration::from_secs(3600), 1000),
+            Duration::from_secs(60)
+        );
+        assert_eq!(rest_after(Duration::MAX, 1000), Duration::from_secs(60));
     }
 }

@@ -381,6 +381,7 @@ impl RetentionSettings {
             ledger_days: days("AIQ_RETAIN_LEDGER_DAYS", Self::MIN_LEDGER_DAYS)?,
             interval: Duration::from_secs(int("AIQ_PRUNE_INTERVAL_S")?),
             batch: int("AIQ_PRUNE_BATCH")? as u32,
+            pause_pct: int("AIQ_PRUNE_PAUSE_PCT")? as u32,
         })
     }
 }

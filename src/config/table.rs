@@ -1117,6 +1117,17 @@ pub static SETTINGS: &[Setting] = &[
               own short transaction.",
         show: |s| s.retention.batch.to_string(),
     },
+    Setting {
+        name: "AIQ_PRUNE_PAUSE_PCT",
+        area: Area::Retention,
+        fallback: Fallback::Value("100"),
+        kind: Kind::Int { min: 0, max: 1000 },
+        secrecy: Secrecy::Public,
+        doc: "After each batch the pruner rests this percentage of the time the batch took \
+              (0-1000): 100, the default, keeps it to at most half the time, so a busy \
+              database serves the pipeline first; 0 prunes flat out.",
+        show: |s| s.retention.pause_pct.to_string(),
+    },
 ];
 
 #[cfg(test)]

@@ -78,7 +78,7 @@ pub(crate) async fn prune(opts: &BenchOptions) -> anyhow::Result<Report> {
     )
     .await?;
     r.say(format!(
-        "prune: {} old result rows (1-{SPREAD} days old), then {} LLM jobs twice: without pruning, and with a pass (raw answers {RAW_DAYS} days, rows {ROWS_DAYS}, batches of {batch}) running",
+        "prune: {} old result rows (1-{SPREAD} days old), then {} LLM jobs twice: without pruning, and with a pass (raw answers {RAW_DAYS} days, rows {ROWS_DAYS}, batches of {batch}, resting as long as each batch took) running",
         thousands(old),
         thousands(n as u64)
     ));
@@ -103,6 +103,7 @@ pub(crate) async fn prune(opts: &BenchOptions) -> anyhow::Result<Report> {
         ledger_days: 0,
         interval: Duration::from_secs(60),
         batch,
+        pause_pct: 100,
     };
     let store = w.store.clone();
     let pass = tokio::spawn(async move {
