@@ -204,20 +204,24 @@ async fn write(store: &Store, batch: &[Pending]) -> Result<Vec<MicroUsd>, StoreE
     }
 
     let added: Vec<(Option<Uuid>, String)> = sqlx::query_as(
+        concat!(
         "INSERT INTO ai_processing_results (subject_id, subject_type, organization_id, processing_type,
             ai_provider, raw_response, confidence_scores, processing_time_ms, api_cost_usd,
             error_message, status, processed_at, job_id, job_kind, tier, model, correlation_id, attempts)
-         SELECT subject_id, subject_type, org, 'initial', provider, raw_response, confidence_scores,
-            processing_ms, cost::numeric / 1000000, error_message, status, now(), job_id, job_kind,
-            tier, model, correlation_id, attempts
+         SELECT DISTINCT ON (org, job_id) subject_id, subject_type, org, 'initial', provider,
+            raw_response, confidence_scores, processing_ms, cost::numeric / 1000000, error_message,
+            status, now(), job_id, job_kind, tier, model, correlation_id, attempts
          FROM UNNEST($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::jsonb[], $6::jsonb[],
             $7::int[], $8::bigint[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[],
             $14::text[], $15::text[], $16::int[])
            AS t(subject_id, subject_type, org, provider, raw_response, confidence_scores,
             processing_ms, cost, error_message, status, job_id, job_kind, tier, model,
             correlation_id, attempts)
-         ON CONFLICT ON CONSTRAINT ai_processing_results_one_per_job DO NOTHING
-         RETURNING organization_id, job_id",
+         ORDER BY org, job_id, status = 'completed' DESC
+         ON CONFLICT ON CONSTRAINT ai_processing_results_one_per_job DO UPDATE SET ",
+        replace_failed!(),
+        " RETURNING organization_id, job_id"
+    ),
     )
     .bind(batch.iter().map(|p| p.job.subject_id).collect::<Vec<_>>())
     .bind(col(&|p| p.job.subject_type.clone()))

@@ -16,6 +16,24 @@ use crate::config::DatabaseSettings;
 use crate::domain::MicroUsd;
 use crate::tls::{Server, TlsFailure};
 
+/// The SET list and condition of a result row's `ON CONFLICT ... DO UPDATE SET`: a new row
+/// replaces the job's row only when it completed and that one did not (a job retried from the
+/// dead set, whose row said it failed for good). A completed row is never replaced, and a
+/// failure never replaces anything (a replayed job writes nothing new).
+macro_rules! replace_failed {
+    () => {
+        "subject_id = EXCLUDED.subject_id, subject_type = EXCLUDED.subject_type,
+            ai_provider = EXCLUDED.ai_provider, raw_response = EXCLUDED.raw_response,
+            raw_pruned_at = NULL, confidence_scores = EXCLUDED.confidence_scores,
+            processing_time_ms = EXCLUDED.processing_time_ms, api_cost_usd = EXCLUDED.api_cost_usd,
+            error_message = EXCLUDED.error_message, status = EXCLUDED.status,
+            processed_at = EXCLUDED.processed_at, job_kind = EXCLUDED.job_kind,
+            tier = EXCLUDED.tier, model = EXCLUDED.model, correlation_id = EXCLUDED.correlation_id,
+            attempts = EXCLUDED.attempts
+         WHERE ai_processing_results.status <> 'completed' AND EXCLUDED.status = 'completed'"
+    };
+}
+
 mod alerts;
 mod batch;
 mod limits;
@@ -445,14 +463,15 @@ impl Store {
         job: &JobRef,
         result: &ResultRecord,
     ) -> Result<bool, sqlx::Error> {
-        let added = sqlx::query(
+        let added = sqlx::query(concat!(
             "INSERT INTO ai_processing_results (subject_id, subject_type, organization_id, processing_type,
                 ai_provider, raw_response, confidence_scores, processing_time_ms, api_cost_usd,
                 error_message, status, processed_at, job_id, job_kind, tier, model, correlation_id, attempts)
              VALUES ($1, $2, $3, 'initial', $4, $5, $6, $7, $8::numeric / 1000000, $9, $10, now(), $11,
                 $12, $13, $14, $15, $16)
-             ON CONFLICT ON CONSTRAINT ai_processing_results_one_per_job DO NOTHING",
-        )
+             ON CONFLICT ON CONSTRAINT ai_processing_results_one_per_job DO UPDATE SET ",
+            replace_failed!()
+        ))
         .bind(job.subject_id)
         .bind(&job.subject_type)
         .bind(job.organization_id)

@@ -261,6 +261,57 @@ async fn every_final_state_leaves_exactly_one_terminal_event_with_the_contracts_
     assert_eq!(counted, Some(all.len() as u64));
 }
 
+/// A job that died after writing its failed row, retried from the dead set with `aiq dlq
+/// retry`: it runs again (its old row does not bury it again), and its success replaces that
+/// row. Before, the retried job went straight back to the dead set without a call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_job_retried_from_the_dead_set_runs_again_and_its_success_replaces_the_failed_row() {
+    let ctx = TestCtx::new().await;
+    // One attempt allowed, and the first call of this text answers 503: dead.
+    let id = enqueue_llm(&ctx, "[fake:flaky=1] caption it again", Duration::ZERO, 1).await;
+    let worker = ctx.start_worker();
+    wait_until(Duration::from_secs(60), "the job to die", || async {
+        state_of(&ctx, &id).await == Some("dead")
+    })
+    .await;
+    let row = || async {
+        sqlx::query_as::<_, (String, Option<String>)>(
+            "SELECT status, model FROM ai_processing_results WHERE job_id = $1",
+        )
+        .bind(&id)
+        .fetch_all(ctx.store.pool())
+        .await
+        .unwrap()
+    };
+    let before = row().await;
+    assert_eq!(before.len(), 1, "{before:?}");
+    assert_eq!(before[0].0, "failed", "the dead job's row: {before:?}");
+
+    let (code, out, err) = aiq(&ctx, &["dlq", "retry", &id]);
+    assert_eq!(code, 0, "aiq dlq retry: {err}");
+    assert!(out.contains("1 dead jobs queued again"), "{out}");
+    wait_until(
+        Duration::from_secs(60),
+        "the retried job to succeed",
+        || async { state_of(&ctx, &id).await == Some("succeeded") },
+    )
+    .await;
+    worker.stop().await;
+
+    let after = row().await;
+    assert_eq!(after.len(), 1, "still one row per job: {after:?}");
+    assert_eq!(after[0].0, "completed", "{after:?}");
+    assert_eq!(after[0].1.as_deref(), Some("gpt-4o-mini"), "{after:?}");
+    let types: Vec<String> = of_job(&events(&ctx).await, &id)
+        .iter()
+        .map(|e| e["type"].clone())
+        .filter(|t| t != "created" && t != "started")
+        .collect();
+    assert_eq!(types, ["dead", "retried", "succeeded"], "{types:?}");
+    let calls = ctx.fake_calls().await;
+    assert_eq!(openai_calls(&calls), 2, "one call per life: {calls}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_budget_deferred_job_is_delayed_for_budget_until_the_windows_reset() {
     let ctx = TestCtx::new().await;

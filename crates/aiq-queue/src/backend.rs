@@ -115,6 +115,8 @@ async fn fetch_checked(
                 Some(Err(_)) => Prior::Unknown,
                 Some(Ok(found)) => match found.get(&(j.organization_id.clone(), j.id.clone())) {
                     Some(true) => Prior::Completed,
+                    // Retried from the dead set: the failure is the one it was retried from.
+                    Some(false) if j.revived => Prior::Nothing,
                     Some(false) => Prior::Failed,
                     None => Prior::Nothing,
                 },

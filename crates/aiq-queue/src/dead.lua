@@ -3,8 +3,8 @@
 -- retry: the job becomes waiting again at the tail of its tier with its attempts reset; a job
 --        buried as corrupt whose hash lacks a known tier or organisation stays dead.
 -- purge: the job is deleted.
--- A retried job's outcome ({p}:outcome:<id>) is removed and a `retried` event appended (state
--- waiting, until now).
+-- A retried job's outcome ({p}:outcome:<id>) is removed, it is marked `revived` (its result row
+-- that failed does not bury it again) and a `retried` event appended (state waiting, until now).
 -- Returns one integer per id: 1 done, 0 not in the dead set (or not retryable).
 -- guard.lua is prepended.
 local base = KEYS[1]
@@ -34,7 +34,10 @@ for i = 2, #ARGV do
       -- Not a number (written by hand): a fresh token above any an old lease could hold.
       redis.call("HSET", job, "token", now)
     end
-    redis.call("HSET", job, "attempts", 0, "interrupts", 0, "state", "waiting", "ready_at", now)
+    -- `revived`: a result row that says it failed for good is from before, not a reason to
+    -- bury it again (the daemon runs it; a success replaces that row).
+    redis.call("HSET", job, "attempts", 0, "interrupts", 0, "state", "waiting", "ready_at", now,
+      "revived", 1)
     redis.call("HDEL", job, "dead_reason", "dead_at", "outcome", "due_at", "delay_reason")
     -- It is not finished any more: its outcome goes, and its event says it runs again.
     redis.pcall("DEL", base .. ":outcome:" .. id)

@@ -228,7 +228,7 @@ while #out < want and guard > 0 do
       taken[tier] = (taken[tier] or 0) + 1
       local job = base .. ":job:" .. id
       local f = redis.pcall("HMGET", job, "kind", "tier", "org", "payload", "attempts",
-        "max_attempts", "enqueued_at", "interrupts")
+        "max_attempts", "enqueued_at", "interrupts", "revived")
       local token, err = nil, f.err
       if not err and f[1] then
         token = redis.pcall("HINCRBY", job, "token", 1)
@@ -241,7 +241,8 @@ while #out < want and guard > 0 do
         leases[#leases + 1] = now + lease_ms
         leases[#leases + 1] = id
         out[#out + 1] = { id, tostring(token), f[1] or "", f[2] or "", f[3] or "", f[4] or "",
-          tostring(f[5] or "0"), tostring(f[6] or "0"), tostring(f[7] or "0"), tostring(f[8] or "0") }
+          tostring(f[5] or "0"), tostring(f[6] or "0"), tostring(f[7] or "0"), tostring(f[8] or "0"),
+          f[9] and "1" or "0" }
         event("started", id, f[3], f[2], f[1], "running", f[5])
         -- Counted under the organisation its hash names, as every end of the lease is.
         local o = f[3] or ""

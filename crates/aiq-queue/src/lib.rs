@@ -151,6 +151,9 @@ pub struct LeasedJob {
     pub interrupts: u32,
     /// The app chose the id (not the queue): it may name a job that already ran.
     pub own: bool,
+    /// An operator retried it from the dead set: a result row saying it failed for good is
+    /// from before, and a success replaces it.
+    pub revived: bool,
 }
 
 fn bytes_of(ids: &[String]) -> Vec<Vec<u8>> {
@@ -160,7 +163,7 @@ fn bytes_of(ids: &[String]) -> Vec<Vec<u8>> {
 /// One row of fetch.lua's answer as a job, or why it cannot be one: (id, token, reason), kept
 /// as bytes so that the job can still be settled.
 fn leased_job(row: Vec<Vec<u8>>) -> Result<LeasedJob, (Vec<u8>, Vec<u8>, String)> {
-    let Ok(fields) = <[Vec<u8>; 10]>::try_from(row) else {
+    let Ok(fields) = <[Vec<u8>; 11]>::try_from(row) else {
         return Err((Vec::new(), Vec::new(), "fetch returned a short row".into()));
     };
     let [
@@ -174,6 +177,7 @@ fn leased_job(row: Vec<Vec<u8>>) -> Result<LeasedJob, (Vec<u8>, Vec<u8>, String)
         max_attempts,
         enqueued_at,
         interrupts,
+        revived,
     ] = fields;
     let text = |name: &str, v: Vec<u8>| {
         String::from_utf8(v).map_err(|e| {
@@ -206,6 +210,7 @@ fn leased_job(row: Vec<Vec<u8>>) -> Result<LeasedJob, (Vec<u8>, Vec<u8>, String)
             interrupts: number("interrupts", &interrupts)?,
             // The queue's own ids start with "j-" (enqueue.lua refuses an app's id that does).
             own: !id.starts_with(b"j-"),
+            revived: revived == b"1",
         };
         if job.token.parse::<u64>().is_err() {
             return Err("its token is not a number".to_owned());
