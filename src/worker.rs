@@ -326,8 +326,9 @@ pub async fn run(
 const CANCELLED_BATCH: usize = 100;
 
 /// Writes the result rows of jobs that cancel.lua took out of the queue (status `cancelled`,
-/// cost 0), then removes their hashes and `{p}:cancelled` entries. Every process runs it; the
-/// rows are idempotent, so two that drain the same job write one row.
+/// cost 0), then removes their hashes and `{p}:cancelled` entries; and the rows of jobs that
+/// died inside Redis (`{p}:buried`: status `failed`, a `job.dead` message). Every process runs
+/// it; the rows are idempotent, so two that drain the same job write one row.
 async fn drain_cancelled(
     queue: Queue,
     store: Store,
@@ -344,6 +345,14 @@ async fn drain_cancelled(
                 pause = Duration::from_secs(2);
             }
         }
+        match drain_buried_once(&queue, &store, &callbacks).await {
+            Ok(n) if n >= CANCELLED_BATCH => pause = Duration::ZERO,
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "writing the rows of jobs that died in the queue failed; trying again");
+                pause = Duration::from_secs(2);
+            }
+        }
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(pause) => {}
@@ -351,8 +360,8 @@ async fn drain_cancelled(
     }
 }
 
-/// A cancelled job's `callback_url`, when its payload names one that decode would take (the
-/// job never ran, so its payload was never decoded): a string of at most 2,048 characters that
+/// The `callback_url` of a job that ended in the queue, when its payload names one that decode
+/// would take (a cancelled job never ran, so its payload was never decoded): a string of at most 2,048 characters that
 /// the callback policy accepts. Anything else is left out (the organisation's own endpoints are
 /// still told) and logged.
 async fn cancelled_callback(
@@ -377,6 +386,48 @@ async fn cancelled_callback(
             None
         }
     }
+}
+
+/// The longest reason a buried job's row and message carry (the scripts write short ones; a
+/// hash edited by hand may hold anything).
+const BURIED_REASON_CHARS: usize = 2_000;
+
+/// One batch of the rows of jobs that died inside Redis; returns how many it looked at. A job
+/// retried or purged since, or one without an organisation UUID (a corrupt hash), gets no row;
+/// every id looked at leaves `{p}:buried`, so none blocks the rest.
+async fn drain_buried_once(
+    queue: &Queue,
+    store: &Store,
+    callbacks: &crate::webhooks::address::AddressPolicy,
+) -> anyhow::Result<usize> {
+    let jobs = queue.buried_jobs(CANCELLED_BATCH).await?;
+    for job in &jobs {
+        let (Some(id), true) = (&job.id, job.dead) else {
+            continue;
+        };
+        let Ok(org) = uuid::Uuid::parse_str(&job.organization_id) else {
+            tracing::warn!(job.id = %crate::redact::Field::new(id),
+                "a job that died in the queue has no organisation UUID: no row is written");
+            continue;
+        };
+        let reason: String = if job.reason.is_empty() {
+            "dead in the queue".into()
+        } else {
+            job.reason.chars().take(BURIED_REASON_CHARS).collect()
+        };
+        let row = crate::store::CancelledRow {
+            organization_id: org,
+            job_id: id.clone(),
+            kind: job.kind.clone(),
+            tier: job.tier.clone(),
+            attempts: job.attempts.min(i32::MAX as u32) as i32,
+            callback_url: cancelled_callback(queue, id, callbacks).await,
+        };
+        store.record_buried(&row, &reason).await?;
+    }
+    let ids: Vec<Vec<u8>> = jobs.iter().map(|j| j.raw_id.clone()).collect();
+    queue.forget_buried(&ids).await?;
+    Ok(jobs.len())
 }
 
 /// One batch of [`drain_cancelled`]; returns how many jobs it looked at.

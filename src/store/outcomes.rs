@@ -23,7 +23,8 @@ pub struct ResultRow {
     pub summary: Option<ResultSummary>,
 }
 
-/// What a cancelled job's row is written from.
+/// What the row of a job that ended inside Redis is written from: cancelled while it waited,
+/// or dead there (its interrupts ran out, its hash was corrupt).
 #[derive(Debug, Clone)]
 pub struct CancelledRow {
     pub organization_id: Uuid,
@@ -105,14 +106,41 @@ impl Store {
     /// The organisation's webhook endpoints (and the job's `callback_url`) get its
     /// `job.cancelled` message in the same transaction, like every final result.
     pub async fn record_cancelled(&self, job: &CancelledRow) -> Result<bool, StoreError> {
+        self.record_ended_in_queue(job, Ending::Cancelled, "cancelled before it ran")
+            .await
+    }
+
+    /// The result row of a job that died inside Redis, where no handler could write it (its
+    /// worker stopped too often, its hash was corrupt): status `failed`, cost 0 in the row (what
+    /// its calls cost is in ai_cost_tracking), the reason as its error, and a `job.dead`
+    /// message. Idempotent as [`Store::record_cancelled`]: a job that already has a row (a
+    /// handler wrote it before its worker stopped) keeps it and gets no second message.
+    pub async fn record_buried(
+        &self,
+        job: &CancelledRow,
+        reason: &str,
+    ) -> Result<bool, StoreError> {
+        self.record_ended_in_queue(job, Ending::Dead, reason).await
+    }
+
+    async fn record_ended_in_queue(
+        &self,
+        job: &CancelledRow,
+        ending: Ending,
+        message: &str,
+    ) -> Result<bool, StoreError> {
+        let status = if ending == Ending::Cancelled {
+            "cancelled"
+        } else {
+            "failed"
+        };
         let receivers = self.webhook_receivers().await;
         let mut tx = self.pool().begin().await?;
         let inserted = sqlx::query(
             "INSERT INTO ai_processing_results (organization_id, processing_type, ai_provider,
                 raw_response, api_cost_usd, error_message, status, processed_at, job_id, job_kind,
                 tier, attempts)
-             VALUES ($1, 'initial', 'none', '{}'::jsonb, 0, 'cancelled before it ran', 'cancelled',
-                now(), $2, $3, $4, $5)
+             VALUES ($1, 'initial', 'none', '{}'::jsonb, 0, $6, $7, now(), $2, $3, $4, $5)
              ON CONFLICT ON CONSTRAINT ai_processing_results_one_per_job DO NOTHING",
         )
         .bind(job.organization_id)
@@ -120,6 +148,8 @@ impl Store {
         .bind(&*pg_text(&job.kind))
         .bind(&*pg_text(&job.tier))
         .bind(job.attempts)
+        .bind(&*pg_text(message))
+        .bind(status)
         .execute(&mut *tx)
         .await?
         .rows_affected()
@@ -137,12 +167,7 @@ impl Store {
                 execution: 0,
                 callback_url: job.callback_url.clone(),
             };
-            let event = JobEvent::new(
-                &job_ref,
-                Ending::Cancelled,
-                Some("cancelled before it ran"),
-                None,
-            );
+            let event = JobEvent::new(&job_ref, ending, Some(message), None);
             enqueue_with_receivers_in(&mut tx, &receivers, event.into_iter().collect()).await?;
         }
         tx.commit().await?;

@@ -974,3 +974,87 @@ async fn a_job_cancelled_while_it_waits_is_delivered_as_cancelled_to_its_endpoin
         "a cancelled job is never called"
     );
 }
+
+/// Jobs that die inside Redis, where no handler sees them end: one whose worker stopped more
+/// often than `AIQ_MAX_INTERRUPTS` allows, and one whose lease token was overwritten by hand
+/// (the reaper buries it as corrupt). Each gets a `failed` row with its reason and cost 0, and
+/// its organisation's endpoint one `job.dead` delivery; both stay in the dead set, retryable.
+/// Before, they had a `dead` event and nothing else: no row, no webhook.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_that_die_inside_redis_get_a_failed_row_and_one_dead_delivery() {
+    let ctx =
+        ctx_allowing_the_receiver(&[("AIQ_LEASE_MS", "1000"), ("AIQ_MAX_INTERRUPTS", "1")]).await;
+    let (r, port) = receiver(&[]).await;
+    let org = uuid::Uuid::parse_str(ORG_A).unwrap();
+    ctx.store
+        .add_webhook_endpoint(
+            org,
+            &format!("http://127.0.0.1:{port}/hooks"),
+            ENDPOINT_SECRET,
+        )
+        .await
+        .unwrap();
+    let interrupted = enqueue_llm(&ctx, "its worker never comes back", 3).await;
+    let corrupt = enqueue_llm(&ctx, "a hash edited by hand", 3).await;
+    // A worker that dies holding both leases: taken here and never settled.
+    assert_eq!(ctx.queue.fetch(2).await.unwrap().len(), 2);
+    let _: () = redis::AsyncCommands::hset(
+        &mut ctx.redis().await,
+        ctx.key(&format!("job:{corrupt}")),
+        "token",
+        "not a number",
+    )
+    .await
+    .unwrap();
+
+    let worker = ctx.start_worker();
+    wait_delivered(&ctx, 2).await;
+    wait_until(Duration::from_secs(60), "{p}:buried to drain", || async {
+        ctx.queue.buried_count().await.unwrap() == 0
+    })
+    .await;
+    worker.stop().await;
+
+    for (id, why) in [
+        (&interrupted, "interrupted 1 times"),
+        (
+            &corrupt,
+            "corrupt: its token or interrupt count is not a number",
+        ),
+    ] {
+        let (status, error, cost): (String, Option<String>, String) = sqlx::query_as(
+            "SELECT status, error_message, api_cost_usd::text FROM ai_processing_results
+             WHERE job_id = $1",
+        )
+        .bind(id)
+        .fetch_one(ctx.store.pool())
+        .await
+        .unwrap_or_else(|e| panic!("the row of {id}: {e}"));
+        assert_eq!(status, "failed", "{id}");
+        assert!(
+            error.as_deref().unwrap_or("").contains(why),
+            "{id}: {error:?}"
+        );
+        assert_eq!(cost, "0.000000", "{id}");
+    }
+    let got = r.got();
+    assert_eq!(got.len(), 2, "one delivery per job: {got:?}");
+    for g in &got {
+        verify(g, &[ENDPOINT_SECRET]);
+        let b = body_of(g);
+        assert_eq!(b["type"], "job.dead", "{b}");
+        assert_eq!(b["data"]["state"], "dead", "{b}");
+        assert_eq!(b["data"]["organization_id"], ORG_A, "{b}");
+        let job = b["data"]["job_id"].as_str().unwrap_or_default();
+        assert!(job == interrupted || job == corrupt, "{b}");
+    }
+    assert_ne!(
+        body_of(&got[0])["data"]["job_id"],
+        body_of(&got[1])["data"]["job_id"]
+    );
+    assert_eq!(
+        ctx.queue.stats().await.unwrap().dead,
+        2,
+        "both stay dead, retryable"
+    );
+}

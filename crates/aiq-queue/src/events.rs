@@ -175,6 +175,23 @@ pub struct CancelledJob {
     pub cancelled_at_ms: i64,
 }
 
+/// A job that died inside Redis (its interrupts ran out in fetch.lua, or a script buried its
+/// corrupt hash), listed in `{p}:buried` until the daemon wrote its result row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuriedJob {
+    /// The id as Redis holds it: [`Queue::forget_buried`] takes these bytes.
+    pub raw_id: Vec<u8>,
+    /// The id as text; `None` when it is not UTF-8 (no row can name it).
+    pub id: Option<String>,
+    /// False when it left the dead set since (retried or purged): nothing to write.
+    pub dead: bool,
+    pub organization_id: String,
+    pub tier: String,
+    pub kind: String,
+    pub attempts: u32,
+    pub reason: String,
+}
+
 /// The most events one stream entry may hold: a script call writes one entry, and no call
 /// changes more jobs than this (settle takes 200 items, fetch leases at most its batch).
 pub const MAX_EVENTS_PER_ENTRY: usize = 10_000;
@@ -490,6 +507,65 @@ impl Queue {
             n += removed.max(0) as usize;
         }
         Ok(n)
+    }
+
+    /// The oldest jobs that died inside Redis without a result row, at most `limit`, each as
+    /// its hash reads now (a hash that is gone or not dead any more says so in `dead`).
+    pub async fn buried_jobs(&self, limit: usize) -> Result<Vec<BuriedJob>, QueueError> {
+        let mut conn = self.conn.clone();
+        let ids: Vec<Vec<u8>> = conn
+            .zrange(self.key("buried"), 0, limit.max(1) as isize - 1)
+            .await?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let names = ["state", "org", "tier", "kind", "attempts", "dead_reason"];
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for id in &ids {
+            let mut key = self.key("job:").into_bytes();
+            key.extend_from_slice(id);
+            pipe.cmd("HMGET").arg(key).arg(&names);
+        }
+        let replies: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
+        Ok(ids
+            .into_iter()
+            .zip(replies)
+            .map(|(raw_id, reply)| {
+                let values =
+                    redis::from_redis_value_ref::<Vec<Option<Vec<u8>>>>(&reply).unwrap_or_default();
+                let f = fields(&names, values);
+                let text = |name: &str| f.get(name).cloned().unwrap_or_default();
+                BuriedJob {
+                    id: String::from_utf8(raw_id.clone()).ok(),
+                    raw_id,
+                    dead: f.get("state").map(String::as_str) == Some("dead"),
+                    organization_id: text("org"),
+                    tier: text("tier"),
+                    kind: text("kind"),
+                    attempts: f.get("attempts").and_then(|v| v.parse().ok()).unwrap_or(0),
+                    reason: text("dead_reason"),
+                }
+            })
+            .collect())
+    }
+
+    /// Takes these ids out of `{p}:buried` (their rows are written, or there is none to
+    /// write); the jobs stay in the dead set. Returns how many were listed.
+    pub async fn forget_buried(&self, ids: &[Vec<u8>]) -> Result<usize, QueueError> {
+        let mut n = 0;
+        for chunk in ids.chunks(crate::SCRIPT_CHUNK) {
+            let mut conn = self.conn.clone();
+            let removed: usize = conn.zrem(self.key("buried"), chunk).await?;
+            n += removed;
+        }
+        Ok(n)
+    }
+
+    /// Jobs that died inside Redis whose rows the daemon has not written yet.
+    pub async fn buried_count(&self) -> Result<u64, QueueError> {
+        let mut conn = self.conn.clone();
+        Ok(conn.zcard(self.key("buried")).await?)
     }
 
     /// Every cancelled job not yet forgotten (0 once the daemon drained them).

@@ -82,6 +82,8 @@ for _, id in ipairs(get("ZRANGEBYSCORE", inflight, "-inf", now, "LIMIT", 0, reap
         put("HINCRBY", counters, "dead", 1)
         event("dead", id, f[1], f[2], f[3], "dead", f[4], "error", reason)
         outcome(id, "dead", f[1], f[2], f[3], f[4], reason, "")
+        -- No handler saw it die: the daemon writes its result row from here.
+        put("ZADD", base .. ":buried", now, id)
       elseif push(id, true) then
         event("interrupted", id, f[1], f[2], f[3], "waiting", f[4])
       end

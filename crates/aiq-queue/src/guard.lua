@@ -276,4 +276,6 @@ local function bury(id, why)
   event("dead", id, text(f[1]), text(f[2]), text(f[3]), "dead", tonumber(f[4]) or 0,
     "error", "corrupt: " .. why)
   outcome(id, "dead", text(f[1]), text(f[2]), text(f[3]), tonumber(f[4]) or 0, "corrupt: " .. why, "")
+  -- No handler saw it die: the daemon writes its result row from here.
+  put("ZADD", G_base .. ":buried", G_now, id)
 end

@@ -28,6 +28,7 @@
 //! | `{p}:outcome:<id>` | hash | a finished job's state, attempts, error, result summary |
 //! | `{p}:outcomes` | zset | finished jobs' ids, scored by finish time (ms) |
 //! | `{p}:cancelled` | zset | jobs cancel.lua took out, until the daemon wrote their rows |
+//! | `{p}:buried` | zset | jobs that died inside Redis (interrupts ran out, a corrupt hash), until the daemon wrote their rows |
 //! | `{p}:config` | hash | the settings the scripts read (events on/off, the stream's and outcomes' bounds) |
 //! | `{p}:org_inflight` | hash | leased jobs per organisation, for the fleet-wide cap fetch.lua keeps |
 //! | `{p}:org_limits` | hash | per-organisation caps on leased jobs (0: none), the daemon's copy of PostgreSQL's overrides |
