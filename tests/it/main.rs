@@ -11,6 +11,7 @@ mod outcomes;
 mod answers;
 mod binary;
 mod boundary;
+mod browser;
 mod chaos;
 mod clients;
 mod cluster;
