@@ -276,6 +276,12 @@ impl Browser {
         }
     }
 
+    /// Deletes every cookie of the current page's site (a fresh sign-in without a new browser).
+    pub async fn delete_cookies(&self) -> anyhow::Result<()> {
+        self.send(self.http.delete(self.url("/cookie"))).await?;
+        Ok(())
+    }
+
     /// Saves a PNG of the window to `path` (folders made as needed) and returns its bytes.
     pub async fn screenshot_png(&self, path: &Path) -> anyhow::Result<Vec<u8>> {
         let v = self.get("/screenshot").await?;

@@ -266,8 +266,8 @@ pub(crate) async fn console(opts: &BenchOptions) -> anyhow::Result<Report> {
         ("login", "/console/login".to_owned(), false),
         ("overview", "/console/".to_owned(), true),
         (
-            "jobs (pro, waiting)",
-            "/console/jobs?tier=pro&state=waiting".to_owned(),
+            "jobs (one tier, waiting)",
+            "/console/jobs?tier=professional_agency&state=waiting".to_owned(),
             true,
         ),
         ("job (waiting)", format!("/console/jobs/{waiting_id}"), true),
@@ -275,7 +275,7 @@ pub(crate) async fn console(opts: &BenchOptions) -> anyhow::Result<Report> {
         ("dead", "/console/dead".to_owned(), true),
         (
             "dead (filtered by tier)",
-            "/console/dead?tier=pro".to_owned(),
+            "/console/dead?tier=professional_agency".to_owned(),
             true,
         ),
         ("dead job", format!("/console/dead/{dead_id}"), true),
