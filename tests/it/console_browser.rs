@@ -138,12 +138,15 @@ async fn an_operator_signs_in_sees_the_backlog_and_retries_a_dead_job_from_its_p
     }
     screenshot(&b, "overview").await;
 
+    // ORG_A's waiting professional_agency jobs: the even ones of the four.
     b.goto(&format!(
-        "{base}/console/jobs?tier=professional_agency&state=waiting"
+        "{base}/console/jobs?tier=professional_agency&org={ORG_A}&state=waiting"
     ))
     .await
     .unwrap();
     b.wait_for("table#job-list", WAIT).await.unwrap();
+    let listed = b.find_all("table#job-list td:first-child").await.unwrap();
+    assert_eq!(listed.len(), 2, "ORG_A's waiting professional_agency jobs");
     screenshot(&b, "jobs").await;
 
     b.find("a#nav-dead").await.unwrap().click().await.unwrap();
@@ -166,12 +169,21 @@ async fn an_operator_signs_in_sees_the_backlog_and_retries_a_dead_job_from_its_p
     b.wait_for("div#flash", WAIT).await.unwrap();
 
     let job_page = format!("{base}/console/jobs/{}", dead[0]);
-    wait_until(WAIT, "the retried job's page to say succeeded", || async {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
         b.goto(&job_page).await.unwrap();
         let state = b.find("dd#state").await.unwrap().text().await.unwrap();
-        state.trim() == "succeeded"
-    })
-    .await;
+        if state.trim() == "succeeded" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the retried job's page says {:?} after {WAIT:?}, not succeeded; dead set {:?}",
+            state,
+            ctx.queue.dead_page(0, 10).await.unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let status: String = sqlx::query_scalar(
         "SELECT status FROM ai_processing_results WHERE job_id = $1 AND organization_id = $2::uuid",
     )
