@@ -37,7 +37,7 @@ pub fn die_with_parent(cmd: &mut Command, signal: libc::c_int) {
     }
 }
 
-fn find_binary(name: &str) -> Option<PathBuf> {
+pub(crate) fn find_binary(name: &str) -> Option<PathBuf> {
     if let Some(paths) = std::env::var_os("PATH") {
         for dir in std::env::split_paths(&paths) {
             let candidate = dir.join(name);
@@ -101,7 +101,7 @@ fn stop_child(child: &mut Child, signal: libc::c_int) {
 
 /// A folder for one run's servers. Its name carries our pid, so a later run can remove the
 /// folders of runs that died without cleaning up.
-fn run_folder(label: &str) -> anyhow::Result<PathBuf> {
+pub(crate) fn run_folder(label: &str) -> anyhow::Result<PathBuf> {
     let base = std::env::temp_dir();
     let prefix = format!("aiq-{label}-");
     if let Ok(entries) = std::fs::read_dir(&base) {

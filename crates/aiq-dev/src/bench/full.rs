@@ -387,7 +387,7 @@ fn daemon_binary() -> anyhow::Result<std::path::PathBuf> {
 }
 
 /// An `aiq run` process on the given settings' variables.
-fn spawn_daemon(vars: &[(&'static str, String)]) -> anyhow::Result<Child> {
+pub(crate) fn spawn_daemon(vars: &[(&'static str, String)]) -> anyhow::Result<Child> {
     let mut cmd = Command::new(daemon_binary()?);
     aiq_testkit::localsvc::die_with_parent(&mut cmd, libc::SIGTERM);
     cmd.arg("run")
@@ -399,7 +399,7 @@ fn spawn_daemon(vars: &[(&'static str, String)]) -> anyhow::Result<Child> {
         .context("starting aiq run")
 }
 
-fn sigterm_and_wait(mut child: Child) -> anyhow::Result<std::process::ExitStatus> {
+pub(crate) fn sigterm_and_wait(mut child: Child) -> anyhow::Result<std::process::ExitStatus> {
     // SAFETY: kill with a pid we own.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     Ok(child.wait()?)

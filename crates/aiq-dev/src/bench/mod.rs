@@ -22,7 +22,10 @@
 //! 8. `prune`: the `pipeline` load without pruning, then while a retention pass works through
 //!    1,000,000 old result rows: both rates, their ratio, and the rows the pass removed against
 //!    the rows the settings say should go.
+//! 9. `console`: 1,000,000 waiting jobs (plus dead and delayed ones) behind one `aiq run`
+//!    with console tokens; each console page fetched 200 times while signed in: p50, p99, max.
 
+mod console;
 mod events;
 mod full;
 mod prune;
@@ -50,6 +53,7 @@ pub enum Scenario {
     Bodies,
     Events,
     Prune,
+    Console,
     /// Every scenario, one after the other.
     All,
 }
@@ -136,6 +140,7 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
             Scenario::Bodies,
             Scenario::Events,
             Scenario::Prune,
+            Scenario::Console,
         ],
         s => vec![s],
     };
@@ -149,6 +154,7 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
             Scenario::Bodies => ("bodies", full::bodies(&opts).await),
             Scenario::Events => ("events", events::events(&opts).await),
             Scenario::Prune => ("prune", prune::prune(&opts).await),
+            Scenario::Console => ("console", console::console(&opts).await),
             Scenario::All => unreachable!("expanded above"),
         };
         report
