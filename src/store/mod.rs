@@ -21,7 +21,7 @@ mod batch;
 mod limits;
 pub use limits::{CountOverrides, MAX_OVERRIDE_USD, OrgOverrides, OverrideChange};
 mod outcomes;
-pub use outcomes::{CancelledRow, ResultRow};
+pub use outcomes::{CancelledRow, ResultRow, complete_status};
 mod reports;
 pub mod retention;
 pub mod tenant;

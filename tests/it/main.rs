@@ -14,6 +14,7 @@ mod boundary;
 mod chaos;
 mod clients;
 mod cluster;
+mod console;
 mod crash;
 mod enqueue_props;
 mod exposure;
