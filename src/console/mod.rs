@@ -9,6 +9,7 @@ pub mod auth;
 mod dead;
 pub mod html;
 mod jobs;
+mod money;
 mod overview;
 
 use std::sync::Arc;
@@ -56,6 +57,7 @@ pub fn router(src: Sources, settings: ConsoleSettings) -> Router {
         .route("/console/dead/{id}", get(dead::show))
         .route("/console/dead/{id}/retry", post(dead::retry_one))
         .route("/console/dead/{id}/purge", post(dead::purge_one))
+        .route("/console/money", get(money::page))
         .layer(axum::middleware::map_response(secure_headers))
         .with_state(state)
 }

@@ -20,6 +20,8 @@ mod alerts;
 mod batch;
 mod limits;
 pub use limits::{CountOverrides, MAX_OVERRIDE_USD, OrgOverrides, OverrideChange};
+mod console;
+pub use console::{AlertShown, OrgSpend};
 mod outcomes;
 pub use outcomes::{CancelledRow, ResultRow, complete_status};
 mod reports;

@@ -252,31 +252,40 @@ async fn a_viewer_cannot_act_an_action_needs_its_csrf_token_and_a_retry_is_audit
     assert_eq!(row.2["count"], 1);
 }
 
-#[test]
-fn run_on_a_non_loopback_admin_address_without_tokens_exits_2_naming_the_setting() {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let ctx = rt.block_on(TestCtx::new());
-    let out = crate::harness::aiq_command()
-        .envs(&ctx.vars)
-        .env("AIQ_ADMIN_ADDR", "0.0.0.0:0")
+/// `aiq run` with these settings: its exit code and stderr. A daemon that starts instead of
+/// exiting is killed after a minute and counts as no exit code.
+async fn run_exit(ctx: &TestCtx, env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let mut cmd = tokio::process::Command::from(crate::harness::aiq_command());
+    cmd.envs(&ctx.vars)
         .env_remove("AIQ_CONSOLE_OPERATOR_TOKENS")
         .env_remove("AIQ_CONSOLE_VIEWER_TOKENS")
+        .envs(env.iter().copied())
         .arg("run")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let child = cmd.spawn().unwrap();
+    match tokio::time::timeout(Duration::from_secs(60), child.wait_with_output()).await {
+        Ok(out) => {
+            let out = out.unwrap();
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        }
+        Err(_) => (None, "still running after a minute".into()),
+    }
+}
+
+#[tokio::test]
+async fn run_on_a_non_loopback_admin_address_without_tokens_exits_2_naming_the_setting() {
+    let ctx = TestCtx::new().await;
+    let (code, err) = run_exit(&ctx, &[("AIQ_ADMIN_ADDR", "0.0.0.0:0")]).await;
+    assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("AIQ_CONSOLE_OPERATOR_TOKENS"), "{err}");
-    // A token that is too short is refused too, by name.
-    let out = crate::harness::aiq_command()
-        .envs(&ctx.vars)
-        .env("AIQ_ADMIN_ADDR", "0.0.0.0:0")
-        .env("AIQ_CONSOLE_VIEWER_TOKENS", "vic:short")
-        .arg("run")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    // A token that is too short is refused too, by name, even on loopback.
+    let (code, err) = run_exit(&ctx, &[("AIQ_CONSOLE_VIEWER_TOKENS", "vic:short")]).await;
+    assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("AIQ_CONSOLE_VIEWER_TOKENS"), "{err}");
 }
 
@@ -416,6 +425,18 @@ async fn every_page_answers_with_the_contract_ids_and_escapes_what_it_shows() {
             r#"<form id="purge""#,
             r#"<button id="purge""#,
             "&lt;script&gt;alert(1)&lt;/script&gt;",
+        ]),
+    )
+    .await;
+    page(
+        "/console/money".into(),
+        200,
+        s(&[
+            "<h1>Money</h1>",
+            r#"<section id="spend-chart">"#,
+            "<svg",
+            r#"<table id="org-spend">"#,
+            r#"<table id="alerts">"#,
         ]),
     )
     .await;
