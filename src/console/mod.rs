@@ -10,6 +10,7 @@ mod dead;
 pub mod html;
 mod jobs;
 mod money;
+mod orgs;
 mod overview;
 
 use std::sync::Arc;
@@ -58,6 +59,9 @@ pub fn router(src: Sources, settings: ConsoleSettings) -> Router {
         .route("/console/dead/{id}/retry", post(dead::retry_one))
         .route("/console/dead/{id}/purge", post(dead::purge_one))
         .route("/console/money", get(money::page))
+        .route("/console/orgs", get(orgs::list))
+        .route("/console/orgs/{org}", get(orgs::show))
+        .route("/console/orgs/{org}/limits", post(orgs::set_limits))
         .layer(axum::middleware::map_response(secure_headers))
         .with_state(state)
 }

@@ -119,3 +119,16 @@ impl Store {
             .collect())
     }
 }
+
+impl Store {
+    /// The tier of an organisation's latest cost row (one row through the org's index).
+    pub async fn org_latest_tier(&self, org: Uuid) -> Result<Option<String>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT tier FROM ai_cost_tracking WHERE organization_id = $1 AND tier IS NOT NULL
+             ORDER BY created_at DESC LIMIT 1",
+        )
+        .bind(org)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+}

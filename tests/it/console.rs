@@ -534,3 +534,86 @@ async fn retry_and_purge_of_the_jobs_matching_a_filter_change_exactly_those() {
     assert!(ctx.queue.job_fields(&ids[1]).await.unwrap().is_empty());
     assert!(is_dead(&ctx, &ids[2]).await);
 }
+
+#[tokio::test]
+async fn an_operator_changes_an_organisations_limits_from_its_page_and_a_viewer_cannot() {
+    let ctx = TestCtx::new().await;
+    let c = Console::start(&ctx).await;
+    let op = c.sign_in(OPERATOR).await;
+    let viewer = c.sign_in(VIEWER).await;
+    let path = format!("/console/orgs/{ORG_A}");
+    let (code, page) = c.get(&viewer, &path).await;
+    assert_eq!(code, 200, "{page}");
+    assert!(page.contains(r#"<table id="limits">"#), "{page}");
+    assert!(!page.contains(r#"id="set-limits""#), "{page}");
+    let vcsrf = c.csrf(&viewer).await;
+    let action = format!("{path}/limits");
+    let ask = |csrf: &str| {
+        vec![
+            ("csrf".to_owned(), csrf.to_owned()),
+            ("in_flight".to_owned(), "7".to_owned()),
+            ("daily_usd".to_owned(), "12.5".to_owned()),
+        ]
+    };
+    fn form(v: &[(String, String)]) -> Vec<(&str, &str)> {
+        v.iter().map(|(k, x)| (k.as_str(), x.as_str())).collect()
+    }
+    assert_eq!(c.post(&viewer, &action, &form(&ask(&vcsrf))).await.0, 403);
+    assert_eq!(c.post(&op, &action, &form(&ask(""))).await.0, 403);
+    let none = ctx
+        .store
+        .org_overrides(OrganizationId::parse(ORG_A).unwrap().as_uuid())
+        .await
+        .unwrap();
+    assert_eq!(none.max_in_flight, None);
+
+    let (_, page) = c.get(&op, &path).await;
+    for id in [
+        r#"<form id="set-limits""#,
+        r#"name="in_flight""#,
+        r#"name="jobs_per_minute""#,
+        r#"name="daily_usd""#,
+        r#"name="monthly_usd""#,
+        r#"<button id="save-limits">"#,
+    ] {
+        assert!(page.contains(id), "{id}: {page}");
+    }
+    let csrf = c.csrf(&op).await;
+    let (code, to) = c.post(&op, &action, &form(&ask(&csrf))).await;
+    assert_eq!(code, 303);
+    let own = ctx
+        .store
+        .org_overrides(OrganizationId::parse(ORG_A).unwrap().as_uuid())
+        .await
+        .unwrap();
+    assert_eq!(own.max_in_flight, Some(7));
+    assert_eq!(own.daily.map(|d| d.micros()), Some(12_500_000));
+    assert_eq!(own.jobs_per_minute, None, "an empty field is left as it is");
+    let (_, page) = c.get(&op, &to).await;
+    assert!(
+        page.contains(r#"<div id="flash">Limits saved</div>"#),
+        "{page}"
+    );
+    assert!(
+        page.contains(r#"<tr data-limit="in_flight"><td>jobs in flight</td>"#),
+        "{page}"
+    );
+    assert_eq!(
+        ctx.scalar_i64("SELECT count(*) FROM aiq_audit_log WHERE action = 'console.org.set_limits' AND actor = 'olga'").await,
+        1
+    );
+    // A value that is not a limit is refused and changes nothing.
+    let bad = vec![("csrf", csrf.as_str()), ("in_flight", "<script>")];
+    let (code, _) = c.post(&op, &action, &bad).await;
+    assert_eq!(code, 400);
+    let own = ctx
+        .store
+        .org_overrides(OrganizationId::parse(ORG_A).unwrap().as_uuid())
+        .await
+        .unwrap();
+    assert_eq!(own.max_in_flight, Some(7));
+    // The list page answers.
+    let (code, page) = c.get(&op, "/console/orgs").await;
+    assert_eq!(code, 200);
+    assert!(page.contains(r#"<table id="orgs">"#), "{page}");
+}
