@@ -179,6 +179,101 @@ pub struct Settings {
     pub breaker: BreakerSettings,
     pub webhooks: WebhookSettings,
     pub retention: RetentionSettings,
+    pub console: ConsoleSettings,
+}
+
+/// A console sign-in's role: a viewer sees, an operator may also act.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConsoleRole {
+    Viewer,
+    Operator,
+}
+
+impl ConsoleRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConsoleRole::Viewer => "viewer",
+            ConsoleRole::Operator => "operator",
+        }
+    }
+}
+
+/// One console sign-in: its name (shown and audited), role and token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConsoleToken {
+    pub name: String,
+    pub role: ConsoleRole,
+    pub token: Secret,
+}
+
+/// The console's sign-ins (`AIQ_CONSOLE_*_TOKENS`) and how long a session lasts. No tokens:
+/// the console is open, as operator, to requests whose Host is loopback only (see
+/// `console::auth`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConsoleSettings {
+    pub tokens: Vec<ConsoleToken>,
+    pub session: Duration,
+}
+
+impl Default for ConsoleSettings {
+    fn default() -> Self {
+        Self {
+            tokens: Vec::new(),
+            session: Duration::from_secs(12 * 3600),
+        }
+    }
+}
+
+/// The shortest console token accepted.
+pub const CONSOLE_TOKEN_MIN: usize = 24;
+
+impl ConsoleSettings {
+    /// The `name:token` list of one role, as the setting was written.
+    pub fn shown(&self, role: ConsoleRole) -> String {
+        self.tokens
+            .iter()
+            .filter(|t| t.role == role)
+            .map(|t| format!("{}:{}", t.name, t.token.expose()))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Parses one role's `name:token,name:token` list.
+    pub fn parse_tokens(
+        name: &'static str,
+        role: ConsoleRole,
+        text: &str,
+    ) -> Result<Vec<ConsoleToken>, ConfigError> {
+        let mut out = Vec::new();
+        for item in text.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            let Some((who, token)) = item.split_once(':') else {
+                return Err(bad(name, "each entry is name:token"));
+            };
+            let (who, token) = (who.trim(), token.trim());
+            if who.is_empty()
+                || !who
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@'))
+            {
+                return Err(bad(
+                    name,
+                    "a name is letters, digits and - _ . @ (it is shown on the pages)",
+                ));
+            }
+            if token.chars().count() < CONSOLE_TOKEN_MIN {
+                return Err(bad(
+                    name,
+                    format!("the token of {who} is shorter than {CONSOLE_TOKEN_MIN} characters"),
+                ));
+            }
+            out.push(ConsoleToken {
+                name: who.to_owned(),
+                role,
+                token: Secret::new(token),
+            });
+        }
+        Ok(out)
+    }
 }
 
 /// How long old data is kept (`AIQ_RETAIN_*`, in days, 0 = never pruned) and how the pruner

@@ -1,7 +1,8 @@
 //! The admin port: `/metrics` (Prometheus text), `/healthz` (the process is alive) and `/readyz`
 //! (JSON: Redis, PostgreSQL, the providers' circuit breakers and the platform budget, each
 //! healthy / degraded / unhealthy, and overall; 503 when unhealthy). An open breaker or a nearly
-//! spent budget is degraded: jobs wait, but the daemon itself is fine.
+//! spent budget is degraded: jobs wait, but the daemon itself is fine. The console (`console`)
+//! is served on the same port under `/console/`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -29,6 +30,16 @@ pub struct Sources {
     pub store: Store,
     pub budget: Budget,
     pub breakers: Breakers,
+    /// The console's sign-ins (`AIQ_CONSOLE_*`); none: open on a loopback Host only.
+    pub console: crate::config::ConsoleSettings,
+}
+
+impl Sources {
+    /// The same sources with the console's sign-ins of `settings`.
+    pub fn with_console(mut self, console: crate::config::ConsoleSettings) -> Self {
+        self.console = console;
+        self
+    }
 }
 
 /// An error as /readyz shows it: with the password of any URL in it masked (a connection error
@@ -44,7 +55,7 @@ async fn healthz() -> &'static str {
 }
 
 /// The platform's budget state in today's and this month's windows.
-async fn global_budget(
+pub(crate) async fn global_budget(
     budget: &Budget,
 ) -> Result<Vec<crate::budget::ScopeState>, crate::budget::BudgetError> {
     let any = crate::budget::OrgLimits {
@@ -206,11 +217,13 @@ pub async fn serve(
         .map_err(|e| anyhow::anyhow!("setting AIQ_ADMIN_ADDR: cannot listen on {addr}: {e}"))?;
     let bound = listener.local_addr()?;
     crate::observe::prometheus();
+    let console = crate::console::router(sources.clone(), sources.console.clone());
     let router = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .with_state(Arc::new(sources));
+        .with_state(Arc::new(sources))
+        .merge(console);
     tokio::spawn(async move {
         let _ = axum::serve(listener, router)
             .with_graceful_shutdown(async move { stop.cancelled().await })

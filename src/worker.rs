@@ -82,6 +82,7 @@ pub fn admin_sources(queue: &Queue, app: &App) -> crate::http::Sources {
         store: app.store.clone(),
         budget: app.budget.clone(),
         breakers: app.breakers.clone(),
+        console: Default::default(),
     }
 }
 

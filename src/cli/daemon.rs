@@ -63,7 +63,7 @@ pub(super) async fn run_daemon() -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let admin = crate::http::serve(
         settings.admin_addr,
-        crate::worker::admin_sources(&queue, &app),
+        crate::worker::admin_sources(&queue, &app).with_console(settings.console.clone()),
         shutdown.clone(),
     )
     .await?;

@@ -227,36 +227,11 @@ async fn show(
             shown(id)
         );
     }
-    let Some((row_org, row)) = rows.into_iter().next() else {
-        return Ok(status);
-    };
-    let summary = row
-        .summary
-        .as_ref()
-        .and_then(|s| serde_json::to_value(s).ok());
-    Ok(Some(match status {
-        Some(mut s) => {
-            s.result = summary.or(s.result);
-            s
-        }
-        None => JobStatus {
-            id: id.to_owned(),
-            state: match row.status.as_str() {
-                "completed" => JobState::Succeeded,
-                "cancelled" => JobState::Cancelled,
-                _ => JobState::Failed,
-            },
-            organization_id: row_org.to_string(),
-            tier: row.tier.unwrap_or_default(),
-            kind: row.kind,
-            attempts: row.attempts.max(0) as u32,
-            due_at: None,
-            delay_reason: None,
-            last_error: row.error_message.filter(|_| row.status != "completed"),
-            finished_at: row.processed_at.map(|t| t.timestamp_millis()),
-            result: summary,
-        },
-    }))
+    Ok(crate::store::complete_status(
+        status,
+        id,
+        rows.into_iter().next(),
+    ))
 }
 
 async fn store() -> anyhow::Result<crate::store::Store> {

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use super::{BreakerSettings, BudgetSettings, CallRetryPolicy, DatabaseSettings, LogFormat};
-use super::{ConfigError, Env, Secret, SecretUrl, bad};
+use super::{ConfigError, ConsoleRole, ConsoleSettings, Env, Secret, SecretUrl, bad};
 use super::{OnBudgetExceeded, ProviderSettings, QueueSettings, RedisSettings, RedisTls};
 use super::{RetentionSettings, RetryPolicy, Scheduling, Settings, WebhookSettings};
 use crate::tls::PemFile;
@@ -282,6 +282,29 @@ impl Settings {
         }
         let shutdown_grace = millis("AIQ_SHUTDOWN_GRACE_MS")?;
         let admin_addr = env.value("AIQ_ADMIN_ADDR")?.addr();
+        let mut console_tokens = Vec::new();
+        for (name, role) in [
+            ("AIQ_CONSOLE_OPERATOR_TOKENS", ConsoleRole::Operator),
+            ("AIQ_CONSOLE_VIEWER_TOKENS", ConsoleRole::Viewer),
+        ] {
+            if let Some(text) = env.value(name)?.text() {
+                console_tokens.extend(ConsoleSettings::parse_tokens(name, role, &text)?);
+            }
+        }
+        if console_tokens.is_empty() && !admin_addr.ip().is_loopback() {
+            return Err(bad(
+                "AIQ_CONSOLE_OPERATOR_TOKENS",
+                format!(
+                    "the admin port {admin_addr} is not loopback: set console tokens \
+                     (AIQ_CONSOLE_OPERATOR_TOKENS or AIQ_CONSOLE_VIEWER_TOKENS) so its console \
+                     is not open to anyone"
+                ),
+            ));
+        }
+        let console = ConsoleSettings {
+            tokens: console_tokens,
+            session: Duration::from_secs(int("AIQ_CONSOLE_SESSION_H")? * 3600),
+        };
         let log_format = match env.value("AIQ_LOG_FORMAT")?.word() {
             "json" => LogFormat::Json,
             "text" => LogFormat::Text,
@@ -311,6 +334,7 @@ impl Settings {
             call_retry,
             shutdown_grace,
             admin_addr,
+            console,
             log_format,
             vision: provider(
                 "AIQ_VISION_BASE_URL",

@@ -526,6 +526,38 @@ pub static SETTINGS: &[Setting] = &[
               answer).",
         show: |s| s.admin_addr.to_string(),
     },
+    Setting {
+        name: "AIQ_CONSOLE_OPERATOR_TOKENS",
+        area: Area::Admin,
+        fallback: Fallback::Unset,
+        kind: Kind::Text,
+        secrecy: Secrecy::Secret,
+        doc: "The console's operator sign-ins (they may retry, purge and change limits): a \
+              comma-separated list of name:token, each token at least 24 characters; the name \
+              is shown on the pages and in the audit log. A secret. On an AIQ_ADMIN_ADDR other \
+              than loopback, aiq run refuses to start without operator or viewer tokens.",
+        show: |s| s.console.shown(crate::config::ConsoleRole::Operator),
+    },
+    Setting {
+        name: "AIQ_CONSOLE_VIEWER_TOKENS",
+        area: Area::Admin,
+        fallback: Fallback::Unset,
+        kind: Kind::Text,
+        secrecy: Secrecy::Secret,
+        doc: "The console's viewer sign-ins (they see every page, change nothing): name:token, \
+              comma-separated, as AIQ_CONSOLE_OPERATOR_TOKENS. A secret.",
+        show: |s| s.console.shown(crate::config::ConsoleRole::Viewer),
+    },
+    Setting {
+        name: "AIQ_CONSOLE_SESSION_H",
+        area: Area::Admin,
+        fallback: Fallback::Value("12"),
+        kind: Kind::Int { min: 1, max: 720 },
+        secrecy: Secrecy::Public,
+        doc: "A console sign-in lasts this many hours (1-720). Sessions also end when the \
+              process restarts.",
+        show: |s| (s.console.session.as_secs() / 3600).to_string(),
+    },
     // Logs and Sentry.
     Setting {
         name: "AIQ_LOG_FORMAT",

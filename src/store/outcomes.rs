@@ -195,3 +195,43 @@ fn result_row(row: Row) -> ResultRow {
         summary,
     }
 }
+
+/// A job's status as Redis holds it, completed from its PostgreSQL result row once it finished
+/// (or made from the row alone once Redis has forgotten the job). `aiq job show` and the console.
+pub fn complete_status(
+    status: Option<aiq_queue::events::JobStatus>,
+    id: &str,
+    row: Option<(Uuid, ResultRow)>,
+) -> Option<aiq_queue::events::JobStatus> {
+    use aiq_queue::events::{JobState, JobStatus};
+    let Some((row_org, row)) = row else {
+        return status;
+    };
+    let summary = row
+        .summary
+        .as_ref()
+        .and_then(|s| serde_json::to_value(s).ok());
+    Some(match status {
+        Some(mut s) => {
+            s.result = summary.or(s.result);
+            s
+        }
+        None => JobStatus {
+            id: id.to_owned(),
+            state: match row.status.as_str() {
+                "completed" => JobState::Succeeded,
+                "cancelled" => JobState::Cancelled,
+                _ => JobState::Failed,
+            },
+            organization_id: row_org.to_string(),
+            tier: row.tier.unwrap_or_default(),
+            kind: row.kind,
+            attempts: row.attempts.max(0) as u32,
+            due_at: None,
+            delay_reason: None,
+            last_error: row.error_message.filter(|_| row.status != "completed"),
+            finished_at: row.processed_at.map(|t| t.timestamp_millis()),
+            result: summary,
+        },
+    })
+}

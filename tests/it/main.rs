@@ -15,6 +15,7 @@ mod browser;
 mod chaos;
 mod clients;
 mod cluster;
+mod console;
 mod console_browser;
 mod crash;
 mod enqueue_props;

@@ -34,6 +34,7 @@
 //! | `{p}:org_limits` | hash | per-organisation caps on leased jobs (0: none), the daemon's copy of PostgreSQL's overrides |
 
 pub mod backend;
+pub mod browse;
 pub mod conn;
 pub mod events;
 pub mod org;

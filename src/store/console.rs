@@ -1,0 +1,134 @@
+//! Bounded reads for the console's money page: spend per provider and day (30 days x providers
+//! rows), a page of organisations by this month's spend, the latest alerts.
+
+use chrono::{DateTime, NaiveDate, Utc};
+use uuid::Uuid;
+
+use super::{Store, StoreError};
+use crate::domain::MicroUsd;
+
+/// An organisation's spend today and this month, with its own limits when it has any.
+#[derive(Debug, Clone)]
+pub struct OrgSpend {
+    pub organization_id: Uuid,
+    pub today: MicroUsd,
+    pub month: MicroUsd,
+    pub daily_limit: Option<MicroUsd>,
+    pub monthly_limit: Option<MicroUsd>,
+}
+
+/// An alert as the console lists it.
+#[derive(Debug, Clone)]
+pub struct AlertShown {
+    pub created_at: DateTime<Utc>,
+    pub scope: String,
+    pub threshold: String,
+    pub message: String,
+    pub delivered_at: Option<DateTime<Utc>>,
+    pub delivery_attempts: i32,
+}
+
+/// org, today, month, daily limit, monthly limit (micro-USD).
+type SpendRow = (Uuid, i64, i64, Option<i64>, Option<i64>);
+/// created, scope, threshold, message, delivered, tries.
+type AlertTuple = (
+    DateTime<Utc>,
+    String,
+    String,
+    String,
+    Option<DateTime<Utc>>,
+    i32,
+);
+
+impl Store {
+    /// Spend per provider and day over the last `days` days, oldest first.
+    pub async fn spend_per_provider_day(
+        &self,
+        days: i32,
+    ) -> Result<Vec<(NaiveDate, String, MicroUsd)>, StoreError> {
+        let rows: Vec<(NaiveDate, String, i64)> = sqlx::query_as(
+            "SELECT billing_date, service_name, (sum(cost_usd) * 1000000)::bigint
+             FROM ai_cost_tracking WHERE billing_date >= CURRENT_DATE - $1
+             GROUP BY 1, 2 ORDER BY 1, 2",
+        )
+        .bind(days)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(d, p, m)| (d, p, MicroUsd::from_micros(m)))
+            .collect())
+    }
+
+    /// A page of organisations by this month's spend, most first, `offset` into that order.
+    pub async fn org_spend_page(
+        &self,
+        offset: i64,
+        limit: i64,
+    ) -> Result<Vec<OrgSpend>, StoreError> {
+        let rows: Vec<SpendRow> = sqlx::query_as(
+            "SELECT s.organization_id, s.today, s.month,
+                    (l.daily_limit_usd * 1000000)::bigint, (l.monthly_limit_usd * 1000000)::bigint
+             FROM (SELECT organization_id,
+                          COALESCE((sum(cost_usd) FILTER (WHERE billing_date = CURRENT_DATE)
+                                    * 1000000)::bigint, 0) AS today,
+                          COALESCE((sum(cost_usd) * 1000000)::bigint, 0) AS month
+                   FROM ai_cost_tracking
+                   WHERE billing_date >= date_trunc('month', CURRENT_DATE)::date
+                     AND organization_id IS NOT NULL
+                   GROUP BY 1 ORDER BY 3 DESC, 1 OFFSET $1 LIMIT $2) s
+             LEFT JOIN ai_cost_limits l ON l.organization_id = s.organization_id
+             ORDER BY s.month DESC, s.organization_id",
+        )
+        .bind(offset)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        let usd = MicroUsd::from_micros;
+        Ok(rows
+            .into_iter()
+            .map(|(o, t, m, d, ml)| OrgSpend {
+                organization_id: o,
+                today: usd(t),
+                month: usd(m),
+                daily_limit: d.map(usd),
+                monthly_limit: ml.map(usd),
+            })
+            .collect())
+    }
+
+    /// The latest `limit` alerts, newest first.
+    pub async fn latest_alerts(&self, limit: i64) -> Result<Vec<AlertShown>, StoreError> {
+        let rows: Vec<AlertTuple> = sqlx::query_as(
+            "SELECT created_at, scope, threshold, message, delivered_at, delivery_attempts
+                 FROM ai_cost_alerts ORDER BY created_at DESC LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(c, s, t, m, d, a)| AlertShown {
+                created_at: c,
+                scope: s,
+                threshold: t,
+                message: m,
+                delivered_at: d,
+                delivery_attempts: a,
+            })
+            .collect())
+    }
+}
+
+impl Store {
+    /// The tier of an organisation's latest cost row (one row through the org's index).
+    pub async fn org_latest_tier(&self, org: Uuid) -> Result<Option<String>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT tier FROM ai_cost_tracking WHERE organization_id = $1 AND tier IS NOT NULL
+             ORDER BY created_at DESC LIMIT 1",
+        )
+        .bind(org)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+}

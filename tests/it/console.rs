@@ -1,0 +1,619 @@
+//! The console on the admin port, over plain HTTP: sign-in, roles, CSRF, the audit rows, the
+//! pages' ids (docs/console/CONTRACT.md), escaping, and the dead set's actions.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use aiq::config::{ConsoleRole, ConsoleSettings, ConsoleToken, Secret};
+use aiq::domain::{OrganizationId, Tier};
+use aiq::queue::{NewJob, Outcome, Settlement};
+use tokio_util::sync::CancellationToken;
+
+use crate::harness::{ORG_A, ORG_B, TestCtx, llm_payload};
+
+const OPERATOR: &str = "operator-token-0123456789abcdef";
+const VIEWER: &str = "viewer-token-0123456789abcdefgh";
+
+const FORM: &str = "application/x-www-form-urlencoded";
+
+/// A form body, as a browser sends it.
+fn encode(fields: &[(&str, &str)]) -> String {
+    url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(fields)
+        .finish()
+}
+
+struct Console {
+    addr: SocketAddr,
+    http: reqwest::Client,
+    _stop: tokio_util::sync::DropGuard,
+}
+
+impl Console {
+    async fn start(ctx: &TestCtx) -> Self {
+        let app = aiq::worker::app(&ctx.settings, ctx.store.clone())
+            .await
+            .unwrap();
+        let tokens = vec![
+            ConsoleToken {
+                name: "olga".into(),
+                role: ConsoleRole::Operator,
+                token: Secret::new(OPERATOR),
+            },
+            ConsoleToken {
+                name: "vic".into(),
+                role: ConsoleRole::Viewer,
+                token: Secret::new(VIEWER),
+            },
+        ];
+        let stop = CancellationToken::new();
+        let addr = aiq::http::serve(
+            "127.0.0.1:0".parse().unwrap(),
+            aiq::worker::admin_sources(&ctx.queue, &app).with_console(ConsoleSettings {
+                tokens,
+                session: Duration::from_secs(3600),
+            }),
+            stop.clone(),
+        )
+        .await
+        .unwrap();
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap();
+        Self {
+            addr,
+            http,
+            _stop: stop.drop_guard(),
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Signs in with a token; returns the session's Cookie header value.
+    async fn sign_in(&self, token: &str) -> String {
+        let r = self
+            .http
+            .post(self.url("/console/login"))
+            .header("content-type", FORM)
+            .body(encode(&[("token", token)]))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 303);
+        assert_eq!(r.headers()["location"], "/console/");
+        let set = r.headers()["set-cookie"].to_str().unwrap().to_owned();
+        assert!(
+            set.contains("HttpOnly")
+                && set.contains("SameSite=Strict")
+                && set.contains("Path=/console"),
+            "{set}"
+        );
+        set.split(';').next().unwrap().to_owned()
+    }
+
+    async fn get(&self, cookie: &str, path: &str) -> (u16, String) {
+        let r = self
+            .http
+            .get(self.url(path))
+            .header("cookie", cookie)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    }
+
+    async fn post(&self, cookie: &str, path: &str, form: &[(&str, &str)]) -> (u16, String) {
+        let r = self
+            .http
+            .post(self.url(path))
+            .header("cookie", cookie)
+            .header("content-type", FORM)
+            .body(encode(form))
+            .send()
+            .await
+            .unwrap();
+        let loc = r
+            .headers()
+            .get("location")
+            .map(|l| l.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        (r.status().as_u16(), loc)
+    }
+
+    /// The session's CSRF token, from a page's hidden field.
+    async fn csrf(&self, cookie: &str) -> String {
+        let (_, page) = self.get(cookie, "/console/dead").await;
+        let at = page.find(r#"name="csrf" value=""#).expect("a csrf field") + 19;
+        page[at..].split('"').next().unwrap().to_owned()
+    }
+}
+
+/// Enqueues one job per (tier, org, text) and buries them all; returns their ids.
+async fn dead_jobs(ctx: &TestCtx, jobs: &[(Tier, &str, &str)]) -> Vec<String> {
+    let mut ids = Vec::new();
+    for (tier, org, text) in jobs {
+        let job = NewJob {
+            kind: aiq::domain::JobKind::LlmComplete,
+            tier: *tier,
+            organization_id: OrganizationId::parse(org).unwrap(),
+            payload: llm_payload(*tier, org, text),
+            job_id: None,
+            delay: Duration::ZERO,
+            idempotency_key: None,
+            max_attempts: 0,
+        };
+        ids.push(ctx.queue.enqueue(&job).await.unwrap().job_id);
+    }
+    let leased = ctx.queue.fetch(ids.len()).await.unwrap();
+    assert_eq!(leased.len(), ids.len());
+    let kill: Vec<Settlement> = leased
+        .iter()
+        .map(|l| Settlement {
+            id: l.id.clone(),
+            token: l.token.clone(),
+            outcome: Outcome::Dead {
+                reason: "bad <b>input</b>".into(),
+            },
+        })
+        .collect();
+    ctx.queue.settle(&kill).await.unwrap();
+    ids
+}
+
+async fn is_dead(ctx: &TestCtx, id: &str) -> bool {
+    ctx.queue
+        .job_fields(id)
+        .await
+        .unwrap()
+        .get("state")
+        .map(String::as_str)
+        == Some("dead")
+}
+
+#[tokio::test]
+async fn a_viewer_cannot_act_an_action_needs_its_csrf_token_and_a_retry_is_audited() {
+    let ctx = TestCtx::new().await;
+    let id = dead_jobs(&ctx, &[(Tier::Trial, ORG_A, "x")])
+        .await
+        .remove(0);
+    let c = Console::start(&ctx).await;
+    let retry = format!("/console/dead/{id}/retry");
+    let purge = format!("/console/dead/{id}/purge");
+
+    // Signed out: pages send to the sign-in form, actions are 401.
+    let r = c.http.get(c.url("/console/")).send().await.unwrap();
+    assert_eq!(r.status(), 303);
+    assert_eq!(r.headers()["location"], "/console/login");
+    assert_eq!(c.post("", &retry, &[]).await.0, 401);
+    let (code, form) = c.get("", "/console/login").await;
+    assert_eq!(code, 200);
+    assert!(form.contains(r#"<form id="login""#) && form.contains(r#"id="sign-in""#));
+    let r = c
+        .http
+        .post(c.url("/console/login"))
+        .header("content-type", FORM)
+        .body(encode(&[("token", "not-a-token-of-this-console-at-all")]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(r.headers().get("set-cookie").is_none());
+    // A cookie made up by hand is no session.
+    assert_eq!(c.get("aiq_console=b3BlcmF0b3I.x", "/console/").await.0, 303);
+
+    // A viewer sees the dead job without buttons, and is refused both actions.
+    let viewer = c.sign_in(VIEWER).await;
+    let (code, page) = c.get(&viewer, &format!("/console/dead/{id}")).await;
+    assert_eq!(code, 200);
+    assert!(
+        page.contains(r#"<span id="who">vic (viewer)</span>"#),
+        "{page}"
+    );
+    assert!(!page.contains(r#"id="retry""#) && !page.contains(r#"id="purge""#));
+    let vcsrf = c.csrf(&viewer).await;
+    assert_eq!(c.post(&viewer, &retry, &[("csrf", &vcsrf)]).await.0, 403);
+    assert_eq!(c.post(&viewer, &purge, &[("csrf", &vcsrf)]).await.0, 403);
+    assert!(is_dead(&ctx, &id).await);
+
+    // An operator without the token, or with another session's: 403, nothing changes.
+    let op = c.sign_in(OPERATOR).await;
+    assert_eq!(c.post(&op, &retry, &[]).await.0, 403);
+    assert_eq!(c.post(&op, &purge, &[("csrf", &vcsrf)]).await.0, 403);
+    assert!(is_dead(&ctx, &id).await);
+    let audited = "SELECT count(*) FROM aiq_audit_log WHERE action LIKE 'console.%'";
+    assert_eq!(ctx.scalar_i64(audited).await, 0);
+
+    // With it: 303 to the job's page, which says what was done; the job waits again.
+    let csrf = c.csrf(&op).await;
+    let (code, to) = c.post(&op, &retry, &[("csrf", &csrf)]).await;
+    assert_eq!(code, 303);
+    assert!(to.starts_with(&format!("/console/dead/{id}")), "{to}");
+    let (_, page) = c.get(&op, &to).await;
+    assert!(
+        page.contains(r#"<div id="flash">1 dead jobs queued again</div>"#),
+        "{page}"
+    );
+    assert!(!is_dead(&ctx, &id).await);
+    assert_eq!(ctx.queue.stats().await.unwrap().waiting["trial"], 1);
+    let row = sqlx::query_as::<_, (String, String, serde_json::Value)>(
+        "SELECT actor, action, details FROM aiq_audit_log",
+    )
+    .fetch_one(ctx.store.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        (row.0.as_str(), row.1.as_str()),
+        ("olga", "console.dead.retry")
+    );
+    assert_eq!(row.2["ids"][0], id.as_str());
+    assert_eq!(row.2["count"], 1);
+}
+
+/// `aiq run` with these settings: its exit code and stderr. A daemon that starts instead of
+/// exiting is killed after a minute and counts as no exit code.
+async fn run_exit(ctx: &TestCtx, env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let mut cmd = tokio::process::Command::from(crate::harness::aiq_command());
+    cmd.envs(&ctx.vars)
+        .env_remove("AIQ_CONSOLE_OPERATOR_TOKENS")
+        .env_remove("AIQ_CONSOLE_VIEWER_TOKENS")
+        .envs(env.iter().copied())
+        .arg("run")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let child = cmd.spawn().unwrap();
+    match tokio::time::timeout(Duration::from_secs(60), child.wait_with_output()).await {
+        Ok(out) => {
+            let out = out.unwrap();
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        }
+        Err(_) => (None, "still running after a minute".into()),
+    }
+}
+
+#[tokio::test]
+async fn run_on_a_non_loopback_admin_address_without_tokens_exits_2_naming_the_setting() {
+    let ctx = TestCtx::new().await;
+    let (code, err) = run_exit(&ctx, &[("AIQ_ADMIN_ADDR", "0.0.0.0:0")]).await;
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("AIQ_CONSOLE_OPERATOR_TOKENS"), "{err}");
+    // A token that is too short is refused too, by name, even on loopback.
+    let (code, err) = run_exit(&ctx, &[("AIQ_CONSOLE_VIEWER_TOKENS", "vic:short")]).await;
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("AIQ_CONSOLE_VIEWER_TOKENS"), "{err}");
+}
+
+#[tokio::test]
+async fn every_page_answers_with_the_contract_ids_and_escapes_what_it_shows() {
+    let ctx = TestCtx::new().await;
+    let id = dead_jobs(
+        &ctx,
+        &[(Tier::Enterprise, ORG_A, "<script>alert(1)</script>")],
+    )
+    .await
+    .remove(0);
+    for _ in 0..3 {
+        ctx.queue
+            .enqueue(&NewJob {
+                kind: aiq::domain::JobKind::LlmComplete,
+                tier: Tier::GrowthTeam,
+                organization_id: OrganizationId::parse(ORG_B).unwrap(),
+                payload: llm_payload(Tier::GrowthTeam, ORG_B, "w"),
+                job_id: None,
+                delay: Duration::ZERO,
+                idempotency_key: None,
+                max_attempts: 0,
+            })
+            .await
+            .unwrap();
+    }
+    let c = Console::start(&ctx).await;
+    let op = c.sign_in(OPERATOR).await;
+    let nav = [
+        r#"<nav id="nav">"#,
+        r#"id="nav-overview""#,
+        r#"id="nav-jobs""#,
+        r#"id="nav-dead""#,
+        r#"id="nav-money""#,
+        r#"id="nav-orgs""#,
+        r#"<span id="who">olga (operator)</span>"#,
+    ];
+    let page = |path: String, code: u16, ids: Vec<String>| {
+        let c = &c;
+        let op = &op;
+        async move {
+            let (got, body) = c.get(op, &path).await;
+            assert_eq!(got, code, "{path}: {body}");
+            for want in nav.iter().map(|s| s.to_string()).chain(ids) {
+                assert!(body.contains(&want), "{path} lacks {want}: {body}");
+            }
+            assert!(
+                !body.contains("<script>alert"),
+                "{path} does not escape: {body}"
+            );
+            assert!(!body.contains("<b>input"), "{path} does not escape: {body}");
+            body
+        }
+    };
+    let s = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let body = page(
+        "/console/".into(),
+        200,
+        s(&[
+            "<h1>Overview</h1>",
+            r#"<table id="tiers">"#,
+            r#"<section id="breakers""#,
+            r#"<section id="spend""#,
+        ]),
+    )
+    .await;
+    for t in Tier::ALL {
+        assert!(
+            body.contains(&format!(r#"<tr data-tier="{}">"#, t.as_str())),
+            "{body}"
+        );
+    }
+    assert!(
+        body.contains(r#"<tr data-tier="growth_team"><th><a href="/console/jobs?tier=growth_team">growth_team</a></th><td class="waiting">3</td>"#),
+        "{body}"
+    );
+    page(
+        format!("/console/jobs/{id}"),
+        200,
+        s(&[
+            r#"<dd id="state">dead</dd>"#,
+            r#"<dd id="attempts">1</dd>"#,
+            r#"<table id="events">"#,
+        ]),
+    )
+    .await;
+    page(
+        "/console/jobs/no-such-job".into(),
+        404,
+        s(&[r#"<dd id="state">not found</dd>"#]),
+    )
+    .await;
+    let r = c
+        .http
+        .get(c.url(&format!("/console/jobs?id={id}")))
+        .header("cookie", &op)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.headers()["location"],
+        format!("/console/jobs/{id}").as_str()
+    );
+    let body = page(
+        format!("/console/jobs?state=waiting&tier=growth_team&org={ORG_B}"),
+        200,
+        s(&[r#"<table id="job-list">"#]),
+    )
+    .await;
+    assert_eq!(body.matches("<tr data-id=").count(), 3, "{body}");
+    page(
+        "/console/dead".into(),
+        200,
+        s(&[
+            r#"<form id="dead-filter""#,
+            r#"<form id="dead-selected""#,
+            r#"<table id="dead-list">"#,
+            &format!(r#"<tr data-id="{id}">"#),
+            &format!(r#"<input type="checkbox" name="id" value="{id}">"#),
+            r#"id="retry-selected""#,
+            r#"id="purge-selected""#,
+            r#"<form id="dead-matching""#,
+            r#"<span id="matching-count">1</span>"#,
+            r#"id="retry-matching""#,
+            r#"id="purge-matching""#,
+            "bad &lt;b&gt;input&lt;/b&gt;",
+        ]),
+    )
+    .await;
+    page(
+        format!("/console/dead/{id}"),
+        200,
+        s(&[
+            r#"<form id="retry""#,
+            r#"<button id="retry">"#,
+            r#"<form id="purge""#,
+            r#"<button id="purge""#,
+            "&lt;script&gt;alert(1)&lt;/script&gt;",
+        ]),
+    )
+    .await;
+    page(
+        "/console/money".into(),
+        200,
+        s(&[
+            "<h1>Money</h1>",
+            r#"<section id="spend-chart">"#,
+            "<svg",
+            r#"<table id="org-spend">"#,
+            r#"<table id="alerts">"#,
+        ]),
+    )
+    .await;
+    // The assets are built in, and every answer carries the headers.
+    let r = c
+        .http
+        .get(c.url("/console/assets/console.css"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.headers()["cache-control"]
+            .to_str()
+            .unwrap()
+            .contains("max-age")
+    );
+    assert_eq!(r.headers()["content-security-policy"], "default-src 'self'");
+    assert_eq!(r.headers()["x-frame-options"], "DENY");
+    assert_eq!(r.headers()["referrer-policy"], "no-referrer");
+    let r = c
+        .http
+        .get(c.url("/console/assets/console.js"))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.text().await.unwrap().contains("setInterval"));
+}
+
+#[tokio::test]
+async fn retry_and_purge_of_the_jobs_matching_a_filter_change_exactly_those() {
+    let ctx = TestCtx::new().await;
+    let ids = dead_jobs(
+        &ctx,
+        &[
+            (Tier::Trial, ORG_A, "a"),
+            (Tier::Trial, ORG_B, "b"),
+            (Tier::Enterprise, ORG_A, "c"),
+            (Tier::Trial, ORG_A, "d"),
+        ],
+    )
+    .await;
+    let c = Console::start(&ctx).await;
+    let op = c.sign_in(OPERATOR).await;
+    let csrf = c.csrf(&op).await;
+    let (_, page) = c
+        .get(&op, &format!("/console/dead?tier=trial&org={ORG_A}"))
+        .await;
+    assert!(
+        page.contains(r#"<span id="matching-count">2</span>"#),
+        "{page}"
+    );
+    assert_eq!(page.matches("<tr data-id=").count(), 2, "{page}");
+
+    // A wrong count changes nothing.
+    let filter = [("tier", "trial"), ("org", ORG_A)];
+    let with = |confirm: &'static str| {
+        let mut f: Vec<(&str, &str)> = filter.to_vec();
+        f.push(("csrf", csrf.as_str()));
+        f.push(("confirm", confirm));
+        f
+    };
+    let (code, to) = c.post(&op, "/console/dead/retry", &with("3")).await;
+    assert_eq!(code, 303);
+    assert!(to.contains("done=confirm"), "{to}");
+    for id in &ids {
+        assert!(is_dead(&ctx, id).await);
+    }
+    let (code, to) = c.post(&op, "/console/dead/retry", &with("2")).await;
+    assert_eq!(code, 303);
+    let (_, page) = c.get(&op, &to).await;
+    assert!(
+        page.contains(r#"<div id="flash">2 dead jobs queued again</div>"#),
+        "{page}"
+    );
+    let dead: Vec<bool> = futures::future::join_all(ids.iter().map(|i| is_dead(&ctx, i))).await;
+    assert_eq!(dead, [false, true, true, false]);
+    let (details,): (serde_json::Value,) =
+        sqlx::query_as("SELECT details FROM aiq_audit_log WHERE action = 'console.dead.retry'")
+            .fetch_one(ctx.store.pool())
+            .await
+            .unwrap();
+    assert_eq!(details["count"], 2);
+    assert_eq!(details["filter"]["tier"], "trial");
+
+    // Purging the ticked ones purges those.
+    let (code, _) = c
+        .post(
+            &op,
+            "/console/dead/purge",
+            &[("csrf", &csrf), ("id", &ids[1])],
+        )
+        .await;
+    assert_eq!(code, 303);
+    assert!(ctx.queue.job_fields(&ids[1]).await.unwrap().is_empty());
+    assert!(is_dead(&ctx, &ids[2]).await);
+}
+
+#[tokio::test]
+async fn an_operator_changes_an_organisations_limits_from_its_page_and_a_viewer_cannot() {
+    let ctx = TestCtx::new().await;
+    let c = Console::start(&ctx).await;
+    let op = c.sign_in(OPERATOR).await;
+    let viewer = c.sign_in(VIEWER).await;
+    let path = format!("/console/orgs/{ORG_A}");
+    let (code, page) = c.get(&viewer, &path).await;
+    assert_eq!(code, 200, "{page}");
+    assert!(page.contains(r#"<table id="limits">"#), "{page}");
+    assert!(!page.contains(r#"id="set-limits""#), "{page}");
+    let vcsrf = c.csrf(&viewer).await;
+    let action = format!("{path}/limits");
+    let ask = |csrf: &str| {
+        vec![
+            ("csrf".to_owned(), csrf.to_owned()),
+            ("in_flight".to_owned(), "7".to_owned()),
+            ("daily_usd".to_owned(), "12.5".to_owned()),
+        ]
+    };
+    fn form(v: &[(String, String)]) -> Vec<(&str, &str)> {
+        v.iter().map(|(k, x)| (k.as_str(), x.as_str())).collect()
+    }
+    assert_eq!(c.post(&viewer, &action, &form(&ask(&vcsrf))).await.0, 403);
+    assert_eq!(c.post(&op, &action, &form(&ask(""))).await.0, 403);
+    let none = ctx
+        .store
+        .org_overrides(OrganizationId::parse(ORG_A).unwrap().as_uuid())
+        .await
+        .unwrap();
+    assert_eq!(none.max_in_flight, None);
+
+    let (_, page) = c.get(&op, &path).await;
+    for id in [
+        r#"<form id="set-limits""#,
+        r#"name="in_flight""#,
+        r#"name="jobs_per_minute""#,
+        r#"name="daily_usd""#,
+        r#"name="monthly_usd""#,
+        r#"<button id="save-limits">"#,
+    ] {
+        assert!(page.contains(id), "{id}: {page}");
+    }
+    let csrf = c.csrf(&op).await;
+    let (code, to) = c.post(&op, &action, &form(&ask(&csrf))).await;
+    assert_eq!(code, 303);
+    let own = ctx
+        .store
+        .org_overrides(OrganizationId::parse(ORG_A).unwrap().as_uuid())
+        .await
+        .unwrap();
+    assert_eq!(own.max_in_flight, Some(7));
+    assert_eq!(own.daily.map(|d| d.micros()), Some(12_500_000));
+    assert_eq!(own.jobs_per_minute, None, "an empty field is left as it is");
+    let (_, page) = c.get(&op, &to).await;
+    assert!(
+        page.contains(r#"<div id="flash">Limits saved</div>"#),
+        "{page}"
+    );
+    assert!(
+        page.contains(r#"<tr data-limit="in_flight"><td>jobs in flight</td>"#),
+        "{page}"
+    );
+    assert_eq!(
+        ctx.scalar_i64("SELECT count(*) FROM aiq_audit_log WHERE action = 'console.org.set_limits' AND actor = 'olga'").await,
+        1
+    );
+    // A value that is not a limit is refused and changes nothing.
+    let bad = vec![("csrf", csrf.as_str()), ("in_flight", "<script>")];
+    let (code, _) = c.post(&op, &action, &bad).await;
+    assert_eq!(code, 400);
+    let own = ctx
+        .store
+        .org_overrides(OrganizationId::parse(ORG_A).unwrap().as_uuid())
+        .await
+        .unwrap();
+    assert_eq!(own.max_in_flight, Some(7));
+    // The list page answers.
+    let (code, page) = c.get(&op, "/console/orgs").await;
+    assert_eq!(code, 200);
+    assert!(page.contains(r#"<table id="orgs">"#), "{page}");
+}
