@@ -2,7 +2,8 @@
 //! and PostgreSQL with the fake providers: sign in, the overview's tier counts of what the test
 //! enqueued, the job list, the dead set, a dead job retried from its page until it succeeds (and
 //! its result row is in PostgreSQL), money and organisations; a viewer sees no retry button.
-//! Every page is saved to docs/console/<page>.png, 1280 wide, for the README.
+//! Every page is saved, 1280 wide, to target/console-screenshots/<page>.png, or with
+//! `AIQ_SCREENSHOTS_TO_DOCS=1` to docs/console/ for the README.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -19,11 +20,18 @@ const VIEWER: &str = "viewer-token-for-the-browser-test-00001";
 /// Waiting jobs the test leaves behind the held one, per tier in `Tier::ALL` order.
 const WAITING: [usize; 6] = [3, 2, 4, 1, 0, 2];
 
+/// Where a page's screenshot goes: `target/console-screenshots/`, or with
+/// `AIQ_SCREENSHOTS_TO_DOCS=1` the README's `docs/console/` (so a test run leaves the
+/// repository's pictures alone unless asked to refresh them).
 fn shot(page: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("docs")
-        .join("console")
-        .join(format!("{page}.png"))
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let dir = if std::env::var_os("AIQ_SCREENSHOTS_TO_DOCS").is_some_and(|v| v == "1") {
+        root.join("docs").join("console")
+    } else {
+        root.join("target").join("console-screenshots")
+    };
+    std::fs::create_dir_all(&dir).expect("the screenshots' folder");
+    dir.join(format!("{page}.png"))
 }
 
 /// Saves the page and checks it is a PNG of the window's width.
