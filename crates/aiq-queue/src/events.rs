@@ -520,20 +520,11 @@ impl Queue {
             return Ok(Vec::new());
         }
         let names = ["state", "org", "tier", "kind", "attempts", "dead_reason"];
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
-        for id in &ids {
-            let mut key = self.key("job:").into_bytes();
-            key.extend_from_slice(id);
-            pipe.cmd("HMGET").arg(key).arg(&names);
-        }
-        let replies: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
+        let replies = self.jobs_fields(&ids, &names).await?;
         Ok(ids
             .into_iter()
             .zip(replies)
-            .map(|(raw_id, reply)| {
-                let values =
-                    redis::from_redis_value_ref::<Vec<Option<Vec<u8>>>>(&reply).unwrap_or_default();
+            .map(|(raw_id, values)| {
                 let f = fields(&names, values);
                 let text = |name: &str| f.get(name).cloned().unwrap_or_default();
                 BuriedJob {

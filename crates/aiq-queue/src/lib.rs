@@ -651,23 +651,13 @@ impl Queue {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        // One round trip for the page, and only the fields a listing shows (no payloads). A
-        // job key that is not a hash (written by hand) reads as empty fields.
+        // One round trip for the page, and only the fields a listing shows (no payloads).
         let names = ["kind", "tier", "org", "dead_reason", "attempts", "dead_at"];
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
-        for id in &ids {
-            let mut key = self.key("job:").into_bytes();
-            key.extend_from_slice(id);
-            pipe.cmd("HMGET").arg(key).arg(&names);
-        }
-        let replies: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
+        let replies = self.jobs_fields(&ids, &names).await?;
         Ok(ids
             .into_iter()
             .zip(replies)
-            .map(|(id, reply)| {
-                let values =
-                    redis::from_redis_value_ref::<Vec<Option<Vec<u8>>>>(&reply).unwrap_or_default();
+            .map(|(id, values)| {
                 let mut f = values.into_iter().map(|v| {
                     v.map(|b| String::from_utf8_lossy(&b).into_owned())
                         .unwrap_or_default()
@@ -685,6 +675,27 @@ impl Queue {
                     id: String::from_utf8_lossy(&id).into_owned(),
                 }
             })
+            .collect())
+    }
+
+    /// `names` of each job's hash, in one pipelined round trip: per id, one value per name. A
+    /// job key that is not a hash (written by hand) or is gone reads as missing values.
+    pub(crate) async fn jobs_fields(
+        &self,
+        ids: &[Vec<u8>],
+        names: &[&str],
+    ) -> Result<Vec<Vec<Option<Vec<u8>>>>, QueueError> {
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for id in ids {
+            let mut key = self.key("job:").into_bytes();
+            key.extend_from_slice(id);
+            pipe.cmd("HMGET").arg(key).arg(names);
+        }
+        let replies: Vec<redis::Value> = pipe.query_async(&mut self.conn.clone()).await?;
+        Ok(replies
+            .iter()
+            .map(|r| redis::from_redis_value_ref::<Vec<Option<Vec<u8>>>>(r).unwrap_or_default())
             .collect())
     }
 
