@@ -60,3 +60,22 @@ pub async fn follow(store: Store, queue: Queue, budget: Budget, stop: Cancellati
         }
     }
 }
+
+/// A count limit as `aiq org show` and the console print it: 0 is "no limit".
+pub fn shown_count(n: u32) -> String {
+    if n == 0 {
+        "no limit".to_owned()
+    } else {
+        n.to_string()
+    }
+}
+
+/// An organisation's own count override as printed: "-" when the tier default applies.
+pub fn shown_own_count(n: Option<u32>) -> String {
+    n.map_or("-".to_owned(), shown_count)
+}
+
+/// An organisation's own dollar override as printed: "-" when the tier default applies.
+pub fn shown_own_usd(n: Option<crate::domain::MicroUsd>) -> String {
+    n.map_or("-".to_owned(), |d| d.to_string())
+}

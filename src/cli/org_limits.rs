@@ -261,15 +261,9 @@ async fn show(args: ShowArgs) -> anyhow::Result<()> {
             false,
         );
     }
-    let count = |n: u32| {
-        if n == 0 {
-            "no limit".to_owned()
-        } else {
-            n.to_string()
-        }
+    use crate::limits::{
+        shown_count as count, shown_own_count as own_count, shown_own_usd as own_usd,
     };
-    let own_count = |n: Option<u32>| n.map_or("-".to_owned(), count);
-    let own_usd = |n: Option<MicroUsd>| n.map_or("-".to_owned(), |d| d.to_string());
     println!("organization {} ({})", args.org, tier.as_str());
     println!(
         "{:<16} {:>14} {:>14} {:>14}  use now",

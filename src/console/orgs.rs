@@ -117,15 +117,9 @@ pub async fn show(
             .find(|st| st.owner != "global" && st.window_kind == kind)
             .map_or(MicroUsd::ZERO, |st| st.spent)
     };
-    let count = |n: u32| {
-        if n == 0 {
-            "no limit".to_owned()
-        } else {
-            n.to_string()
-        }
+    use crate::limits::{
+        shown_count as count, shown_own_count as own_count, shown_own_usd as own_usd,
     };
-    let own_count = |n: Option<u32>| n.map_or("-".to_owned(), count);
-    let own_usd = |n: Option<MicroUsd>| n.map_or("-".to_owned(), |d| d.to_string());
     let mut b = format!(
         r#"<p>Organisation <code>{id}</code>, tier <span id="tier">{}</span> (the tier of its latest cost row; <code>?tier=</code> shows another's defaults).</p>
 <table id="limits"><tr><th>limit</th><th>tier default</th><th>override</th><th>in force</th><th>use now</th></tr>"#,
