@@ -30,7 +30,8 @@ end
 if #ARGV ~= 1 then return refuse("cancel takes exactly one argument, the job id") end
 
 local job = base .. ":job:" .. job_id
-local f = redis.pcall("HMGET", job, "state", "tier", "org", "kind", "attempts", "ready_at")
+local f = redis.pcall("HMGET", job, "state", "tier", "org", "kind", "attempts", "ready_at",
+  "delay_reason")
 if type(f) == "table" and f.err then
   -- Not a hash (written by hand): the daemon buries it when it meets it.
   return "finished"
@@ -75,8 +76,16 @@ if state == "waiting" then
       try("ZADD", heads, r or now, tostring(org))
     end
   end
-else
-  try("ZREM", base .. ":delayed", job_id)
+elseif try("ZREM", base .. ":delayed", job_id) == 1 then
+  -- The delayed jobs per tier and reason ({p}:held, kept as guard.lua's g_held keeps it).
+  local REASON = { scheduled = true, retry = true, budget = true, org_rate = true,
+    provider_rate = true, provider_paused = true, breaker = true, org_in_flight = true,
+    unavailable = true, other = true }
+  local reason = f[7]
+  if not REASON[reason] then reason = "other" end
+  local field = "delayed:" .. tostring(tier) .. ":" .. reason
+  local left = try("HINCRBY", base .. ":held", field, -1)
+  if left and left <= 0 then redis.pcall("HDEL", base .. ":held", field) end
 end
 
 redis.call("HSET", job, "state", "cancelled", "outcome", "cancelled", "finished_at", now)
@@ -88,6 +97,9 @@ redis.pcall("HSET", out, "state", "cancelled", "org", org or "", "tier", tier or
 try("ZADD", base .. ":outcomes", now, job_id)
 try("ZADD", base .. ":cancelled", now, job_id)
 try("HINCRBY", base .. ":counters", "cancelled", 1)
+-- Jobs per minute by event type (guard.lua's G_min), kept two hours.
+local minute = base .. ":minute:" .. math.floor(now / 60000)
+if try("HINCRBY", minute, "cancelled", 1) then redis.pcall("PEXPIRE", minute, 7200000) end
 
 local cfg = redis.pcall("HMGET", base .. ":config", "events", "events_max_len", "events_max_age_ms")
 if type(cfg) ~= "table" or cfg.err then cfg = {} end

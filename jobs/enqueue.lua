@@ -285,6 +285,10 @@ redis.call("HSET", base .. ":job:" .. job_id, "kind", kind, "tier", tier, "org",
   "enqueued_at", now, "idem", idem_key, "state", state, "ready_at", now)
 if delay_ms > 0 then
   redis.call("HSET", base .. ":job:" .. job_id, "due_at", now + delay_ms, "delay_reason", "scheduled")
+  -- The delayed jobs per tier and reason (the daemon's scripts keep the rest of {p}:held).
+  if type(redis.pcall("HINCRBY", base .. ":held", "delayed:" .. tier .. ":scheduled", 1)) == "table" then
+    redis.pcall("HSET", base .. ":repair", "held", now)
+  end
 end
 if idem then redis.call("SET", idem, job_id, "EX", idem_ttl) end
 return { job_id, "created" }

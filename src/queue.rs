@@ -5,8 +5,8 @@
 use crate::domain::JobKind;
 
 pub use aiq_queue::{
-    COUNTER_EVENTS, DeadJob, ENQUEUE_LUA, Enqueued, LeasedJob, Outcome, Queue, QueueError,
-    QueueStats, Settlement, SkippedValues, backend, events,
+    COUNTER_EVENTS, DeadJob, ENQUEUE_LUA, Enqueued, LeasedJob, MINUTE_EVENTS, Minute, Outcome,
+    Queue, QueueError, QueueStats, Settlement, SkippedValues, backend, events,
 };
 
 /// A job to enqueue, of one of aiq's kinds.

@@ -80,6 +80,32 @@ pub enum BreakerState {
     HalfOpen,
 }
 
+/// A breaker's state from its hash's `state` and `until` (ms) at `now` (ms).
+fn state_of(state: Option<&str>, until: u64, now: u64) -> BreakerState {
+    match state {
+        Some("open") if until > now => BreakerState::Open {
+            remaining: Duration::from_millis(until - now),
+        },
+        Some("open") | Some("half_open") => BreakerState::HalfOpen,
+        _ => BreakerState::Closed,
+    }
+}
+
+/// A provider now ([`Breakers::now`]).
+#[derive(Debug, Clone)]
+pub struct ProviderNow {
+    pub provider: &'static str,
+    pub breaker: BreakerState,
+    /// What is left of a pause a 429 set; `None` when not paused.
+    pub paused: Option<Duration>,
+    /// This minute's requests and tokens counted against the limits (`None`: not a number in
+    /// Redis), and the limits (0: none).
+    pub rpm_used: Option<u64>,
+    pub rpm: u64,
+    pub tpm_used: Option<u64>,
+    pub tpm: u64,
+}
+
 #[derive(Clone)]
 pub struct Breakers {
     conn: Conn,
@@ -195,14 +221,14 @@ impl Breakers {
         }
     }
 
-    /// Counts a call against the provider's requests- and tokens-per-minute limits, held across
-    /// every process; `Err(wait)` when it would pass one (the job waits for the next minute).
     /// The provider's fleet-wide tokens-per-minute limit, when one is set: a call that needs
     /// more can never be admitted.
     pub fn tokens_per_minute(&self, provider: Provider) -> Option<u64> {
         Some(self.settings.tpm[provider.index()]).filter(|t| *t > 0)
     }
 
+    /// Counts a call against the provider's requests- and tokens-per-minute limits, held across
+    /// every process; `Err(wait)` when it would pass one (the job waits for the next minute).
     pub async fn throttle(
         &self,
         provider: Provider,
@@ -243,6 +269,59 @@ impl Breakers {
         .map(|_| ())
     }
 
+    /// Every provider now, for the console: its breaker, its pause and this minute's use of its
+    /// requests- and tokens-per-minute limits, in two round trips (the clock, then one pipeline).
+    /// A value in Redis that is not a number reads as unknown, never as an error of the page.
+    pub async fn now(&self) -> redis::RedisResult<Vec<ProviderNow>> {
+        let mut conn = self.conn.clone();
+        let t: (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await?;
+        let now = t.0 * 1000 + t.1 / 1000;
+        let minute = now / 60_000;
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for p in PROVIDERS {
+            pipe.hmget(
+                format!("{}:breaker:{p}", self.base),
+                &["state", "until", "paused_until"],
+            )
+            .get(format!("{}:rpm:{p}:{minute}", self.base))
+            .get(format!("{}:tpm:{p}:{minute}", self.base));
+        }
+        let replies: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
+        let number = |v: &redis::Value| -> Option<u64> {
+            match v {
+                redis::Value::Nil => Some(0),
+                redis::Value::Int(n) => u64::try_from(*n).ok(),
+                redis::Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
+                _ => None,
+            }
+        };
+        let mut out = Vec::with_capacity(PROVIDERS.len());
+        for (i, (p, r)) in PROVIDERS.iter().zip(replies.chunks(3)).enumerate() {
+            let [fields, rpm, tpm] = r else { break };
+            let f: Vec<redis::Value> = match fields {
+                redis::Value::Array(f) => f.clone(),
+                _ => Vec::new(),
+            };
+            let text = |k: usize| match f.get(k) {
+                Some(redis::Value::BulkString(b)) => std::str::from_utf8(b).ok().map(str::to_owned),
+                _ => None,
+            };
+            let ms = |k: usize| text(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            let paused = ms(2);
+            out.push(ProviderNow {
+                provider: p,
+                breaker: state_of(text(0).as_deref(), ms(1), now),
+                paused: (paused > now).then(|| Duration::from_millis(paused - now)),
+                rpm_used: number(rpm),
+                rpm: self.settings.rpm[i],
+                tpm_used: number(tpm),
+                tpm: self.settings.tpm[i],
+            });
+        }
+        Ok(out)
+    }
+
     /// Every provider's breaker.
     pub async fn states(&self) -> redis::RedisResult<Vec<(&'static str, BreakerState)>> {
         let mut conn = self.conn.clone();
@@ -253,14 +332,7 @@ impl Breakers {
             let (state, until): (Option<String>, Option<u64>) = conn
                 .hmget(format!("{}:breaker:{p}", self.base), &["state", "until"])
                 .await?;
-            let s = match state.as_deref() {
-                Some("open") if until.unwrap_or(0) > now => BreakerState::Open {
-                    remaining: Duration::from_millis(until.unwrap_or(0) - now),
-                },
-                Some("open") | Some("half_open") => BreakerState::HalfOpen,
-                _ => BreakerState::Closed,
-            };
-            out.push((p, s));
+            out.push((p, state_of(state.as_deref(), until.unwrap_or(0), now)));
         }
         Ok(out)
     }

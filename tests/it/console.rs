@@ -348,7 +348,7 @@ async fn every_page_answers_with_the_contract_ids_and_escapes_what_it_shows() {
         s(&[
             "<h1>Overview</h1>",
             r#"<table id="tiers">"#,
-            r#"<section id="breakers""#,
+            r#"<section id="providers""#,
             r#"<section id="spend""#,
         ]),
     )
@@ -616,4 +616,166 @@ async fn an_operator_changes_an_organisations_limits_from_its_page_and_a_viewer_
     let (code, page) = c.get(&op, "/console/orgs").await;
     assert_eq!(code, 200);
     assert!(page.contains(r#"<table id="orgs">"#), "{page}");
+}
+
+/// A job of `tier` for the overview test.
+fn new_job(tier: Tier, delay: Duration) -> NewJob {
+    NewJob {
+        kind: aiq::domain::JobKind::LlmComplete,
+        tier,
+        organization_id: OrganizationId::parse(ORG_A).unwrap(),
+        payload: llm_payload(tier, ORG_A, "o"),
+        job_id: None,
+        delay,
+        idempotency_key: None,
+        max_attempts: 0,
+    }
+}
+
+#[tokio::test]
+async fn the_overview_counts_in_flight_delayed_and_dead_per_tier_the_last_hour_and_the_providers_use()
+ {
+    let ctx = TestCtx::with(&[
+        ("AIQ_PROVIDER_RPM", "openai=100"),
+        ("AIQ_PROVIDER_TPM", "openai=5000"),
+    ])
+    .await;
+    // One enterprise job stays leased, one trial job dies, one is deferred by the budget, and
+    // a growth_team job is scheduled for later.
+    for tier in [Tier::Enterprise, Tier::Trial, Tier::Trial] {
+        ctx.queue
+            .enqueue(&new_job(tier, Duration::ZERO))
+            .await
+            .unwrap();
+    }
+    ctx.queue
+        .enqueue(&new_job(Tier::GrowthTeam, Duration::from_secs(3600)))
+        .await
+        .unwrap();
+    let leased = ctx.queue.fetch(3).await.unwrap();
+    assert_eq!(leased.len(), 3);
+    let trial: Vec<_> = leased.iter().filter(|l| l.tier == "trial").collect();
+    let settle = [
+        Settlement {
+            id: trial[0].id.clone(),
+            token: trial[0].token.clone(),
+            outcome: Outcome::Dead {
+                reason: "out of attempts".into(),
+            },
+        },
+        Settlement {
+            id: trial[1].id.clone(),
+            token: trial[1].token.clone(),
+            outcome: Outcome::Defer {
+                after: Duration::from_secs(3600),
+                reason: "the day's budget is spent".into(),
+                why: aiq::queue::events::DelayReason::Budget,
+            },
+        },
+    ];
+    assert_eq!(ctx.queue.settle(&settle).await.unwrap(), vec![true, true]);
+
+    let breakers = aiq::providers::breaker::Breakers::connect(
+        &ctx.settings.queue.redis,
+        &ctx.settings.budget.prefix,
+        ctx.settings.breaker,
+    )
+    .await
+    .unwrap();
+    breakers
+        .pause(aiq::domain::Provider::Anthropic, Duration::from_secs(600))
+        .await
+        .unwrap();
+    let c = Console::start(&ctx).await;
+    let op = c.sign_in(OPERATOR).await;
+    // The requests and tokens are counted per minute: the page is read in the minute they were
+    // counted in, or read again.
+    let body = loop {
+        let minute = ctx.redis_minute().await;
+        // What an earlier turn of this loop counted in this minute starts again from zero.
+        for counter in ["rpm", "tpm"] {
+            let _: () = redis::cmd("DEL")
+                .arg(format!(
+                    "{{{}}}:{counter}:openai:{minute}",
+                    ctx.settings.budget.prefix
+                ))
+                .query_async(&mut ctx.redis().await)
+                .await
+                .unwrap();
+        }
+        for _ in 0..2 {
+            breakers
+                .throttle(aiq::domain::Provider::OpenAi, 250)
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        let (code, body) = c.get(&op, "/console/").await;
+        assert_eq!(code, 200, "{body}");
+        if ctx.redis_minute().await == minute {
+            break body;
+        }
+    };
+    let row = |tier: &str| {
+        let start = body
+            .find(&format!(r#"<tr data-tier="{tier}">"#))
+            .unwrap_or_else(|| panic!("no row for {tier}: {body}"));
+        let end = start + body[start..].find("</tr>").unwrap();
+        body[start..end].to_owned()
+    };
+    let cell = |tier: &str, class: &str| {
+        let r = row(tier);
+        let at = r
+            .find(&format!(r#"<td class="{class}">"#))
+            .unwrap_or_else(|| panic!("{tier} lacks {class}: {r}"));
+        let text = &r[at + class.len() + 13..];
+        let text = text[..text.find("</td>").unwrap()].to_owned();
+        // The dead count links to the dead set of its tier.
+        match text.find('>') {
+            Some(i) => text[i + 1..text.find("</a>").unwrap()].to_owned(),
+            None => text,
+        }
+    };
+    assert_eq!(cell("enterprise", "inflight"), "1", "{body}");
+    assert_eq!(cell("trial", "inflight"), "0");
+    assert_eq!(cell("trial", "dead"), "1");
+    assert_eq!(cell("trial", "delayed"), "1");
+    assert_eq!(cell("growth_team", "delayed"), "1");
+    assert_eq!(cell("enterprise", "dead"), "0");
+    assert!(!body.contains(r#"data-tier="unattributed""#), "{body}");
+    for (reason, n) in [("budget", 1), ("scheduled", 1)] {
+        assert!(
+            body.contains(&format!(
+                r#"<tr data-reason="{reason}"><td>{reason}</td><td class="n">{n}</td></tr>"#
+            )),
+            "{reason}: {body}"
+        );
+    }
+    assert!(!body.contains(r#"data-reason="retry""#), "{body}");
+    for (event, n) in [
+        ("started", 3),
+        ("dead", 1),
+        ("deferred", 1),
+        ("succeeded", 0),
+    ] {
+        assert!(
+            body.contains(&format!(
+                r#"<tr data-event="{event}"><td>{event}</td><td class="n">{n}</td>"#
+            )),
+            "{event}: {body}"
+        );
+    }
+    assert!(body.contains(r#"<svg id="minutes-svg""#), "{body}");
+    assert!(
+        body.contains(r#"<tr data-provider="openai"><td>openai</td><td class="breaker">closed</td><td class="paused">no</td><td class="rpm">2 of 100</td><td class="tpm">500 of 5000</td></tr>"#),
+        "{body}"
+    );
+    let anthropic = &body[body.find(r#"<tr data-provider="anthropic">"#).unwrap()..];
+    let anthropic = &anthropic[..anthropic.find("</tr>").unwrap()];
+    assert!(
+        anthropic.contains(r#"<td class="paused">"#)
+            && !anthropic.contains(r#"<td class="paused">no</td>"#)
+            && anthropic.contains(r#"<td class="rpm">0 (no limit)</td>"#),
+        "{anthropic}"
+    );
 }

@@ -198,7 +198,9 @@ async fn metrics_leave_out_and_count_what_a_corrupted_redis_holds_and_still_pass
         .hset(ctx.key("depth"), "enterprise", "-3")
         .hset(ctx.key("depth"), "platinum", 7)
         .zadd(ctx.key("heads:growth_team"), "mallory", f64::NEG_INFINITY)
-        .set(ctx.key("heads:solo_professional"), "not a sorted set");
+        .set(ctx.key("heads:solo_professional"), "not a sorted set")
+        .hset(ctx.key("held"), "dead:trial", "-4")
+        .hset(ctx.key("held"), "inflight:nobody", 9);
     // Random field names must not multiply series.
     for i in 0..200 {
         corrupt.hset(ctx.key("counters"), format!("junk{i}"), i);
@@ -212,6 +214,7 @@ async fn metrics_leave_out_and_count_what_a_corrupted_redis_holds_and_still_pass
             depth: 3,
             counters: 4 + 200,
             heads: 2,
+            held: 2,
         },
         "{stats:?}"
     );

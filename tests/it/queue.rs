@@ -530,3 +530,190 @@ async fn a_batch_enqueues_in_one_round_trip_and_a_refused_job_refuses_only_itsel
     let again = ctx.queue.enqueue_batch(&jobs[..2]).await.unwrap();
     assert!(again.iter().all(|r| r.is_ok()));
 }
+
+/// What the sets hold per tier, read job by job: the truth `{p}:held` must keep.
+async fn recount(ctx: &TestCtx) -> HashMap<String, u64> {
+    let mut r = ctx.redis().await;
+    let mut out = HashMap::new();
+    for set in ["inflight", "delayed", "dead"] {
+        let ids: Vec<String> = redis::cmd("ZRANGE")
+            .arg(ctx.key(set))
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut r)
+            .await
+            .unwrap();
+        for id in ids {
+            let (tier, reason): (Option<String>, Option<String>) = redis::cmd("HMGET")
+                .arg(ctx.key(&format!("job:{id}")))
+                .arg("tier")
+                .arg("delay_reason")
+                .query_async(&mut r)
+                .await
+                .unwrap();
+            let tier = tier.expect("every job in a set has its tier");
+            *out.entry(format!("{set}:{tier}")).or_insert(0) += 1;
+            if set == "delayed" {
+                *out.entry(format!("reason:{}", reason.unwrap()))
+                    .or_insert(0) += 1;
+            }
+        }
+    }
+    out
+}
+
+/// The same from `Queue::stats`, which reads `{p}:held`.
+fn counted(s: &aiq::queue::QueueStats) -> HashMap<String, u64> {
+    let mut out = HashMap::new();
+    for (set, by) in [
+        ("inflight", &s.inflight_by_tier),
+        ("delayed", &s.delayed_by_tier),
+        ("dead", &s.dead_by_tier),
+        ("reason", &s.delayed_by_reason),
+    ] {
+        for (k, n) in by {
+            if *n > 0 {
+                out.insert(format!("{set}:{k}"), *n);
+            }
+        }
+    }
+    out
+}
+
+/// Every script that moves a job in or out of the lease, delayed or dead set keeps the per-tier
+/// counts: a random walk of enqueues (some scheduled), leases, every kind of settle, expired
+/// leases, promotions, dead-set retries and purges and cancels, checked after each step
+/// against a recount of the sets job by job. Seeded, so a failure names its seed and replays.
+#[tokio::test]
+async fn the_per_tier_counts_of_leased_delayed_and_dead_jobs_follow_every_move() {
+    use aiq::queue::events::DelayReason;
+    let ctx = TestCtx::with(&[("AIQ_LEASE_MS", "600000")]).await;
+    let tiers = Tier::ALL;
+    let mut steps = 0;
+    for seed in [7_u64, 11, 42] {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let mut leased: Vec<aiq::queue::LeasedJob> = Vec::new();
+        let mut all: Vec<String> = Vec::new();
+        for step in 0..250 {
+            let what = rng.u8(0..10);
+            match what {
+                0 | 1 => {
+                    let mut j = job(
+                        tiers[rng.usize(0..tiers.len())],
+                        [ORG_A, ORG_B][rng.usize(0..2)],
+                    );
+                    if rng.u8(0..5) == 0 {
+                        j.delay = Duration::from_secs(3600);
+                    }
+                    all.push(ctx.queue.enqueue(&j).await.unwrap().job_id);
+                }
+                2 => leased.extend(ctx.queue.fetch(rng.usize(1..4)).await.unwrap()),
+                3 | 4 if !leased.is_empty() => {
+                    let l = leased.swap_remove(rng.usize(0..leased.len()));
+                    let later = if rng.bool() {
+                        Duration::ZERO
+                    } else {
+                        Duration::from_secs(3600)
+                    };
+                    let outcome = match rng.u8(0..6) {
+                        0 => Outcome::Done { result: None },
+                        1 => Outcome::Retry {
+                            after: later,
+                            error: "boom".into(),
+                        },
+                        2 => Outcome::Defer {
+                            after: later,
+                            reason: "wait".into(),
+                            why: DelayReason::ALL[rng.usize(0..DelayReason::ALL.len())],
+                        },
+                        3 => Outcome::Dead {
+                            reason: "out of attempts".into(),
+                        },
+                        4 => Outcome::Failed {
+                            reason: "bad input".into(),
+                        },
+                        _ => Outcome::Release,
+                    };
+                    let s = Settlement {
+                        id: l.id,
+                        token: l.token,
+                        outcome,
+                    };
+                    assert_eq!(ctx.queue.settle(&[s]).await.unwrap(), vec![true]);
+                }
+                5 if !leased.is_empty() => {
+                    // Its worker died: the lease's deadline is put in the past, then reaped.
+                    let l = leased.swap_remove(rng.usize(0..leased.len()));
+                    let _: () = redis::cmd("ZADD")
+                        .arg(ctx.key("inflight"))
+                        .arg("XX")
+                        .arg(0)
+                        .arg(&l.id)
+                        .query_async(&mut ctx.redis().await)
+                        .await
+                        .unwrap();
+                    ctx.queue.reap().await.unwrap();
+                }
+                6 => {
+                    let dead = ctx.queue.dead_jobs(50).await.unwrap();
+                    if !dead.is_empty() {
+                        let id = dead[rng.usize(0..dead.len())].id.clone();
+                        if rng.bool() {
+                            assert_eq!(ctx.queue.dead_retry(&[id]).await.unwrap(), 1);
+                        } else {
+                            assert_eq!(ctx.queue.dead_purge(&[id]).await.unwrap(), 1);
+                        }
+                    }
+                }
+                7 if !all.is_empty() => {
+                    let id = &all[rng.usize(0..all.len())];
+                    ctx.queue.cancel(id).await.unwrap();
+                }
+                _ => ctx.queue.reap().await.unwrap(),
+            }
+            let truth = recount(&ctx).await;
+            let stats = ctx.queue.stats().await.unwrap();
+            assert_eq!(
+                counted(&stats),
+                truth,
+                "seed {seed}, step {step} (move {what})"
+            );
+            let sum = |m: &std::collections::BTreeMap<String, u64>| m.values().sum::<u64>();
+            assert_eq!(sum(&stats.inflight_by_tier), stats.inflight);
+            assert_eq!(sum(&stats.delayed_by_tier), stats.delayed);
+            assert_eq!(sum(&stats.dead_by_tier), stats.dead);
+            assert_eq!(stats.skipped.total(), 0);
+            steps += 1;
+        }
+        // The leases left are settled; the next seed goes on from what the queue holds.
+        for l in leased.drain(..) {
+            let s = Settlement {
+                id: l.id,
+                token: l.token,
+                outcome: Outcome::Done { result: None },
+            };
+            ctx.queue.settle(&[s]).await.unwrap();
+        }
+    }
+    assert_eq!(steps, 750);
+    // Every move was seen at least once across the seeds: the walk is not a few enqueues.
+    let s = ctx.queue.stats().await.unwrap();
+    for e in [
+        "leased",
+        "done",
+        "retried",
+        "deferred",
+        "dead",
+        "released",
+        "interrupted",
+        "revived",
+        "purged",
+        "cancelled",
+    ] {
+        assert!(
+            s.counters.get(e).copied().unwrap_or(0) > 0,
+            "{e} never happened: {:?}",
+            s.counters
+        );
+    }
+}

@@ -23,12 +23,14 @@ for i = 2, #ARGV do
   elseif put("ZREM", dead, id) == 0 then
     out[#out + 1] = 0
   elseif op == "purge" or redis.call("EXISTS", job) == 0 then
+    g_held("dead", redis.pcall("HGET", job, "tier"), -1)
     dead_leave(job)
     redis.call("DEL", job)
     put("HINCRBY", counters, "purged", 1)
     out[#out + 1] = 1
   else
     local tier, org = f[1], f[2]
+    g_held("dead", tier, -1)
     dead_leave(job)
     if not job_op("HINCRBY", job, "token", 1) then
       -- Not a number (written by hand): a fresh token above any an old lease could hold.

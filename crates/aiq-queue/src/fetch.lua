@@ -63,8 +63,12 @@ for _, id in ipairs(get("ZRANGEBYSCORE", inflight, "-inf", now, "LIMIT", 0, reap
   put("ZREM", inflight, id)
   local job = base .. ":job:" .. id
   if redis.call("EXISTS", job) == 1 then
-    -- Its lease ended: its organisation has one job fewer in flight.
-    g_leave(redis.pcall("HGET", job, "org"), 1)
+    -- Its lease ended: its organisation and its tier have one job fewer in flight.
+    local was = redis.pcall("HMGET", job, "org", "tier")
+    if not g_failed(was) then
+      g_leave(was[1], 1)
+      g_held("inflight", was[2], -1)
+    end
     local token, err = job_op("HINCRBY", job, "token", 1)
     local n
     if token then n, err = job_op("HINCRBY", job, "interrupts", 1) end
@@ -79,6 +83,7 @@ for _, id in ipairs(get("ZRANGEBYSCORE", inflight, "-inf", now, "LIMIT", 0, reap
           "outcome", "dead")
         dead_enter(job, reason)
         put("ZADD", dead, now, id)
+        g_held("dead", f[2], 1)
         put("HINCRBY", counters, "dead", 1)
         event("dead", id, f[1], f[2], f[3], "dead", f[4], "error", reason)
         outcome(id, "dead", f[1], f[2], f[3], f[4], reason, "")
@@ -93,7 +98,10 @@ end
 
 -- 2. Delayed jobs that are due.
 for _, id in ipairs(get("ZRANGEBYSCORE", delayed, "-inf", now, "LIMIT", 0, promote_limit) or {}) do
-  put("ZREM", delayed, id)
+  if put("ZREM", delayed, id) == 1 then
+    local was = redis.pcall("HMGET", base .. ":job:" .. id, "tier", "delay_reason")
+    if not g_failed(was) then g_held("delayed", was[1], -1, was[2]) end
+  end
   push(id, false)
 end
 
@@ -246,6 +254,7 @@ while #out < want and guard > 0 do
           tostring(f[5] or "0"), tostring(f[6] or "0"), tostring(f[7] or "0"), tostring(f[8] or "0"),
           f[9] and "1" or "0" }
         event("started", id, f[3], f[2], f[1], "running", f[5])
+        g_held("inflight", f[2], 1)
         -- Counted under the organisation its hash names, as every end of the lease is.
         local o = f[3] or ""
         leased_by[o] = (leased_by[o] or 0) + 1

@@ -98,6 +98,38 @@ local function dead_leave(job)
   end
 end
 
+-- Jobs outside the wait lists, per tier, for the console and /metrics: {p}:held, fields
+-- `inflight:<tier>`, `delayed:<tier>:<reason>` and `dead:<tier>`, kept like {p}:depth is for
+-- the waiting ones. Each script adds up its changes in G_held (g_held) and g_finish writes them,
+-- one HINCRBY per field. A job whose tier is not one of the six is not counted (it leaves
+-- uncounted too: its tier never changes); a delay reason outside the contract's list counts as
+-- `other`, on the way in and out alike. A count that would go below zero (jobs that were in a
+-- set before the counts were kept) is removed instead, so the counts heal as such jobs leave;
+-- the readers show what the sets hold and the counts do not as unattributed.
+local G_TIER = { enterprise_plus = true, enterprise = true, professional_agency = true,
+                 growth_team = true, solo_professional = true, trial = true }
+local G_REASON = { scheduled = true, retry = true, budget = true, org_rate = true,
+                   provider_rate = true, provider_paused = true, breaker = true,
+                   org_in_flight = true, unavailable = true, other = true }
+local G_held, G_heldn = {}, 0
+
+-- `set`: "inflight", "delayed" or "dead"; `reason`: the delay reason, for "delayed" only.
+local function g_held(set, tier, n, reason)
+  if type(tier) ~= "string" or not G_TIER[tier] then return end
+  local field = set .. ":" .. tier
+  if set == "delayed" then
+    if type(reason) ~= "string" or not G_REASON[reason] then reason = "other" end
+    field = field .. ":" .. reason
+  end
+  if G_held[field] == nil then G_heldn = G_heldn + 1 end
+  G_held[field] = (G_held[field] or 0) + n
+end
+
+-- Jobs per minute by event type, for the console's last hour: {p}:minute:<minute since the
+-- epoch>, a hash of event type -> count, kept two hours. Counted whether events are on or not.
+local G_min, G_minn = {}, 0
+local G_MINUTE_KEEP_MS = 7200000
+
 -- Job events and outcomes (jobs/README.md, "Outcomes"). Each state change appends one entry to
 -- the stream {p}:events in the script that makes the change; a job that reaches a final state
 -- leaves its outcome in {p}:outcome:<id>, indexed by {p}:outcomes. {p}:config (written by the
@@ -143,6 +175,8 @@ end
 -- Adds one event: its type, the job, the state after the change, then the type's own fields
 -- (name, value, ...).
 local function event(etype, id, org, tier, kind, state, attempts, ...)
+  if G_min[etype] == nil then G_minn = G_minn + 1 end
+  G_min[etype] = (G_min[etype] or 0) + 1
   local c = g_config()
   if not c.on then return end
   if not G_ev then
@@ -219,6 +253,19 @@ end
 -- length), counts them, trims the stream by age and the outcomes by age and count, oldest first, at most as many as this call added plus
 -- 100 (bounded, and never falling behind).
 local function g_finish()
+  if G_heldn > 0 then
+    local key = G_base .. ":held"
+    for field, n in pairs(G_held) do
+      if n ~= 0 and (tonumber(put("HINCRBY", key, field, n)) or 0) <= 0 then
+        redis.pcall("HDEL", key, field)
+      end
+    end
+  end
+  if G_minn > 0 then
+    local key = G_base .. ":minute:" .. math.floor(G_now / 60000)
+    for etype, n in pairs(G_min) do put("HINCRBY", key, etype, n) end
+    redis.pcall("PEXPIRE", key, G_MINUTE_KEEP_MS)
+  end
   G_events = g_write_events()
   if G_events > 0 then
     local c, stream = g_config(), G_base .. ":events"
@@ -259,14 +306,22 @@ local function bury(id, why)
   local job = G_base .. ":job:" .. id
   local t = redis.call("TYPE", job)
   t = type(t) == "table" and t.ok or t
-  local org = t == "hash" and redis.pcall("HGET", job, "org") or nil
+  local was = t == "hash" and redis.pcall("HMGET", job, "org", "tier", "delay_reason") or {}
+  if g_failed(was) then was = {} end
+  local org, tier = was[1], was[2]
   if t ~= "hash" and t ~= "none" then g_aside(job) end
   -- A buried job that was leased ends its lease.
-  if put("ZREM", G_base .. ":inflight", id) == 1 then g_leave(org, 1) end
-  put("ZREM", G_base .. ":delayed", id)
+  if put("ZREM", G_base .. ":inflight", id) == 1 then
+    g_leave(org, 1)
+    g_held("inflight", tier, -1)
+  end
+  if put("ZREM", G_base .. ":delayed", id) == 1 then g_held("delayed", tier, -1, was[3]) end
   redis.call("HSET", job, "state", "dead", "dead_reason", "corrupt: " .. why,
     "last_error", "corrupt: " .. why, "dead_at", G_now, "token", G_now, "outcome", "dead")
-  if not get("ZSCORE", G_base .. ":dead", id) then dead_enter(job, "corrupt") end
+  if not get("ZSCORE", G_base .. ":dead", id) then
+    dead_enter(job, "corrupt")
+    g_held("dead", tier, 1)
+  end
   put("ZADD", G_base .. ":dead", G_now, id)
   put("HINCRBY", G_base .. ":counters", "dead", 1)
   -- Whatever of the job's fields can still be read names it in its event.

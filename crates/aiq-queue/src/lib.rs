@@ -16,6 +16,8 @@
 //! | `{p}:wait:<tier>:<org>` | list | waiting job ids of one organisation, FIFO |
 //! | `{p}:heads:<tier>` | zset | organisations of the tier, scored by when their oldest waiting job became ready |
 //! | `{p}:depth` | hash | waiting jobs per tier |
+//! | `{p}:held` | hash | leased, delayed and dead jobs per tier (`inflight:<tier>`, `delayed:<tier>:<reason>`, `dead:<tier>`) |
+//! | `{p}:minute:<m>` | hash | events per type in minute `m` since the epoch, kept two hours |
 //! | `{p}:counters` | hash | running totals: enqueued, leased, done, retried, dead, released, deferred, interrupted, revived, purged, cancelled, events, capped (organisations passed over at their cap) |
 //! | `{p}:inflight` | zset | leased job ids, scored by lease deadline (ms) |
 //! | `{p}:delayed` | zset | job ids waiting for a retry or a deferral, scored by due time (ms) |
@@ -44,7 +46,7 @@ mod stats;
 pub mod tenant;
 pub mod tls;
 
-pub use stats::{COUNTER_EVENTS, SkippedValues};
+pub use stats::{COUNTER_EVENTS, MINUTE_EVENTS, SkippedValues};
 
 use std::collections::BTreeMap;
 use std::sync::LazyLock;
@@ -269,8 +271,25 @@ pub struct QueueStats {
     pub dead: u64,
     /// Running totals since the queue was created, only the events of [`COUNTER_EVENTS`].
     pub counters: BTreeMap<String, u64>,
+    /// Per tier, the leased, delayed and dead jobs the scripts counted (`{p}:held`); what the
+    /// sets hold beyond these sums is not attributed to a tier (jobs already in a set when the
+    /// counts began, hashes without a known tier).
+    pub inflight_by_tier: BTreeMap<String, u64>,
+    pub delayed_by_tier: BTreeMap<String, u64>,
+    pub dead_by_tier: BTreeMap<String, u64>,
+    /// Delayed jobs per delay reason, all tiers, from the same counts.
+    pub delayed_by_reason: BTreeMap<String, u64>,
     /// Values in Redis this read could not trust and left out.
     pub skipped: SkippedValues,
+}
+
+/// One minute's events by type (`{p}:minute:<m>`).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Minute {
+    /// When the minute began (ms since the epoch).
+    pub start_ms: u64,
+    /// Events per type of [`MINUTE_EVENTS`]; a type with none is absent.
+    pub counts: BTreeMap<String, u64>,
 }
 
 /// A job in the dead set.
@@ -544,6 +563,8 @@ impl Queue {
     pub async fn stats(&self) -> Result<QueueStats, QueueError> {
         let tiers = Tier::ALL.map(Tier::as_str);
         let (depth_key, counters_key) = (self.key("depth"), self.key("counters"));
+        let held_key = self.key("held");
+        let held_fields = stats::held_fields();
         let heads_keys = tiers.map(|t| self.key(&format!("heads:{t}")));
         let mut conn = self.conn.clone();
         let mut pipe = redis::pipe();
@@ -557,7 +578,9 @@ impl Queue {
             .hlen(&depth_key)
             .hmget(&depth_key, &tiers)
             .hlen(&counters_key)
-            .hmget(&counters_key, &COUNTER_EVENTS);
+            .hmget(&counters_key, &COUNTER_EVENTS)
+            .hlen(&held_key)
+            .hmget(&held_key, &held_fields);
         for key in &heads_keys {
             pipe.zrangebyscore_limit_withscores(key, 0, "(+inf", 0, 1)
                 .zcount(key, "-inf", "(0")
@@ -565,7 +588,7 @@ impl Queue {
         }
         let replies: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
         let wrong_shape = || QueueError::Protocol(format!("stats: {} replies", replies.len()));
-        let (first, heads) = replies.split_first_chunk::<8>().ok_or_else(wrong_shape)?;
+        let (first, heads) = replies.split_first_chunk::<10>().ok_or_else(wrong_shape)?;
         let (heads, []) = heads.as_chunks::<3>() else {
             return Err(wrong_shape());
         };
@@ -581,6 +604,8 @@ impl Queue {
             depth,
             counters_len,
             counters,
+            held_len,
+            held,
         ] = first;
         // The clock and the sets' sizes come from Redis itself, not from what was written.
         let protocol = |e: redis::ParsingError| QueueError::Protocol(format!("stats: {e}"));
@@ -606,6 +631,33 @@ impl Queue {
             counters,
             &mut skips,
         );
+        let names: Vec<&str> = held_fields.iter().map(String::as_str).collect();
+        let held = stats::read_counts(
+            stats::Source::Held,
+            &held_key,
+            &names,
+            held_len,
+            held,
+            &mut skips,
+        );
+        let (mut inflight_by_tier, mut delayed_by_tier, mut dead_by_tier) =
+            (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
+        let mut delayed_by_reason = BTreeMap::new();
+        for (field, n) in held {
+            let Some(n) = n else { continue };
+            let mut parts = field.split(':');
+            let (set, tier, reason) = (parts.next(), parts.next(), parts.next());
+            let Some(tier) = tier else { continue };
+            let by = match set {
+                Some("inflight") => &mut inflight_by_tier,
+                Some("dead") => &mut dead_by_tier,
+                _ => &mut delayed_by_tier,
+            };
+            *by.entry(tier.to_owned()).or_insert(0) += n;
+            if let Some(r) = reason {
+                *delayed_by_reason.entry(r.to_owned()).or_insert(0) += n;
+            }
+        }
         let mut waiting = BTreeMap::new();
         let mut oldest_age_ms = BTreeMap::new();
         for ((t, key), [oldest, negative, infinite]) in tiers.iter().zip(&heads_keys).zip(heads) {
@@ -633,8 +685,48 @@ impl Queue {
                 .into_iter()
                 .filter_map(|(e, n)| Some((e.to_owned(), n?)))
                 .collect(),
+            inflight_by_tier,
+            delayed_by_tier,
+            dead_by_tier,
+            delayed_by_reason,
             skipped: skips.counts,
         })
+    }
+
+    /// The events of the last `n` minutes by type (at most 120: the scripts keep two hours),
+    /// oldest first, the current minute last. One pipelined read of `n` hashes, only the known
+    /// fields; a count that does not parse is left out.
+    pub async fn minutes(&self, n: usize) -> Result<Vec<Minute>, QueueError> {
+        let n = n.clamp(1, 120) as u64;
+        let mut conn = self.conn.clone();
+        let (secs, _): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await?;
+        let now_min = secs / 60;
+        let first = now_min + 1 - n;
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for m in first..=now_min {
+            pipe.hmget(self.key(&format!("minute:{m}")), &MINUTE_EVENTS);
+        }
+        let replies: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
+        Ok((first..=now_min)
+            .zip(replies)
+            .map(|(m, v)| {
+                let mut counts = BTreeMap::new();
+                if let redis::Value::Array(values) = v {
+                    for (name, v) in MINUTE_EVENTS.iter().zip(values) {
+                        if let redis::Value::BulkString(raw) = v
+                            && let Some(c) = stats::parse_count(&raw)
+                        {
+                            counts.insert((*name).to_owned(), c);
+                        }
+                    }
+                }
+                Minute {
+                    start_ms: m * 60_000,
+                    counts,
+                }
+            })
+            .collect())
     }
 
     /// Dead jobs, newest first, `offset` from the newest. Ids and fields are read as bytes: a

@@ -60,8 +60,11 @@ for i = 5, #ARGV, 6 do
     out[#out + 1] = 0
   else
     -- The lease ended (whatever the op, and even if the job is buried below).
-    local o = redis.pcall("HGET", job, "org")
+    local was = redis.pcall("HMGET", job, "org", "tier")
+    if g_failed(was) then was = {} end
+    local o = was[1]
     if type(o) == "string" then left[o] = (left[o] or 0) + 1 end
+    g_held("inflight", was[2], -1)
     local ok = true
     local f
     if op == "done" then
@@ -81,6 +84,7 @@ for i = 5, #ARGV, 6 do
           "delay_reason", "retry")
         put("ZADD", delayed, due, id)
         f = redis.call("HMGET", job, "org", "tier", "kind", "attempts")
+        g_held("delayed", f[2], 1, "retry")
         event("retried", id, f[1], f[2], f[3], "delayed", f[4], "until", due, "error", msg)
       end
     elseif op == "defer" then
@@ -91,6 +95,7 @@ for i = 5, #ARGV, 6 do
           "delay_reason", reason)
         put("ZADD", delayed, due, id)
         f = redis.call("HMGET", job, "org", "tier", "kind", "attempts")
+        g_held("delayed", f[2], 1, reason)
         event("deferred", id, f[1], f[2], f[3], "delayed", f[4], "reason", reason, "until", due,
           "message", msg)
       end
@@ -102,6 +107,7 @@ for i = 5, #ARGV, 6 do
         dead_enter(job, msg)
         put("ZADD", dead, now, id)
         f = redis.call("HMGET", job, "org", "tier", "kind", "attempts")
+        g_held("dead", f[2], 1)
         event(op, id, f[1], f[2], f[3], op, f[4], "error", msg)
         outcome(id, op, f[1], f[2], f[3], f[4], msg, "")
       end
@@ -139,7 +145,10 @@ for o, n in pairs(left) do g_leave(o, n) end
 -- per call: the oldest go first.
 local function drop(ids)
   for _, id in ipairs(ids or {}) do
-    put("ZREM", dead, id)
+    if put("ZREM", dead, id) == 1 then
+      local tier = redis.pcall("HGET", base .. ":job:" .. id, "tier")
+      g_held("dead", tier, -1)
+    end
     dead_leave(base .. ":job:" .. id)
     redis.call("DEL", base .. ":job:" .. id)
   end

@@ -1,4 +1,5 @@
-//! Reading the queue's own numbers (`{p}:depth`, `{p}:counters`, `{p}:heads:<tier>`) without
+//! Reading the queue's own numbers (`{p}:depth`, `{p}:held`, `{p}:counters`, `{p}:heads:<tier>`,
+//! `{p}:minute:<m>`) without
 //! trusting Redis. Apps write only through `enqueue.lua`, but anything with a Redis client can
 //! write anything, and these numbers go into `/metrics`. So only the field names aiq's scripts
 //! write are read at all, each value is parsed on its own, and whatever does not parse is left
@@ -27,6 +28,34 @@ pub const COUNTER_EVENTS: [&str; 13] = [
     "capped",
 ];
 
+/// The fields of `{p}:held` the scripts write (guard.lua's `g_held`): `inflight:<tier>`,
+/// `dead:<tier>` and `delayed:<tier>:<reason>` for the six tiers and the contract's delay reasons.
+pub(super) fn held_fields() -> Vec<String> {
+    let mut out = Vec::new();
+    for t in crate::tenant::Tier::ALL.map(crate::tenant::Tier::as_str) {
+        out.push(format!("inflight:{t}"));
+        out.push(format!("dead:{t}"));
+        for r in crate::events::DelayReason::ALL {
+            out.push(format!("delayed:{t}:{}", r.as_str()));
+        }
+    }
+    out
+}
+
+/// The event types the scripts count per minute in `{p}:minute:<m>` (guard.lua's `event`, and
+/// cancel.lua's `cancelled`); enqueue.lua does not count there.
+pub const MINUTE_EVENTS: [&str; 9] = [
+    "started",
+    "succeeded",
+    "retried",
+    "deferred",
+    "failed",
+    "dead",
+    "released",
+    "interrupted",
+    "cancelled",
+];
+
 /// How many of the skipped values a log line shows; the counts are always complete.
 const EXAMPLES: usize = 3;
 /// How much of one skipped value a log line shows.
@@ -42,20 +71,23 @@ pub struct SkippedValues {
     pub counters: u64,
     /// `{p}:heads:<tier>`: members whose score is not a time (negative or infinite).
     pub heads: u64,
+    /// `{p}:held`: fields no script writes, counts that are not non-negative integers.
+    pub held: u64,
 }
 
 impl SkippedValues {
     /// The counts under the names `/metrics` labels them with.
-    pub fn by_key(&self) -> [(&'static str, u64); 3] {
+    pub fn by_key(&self) -> [(&'static str, u64); 4] {
         [
             ("depth", self.depth),
             ("counters", self.counters),
             ("heads", self.heads),
+            ("held", self.held),
         ]
     }
 
     pub fn total(&self) -> u64 {
-        self.depth + self.counters + self.heads
+        self.depth + self.counters + self.heads + self.held
     }
 }
 
@@ -65,6 +97,7 @@ pub(super) enum Source {
     Depth,
     Counters,
     Heads,
+    Held,
 }
 
 /// What one stats read skipped: complete counts, and a few examples for the log.
@@ -85,6 +118,7 @@ impl Skips {
             Source::Depth => &mut c.depth,
             Source::Counters => &mut c.counters,
             Source::Heads => &mut c.heads,
+            Source::Held => &mut c.held,
         } += n;
         if self.examples.len() < EXAMPLES {
             // Names and values anyone wrote to Redis: bounded and escaped for the log.
@@ -230,6 +264,7 @@ pub(super) fn warn(queue: &str, skips: &Skips) {
         depth = c.depth,
         counters = c.counters,
         heads = c.heads,
+        held = c.held,
         examples = %skips.examples.join("; "),
         "queue stats skipped values in Redis that no aiq script writes; the metrics leave them out"
     );
