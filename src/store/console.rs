@@ -1,5 +1,6 @@
-//! Bounded reads for the console's money page: spend per provider and day (30 days x providers
-//! rows), a page of organisations by this month's spend, the latest alerts.
+//! Bounded reads for the console: spend per provider and day (30 days x providers rows), a page
+//! of organisations by this month's spend, the latest alerts, the provider of dead jobs' last
+//! failed calls (a step of the dead set at a time).
 
 use chrono::{DateTime, NaiveDate, Utc};
 use uuid::Uuid;
@@ -41,6 +42,33 @@ type AlertTuple = (
 );
 
 impl Store {
+    /// For each job (organisation, id), the provider of its newest error row that names one: the
+    /// provider a dead job failed at last. One statement for the whole step, each pair found
+    /// through the error table's unique index; a job without such a row is absent.
+    pub async fn last_failed_providers(
+        &self,
+        jobs: &[(Uuid, String)],
+    ) -> Result<std::collections::HashMap<(Uuid, String), String>, StoreError> {
+        if jobs.is_empty() {
+            return Ok(Default::default());
+        }
+        let (orgs, ids): (Vec<Uuid>, Vec<String>) = jobs.iter().cloned().unzip();
+        let rows: Vec<(Uuid, String, String)> = sqlx::query_as(
+            "SELECT DISTINCT ON (e.organization_id, e.job_id) e.organization_id, e.job_id, e.provider
+             FROM ai_processing_errors e
+             JOIN unnest($1::uuid[], $2::text[]) AS k(org, job)
+               ON e.organization_id = k.org AND e.job_id = k.job
+             WHERE e.provider IS NOT NULL
+             ORDER BY e.organization_id, e.job_id, e.created_at DESC, e.retry_count DESC,
+                      e.call_seq DESC",
+        )
+        .bind(&orgs)
+        .bind(&ids)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(|(o, j, p)| ((o, j), p)).collect())
+    }
+
     /// Spend per provider and day over the last `days` days, oldest first.
     pub async fn spend_per_provider_day(
         &self,

@@ -779,3 +779,197 @@ async fn the_overview_counts_in_flight_delayed_and_dead_per_tier_the_last_hour_a
         "{anthropic}"
     );
 }
+
+/// An error row naming `provider` for a job's `attempt`, as the worker writes one.
+async fn failed_call(ctx: &TestCtx, id: &str, attempt: u32, provider: &str) {
+    let job = aiq::store::JobRef {
+        job_id: id.to_owned(),
+        kind: "llm.complete".into(),
+        tier: Some("trial".into()),
+        organization_id: Some(uuid::Uuid::parse_str(ORG_A).unwrap()),
+        subject_id: None,
+        subject_type: None,
+        correlation_id: None,
+        attempt,
+        execution: attempt as i64,
+        callback_url: None,
+    };
+    let err = aiq::store::ErrorRecord {
+        error_type: aiq::store::ErrorType::Provider(aiq::providers::ErrorKind::Unavailable),
+        message: format!("{provider} answered 503"),
+        details: serde_json::json!({}),
+        provider: Some(provider.into()),
+        http_status: Some(503),
+        call_seq: 0,
+    };
+    ctx.store.record_error(&job, &err).await.unwrap();
+}
+
+/// The value of the hidden `upto` field of the action by filter.
+fn upto(page: &str) -> String {
+    let at = page.find(r#"name="upto" value=""#).expect("an upto field") + 19;
+    page[at..].split('"').next().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn the_dead_set_filters_by_the_provider_of_each_jobs_last_failed_call_and_acts_only_on_what_the_page_showed()
+ {
+    let ctx = TestCtx::new().await;
+    let ids = dead_jobs(
+        &ctx,
+        &[
+            (Tier::Trial, ORG_A, "a"),
+            (Tier::Trial, ORG_A, "b"),
+            (Tier::Trial, ORG_A, "c"),
+        ],
+    )
+    .await;
+    // a failed at OpenAI, then at Anthropic; b at OpenAI; c never reached a provider.
+    failed_call(&ctx, &ids[0], 1, "openai").await;
+    failed_call(&ctx, &ids[0], 2, "anthropic").await;
+    failed_call(&ctx, &ids[1], 1, "openai").await;
+    let c = Console::start(&ctx).await;
+    let op = c.sign_in(OPERATOR).await;
+    let csrf = c.csrf(&op).await;
+    let listed = |page: &str| -> Vec<String> {
+        ids.iter()
+            .filter(|id| page.contains(&format!(r#"<tr data-id="{id}">"#)))
+            .cloned()
+            .collect()
+    };
+    let (_, page) = c.get(&op, "/console/dead?provider=openai").await;
+    assert_eq!(listed(&page), [ids[1].clone()], "{page}");
+    assert!(
+        page.contains(r#"<span id="matching-count">1</span>"#),
+        "{page}"
+    );
+    let (_, page) = c.get(&op, "/console/dead?provider=anthropic").await;
+    assert_eq!(listed(&page), [ids[0].clone()], "{page}");
+    let (_, page) = c.get(&op, "/console/dead").await;
+    assert_eq!(listed(&page).len(), 3, "{page}");
+    assert_eq!(
+        page.matches(r#"<td class="provider">-</td>"#).count(),
+        1,
+        "{page}"
+    );
+    assert_eq!(
+        page.matches(r#"<td class="provider">anthropic</td>"#)
+            .count(),
+        1
+    );
+    let (_, shown) = c.get(&op, &format!("/console/dead/{}", ids[0])).await;
+    assert!(
+        shown.contains(r#"<dd id="provider">anthropic</dd>"#),
+        "{shown}"
+    );
+
+    // The page of OpenAI's dead jobs is shown; then another job dies at OpenAI. Retrying every
+    // match of the page retries what it counted, not the newcomer.
+    let (_, page) = c.get(&op, "/console/dead?provider=openai").await;
+    let shown_at = upto(&page);
+    let t: i64 = shown_at.parse().unwrap();
+    aiq_testkit::world::wait_until(
+        Duration::from_secs(30),
+        "Redis's clock to pass the page's time",
+        || async { ctx.queue.now_ms().await.unwrap() > t },
+    )
+    .await;
+    let late = dead_jobs(&ctx, &[(Tier::Trial, ORG_A, "d")])
+        .await
+        .remove(0);
+    failed_call(&ctx, &late, 1, "openai").await;
+    let form = [
+        ("csrf", csrf.as_str()),
+        ("provider", "openai"),
+        ("upto", shown_at.as_str()),
+        ("confirm", "1"),
+    ];
+    let (code, to) = c.post(&op, "/console/dead/retry", &form).await;
+    assert_eq!(code, 303);
+    assert!(to.contains("done=retried"), "{to}");
+    assert!(!is_dead(&ctx, &ids[1]).await);
+    for id in [&ids[0], &ids[2], &late] {
+        assert!(is_dead(&ctx, id).await, "{id}");
+    }
+}
+
+#[tokio::test]
+async fn a_filtered_count_beyond_one_read_says_at_least_and_the_action_still_reaches_every_match() {
+    let ctx = TestCtx::new().await;
+    // More dead jobs than one page request reads (5,000).
+    let n = 5_100;
+    let mut jobs = Vec::with_capacity(n);
+    for i in 0..n {
+        let tier = if i % 2 == 0 {
+            Tier::Trial
+        } else {
+            Tier::Enterprise
+        };
+        jobs.push(new_job(tier, Duration::ZERO));
+    }
+    for chunk in jobs.chunks(500) {
+        for r in ctx.queue.enqueue_batch(chunk).await.unwrap() {
+            r.unwrap();
+        }
+    }
+    loop {
+        let leased = ctx.queue.fetch(500).await.unwrap();
+        if leased.is_empty() {
+            break;
+        }
+        let kill: Vec<Settlement> = leased
+            .into_iter()
+            .map(|l| Settlement {
+                id: l.id,
+                token: l.token,
+                outcome: Outcome::Failed {
+                    reason: "bad input".into(),
+                },
+            })
+            .collect();
+        ctx.queue.settle(&kill).await.unwrap();
+    }
+    assert_eq!(ctx.queue.stats().await.unwrap().dead, n as u64);
+    let c = Console::start(&ctx).await;
+    let op = c.sign_in(OPERATOR).await;
+    let csrf = c.csrf(&op).await;
+    // Every job matches the kind: the 5,000 read match, the range holds 5,100.
+    let (_, page) = c.get(&op, "/console/dead?kind=llm.complete").await;
+    assert!(
+        page.contains(r#"At least <span id="matching-count">5000</span> dead jobs match"#)
+            && page.contains("the newest 5000 of the 5100 in its time range"),
+        "{}",
+        &page[page.find("dead-matching").unwrap_or(0)..]
+    );
+    assert_eq!(page.matches("<tr data-id=").count(), 50);
+    // A time range alone is counted exactly by Redis.
+    let (_, page) = c.get(&op, "/console/dead?since=2000-01-01").await;
+    assert!(page.contains(r#"<span id="matching-count">5100</span> dead jobs match"#));
+    // Half the jobs are trial's: the newest 5,000 hold some of them, not all 2,550.
+    let (_, page) = c.get(&op, "/console/dead?tier=trial").await;
+    let at = page
+        .find(r#"At least <span id="matching-count">"#)
+        .expect("an at-least count")
+        + 35;
+    let shown: u64 = page[at..].split('<').next().unwrap().parse().unwrap();
+    assert!(shown > 0 && shown < 2550, "{shown}");
+    let shown = shown.to_string();
+    let form = [
+        ("csrf", csrf.as_str()),
+        ("tier", "trial"),
+        ("upto", &upto(&page)),
+        ("confirm", shown.as_str()),
+    ];
+    let (code, to) = c.post(&op, "/console/dead/purge", &form).await;
+    assert_eq!(code, 303);
+    let (_, page) = c.get(&op, &to).await;
+    assert!(
+        page.contains(r#"<div id="flash">2550 dead jobs purged</div>"#),
+        "{}",
+        &page[..page.len().min(3000)]
+    );
+    let s = ctx.queue.stats().await.unwrap();
+    assert_eq!(s.dead, 2550);
+    assert_eq!(s.dead_by_tier.get("trial").copied().unwrap_or(0), 0);
+    assert_eq!(s.dead_by_tier.get("enterprise").copied(), Some(2550));
+}

@@ -740,6 +740,59 @@ impl Queue {
                 (offset + limit) as isize - 1,
             )
             .await?;
+        self.dead_of(ids).await
+    }
+
+    /// Dead jobs that died between `since_ms` and `until_ms` (inclusive; `None`: no bound),
+    /// newest first, `offset` from the newest of them.
+    pub async fn dead_page_between(
+        &self,
+        since_ms: Option<i64>,
+        until_ms: Option<i64>,
+        offset: usize,
+        limit: usize,
+    ) -> Result<Vec<DeadJob>, QueueError> {
+        if since_ms.is_none() && until_ms.is_none() {
+            return self.dead_page(offset, limit).await;
+        }
+        let mut conn = self.conn.clone();
+        let ids: Vec<Vec<u8>> = conn
+            .zrevrangebyscore_limit(
+                self.key("dead"),
+                until_ms.map_or("+inf".to_owned(), |u| u.to_string()),
+                since_ms.map_or("-inf".to_owned(), |s| s.to_string()),
+                offset as isize,
+                limit as isize,
+            )
+            .await?;
+        self.dead_of(ids).await
+    }
+
+    /// How many jobs died between `since_ms` and `until_ms` (inclusive; `None`: no bound).
+    pub async fn dead_count_between(
+        &self,
+        since_ms: Option<i64>,
+        until_ms: Option<i64>,
+    ) -> Result<u64, QueueError> {
+        let mut conn = self.conn.clone();
+        Ok(conn
+            .zcount(
+                self.key("dead"),
+                since_ms.map_or("-inf".to_owned(), |s| s.to_string()),
+                until_ms.map_or("+inf".to_owned(), |u| u.to_string()),
+            )
+            .await?)
+    }
+
+    /// Redis's clock (ms since the epoch): the time the scripts write.
+    pub async fn now_ms(&self) -> Result<i64, QueueError> {
+        let mut conn = self.conn.clone();
+        let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(&mut conn).await?;
+        Ok(secs * 1000 + micros / 1000)
+    }
+
+    /// The listing fields of the dead jobs `ids`, in one round trip.
+    async fn dead_of(&self, ids: Vec<Vec<u8>>) -> Result<Vec<DeadJob>, QueueError> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
