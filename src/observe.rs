@@ -346,6 +346,27 @@ pub fn render(fleet: &Fleet<'_>) -> String {
             "Jobs in the dead set.",
             &[(String::new(), s.dead as f64)],
         );
+        // Per tier, as the scripts count them ({p}:held); the totals above are the sets' sizes.
+        let mut held = Vec::new();
+        for (state, by) in [
+            ("inflight", &s.inflight_by_tier),
+            ("delayed", &s.delayed_by_tier),
+            ("dead", &s.dead_by_tier),
+        ] {
+            for (t, n) in by {
+                let (a, b) = (label("state", state), label("tier", t));
+                // Two pairs in one set: `{state="..",tier=".."}`.
+                let pairs = format!("{{{},{}}}", &a[1..a.len() - 1], &b[1..b.len() - 1]);
+                held.push((pairs, *n as f64));
+            }
+        }
+        family(
+            &mut out,
+            "aiq_queue_tier_jobs",
+            "gauge",
+            "Jobs leased, delayed or dead per tier, as the queue scripts count them (fleet-wide, from Redis).",
+            &held,
+        );
         let events: Vec<_> = s
             .counters
             .iter()
@@ -954,7 +975,7 @@ mod tests {
 
     /// The fleet-wide families `render` writes, with the most series each can have: one per
     /// tier, per queue event, per budget window (day, month) and per provider.
-    fn fleet_families() -> [(&'static str, usize); 10] {
+    fn fleet_families() -> [(&'static str, usize); 11] {
         let tiers = crate::domain::Tier::ALL.len();
         let providers = crate::domain::PROVIDERS.len();
         [
@@ -963,6 +984,7 @@ mod tests {
             ("aiq_queue_inflight_jobs", 1),
             ("aiq_queue_delayed_jobs", 1),
             ("aiq_queue_dead_jobs", 1),
+            ("aiq_queue_tier_jobs", 3 * tiers),
             ("aiq_queue_events_total", crate::queue::COUNTER_EVENTS.len()),
             ("aiq_budget_spent_usd", 2),
             ("aiq_budget_limit_usd", 2),
@@ -1000,6 +1022,9 @@ mod tests {
         let stats = QueueStats {
             waiting: tiers.iter().cloned().collect(),
             oldest_age_ms: tiers.iter().cloned().collect(),
+            inflight_by_tier: tiers.iter().cloned().collect(),
+            delayed_by_tier: tiers.iter().cloned().collect(),
+            dead_by_tier: tiers.iter().cloned().collect(),
             counters: crate::queue::COUNTER_EVENTS
                 .iter()
                 .map(|e| ((*e).to_owned(), 1))
@@ -1029,8 +1054,9 @@ mod tests {
             assert_eq!(n, most, "{family}:\n{text}");
             total += n;
         }
-        // Two per tier, the three set sizes, one per event, three per budget window, one per provider.
-        assert_eq!(total, 2 * 6 + 3 + 13 + 3 * 2 + 4);
+        // Five per tier, the three set sizes, one per event, three per budget window, one per
+        // provider.
+        assert_eq!(total, 5 * 6 + 3 + 13 + 3 * 2 + 4);
     }
 
     #[test]
