@@ -880,3 +880,42 @@ async fn the_stream_is_trimmed_to_about_its_length_and_every_event_is_counted() 
         Some("succeeded")
     );
 }
+
+/// Entries of `{p}:cancelled` that name no cancelled job (written by hand, ids that are not
+/// UTF-8, a job in another state) are dropped by the drain: they never hold up the jobs
+/// cancelled after them, however many there are at the head.
+#[tokio::test]
+async fn entries_of_the_cancelled_list_that_name_no_cancelled_job_never_hold_up_the_real_ones() {
+    let ctx = TestCtx::new().await;
+    let waiting = enqueue_llm(&ctx, "still waiting", Duration::from_secs(600), 3).await;
+    let real = enqueue_llm(&ctx, "cancel me", Duration::from_secs(600), 3).await;
+    let mut redis = ctx.redis().await;
+    let mut junk = redis::pipe();
+    for i in 0..250 {
+        junk.zadd(ctx.key("cancelled"), format!("ghost-{i}"), 1);
+    }
+    junk.zadd(ctx.key("cancelled"), &b"\xff\xfe"[..], 2)
+        .zadd(ctx.key("cancelled"), &waiting, 3);
+    let () = junk.query_async(&mut redis).await.unwrap();
+    assert_eq!(cancel(&ctx, &real), "cancelled");
+    let worker = ctx.start_worker();
+    wait_until(
+        Duration::from_secs(60),
+        "the cancelled job's row, past 252 entries that name no cancelled job",
+        || async {
+            ctx.scalar_i64("SELECT count(*) FROM ai_processing_results WHERE status = 'cancelled'")
+                .await
+                == 1
+                && ctx.queue.cancelled_count().await.unwrap() == 0
+        },
+    )
+    .await;
+    worker.stop().await;
+    let (id,): (String,) = sqlx::query_as("SELECT job_id FROM ai_processing_results")
+        .fetch_one(ctx.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(id, real);
+    // The waiting job named by hand is untouched: still delayed, no row.
+    assert_eq!(state_of(&ctx, &waiting).await, Some("delayed"));
+}

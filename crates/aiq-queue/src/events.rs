@@ -450,8 +450,10 @@ impl Queue {
     }
 
     /// The oldest jobs cancel.lua took out, at most `limit`, for the daemon to write their rows.
-    /// A job whose hash is gone or not cancelled any more is left out (and forgotten by
-    /// [`Queue::forget_cancelled`]).
+    /// An entry that names no cancelled job (its hash is gone or in another state, its id is not
+    /// UTF-8: written by hand, or forgotten by another process in between) is removed from
+    /// `{p}:cancelled` here, so it can never hold up the entries behind it. cancel.lua sets the
+    /// state and adds the entry in one script, so such an entry can never become a job's.
     pub async fn cancelled_jobs(&self, limit: usize) -> Result<Vec<CancelledJob>, QueueError> {
         let mut conn = self.conn.clone();
         let ids: Vec<(Vec<u8>, f64)> = conn
@@ -461,24 +463,19 @@ impl Queue {
             return Ok(Vec::new());
         }
         let names = ["state", "org", "tier", "kind", "attempts"];
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
-        for (id, _) in &ids {
-            let mut key = self.key("job:").into_bytes();
-            key.extend_from_slice(id);
-            pipe.cmd("HMGET").arg(key).arg(&names);
-        }
-        let replies: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
+        let keys: Vec<Vec<u8>> = ids.iter().map(|(id, _)| id.clone()).collect();
+        let replies = self.jobs_fields(&keys, &names).await?;
         let mut out = Vec::with_capacity(ids.len());
-        for ((id, score), reply) in ids.into_iter().zip(replies) {
-            let values =
-                redis::from_redis_value_ref::<Vec<Option<Vec<u8>>>>(&reply).unwrap_or_default();
+        let mut stale: Vec<Vec<u8>> = Vec::new();
+        for ((id, score), values) in ids.into_iter().zip(replies) {
             let f = fields(&names, values);
-            let (Ok(id), Some("cancelled")) =
-                (String::from_utf8(id), f.get("state").map(String::as_str))
-            else {
+            if f.get("state").map(String::as_str) != Some("cancelled")
+                || std::str::from_utf8(&id).is_err()
+            {
+                stale.push(id);
                 continue;
-            };
+            }
+            let id = String::from_utf8(id).unwrap_or_default();
             out.push(CancelledJob {
                 id,
                 organization_id: f.get("org").cloned().unwrap_or_default(),
@@ -487,6 +484,17 @@ impl Queue {
                 attempts: f.get("attempts").and_then(|v| v.parse().ok()).unwrap_or(0),
                 cancelled_at_ms: score as i64,
             });
+        }
+        if !stale.is_empty() {
+            tracing::warn!(
+                entries = stale.len(),
+                "{{p}}:cancelled named jobs that are not cancelled (or ids that are not UTF-8): removed"
+            );
+            let _: redis::Value = redis::cmd("ZREM")
+                .arg(self.key("cancelled"))
+                .arg(&stale)
+                .query_async(&mut conn)
+                .await?;
         }
         Ok(out)
     }
