@@ -31,10 +31,19 @@ fn forecast(month: MicroUsd, today: chrono::NaiveDate) -> MicroUsd {
     MicroUsd::from_micros(month.micros().saturating_mul(days_in) / day.max(1))
 }
 
-fn share(spent: MicroUsd, limit: Option<MicroUsd>) -> String {
-    match limit {
-        Some(l) if l.micros() > 0 => format!("{}% of {l}", spent.micros() * 100 / l.micros()),
-        _ => "tier default".to_owned(),
+/// The share of the limit in force: the organisation's own, else its tier's default (0: none).
+fn share(spent: MicroUsd, own: Option<MicroUsd>, default: MicroUsd) -> String {
+    let (limit, whose) = match own {
+        Some(l) => (l, "own"),
+        None => (default, "tier default"),
+    };
+    if limit.micros() > 0 {
+        format!(
+            "{}% of {limit} ({whose})",
+            spent.micros().saturating_mul(100) / limit.micros()
+        )
+    } else {
+        format!("no limit ({whose})")
     }
 }
 
@@ -128,15 +137,23 @@ pub async fn page(State(c): State<Shared>, headers: HeaderMap, RawQuery(q): RawQ
         r#"<section id="spend-chart"><h2>Spend per day and provider, last {DAYS} days</h2>{}</section>"#,
         chart(&days, today)
     );
-    b.push_str(r#"<section id="orgs-spend"><h2>Organisations this month</h2><table id="org-spend"><tr><th>organisation</th><th>today</th><th>of its daily limit</th><th>this month</th><th>of its monthly limit</th><th>month-end forecast</th></tr>"#);
+    b.push_str(r#"<section id="orgs-spend"><h2>Organisations this month</h2><table id="org-spend"><tr><th>organisation</th><th>tier</th><th>today</th><th>of its daily limit</th><th>this month</th><th>of its monthly limit</th><th>month-end forecast</th></tr>"#);
     for o in orgs.iter().take(PAGE) {
+        // The tier of its latest cost row; its defaults hold where it has no limit of its own.
+        let tier = o
+            .tier
+            .as_deref()
+            .and_then(|t| t.parse::<crate::domain::Tier>().ok())
+            .unwrap_or(crate::domain::Tier::Trial);
+        let defaults = c.src.budget.tier_limits(tier);
         let _ = write!(
             b,
-            r#"<tr data-org="{id}"><td><a href="/console/orgs/{id}">{id}</a></td><td class="n">{}</td><td>{}</td><td class="n">{}</td><td>{}</td><td class="n">{}</td></tr>"#,
+            r#"<tr data-org="{id}"><td><a href="/console/orgs/{id}">{id}</a></td><td>{}</td><td class="n">{}</td><td class="daily">{}</td><td class="n">{}</td><td class="monthly">{}</td><td class="n">{}</td></tr>"#,
+            tier.as_str(),
             o.today,
-            share(o.today, o.daily_limit),
+            share(o.today, o.daily_limit, defaults.daily),
             o.month,
-            share(o.month, o.monthly_limit),
+            share(o.month, o.monthly_limit, defaults.monthly),
             forecast(o.month, today),
             id = o.organization_id,
         );
@@ -171,6 +188,23 @@ pub async fn page(State(c): State<Shared>, headers: HeaderMap, RawQuery(q): RawQ
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_share_is_of_the_limit_in_force_the_organisations_own_or_its_tiers_default() {
+        let usd = MicroUsd::from_micros;
+        assert_eq!(
+            share(usd(2_500_000), None, usd(10_000_000)),
+            format!("25% of {} (tier default)", usd(10_000_000))
+        );
+        assert_eq!(
+            share(usd(2_500_000), Some(usd(5_000_000)), usd(10_000_000)),
+            format!("50% of {} (own)", usd(5_000_000))
+        );
+        assert_eq!(share(usd(1), None, usd(0)), "no limit (tier default)");
+        assert_eq!(share(usd(1), Some(usd(0)), usd(9)), "no limit (own)");
+        // No overflow on a spend far past the limit.
+        assert!(share(usd(i64::MAX), None, usd(1)).starts_with("9223372036854775807% of"));
+    }
 
     #[test]
     fn the_forecast_carries_the_daily_rate_to_the_months_end() {

@@ -16,6 +16,8 @@ pub struct OrgSpend {
     pub month: MicroUsd,
     pub daily_limit: Option<MicroUsd>,
     pub monthly_limit: Option<MicroUsd>,
+    /// The tier of its latest cost row (whose defaults hold where it has no limits of its own).
+    pub tier: Option<String>,
 }
 
 /// An alert as the console lists it.
@@ -29,8 +31,8 @@ pub struct AlertShown {
     pub delivery_attempts: i32,
 }
 
-/// org, today, month, daily limit, monthly limit (micro-USD).
-type SpendRow = (Uuid, i64, i64, Option<i64>, Option<i64>);
+/// org, today, month, daily limit, monthly limit (micro-USD), tier.
+type SpendRow = (Uuid, i64, i64, Option<i64>, Option<i64>, Option<String>);
 /// created, scope, threshold, message, delivered, tries.
 type AlertTuple = (
     DateTime<Utc>,
@@ -96,7 +98,10 @@ impl Store {
     ) -> Result<Vec<OrgSpend>, StoreError> {
         let rows: Vec<SpendRow> = sqlx::query_as(
             "SELECT s.organization_id, s.today, s.month,
-                    (l.daily_limit_usd * 1000000)::bigint, (l.monthly_limit_usd * 1000000)::bigint
+                    (l.daily_limit_usd * 1000000)::bigint, (l.monthly_limit_usd * 1000000)::bigint,
+                    (SELECT c.tier FROM ai_cost_tracking c
+                     WHERE c.organization_id = s.organization_id AND c.tier IS NOT NULL
+                     ORDER BY c.billing_date DESC, c.created_at DESC LIMIT 1)
              FROM (SELECT organization_id,
                           COALESCE((sum(cost_usd) FILTER (WHERE billing_date = CURRENT_DATE)
                                     * 1000000)::bigint, 0) AS today,
@@ -115,12 +120,13 @@ impl Store {
         let usd = MicroUsd::from_micros;
         Ok(rows
             .into_iter()
-            .map(|(o, t, m, d, ml)| OrgSpend {
+            .map(|(o, t, m, d, ml, tier)| OrgSpend {
                 organization_id: o,
                 today: usd(t),
                 month: usd(m),
                 daily_limit: d.map(usd),
                 monthly_limit: ml.map(usd),
+                tier,
             })
             .collect())
     }
