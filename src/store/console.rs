@@ -31,6 +31,36 @@ pub struct AlertShown {
     pub delivery_attempts: i32,
 }
 
+/// One provider call of a job, as its page lists it (ai_cost_tracking).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct CallShown {
+    pub created_at: Option<DateTime<Utc>>,
+    pub attempt: i32,
+    pub call_seq: i32,
+    pub provider: String,
+    pub model: Option<String>,
+    pub call_status: String,
+    pub cost_micros: i64,
+    pub input_tokens: Option<i32>,
+    pub output_tokens: Option<i32>,
+    pub units: Option<i32>,
+}
+
+/// One error row of a job, as its page lists it (ai_processing_errors).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ErrorShown {
+    pub created_at: Option<DateTime<Utc>>,
+    pub retry_count: Option<i32>,
+    pub call_seq: i32,
+    pub error_type: String,
+    pub provider: Option<String>,
+    pub http_status: Option<i32>,
+    pub error_message: String,
+}
+
+/// The most calls and error rows a job's page lists (the first ones, in order).
+pub const JOB_ROWS: i64 = 50;
+
 /// org, today, month, daily limit, monthly limit (micro-USD), tier.
 type SpendRow = (Uuid, i64, i64, Option<i64>, Option<i64>, Option<String>);
 /// created, scope, threshold, message, delivered, tries.
@@ -69,6 +99,41 @@ impl Store {
         .fetch_all(&self.pool)
         .await?;
         Ok(rows.into_iter().map(|(o, j, p)| ((o, j), p)).collect())
+    }
+
+    /// A job's provider calls, in the order they were made, at most [`JOB_ROWS`] (through the
+    /// cost table's unique index on organisation and job).
+    pub async fn job_calls(&self, org: Uuid, job_id: &str) -> Result<Vec<CallShown>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT created_at, attempt, call_seq, service_name AS provider, model, call_status,
+                    (cost_usd * 1000000)::bigint AS cost_micros, input_tokens, output_tokens, units
+             FROM ai_cost_tracking WHERE organization_id = $1 AND job_id = $2
+             ORDER BY execution, call_seq, created_at LIMIT $3",
+        )
+        .bind(org)
+        .bind(&*super::pg_text(job_id))
+        .bind(JOB_ROWS)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// A job's error rows, oldest first, at most [`JOB_ROWS`].
+    pub async fn job_errors(
+        &self,
+        org: Uuid,
+        job_id: &str,
+    ) -> Result<Vec<ErrorShown>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT created_at, retry_count, call_seq, error_type, provider, http_status,
+                    error_message
+             FROM ai_processing_errors WHERE organization_id = $1 AND job_id = $2
+             ORDER BY created_at, retry_count, call_seq LIMIT $3",
+        )
+        .bind(org)
+        .bind(&*super::pg_text(job_id))
+        .bind(JOB_ROWS)
+        .fetch_all(&self.pool)
+        .await?)
     }
 
     /// Spend per provider and day over the last `days` days, oldest first.
