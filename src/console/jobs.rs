@@ -190,6 +190,13 @@ pub async fn show(State(c): State<Shared>, headers: HeaderMap, Path(id): Path<St
             esc(&cut(r.error_message.as_deref().unwrap_or("-"), 2000)),
         );
     }
+    // Its calls and error rows, under the organisation its status names.
+    if let Ok(org) = uuid::Uuid::parse_str(&st.organization_id) {
+        match super::calls::tables(&c, org, &id).await {
+            Ok(t) => b.push_str(&t),
+            Err(e) => return failed("reading the job's calls and errors", e),
+        }
+    }
     if let Some(res) = &st.result {
         let _ = write!(
             b,

@@ -6,6 +6,7 @@
 //! routes and element ids the browser test relies on.
 
 pub mod auth;
+mod calls;
 mod dead;
 pub mod html;
 mod jobs;

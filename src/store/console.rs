@@ -41,9 +41,9 @@ pub struct CallShown {
     pub model: Option<String>,
     pub call_status: String,
     pub cost_micros: i64,
-    pub input_tokens: Option<i32>,
-    pub output_tokens: Option<i32>,
-    pub units: Option<i32>,
+    pub input_tokens: Option<i64>,
+    pub output_tokens: Option<i64>,
+    pub units: Option<i64>,
 }
 
 /// One error row of a job, as its page lists it (ai_processing_errors).
@@ -118,11 +118,7 @@ impl Store {
     }
 
     /// A job's error rows, oldest first, at most [`JOB_ROWS`].
-    pub async fn job_errors(
-        &self,
-        org: Uuid,
-        job_id: &str,
-    ) -> Result<Vec<ErrorShown>, StoreError> {
+    pub async fn job_errors(&self, org: Uuid, job_id: &str) -> Result<Vec<ErrorShown>, StoreError> {
         Ok(sqlx::query_as(
             "SELECT created_at, retry_count, call_seq, error_type, provider, http_status,
                     error_message

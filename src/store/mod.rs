@@ -39,7 +39,7 @@ mod batch;
 mod limits;
 pub use limits::{CountOverrides, MAX_OVERRIDE_USD, OrgOverrides, OverrideChange};
 mod console;
-pub use console::{AlertShown, OrgSpend};
+pub use console::{AlertShown, CallShown, ErrorShown, JOB_ROWS, OrgSpend};
 mod outcomes;
 pub use outcomes::{CancelledRow, ResultRow, complete_status};
 mod reports;

@@ -973,3 +973,57 @@ async fn a_filtered_count_beyond_one_read_says_at_least_and_the_action_still_rea
     assert_eq!(s.dead_by_tier.get("trial").copied().unwrap_or(0), 0);
     assert_eq!(s.dead_by_tier.get("enterprise").copied(), Some(2550));
 }
+
+#[tokio::test]
+async fn a_jobs_page_lists_its_provider_calls_with_their_cost_and_its_error_rows() {
+    let ctx = TestCtx::new().await;
+    let id = ctx
+        .enqueue(
+            aiq::domain::JobKind::LlmComplete,
+            Tier::Trial,
+            ORG_A,
+            &llm_payload(Tier::Trial, ORG_A, "a call"),
+            0,
+        )
+        .await;
+    ctx.run_until_settled().await;
+    let (cost,): (String,) = sqlx::query_as(
+        "SELECT cost_usd::text FROM ai_cost_tracking WHERE job_id = $1 AND call_status = 'succeeded'",
+    )
+    .bind(&id)
+    .fetch_one(ctx.store.pool())
+    .await
+    .unwrap();
+    // An error row of an earlier attempt, as the worker writes one, with text to escape.
+    failed_call(&ctx, &id, 1, "<b>openai</b>").await;
+    let c = Console::start(&ctx).await;
+    let op = c.sign_in(OPERATOR).await;
+    let (code, page) = c.get(&op, &format!("/console/jobs/{id}")).await;
+    assert_eq!(code, 200, "{page}");
+    let calls = &page[page.find(r#"<table id="calls">"#).expect("the calls table")..];
+    let calls = &calls[..calls.find("</table>").unwrap()];
+    assert_eq!(
+        calls
+            .matches(r#"<td class="status">succeeded</td>"#)
+            .count(),
+        1,
+        "{calls}"
+    );
+    assert!(calls.contains("<td>openai</td>"), "{calls}");
+    // The total is the row's cost, as the money pages show amounts.
+    let micros = (cost.parse::<f64>().unwrap() * 1e6).round() as i64;
+    let shown = aiq::domain::MicroUsd::from_micros(micros).to_string();
+    assert!(
+        calls.contains(&format!(r#"<td class="n" id="calls-cost">{shown}</td>"#)),
+        "{calls}"
+    );
+    let errors = &page[page
+        .find(r#"<table id="errors">"#)
+        .expect("the errors table")..];
+    let errors = &errors[..errors.find("</table>").unwrap()];
+    assert!(
+        errors.contains("&lt;b&gt;openai&lt;/b&gt;") && !errors.contains("<b>openai"),
+        "{errors}"
+    );
+    assert!(errors.contains("<td class=\"n\">503</td>"), "{errors}");
+}
