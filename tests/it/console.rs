@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::harness::{ORG_A, ORG_B, TestCtx, llm_payload};
 
-const OPERATOR: &str = "operator-token-0123456789abcdef";
+pub(crate) const OPERATOR: &str = "operator-token-0123456789abcdef";
 const VIEWER: &str = "viewer-token-0123456789abcdefgh";
 
 const FORM: &str = "application/x-www-form-urlencoded";
@@ -23,14 +23,16 @@ fn encode(fields: &[(&str, &str)]) -> String {
         .finish()
 }
 
-struct Console {
-    addr: SocketAddr,
+/// The console of an in-process admin server on a free port, with no worker: what the test
+/// enqueues stays waiting.
+pub(crate) struct Console {
+    pub(crate) addr: SocketAddr,
     http: reqwest::Client,
     _stop: tokio_util::sync::DropGuard,
 }
 
 impl Console {
-    async fn start(ctx: &TestCtx) -> Self {
+    pub(crate) async fn start(ctx: &TestCtx) -> Self {
         Self::start_with(ctx, CookieSecure::Auto).await
     }
 
