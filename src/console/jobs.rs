@@ -296,7 +296,7 @@ fn events_table(st: &JobStatus, events: Option<&JobEvents>) -> String {
     if ev.skipped > 0 {
         let _ = write!(
             b,
-            r#"<p id="events-skipped">{} stream entries read were not in the contract's shape and were skipped.</p>"#,
+            r#"<p id="events-skipped">{} stream entries that name this job were not in the contract's shape and were skipped.</p>"#,
             ev.skipped
         );
     }

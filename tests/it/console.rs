@@ -851,7 +851,7 @@ async fn malformed_and_hostile_entries_in_the_stream_do_not_break_a_jobs_page() 
     );
     assert!(
         page.contains(
-            r#"<p id="events-skipped">2 stream entries read were not in the contract's shape and were skipped.</p>"#
+            r#"<p id="events-skipped">2 stream entries that name this job were not in the contract's shape and were skipped.</p>"#
         ),
         "{page}"
     );

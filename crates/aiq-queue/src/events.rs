@@ -290,7 +290,8 @@ const TERMINAL_EVENTS: [&str; 4] = ["succeeded", "failed", "dead", "cancelled"];
 pub struct JobEvents {
     /// This job's events, in the order they happened, each once.
     pub events: Vec<StreamEvent>,
-    /// Stream entries the windows held that are not the contract's shape, skipped.
+    /// Stream entries the windows held that name this job but are not the contract's shape,
+    /// skipped.
     pub skipped: usize,
     /// Whether some of the job's events may be missing: its `created` event was not found, a
     /// window filled up before the next one began, the last one filled up before the job's
@@ -334,6 +335,13 @@ fn texts(v: &redis::Value) -> Vec<String> {
         redis::Value::Array(items) => items.iter().flat_map(texts).collect(),
         _ => Vec::new(),
     }
+}
+
+/// Whether an entry's fields have a `job_id` line that is `id`.
+fn names(fields: &[(String, String)], id: &str) -> bool {
+    fields
+        .iter()
+        .any(|(k, v)| k == "job_id" && v.split('\n').any(|line| line == id))
 }
 
 /// One stream id's two numbers, for ordering entries.
@@ -616,7 +624,9 @@ impl Queue {
             out.read += got.len();
             let last_id = got.last().and_then(|(id, _)| stream_id(id));
             read.push((*start, got.len() >= JOB_EVENTS_WINDOW, last_id));
-            for (entry_id, fields) in got {
+            // Only an entry with a job_id line of this id can hold one of its events: the rest
+            // are neither kept nor decoded.
+            for (entry_id, fields) in got.into_iter().filter(|(_, f)| names(f, id)) {
                 match stream_id(&entry_id) {
                     Some(key) => {
                         entries.entry(key).or_insert((entry_id, fields));
