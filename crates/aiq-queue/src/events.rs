@@ -337,50 +337,83 @@ fn texts(v: &redis::Value) -> Vec<String> {
     }
 }
 
-/// Whether an entry's fields have a `job_id` line that is `id`.
-fn names(fields: &[(String, String)], id: &str) -> bool {
-    fields
-        .iter()
-        .any(|(k, v)| k == "job_id" && v.split('\n').any(|line| line == id))
-}
-
 /// One stream id's two numbers, for ordering entries.
 fn stream_id(id: &str) -> Option<(u64, u64)> {
     let (ms, seq) = id.split_once('-')?;
     Some((ms.parse().ok()?, seq.parse().ok()?))
 }
 
-/// The entries of an XRANGE reply: (id, fields), values that are not UTF-8 read lossily. A reply
-/// that is not a list of entries (the key is not a stream) is none.
-fn stream_entries(v: &redis::Value) -> Vec<(String, Vec<(String, String)>)> {
+/// A reply's bytes, when it is a string.
+fn bytes(v: &redis::Value) -> Option<&[u8]> {
+    match v {
+        redis::Value::BulkString(b) => Some(b),
+        redis::Value::SimpleString(s) => Some(s.as_bytes()),
+        redis::Value::VerbatimString { text, .. } => Some(text.as_bytes()),
+        _ => None,
+    }
+}
+
+/// An entry's field and value pairs as Redis sent them (a flat list, or a map).
+fn pairs(fields: &redis::Value) -> Vec<(&redis::Value, Option<&redis::Value>)> {
+    match fields {
+        redis::Value::Map(kv) => kv.iter().map(|(k, v)| (k, Some(v))).collect(),
+        redis::Value::Array(flat) => flat.chunks(2).map(|c| (&c[0], c.get(1))).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// What one XRANGE reply held: its number of entries, its last entry's id, and the entries
+/// with a `job_id` line that is `only` (every entry when `None`) as (id, fields), values that
+/// are not UTF-8 read lossily. The other entries are not copied. A reply that is not a list
+/// of entries (the key is not a stream) holds none.
+#[derive(Debug, Default)]
+struct Window {
+    count: usize,
+    last: Option<(u64, u64)>,
+    kept: Vec<(String, Vec<(String, String)>)>,
+}
+
+fn stream_entries(v: &redis::Value, only: Option<&str>) -> Window {
     let redis::Value::Array(entries) = v else {
-        return Vec::new();
+        return Window::default();
     };
-    entries
-        .iter()
-        .filter_map(|e| {
-            let redis::Value::Array(parts) = e else {
-                return None;
-            };
-            let [id, fields] = parts.as_slice() else {
-                return None;
-            };
-            let id = texts(id).pop()?;
-            let pairs = match fields {
-                redis::Value::Map(kv) => kv
-                    .iter()
-                    .map(|(k, v)| (texts(k).concat(), texts(v).concat()))
-                    .collect(),
-                other => {
-                    let flat = texts(other);
-                    flat.chunks(2)
-                        .map(|c| (c[0].clone(), c.get(1).cloned().unwrap_or_default()))
-                        .collect()
-                }
-            };
-            Some((id, pairs))
-        })
-        .collect()
+    let text = |v: Option<&redis::Value>| {
+        v.and_then(bytes)
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .unwrap_or_default()
+    };
+    let mut w = Window {
+        count: entries.len(),
+        ..Window::default()
+    };
+    for e in entries {
+        let redis::Value::Array(parts) = e else {
+            continue;
+        };
+        let [id, fields] = parts.as_slice() else {
+            continue;
+        };
+        let Some(id) = bytes(id).map(String::from_utf8_lossy) else {
+            continue;
+        };
+        w.last = stream_id(&id).or(w.last);
+        let pairs = pairs(fields);
+        let names = |job: &str| {
+            pairs.iter().any(|(k, v)| {
+                bytes(k) == Some(b"job_id".as_slice())
+                    && v.and_then(|v| bytes(v))
+                        .is_some_and(|v| v.split(|b| *b == b'\n').any(|l| l == job.as_bytes()))
+            })
+        };
+        if only.is_none_or(names) {
+            let fields = pairs
+                .iter()
+                .map(|(k, v)| (text(Some(k)), text(*v)))
+                .collect();
+            w.kept.push((id.into_owned(), fields));
+        }
+    }
+    w
 }
 
 /// The longest result summary a status parses (a hand-written one could be megabytes).
@@ -612,21 +645,18 @@ impl Queue {
             off: texts(config).first().map(String::as_str) == Some("off"),
             ..JobEvents::default()
         };
-        let stream_start = stream_entries(head)
-            .first()
-            .and_then(|(id, _)| stream_id(id));
+        let stream_start = stream_entries(head, None).last;
         out.read = usize::from(stream_start.is_some());
         // Each window: where it began, whether it filled up, its last entry.
         let mut read = Vec::new();
         let mut entries = BTreeMap::new();
         for (start, w) in starts.iter().zip(windows) {
-            let got = stream_entries(w);
-            out.read += got.len();
-            let last_id = got.last().and_then(|(id, _)| stream_id(id));
-            read.push((*start, got.len() >= JOB_EVENTS_WINDOW, last_id));
             // Only an entry with a job_id line of this id can hold one of its events: the rest
-            // are neither kept nor decoded.
-            for (entry_id, fields) in got.into_iter().filter(|(_, f)| names(f, id)) {
+            // are neither copied nor decoded.
+            let got = stream_entries(w, Some(id));
+            out.read += got.count;
+            read.push((*start, got.count >= JOB_EVENTS_WINDOW, got.last));
+            for (entry_id, fields) in got.kept {
                 match stream_id(&entry_id) {
                     Some(key) => {
                         entries.entry(key).or_insert((entry_id, fields));
@@ -976,7 +1006,7 @@ mod tests {
     }
 
     #[test]
-    fn stream_entries_read_bytes_that_are_not_utf8_and_skip_what_is_no_entry() {
+    fn stream_entries_read_bytes_that_are_not_utf8_and_keep_only_the_jobs_entries() {
         use redis::Value::{Array, BulkString, Int, Nil};
         let bulk = |b: &[u8]| BulkString(b.to_vec());
         let reply = Array(vec![
@@ -992,13 +1022,37 @@ mod tests {
             Int(7),
             Array(vec![bulk(b"6-0")]),
             Array(vec![bulk(b"7-0"), Array(vec![bulk(b"odd")])]),
+            Array(vec![
+                bulk(b"8-0"),
+                Array(vec![
+                    bulk(b"n"),
+                    bulk(b"2"),
+                    bulk(b"job_id"),
+                    bulk(b"b\nj-1"),
+                ]),
+            ]),
+            Array(vec![
+                bulk(b"9-0"),
+                Array(vec![
+                    bulk(b"job_id"),
+                    bulk(b"j-10"),
+                    bulk(b"type"),
+                    bulk(b"x"),
+                ]),
+            ]),
         ]);
-        let got = stream_entries(&reply);
-        assert_eq!(got.len(), 2, "{got:?}");
-        assert_eq!(got[0].0, "5-1");
-        assert_eq!(got[0].1[1], ("job_id".into(), "a\u{fffd}".into()));
-        assert_eq!(got[1].1, vec![("odd".into(), String::new())]);
-        assert!(stream_entries(&Nil).is_empty());
+        let all = stream_entries(&reply, None);
+        assert_eq!((all.count, all.last), (6, Some((9, 0))));
+        let ids: Vec<&str> = all.kept.iter().map(|(id, _)| id.as_str()).collect();
+        assert_eq!(ids, ["5-1", "7-0", "8-0", "9-0"]);
+        assert_eq!(all.kept[0].1[1], ("job_id".into(), "a\u{fffd}".into()));
+        assert_eq!(all.kept[1].1, vec![("odd".into(), String::new())]);
+        // A job's entries: a job_id line that is its id, not one that starts with it.
+        let mine = stream_entries(&reply, Some("j-1"));
+        assert_eq!((mine.count, mine.last), (6, Some((9, 0))));
+        let ids: Vec<&str> = mine.kept.iter().map(|(id, _)| id.as_str()).collect();
+        assert_eq!(ids, ["8-0"]);
+        assert_eq!(stream_entries(&Nil, None).count, 0);
         assert_eq!(stream_id("5-1"), Some((5, 1)));
         assert_eq!(stream_id("5"), None);
     }
