@@ -856,3 +856,27 @@ async fn malformed_and_hostile_entries_in_the_stream_do_not_break_a_jobs_page() 
         "{page}"
     );
 }
+
+#[tokio::test]
+async fn with_events_off_a_jobs_page_shows_its_status_lines_and_says_why() {
+    let ctx = TestCtx::new().await;
+    let _: () = redis::cmd("HSET")
+        .arg(ctx.key("config"))
+        .arg("events")
+        .arg("off")
+        .query_async(&mut ctx.redis().await)
+        .await
+        .unwrap();
+    let id = enqueue_one(&ctx).await;
+    let dead = Outcome::Dead {
+        reason: "attempts ran out".into(),
+    };
+    lease_and_settle(&ctx, &id, dead).await;
+    let page = job_page(&ctx, &id).await;
+    assert!(event_types(&page).is_empty(), "{page}");
+    assert!(page.contains("last error: attempts ran out"), "{page}");
+    assert!(
+        page.contains(r#"<p id="events-none">No events of this job were found: events are off"#),
+        "{page}"
+    );
+}
