@@ -213,6 +213,7 @@ pub struct ConsoleToken {
 pub struct ConsoleSettings {
     pub tokens: Vec<ConsoleToken>,
     pub session: Duration,
+    pub cookie_secure: CookieSecure,
 }
 
 impl Default for ConsoleSettings {
@@ -220,6 +221,39 @@ impl Default for ConsoleSettings {
         Self {
             tokens: Vec::new(),
             session: Duration::from_secs(12 * 3600),
+            cookie_secure: CookieSecure::Auto,
+        }
+    }
+}
+
+/// When the session cookie carries `Secure` (`AIQ_CONSOLE_COOKIE_SECURE`). The admin port has
+/// no TLS of its own, so only a proxy in front can tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CookieSecure {
+    /// When the request has `X-Forwarded-Proto: https`.
+    Auto,
+    /// Always: the console is reached only through TLS.
+    Always,
+    /// Never.
+    Never,
+}
+
+impl CookieSecure {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CookieSecure::Auto => "auto",
+            CookieSecure::Always => "always",
+            CookieSecure::Never => "never",
+        }
+    }
+
+    /// Whether a cookie set in answer to a request that came through TLS (`through_tls`, as
+    /// a proxy says) is `Secure`.
+    pub fn secure(self, through_tls: bool) -> bool {
+        match self {
+            CookieSecure::Auto => through_tls,
+            CookieSecure::Always => true,
+            CookieSecure::Never => false,
         }
     }
 }
@@ -431,6 +465,29 @@ mod tests {
         assert_eq!(d.retry_for, Duration::from_secs(86_400));
         assert_eq!(d.failing_after, Duration::from_secs(3600));
         assert!(d.allow_nets.is_empty() && d.callback_secrets.is_empty());
+    }
+
+    #[test]
+    fn the_console_cookie_is_secure_by_its_three_words_and_nothing_else() {
+        let with = |v: &'static str| {
+            let mut pairs = BASE.to_vec();
+            pairs.push(("AIQ_CONSOLE_COOKIE_SECURE", v));
+            Settings::load(&env(&pairs)).map(|s| s.console.cookie_secure)
+        };
+        let default = Settings::load(&env(&BASE)).unwrap().console.cookie_secure;
+        assert_eq!(default, CookieSecure::Auto);
+        assert_eq!(with("auto").unwrap(), CookieSecure::Auto);
+        assert_eq!(with("always").unwrap(), CookieSecure::Always);
+        assert_eq!(with(" never ").unwrap(), CookieSecure::Never);
+        for v in ["yes", "Always", "true", "on"] {
+            let e = with(v).unwrap_err();
+            assert_eq!(e.name, "AIQ_CONSOLE_COOKIE_SECURE", "{v}: {e}");
+            let text = e.to_string();
+            assert!(
+                text.contains("AIQ_CONSOLE_COOKIE_SECURE") && text.contains("auto, always, never"),
+                "{v}: {text}"
+            );
+        }
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use super::{BreakerSettings, BudgetSettings, CallRetryPolicy, DatabaseSettings, LogFormat};
-use super::{ConfigError, ConsoleRole, ConsoleSettings, Env, Secret, SecretUrl, bad};
+use super::{ConfigError, ConsoleRole, ConsoleSettings, CookieSecure, Env, Secret, SecretUrl, bad};
 use super::{OnBudgetExceeded, ProviderSettings, QueueSettings, RedisSettings, RedisTls};
 use super::{RetentionSettings, RetryPolicy, Scheduling, Settings, WebhookSettings};
 use crate::tls::PemFile;
@@ -304,6 +304,11 @@ impl Settings {
         let console = ConsoleSettings {
             tokens: console_tokens,
             session: Duration::from_secs(int("AIQ_CONSOLE_SESSION_H")? * 3600),
+            cookie_secure: match env.value("AIQ_CONSOLE_COOKIE_SECURE")?.word() {
+                "always" => CookieSecure::Always,
+                "never" => CookieSecure::Never,
+                _ => CookieSecure::Auto,
+            },
         };
         let log_format = match env.value("AIQ_LOG_FORMAT")?.word() {
             "json" => LogFormat::Json,

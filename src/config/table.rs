@@ -558,6 +558,18 @@ pub static SETTINGS: &[Setting] = &[
               process restarts.",
         show: |s| (s.console.session.as_secs() / 3600).to_string(),
     },
+    Setting {
+        name: "AIQ_CONSOLE_COOKIE_SECURE",
+        area: Area::Admin,
+        fallback: Fallback::Value("auto"),
+        kind: Kind::Words(&["auto", "always", "never"]),
+        secrecy: Secrecy::Public,
+        doc: "When the console's session cookie is Secure (sent over HTTPS only): auto when \
+              the request has X-Forwarded-Proto: https, always, or never. The admin port has \
+              no TLS of its own: set always when the console is reached only through a TLS \
+              proxy, whether or not the proxy sends that header.",
+        show: |s| s.console.cookie_secure.as_str().to_owned(),
+    },
     // Logs and Sentry.
     Setting {
         name: "AIQ_LOG_FORMAT",

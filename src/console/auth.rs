@@ -66,8 +66,10 @@ impl Auth {
         found
     }
 
-    /// The `Set-Cookie` value of a new session; `secure` when the request came through TLS.
-    pub fn cookie(&self, name: &str, role: ConsoleRole, secure: bool) -> String {
+    /// The `Set-Cookie` value of a new session; `through_tls` when a proxy says the request
+    /// came through TLS (`Secure` then follows `AIQ_CONSOLE_COOKIE_SECURE`).
+    pub fn cookie(&self, name: &str, role: ConsoleRole, through_tls: bool) -> String {
+        let secure = self.settings.cookie_secure.secure(through_tls);
         let expiry = chrono::Utc::now().timestamp() + self.settings.session.as_secs() as i64;
         let mut nonce = [0u8; 16];
         rand::fill(&mut nonce).expect("the OS random source");
@@ -84,8 +86,9 @@ impl Auth {
         )
     }
 
-    /// The `Set-Cookie` value that ends a session.
-    pub fn cleared(&self, secure: bool) -> String {
+    /// The `Set-Cookie` value that ends a session, `Secure` as a new session's would be.
+    pub fn cleared(&self, through_tls: bool) -> String {
+        let secure = self.settings.cookie_secure.secure(through_tls);
         format!(
             "{COOKIE}=; Path=/console; HttpOnly; SameSite=Strict; Max-Age=0{}",
             if secure { "; Secure" } else { "" }
@@ -189,10 +192,14 @@ fn loopback_host(headers: &HeaderMap) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{ConsoleToken, Secret};
+    use crate::config::{ConsoleToken, CookieSecure, Secret};
     use axum::http::HeaderValue;
 
     fn auth() -> Auth {
+        auth_with(CookieSecure::Auto)
+    }
+
+    fn auth_with(cookie_secure: CookieSecure) -> Auth {
         Auth::new(ConsoleSettings {
             tokens: vec![ConsoleToken {
                 name: "ann".into(),
@@ -200,7 +207,32 @@ mod tests {
                 token: Secret::new("v".repeat(24)),
             }],
             session: std::time::Duration::from_secs(60),
+            cookie_secure,
         })
+    }
+
+    #[test]
+    fn the_cookie_is_secure_as_the_setting_says_on_sign_in_and_sign_out() {
+        let secure = |c: &str| c.split("; ").any(|a| a == "Secure");
+        for (setting, plain, tls) in [
+            (CookieSecure::Auto, false, true),
+            (CookieSecure::Always, true, true),
+            (CookieSecure::Never, false, false),
+        ] {
+            let a = auth_with(setting);
+            for (through_tls, want) in [(false, plain), (true, tls)] {
+                let c = a.cookie("ann", ConsoleRole::Viewer, through_tls);
+                assert_eq!(
+                    secure(&c),
+                    want,
+                    "{setting:?}, through TLS {through_tls}: {c}"
+                );
+                let gone = a.cleared(through_tls);
+                assert_eq!(secure(&gone), want, "{setting:?} clearing: {gone}");
+                // Secure or not, the cookie is the same session.
+                assert!(a.session(&with_cookie(&c)).is_some());
+            }
+        }
     }
 
     fn with_cookie(set_cookie: &str) -> HeaderMap {

@@ -52,6 +52,14 @@ pub fn at(ms: i64) -> String {
     )
 }
 
+/// A time in ms since the epoch, in UTC, to the millisecond (events close together).
+pub fn at_ms(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms).map_or_else(
+        || "-".to_owned(),
+        |t| t.format("%Y-%m-%d %H:%M:%S%.3f UTC").to_string(),
+    )
+}
+
 /// The hidden CSRF field of an action's form.
 pub fn csrf(session: &Session) -> String {
     format!(

@@ -8,7 +8,9 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 
-use super::html::{at, cut, esc, url};
+use aiq_queue::events::{JobEvents, JobStatus};
+
+use super::html::{at, at_ms, cut, esc, url};
 use super::{Fields, PAGE, Shared, failed, html, viewer};
 
 pub async fn list(State(c): State<Shared>, headers: HeaderMap, RawQuery(q): RawQuery) -> Response {
@@ -156,31 +158,23 @@ pub async fn show(State(c): State<Shared>, headers: HeaderMap, Path(id): Path<St
         esc(&st.tier),
         esc(&st.organization_id),
     );
-    b.push_str(r#"<table id="events"><tr><th>when</th><th>what</th></tr>"#);
-    if let Some(due) = st.due_at {
-        let _ = write!(
-            b,
-            "<tr><td>{}</td><td>due again ({})</td></tr>",
-            at(due),
-            esc(st.delay_reason.as_deref().unwrap_or("retry"))
-        );
+    // The job's events from the stream, at its known times (the result row's too).
+    let mut hints: Vec<u64> = st
+        .finished_at
+        .into_iter()
+        .map(|t| t.max(0) as u64)
+        .collect();
+    if let Some((_, r)) = &row {
+        hints.extend(r.processed_at.map(|t| t.timestamp_millis().max(0) as u64));
     }
-    if let Some(f) = st.finished_at {
-        let _ = write!(
-            b,
-            "<tr><td>{}</td><td>finished: {}</td></tr>",
-            at(f),
-            st.state.as_str()
-        );
-    }
-    if let Some(e) = &st.last_error {
-        let _ = write!(
-            b,
-            "<tr><td></td><td>last error: {}</td></tr>",
-            esc(&cut(e, 2000))
-        );
-    }
-    b.push_str("</table>");
+    let events = match c.src.queue.job_events(&id, &hints).await {
+        Ok(e) => Some(e),
+        Err(e) => {
+            tracing::warn!(error = %e, "console: reading the job's events failed");
+            None
+        }
+    };
+    b.push_str(&events_table(&st, events.as_ref()));
     if let Some((_, r)) = &row {
         let _ = write!(
             b,
@@ -212,4 +206,106 @@ pub async fn show(State(c): State<Shared>, headers: HeaderMap, Path(id): Path<St
         );
     }
     html(StatusCode::OK, super::html::page("Job", &s, None, &b))
+}
+
+/// The fields every event has; the rest are its type's own (jobs/README.md, "Events").
+const COMMON: [&str; 8] = [
+    "type", "job_id", "org", "tier", "kind", "state", "at", "attempts",
+];
+
+/// The events table: the stream's events of the job, or where the stream has none of them
+/// (events off, trimmed, not readable) the lines its status gives; and what the read may miss.
+fn events_table(st: &JobStatus, events: Option<&JobEvents>) -> String {
+    let mut b = String::from(
+        r#"<table id="events"><tr><th>when</th><th>event</th><th>state</th><th>attempts</th><th>details</th></tr>"#,
+    );
+    let found = events.map_or(&[][..], |e| e.events.as_slice());
+    for e in found {
+        let details: Vec<String> = e
+            .fields
+            .iter()
+            .filter(|(k, _)| !COMMON.contains(&k.as_str()))
+            .map(|(k, v)| {
+                let v = match (k.as_str(), v.parse::<i64>()) {
+                    ("until", Ok(ms)) => at_ms(ms),
+                    _ => cut(v, 500),
+                };
+                format!("{}: {}", esc(&cut(k, 40)), esc(&v))
+            })
+            .collect();
+        let when = e
+            .get("at")
+            .parse::<i64>()
+            .map_or_else(|_| esc(&cut(e.get("at"), 40)), at_ms);
+        let _ = write!(
+            b,
+            r#"<tr class="event" data-type="{ty}"><td>{when}</td><td>{ty}</td><td>{}</td><td class="n">{}</td><td>{}</td></tr>"#,
+            esc(&cut(e.get("state"), 40)),
+            esc(&cut(e.get("attempts"), 20)),
+            details.join("; "),
+            ty = esc(&cut(e.get("type"), 40)),
+        );
+    }
+    if found.is_empty() {
+        if let Some(due) = st.due_at {
+            let _ = write!(
+                b,
+                "<tr><td>{}</td><td>due again ({})</td><td></td><td></td><td></td></tr>",
+                at(due),
+                esc(st.delay_reason.as_deref().unwrap_or("retry"))
+            );
+        }
+        if let Some(f) = st.finished_at {
+            let _ = write!(
+                b,
+                "<tr><td>{}</td><td>finished: {}</td><td></td><td></td><td></td></tr>",
+                at(f),
+                st.state.as_str()
+            );
+        }
+        if let Some(e) = &st.last_error {
+            let _ = write!(
+                b,
+                "<tr><td></td><td>last error: {}</td><td></td><td></td><td></td></tr>",
+                esc(&cut(e, 2000))
+            );
+        }
+    }
+    b.push_str("</table>");
+    let Some(ev) = events else {
+        b.push_str(r#"<p id="events-none">The events stream could not be read (see the daemon's log); these lines are from the job's status.</p>"#);
+        return b;
+    };
+    if found.is_empty() {
+        let why = if ev.off {
+            "events are off (AIQ_EVENTS)"
+        } else if ev.trimmed {
+            "the stream no longer holds them (trimmed)"
+        } else {
+            "the stream holds none of them where this job's known times point"
+        };
+        let _ = write!(
+            b,
+            r#"<p id="events-none">No events of this job were found: {why}. These lines are from the job's status.</p>"#
+        );
+    } else if ev.incomplete || (st.state.is_terminal() && !ev.ended()) {
+        let _ = write!(
+            b,
+            r#"<p id="events-incomplete">This list may be incomplete: the stream has no index by job, so it is read in at most two windows of {} entries, from this job's first and last known times{}.</p>"#,
+            aiq_queue::events::JOB_EVENTS_WINDOW,
+            if ev.trimmed {
+                "; its oldest events were trimmed"
+            } else {
+                ""
+            },
+        );
+    }
+    if ev.skipped > 0 {
+        let _ = write!(
+            b,
+            r#"<p id="events-skipped">{} stream entries that name this job were not in the contract's shape and were skipped.</p>"#,
+            ev.skipped
+        );
+    }
+    b
 }

@@ -4,14 +4,14 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use aiq::config::{ConsoleRole, ConsoleSettings, ConsoleToken, Secret};
+use aiq::config::{ConsoleRole, ConsoleSettings, ConsoleToken, CookieSecure, Secret};
 use aiq::domain::{OrganizationId, Tier};
 use aiq::queue::{NewJob, Outcome, Settlement};
 use tokio_util::sync::CancellationToken;
 
 use crate::harness::{ORG_A, ORG_B, TestCtx, llm_payload};
 
-const OPERATOR: &str = "operator-token-0123456789abcdef";
+pub(crate) const OPERATOR: &str = "operator-token-0123456789abcdef";
 const VIEWER: &str = "viewer-token-0123456789abcdefgh";
 
 const FORM: &str = "application/x-www-form-urlencoded";
@@ -23,14 +23,20 @@ fn encode(fields: &[(&str, &str)]) -> String {
         .finish()
 }
 
-struct Console {
-    addr: SocketAddr,
+/// The console of an in-process admin server on a free port, with no worker: what the test
+/// enqueues stays waiting.
+pub(crate) struct Console {
+    pub(crate) addr: SocketAddr,
     http: reqwest::Client,
     _stop: tokio_util::sync::DropGuard,
 }
 
 impl Console {
-    async fn start(ctx: &TestCtx) -> Self {
+    pub(crate) async fn start(ctx: &TestCtx) -> Self {
+        Self::start_with(ctx, CookieSecure::Auto).await
+    }
+
+    async fn start_with(ctx: &TestCtx, cookie_secure: CookieSecure) -> Self {
         let app = aiq::worker::app(&ctx.settings, ctx.store.clone())
             .await
             .unwrap();
@@ -52,6 +58,7 @@ impl Console {
             aiq::worker::admin_sources(&ctx.queue, &app).with_console(ConsoleSettings {
                 tokens,
                 session: Duration::from_secs(3600),
+                cookie_secure,
             }),
             stop.clone(),
         )
@@ -74,14 +81,21 @@ impl Console {
 
     /// Signs in with a token; returns the session's Cookie header value.
     async fn sign_in(&self, token: &str) -> String {
-        let r = self
+        let set = self.sign_in_set_cookie(token, None).await;
+        set.split(';').next().unwrap().to_owned()
+    }
+
+    /// Signs in with a token, with `X-Forwarded-Proto` if given; returns the whole Set-Cookie.
+    async fn sign_in_set_cookie(&self, token: &str, forwarded_proto: Option<&str>) -> String {
+        let mut req = self
             .http
             .post(self.url("/console/login"))
             .header("content-type", FORM)
-            .body(encode(&[("token", token)]))
-            .send()
-            .await
-            .unwrap();
+            .body(encode(&[("token", token)]));
+        if let Some(p) = forwarded_proto {
+            req = req.header("x-forwarded-proto", p);
+        }
+        let r = req.send().await.unwrap();
         assert_eq!(r.status(), 303);
         assert_eq!(r.headers()["location"], "/console/");
         let set = r.headers()["set-cookie"].to_str().unwrap().to_owned();
@@ -91,7 +105,7 @@ impl Console {
                 && set.contains("Path=/console"),
             "{set}"
         );
-        set.split(';').next().unwrap().to_owned()
+        set
     }
 
     async fn get(&self, cookie: &str, path: &str) -> (u16, String) {
@@ -619,7 +633,7 @@ async fn an_operator_changes_an_organisations_limits_from_its_page_and_a_viewer_
 }
 
 /// A job of `tier` for the overview test.
-fn new_job(tier: Tier, delay: Duration) -> NewJob {
+fn job_of(tier: Tier, delay: Duration) -> NewJob {
     NewJob {
         kind: aiq::domain::JobKind::LlmComplete,
         tier,
@@ -644,12 +658,12 @@ async fn the_overview_counts_in_flight_delayed_and_dead_per_tier_the_last_hour_a
     // a growth_team job is scheduled for later.
     for tier in [Tier::Enterprise, Tier::Trial, Tier::Trial] {
         ctx.queue
-            .enqueue(&new_job(tier, Duration::ZERO))
+            .enqueue(&job_of(tier, Duration::ZERO))
             .await
             .unwrap();
     }
     ctx.queue
-        .enqueue(&new_job(Tier::GrowthTeam, Duration::from_secs(3600)))
+        .enqueue(&job_of(Tier::GrowthTeam, Duration::from_secs(3600)))
         .await
         .unwrap();
     let leased = ctx.queue.fetch(3).await.unwrap();
@@ -905,7 +919,7 @@ async fn a_filtered_count_beyond_one_read_says_at_least_and_the_action_still_rea
         } else {
             Tier::Enterprise
         };
-        jobs.push(new_job(tier, Duration::ZERO));
+        jobs.push(job_of(tier, Duration::ZERO));
     }
     for chunk in jobs.chunks(500) {
         for r in ctx.queue.enqueue_batch(chunk).await.unwrap() {
@@ -1026,4 +1040,253 @@ async fn a_jobs_page_lists_its_provider_calls_with_their_cost_and_its_error_rows
         "{errors}"
     );
     assert!(errors.contains("<td class=\"n\">503</td>"), "{errors}");
+}
+
+/// Whether a Set-Cookie value carries the Secure attribute.
+fn secure(set_cookie: &str) -> bool {
+    set_cookie.split(';').any(|a| a.trim() == "Secure")
+}
+
+#[tokio::test]
+async fn with_cookie_secure_always_the_session_cookie_is_secure_without_a_proxy_header() {
+    let ctx = TestCtx::new().await;
+    let c = Console::start_with(&ctx, CookieSecure::Always).await;
+    let set = c.sign_in_set_cookie(OPERATOR, None).await;
+    assert!(secure(&set), "{set}");
+    // The session works, and its clearing is Secure too.
+    let cookie = set.split(';').next().unwrap().to_owned();
+    assert_eq!(c.get(&cookie, "/console/").await.0, 200);
+    let r = c
+        .http
+        .post(c.url("/console/logout"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    let cleared = r.headers()["set-cookie"].to_str().unwrap();
+    assert!(
+        cleared.contains("Max-Age=0") && secure(cleared),
+        "{cleared}"
+    );
+
+    // auto follows the proxy's header; never ignores it.
+    let auto = Console::start(&ctx).await;
+    assert!(!secure(&auto.sign_in_set_cookie(OPERATOR, None).await));
+    assert!(secure(
+        &auto.sign_in_set_cookie(OPERATOR, Some("https")).await
+    ));
+    let never = Console::start_with(&ctx, CookieSecure::Never).await;
+    assert!(!secure(
+        &never.sign_in_set_cookie(OPERATOR, Some("https")).await
+    ));
+}
+
+/// The event types a job's page lists, in order.
+fn event_types(page: &str) -> Vec<String> {
+    page.split(r#"<tr class="event" data-type=""#)
+        .skip(1)
+        .map(|rest| rest.split('"').next().unwrap().to_owned())
+        .collect()
+}
+
+fn new_job(tier: Tier, org: &str, delay: Duration) -> NewJob {
+    NewJob {
+        kind: aiq::domain::JobKind::LlmComplete,
+        tier,
+        organization_id: OrganizationId::parse(org).unwrap(),
+        payload: llm_payload(tier, org, "Caption the photo."),
+        job_id: None,
+        delay,
+        idempotency_key: None,
+        max_attempts: 0,
+    }
+}
+
+/// Leases the one job that can run, which must be `id`.
+async fn lease(ctx: &TestCtx, id: &str) -> aiq::queue::LeasedJob {
+    let mut leased = ctx.queue.fetch(1).await.unwrap();
+    assert_eq!(leased.len(), 1, "one job to lease");
+    assert_eq!(leased[0].id, id);
+    leased.remove(0)
+}
+
+/// Settles a leased job with `outcome`.
+async fn settle(ctx: &TestCtx, job: &aiq::queue::LeasedJob, outcome: Outcome) {
+    let applied = ctx
+        .queue
+        .settle(&[Settlement {
+            id: job.id.clone(),
+            token: job.token.clone(),
+            outcome,
+        }])
+        .await
+        .unwrap();
+    assert_eq!(applied, [true]);
+}
+
+async fn lease_and_settle(ctx: &TestCtx, id: &str, outcome: Outcome) {
+    let job = lease(ctx, id).await;
+    settle(ctx, &job, outcome).await;
+}
+
+/// One job that can run now; its id.
+async fn enqueue_one(ctx: &TestCtx) -> String {
+    let job = new_job(Tier::GrowthTeam, ORG_A, Duration::ZERO);
+    ctx.queue.enqueue(&job).await.unwrap().job_id
+}
+
+/// A job's page as an operator sees it (200).
+async fn job_page(ctx: &TestCtx, id: &str) -> String {
+    let c = Console::start(ctx).await;
+    let op = c.sign_in(OPERATOR).await;
+    let (code, page) = c.get(&op, &format!("/console/jobs/{id}")).await;
+    assert_eq!(code, 200, "{page}");
+    page
+}
+
+/// Other jobs' `created` events: delayed for an hour, so nothing leases them.
+async fn other_events(ctx: &TestCtx, n: usize) {
+    let jobs: Vec<_> = (0..n)
+        .map(|_| new_job(Tier::Trial, ORG_B, Duration::from_secs(3600)))
+        .collect();
+    for r in ctx.queue.enqueue_batch(&jobs).await.unwrap() {
+        r.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_job_retried_then_succeeded_shows_its_five_events_from_the_stream_in_order() {
+    let ctx = TestCtx::new().await;
+    let id = enqueue_one(&ctx).await;
+    other_events(&ctx, 20).await;
+    let retry = Outcome::Retry {
+        after: Duration::ZERO,
+        error: "provider said <b>503</b>".into(),
+    };
+    lease_and_settle(&ctx, &id, retry).await;
+    other_events(&ctx, 20).await;
+    let done = Outcome::Done {
+        result: Some(r#"{"provider":"openai"}"#.into()),
+    };
+    lease_and_settle(&ctx, &id, done).await;
+
+    let page = job_page(&ctx, &id).await;
+    assert!(page.contains(r#"<dd id="state">succeeded</dd>"#), "{page}");
+    assert_eq!(
+        event_types(&page),
+        ["created", "started", "retried", "started", "succeeded"],
+        "{page}"
+    );
+    assert!(
+        page.contains("error: provider said &lt;b&gt;503&lt;/b&gt;"),
+        "{page}"
+    );
+    assert!(!page.contains("<b>503"), "{page}");
+    assert!(!page.contains(r#"id="events-incomplete""#), "{page}");
+    assert!(!page.contains(r#"id="events-none""#), "{page}");
+}
+
+#[tokio::test]
+async fn a_job_behind_more_than_a_window_of_events_shows_its_first_and_last_and_says_it_may_miss_some()
+ {
+    let ctx = TestCtx::new().await;
+    let window = aiq::queue::events::JOB_EVENTS_WINDOW;
+    let id = enqueue_one(&ctx).await;
+    other_events(&ctx, window + 100).await;
+    let job = lease(&ctx, &id).await;
+    // Its start is behind a whole window from its enqueue, and a whole window before its end.
+    other_events(&ctx, window + 100).await;
+    let failed = Outcome::Failed {
+        reason: "quota exhausted".into(),
+    };
+    settle(&ctx, &job, failed).await;
+
+    let page = job_page(&ctx, &id).await;
+    let types = event_types(&page);
+    assert_eq!(types.first().map(String::as_str), Some("created"), "{page}");
+    assert_eq!(types.last().map(String::as_str), Some("failed"), "{page}");
+    assert!(page.contains("error: quota exhausted"), "{page}");
+    assert!(page.contains(r#"<p id="events-incomplete">"#), "{page}");
+}
+
+#[tokio::test]
+async fn malformed_and_hostile_entries_in_the_stream_do_not_break_a_jobs_page() {
+    let ctx = TestCtx::new().await;
+    let id = enqueue_one(&ctx).await;
+    let mut conn = ctx.redis().await;
+    let stream = ctx.key("events");
+    let xadd = |fields: Vec<(&str, Vec<u8>)>| {
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(&stream).arg("*");
+        for (k, v) in fields {
+            cmd.arg(k).arg(v);
+        }
+        cmd
+    };
+    let me = id.as_bytes().to_vec();
+    for cmd in [
+        // Not the contract's shape: n says 2, the fields hold 1 and 3 values.
+        xadd(vec![("n", b"2".to_vec()), ("job_id", me.clone())]),
+        xadd(vec![
+            ("n", b"2".to_vec()),
+            ("type", b"a\nb\nc".to_vec()),
+            ("job_id", [&me[..], b"\n", &me[..]].concat()),
+        ]),
+        // The shape, with bytes that are not UTF-8 and markup.
+        xadd(vec![
+            ("type", b"\xff\xfe<script>alert(1)</script>".to_vec()),
+            ("job_id", me.clone()),
+            ("at", b"not a time".to_vec()),
+            ("until", b"<img src=x>".to_vec()),
+            ("note", b"\x00\x01\xc3".to_vec()),
+        ]),
+    ] {
+        let _: String = cmd.query_async(&mut conn).await.unwrap();
+    }
+    lease_and_settle(&ctx, &id, Outcome::Done { result: None }).await;
+
+    let page = job_page(&ctx, &id).await;
+    let types = event_types(&page);
+    assert_eq!(types.len(), 4, "{page}");
+    assert_eq!(
+        (types[0].as_str(), types[2].as_str(), types[3].as_str()),
+        ("created", "started", "succeeded"),
+        "{page}"
+    );
+    assert!(types[1].contains("&lt;script&gt;"), "{page}");
+    assert!(
+        !page.contains("<script>alert") && !page.contains("<img"),
+        "{page}"
+    );
+    assert!(
+        page.contains(
+            r#"<p id="events-skipped">2 stream entries that name this job were not in the contract's shape and were skipped.</p>"#
+        ),
+        "{page}"
+    );
+}
+
+#[tokio::test]
+async fn with_events_off_a_jobs_page_shows_its_status_lines_and_says_why() {
+    let ctx = TestCtx::new().await;
+    let _: () = redis::cmd("HSET")
+        .arg(ctx.key("config"))
+        .arg("events")
+        .arg("off")
+        .query_async(&mut ctx.redis().await)
+        .await
+        .unwrap();
+    let id = enqueue_one(&ctx).await;
+    let dead = Outcome::Dead {
+        reason: "attempts ran out".into(),
+    };
+    lease_and_settle(&ctx, &id, dead).await;
+    let page = job_page(&ctx, &id).await;
+    assert!(event_types(&page).is_empty(), "{page}");
+    assert!(page.contains("last error: attempts ran out"), "{page}");
+    assert!(
+        page.contains(r#"<p id="events-none">No events of this job were found: events are off"#),
+        "{page}"
+    );
 }

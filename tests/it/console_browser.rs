@@ -1,7 +1,9 @@
 //! The operator console in a real headless Chromium, against `aiq run` on the harness's Redis
 //! and PostgreSQL with the fake providers: sign in, the overview's tier counts of what the test
 //! enqueued, the job list, the dead set, a dead job retried from its page until it succeeds (and
-//! its result row is in PostgreSQL), money and organisations; a viewer sees no retry button.
+//! its result row is in PostgreSQL), money and organisations; a viewer sees no retry button;
+//! the overview's live refresh (`console.js`) showing jobs enqueued after the page loaded,
+//! without a reload.
 //! Every page is saved, 1280 wide, to target/console-screenshots/<page>.png, or with
 //! `AIQ_SCREENSHOTS_TO_DOCS=1` to docs/console/ for the README.
 
@@ -236,4 +238,51 @@ async fn an_operator_signs_in_sees_the_backlog_and_retries_a_dead_job_from_its_p
     drop(b);
 
     crate::harness::signal_and_wait(daemon, libc::SIGTERM).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_overview_shows_new_waiting_jobs_by_its_live_refresh_without_a_reload() {
+    let ctx = TestCtx::new().await;
+    let tier = Tier::GrowthTeam;
+    let enqueue = |n: usize| {
+        let ctx = &ctx;
+        async move {
+            for i in 0..n {
+                let p = llm_payload(tier, ORG_A, &format!("Live photo {i}."));
+                ctx.enqueue(JobKind::LlmComplete, tier, ORG_A, &p, 1).await;
+            }
+        }
+    };
+    enqueue(2).await;
+    // No worker runs: what is enqueued stays waiting.
+    let console = crate::console::Console::start(&ctx).await;
+    let base = format!("http://{}", console.addr);
+    let b = Browser::start()
+        .await
+        .expect("starting chromedriver and chromium");
+    sign_in(&b, &base, crate::console::OPERATOR, false).await;
+    let css = format!("table#tiers tr[data-tier={}] td.waiting", tier.as_str());
+    let shown = b.find(&css).await.unwrap().text().await.unwrap();
+    assert_eq!(shown.trim(), "2", "{css}");
+    // A mark on this page's window: a reload or a navigation would lose it.
+    let navigations = b
+        .execute(
+            "window.aiqLiveMark = 'before'; \
+             return performance.getEntriesByType('navigation').length;",
+        )
+        .await
+        .unwrap();
+    assert_eq!(navigations, 1);
+
+    enqueue(3).await;
+    let shown = b.wait_for_text(&css, "5", WAIT).await.unwrap();
+    assert_eq!(shown.trim(), "5", "{css}");
+    let after = b
+        .execute(
+            "return [window.aiqLiveMark || null, \
+             performance.getEntriesByType('navigation').length, location.pathname];",
+        )
+        .await
+        .unwrap();
+    assert_eq!(after, serde_json::json!(["before", 1, "/console/"]));
 }

@@ -269,6 +269,153 @@ pub fn entry_events(id: &str, fields: &[(String, String)]) -> Result<Vec<StreamE
     Ok(events)
 }
 
+/// Stream entries each window of [`Queue::job_events`] reads.
+pub const JOB_EVENTS_WINDOW: usize = 500;
+/// The most events of one job [`Queue::job_events`] keeps: the first and the last half of
+/// them (a hand-written stream could name one job in every event of every entry).
+pub const JOB_EVENTS_MAX: usize = 400;
+/// How long before a known time a window starts. A script reads Redis's clock (TIME) once,
+/// near its start, and writes that time into the hash; XADD stamps its entry with the server's
+/// clock at the XADD (Redis 7.0: the same ms or later) or at the script's start (7.2 and
+/// later: up to the moment before TIME, so the same ms or the one before). A few ms cover
+/// both; a longer lead would let a burst of other entries fill the window before the job's.
+const WINDOW_LEAD_MS: u64 = 5;
+/// The fields of a job's hash that hold the time of one of its changes.
+const JOB_TIMES: [&str; 4] = ["enqueued_at", "ready_at", "leased_at", "dead_at"];
+const TERMINAL_EVENTS: [&str; 4] = ["succeeded", "failed", "dead", "cancelled"];
+
+/// One job's events as bounded reads of `{p}:events` at its known times found them
+/// ([`Queue::job_events`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct JobEvents {
+    /// This job's events, in the order they happened, each once.
+    pub events: Vec<StreamEvent>,
+    /// Stream entries the windows held that name this job but are not the contract's shape,
+    /// skipped.
+    pub skipped: usize,
+    /// Whether some of the job's events may be missing: its `created` event was not found, a
+    /// window filled up before the next one began, the last one filled up before the job's
+    /// end, or it had more than [`JOB_EVENTS_MAX`] events.
+    pub incomplete: bool,
+    /// `{p}:config` says events are off.
+    pub off: bool,
+    /// The stream begins after the job's first known time (or holds nothing): its first events
+    /// were trimmed.
+    pub trimmed: bool,
+    /// Stream entries read in all (at most two windows and one more for the stream's start).
+    pub read: usize,
+}
+
+impl JobEvents {
+    /// Whether the last event found ends the job (`succeeded`, `failed`, `dead`, `cancelled`).
+    /// A job whose status is final but whose last event found is not lacks its end here.
+    pub fn ended(&self) -> bool {
+        self.events
+            .last()
+            .is_some_and(|e| TERMINAL_EVENTS.contains(&e.get("type")))
+    }
+}
+
+/// The time a queue id carries (`j-<Redis time in s><usec>-<n>`), in ms: when it was enqueued.
+fn queue_id_ms(id: &str) -> Option<u64> {
+    let digits = id.strip_prefix("j-")?.split('-').next()?;
+    if digits.len() < 7 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits[..digits.len() - 3].parse().ok()
+}
+
+/// A reply's text values (a bulk string, or an array of them), lossily.
+fn texts(v: &redis::Value) -> Vec<String> {
+    match v {
+        redis::Value::BulkString(b) => vec![String::from_utf8_lossy(b).into_owned()],
+        redis::Value::SimpleString(s) => vec![s.clone()],
+        redis::Value::VerbatimString { text, .. } => vec![text.clone()],
+        redis::Value::Int(n) => vec![n.to_string()],
+        redis::Value::Array(items) => items.iter().flat_map(texts).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// One stream id's two numbers, for ordering entries.
+fn stream_id(id: &str) -> Option<(u64, u64)> {
+    let (ms, seq) = id.split_once('-')?;
+    Some((ms.parse().ok()?, seq.parse().ok()?))
+}
+
+/// A reply's bytes, when it is a string.
+fn bytes(v: &redis::Value) -> Option<&[u8]> {
+    match v {
+        redis::Value::BulkString(b) => Some(b),
+        redis::Value::SimpleString(s) => Some(s.as_bytes()),
+        redis::Value::VerbatimString { text, .. } => Some(text.as_bytes()),
+        _ => None,
+    }
+}
+
+/// An entry's field and value pairs as Redis sent them (a flat list, or a map).
+fn pairs(fields: &redis::Value) -> Vec<(&redis::Value, Option<&redis::Value>)> {
+    match fields {
+        redis::Value::Map(kv) => kv.iter().map(|(k, v)| (k, Some(v))).collect(),
+        redis::Value::Array(flat) => flat.chunks(2).map(|c| (&c[0], c.get(1))).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// What one XRANGE reply held: its number of entries, its last entry's id, and the entries
+/// with a `job_id` line that is `only` (every entry when `None`) as (id, fields), values that
+/// are not UTF-8 read lossily. The other entries are not copied. A reply that is not a list
+/// of entries (the key is not a stream) holds none.
+#[derive(Debug, Default)]
+struct Window {
+    count: usize,
+    last: Option<(u64, u64)>,
+    kept: Vec<(String, Vec<(String, String)>)>,
+}
+
+fn stream_entries(v: &redis::Value, only: Option<&str>) -> Window {
+    let redis::Value::Array(entries) = v else {
+        return Window::default();
+    };
+    let text = |v: Option<&redis::Value>| {
+        v.and_then(bytes)
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .unwrap_or_default()
+    };
+    let mut w = Window {
+        count: entries.len(),
+        ..Window::default()
+    };
+    for e in entries {
+        let redis::Value::Array(parts) = e else {
+            continue;
+        };
+        let [id, fields] = parts.as_slice() else {
+            continue;
+        };
+        let Some(id) = bytes(id).map(String::from_utf8_lossy) else {
+            continue;
+        };
+        w.last = stream_id(&id).or(w.last);
+        let pairs = pairs(fields);
+        let names = |job: &str| {
+            pairs.iter().any(|(k, v)| {
+                bytes(k) == Some(b"job_id".as_slice())
+                    && v.and_then(|v| bytes(v))
+                        .is_some_and(|v| v.split(|b| *b == b'\n').any(|l| l == job.as_bytes()))
+            })
+        };
+        if only.is_none_or(names) {
+            let fields = pairs
+                .iter()
+                .map(|(k, v)| (text(Some(k)), text(*v)))
+                .collect();
+            w.kept.push((id.into_owned(), fields));
+        }
+    }
+    w
+}
+
 /// The longest result summary a status parses (a hand-written one could be megabytes).
 const MAX_RESULT_BYTES: usize = 64 * 1024;
 /// Text fields of a status are cut to this many bytes.
@@ -429,6 +576,125 @@ impl Queue {
         }
         let outcome = fields(&OUTCOME_FIELDS, values(&outcome, OUTCOME_FIELDS.len()));
         Ok(from_outcome(id, &outcome))
+    }
+
+    /// A job's events from `{p}:events`, which has no index by job: read in at most two
+    /// windows of [`JOB_EVENTS_WINDOW`] entries each, forward from the job's first known time
+    /// and from its last (the times its hash and outcome hold, the time a queue id carries, and
+    /// `hints`, e.g. the result row's), keeping only this job's events. Two round trips: the
+    /// times, then the windows with the stream's first entry and `{p}:config`'s `events`, in
+    /// one pipeline. What the windows may have missed, trimmed or skipped is said in the
+    /// answer, never guessed.
+    pub async fn job_events(&self, id: &str, hints: &[u64]) -> Result<JobEvents, QueueError> {
+        let mut conn = self.conn.clone();
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        pipe.cmd("HMGET")
+            .arg(self.key(&format!("job:{id}")))
+            .arg(&JOB_TIMES)
+            .cmd("HGET")
+            .arg(self.key(&format!("outcome:{id}")))
+            .arg("finished_at");
+        let replies: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
+        let mut times: Vec<u64> = replies
+            .iter()
+            .flat_map(texts)
+            .filter_map(|t| t.parse().ok())
+            .chain(queue_id_ms(id))
+            .chain(hints.iter().copied())
+            .filter(|t| *t > 0)
+            .collect();
+        times.sort_unstable();
+        let (Some(&first), Some(&last)) = (times.first(), times.last()) else {
+            // Nothing says when the job lived: no window to read.
+            return Ok(JobEvents {
+                incomplete: true,
+                ..JobEvents::default()
+            });
+        };
+        let mut starts = vec![first.saturating_sub(WINDOW_LEAD_MS)];
+        if last > first + WINDOW_LEAD_MS {
+            starts.push(last - WINDOW_LEAD_MS);
+        }
+        let stream = self.key("events");
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        pipe.cmd("HGET").arg(self.key("config")).arg("events");
+        pipe.cmd("XRANGE")
+            .arg(&stream)
+            .arg("-")
+            .arg("+")
+            .arg("COUNT")
+            .arg(1);
+        for start in &starts {
+            pipe.cmd("XRANGE")
+                .arg(&stream)
+                .arg(format!("{start}-0"))
+                .arg("+")
+                .arg("COUNT")
+                .arg(JOB_EVENTS_WINDOW);
+        }
+        let replies: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
+        let [config, head, windows @ ..] = replies.as_slice() else {
+            return Err(QueueError::Protocol(format!(
+                "job events: {} replies",
+                replies.len()
+            )));
+        };
+        let mut out = JobEvents {
+            off: texts(config).first().map(String::as_str) == Some("off"),
+            ..JobEvents::default()
+        };
+        let stream_start = stream_entries(head, None).last;
+        out.read = usize::from(stream_start.is_some());
+        // Each window: where it began, whether it filled up, its last entry.
+        let mut read = Vec::new();
+        let mut entries = BTreeMap::new();
+        for (start, w) in starts.iter().zip(windows) {
+            // Only an entry with a job_id line of this id can hold one of its events: the rest
+            // are neither copied nor decoded.
+            let got = stream_entries(w, Some(id));
+            out.read += got.count;
+            read.push((*start, got.count >= JOB_EVENTS_WINDOW, got.last));
+            for (entry_id, fields) in got.kept {
+                match stream_id(&entry_id) {
+                    Some(key) => {
+                        entries.entry(key).or_insert((entry_id, fields));
+                    }
+                    None => out.skipped += 1,
+                }
+            }
+        }
+        let half = JOB_EVENTS_MAX / 2;
+        let mut tail = std::collections::VecDeque::with_capacity(half);
+        let mut dropped = false;
+        for (entry_id, fields) in entries.values() {
+            let Ok(events) = entry_events(entry_id, fields) else {
+                out.skipped += 1;
+                continue;
+            };
+            for e in events.into_iter().filter(|e| e.get("job_id") == id) {
+                if out.events.len() < half {
+                    out.events.push(e);
+                } else {
+                    if tail.len() == half {
+                        tail.pop_front();
+                        dropped = true;
+                    }
+                    tail.push_back(e);
+                }
+            }
+        }
+        out.events.extend(tail);
+        let created = out.events.iter().any(|e| e.get("type") == "created");
+        let ended = out.ended();
+        let gap = read
+            .windows(2)
+            .any(|w| w[0].1 && w[0].2.is_some_and(|last| last < (w[1].0, 0)));
+        let open_end = read.last().is_some_and(|w| w.1) && !ended;
+        out.incomplete = !created || gap || open_end || dropped;
+        out.trimmed = !created && stream_start.is_none_or(|(ms, _)| ms > first);
+        Ok(out)
     }
 
     /// Runs `cancel.lua` for `id` (see its header).
@@ -728,6 +994,75 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_queue_id_carries_its_enqueue_time_and_an_apps_own_id_none() {
+        assert_eq!(
+            queue_id_ms("j-1764626400123456-42"),
+            Some(1_764_626_400_123)
+        );
+        for id in [
+            "order-17",
+            "j-",
+            "j-12x456789-1",
+            "j-123-1",
+            "J-1764626400123456-1",
+        ] {
+            assert_eq!(queue_id_ms(id), None, "{id}");
+        }
+    }
+
+    #[test]
+    fn stream_entries_read_bytes_that_are_not_utf8_and_keep_only_the_jobs_entries() {
+        use redis::Value::{Array, BulkString, Int, Nil};
+        let bulk = |b: &[u8]| BulkString(b.to_vec());
+        let reply = Array(vec![
+            Array(vec![
+                bulk(b"5-1"),
+                Array(vec![
+                    bulk(b"type"),
+                    bulk(b"created"),
+                    bulk(b"job_id"),
+                    bulk(b"a\xff"),
+                ]),
+            ]),
+            Int(7),
+            Array(vec![bulk(b"6-0")]),
+            Array(vec![bulk(b"7-0"), Array(vec![bulk(b"odd")])]),
+            Array(vec![
+                bulk(b"8-0"),
+                Array(vec![
+                    bulk(b"n"),
+                    bulk(b"2"),
+                    bulk(b"job_id"),
+                    bulk(b"b\nj-1"),
+                ]),
+            ]),
+            Array(vec![
+                bulk(b"9-0"),
+                Array(vec![
+                    bulk(b"job_id"),
+                    bulk(b"j-10"),
+                    bulk(b"type"),
+                    bulk(b"x"),
+                ]),
+            ]),
+        ]);
+        let all = stream_entries(&reply, None);
+        assert_eq!((all.count, all.last), (6, Some((9, 0))));
+        let ids: Vec<&str> = all.kept.iter().map(|(id, _)| id.as_str()).collect();
+        assert_eq!(ids, ["5-1", "7-0", "8-0", "9-0"]);
+        assert_eq!(all.kept[0].1[1], ("job_id".into(), "a\u{fffd}".into()));
+        assert_eq!(all.kept[1].1, vec![("odd".into(), String::new())]);
+        // A job's entries: a job_id line that is its id, not one that starts with it.
+        let mine = stream_entries(&reply, Some("j-1"));
+        assert_eq!((mine.count, mine.last), (6, Some((9, 0))));
+        let ids: Vec<&str> = mine.kept.iter().map(|(id, _)| id.as_str()).collect();
+        assert_eq!(ids, ["8-0"]);
+        assert_eq!(stream_entries(&Nil, None).count, 0);
+        assert_eq!(stream_id("5-1"), Some((5, 1)));
+        assert_eq!(stream_id("5"), None);
     }
 
     fn map(pairs: &[(&'static str, &str)]) -> BTreeMap<&'static str, String> {

@@ -276,6 +276,14 @@ impl Browser {
         }
     }
 
+    /// Runs `script` (a function body; `return` gives its value) in the page and returns what
+    /// it returned, as JSON. It reloads nothing.
+    pub async fn execute(&self, script: &str) -> anyhow::Result<Value> {
+        self.post("/execute/sync", json!({ "script": script, "args": [] }))
+            .await
+            .with_context(|| format!("running {script:?}"))
+    }
+
     /// Deletes every cookie of the current page's site (a fresh sign-in without a new browser).
     pub async fn delete_cookies(&self) -> anyhow::Result<()> {
         self.send(self.http.delete(self.url("/cookie"))).await?;
