@@ -38,7 +38,7 @@ fn minutes_chart(minutes: &[aiq_queue::Minute]) -> String {
     let mut svg = format!(
         r#"<svg id="minutes-svg" xmlns="http://www.w3.org/2000/svg" width="{}" height="{}" role="img" aria-label="jobs per minute by outcome, last hour">"#,
         20 + bar * minutes.len() as u64,
-        h + 30
+        h + 44
     );
     for (k, m) in minutes.iter().enumerate() {
         let x = 10 + k as u64 * bar;
@@ -61,19 +61,19 @@ fn minutes_chart(minutes: &[aiq_queue::Minute]) -> String {
     let _ = write!(
         svg,
         r#"<text x="10" y="{}" font-size="11">{} per minute at most; the last bar is this minute</text>"#,
-        h + 20,
+        h + 16,
         top
     );
-    let mut x = 300;
+    let mut x = 10;
     for (o, colour) in OUTCOMES {
         let _ = write!(
             svg,
             r#"<rect x="{x}" y="{}" width="10" height="10" fill="{colour}"/><text x="{}" y="{}" font-size="11">{o}</text>"#,
-            h + 11,
+            h + 26,
             x + 13,
-            h + 20
+            h + 35
         );
-        x += 80;
+        x += 90;
     }
     svg.push_str("</svg>");
     svg
