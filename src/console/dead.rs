@@ -25,7 +25,7 @@ use aiq_queue::DeadJob;
 /// Dead jobs read per step.
 const STEP: usize = 500;
 /// The most dead jobs one page request reads while filtering, and while counting.
-const SCAN: usize = 5_000;
+const SCAN: usize = 1_000;
 
 /// A dead-set filter; empty fields match everything.
 #[derive(Debug, Default, Clone)]

@@ -280,6 +280,11 @@ pub(crate) async fn console(opts: &BenchOptions) -> anyhow::Result<Report> {
             "/console/dead?tier=professional_agency".to_owned(),
             true,
         ),
+        (
+            "dead (by provider)",
+            "/console/dead?provider=openai".to_owned(),
+            true,
+        ),
         ("dead job", format!("/console/dead/{dead_id}"), true),
         ("money", "/console/money".to_owned(), true),
         ("orgs", "/console/orgs".to_owned(), true),
