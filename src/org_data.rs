@@ -318,6 +318,8 @@ async fn purge_all(
             }
         }
     }
+    // The purged cost rows' deltas into the sums, so no sum of the organisation is left.
+    store.fold_spend().await.context("folding the spend sums")?;
     summary.budget = budget
         .purge_org(org.as_uuid())
         .await

@@ -154,7 +154,8 @@ pub async fn app(settings: &Settings, store: Store) -> anyhow::Result<Arc<App>> 
 }
 
 /// The background work, until `stop`: the sweeper of dead workers' reservations, the alert
-/// delivery loop, the webhook delivery loop, the organisations' limits, the pruner and the spike check.
+/// delivery loop, the webhook delivery loop, the organisations' limits, the spend fold, the pruner
+/// and the spike check.
 fn spawn_budget_tasks(settings: &Settings, app: Arc<App>, stop: CancellationToken) {
     {
         let (app, stop) = (app.clone(), stop.clone());
@@ -250,6 +251,22 @@ fn spawn_budget_tasks(settings: &Settings, app: Arc<App>, stop: CancellationToke
             });
         }
         Err(e) => tracing::error!(error = %e, "webhooks cannot be delivered by this process"),
+    }
+    {
+        // The spend sums the console reads: the cost rows' deltas folded every few seconds (by
+        // every process; they take turns), so the deltas stay a few seconds' worth.
+        let (store, stop) = (app.store.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                if let Err(e) = store.fold_spend().await {
+                    tracing::warn!(error = %e, "folding the spend deltas failed; the next pass tries again");
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                }
+            }
+        });
     }
     {
         let (store, retention, stop) = (app.store.clone(), settings.retention, stop.clone());

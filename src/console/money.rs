@@ -119,7 +119,16 @@ pub async fn page(State(c): State<Shared>, headers: HeaderMap, RawQuery(q): RawQ
         Err(r) => return *r,
     };
     let q = Fields::query(q.as_deref());
-    let cursor: i64 = q.get("cursor").and_then(|c| c.parse().ok()).unwrap_or(0);
+    let cursor: i64 = q
+        .get("cursor")
+        .and_then(|c| c.parse().ok())
+        .filter(|c: &i64| *c >= 0)
+        .unwrap_or(0);
+    // The month's sums first take the deltas written since the last fold; a fold that fails
+    // leaves them seconds behind, never wrong.
+    if let Err(e) = c.src.store.fold_spend().await {
+        tracing::warn!(error = %e, "folding the spend deltas before the console read them failed");
+    }
     let today = chrono::Utc::now().date_naive();
     let days = match c.src.store.spend_per_provider_day(DAYS - 1).await {
         Ok(d) => d,

@@ -1,5 +1,6 @@
-//! Bounded reads for the console: spend per provider and day (30 days x providers rows), a page
-//! of organisations by this month's spend, the latest alerts, the provider of dead jobs' last
+//! Bounded reads for the console: spend per provider and day (sums kept per day, organisation
+//! and provider by the cost rows' triggers), a page of organisations by this month's spend
+//! (sums per month through their index), the latest alerts, the provider of dead jobs' last
 //! failed calls (a step of the dead set at a time).
 
 use chrono::{DateTime, NaiveDate, Utc};
@@ -57,6 +58,9 @@ pub struct ErrorShown {
     pub http_status: Option<i32>,
     pub error_message: String,
 }
+
+/// The most spend deltas one fold statement moves.
+pub const FOLD_STEP: i32 = 50_000;
 
 /// The most calls and error rows a job's page lists (the first ones, in order).
 pub const JOB_ROWS: i64 = 50;
@@ -132,14 +136,36 @@ impl Store {
         .await?)
     }
 
-    /// Spend per provider and day over the last `days` days, oldest first.
+    /// Moves the spend deltas the cost rows' triggers wrote into the sums per day and per month
+    /// (migration 20261203000016), in steps of [`FOLD_STEP`]; returns how many it folded. One
+    /// folder at a time: a second call waits for the first, then folds what is left.
+    pub async fn fold_spend(&self) -> Result<u64, StoreError> {
+        let mut total = 0;
+        loop {
+            let n: i64 = sqlx::query_scalar("SELECT aiq_fold_spend($1)")
+                .bind(FOLD_STEP)
+                .fetch_one(&self.pool)
+                .await?;
+            total += n as u64;
+            if n < i64::from(FOLD_STEP) {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Spend per provider and day over the last `days` days, oldest first: the platform's sums
+    /// (at most `days` x providers rows) with the deltas not folded yet.
     pub async fn spend_per_provider_day(
         &self,
         days: i32,
     ) -> Result<Vec<(NaiveDate, String, MicroUsd)>, StoreError> {
         let rows: Vec<(NaiveDate, String, i64)> = sqlx::query_as(
-            "SELECT billing_date, service_name, (sum(cost_usd) * 1000000)::bigint
-             FROM ai_cost_tracking WHERE billing_date >= CURRENT_DATE - $1
+            "SELECT billing_date, service_name, sum(cost_micros)::bigint
+             FROM (SELECT billing_date, service_name, cost_micros FROM aiq_spend_platform
+                   WHERE billing_date >= CURRENT_DATE - $1
+                   UNION ALL
+                   SELECT billing_date, service_name, cost_micros FROM aiq_spend_delta
+                   WHERE billing_date >= CURRENT_DATE - $1) s
              GROUP BY 1, 2 ORDER BY 1, 2",
         )
         .bind(days)
@@ -151,28 +177,30 @@ impl Store {
             .collect())
     }
 
-    /// A page of organisations by this month's spend, most first, `offset` into that order.
+    /// A page of organisations by this month's spend, most first, `offset` into that order:
+    /// read from the month's sums through their index (fold first: [`Store::fold_spend`]).
     pub async fn org_spend_page(
         &self,
         offset: i64,
         limit: i64,
     ) -> Result<Vec<OrgSpend>, StoreError> {
         let rows: Vec<SpendRow> = sqlx::query_as(
-            "SELECT s.organization_id, s.today, s.month,
+            "SELECT s.organization_id,
+                    COALESCE((SELECT sum(d.cost_micros) FROM aiq_spend_day d
+                              WHERE d.organization_id = s.organization_id
+                                AND d.billing_date = CURRENT_DATE), 0)::bigint,
+                    s.cost_micros,
                     (l.daily_limit_usd * 1000000)::bigint, (l.monthly_limit_usd * 1000000)::bigint,
                     (SELECT c.tier FROM ai_cost_tracking c
                      WHERE c.organization_id = s.organization_id AND c.tier IS NOT NULL
-                     ORDER BY c.billing_date DESC, c.created_at DESC LIMIT 1)
-             FROM (SELECT organization_id,
-                          COALESCE((sum(cost_usd) FILTER (WHERE billing_date = CURRENT_DATE)
-                                    * 1000000)::bigint, 0) AS today,
-                          COALESCE((sum(cost_usd) * 1000000)::bigint, 0) AS month
-                   FROM ai_cost_tracking
-                   WHERE billing_date >= date_trunc('month', CURRENT_DATE)::date
+                       AND c.billing_date IS NOT NULL
+                     ORDER BY c.billing_date DESC LIMIT 1)
+             FROM (SELECT organization_id, cost_micros FROM aiq_spend_month
+                   WHERE month = date_trunc('month', CURRENT_DATE)::date
                      AND organization_id IS NOT NULL
-                   GROUP BY 1 ORDER BY 3 DESC, 1 OFFSET $1 LIMIT $2) s
+                   ORDER BY cost_micros DESC, organization_id OFFSET $1 LIMIT $2) s
              LEFT JOIN ai_cost_limits l ON l.organization_id = s.organization_id
-             ORDER BY s.month DESC, s.organization_id",
+             ORDER BY s.cost_micros DESC, s.organization_id",
         )
         .bind(offset)
         .bind(limit)
@@ -216,11 +244,13 @@ impl Store {
 }
 
 impl Store {
-    /// The tier of an organisation's latest cost row (one row through the org's index).
+    /// The tier of a cost row of an organisation's latest billing day (the first row of its
+    /// index on organisation and billing date, read backwards: never the whole history).
     pub async fn org_latest_tier(&self, org: Uuid) -> Result<Option<String>, StoreError> {
         Ok(sqlx::query_scalar(
             "SELECT tier FROM ai_cost_tracking WHERE organization_id = $1 AND tier IS NOT NULL
-             ORDER BY created_at DESC LIMIT 1",
+               AND billing_date IS NOT NULL
+             ORDER BY billing_date DESC LIMIT 1",
         )
         .bind(org)
         .fetch_optional(&self.pool)

@@ -50,6 +50,10 @@ pub const LEDGER_TABLE: &str = "ai_cost_tracking";
 /// records actions on organisations (a purge's own record must outlive it).
 pub const NOT_ORG_DATA: &[&str] = &["aiq_audit_log"];
 
+/// Sums of the ledger's rows, kept by its triggers (migration 20261203000016): not exported (the
+/// cost rows are); a purge that deletes the cost rows folds them, and the sums it empties go.
+pub const LEDGER_SUMS: &[&str] = &["aiq_spend_delta", "aiq_spend_day", "aiq_spend_month"];
+
 /// Rows deleted per statement in a purge.
 const DELETE_BATCH: i64 = 1000;
 

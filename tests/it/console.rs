@@ -1290,3 +1290,110 @@ async fn with_events_off_a_jobs_page_shows_its_status_lines_and_says_why() {
         "{page}"
     );
 }
+
+/// A cost row of `org` on `date` (SQL), as the worker writes one, for `micros`.
+async fn cost_row(ctx: &TestCtx, org: &str, provider: &str, date: &str, micros: i64, job: &str) {
+    let sql = format!(
+        "INSERT INTO ai_cost_tracking (organization_id, service_name, operation_type, cost_usd,
+             billing_date, job_id, attempt, tier)
+         VALUES ($1::uuid, $2, 'test', $3::numeric / 1000000, {date}, $4, 1, 'growth_team')"
+    );
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(org)
+        .bind(provider)
+        .bind(micros)
+        .bind(job)
+        .execute(ctx.store.pool())
+        .await
+        .unwrap();
+}
+
+/// The numbers of a table row: the text of each of its `<td class="n">` cells.
+fn n_cells(row: &str) -> Vec<&str> {
+    row.split(r#"<td class="n">"#)
+        .skip(1)
+        .map(|c| &c[..c.find("</td>").unwrap_or(c.len())])
+        .collect()
+}
+
+/// The row of `org` in the table of `id` on `page`.
+fn org_row<'a>(page: &'a str, table: &str, org: &str) -> Option<&'a str> {
+    let t = &page[page.find(&format!(r#"<table id="{table}">"#))?..];
+    let t = &t[..t.find("</table>")?];
+    let r = &t[t.find(&format!(r#"<tr data-org="{org}">"#))?..];
+    Some(&r[..r.find("</tr>")?])
+}
+
+#[tokio::test]
+async fn the_money_and_organisation_pages_show_the_spend_sums_of_today_and_this_month_and_follow_deleted_rows()
+ {
+    use chrono::Datelike;
+    let ctx = TestCtx::new().await;
+    let today = chrono::Utc::now().date_naive();
+    cost_row(&ctx, ORG_A, "openai", "CURRENT_DATE", 1_500_000, "a1").await;
+    cost_row(&ctx, ORG_A, "anthropic", "CURRENT_DATE", 250_000, "a2").await;
+    // Last month's: in the 30-day chart, not in this month's figures.
+    cost_row(
+        &ctx,
+        ORG_A,
+        "openai",
+        "date_trunc('month', CURRENT_DATE)::date - 1",
+        9_000_000,
+        "a3",
+    )
+    .await;
+    cost_row(&ctx, ORG_B, "openai", "CURRENT_DATE", 3_000_000, "b1").await;
+    let c = Console::start(&ctx).await;
+    let op = c.sign_in(OPERATOR).await;
+
+    // The page folds the deltas itself: no daemon has run.
+    let (code, page) = c.get(&op, "/console/money").await;
+    assert_eq!(code, 200, "{page}");
+    let (a, b) = (
+        org_row(&page, "org-spend", ORG_A).expect("A's row"),
+        org_row(&page, "org-spend", ORG_B).expect("B's row"),
+    );
+    assert!(
+        page.find(b).unwrap() < page.find(a).unwrap(),
+        "B spent more this month: first"
+    );
+    // today, this month, the month-end forecast
+    assert_eq!(n_cells(a)[..2], ["$1.750000", "$1.750000"], "A: {a}");
+    assert_eq!(n_cells(b)[..2], ["$3.000000", "$3.000000"], "B: {b}");
+    assert!(
+        page.contains(&format!("<title>{today} openai: $4.500000</title>"))
+            && page.contains(&format!("<title>{today} anthropic: $0.250000</title>")),
+        "today's bars are the platform's spend per provider: {page}"
+    );
+    let last_month = today.with_day(1).unwrap() - chrono::Days::new(1);
+    if (today - last_month).num_days() < 30 {
+        assert!(
+            page.contains(&format!("<title>{last_month} openai: $9.000000</title>")),
+            "last month's day is in the chart"
+        );
+    }
+
+    // A's anthropic row deleted: the organisations' page shows the rest.
+    sqlx::query("DELETE FROM ai_cost_tracking WHERE job_id = 'a2'")
+        .execute(ctx.store.pool())
+        .await
+        .unwrap();
+    let (code, page) = c.get(&op, "/console/orgs").await;
+    assert_eq!(code, 200, "{page}");
+    let a = org_row(&page, "orgs", ORG_A).expect("A's row");
+    assert_eq!(
+        n_cells(a),
+        ["$1.500000", "$1.500000"],
+        "A today and this month: {a}"
+    );
+    // Every row of B gone: B is no longer listed, and a negative cursor is the first page.
+    sqlx::query("DELETE FROM ai_cost_tracking WHERE organization_id = $1::uuid")
+        .bind(ORG_B)
+        .execute(ctx.store.pool())
+        .await
+        .unwrap();
+    let (code, page) = c.get(&op, "/console/orgs?cursor=-50").await;
+    assert_eq!(code, 200, "{page}");
+    assert!(org_row(&page, "orgs", ORG_B).is_none(), "{page}");
+    assert!(org_row(&page, "orgs", ORG_A).is_some(), "{page}");
+}

@@ -27,6 +27,7 @@ mod providers;
 mod queue;
 mod retention;
 mod retries;
+mod spend_sums;
 mod tenants;
 mod tls;
 mod webhooks;

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use aiq::domain::{JobKind, OrganizationId, Tier};
 use aiq::queue::NewJob;
-use aiq::store::tenant::{NOT_ORG_DATA, ORG_TABLES};
+use aiq::store::tenant::{LEDGER_SUMS, NOT_ORG_DATA, ORG_TABLES};
 use redis::AsyncCommands;
 use serde_json::Value;
 
@@ -240,14 +240,24 @@ async fn an_organisation_exported_then_purged_leaves_nothing_and_the_other_two_u
     let columns = org_columns(&ctx).await;
     for t in &columns {
         assert!(
-            ORG_TABLES.iter().any(|o| o.name == t) || NOT_ORG_DATA.contains(&t.as_str()),
+            ORG_TABLES.iter().any(|o| o.name == t)
+                || NOT_ORG_DATA.contains(&t.as_str())
+                || LEDGER_SUMS.contains(&t.as_str()),
             "table {t} has an organization_id column but export and purge do not cover it"
         );
     }
     let data_tables: Vec<&String> = columns
         .iter()
-        .filter(|t| !NOT_ORG_DATA.contains(&t.as_str()))
+        .filter(|t| !NOT_ORG_DATA.contains(&t.as_str()) && !LEDGER_SUMS.contains(&t.as_str()))
         .collect();
+    // A's spend is summed (by the cost rows' triggers, then a fold) before the purge.
+    ctx.store.fold_spend().await.unwrap();
+    let sums_of_a = |t: &'static str| rows_of(&ctx, t, ORG_A);
+    assert!(
+        !sums_of_a("aiq_spend_day").await.is_empty()
+            && !sums_of_a("aiq_spend_month").await.is_empty(),
+        "A's spend is summed per day and month"
+    );
 
     let before_b = export(&ctx, ORG_B, &dir.path().join("b0.jsonl"));
     let before_c = export(&ctx, ORG_C, &dir.path().join("c0.jsonl"));
@@ -315,6 +325,16 @@ async fn an_organisation_exported_then_purged_leaves_nothing_and_the_other_two_u
             "no row of A left in {t}"
         );
     }
+    for t in LEDGER_SUMS {
+        assert!(
+            rows_of(&ctx, t, ORG_A).await.is_empty(),
+            "no sum of A's spend left in {t}"
+        );
+    }
+    assert!(
+        !rows_of(&ctx, "aiq_spend_month", ORG_B).await.is_empty(),
+        "B's sums stay"
+    );
     assert_eq!(
         ctx.scalar_i64("SELECT count(*) FROM ai_cost_alerts WHERE organization_id IS NULL")
             .await,
@@ -418,7 +438,10 @@ async fn a_purge_with_keep_ledger_keeps_only_the_organisations_cost_rows() {
     assert!(summary["rows"].get("ai_cost_tracking").is_none());
     assert_eq!(rows_of(&ctx, "ai_cost_tracking", ORG_A).await, costs);
     for t in org_columns(&ctx).await {
-        if t != "ai_cost_tracking" && !NOT_ORG_DATA.contains(&t.as_str()) {
+        if t != "ai_cost_tracking"
+            && !NOT_ORG_DATA.contains(&t.as_str())
+            && !LEDGER_SUMS.contains(&t.as_str())
+        {
             assert!(
                 rows_of(&ctx, &t, ORG_A).await.is_empty(),
                 "no row of A in {t}"

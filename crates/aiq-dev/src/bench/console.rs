@@ -65,6 +65,38 @@ async fn enqueue_all(
     Ok(last)
 }
 
+/// Fills ai_cost_tracking with `n` cost rows over the last 30 days, the 1,000 organisations of
+/// [`org_of`] and two providers, in statements of 100,000 (a month of a busy platform's calls
+/// in miniature: the money and organisation pages sum them).
+async fn fill_costs(w: &World, n: u64) -> anyhow::Result<()> {
+    let step = 100_000;
+    let mut from = 0;
+    while from < n {
+        let to = (from + step).min(n) - 1;
+        sqlx::query(
+            "INSERT INTO ai_cost_tracking (organization_id, service_name, operation_type,
+                 cost_usd, billing_date, created_at, job_id, attempt, tier, model)
+             SELECT ('00000000-0000-4000-8000-00000001' || lpad(to_hex(g % $3), 4, '0'))::uuid,
+                 CASE WHEN g % 3 = 0 THEN 'google_vision' ELSE 'openai' END, 'bench',
+                 (1 + g % 97)::numeric / 1000000, CURRENT_DATE - (g % 30)::int,
+                 now() - make_interval(days => (g % 30)::int), 'cost-' || g, 1,
+                 'growth_team', 'gpt-4o-mini'
+             FROM generate_series($1::bigint, $2::bigint) g",
+        )
+        .bind(from as i64)
+        .bind(to as i64)
+        .bind(ORGS as i64)
+        .execute(w.store.pool())
+        .await
+        .context("filling ai_cost_tracking")?;
+        from = to + 1;
+    }
+    sqlx::query("VACUUM ANALYZE ai_cost_tracking")
+        .execute(w.store.pool())
+        .await?;
+    Ok(())
+}
+
 /// `a=b&c=d` with each value percent-encoded.
 fn form(fields: &[(&str, &str)]) -> String {
     let enc = |s: &str| {
@@ -160,6 +192,7 @@ pub(crate) async fn console(opts: &BenchOptions) -> anyhow::Result<Report> {
         (5_000, 20_000)
     };
     let k = if opts.quick { 20 } else { 200 };
+    let costs: u64 = if opts.quick { 20_000 } else { 2_000_000 };
     // Every call answers after an hour: the daemon's one job in flight stays there.
     let fake = FakeProviders::start_with(
         SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -175,12 +208,21 @@ pub(crate) async fn console(opts: &BenchOptions) -> anyhow::Result<Report> {
     ];
     let w: World = world(&fake.base_url(), &extra).await?;
     r.say(format!(
-        "console: {} waiting jobs over six tiers and {} organisations, {} delayed, {} dead; each page {k} times, one `aiq run` process",
+        "console: {} waiting jobs over six tiers and {} organisations, {} delayed, {} dead, {} cost rows over 30 days; each page {k} times, one `aiq run` process",
         thousands(n as u64),
         thousands(ORGS as u64),
         thousands(delayed as u64),
-        thousands(dead as u64)
+        thousands(dead as u64),
+        thousands(costs)
     ));
+    let start = Instant::now();
+    fill_costs(&w, costs).await?;
+    r.say(format!(
+        "  {} cost rows written in {:.1} s",
+        thousands(costs),
+        start.elapsed().as_secs_f64()
+    ));
+    r.figure("cost_rows", costs);
 
     // The dead first: jobs whose payload the daemon refuses, before any job it could run.
     enqueue_all(&w.queue, dead, |i| {
