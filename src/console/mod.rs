@@ -177,6 +177,28 @@ pub fn operator(c: &Console, headers: &HeaderMap, form: &Fields) -> Result<Sessi
     Ok(s)
 }
 
+/// The page of organisations by this month's spend at the query's `cursor` (a missing, bad or
+/// negative cursor is the first page), with one row more than a page when there is a next one.
+/// The month's sums first take the deltas written since the last fold; a fold that fails leaves
+/// them seconds behind, never wrong.
+pub async fn org_spend_page(
+    c: &Console,
+    q: &Fields,
+) -> Result<(i64, Vec<crate::store::OrgSpend>), Box<Response>> {
+    let cursor: i64 = q
+        .get("cursor")
+        .and_then(|c| c.parse().ok())
+        .filter(|c: &i64| (0..=i64::MAX - PAGE as i64).contains(c))
+        .unwrap_or(0);
+    if let Err(e) = c.src.store.fold_spend().await {
+        tracing::warn!(error = %e, "folding the spend deltas before the console read them failed");
+    }
+    match c.src.store.org_spend_page(cursor, PAGE as i64 + 1).await {
+        Ok(o) => Ok((cursor, o)),
+        Err(e) => Err(Box::new(failed("reading the organisations' spend", e))),
+    }
+}
+
 /// An error for a page: logged, shown as a 500 without its details.
 pub fn failed(what: &str, e: impl std::fmt::Display) -> Response {
     tracing::warn!(error = %e, "console: {what} failed");

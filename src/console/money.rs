@@ -119,24 +119,14 @@ pub async fn page(State(c): State<Shared>, headers: HeaderMap, RawQuery(q): RawQ
         Err(r) => return *r,
     };
     let q = Fields::query(q.as_deref());
-    let cursor: i64 = q
-        .get("cursor")
-        .and_then(|c| c.parse().ok())
-        .filter(|c: &i64| *c >= 0)
-        .unwrap_or(0);
-    // The month's sums first take the deltas written since the last fold; a fold that fails
-    // leaves them seconds behind, never wrong.
-    if let Err(e) = c.src.store.fold_spend().await {
-        tracing::warn!(error = %e, "folding the spend deltas before the console read them failed");
-    }
+    let (cursor, orgs) = match super::org_spend_page(&c, &q).await {
+        Ok(p) => p,
+        Err(r) => return *r,
+    };
     let today = chrono::Utc::now().date_naive();
     let days = match c.src.store.spend_per_provider_day(DAYS - 1).await {
         Ok(d) => d,
         Err(e) => return failed("reading the spend per day", e),
-    };
-    let orgs = match c.src.store.org_spend_page(cursor, PAGE as i64 + 1).await {
-        Ok(o) => o,
-        Err(e) => return failed("reading the organisations' spend", e),
     };
     let alerts = match c.src.store.latest_alerts(PAGE as i64).await {
         Ok(a) => a,

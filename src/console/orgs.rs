@@ -22,19 +22,9 @@ pub async fn list(State(c): State<Shared>, headers: HeaderMap, RawQuery(q): RawQ
         Err(r) => return *r,
     };
     let q = Fields::query(q.as_deref());
-    let cursor: i64 = q
-        .get("cursor")
-        .and_then(|c| c.parse().ok())
-        .filter(|c: &i64| *c >= 0)
-        .unwrap_or(0);
-    // The month's sums first take the deltas written since the last fold; a fold that fails
-    // leaves them seconds behind, never wrong.
-    if let Err(e) = c.src.store.fold_spend().await {
-        tracing::warn!(error = %e, "folding the spend deltas before the console read them failed");
-    }
-    let orgs = match c.src.store.org_spend_page(cursor, PAGE as i64 + 1).await {
-        Ok(o) => o,
-        Err(e) => return failed("reading the organisations", e),
+    let (cursor, orgs) = match super::org_spend_page(&c, &q).await {
+        Ok(p) => p,
+        Err(r) => return *r,
     };
     let mut b = String::from(
         r#"<form id="org-lookup" method="get" action="/console/orgs"><p>Organisations with spend this month, most first. Another: <a href="/console/orgs/">/console/orgs/&lt;uuid&gt;</a></p></form><table id="orgs"><tr><th>organisation</th><th>today</th><th>this month</th></tr>"#,

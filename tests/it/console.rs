@@ -1396,4 +1396,25 @@ async fn the_money_and_organisation_pages_show_the_spend_sums_of_today_and_this_
     assert_eq!(code, 200, "{page}");
     assert!(org_row(&page, "orgs", ORG_B).is_none(), "{page}");
     assert!(org_row(&page, "orgs", ORG_A).is_some(), "{page}");
+    // A cursor at the end of i64 is the first page too, not an overflow of its next link.
+    for path in [
+        "/console/orgs?cursor=9223372036854775807",
+        "/console/money?cursor=9223372036854775807",
+    ] {
+        let (code, page) = c.get(&op, path).await;
+        assert_eq!(code, 200, "{path}: {page}");
+        assert!(
+            org_row(
+                &page,
+                if path.contains("money") {
+                    "org-spend"
+                } else {
+                    "orgs"
+                },
+                ORG_A
+            )
+            .is_some(),
+            "{path}: {page}"
+        );
+    }
 }
